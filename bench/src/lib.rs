@@ -1,0 +1,1 @@
+//! Benchmarks land with their own issue; this crate reserves the place in the workspace.

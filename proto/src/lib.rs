@@ -1,0 +1,11 @@
+//! Types shared by every part of Wiremesh.
+//!
+//! This crate is types and pure parsing only: no sockets, no async runtime, no Kubernetes
+//! client. Whatever got past a `FromStr` here is valid.
+
+pub mod cidr;
+pub mod key;
+pub mod wgconf;
+
+pub use cidr::{CidrError, InterfaceAddress, IpCidr};
+pub use key::{Key, KeyError, PresharedKey, PrivateKey, PublicKey};
