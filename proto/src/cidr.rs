@@ -55,7 +55,7 @@ impl IpCidr {
     }
 
     /// The prefix length.
-    pub fn len(&self) -> u8 {
+    pub fn prefix_len(&self) -> u8 {
         self.len
     }
 
@@ -180,12 +180,20 @@ fn mask(addr: IpAddr, len: u8) -> IpAddr {
     match addr {
         IpAddr::V4(a) => {
             let bits = u32::from(a);
-            let m = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+            let m = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len))
+            };
             IpAddr::V4(Ipv4Addr::from(bits & m))
         }
         IpAddr::V6(a) => {
             let bits = u128::from(a);
-            let m = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) };
+            let m = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(len))
+            };
             IpAddr::V6(Ipv6Addr::from(bits & m))
         }
     }
@@ -206,7 +214,7 @@ mod tests {
     #[test]
     fn missing_length_means_host() {
         let c: IpCidr = "10.0.0.1".parse().unwrap();
-        assert_eq!(c.len(), 32);
+        assert_eq!(c.prefix_len(), 32);
     }
 
     #[test]

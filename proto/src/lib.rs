@@ -5,6 +5,7 @@
 
 pub mod cidr;
 pub mod key;
+pub mod uapi;
 pub mod wgconf;
 
 pub use cidr::{CidrError, InterfaceAddress, IpCidr};

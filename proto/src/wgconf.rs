@@ -317,14 +317,13 @@ impl FromStr for WgConfig {
                 }
                 Section::Interface => match lower.as_str() {
                     "privatekey" => {
-                        interface.private_key = Some(value.parse().map_err(|e| bad(format!("{e}")))?);
+                        interface.private_key =
+                            Some(value.parse().map_err(|e| bad(format!("{e}")))?);
                     }
                     "listenport" => {
-                        interface.listen_port = Some(
-                            value
-                                .parse()
-                                .map_err(|_| bad(format!("{value:?} is not a port number (0-65535)")))?,
-                        );
+                        interface.listen_port = Some(value.parse().map_err(|_| {
+                            bad(format!("{value:?} is not a port number (0-65535)"))
+                        })?);
                     }
                     "fwmark" => {
                         interface.fwmark = if value.eq_ignore_ascii_case("off") {
@@ -456,7 +455,9 @@ fn check_peers(peers: &[(usize, PeerConfig)]) -> Result<(), ConfigError> {
                     return Err(ConfigError::Conflict {
                         line: *line,
                         field: "AllowedIPs",
-                        reason: format!("{c} is already allowed for the [Peer] on line {other_line}"),
+                        reason: format!(
+                            "{c} is already allowed for the [Peer] on line {other_line}"
+                        ),
                     });
                 }
             }
@@ -589,7 +590,10 @@ mod tests {
     fn wg_quick_scripts_are_refused() {
         let text = sample().replace("MTU = 1420", "PostUp = iptables -F");
         let err = text.parse::<WgConfig>().unwrap_err();
-        assert!(matches!(err, ConfigError::Unsupported { line: 6, .. }), "{err}");
+        assert!(
+            matches!(err, ConfigError::Unsupported { line: 6, .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -598,13 +602,21 @@ mod tests {
         text.push_str(&format!("[Peer]\nPublicKey = {KEY_B}\n"));
         assert!(matches!(
             text.parse::<WgConfig>(),
-            Err(ConfigError::Conflict { field: "PublicKey", .. })
+            Err(ConfigError::Conflict {
+                field: "PublicKey",
+                ..
+            })
         ));
         let mut text = sample();
-        text.push_str(&format!("[Peer]\nPublicKey = {KEY_A}\nAllowedIPs = 10.0.1.0/24\n"));
+        text.push_str(&format!(
+            "[Peer]\nPublicKey = {KEY_A}\nAllowedIPs = 10.0.1.0/24\n"
+        ));
         assert!(matches!(
             text.parse::<WgConfig>(),
-            Err(ConfigError::Conflict { field: "AllowedIPs", .. })
+            Err(ConfigError::Conflict {
+                field: "AllowedIPs",
+                ..
+            })
         ));
     }
 
@@ -612,17 +624,20 @@ mod tests {
     fn missing_interface_or_peer_key_is_refused() {
         assert_eq!(
             "[Peer]\n".parse::<WgConfig>(),
-            Err(ConfigError::Missing { line: 1, section: "Peer", field: "PublicKey" })
+            Err(ConfigError::Missing {
+                line: 1,
+                section: "Peer",
+                field: "PublicKey"
+            })
         );
-        assert_eq!(
-            "".parse::<WgConfig>(),
-            Err(ConfigError::InterfaceCount(0))
-        );
+        assert_eq!("".parse::<WgConfig>(), Err(ConfigError::InterfaceCount(0)));
     }
 
     #[test]
     fn garbage_lines_are_syntax_errors() {
-        let err = "[Interface]\nthis is not a field\n".parse::<WgConfig>().unwrap_err();
+        let err = "[Interface]\nthis is not a field\n"
+            .parse::<WgConfig>()
+            .unwrap_err();
         assert!(matches!(err, ConfigError::Syntax { line: 2, .. }));
         let err = "[Interface\n".parse::<WgConfig>().unwrap_err();
         assert!(matches!(err, ConfigError::Syntax { line: 1, .. }));
@@ -634,13 +649,16 @@ mod tests {
         use super::super::*;
 
         fn cidr() -> impl Strategy<Value = IpCidr> {
-            (any::<u32>(), 0u8..=32).prop_map(|(a, l)| {
-                IpCidr::new(std::net::Ipv4Addr::from(a).into(), l).unwrap()
-            })
+            (any::<u32>(), 0u8..=32)
+                .prop_map(|(a, l)| IpCidr::new(std::net::Ipv4Addr::from(a).into(), l).unwrap())
         }
 
         fn config() -> impl Strategy<Value = WgConfig> {
-            let peer = (any::<[u8; 32]>(), proptest::collection::vec(cidr(), 0..4), proptest::option::of(1u16..))
+            let peer = (
+                any::<[u8; 32]>(),
+                proptest::collection::vec(cidr(), 0..4),
+                proptest::option::of(1u16..),
+            )
                 .prop_map(|(k, ips, ka)| {
                     let mut ips = ips;
                     ips.sort();
@@ -653,12 +671,19 @@ mod tests {
                         persistent_keepalive: ka,
                     }
                 });
-            (any::<[u8; 32]>(), proptest::option::of(any::<u16>()), proptest::option::of(576u32..9000), proptest::collection::vec(peer, 0..4))
+            (
+                any::<[u8; 32]>(),
+                proptest::option::of(any::<u16>()),
+                proptest::option::of(576u32..9000),
+                proptest::collection::vec(peer, 0..4),
+            )
                 .prop_map(|(k, port, mtu, peers)| {
                     let mut seen = Vec::new();
                     let mut kept = Vec::new();
                     for p in peers {
-                        if seen.iter().any(|(key, ips): &(PublicKey, Vec<IpCidr>)| *key == p.public_key || ips.iter().any(|c| p.allowed_ips.contains(c))) {
+                        if seen.iter().any(|(key, ips): &(PublicKey, Vec<IpCidr>)| {
+                            *key == p.public_key || ips.iter().any(|c| p.allowed_ips.contains(c))
+                        }) {
                             continue;
                         }
                         seen.push((p.public_key, p.allowed_ips.clone()));

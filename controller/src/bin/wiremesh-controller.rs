@@ -9,6 +9,9 @@ struct Cli {}
 
 fn main() -> std::process::ExitCode {
     let _cli = Cli::parse();
-    eprintln!("error: {}", wiremesh_controller::Error::NotYet("wiremesh-controller"));
+    eprintln!(
+        "error: {}",
+        wiremesh_controller::Error::NotYet("wiremesh-controller")
+    );
     std::process::ExitCode::from(2)
 }

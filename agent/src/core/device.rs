@@ -1,0 +1,988 @@
+//! The device: our key, the peers, cryptokey routing and the verdict for every packet.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519;
+use wiremesh_proto::uapi::{DeviceUpdate, PeerUpdate};
+use wiremesh_proto::{IpCidr, PresharedKey, PrivateKey, PublicKey};
+
+use super::allowed_ips::AllowedIps;
+use super::{Counters, DropReason};
+
+/// Handshake messages per second the whole device takes before it asks for cookies.
+/// boringtun's device uses 100; each handshake is verified twice here (once to find the
+/// peer, once inside its `Tunn`), hence twice that.
+const HANDSHAKE_RATE_LIMIT: u64 = 2 * 100;
+
+/// boringtun shifts our index left by 8 bits to make room for its session ring, so a
+/// peer's index must fit in 24 bits.
+const MAX_PEERS: usize = 1 << 24;
+
+/// WireGuard message type of a cookie reply (whitepaper §5.4.7).
+const COOKIE_REPLY: u8 = 3;
+
+/// A peer's slot in the device, stable while the peer exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerId(u32);
+
+impl PeerId {
+    /// The slot number.
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+/// What to do with a packet read from the TUN device.
+#[must_use]
+#[derive(Debug)]
+pub enum TunVerdict<'o> {
+    /// Send this datagram to the peer's endpoint.
+    Send {
+        /// The peer it is for.
+        peer: PeerId,
+        /// Where to send it.
+        to: SocketAddr,
+        /// The encrypted datagram (or a handshake initiation).
+        datagram: &'o [u8],
+    },
+    /// Nothing to send now (the packet is queued until a handshake completes).
+    Queued,
+    /// The packet was dropped and counted.
+    Drop(DropReason),
+}
+
+/// What to do with a datagram received on the underlay socket.
+#[must_use]
+#[derive(Debug)]
+pub enum DatagramVerdict<'o> {
+    /// Write this decrypted IP packet to the TUN device.
+    Tunnel {
+        /// The peer it came from.
+        peer: PeerId,
+        /// The inner IP packet.
+        packet: &'o [u8],
+    },
+    /// Send this datagram back. When `peer` is set, afterwards call
+    /// [`Device::poll_queued`] until it returns `None` to flush packets that waited for
+    /// the handshake.
+    Reply {
+        /// The peer whose handshake this is, if authenticated.
+        peer: Option<PeerId>,
+        /// Where to send it.
+        to: SocketAddr,
+        /// The datagram.
+        datagram: &'o [u8],
+    },
+    /// Authenticated, nothing to do (a keepalive, a cookie).
+    Done,
+    /// Dropped and counted.
+    Drop(DropReason),
+}
+
+/// Why an update was refused. Nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    /// The device cannot hold more peers.
+    #[error("too many peers (the limit is {MAX_PEERS})")]
+    TooManyPeers,
+}
+
+/// What an applied update changed, for the I/O shell to act on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[must_use]
+pub struct ApplyOutcome {
+    /// The listen port changed: rebind the underlay socket.
+    pub listen_port_changed: bool,
+    /// The fwmark changed: set it on the underlay socket.
+    pub fwmark_changed: bool,
+    /// The set of allowed IPs changed: reconcile routes.
+    pub routes_changed: bool,
+    /// Peers added.
+    pub added: Vec<PublicKey>,
+    /// Peers removed.
+    pub removed: Vec<PublicKey>,
+}
+
+/// A read-only view of one peer, for status and the UAPI `get`.
+#[derive(Debug, Clone)]
+pub struct PeerView {
+    /// The peer's public key.
+    pub public_key: PublicKey,
+    /// Its preshared key, if any.
+    pub preshared_key: Option<PresharedKey>,
+    /// Where we send to (the last authenticated source, or the configured endpoint).
+    pub endpoint: Option<SocketAddr>,
+    /// Persistent keepalive interval in seconds, 0 when off.
+    pub persistent_keepalive: u16,
+    /// The prefixes it may send from and we route to it.
+    pub allowed_ips: Vec<IpCidr>,
+    /// Time since the current session's handshake, if there is a session.
+    pub since_handshake: Option<Duration>,
+    /// Bytes received from it (whole datagrams).
+    pub rx_bytes: u64,
+    /// Bytes sent to it (whole datagrams).
+    pub tx_bytes: u64,
+    /// Handshakes completed with it.
+    pub handshakes: u64,
+}
+
+struct Peer {
+    public_key: PublicKey,
+    preshared_key: Option<PresharedKey>,
+    endpoint: Option<SocketAddr>,
+    persistent_keepalive: u16,
+    allowed_ips: BTreeSet<IpCidr>,
+    /// `None` while the device has no private key.
+    tunn: Option<Tunn>,
+    rx_bytes: u64,
+    tx_bytes: u64,
+    handshakes: u64,
+}
+
+/// The WireGuard device state: our key, the peers and the allowed-IPs table.
+///
+/// Methods take packets and return verdicts; the caller does the I/O.
+pub struct Device {
+    private_key: Option<(x25519::StaticSecret, x25519::PublicKey)>,
+    listen_port: u16,
+    fwmark: u32,
+    rate_limiter: Arc<RateLimiter>,
+    slots: Vec<Option<Peer>>,
+    free: Vec<u32>,
+    by_key: BTreeMap<PublicKey, PeerId>,
+    allowed: AllowedIps<PeerId>,
+    counters: Counters,
+}
+
+impl Default for Device {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Device {
+    /// A device with no key and no peers.
+    pub fn new() -> Self {
+        Self {
+            private_key: None,
+            listen_port: 0,
+            fwmark: 0,
+            rate_limiter: Arc::new(RateLimiter::new(
+                &x25519::PublicKey::from([0u8; 32]),
+                HANDSHAKE_RATE_LIMIT,
+            )),
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_key: BTreeMap::new(),
+            allowed: AllowedIps::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Applies a UAPI-style update (also what a config file becomes), all or nothing.
+    ///
+    /// Peers are applied in order; an allowed IP that another peer holds moves to this
+    /// peer, as in the kernel module.
+    ///
+    /// # Errors
+    /// [`DeviceError::TooManyPeers`] when the new peers do not fit; nothing is changed.
+    pub fn apply(&mut self, update: &DeviceUpdate) -> Result<ApplyOutcome, DeviceError> {
+        let existing = if update.replace_peers {
+            0
+        } else {
+            self.by_key.len()
+        };
+        let new_keys: BTreeSet<&PublicKey> = update
+            .peers
+            .iter()
+            .filter(|p| !p.remove && !p.update_only && !self.by_key.contains_key(&p.public_key))
+            .map(|p| &p.public_key)
+            .collect();
+        if existing + new_keys.len() > MAX_PEERS {
+            return Err(DeviceError::TooManyPeers);
+        }
+
+        let mut outcome = ApplyOutcome::default();
+        if let Some(key) = &update.private_key {
+            self.set_private_key(key.as_ref());
+        }
+        if let Some(port) = update.listen_port
+            && port != self.listen_port
+        {
+            self.listen_port = port;
+            outcome.listen_port_changed = true;
+        }
+        if let Some(mark) = update.fwmark
+            && mark != self.fwmark
+        {
+            self.fwmark = mark;
+            outcome.fwmark_changed = true;
+        }
+        if update.replace_peers {
+            let keys: Vec<PublicKey> = self.by_key.keys().copied().collect();
+            for key in keys {
+                if self.remove_peer(&key) {
+                    outcome.removed.push(key);
+                    outcome.routes_changed = true;
+                }
+            }
+        }
+        for peer in &update.peers {
+            self.apply_peer(peer, &mut outcome);
+        }
+        Ok(outcome)
+    }
+
+    fn apply_peer(&mut self, update: &PeerUpdate, outcome: &mut ApplyOutcome) {
+        let key = update.public_key;
+        if self.public_key() == Some(key) {
+            // A peer with our own key makes no sense; wireguard-go ignores it too.
+            return;
+        }
+        if update.remove {
+            if self.remove_peer(&key) {
+                outcome.removed.push(key);
+                outcome.routes_changed = true;
+            }
+            return;
+        }
+        let id = match self.by_key.get(&key) {
+            Some(id) => *id,
+            None if update.update_only => return,
+            None => {
+                let id = self.insert_peer(key);
+                outcome.added.push(key);
+                id
+            }
+        };
+        let mut rebuild = false;
+        let Some(peer) = self.slot_mut(id) else {
+            return;
+        };
+        if let Some(psk) = &update.preshared_key
+            && peer.preshared_key != *psk
+        {
+            peer.preshared_key = *psk;
+            rebuild = true;
+        }
+        if let Some(endpoint) = update.endpoint {
+            peer.endpoint = Some(endpoint);
+        }
+        if let Some(keepalive) = update.persistent_keepalive
+            && peer.persistent_keepalive != keepalive
+        {
+            peer.persistent_keepalive = keepalive;
+            rebuild = true;
+        }
+        let old_ips = if update.replace_allowed_ips {
+            std::mem::take(&mut peer.allowed_ips)
+        } else {
+            BTreeSet::new()
+        };
+        for cidr in &old_ips {
+            self.allowed.remove(cidr);
+            outcome.routes_changed = true;
+        }
+        for cidr in &update.allowed_ips {
+            if let Some(previous) = self.allowed.insert(*cidr, id)
+                && previous != id
+                && let Some(other) = self.slot_mut(previous)
+            {
+                other.allowed_ips.remove(cidr);
+            }
+            if let Some(peer) = self.slot_mut(id) {
+                peer.allowed_ips.insert(*cidr);
+            }
+            outcome.routes_changed = true;
+        }
+        if rebuild {
+            self.rebuild_tunn(id);
+        }
+    }
+
+    fn set_private_key(&mut self, key: Option<&PrivateKey>) {
+        self.private_key = key.map(|k| {
+            let secret = x25519::StaticSecret::from(*k.as_bytes());
+            let public = x25519::PublicKey::from(&secret);
+            (secret, public)
+        });
+        if let Some((_, public)) = &self.private_key {
+            self.rate_limiter = Arc::new(RateLimiter::new(public, HANDSHAKE_RATE_LIMIT));
+        }
+        // A new identity invalidates every session and every peer whose key is now ours.
+        let own = self.public_key();
+        if let Some(own) = own {
+            self.remove_peer(&own);
+        }
+        let ids: Vec<PeerId> = self.by_key.values().copied().collect();
+        for id in ids {
+            self.rebuild_tunn(id);
+        }
+    }
+
+    fn insert_peer(&mut self, public_key: PublicKey) -> PeerId {
+        let peer = Peer {
+            public_key,
+            preshared_key: None,
+            endpoint: None,
+            persistent_keepalive: 0,
+            allowed_ips: BTreeSet::new(),
+            tunn: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            handshakes: 0,
+        };
+        let id = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = Some(peer);
+                PeerId(slot)
+            }
+            None => {
+                // apply() checked MAX_PEERS, which fits in u32.
+                let slot = u32::try_from(self.slots.len()).unwrap_or(u32::MAX);
+                self.slots.push(Some(peer));
+                PeerId(slot)
+            }
+        };
+        self.by_key.insert(public_key, id);
+        self.rebuild_tunn(id);
+        id
+    }
+
+    fn rebuild_tunn(&mut self, id: PeerId) {
+        let Some((secret, _)) = &self.private_key else {
+            if let Some(peer) = self.slot_mut(id) {
+                peer.tunn = None;
+            }
+            return;
+        };
+        let secret = secret.clone();
+        let limiter = Arc::clone(&self.rate_limiter);
+        if let Some(peer) = self.slot_mut(id) {
+            let keepalive = (peer.persistent_keepalive != 0).then_some(peer.persistent_keepalive);
+            peer.tunn = Some(Tunn::new(
+                secret,
+                x25519::PublicKey::from(*peer.public_key.as_bytes()),
+                peer.preshared_key.map(|k| *k.as_bytes()),
+                keepalive,
+                id.0,
+                Some(limiter),
+            ));
+        }
+    }
+
+    fn remove_peer(&mut self, key: &PublicKey) -> bool {
+        let Some(id) = self.by_key.remove(key) else {
+            return false;
+        };
+        if let Some(peer) = self.slots.get_mut(id.0 as usize).and_then(Option::take) {
+            for cidr in &peer.allowed_ips {
+                if self.allowed.exact(cidr) == Some(id) {
+                    self.allowed.remove(cidr);
+                }
+            }
+        }
+        self.free.push(id.0);
+        true
+    }
+
+    fn slot_mut(&mut self, id: PeerId) -> Option<&mut Peer> {
+        self.slots.get_mut(id.0 as usize).and_then(Option::as_mut)
+    }
+
+    /// Encrypts a packet read from the TUN device for the peer that owns its destination.
+    ///
+    /// `out` must be at least `packet.len() + 32` and at least 148 bytes long.
+    pub fn handle_tun_packet<'o>(&mut self, packet: &[u8], out: &'o mut [u8]) -> TunVerdict<'o> {
+        let Some(dst) = Tunn::dst_address(packet) else {
+            return self.drop_tun(DropReason::BadTunPacket);
+        };
+        let Some(id) = self.allowed.lookup(dst) else {
+            return self.drop_tun(DropReason::NoRoute);
+        };
+        let Some(peer) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+            return self.drop_tun(DropReason::NoRoute);
+        };
+        let Some(tunn) = peer.tunn.as_mut() else {
+            return self.drop_tun(DropReason::NoPrivateKey);
+        };
+        let Some(to) = peer.endpoint else {
+            return self.drop_tun(DropReason::NoEndpoint);
+        };
+        match tunn.encapsulate(packet, out) {
+            TunnResult::WriteToNetwork(datagram) => {
+                peer.tx_bytes += datagram.len() as u64;
+                TunVerdict::Send {
+                    peer: id,
+                    to,
+                    datagram,
+                }
+            }
+            TunnResult::Done => TunVerdict::Queued,
+            TunnResult::Err(e) => {
+                let reason = reason_for(&e);
+                self.counters.drop(reason);
+                TunVerdict::Drop(reason)
+            }
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
+                self.drop_tun(DropReason::Internal)
+            }
+        }
+    }
+
+    fn drop_tun(&mut self, reason: DropReason) -> TunVerdict<'static> {
+        self.counters.drop(reason);
+        TunVerdict::Drop(reason)
+    }
+
+    fn drop_datagram(&mut self, reason: DropReason) -> DatagramVerdict<'static> {
+        self.counters.drop(reason);
+        DatagramVerdict::Drop(reason)
+    }
+
+    /// Handles one datagram from the underlay socket.
+    ///
+    /// `out` must be at least as long as the datagram and at least 148 bytes.
+    pub fn handle_datagram<'o>(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &'o mut [u8],
+    ) -> DatagramVerdict<'o> {
+        let Some((secret, public)) = &self.private_key else {
+            return self.drop_datagram(DropReason::NoPrivateKey);
+        };
+        // Step 1: MACs and the load check (whitepaper §5.4.4, §5.3 cookies).
+        let mut cookie = [0u8; 64];
+        let parsed = match self
+            .rate_limiter
+            .verify_packet(Some(from.ip()), datagram, &mut cookie)
+        {
+            Ok(packet) => packet,
+            Err(TunnResult::WriteToNetwork(reply)) => {
+                let len = reply.len();
+                out[..len].copy_from_slice(reply);
+                self.counters.cookies_sent += 1;
+                return DatagramVerdict::Reply {
+                    peer: None,
+                    to: from,
+                    datagram: &out[..len],
+                };
+            }
+            Err(TunnResult::Err(e)) => return self.drop_datagram(reason_for(&e)),
+            Err(_) => return self.drop_datagram(DropReason::Internal),
+        };
+        // Step 2: which peer. An initiation names its sender only inside the encrypted
+        // static key; everything else carries our receiver index.
+        let id = match &parsed {
+            Packet::HandshakeInit(init) => parse_handshake_anon(secret, public, init)
+                .ok()
+                .and_then(|half| self.by_key.get(&PublicKey::from(half.peer_static_public)))
+                .copied(),
+            Packet::HandshakeResponse(p) => Some(PeerId(p.receiver_idx >> 8)),
+            Packet::PacketCookieReply(p) => Some(PeerId(p.receiver_idx >> 8)),
+            Packet::PacketData(p) => Some(PeerId(p.receiver_idx >> 8)),
+        };
+        let is_handshake = matches!(
+            parsed,
+            Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)
+        );
+        let is_cookie = matches!(parsed, Packet::PacketCookieReply(_));
+        let Some(id) = id else {
+            return self.drop_datagram(DropReason::UnknownPeer);
+        };
+        let Some(peer) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+            return self.drop_datagram(DropReason::UnknownPeer);
+        };
+        let Some(tunn) = peer.tunn.as_mut() else {
+            return self.drop_datagram(DropReason::NoPrivateKey);
+        };
+        // Step 3: decrypt. Anything but an error here was authenticated, so the peer's
+        // endpoint follows the datagram's source (roaming, whitepaper §2.1).
+        let result = tunn.decapsulate(Some(from.ip()), datagram, out);
+        let authenticated = !matches!(result, TunnResult::Err(_)) && !is_cookie;
+        if authenticated {
+            peer.endpoint = Some(from);
+            peer.rx_bytes += datagram.len() as u64;
+            if is_handshake {
+                peer.handshakes += 1;
+            }
+        }
+        match result {
+            TunnResult::Done => DatagramVerdict::Done,
+            TunnResult::Err(e) => {
+                let reason = reason_for(&e);
+                self.counters.drop(reason);
+                DatagramVerdict::Drop(reason)
+            }
+            TunnResult::WriteToNetwork(reply) => {
+                if reply.first() == Some(&COOKIE_REPLY) {
+                    self.counters.cookies_sent += 1;
+                    return DatagramVerdict::Reply {
+                        peer: None,
+                        to: from,
+                        datagram: reply,
+                    };
+                }
+                peer.tx_bytes += reply.len() as u64;
+                DatagramVerdict::Reply {
+                    peer: Some(id),
+                    to: from,
+                    datagram: reply,
+                }
+            }
+            TunnResult::WriteToTunnelV4(packet, src) => {
+                self.check_source(id, IpAddr::V4(src), packet)
+            }
+            TunnResult::WriteToTunnelV6(packet, src) => {
+                self.check_source(id, IpAddr::V6(src), packet)
+            }
+        }
+    }
+
+    /// Cryptokey routing on receive (whitepaper §2.2): the inner source must be one of
+    /// the sending peer's allowed IPs.
+    fn check_source<'o>(
+        &mut self,
+        id: PeerId,
+        src: IpAddr,
+        packet: &'o [u8],
+    ) -> DatagramVerdict<'o> {
+        if self.allowed.lookup(src) == Some(id) {
+            DatagramVerdict::Tunnel { peer: id, packet }
+        } else {
+            self.drop_datagram(DropReason::BadSource)
+        }
+    }
+
+    /// Next packet that waited for a handshake with `peer`, encrypted, if any.
+    ///
+    /// Call after a [`DatagramVerdict::Reply`] with a peer until it returns `None`.
+    pub fn poll_queued<'o>(
+        &mut self,
+        peer: PeerId,
+        out: &'o mut [u8],
+    ) -> Option<(SocketAddr, &'o [u8])> {
+        let peer = self.slots.get_mut(peer.0 as usize)?.as_mut()?;
+        let to = peer.endpoint?;
+        match peer.tunn.as_mut()?.decapsulate(None, &[], out) {
+            TunnResult::WriteToNetwork(datagram) => {
+                peer.tx_bytes += datagram.len() as u64;
+                Some((to, datagram))
+            }
+            _ => None,
+        }
+    }
+
+    /// Drives every peer's timers: handshake retries, rekeys, keepalives. Call a few
+    /// times a second. `send` gets each datagram to transmit.
+    pub fn update_timers(&mut self, out: &mut [u8], mut send: impl FnMut(SocketAddr, &[u8])) {
+        self.rate_limiter.reset_count();
+        for peer in self.slots.iter_mut().flatten() {
+            let Some(tunn) = peer.tunn.as_mut() else {
+                continue;
+            };
+            if let TunnResult::WriteToNetwork(datagram) = tunn.update_timers(out)
+                && let Some(to) = peer.endpoint
+            {
+                peer.tx_bytes += datagram.len() as u64;
+                send(to, datagram);
+            }
+        }
+    }
+
+    /// Our public key, if a private key is set.
+    pub fn public_key(&self) -> Option<PublicKey> {
+        self.private_key
+            .as_ref()
+            .map(|(_, public)| PublicKey::from(*public.as_bytes()))
+    }
+
+    /// Our private key, for the UAPI `get` (which hands it to a root-only socket).
+    pub fn private_key(&self) -> Option<PrivateKey> {
+        self.private_key
+            .as_ref()
+            .map(|(secret, _)| PrivateKey::from(secret.to_bytes()))
+    }
+
+    /// The UDP port we listen on (0 until bound).
+    pub fn listen_port(&self) -> u16 {
+        self.listen_port
+    }
+
+    /// Records the port the socket actually bound (when 0 was asked for).
+    pub fn set_bound_port(&mut self, port: u16) {
+        self.listen_port = port;
+    }
+
+    /// The fwmark for the underlay socket, 0 when off.
+    pub fn fwmark(&self) -> u32 {
+        self.fwmark
+    }
+
+    /// Every allowed-IPs prefix of every peer: the routes the TUN device needs.
+    pub fn routes(&self) -> BTreeSet<IpCidr> {
+        self.allowed.iter().map(|(c, _)| c).collect()
+    }
+
+    /// The peers, ordered by public key.
+    pub fn peers(&self) -> Vec<PeerView> {
+        self.by_key
+            .values()
+            .filter_map(|id| self.peer(*id))
+            .collect()
+    }
+
+    /// One peer.
+    pub fn peer(&self, id: PeerId) -> Option<PeerView> {
+        let peer = self.slots.get(id.0 as usize)?.as_ref()?;
+        Some(PeerView {
+            public_key: peer.public_key,
+            preshared_key: peer.preshared_key,
+            endpoint: peer.endpoint,
+            persistent_keepalive: peer.persistent_keepalive,
+            allowed_ips: peer.allowed_ips.iter().copied().collect(),
+            since_handshake: peer.tunn.as_ref().and_then(Tunn::time_since_last_handshake),
+            rx_bytes: peer.rx_bytes,
+            tx_bytes: peer.tx_bytes,
+            handshakes: peer.handshakes,
+        })
+    }
+
+    /// The slot of the peer with this key.
+    pub fn peer_id(&self, key: &PublicKey) -> Option<PeerId> {
+        self.by_key.get(key).copied()
+    }
+
+    /// Number of peers.
+    pub fn peer_count(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// Drop and cookie counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+}
+
+/// Each boringtun error is one drop reason.
+fn reason_for(e: &WireGuardError) -> DropReason {
+    match e {
+        WireGuardError::InvalidPacket
+        | WireGuardError::IncorrectPacketLength
+        | WireGuardError::WrongPacketType => DropReason::BadPacket,
+        WireGuardError::InvalidMac => DropReason::BadMac,
+        WireGuardError::WrongIndex | WireGuardError::NoCurrentSession => DropReason::UnknownPeer,
+        WireGuardError::InvalidAeadTag => DropReason::BadAuth,
+        WireGuardError::InvalidCounter | WireGuardError::DuplicateCounter => DropReason::Replay,
+        WireGuardError::UnderLoad => DropReason::UnderLoad,
+        WireGuardError::UnexpectedPacket
+        | WireGuardError::WrongKey
+        | WireGuardError::InvalidTai64nTimestamp
+        | WireGuardError::WrongTai64nTimestamp
+        | WireGuardError::ConnectionExpired => DropReason::BadHandshake,
+        WireGuardError::DestinationBufferTooSmall | WireGuardError::LockFailed => {
+            DropReason::Internal
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A_ADDR: &str = "198.18.0.1:51820";
+    const B_ADDR: &str = "198.18.0.2:51820";
+
+    /// Two devices that know each other: A owns 10.0.1.0/24, B owns 10.0.2.0/24.
+    struct Pair {
+        a: Device,
+        b: Device,
+        b_key: PublicKey,
+    }
+
+    fn key(seed: u8) -> PrivateKey {
+        PrivateKey::from([seed; 32])
+    }
+
+    fn public(k: &PrivateKey) -> PublicKey {
+        PublicKey::from(
+            *x25519::PublicKey::from(&x25519::StaticSecret::from(*k.as_bytes())).as_bytes(),
+        )
+    }
+
+    fn peer(k: PublicKey, endpoint: Option<&str>, ips: &[&str]) -> PeerUpdate {
+        let mut p = PeerUpdate::new(k);
+        p.endpoint = endpoint.map(|e| e.parse().unwrap());
+        p.replace_allowed_ips = true;
+        p.allowed_ips = ips.iter().map(|c| c.parse().unwrap()).collect();
+        p
+    }
+
+    fn update(private: &PrivateKey, peers: Vec<PeerUpdate>) -> DeviceUpdate {
+        DeviceUpdate {
+            private_key: Some(Some(*private)),
+            listen_port: Some(51820),
+            fwmark: None,
+            replace_peers: true,
+            peers,
+        }
+    }
+
+    fn pair() -> Pair {
+        let (ka, kb) = (key(1), key(2));
+        let mut a = Device::new();
+        let mut b = Device::new();
+        let _ = a
+            .apply(&update(
+                &ka,
+                vec![peer(public(&kb), Some(B_ADDR), &["10.0.2.0/24"])],
+            ))
+            .unwrap();
+        let _ = b
+            .apply(&update(
+                &kb,
+                vec![peer(public(&ka), None, &["10.0.1.0/24"])],
+            ))
+            .unwrap();
+        Pair {
+            a,
+            b,
+            b_key: public(&kb),
+        }
+    }
+
+    /// A minimal IPv4 packet (UDP, no checksum) from `src` to `dst` with `payload`.
+    fn ipv4(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
+        let src: std::net::Ipv4Addr = src.parse().unwrap();
+        let dst: std::net::Ipv4Addr = dst.parse().unwrap();
+        let total = 20 + 8 + payload.len();
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&src.octets());
+        p[16..20].copy_from_slice(&dst.octets());
+        p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        p[28..].copy_from_slice(payload);
+        p
+    }
+
+    /// Delivers `datagram` from `from` to `dev`; returns what it wrote to its TUN
+    /// device and the datagrams it sent back (replies and flushed queue).
+    fn deliver(
+        dev: &mut Device,
+        from: &str,
+        datagram: &[u8],
+    ) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, Option<DropReason>) {
+        let mut out = vec![0u8; 65_536];
+        let mut tun = Vec::new();
+        let mut net = Vec::new();
+        let mut dropped = None;
+        let flush = match dev.handle_datagram(from.parse().unwrap(), datagram, &mut out) {
+            DatagramVerdict::Tunnel { packet, .. } => {
+                tun.push(packet.to_vec());
+                None
+            }
+            DatagramVerdict::Reply { peer, datagram, .. } => {
+                net.push(datagram.to_vec());
+                peer
+            }
+            DatagramVerdict::Done => None,
+            DatagramVerdict::Drop(r) => {
+                dropped = Some(r);
+                None
+            }
+        };
+        if let Some(peer) = flush {
+            while let Some((_, d)) = dev.poll_queued(peer, &mut out) {
+                net.push(d.to_vec());
+            }
+        }
+        (tun, net, dropped)
+    }
+
+    fn send(dev: &mut Device, packet: &[u8]) -> Result<Vec<u8>, Option<DropReason>> {
+        let mut out = vec![0u8; 65_536];
+        match dev.handle_tun_packet(packet, &mut out) {
+            TunVerdict::Send { datagram, .. } => Ok(datagram.to_vec()),
+            TunVerdict::Queued => Err(None),
+            TunVerdict::Drop(r) => Err(Some(r)),
+        }
+    }
+
+    /// A sends one packet to B, completing the handshake; returns the data datagram
+    /// B received.
+    fn establish(p: &mut Pair) -> Vec<u8> {
+        let packet = ipv4("10.0.1.5", "10.0.2.7", b"hello");
+        let init = send(&mut p.a, &packet).unwrap();
+        assert_eq!(init[0], 1, "first datagram is a handshake initiation");
+        let (tun, replies, dropped) = deliver(&mut p.b, A_ADDR, &init);
+        assert!(tun.is_empty() && dropped.is_none());
+        assert_eq!(replies.len(), 1);
+        let (tun, data, dropped) = deliver(&mut p.a, B_ADDR, &replies[0]);
+        assert!(tun.is_empty() && dropped.is_none(), "{dropped:?}");
+        // A keepalive confirms the session (whitepaper §5.4.3), then the queued packet.
+        assert_eq!(data.len(), 2, "keepalive and the queued packet");
+        let mut received = Vec::new();
+        for datagram in &data {
+            let (tun, _, dropped) = deliver(&mut p.b, A_ADDR, datagram);
+            assert_eq!(dropped, None);
+            received.extend(tun);
+        }
+        assert_eq!(received, vec![packet]);
+        data[1].clone()
+    }
+
+    #[test]
+    fn handshake_then_data_both_ways() {
+        let mut p = pair();
+        establish(&mut p);
+        // B learnt A's endpoint from the authenticated initiation (roaming).
+        let reply = ipv4("10.0.2.7", "10.0.1.5", b"world");
+        let datagram = send(&mut p.b, &reply).unwrap();
+        let (tun, _, _) = deliver(&mut p.a, B_ADDR, &datagram);
+        assert_eq!(tun, vec![reply]);
+        let view = p.a.peer(p.a.peer_id(&p.b_key).unwrap()).unwrap();
+        assert!(view.since_handshake.is_some());
+        assert!(view.rx_bytes > 0 && view.tx_bytes > 0);
+    }
+
+    #[test]
+    fn spoofed_inner_source_is_dropped_and_counted() {
+        let mut p = pair();
+        establish(&mut p);
+        // B may only send from 10.0.2.0/24.
+        let spoofed = ipv4("10.0.9.9", "10.0.1.5", b"spoof");
+        let datagram = {
+            // B has no route for 10.0.1.5's reply... it does: A is allowed 10.0.1.0/24.
+            send(&mut p.b, &spoofed).unwrap()
+        };
+        let (tun, _, dropped) = deliver(&mut p.a, B_ADDR, &datagram);
+        assert!(tun.is_empty());
+        assert_eq!(dropped, Some(DropReason::BadSource));
+        assert_eq!(p.a.counters().drops(DropReason::BadSource), 1);
+    }
+
+    #[test]
+    fn garbage_truncated_and_replayed_datagrams_are_counted() {
+        let mut p = pair();
+        let data = establish(&mut p);
+        let (_, _, d) = deliver(&mut p.b, A_ADDR, b"\xff\xff garbage");
+        assert_eq!(d, Some(DropReason::BadPacket));
+        let (_, _, d) = deliver(&mut p.b, A_ADDR, &data[..20]);
+        assert!(d.is_some());
+        let (_, _, d) = deliver(&mut p.b, A_ADDR, &data);
+        assert_eq!(d, Some(DropReason::Replay));
+        let mut tampered = send(&mut p.a, &ipv4("10.0.1.5", "10.0.2.7", b"fresh")).unwrap();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        let (_, _, d) = deliver(&mut p.b, A_ADDR, &tampered);
+        assert_eq!(d, Some(DropReason::BadAuth));
+        assert_eq!(p.b.counters().drops(DropReason::Replay), 1);
+        // The tunnel still works.
+        let packet = ipv4("10.0.1.5", "10.0.2.7", b"still here");
+        let datagram = send(&mut p.a, &packet).unwrap();
+        let (tun, _, _) = deliver(&mut p.b, A_ADDR, &datagram);
+        assert_eq!(tun, vec![packet]);
+    }
+
+    #[test]
+    fn endpoint_follows_last_authenticated_source() {
+        let mut p = pair();
+        establish(&mut p);
+        let packet = ipv4("10.0.1.5", "10.0.2.7", b"from elsewhere");
+        let datagram = send(&mut p.a, &packet).unwrap();
+        let a_key = p.b.peers()[0].public_key;
+        let _ = deliver(&mut p.b, "198.18.5.5:40000", &datagram);
+        let id = p.b.peer_id(&a_key).unwrap();
+        assert_eq!(
+            p.b.peer(id).unwrap().endpoint,
+            Some("198.18.5.5:40000".parse().unwrap())
+        );
+        // An unauthenticated datagram from yet another address does not move it.
+        let _ = deliver(&mut p.b, "198.18.6.6:1", &datagram);
+        assert_eq!(
+            p.b.peer(id).unwrap().endpoint,
+            Some("198.18.5.5:40000".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn packets_without_a_route_are_dropped() {
+        let mut p = pair();
+        assert_eq!(
+            send(&mut p.a, &ipv4("10.0.1.5", "10.0.3.1", b"x")),
+            Err(Some(DropReason::NoRoute))
+        );
+        assert_eq!(
+            send(&mut p.a, b"\x00junk"),
+            Err(Some(DropReason::BadTunPacket))
+        );
+    }
+
+    #[test]
+    fn removing_a_peer_keeps_the_others_sessions() {
+        let mut p = pair();
+        establish(&mut p);
+        let mut extra = DeviceUpdate {
+            private_key: None,
+            listen_port: None,
+            fwmark: None,
+            replace_peers: false,
+            peers: vec![peer(
+                public(&key(3)),
+                Some("198.18.0.3:51820"),
+                &["10.0.3.0/24"],
+            )],
+        };
+        let outcome = p.a.apply(&extra).unwrap();
+        assert!(outcome.routes_changed);
+        assert_eq!(p.a.routes().len(), 2);
+        extra.peers[0].remove = true;
+        let _ = p.a.apply(&extra).unwrap();
+        assert_eq!(p.a.routes().len(), 1);
+        // The session with B survived both changes: data flows without a new handshake.
+        let packet = ipv4("10.0.1.5", "10.0.2.7", b"undisturbed");
+        let datagram = send(&mut p.a, &packet).unwrap();
+        assert_eq!(datagram[0], 4, "a data message, not a new handshake");
+        let (tun, _, _) = deliver(&mut p.b, A_ADDR, &datagram);
+        assert_eq!(tun, vec![packet]);
+    }
+
+    #[test]
+    fn an_allowed_ip_moves_to_the_peer_that_claims_it_last() {
+        let mut p = pair();
+        let other = public(&key(3));
+        let _ =
+            p.a.apply(&DeviceUpdate {
+                private_key: None,
+                listen_port: None,
+                fwmark: None,
+                replace_peers: false,
+                peers: vec![peer(other, None, &["10.0.2.0/24"])],
+            })
+            .unwrap();
+        let b = p.a.peer(p.a.peer_id(&p.b_key).unwrap()).unwrap();
+        assert!(b.allowed_ips.is_empty());
+        assert_eq!(p.a.routes().len(), 1);
+    }
+
+    #[test]
+    fn a_peer_with_our_own_key_is_ignored() {
+        let mut d = Device::new();
+        let k = key(9);
+        let _ = d
+            .apply(&update(&k, vec![peer(public(&k), None, &["10.0.0.0/8"])]))
+            .unwrap();
+        assert_eq!(d.peer_count(), 0);
+    }
+}

@@ -1,0 +1,120 @@
+//! The protocol core: peer table, cryptokey routing and the verdict for every packet.
+//!
+//! Nothing in here does I/O: no sockets, no TUN device, no netlink, no async runtime.
+//! Callers hand in bytes and get back what to do with them ([`TunVerdict`],
+//! [`DatagramVerdict`]). `.ci/run` greps this folder for `tokio` to keep it that way.
+
+pub mod allowed_ips;
+mod device;
+
+pub use allowed_ips::AllowedIps;
+pub use device::{
+    ApplyOutcome, DatagramVerdict, Device, DeviceError, PeerId, PeerView, TunVerdict,
+};
+
+use std::fmt;
+
+/// Why a packet was dropped. Each variant is a counter and a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DropReason {
+    /// A packet from the TUN device for an address no peer is allowed.
+    NoRoute,
+    /// A packet for a peer that has no endpoint to send to.
+    NoEndpoint,
+    /// A packet from the TUN device that is not IPv4 or IPv6.
+    BadTunPacket,
+    /// A decrypted packet whose source address is not in the sending peer's allowed IPs.
+    BadSource,
+    /// A datagram that is not a well-formed WireGuard message.
+    BadPacket,
+    /// A handshake whose MAC does not verify.
+    BadMac,
+    /// A datagram for a receiver index or static key no peer has.
+    UnknownPeer,
+    /// A data packet that fails authenticated decryption.
+    BadAuth,
+    /// A data packet whose counter was already seen or is too old (a replay).
+    Replay,
+    /// A handshake refused because we are under load and it had no valid cookie.
+    UnderLoad,
+    /// A handshake message that does not fit the handshake state (stale, wrong key,
+    /// old timestamp).
+    BadHandshake,
+    /// The device has no private key yet.
+    NoPrivateKey,
+    /// Any other failure inside the noise state machine.
+    Internal,
+}
+
+impl DropReason {
+    /// Every reason, in counter order.
+    pub const ALL: [DropReason; 13] = [
+        Self::NoRoute,
+        Self::NoEndpoint,
+        Self::BadTunPacket,
+        Self::BadSource,
+        Self::BadPacket,
+        Self::BadMac,
+        Self::UnknownPeer,
+        Self::BadAuth,
+        Self::Replay,
+        Self::UnderLoad,
+        Self::BadHandshake,
+        Self::NoPrivateKey,
+        Self::Internal,
+    ];
+
+    /// A short snake_case name, used as metric label and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoRoute => "no_route",
+            Self::NoEndpoint => "no_endpoint",
+            Self::BadTunPacket => "bad_tun_packet",
+            Self::BadSource => "bad_source",
+            Self::BadPacket => "bad_packet",
+            Self::BadMac => "bad_mac",
+            Self::UnknownPeer => "unknown_peer",
+            Self::BadAuth => "bad_auth",
+            Self::Replay => "replay",
+            Self::UnderLoad => "under_load",
+            Self::BadHandshake => "bad_handshake",
+            Self::NoPrivateKey => "no_private_key",
+            Self::Internal => "internal",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Device-wide counters of dropped packets and cookie replies.
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    drops: [u64; DropReason::ALL.len()],
+    /// Cookie replies sent because we were under load.
+    pub cookies_sent: u64,
+}
+
+impl Counters {
+    /// Counts one dropped packet.
+    pub fn drop(&mut self, reason: DropReason) {
+        self.drops[reason.index()] += 1;
+    }
+
+    /// How many packets were dropped for `reason`.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+
+    /// Every reason with its count, in a stable order.
+    pub fn all_drops(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
+        DropReason::ALL.iter().map(|r| (*r, self.drops[r.index()]))
+    }
+}

@@ -1,0 +1,114 @@
+//! The node's private key on disk: generated once from the OS RNG, kept at mode 0600.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+use boringtun::x25519::StaticSecret;
+use rand_core::OsRng;
+use tracing::{info, warn};
+use wiremesh_proto::PrivateKey;
+
+/// Why the key file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    /// Reading, creating or writing the file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The key file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file exists but does not hold a base64 key.
+    #[error("{path}: does not hold a WireGuard private key (44 characters of base64)")]
+    Malformed {
+        /// The key file.
+        path: PathBuf,
+    },
+}
+
+/// Reads the private key at `path`, or generates one and writes it there (mode 0600, in
+/// a directory of mode 0700) if the file does not exist.
+///
+/// # Errors
+/// When the file cannot be read or written, or holds something else than a key.
+pub fn load_or_generate(path: &Path) -> Result<PrivateKey, KeyFileError> {
+    let io = |source| KeyFileError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    match fs::read_to_string(path) {
+        Ok(text) => {
+            warn_if_loose(path);
+            text.trim()
+                .parse::<PrivateKey>()
+                .map_err(|_| KeyFileError::Malformed {
+                    path: path.to_owned(),
+                })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent()
+                && !dir.as_os_str().is_empty()
+                && !dir.exists()
+            {
+                fs::create_dir_all(dir).map_err(io)?;
+                fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io)?;
+            }
+            let key = PrivateKey::from(StaticSecret::random_from_rng(OsRng).to_bytes());
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(io)?;
+            file.write_all(format!("{}\n", key.to_base64()).as_bytes())
+                .map_err(io)?;
+            file.sync_all().map_err(io)?;
+            info!(path = %path.display(), "generated a new private key");
+            Ok(key)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+fn warn_if_loose(path: &Path) {
+    if let Ok(meta) = fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        warn!(
+            path = %path.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "private key file is readable by others; chmod 600 it"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generates_once_with_mode_0600_then_reuses() {
+        let dir = std::env::temp_dir().join(format!("wm-keytest-{}", std::process::id()));
+        let path = dir.join("sub").join("wm0.key");
+        let first = load_or_generate(&path).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let dir_mode = fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(dir_mode, 0o700);
+        let second = load_or_generate(&path).unwrap();
+        assert_eq!(first, second);
+        fs::write(&path, "garbage").unwrap();
+        assert!(matches!(
+            load_or_generate(&path),
+            Err(KeyFileError::Malformed { .. })
+        ));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

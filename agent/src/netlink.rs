@@ -1,0 +1,587 @@
+//! Everything the agent changes in the kernel's network state, over rtnetlink.
+//!
+//! Routes are reconciled, never flushed: [`RouteReconciler`] adds what is missing and deletes
+//! what is extra, one route at a time, and only ever touches routes stamped with
+//! [`ROUTE_PROTOCOL`], so the kernel's own prefix routes and anyone else's stay put.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::net::IpAddr;
+
+use futures::TryStreamExt;
+use netlink_packet_route::AddressFamily;
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use rtnetlink::{LinkUnspec, RouteMessageBuilder};
+use tokio::task::JoinHandle;
+use wiremesh_proto::{InterfaceAddress, IpCidr};
+
+/// The `rtm_protocol` value on every route Wiremesh installs (`ip route show proto 0x57`).
+///
+/// 0x57 is ASCII `W`. It is not assigned in `<linux/rtnetlink.h>` nor in iproute2's
+/// `rt_protos`; RTPROT_STATIC (4) would collide with routes NetworkManager and admins add.
+pub const ROUTE_PROTOCOL: u8 = 0x57;
+
+/// A connection to the kernel's routing netlink socket.
+///
+/// The connection task runs on the runtime that called [`Netlink::new`] and stops when this
+/// value is dropped.
+#[derive(Debug)]
+pub struct Netlink {
+    handle: rtnetlink::Handle,
+    connection: JoinHandle<()>,
+}
+
+impl Netlink {
+    /// Opens the rtnetlink socket in the calling thread's network namespace and spawns its
+    /// connection task with [`tokio::spawn`].
+    ///
+    /// # Errors
+    /// [`NetlinkError::Connect`] when the socket cannot be opened.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub async fn new() -> Result<Self, NetlinkError> {
+        let (connection, handle, _messages) =
+            rtnetlink::new_connection().map_err(|source| NetlinkError::Connect { source })?;
+        let connection = tokio::spawn(connection);
+        Ok(Self { handle, connection })
+    }
+
+    /// The index of the interface called `name`.
+    ///
+    /// # Errors
+    /// [`NetlinkError::LinkNotFound`] when there is no such interface;
+    /// [`NetlinkError::LinkLookup`] when the request fails.
+    pub async fn link_index(&self, name: &str) -> Result<u32, NetlinkError> {
+        let lookup = |source| NetlinkError::LinkLookup {
+            name: name.to_owned(),
+            source,
+        };
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(link)) => Ok(link.header.index),
+            Ok(None) => Err(NetlinkError::LinkNotFound {
+                name: name.to_owned(),
+            }),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Err(NetlinkError::LinkNotFound {
+                name: name.to_owned(),
+            }),
+            Err(e) => Err(lookup(e)),
+        }
+    }
+
+    /// Sets the MTU of interface `index` and brings it up.
+    ///
+    /// # Errors
+    /// [`NetlinkError::SetLink`] when the kernel refuses (no such interface, MTU out of range).
+    pub async fn set_mtu_and_up(&self, index: u32, mtu: u32) -> Result<(), NetlinkError> {
+        let message = LinkUnspec::new_with_index(index).mtu(mtu).up().build();
+        self.handle
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(|source| NetlinkError::SetLink { index, mtu, source })?;
+        tracing::debug!(index, mtu, "link up");
+        Ok(())
+    }
+
+    /// Adds `addr` to interface `index`; an address already there counts as success.
+    ///
+    /// IPv6 addresses are added with `IFA_F_NODAD`, so they are usable at once.
+    ///
+    /// # Errors
+    /// [`NetlinkError::AddAddress`] when the kernel refuses.
+    pub async fn add_address(
+        &self,
+        index: u32,
+        addr: InterfaceAddress,
+    ) -> Result<(), NetlinkError> {
+        let mut request = self.handle.address().add(index, addr.addr, addr.len);
+        if addr.addr.is_ipv6() {
+            // Without IFA_F_NODAD the address stays tentative until the DAD work item runs
+            // (even on NOARP devices, where DAD is then skipped), and sending from it fails
+            // with EADDRNOTAVAIL meanwhile. DAD is pointless on a point-to-point tunnel.
+            let message = request.message_mut();
+            message.header.flags |= AddressHeaderFlags::Nodad;
+            message
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        match request.execute().await {
+            Ok(()) => {
+                tracing::info!(index, %addr, "address added");
+                Ok(())
+            }
+            Err(e) if errno(&e) == Some(libc::EEXIST) => {
+                tracing::debug!(index, %addr, "address already present");
+                Ok(())
+            }
+            Err(source) => Err(NetlinkError::AddAddress {
+                index,
+                addr,
+                source,
+            }),
+        }
+    }
+
+    /// Adds a device route for `dst` through interface `index` in the main table, with scope
+    /// link and protocol [`ROUTE_PROTOCOL`]. A route already there counts as success.
+    ///
+    /// `EEXIST` is also what the kernel answers when someone else's route with the same
+    /// destination and metric exists; that route is then left alone and is not reported by
+    /// [`Netlink::routes_on`].
+    ///
+    /// # Errors
+    /// [`NetlinkError::AddRoute`] when the kernel refuses.
+    pub async fn add_route(&self, index: u32, dst: IpCidr) -> Result<(), NetlinkError> {
+        let message = route_message(index, dst);
+        match self.handle.route().add(message).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::EEXIST) => {
+                tracing::debug!(index, %dst, "route already present");
+                Ok(())
+            }
+            Err(source) => Err(NetlinkError::AddRoute { index, dst, source }),
+        }
+    }
+
+    /// Deletes our route for `dst` through interface `index`; a route already gone counts as
+    /// success. Routes with another protocol or interface are never matched.
+    ///
+    /// # Errors
+    /// [`NetlinkError::DelRoute`] when the kernel refuses.
+    pub async fn del_route(&self, index: u32, dst: IpCidr) -> Result<(), NetlinkError> {
+        let message = route_message(index, dst);
+        match self.handle.route().del(message).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(errno(&e), Some(libc::ESRCH | libc::ENOENT | libc::ENODEV)) => {
+                tracing::debug!(index, %dst, "route already gone");
+                Ok(())
+            }
+            Err(source) => Err(NetlinkError::DelRoute { index, dst, source }),
+        }
+    }
+
+    /// The destinations of our routes (protocol [`ROUTE_PROTOCOL`]) in the main table whose
+    /// output interface is `index`, IPv4 and IPv6.
+    ///
+    /// The kernel's own prefix routes for the interface addresses (protocol kernel) and
+    /// routes added by others are not listed.
+    ///
+    /// # Errors
+    /// [`NetlinkError::ListRoutes`] when a dump fails.
+    pub async fn routes_on(&self, index: u32) -> Result<BTreeSet<IpCidr>, NetlinkError> {
+        let list = |source| NetlinkError::ListRoutes { index, source };
+        let mut routes = BTreeSet::new();
+        let dumps = [
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        ];
+        for request in dumps {
+            let mut stream = self.handle.route().get(request).execute();
+            while let Some(route) = stream.try_next().await.map_err(list)? {
+                if let Some(dst) = our_route_destination(&route, index) {
+                    routes.insert(dst);
+                }
+            }
+        }
+        Ok(routes)
+    }
+
+    /// Deletes interface `index`; an interface already gone counts as success.
+    ///
+    /// # Errors
+    /// [`NetlinkError::DelLink`] when the kernel refuses.
+    pub async fn delete_link(&self, index: u32) -> Result<(), NetlinkError> {
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => {
+                tracing::info!(index, "link deleted");
+                Ok(())
+            }
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(()),
+            Err(source) => Err(NetlinkError::DelLink { index, source }),
+        }
+    }
+}
+
+impl Drop for Netlink {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+/// Keeps the routes on one interface equal to a desired set.
+///
+/// Each [`RouteReconciler::reconcile`] reads the routes actually installed, so a route
+/// someone deleted is put back; it adds the missing ones, then deletes the extra ones, one at
+/// a time, and never flushes.
+#[derive(Debug)]
+pub struct RouteReconciler {
+    index: u32,
+    applied: BTreeSet<IpCidr>,
+}
+
+impl RouteReconciler {
+    /// A reconciler for the interface with index `index`.
+    pub fn new(index: u32) -> Self {
+        Self {
+            index,
+            applied: BTreeSet::new(),
+        }
+    }
+
+    /// The routes installed as of the last reconcile.
+    pub fn applied(&self) -> &BTreeSet<IpCidr> {
+        &self.applied
+    }
+
+    /// Moves the interface's routes towards `desired` and reports what changed.
+    ///
+    /// A route that cannot be added or deleted is recorded in [`RouteDiff::failed`] and the
+    /// others are still applied; the next call tries it again.
+    ///
+    /// # Errors
+    /// [`NetlinkError::ListRoutes`] when the installed routes cannot be read; nothing is
+    /// changed then.
+    pub async fn reconcile(
+        &mut self,
+        nl: &Netlink,
+        desired: &BTreeSet<IpCidr>,
+    ) -> Result<RouteDiff, NetlinkError> {
+        let actual = nl.routes_on(self.index).await?;
+        let plan = plan_routes(desired, &actual);
+        let mut diff = RouteDiff::default();
+        let mut installed = actual;
+
+        for dst in plan.add {
+            match nl.add_route(self.index, dst).await {
+                Ok(()) => {
+                    let restored = self.applied.contains(&dst);
+                    tracing::info!(index = self.index, %dst, restored, "route installed");
+                    installed.insert(dst);
+                    diff.added.push(dst);
+                }
+                Err(e) => {
+                    tracing::debug!(index = self.index, %dst, error = %e, "route not installed");
+                    diff.failed.push((dst, e.to_string()));
+                }
+            }
+        }
+        for dst in plan.remove {
+            match nl.del_route(self.index, dst).await {
+                Ok(()) => {
+                    tracing::info!(index = self.index, %dst, "route removed");
+                    installed.remove(&dst);
+                    diff.removed.push(dst);
+                }
+                Err(e) => {
+                    tracing::debug!(index = self.index, %dst, error = %e, "route not removed");
+                    diff.failed.push((dst, e.to_string()));
+                }
+            }
+        }
+        self.applied = installed;
+        Ok(diff)
+    }
+
+    /// Deletes every route of ours on the interface, one by one.
+    ///
+    /// Fine to call when nothing was ever applied or the interface is gone.
+    ///
+    /// # Errors
+    /// [`NetlinkError::ListRoutes`] when the installed routes cannot be read;
+    /// [`NetlinkError::RoutesLeft`] when some routes could not be deleted (after trying all).
+    pub async fn remove_all(&mut self, nl: &Netlink) -> Result<(), NetlinkError> {
+        let diff = self.reconcile(nl, &BTreeSet::new()).await?;
+        if diff.failed.is_empty() {
+            Ok(())
+        } else {
+            Err(NetlinkError::RoutesLeft {
+                index: self.index,
+                failed: diff.failed,
+            })
+        }
+    }
+}
+
+/// What one [`RouteReconciler::reconcile`] changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteDiff {
+    /// Routes installed (missing before, including ones someone deleted).
+    pub added: Vec<IpCidr>,
+    /// Routes deleted (ours, no longer desired).
+    pub removed: Vec<IpCidr>,
+    /// Routes that could not be added or deleted, with the reason.
+    pub failed: Vec<(IpCidr, String)>,
+}
+
+impl RouteDiff {
+    /// True when nothing was changed and nothing failed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.failed.is_empty()
+    }
+}
+
+/// The route changes that take `actual` to `desired`, each list sorted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutePlan {
+    /// Desired but not installed.
+    pub add: Vec<IpCidr>,
+    /// Installed but not desired.
+    pub remove: Vec<IpCidr>,
+}
+
+/// Computes the routes to add and to remove to go from `actual` to `desired`.
+pub fn plan_routes(desired: &BTreeSet<IpCidr>, actual: &BTreeSet<IpCidr>) -> RoutePlan {
+    RoutePlan {
+        add: desired.difference(actual).copied().collect(),
+        remove: actual.difference(desired).copied().collect(),
+    }
+}
+
+/// Why a netlink operation failed. Variant names double as metric labels.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    /// The rtnetlink socket could not be opened.
+    #[error("cannot open the rtnetlink socket")]
+    Connect {
+        /// The socket error.
+        #[source]
+        source: io::Error,
+    },
+    /// No interface has that name.
+    #[error("no network interface named {name:?}")]
+    LinkNotFound {
+        /// The name looked up.
+        name: String,
+    },
+    /// Looking up an interface failed.
+    #[error("cannot look up network interface {name:?}")]
+    LinkLookup {
+        /// The name looked up.
+        name: String,
+        /// The netlink error.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// Setting the MTU or the up flag failed.
+    #[error("cannot set MTU {mtu} and up on interface {index}")]
+    SetLink {
+        /// The interface index.
+        index: u32,
+        /// The requested MTU.
+        mtu: u32,
+        /// The netlink error.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// Adding an interface address failed.
+    #[error("cannot add address {addr} to interface {index}")]
+    AddAddress {
+        /// The interface index.
+        index: u32,
+        /// The address.
+        addr: InterfaceAddress,
+        /// The netlink error.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// Adding a route failed.
+    #[error("cannot add route {dst} via interface {index}")]
+    AddRoute {
+        /// The interface index.
+        index: u32,
+        /// The destination.
+        dst: IpCidr,
+        /// The netlink error.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// Deleting a route failed.
+    #[error("cannot delete route {dst} via interface {index}")]
+    DelRoute {
+        /// The interface index.
+        index: u32,
+        /// The destination.
+        dst: IpCidr,
+        /// The netlink error.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// Listing routes failed.
+    #[error("cannot list routes of interface {index}")]
+    ListRoutes {
+        /// The interface index.
+        index: u32,
+        /// The netlink error.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// Some routes could not be deleted while removing them all.
+    #[error(
+        "cannot delete routes from interface {index}: {}",
+        describe_failures(failed)
+    )]
+    RoutesLeft {
+        /// The interface index.
+        index: u32,
+        /// Each route left behind, with the reason.
+        failed: Vec<(IpCidr, String)>,
+    },
+    /// Deleting an interface failed.
+    #[error("cannot delete interface {index}")]
+    DelLink {
+        /// The interface index.
+        index: u32,
+        /// The netlink error.
+        #[source]
+        source: rtnetlink::Error,
+    },
+}
+
+/// The message that adds, or deletes, our device route for `dst` through `index`.
+///
+/// Add and delete use the same message so that deletion matches exactly our route: the
+/// kernel compares protocol, scope (IPv4) and output interface when they are set.
+fn route_message(index: u32, dst: IpCidr) -> RouteMessage {
+    let mut message = match dst.addr() {
+        IpAddr::V4(addr) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+            .destination_prefix(addr, dst.prefix_len())
+            .scope(RouteScope::Link)
+            .build(),
+        // IPv6 has no route scopes; the kernel reports every route as universe.
+        IpAddr::V6(addr) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+            .destination_prefix(addr, dst.prefix_len())
+            .build(),
+    };
+    message.header.table = RouteHeader::RT_TABLE_MAIN;
+    message.header.protocol = RouteProtocol::from(ROUTE_PROTOCOL);
+    message.header.kind = RouteType::Unicast;
+    message.attributes.push(RouteAttribute::Oif(index));
+    message
+}
+
+/// The destination of `route` when it is one of ours: main table, our protocol, unicast,
+/// output interface `index`.
+fn our_route_destination(route: &RouteMessage, index: u32) -> Option<IpCidr> {
+    let header = &route.header;
+    if u8::from(header.protocol) != ROUTE_PROTOCOL || header.kind != RouteType::Unicast {
+        return None;
+    }
+    let mut table = u32::from(header.table);
+    let mut oif = None;
+    let mut dst = None;
+    for attr in &route.attributes {
+        match attr {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(IpAddr::V4(*a)),
+            RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = Some(IpAddr::V6(*a)),
+            _ => {}
+        }
+    }
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) || oif != Some(index) {
+        return None;
+    }
+    // A default route carries no destination attribute.
+    let addr = match (dst, header.address_family) {
+        (Some(addr), _) => addr,
+        (None, AddressFamily::Inet) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        (None, AddressFamily::Inet6) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        (None, _) => return None,
+    };
+    IpCidr::new(addr, header.destination_prefix_length).ok()
+}
+
+fn describe_failures(failed: &[(IpCidr, String)]) -> String {
+    failed
+        .iter()
+        .map(|(dst, reason)| format!("{dst} ({reason})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The errno in a netlink error reply, as a positive number.
+fn errno(error: &rtnetlink::Error) -> Option<i32> {
+    match error {
+        rtnetlink::Error::NetlinkError(message) => message.to_io().raw_os_error(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_routes_are_added_and_extra_ones_removed() {
+        let plan = plan_routes(
+            &set(&["10.1.0.0/16", "10.2.0.0/16", "fd00::/64"]),
+            &set(&["10.2.0.0/16", "10.3.0.0/16"]),
+        );
+        assert_eq!(plan.add, cidrs(&["10.1.0.0/16", "fd00::/64"]));
+        assert_eq!(plan.remove, cidrs(&["10.3.0.0/16"]));
+    }
+
+    #[test]
+    fn equal_sets_plan_nothing() {
+        let routes = set(&["10.1.0.0/16", "0.0.0.0/0", "::/0"]);
+        assert_eq!(plan_routes(&routes, &routes), RoutePlan::default());
+    }
+
+    #[test]
+    fn empty_desired_removes_everything() {
+        let plan = plan_routes(&BTreeSet::new(), &set(&["::/0", "10.0.0.0/8"]));
+        assert!(plan.add.is_empty());
+        assert_eq!(plan.remove, cidrs(&["10.0.0.0/8", "::/0"]));
+    }
+
+    #[test]
+    fn same_prefix_with_other_length_is_a_different_route() {
+        let plan = plan_routes(&set(&["10.0.0.0/8"]), &set(&["10.0.0.0/16"]));
+        assert_eq!(plan.add, cidrs(&["10.0.0.0/8"]));
+        assert_eq!(plan.remove, cidrs(&["10.0.0.0/16"]));
+    }
+
+    #[test]
+    fn our_default_route_without_destination_is_recognised() {
+        let mut route = route_message(7, "0.0.0.0/0".parse().unwrap());
+        route
+            .attributes
+            .retain(|a| !matches!(a, RouteAttribute::Destination(_)));
+        assert_eq!(
+            our_route_destination(&route, 7),
+            Some("0.0.0.0/0".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn kernel_and_foreign_routes_are_not_ours() {
+        let dst: IpCidr = "fd00::/64".parse().unwrap();
+        assert_eq!(our_route_destination(&route_message(7, dst), 7), Some(dst));
+        assert_eq!(our_route_destination(&route_message(7, dst), 8), None);
+        let mut kernel = route_message(7, dst);
+        kernel.header.protocol = RouteProtocol::Kernel;
+        assert_eq!(our_route_destination(&kernel, 7), None);
+        let mut other_table = route_message(7, dst);
+        other_table.attributes.push(RouteAttribute::Table(1000));
+        assert_eq!(our_route_destination(&other_table, 7), None);
+    }
+
+    fn cidrs(texts: &[&str]) -> Vec<IpCidr> {
+        texts.iter().map(|t| t.parse().unwrap()).collect()
+    }
+
+    fn set(texts: &[&str]) -> BTreeSet<IpCidr> {
+        cidrs(texts).into_iter().collect()
+    }
+}

@@ -1,0 +1,198 @@
+//! Standalone mode: `wiremesh-agent up --config wm0.conf`, the way `wg-quick up` works.
+
+use std::net::{SocketAddr, ToSocketAddrs as _};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+use wiremesh_proto::uapi::{DeviceUpdate, PeerUpdate};
+use wiremesh_proto::wgconf::{Endpoint, WgConfig};
+
+use crate::dataplane::{self, InterfaceSpec};
+
+/// wg-quick's default MTU for an IPv4/IPv6 underlay of 1500 bytes: 1500 − 80.
+pub const DEFAULT_MTU: u32 = 1420;
+/// Linux interface names: at most 15 bytes (IFNAMSIZ − 1).
+const IFNAMSIZ: usize = 16;
+
+/// What `up` was asked to do.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// The config file; the interface is named after it.
+    pub config: Option<PathBuf>,
+    /// The interface name when there is no config file (then configure it with `wg`).
+    pub interface: Option<String>,
+    /// Key file used when the config has no `PrivateKey`.
+    pub key_file: Option<PathBuf>,
+    /// Directory of the UAPI socket.
+    pub uapi_dir: PathBuf,
+}
+
+/// Everything `up` needs, read and checked before anything is created.
+#[derive(Debug)]
+pub struct Plan {
+    /// The interface to create.
+    pub spec: InterfaceSpec,
+    /// The configuration to apply.
+    pub update: DeviceUpdate,
+}
+
+/// Reads and checks the config file and key: errors here leave the system untouched.
+///
+/// # Errors
+/// A message naming the file, line and field of the first problem.
+pub fn plan(options: &UpOptions) -> Result<Plan> {
+    let (name, config) = match (&options.config, &options.interface) {
+        (Some(path), interface) => {
+            let name = match interface {
+                Some(name) => name.clone(),
+                None => interface_name(path)?,
+            };
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let config: WgConfig = text
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            (name, Some(config))
+        }
+        (None, Some(name)) => (name.clone(), None),
+        (None, None) => bail!("give --config FILE or --interface NAME"),
+    };
+    check_name(&name)?;
+    let mut update = DeviceUpdate {
+        private_key: None,
+        listen_port: None,
+        fwmark: None,
+        replace_peers: true,
+        peers: Vec::new(),
+    };
+    let mut spec = InterfaceSpec {
+        name,
+        mtu: DEFAULT_MTU,
+        addresses: Vec::new(),
+        uapi_dir: options.uapi_dir.clone(),
+    };
+    let key = match config.as_ref().and_then(|c| c.interface.private_key) {
+        Some(key) => Some(key),
+        None => match &options.key_file {
+            Some(path) => Some(crate::keys::load_or_generate(path)?),
+            None if config.is_some() => {
+                bail!("the [Interface] section has no PrivateKey and no --key-file was given")
+            }
+            None => None,
+        },
+    };
+    update.private_key = key.map(Some);
+    if let Some(config) = config {
+        let i = &config.interface;
+        update.listen_port = i.listen_port;
+        update.fwmark = i.fwmark;
+        spec.addresses = i.addresses.clone();
+        spec.mtu = i.mtu.unwrap_or(DEFAULT_MTU);
+        for peer in &config.peers {
+            let endpoint = peer
+                .endpoint
+                .as_ref()
+                .map(|e| resolve(e).with_context(|| format!("peer {}: Endpoint", peer.public_key)))
+                .transpose()?;
+            update.peers.push(PeerUpdate {
+                public_key: peer.public_key,
+                remove: false,
+                update_only: false,
+                preshared_key: peer.preshared_key.map(Some),
+                endpoint,
+                persistent_keepalive: peer.persistent_keepalive,
+                replace_allowed_ips: true,
+                allowed_ips: peer.allowed_ips.clone(),
+            });
+        }
+    }
+    Ok(Plan { spec, update })
+}
+
+/// Brings the interface up and serves until SIGINT or SIGTERM.
+///
+/// # Errors
+/// When the plan is refused or the interface cannot be brought up.
+pub async fn up(options: UpOptions) -> Result<()> {
+    let plan = plan(&options)?;
+    crate::preflight()?;
+    dataplane::run(plan.spec, plan.update, |_| {}, crate::shutdown_signal()).await
+}
+
+/// wg-quick's rule: the interface is named after the file, less `.conf`.
+fn interface_name(path: &Path) -> Result<String> {
+    let stem = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(|n| n.strip_suffix(".conf").unwrap_or(n))
+        .with_context(|| {
+            format!(
+                "{}: cannot name an interface after this path",
+                path.display()
+            )
+        })?;
+    Ok(stem.to_owned())
+}
+
+fn check_name(name: &str) -> Result<()> {
+    let valid = !name.is_empty()
+        && name.len() < IFNAMSIZ
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'=' | b'+' | b'.' | b'-'));
+    if !valid {
+        bail!(
+            "interface name {name:?} is not valid: 1 to 15 characters of letters, digits and _=+.-"
+        );
+    }
+    Ok(())
+}
+
+fn resolve(endpoint: &Endpoint) -> Result<SocketAddr> {
+    match endpoint {
+        Endpoint::Addr(addr) => Ok(*addr),
+        Endpoint::Host(host, port) => (host.as_str(), *port)
+            .to_socket_addrs()
+            .with_context(|| format!("resolving {host}"))?
+            .next()
+            .with_context(|| format!("{host} has no address")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_is_named_after_the_file() {
+        assert_eq!(interface_name(Path::new("/etc/wm0.conf")).unwrap(), "wm0");
+        assert!(check_name("a-very-long-interface-name").is_err());
+        assert!(check_name("bad/name").is_err());
+    }
+
+    #[test]
+    fn config_becomes_a_replacing_update() {
+        let dir = std::env::temp_dir().join(format!("wm-plan-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("wm7.conf");
+        std::fs::write(
+            &path,
+            "[Interface]\nPrivateKey = yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\nListenPort = 51000\nAddress = 10.9.0.1/24\n\n[Peer]\nPublicKey = xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\nEndpoint = 198.18.0.9:51820\nAllowedIPs = 10.9.1.0/24\n",
+        )
+        .unwrap();
+        let plan = plan(&UpOptions {
+            config: Some(path),
+            interface: None,
+            key_file: None,
+            uapi_dir: dir.clone(),
+        })
+        .unwrap();
+        assert_eq!(plan.spec.name, "wm7");
+        assert_eq!(plan.spec.mtu, DEFAULT_MTU);
+        assert!(plan.update.replace_peers);
+        assert_eq!(plan.update.listen_port, Some(51000));
+        assert_eq!(plan.update.peers.len(), 1);
+        assert!(plan.update.peers[0].replace_allowed_ips);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
