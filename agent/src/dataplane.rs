@@ -18,7 +18,8 @@ use tracing::{debug, info, warn};
 use wiremesh_proto::uapi::{DeviceUpdate, GetResponse, Request};
 use wiremesh_proto::{InterfaceAddress, IpCidr, PresharedKey};
 
-use crate::core::{DatagramVerdict, Device, DropReason, PeerView, TunVerdict};
+use crate::core::{DatagramVerdict, Device, DropReason, TunVerdict};
+use crate::metrics::Snapshot;
 use crate::netlink::{Netlink, RouteReconciler};
 use crate::tun::Tun;
 use crate::uapi_server;
@@ -58,8 +59,8 @@ pub enum Command {
     Uapi(Request, oneshot::Sender<String>),
     /// Apply an update (Kubernetes mode); the reply says whether it was accepted.
     Apply(DeviceUpdate, oneshot::Sender<Result<(), String>>),
-    /// A snapshot of the peers.
-    Peers(oneshot::Sender<Vec<PeerView>>),
+    /// A snapshot of the peers and counters.
+    Snapshot(oneshot::Sender<Snapshot>),
 }
 
 /// A handle for other tasks to reach the device.
@@ -84,14 +85,14 @@ impl Handle {
             .map_err(anyhow::Error::msg)
     }
 
-    /// A snapshot of the peers.
+    /// A snapshot of the peers and counters.
     ///
     /// # Errors
     /// When the data plane has stopped.
-    pub async fn peers(&self) -> Result<Vec<PeerView>> {
+    pub async fn snapshot(&self) -> Result<Snapshot> {
         let (tx, rx) = oneshot::channel();
         self.commands
-            .send(Command::Peers(tx))
+            .send(Command::Snapshot(tx))
             .await
             .context("data plane stopped")?;
         rx.await.context("data plane stopped")
@@ -155,6 +156,7 @@ pub async fn run(
     ready(Handle { commands: cmd_tx });
 
     let mut shell = Shell {
+        name: spec.name.clone(),
         device,
         tun,
         udp,
@@ -206,6 +208,7 @@ fn bind_underlay(port: u16, fwmark: u32) -> Result<UdpSocket> {
 }
 
 struct Shell {
+    name: String,
     device: Device,
     tun: Tun,
     udp: UdpSocket,
@@ -332,8 +335,12 @@ impl Shell {
             Command::Apply(update, reply) => {
                 let _ = reply.send(self.apply(&update).map_err(|e| e.message));
             }
-            Command::Peers(reply) => {
-                let _ = reply.send(self.device.peers());
+            Command::Snapshot(reply) => {
+                let _ = reply.send(Snapshot {
+                    interface: self.name.clone(),
+                    peers: self.device.peers(),
+                    counters: self.device.counters().clone(),
+                });
             }
         }
     }

@@ -8,6 +8,7 @@
 pub mod core;
 pub mod dataplane;
 pub mod keys;
+pub mod metrics;
 pub mod netlink;
 pub mod standalone;
 pub mod tun;

@@ -1,5 +1,6 @@
 //! `wiremesh-agent`: the node agent.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -42,6 +43,9 @@ enum Command {
         /// Directory of the UAPI socket that `wg` uses.
         #[arg(long, env = "WIREMESH_UAPI_DIR", default_value = "/var/run/wireguard")]
         uapi_dir: PathBuf,
+        /// Serve Prometheus metrics and health checks on this address (e.g. 0.0.0.0:9586).
+        #[arg(long, env = "WIREMESH_METRICS_ADDR")]
+        metrics_addr: Option<SocketAddr>,
     },
 }
 
@@ -66,12 +70,14 @@ fn main() -> ExitCode {
                 interface,
                 key_file,
                 uapi_dir,
+                metrics_addr,
             } => {
                 standalone::up(UpOptions {
                     config,
                     interface,
                     key_file,
                     uapi_dir,
+                    metrics_addr,
                 })
                 .await
             }

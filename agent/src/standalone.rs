@@ -25,6 +25,8 @@ pub struct UpOptions {
     pub key_file: Option<PathBuf>,
     /// Directory of the UAPI socket.
     pub uapi_dir: PathBuf,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz`, if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Everything `up` needs, read and checked before anything is created.
@@ -116,7 +118,17 @@ pub fn plan(options: &UpOptions) -> Result<Plan> {
 pub async fn up(options: UpOptions) -> Result<()> {
     let plan = plan(&options)?;
     crate::preflight()?;
-    dataplane::run(plan.spec, plan.update, |_| {}, crate::shutdown_signal()).await
+    let metrics_addr = options.metrics_addr;
+    let ready = move |handle| {
+        if let Some(addr) = metrics_addr {
+            tokio::spawn(async move {
+                if let Err(e) = crate::metrics::serve(addr, handle).await {
+                    tracing::error!(%addr, error = %e, "metrics endpoint failed");
+                }
+            });
+        }
+    };
+    dataplane::run(plan.spec, plan.update, ready, crate::shutdown_signal()).await
 }
 
 /// wg-quick's rule: the interface is named after the file, less `.conf`.
@@ -185,6 +197,7 @@ mod tests {
             interface: None,
             key_file: None,
             uapi_dir: dir.clone(),
+            metrics_addr: None,
         })
         .unwrap();
         assert_eq!(plan.spec.name, "wm7");

@@ -1,1 +1,13 @@
-//! lab
+//! The Wiremesh end-to-end lab: hosts and pods in network namespaces on underlay bridges,
+//! processes in per-host mount namespaces (each host its own `/var/run/wireguard`), a
+//! checksummed transfer tool, and cleanup in `Drop`. Everything here needs root.
+
+pub mod lab;
+mod process;
+pub mod xfer;
+
+pub use lab::{
+    EXEC_TIMEOUT, Host, Lab, Netns, Pod, TransferReport, Underlay, agent_binary, ping,
+    require_root, require_tool, require_tools, transfer, transfer_between, xfer_binary,
+};
+pub use process::{Proc, STOP_GRACE};

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs, idempotently, what the demo and the tests need on a fresh Debian machine:
+# the Debian packages (interop peers, iperf3, iproute2, nftables) and, when asked with
+# --k8s, the Go-built control-plane binaries (kube-apiserver, etcd).
+# Needs root for apt-get; prints what it does.
+set -euo pipefail
+
+need_pkgs=()
+check() {  # check PACKAGE COMMAND: queue PACKAGE when COMMAND is missing
+    command -v "$2" >/dev/null 2>&1 || need_pkgs+=("$1")
+}
+check wireguard-go wireguard-go
+check wireguard-tools wg
+check iperf3 iperf3
+check iproute2 ip
+check nftables nft
+check util-linux nsenter
+check jq jq
+check iputils-ping ping
+
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "deps: missing ${need_pkgs[*]}; run as root to install them" >&2
+        exit 1
+    fi
+    echo "deps: installing ${need_pkgs[*]} from Debian"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # iperf3 asks whether to start a daemon; say no.
+    echo "iperf3 iperf3/start_daemon boolean false" | debconf-set-selections 2>/dev/null || true
+    apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+else
+    echo "deps: Debian packages present"
+fi
+
+if [ ! -c /dev/net/tun ]; then
+    echo "deps: /dev/net/tun is missing: load the tun module (modprobe tun)" >&2
+    exit 1
+fi
+
+if [ "${1:-}" = "--k8s" ] && [ -x tests/k8s/build.sh ]; then
+    tests/k8s/build.sh
+fi
