@@ -373,11 +373,11 @@ impl Shell {
         {
             warn!(error = %e, "setting the fwmark");
         }
-        for key in &outcome.added {
-            info!(peer = %key.short(), "peer added");
-        }
         for key in &outcome.removed {
             info!(peer = %key.short(), "peer removed");
+        }
+        for key in &outcome.added {
+            info!(peer = %key.short(), "peer added");
         }
         if outcome.routes_changed {
             self.routes.send_replace(self.device.routes());

@@ -3,6 +3,7 @@
 //! checksummed transfer tool, and cleanup in `Drop`. Everything here needs root.
 
 pub mod lab;
+pub mod mesh;
 mod process;
 pub mod xfer;
 

@@ -1,0 +1,277 @@
+//! Wiremesh on top of the lab: keys, config files, agents, metrics, and entering a
+//! namespace from a test thread.
+
+use std::fs::File;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use boringtun::x25519::{PublicKey, StaticSecret};
+use nix::sched::{CloneFlags, setns};
+use rand_core::OsRng;
+
+use crate::lab::{Host, Netns, Pod};
+use crate::process::Proc;
+
+/// The interface name the lab's agents use.
+pub const IFACE: &str = "wm0";
+/// The agents' UDP port.
+pub const PORT: u16 = 51820;
+/// Where each agent serves metrics, inside its host's namespace.
+pub const METRICS: &str = "127.0.0.1:9586";
+
+/// A WireGuard key pair in base64.
+#[derive(Debug, Clone)]
+pub struct Keypair {
+    /// The private key (base64).
+    pub private: String,
+    /// The public key (base64).
+    pub public: String,
+}
+
+impl Keypair {
+    /// A fresh key pair from the OS RNG.
+    pub fn generate() -> Self {
+        let secret = StaticSecret::random_from_rng(OsRng);
+        let public = PublicKey::from(&secret);
+        Self {
+            private: STANDARD.encode(secret.to_bytes()),
+            public: STANDARD.encode(public.as_bytes()),
+        }
+    }
+
+    /// The raw private key.
+    ///
+    /// # Panics
+    /// Never for keys made by [`Keypair::generate`].
+    pub fn secret(&self) -> StaticSecret {
+        let bytes: [u8; 32] = STANDARD
+            .decode(&self.private)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .expect("generate() makes 32-byte keys");
+        StaticSecret::from(bytes)
+    }
+
+    /// The raw public key.
+    ///
+    /// # Panics
+    /// Never for keys made by [`Keypair::generate`].
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey::from(&self.secret())
+    }
+}
+
+/// One `[Peer]` of a config file.
+#[derive(Debug, Clone)]
+pub struct PeerSpec {
+    /// Its public key (base64).
+    pub public: String,
+    /// `Endpoint`, if we know where it is.
+    pub endpoint: Option<SocketAddr>,
+    /// `AllowedIPs`.
+    pub allowed_ips: Vec<String>,
+}
+
+/// A lab host running (or about to run) a Wiremesh agent, with one pod behind it.
+pub struct Node {
+    /// The host.
+    pub host: Host,
+    /// Its pod.
+    pub pod: Pod,
+    /// Its keys.
+    pub keys: Keypair,
+    /// The running agent, if started.
+    pub agent: Option<Proc>,
+}
+
+impl Node {
+    /// A host with one pod and fresh keys; no agent yet.
+    ///
+    /// # Errors
+    /// When the lab cannot make the host or pod.
+    pub fn new(lab: &crate::Lab, name: &str, index: u8) -> Result<Self> {
+        let host = lab.add_host(
+            name,
+            std::net::Ipv4Addr::new(198, 18, 0, index),
+            &format!("10.{index}.0.0/24"),
+        )?;
+        let pod = host.add_pod(&format!("{name}-p"))?;
+        Ok(Self {
+            host,
+            pod,
+            keys: Keypair::generate(),
+            agent: None,
+        })
+    }
+
+    /// The UDP endpoint of this node on the underlay.
+    pub fn endpoint(&self) -> SocketAddr {
+        SocketAddr::from((self.host.underlay_ip(), PORT))
+    }
+
+    /// This node as a peer of another: its pod CIDR as allowed IPs.
+    pub fn as_peer(&self, with_endpoint: bool) -> PeerSpec {
+        PeerSpec {
+            public: self.keys.public.clone(),
+            endpoint: with_endpoint.then(|| self.endpoint()),
+            allowed_ips: vec![self.host.pod_cidr()],
+        }
+    }
+
+    /// Writes `<host dir>/wm0.conf` with these peers and starts the agent on it.
+    ///
+    /// # Errors
+    /// When the agent does not come up (with its output).
+    pub fn start(&mut self, peers: &[PeerSpec]) -> Result<()> {
+        let config = write_config(&self.host, &self.keys, peers)?;
+        let path = config.to_str().context("lab paths are UTF-8")?.to_owned();
+        let agent = start_agent(&self.host, &["up", "--config", &path, "--metrics-addr", METRICS])?;
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    /// Runs `wg args...` against this node's agent.
+    ///
+    /// # Errors
+    /// When `wg` fails.
+    pub fn wg(&self, args: &[&str]) -> Result<String> {
+        self.host.wg(args)
+    }
+
+    /// The agent's `/metrics` text.
+    ///
+    /// # Errors
+    /// When the endpoint does not answer.
+    pub fn metrics(&self) -> Result<String> {
+        http_get(&self.host, METRICS, "/metrics")
+    }
+
+    /// One sample of a metric, matched by name and a label substring (e.g. `reason="replay"`).
+    ///
+    /// # Errors
+    /// When the metrics cannot be read or the sample is missing.
+    pub fn metric(&self, name: &str, label: &str) -> Result<f64> {
+        let text = self.metrics()?;
+        sample(&text, name, label)
+            .ok_or_else(|| anyhow!("no sample {name}{{..{label}..}} in:\n{text}"))
+    }
+}
+
+/// The value of the first sample of `name` whose labels contain `label`.
+pub fn sample(text: &str, name: &str, label: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Writes a wg-quick style config for `host` into its directory; the interface address is
+/// the pod gateway (so the host's own traffic into the mesh has a pod-CIDR source).
+///
+/// # Errors
+/// When the file cannot be written.
+pub fn write_config(host: &Host, keys: &Keypair, peers: &[PeerSpec]) -> Result<PathBuf> {
+    let mut text = format!(
+        "[Interface]\nPrivateKey = {}\nListenPort = {PORT}\nAddress = {}/32\nMTU = 1420\n",
+        keys.private,
+        host.pod_gateway()
+    );
+    for peer in peers {
+        text.push_str(&format!("\n[Peer]\nPublicKey = {}\n", peer.public));
+        if let Some(endpoint) = peer.endpoint {
+            text.push_str(&format!("Endpoint = {endpoint}\n"));
+        }
+        if !peer.allowed_ips.is_empty() {
+            text.push_str(&format!("AllowedIPs = {}\n", peer.allowed_ips.join(", ")));
+        }
+    }
+    let path = host.dir().join(format!("{IFACE}.conf"));
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// Starts `wiremesh-agent args...` on `host` and waits (up to 10 s) for its UAPI socket.
+///
+/// # Errors
+/// When the agent exits or the socket does not appear (with the agent's output).
+pub fn start_agent(host: &Host, args: &[&str]) -> Result<Proc> {
+    let agent = host.spawn_agent(args, &[("RUST_LOG", "info")])?;
+    let socket = host.run_dir().join(format!("{IFACE}.sock"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if !agent.is_running() || Instant::now() > deadline {
+            bail!(
+                "the agent on {} did not come up:\n{}",
+                host.name(),
+                agent.stderr()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(agent)
+}
+
+/// Runs `f` on a thread that has entered `ns`'s network namespace, so a test can open
+/// sockets inside the lab.
+///
+/// # Errors
+/// When the namespace cannot be entered, or as `f`.
+pub fn in_netns<R: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> Result<R> + Send + 'static,
+) -> Result<R> {
+    let path = format!("/run/netns/{}", ns.name());
+    std::thread::spawn(move || {
+        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+        setns(&file, CloneFlags::CLONE_NEWNET).with_context(|| format!("entering {path}"))?;
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow!("the thread in {} panicked", ns.name()))?
+}
+
+/// `GET path` from `addr` inside `ns`; returns the body of a 200 response.
+///
+/// # Errors
+/// When the connection fails or the status is not 200.
+pub fn http_get(ns: &Netns, addr: &str, path: &str) -> Result<String> {
+    let addr: SocketAddr = addr.parse().context("metrics address")?;
+    let path = path.to_owned();
+    in_netns(ns, move || {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .with_context(|| format!("connecting to {addr}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| anyhow!("malformed HTTP response: {response:?}"))?;
+        if !head.starts_with("HTTP/1.1 200") {
+            bail!("GET {path}: {head}");
+        }
+        Ok(body.to_owned())
+    })
+}
+
+/// Waits up to `timeout` for `check` to succeed, polling every 100 ms; returns the last
+/// error otherwise.
+///
+/// # Errors
+/// The last error of `check` when the time runs out.
+pub fn eventually<R>(timeout: Duration, mut check: impl FnMut() -> Result<R>) -> Result<R> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(r) => return Ok(r),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
