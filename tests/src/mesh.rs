@@ -130,7 +130,10 @@ impl Node {
     pub fn start(&mut self, peers: &[PeerSpec]) -> Result<()> {
         let config = write_config(&self.host, &self.keys, peers)?;
         let path = config.to_str().context("lab paths are UTF-8")?.to_owned();
-        let agent = start_agent(&self.host, &["up", "--config", &path, "--metrics-addr", METRICS])?;
+        let agent = start_agent(
+            &self.host,
+            &["up", "--config", &path, "--metrics-addr", METRICS],
+        )?;
         self.agent = Some(agent);
         Ok(())
     }
@@ -247,7 +250,10 @@ pub fn http_get(ns: &Netns, addr: &str, path: &str) -> Result<String> {
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
             .with_context(|| format!("connecting to {addr}"))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
         let (head, body) = response
@@ -274,4 +280,104 @@ pub fn eventually<R>(timeout: Duration, mut check: impl FnMut() -> Result<R>) ->
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
+}
+
+/// What crossed an underlay while [`capture_during`] watched it.
+#[derive(Debug, Clone, Default)]
+pub struct Capture {
+    /// Ethernet frames seen (each bridge port sees a forwarded frame once).
+    pub frames: u64,
+    /// IPv4 UDP frames to or from the WireGuard port.
+    pub wireguard: u64,
+    /// Of those, WireGuard data messages (type 4).
+    pub wireguard_data: u64,
+    /// IPv4 frames that were not WireGuard (ARP and IPv6 are not counted at all).
+    pub other_ipv4: u64,
+    /// Frames that contained the plaintext marker.
+    pub marker_hits: u64,
+}
+
+/// Captures every frame in namespace `ns` (an underlay) while `action` runs, looking for
+/// `marker` in the clear.
+///
+/// # Errors
+/// When the capture socket cannot be opened, or as `action`.
+pub fn capture_during<R>(
+    ns: &Netns,
+    marker: &'static [u8],
+    action: impl FnOnce() -> Result<R>,
+) -> Result<(Capture, R)> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockProtocol, SockType, recv, setsockopt, socket, sockopt,
+    };
+    use nix::sys::time::TimeVal;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let path = format!("/run/netns/{}", ns.name());
+    let stop_flag = Arc::clone(&stop);
+    let capture = std::thread::spawn(move || -> Result<Capture> {
+        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+        setns(&file, CloneFlags::CLONE_NEWNET).with_context(|| format!("entering {path}"))?;
+        let sock = socket(
+            AddressFamily::Packet,
+            SockType::Raw,
+            SockFlag::empty(),
+            SockProtocol::EthAll,
+        )
+        .context("opening a packet socket")?;
+        setsockopt(&sock, sockopt::ReceiveTimeout, &TimeVal::new(0, 100_000))?;
+        let _ = ready_tx.send(());
+        let mut stats = Capture::default();
+        let mut buf = vec![0u8; 65_536];
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !stop_flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let Ok(n) = recv(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                &mut buf,
+                nix::sys::socket::MsgFlags::empty(),
+            ) else {
+                continue;
+            };
+            let frame = &buf[..n];
+            stats.frames += 1;
+            if frame.windows(marker.len()).any(|w| w == marker) {
+                stats.marker_hits += 1;
+            }
+            if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
+                continue;
+            }
+            let ip = &frame[14..];
+            let header = usize::from(ip[0] & 0x0f) * 4;
+            let is_wireguard = ip[9] == 17 && ip.len() >= header + 9 && {
+                let udp = &ip[header..];
+                let (src, dst) = (
+                    u16::from_be_bytes([udp[0], udp[1]]),
+                    u16::from_be_bytes([udp[2], udp[3]]),
+                );
+                src == PORT || dst == PORT
+            };
+            if is_wireguard {
+                stats.wireguard += 1;
+                if ip[header + 8] == 4 {
+                    stats.wireguard_data += 1;
+                }
+            } else {
+                stats.other_ipv4 += 1;
+            }
+        }
+        Ok(stats)
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .map_err(|_| anyhow!("the capture did not start"))?;
+    let result = action();
+    stop.store(true, Ordering::Relaxed);
+    let stats = capture
+        .join()
+        .map_err(|_| anyhow!("the capture thread panicked"))??;
+    Ok((stats, result?))
 }

@@ -1,5 +1,8 @@
 //! End-to-end tests of the data plane: real agents in network namespaces (needs root).
 
+// The tests print the throughput they measured (shown with --nocapture).
+#![allow(clippy::print_stdout)]
+
 use std::net::{Ipv4Addr, UdpSocket};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -56,7 +59,10 @@ fn wg_show_lists_the_peer_and_wg_set_removes_and_restores_it() -> Result<()> {
     ping(&a.pod, b.pod.ip(), 2)?;
 
     let human = a.wg(&["show", IFACE])?;
-    ensure!(human.contains(&format!("peer: {}", b.keys.public)), "{human}");
+    ensure!(
+        human.contains(&format!("peer: {}", b.keys.public)),
+        "{human}"
+    );
     ensure!(human.contains("latest handshake:"), "{human}");
     let dump = a.wg(&["show", IFACE, "dump"])?;
     let line = dump
@@ -70,8 +76,14 @@ fn wg_show_lists_the_peer_and_wg_set_removes_and_restores_it() -> Result<()> {
     ensure!(fields[3] == b.host.pod_cidr(), "{line}");
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let handshake: u64 = fields[4].parse()?;
-    ensure!(handshake > 0 && now.abs_diff(handshake) < 60, "stale handshake: {line}");
-    ensure!(fields[5].parse::<u64>()? > 0 && fields[6].parse::<u64>()? > 0, "{line}");
+    ensure!(
+        handshake > 0 && now.abs_diff(handshake) < 60,
+        "stale handshake: {line}"
+    );
+    ensure!(
+        fields[5].parse::<u64>()? > 0 && fields[6].parse::<u64>()? > 0,
+        "{line}"
+    );
 
     ensure!(wiremesh_routes(&a.host)?.contains(&b.host.pod_cidr()));
     a.wg(&["set", IFACE, "peer", &b.keys.public, "remove"])?;
@@ -79,10 +91,16 @@ fn wg_show_lists_the_peer_and_wg_set_removes_and_restores_it() -> Result<()> {
     ensure!(!peers.contains(&b.keys.public), "{peers}");
     eventually(Duration::from_secs(5), || {
         let routes = wiremesh_routes(&a.host)?;
-        ensure!(!routes.contains(&b.host.pod_cidr()), "route still there: {routes}");
+        ensure!(
+            !routes.contains(&b.host.pod_cidr()),
+            "route still there: {routes}"
+        );
         Ok(())
     })?;
-    ensure!(!reachable(&a.pod, b.pod.ip())?, "b reachable without a peer");
+    ensure!(
+        !reachable(&a.pod, b.pod.ip())?,
+        "b reachable without a peer"
+    );
 
     // `wg set` brings it back, and `wg setconf` replaces the whole configuration (a file
     // without PrivateKey would remove the key, as with the kernel module).
@@ -131,9 +149,11 @@ fn interop_with_wireguard_go(wiremesh_initiates: bool) -> Result<()> {
     let b = Node::new(&lab, "b", 2)?;
     a.start(&[b.as_peer(wiremesh_initiates)])?;
 
-    let _wggo = b
-        .host
-        .spawn_in_private_mounts("wireguard-go", &["-f", IFACE], &[("LOG_LEVEL", "error")])?;
+    let _wggo = b.host.spawn_in_private_mounts(
+        "wireguard-go",
+        &["-f", IFACE],
+        &[("LOG_LEVEL", "error")],
+    )?;
     let socket = b.host.run_dir().join(format!("{IFACE}.sock"));
     eventually(Duration::from_secs(10), || {
         ensure!(socket.exists(), "wireguard-go has no UAPI socket yet");
@@ -154,7 +174,8 @@ fn interop_with_wireguard_go(wiremesh_initiates: bool) -> Result<()> {
     let gateway = format!("{}/32", b.host.pod_gateway());
     b.host.ip(&["addr", "add", &gateway, "dev", IFACE])?;
     b.host.ip(&["link", "set", IFACE, "mtu", "1420", "up"])?;
-    b.host.ip(&["route", "add", &a.host.pod_cidr(), "dev", IFACE])?;
+    b.host
+        .ip(&["route", "add", &a.host.pod_cidr(), "dev", IFACE])?;
 
     let (first, second) = if wiremesh_initiates {
         (&a, &b)
@@ -172,7 +193,10 @@ fn interop_with_wireguard_go(wiremesh_initiates: bool) -> Result<()> {
     );
     // Both sides report the handshake.
     let theirs = b.wg(&["show", IFACE, "latest-handshakes"])?;
-    ensure!(theirs.contains(&a.keys.public) && !theirs.contains("\t0"), "{theirs}");
+    ensure!(
+        theirs.contains(&a.keys.public) && !theirs.contains("\t0"),
+        "{theirs}"
+    );
     let ours = a.wg(&["show", IFACE, "endpoints"])?;
     ensure!(ours.contains(&b.endpoint().to_string()), "{ours}");
     Ok(())
@@ -221,8 +245,7 @@ fn inner_source_outside_the_peers_allowed_ips_is_dropped_and_counted() -> Result
 }
 
 #[test]
-fn garbage_truncated_and_replayed_datagrams_are_counted_and_the_tunnel_survives() -> Result<()>
-{
+fn garbage_truncated_and_replayed_datagrams_are_counted_and_the_tunnel_survives() -> Result<()> {
     let lab = Lab::new()?;
     let mut a = Node::new(&lab, "a", 1)?;
     let mut b = Node::new(&lab, "b", 2)?;
@@ -286,7 +309,10 @@ fn garbage_truncated_and_replayed_datagrams_are_counted_and_the_tunnel_survives(
     ensure!(bad_packet >= 3.0, "bad_packet {bad_packet}");
     ensure!(replay >= 1.0, "replay {replay}");
     ensure!(bad_handshake >= 1.0, "bad_handshake {bad_handshake}");
-    ensure!(a.agent.as_ref().is_some_and(|p| p.is_running()), "agent died");
+    ensure!(
+        a.agent.as_ref().is_some_and(|p| p.is_running()),
+        "agent died"
+    );
     ping(&a.pod, b.pod.ip(), 2)?;
     ping(&b.pod, a.pod.ip(), 2)?;
     Ok(())
@@ -307,7 +333,10 @@ fn a_peer_added_during_a_transfer_leaves_the_transfer_intact() -> Result<()> {
     let to = b.pod.ip();
     let running = std::thread::spawn(move || transfer(&from, to, 512 * MIB));
     std::thread::sleep(Duration::from_millis(500));
-    ensure!(!running.is_finished(), "the transfer ended before the change");
+    ensure!(
+        !running.is_finished(),
+        "the transfer ended before the change"
+    );
     a.wg(&[
         "set",
         IFACE,
@@ -327,7 +356,10 @@ fn a_peer_added_during_a_transfer_leaves_the_transfer_intact() -> Result<()> {
         "512 MiB during the change: {:.0} Mbit/s, overlapped: {overlapped}",
         report.mbit_per_s()
     );
-    ensure!(overlapped, "the transfer ended before the new peer answered");
+    ensure!(
+        overlapped,
+        "the transfer ended before the new peer answered"
+    );
     Ok(())
 }
 
@@ -363,7 +395,10 @@ fn bad_config_files_are_refused_with_line_and_field_and_leave_no_device() -> Res
             "{bad_line}: {stderr}"
         );
         let links = a.host.ip(&["link", "show"])?;
-        ensure!(!links.contains(IFACE), "{bad_line}: a device was left: {links}");
+        ensure!(
+            !links.contains(IFACE),
+            "{bad_line}: a device was left: {links}"
+        );
     }
     Ok(())
 }

@@ -2,7 +2,8 @@
 //!
 //! Nothing in here does I/O: no sockets, no TUN device, no netlink, no async runtime.
 //! Callers hand in bytes and get back what to do with them ([`TunVerdict`],
-//! [`DatagramVerdict`]). `.ci/run` greps this folder for `tokio` to keep it that way.
+//! [`DatagramVerdict`]). `make lint` refuses any async runtime, socket, netlink or
+//! file-system import in this folder.
 
 pub mod allowed_ips;
 mod device;
