@@ -1,9 +1,10 @@
 //! Types shared by every part of Wiremesh.
 //!
 //! This crate is types and pure parsing only: no sockets, no async runtime, no Kubernetes
-//! client. Whatever got past a `FromStr` here is valid.
+//! client (`kube` with only its derive feature). Whatever got past a `FromStr` here is valid.
 
 pub mod cidr;
+pub mod crd;
 pub mod key;
 pub mod uapi;
 pub mod wgconf;

@@ -1,0 +1,284 @@
+//! The Wiremesh API: group `wiremesh.io`, version `v1alpha1`.
+//!
+//! - [`MeshNode`]: one per node (or bare-metal host) that takes part, written by its agent.
+//! - [`PeerCluster`]: one per linked cluster, written by `meshctl join`.
+//! - [`MeshPeer`]: the remote nodes as seen here, written only by the controller.
+//!
+//! The API server validates these objects itself (patterns and CEL rules in the schema),
+//! so a malformed key or CIDR never reaches a controller or an agent.
+
+// The KubeSchema derive re-declares each type inside a private module, which the
+// unreachable_pub lint mistakes for our own items.
+#![allow(unreachable_pub)]
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// The API group.
+pub const GROUP: &str = "wiremesh.io";
+/// The API version.
+pub const VERSION: &str = "v1alpha1";
+/// Namespace of Wiremesh's own objects (Secrets, ServiceAccounts, Lease, config).
+pub const SYSTEM_NAMESPACE: &str = "wiremesh-system";
+/// ConfigMap in [`SYSTEM_NAMESPACE`] that names this cluster and its pod CIDRs.
+pub const CLUSTER_CONFIGMAP: &str = "wiremesh-cluster";
+/// Label on MeshPeers and Secrets: the peer cluster they belong to.
+pub const PEER_CLUSTER_LABEL: &str = "wiremesh.io/peer-cluster";
+/// Finalizer the controller puts on PeerClusters so their MeshPeers go with them.
+pub const PEER_CLUSTER_FINALIZER: &str = "wiremesh.io/mesh-peers";
+
+/// A WireGuard public key: 32 bytes in base64 (the last character before `=` encodes
+/// only 4 bits, hence its restricted alphabet).
+const KEY_PATTERN: &str = "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$";
+/// `198.18.0.1:51820` or `[fd00::1]:51820`.
+const ENDPOINT_PATTERN: &str = r"^(([0-9]{1,3}\.){3}[0-9]{1,3}|\[[0-9a-fA-F:.]+\]):[0-9]{1,5}$";
+
+/// What takes part in the mesh.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+pub enum MeshNodeKind {
+    /// A Kubernetes node running the agent as a DaemonSet pod.
+    #[default]
+    Node,
+    /// A machine outside Kubernetes.
+    Host,
+}
+
+/// One node (or host) of this cluster that takes part in the mesh. Written by its agent;
+/// owned by its `Node`, so it goes away with it.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "wiremesh.io",
+    version = "v1alpha1",
+    kind = "MeshNode",
+    status = "MeshNodeStatus",
+    shortname = "mn",
+    category = "wiremesh",
+    derive = "PartialEq",
+    printcolumn(name = "Kind", type_ = "string", json_path = ".spec.kind"),
+    printcolumn(name = "Endpoint", type_ = "string", json_path = ".spec.endpoints[0]"),
+    printcolumn(name = "PodCIDRs", type_ = "string", json_path = ".spec.podCIDRs"),
+    printcolumn(
+        name = "PublicKey",
+        type_ = "string",
+        json_path = ".spec.publicKey",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshNodeSpec {
+    /// The node's WireGuard public key (base64). The private key never leaves the node.
+    #[schemars(regex(pattern = KEY_PATTERN))]
+    pub public_key: String,
+    /// UDP endpoints where the node receives WireGuard traffic, most preferred first
+    /// (`IP:port`, IPv6 in brackets).
+    #[schemars(length(max = 8), inner(regex(pattern = ENDPOINT_PATTERN)))]
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// The pod CIDRs routed to this node (from `Node.spec.podCIDRs`), or a host's addresses.
+    #[serde(rename = "podCIDRs", default)]
+    #[schemars(length(max = 4))]
+    #[x_kube(validation = Rule::new("self.all(c, isCIDR(c) && cidr(c) == cidr(c).masked())").message("each entry must be a CIDR with no host bits set, such as 10.1.0.0/24"))]
+    pub pod_cidrs: Vec<String>,
+    /// Where the node is (region, zone or site); informational today.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// A Kubernetes node or a host outside Kubernetes.
+    #[serde(default)]
+    pub kind: MeshNodeKind,
+}
+
+/// What an agent reports about its tunnels.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshNodeStatus {
+    /// Conditions: `Ready` (the data plane is configured).
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// One entry per tunnel, refreshed every few seconds.
+    #[serde(default)]
+    pub peers: Vec<TunnelStatus>,
+    /// When the agent last wrote this status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_update_time: Option<Time>,
+}
+
+/// One tunnel as an agent sees it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TunnelStatus {
+    /// The MeshPeer this tunnel is for.
+    pub name: String,
+    /// The peer's endpoint in use (it follows the peer when it roams).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// When the current session's handshake completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_handshake_time: Option<Time>,
+    /// Bytes received from the peer.
+    #[serde(default)]
+    pub rx_bytes: i64,
+    /// Bytes sent to the peer.
+    #[serde(default)]
+    pub tx_bytes: i64,
+}
+
+/// A linked cluster: where its API server is, the read-only credentials for it, and the
+/// pod CIDRs it was allowed when it was joined. Written by `meshctl join`.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "wiremesh.io",
+    version = "v1alpha1",
+    kind = "PeerCluster",
+    status = "PeerClusterStatus",
+    shortname = "pc",
+    category = "wiremesh",
+    derive = "PartialEq",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Stale",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Stale\")].status"
+    ),
+    printcolumn(
+        name = "Conflict",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Conflict\")].status"
+    ),
+    printcolumn(name = "Nodes", type_ = "integer", json_path = ".status.nodeCount"),
+    printcolumn(name = "LastSync", type_ = "date", json_path = ".status.lastSyncTime"),
+    printcolumn(
+        name = "APIServer",
+        type_ = "string",
+        json_path = ".spec.apiServer",
+        priority = 1
+    )
+)]
+#[x_kube(validation = Rule::new("self.clusterName == oldSelf.clusterName").message("clusterName is immutable"))]
+#[serde(rename_all = "camelCase")]
+pub struct PeerClusterSpec {
+    /// The remote cluster's name, unique in the mesh.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub cluster_name: String,
+    /// The remote API server's URL (`https://…`).
+    #[schemars(regex(pattern = "^https://"))]
+    pub api_server: String,
+    /// PEM CA bundle that signs the remote API server's certificate, base64-encoded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_data: Option<String>,
+    /// The Secret (in `wiremesh-system`) whose `token` is a read-only credential for the
+    /// remote cluster's MeshNodes.
+    pub credentials_secret: String,
+    /// The pod CIDRs the remote cluster was allowed at join time. A remote node that claims
+    /// anything outside them is not mirrored.
+    #[serde(rename = "allowedPodCIDRs")]
+    #[schemars(length(min = 1, max = 64))]
+    #[x_kube(validation = Rule::new("self.all(c, isCIDR(c) && cidr(c) == cidr(c).masked())").message("each entry must be a CIDR with no host bits set"))]
+    pub allowed_pod_cidrs: Vec<String>,
+}
+
+/// How the link with a peer cluster is doing.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerClusterStatus {
+    /// `Ready` (mirrored from a live watch), `Stale` (the remote API server is unreachable;
+    /// the last known peers are kept), `Conflict` (a remote node was refused).
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Remote nodes mirrored as MeshPeers.
+    #[serde(default)]
+    pub node_count: i32,
+    /// When the remote nodes were last read successfully.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync_time: Option<Time>,
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// A remote node as seen here: what the local agents build tunnels to. Written only by the
+/// controller, from a PeerCluster's remote MeshNodes after validation.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "wiremesh.io",
+    version = "v1alpha1",
+    kind = "MeshPeer",
+    shortname = "mp",
+    category = "wiremesh",
+    derive = "PartialEq",
+    printcolumn(name = "Cluster", type_ = "string", json_path = ".spec.cluster"),
+    printcolumn(name = "Node", type_ = "string", json_path = ".spec.node"),
+    printcolumn(name = "Endpoint", type_ = "string", json_path = ".spec.endpoints[0]"),
+    printcolumn(name = "PodCIDRs", type_ = "string", json_path = ".spec.podCIDRs"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshPeerSpec {
+    /// The peer cluster the node belongs to.
+    pub cluster: String,
+    /// The node's name in its cluster.
+    pub node: String,
+    /// The node's WireGuard public key (base64).
+    #[schemars(regex(pattern = KEY_PATTERN))]
+    pub public_key: String,
+    /// Its endpoints, most preferred first.
+    #[serde(default)]
+    #[schemars(length(max = 8), inner(regex(pattern = ENDPOINT_PATTERN)))]
+    pub endpoints: Vec<String>,
+    /// The pod CIDRs routed to it.
+    #[serde(rename = "podCIDRs", default)]
+    #[schemars(length(max = 4))]
+    #[x_kube(validation = Rule::new("self.all(c, isCIDR(c) && cidr(c) == cidr(c).masked())").message("each entry must be a CIDR with no host bits set"))]
+    pub pod_cidrs: Vec<String>,
+    /// Where it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// A Kubernetes node or a host.
+    #[serde(default)]
+    pub kind: MeshNodeKind,
+}
+
+/// The name of the MeshPeer for `node` of peer cluster `cluster`.
+pub fn mesh_peer_name(cluster: &str, node: &str) -> String {
+    format!("{cluster}.{node}")
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::CustomResourceExt as _;
+
+    use super::*;
+
+    #[test]
+    fn crds_carry_validation_rules() {
+        let json = serde_json::to_string(&MeshNode::crd()).unwrap();
+        assert!(json.contains("x-kubernetes-validations"), "{json}");
+        assert!(
+            json.contains(KEY_PATTERN.replace('\\', "\\\\").as_str())
+                || json.contains("[A-Za-z0-9+/]{42}")
+        );
+        let json = serde_json::to_string(&PeerCluster::crd()).unwrap();
+        assert!(json.contains("clusterName is immutable"));
+        assert!(ENDPOINT_PATTERN.starts_with('^'));
+    }
+}
