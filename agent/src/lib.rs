@@ -8,6 +8,8 @@
 pub mod core;
 pub mod dataplane;
 pub mod keys;
+pub mod kube;
+pub mod mesh;
 pub mod metrics;
 pub mod netlink;
 pub mod standalone;

@@ -47,6 +47,49 @@ enum Command {
         #[arg(long, env = "WIREMESH_METRICS_ADDR")]
         metrics_addr: Option<SocketAddr>,
     },
+    /// Run as a Kubernetes node agent: publish this node's MeshNode, build a tunnel to
+    /// every MeshPeer, keep forwarding when the API server is unreachable.
+    Kube(Box<KubeArgs>),
+}
+
+#[derive(clap::Args)]
+struct KubeArgs {
+    /// Kubeconfig file (default: in-cluster configuration, or $KUBECONFIG).
+    #[arg(long, env = "WIREMESH_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context.
+    #[arg(long, env = "WIREMESH_CONTEXT")]
+    context: Option<String>,
+    /// This node's name (the downward API's spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// The TUN device name.
+    #[arg(long, env = "WIREMESH_INTERFACE", default_value = "wm0")]
+    interface: String,
+    /// The UDP port for WireGuard.
+    #[arg(long, env = "WIREMESH_LISTEN_PORT", default_value_t = 51820)]
+    listen_port: u16,
+    /// MTU of the TUN device.
+    #[arg(long, env = "WIREMESH_MTU", default_value_t = wiremesh_agent::standalone::DEFAULT_MTU)]
+    mtu: u32,
+    /// An address for the TUN device, e.g. the node's pod gateway (repeatable).
+    #[arg(long = "address", env = "WIREMESH_ADDRESSES", value_delimiter = ',')]
+    addresses: Vec<wiremesh_proto::InterfaceAddress>,
+    /// Endpoints to publish instead of the Node's addresses, most preferred first.
+    #[arg(long = "endpoint", env = "WIREMESH_ENDPOINTS", value_delimiter = ',')]
+    endpoints: Vec<SocketAddr>,
+    /// Persistent keepalive towards every peer, in seconds (0: off).
+    #[arg(long, env = "WIREMESH_PERSISTENT_KEEPALIVE", default_value_t = 25)]
+    persistent_keepalive: u16,
+    /// Directory for the private key (generated on first start, mode 0600) and state.
+    #[arg(long, env = "WIREMESH_STATE_DIR", default_value = "/var/lib/wiremesh")]
+    state_dir: PathBuf,
+    /// Directory of the UAPI socket that `wg` uses.
+    #[arg(long, env = "WIREMESH_UAPI_DIR", default_value = "/var/run/wireguard")]
+    uapi_dir: PathBuf,
+    /// Serve Prometheus metrics and health checks on this address.
+    #[arg(long, env = "WIREMESH_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -78,6 +121,25 @@ fn main() -> ExitCode {
                     key_file,
                     uapi_dir,
                     metrics_addr,
+                })
+                .await
+            }
+            Command::Kube(args) => {
+                wiremesh_agent::kube::check_node_name(&args.node_name)?;
+                wiremesh_agent::kube::run(wiremesh_agent::kube::KubeOptions {
+                    kubeconfig: args.kubeconfig,
+                    context: args.context,
+                    node_name: args.node_name,
+                    interface: args.interface,
+                    listen_port: args.listen_port,
+                    mtu: args.mtu,
+                    addresses: args.addresses,
+                    key_file: args.state_dir.join("private.key"),
+                    endpoints: args.endpoints,
+                    persistent_keepalive: args.persistent_keepalive,
+                    uapi_dir: args.uapi_dir,
+                    metrics_addr: args.metrics_addr,
+                    state_dir: args.state_dir,
                 })
                 .await
             }

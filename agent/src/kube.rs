@@ -1,0 +1,498 @@
+//! Kubernetes mode (`wiremesh-agent kube`): publish this node's `MeshNode`, watch the
+//! `MeshPeer`s the controller mirrors from linked clusters, and apply each change to the
+//! data plane incrementally.
+//!
+//! The data plane never waits for the API server: when it is unreachable the tunnels keep
+//! what they have, and the watch catches up when it comes back.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
+use kube::api::{Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::{WatchStreamExt as _, reflector};
+use kube::{Api, Client, Resource as _, ResourceExt as _};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+use wiremesh_proto::crd::{MeshNode, MeshNodeKind, MeshNodeSpec, MeshPeer, TunnelStatus};
+use wiremesh_proto::uapi::DeviceUpdate;
+use wiremesh_proto::{InterfaceAddress, IpCidr, PublicKey};
+
+use crate::dataplane::{self, Handle, InterfaceSpec};
+use crate::mesh::{self, PeerSet};
+
+/// Field manager of everything the agent writes.
+const MANAGER: &str = "wiremesh-agent";
+/// How often the MeshNode is applied again even without a change (level-triggered), and
+/// the tunnel status refreshed.
+const REPUBLISH: Duration = Duration::from_secs(30);
+/// How often tunnel statistics are written to the MeshNode status.
+const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// Retry pause while the API server cannot be reached at start-up.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// What `wiremesh-agent kube` was asked to do.
+#[derive(Debug, Clone)]
+pub struct KubeOptions {
+    /// Kubeconfig file; in-cluster configuration when absent.
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context.
+    pub context: Option<String>,
+    /// This node's name (from the downward API).
+    pub node_name: String,
+    /// The TUN device name.
+    pub interface: String,
+    /// The UDP port.
+    pub listen_port: u16,
+    /// The TUN device's MTU.
+    pub mtu: u32,
+    /// Addresses to put on the TUN device (so the node's own traffic has a source).
+    pub addresses: Vec<InterfaceAddress>,
+    /// The private key file (generated on first start, mode 0600).
+    pub key_file: PathBuf,
+    /// Endpoints to publish instead of the Node's addresses.
+    pub endpoints: Vec<SocketAddr>,
+    /// Persistent keepalive towards every peer, seconds (0: off).
+    pub persistent_keepalive: u16,
+    /// UAPI socket directory.
+    pub uapi_dir: PathBuf,
+    /// Where to serve metrics and health.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Where the last known peers are kept, to come up with them when the API server is
+    /// unreachable at start.
+    pub state_dir: PathBuf,
+}
+
+/// Runs the agent in Kubernetes mode until SIGINT/SIGTERM.
+///
+/// # Errors
+/// When the key, the client or the data plane cannot be set up.
+pub async fn run(options: KubeOptions) -> Result<()> {
+    crate::preflight()?;
+    let key = crate::keys::load_or_generate(&options.key_file)?;
+    let client = client(&options).await?;
+    let node = wait_for_node(&client, &options.node_name).await?;
+    let own_cidrs = node_pod_cidrs(&node);
+    let endpoints = if options.endpoints.is_empty() {
+        node_endpoints(&node, options.listen_port)
+    } else {
+        options.endpoints.clone()
+    };
+    if endpoints.is_empty() {
+        warn!(node = %options.node_name, "the Node has no address; publishing no endpoint (peers must reach us first)");
+    }
+    let public = {
+        let secret = boringtun::x25519::StaticSecret::from(*key.as_bytes());
+        PublicKey::from(*boringtun::x25519::PublicKey::from(&secret).as_bytes())
+    };
+    info!(node = %options.node_name, public_key = %public, pod_cidrs = ?own_cidrs, ?endpoints, "starting in Kubernetes mode");
+
+    let cached = load_cache(&options.state_dir);
+    let initial = DeviceUpdate {
+        private_key: Some(Some(key)),
+        listen_port: Some(options.listen_port),
+        replace_peers: true,
+        ..DeviceUpdate::default()
+    };
+    let spec = InterfaceSpec {
+        name: options.interface.clone(),
+        mtu: options.mtu,
+        addresses: options.addresses.clone(),
+        uapi_dir: options.uapi_dir.clone(),
+    };
+    let mesh_node = MeshNodeSpec {
+        public_key: public.to_string(),
+        endpoints: endpoints.iter().map(ToString::to_string).collect(),
+        pod_cidrs: own_cidrs.iter().map(ToString::to_string).collect(),
+        location: node.labels().get("topology.kubernetes.io/zone").cloned(),
+        kind: MeshNodeKind::Node,
+    };
+    let context = Context {
+        client,
+        node,
+        mesh_node,
+        own_cidrs,
+        keepalive: options.persistent_keepalive,
+        state_dir: options.state_dir.clone(),
+    };
+    let metrics_addr = options.metrics_addr;
+    let ready = move |handle: Handle| {
+        if let Some(addr) = metrics_addr {
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::metrics::serve(addr, handle).await {
+                    tracing::error!(%addr, error = %e, "metrics endpoint failed");
+                }
+            });
+        }
+        tokio::spawn(context.run(handle, cached));
+    };
+    dataplane::run(spec, initial, ready, crate::shutdown_signal()).await
+}
+
+async fn client(options: &KubeOptions) -> Result<Client> {
+    let config = match &options.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &KubeConfigOptions {
+                    context: options.context.clone(),
+                    ..KubeConfigOptions::default()
+                },
+            )
+            .await
+            .context("loading the kubeconfig")?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig given and no in-cluster configuration")?,
+    };
+    Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// The Node object; waits while the API server is unreachable or the Node not there yet.
+async fn wait_for_node(client: &Client, name: &str) -> Result<Node> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut logged = false;
+    loop {
+        match nodes.get_opt(name).await {
+            Ok(Some(node)) => return Ok(node),
+            Ok(None) if !logged => {
+                warn!(node = name, "waiting for the Node object to exist");
+                logged = true;
+            }
+            Err(e) if !logged => {
+                warn!(node = name, error = %e, "waiting for the API server");
+                logged = true;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+fn node_pod_cidrs(node: &Node) -> Vec<IpCidr> {
+    let spec = node.spec.clone().unwrap_or_default();
+    let mut texts = spec.pod_cidrs.unwrap_or_default();
+    if texts.is_empty()
+        && let Some(c) = spec.pod_cidr
+    {
+        texts.push(c);
+    }
+    texts.iter().filter_map(|c| c.parse().ok()).collect()
+}
+
+/// ExternalIPs first, then InternalIPs: the most widely reachable address is preferred.
+fn node_endpoints(node: &Node, port: u16) -> Vec<SocketAddr> {
+    let addresses = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.clone())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for kind in ["ExternalIP", "InternalIP"] {
+        for a in addresses.iter().filter(|a| a.type_ == kind) {
+            if let Ok(ip) = a.address.parse::<IpAddr>() {
+                let endpoint = SocketAddr::new(ip, port);
+                if !out.contains(&endpoint) {
+                    out.push(endpoint);
+                }
+            }
+        }
+    }
+    out
+}
+
+struct Context {
+    client: Client,
+    node: Node,
+    mesh_node: MeshNodeSpec,
+    own_cidrs: Vec<IpCidr>,
+    keepalive: u16,
+    state_dir: PathBuf,
+}
+
+impl Context {
+    async fn run(self, handle: Handle, cached: Option<PeerSet>) {
+        let (names_tx, names_rx) = watch::channel(BTreeMap::new());
+        let mut applied = PeerSet::new();
+        if let Some(peers) = cached {
+            info!(
+                peers = peers.len(),
+                "restoring the last known peers until the API server answers"
+            );
+            apply(&handle, &mut applied, peers, &names_tx).await;
+        }
+        let node_gone = tokio::spawn(publish(
+            self.client.clone(),
+            self.node.clone(),
+            self.mesh_node.clone(),
+        ));
+        tokio::spawn(report_status(
+            self.client.clone(),
+            self.node.name_any(),
+            handle.clone(),
+            names_rx,
+        ));
+        let peers = self.watch_peers(handle, applied, names_tx);
+        tokio::pin!(peers);
+        tokio::select! {
+            () = &mut peers => {}
+            _ = node_gone => {
+                info!("this node's Node object is gone; its MeshNode was removed");
+            }
+        }
+    }
+
+    /// Mirrors MeshPeers into the device until the task ends.
+    async fn watch_peers(
+        &self,
+        handle: Handle,
+        mut applied: PeerSet,
+        names: watch::Sender<BTreeMap<PublicKey, String>>,
+    ) {
+        let api: Api<MeshPeer> = Api::all(self.client.clone());
+        let (reader, writer) = reflector::store();
+        let stream =
+            reflector(writer, watcher::watcher(api, watcher::Config::default())).default_backoff();
+        tokio::pin!(stream);
+        let mut failing = false;
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(Event::Apply(_) | Event::Delete(_) | Event::InitDone) => {
+                    if failing {
+                        info!("MeshPeer watch restored");
+                        failing = false;
+                    }
+                    let desired = self.desired(reader.state().iter().map(AsRef::as_ref));
+                    apply(&handle, &mut applied, desired, &names).await;
+                    save_cache(&self.state_dir, &applied);
+                }
+                Ok(Event::Init | Event::InitApply(_)) => {}
+                Err(e) => {
+                    if !failing {
+                        warn!(error = %e, "MeshPeer watch failed; keeping the current tunnels");
+                        failing = true;
+                    }
+                }
+            }
+        }
+    }
+
+    fn desired<'a>(&self, peers: impl Iterator<Item = &'a MeshPeer>) -> PeerSet {
+        let mut set = PeerSet::new();
+        for peer in peers {
+            let name = peer.name_any();
+            match mesh::desired_peer(
+                &name,
+                &peer.spec.public_key,
+                &peer.spec.endpoints,
+                &peer.spec.pod_cidrs,
+                self.keepalive,
+                &self.own_cidrs,
+            ) {
+                Ok((key, desired)) => {
+                    if let Some(previous) = set.insert(key, desired) {
+                        warn!(peer = %name, other = %previous.name, "two MeshPeers with one key; keeping the later");
+                    }
+                }
+                Err(e) => warn!(error = %e, "MeshPeer refused"),
+            }
+        }
+        set
+    }
+}
+
+async fn apply(
+    handle: &Handle,
+    applied: &mut PeerSet,
+    desired: PeerSet,
+    names: &watch::Sender<BTreeMap<PublicKey, String>>,
+) {
+    let Some(update) = mesh::diff(applied, &desired) else {
+        return;
+    };
+    match handle.apply(update).await {
+        Ok(()) => {
+            debug!(peers = desired.len(), "peers applied");
+            names.send_replace(desired.iter().map(|(k, p)| (*k, p.name.clone())).collect());
+            *applied = desired;
+        }
+        Err(e) => warn!(error = %e, "the data plane refused the peers"),
+    }
+}
+
+/// Applies this node's MeshNode (owned by its Node) now and every [`REPUBLISH`]; returns
+/// when the Node is gone, after deleting the MeshNode.
+async fn publish(client: Client, node: Node, spec: MeshNodeSpec) {
+    let name = node.name_any();
+    let api: Api<MeshNode> = Api::all(client.clone());
+    let nodes: Api<Node> = Api::all(client);
+    let mut object = MeshNode::new(&name, spec);
+    object.metadata.owner_references = Some(vec![OwnerReference {
+        api_version: "v1".to_owned(),
+        kind: "Node".to_owned(),
+        name: name.clone(),
+        uid: node.uid().unwrap_or_default(),
+        ..OwnerReference::default()
+    }]);
+    let params = PatchParams::apply(MANAGER).force();
+    let mut published = false;
+    loop {
+        match nodes.get_opt(&name).await {
+            Ok(None) => {
+                if let Err(e) = api.delete(&name, &Default::default()).await {
+                    debug!(error = %e, "deleting the MeshNode");
+                }
+                return;
+            }
+            Ok(Some(_)) | Err(_) => {}
+        }
+        match api.patch(&name, &params, &Patch::Apply(&object)).await {
+            Ok(_) if !published => {
+                info!(node = %name, "MeshNode published");
+                published = true;
+            }
+            Ok(_) => {}
+            Err(e) => warn!(node = %name, error = %e, "publishing the MeshNode"),
+        }
+        tokio::time::sleep(if published { REPUBLISH } else { RETRY }).await;
+    }
+}
+
+/// Writes the tunnels' state into the MeshNode status every [`STATUS_INTERVAL`].
+async fn report_status(
+    client: Client,
+    name: String,
+    handle: Handle,
+    names: watch::Receiver<BTreeMap<PublicKey, String>>,
+) {
+    let api: Api<MeshNode> = Api::all(client);
+    let params = PatchParams::apply(MANAGER).force();
+    let mut ready_since: Option<Time> = None;
+    loop {
+        if let Ok(snapshot) = handle.snapshot().await {
+            let now = k8s_openapi::jiff::Timestamp::now();
+            let names = names.borrow().clone();
+            let peers: Vec<TunnelStatus> = snapshot
+                .peers
+                .iter()
+                .map(|p| TunnelStatus {
+                    name: names
+                        .get(&p.public_key)
+                        .cloned()
+                        .unwrap_or_else(|| p.public_key.to_string()),
+                    endpoint: p.endpoint.map(|e| e.to_string()),
+                    latest_handshake_time: p.since_handshake.and_then(|d| {
+                        let d = k8s_openapi::jiff::SignedDuration::try_from(d).ok()?;
+                        now.checked_sub(d).ok().map(Time)
+                    }),
+                    rx_bytes: i64::try_from(p.rx_bytes).unwrap_or(i64::MAX),
+                    tx_bytes: i64::try_from(p.tx_bytes).unwrap_or(i64::MAX),
+                })
+                .collect();
+            let since = ready_since.get_or_insert_with(|| Time(now)).clone();
+            let status = serde_json::json!({
+                "apiVersion": MeshNode::api_version(&()),
+                "kind": MeshNode::kind(&()),
+                "status": {
+                    "conditions": [Condition {
+                        type_: "Ready".to_owned(),
+                        status: "True".to_owned(),
+                        reason: "DataPlaneConfigured".to_owned(),
+                        message: format!("{} tunnels configured", peers.len()),
+                        last_transition_time: since,
+                        observed_generation: None,
+                    }],
+                    "peers": peers,
+                    "lastUpdateTime": Time(now),
+                }
+            });
+            if let Err(e) = api
+                .patch_status(&name, &params, &Patch::Apply(&status))
+                .await
+            {
+                debug!(error = %e, "writing the MeshNode status");
+            }
+        }
+        tokio::time::sleep(STATUS_INTERVAL).await;
+    }
+}
+
+const CACHE_FILE: &str = "peers.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CachedPeer {
+    public_key: String,
+    name: String,
+    endpoint: Option<SocketAddr>,
+    allowed_ips: Vec<String>,
+    persistent_keepalive: u16,
+}
+
+fn save_cache(dir: &std::path::Path, peers: &PeerSet) {
+    let list: Vec<CachedPeer> = peers
+        .iter()
+        .map(|(k, p)| CachedPeer {
+            public_key: k.to_string(),
+            name: p.name.clone(),
+            endpoint: p.endpoint,
+            allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
+            persistent_keepalive: p.persistent_keepalive,
+        })
+        .collect();
+    let write = || -> Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!("{CACHE_FILE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec(&list)?)?;
+        std::fs::rename(tmp, dir.join(CACHE_FILE))?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        debug!(error = %e, "saving the peer cache");
+    }
+}
+
+fn load_cache(dir: &std::path::Path) -> Option<PeerSet> {
+    let text = std::fs::read(dir.join(CACHE_FILE)).ok()?;
+    let list: Vec<CachedPeer> = serde_json::from_slice(&text).ok()?;
+    let mut set = PeerSet::new();
+    for p in list {
+        let key: PublicKey = p.public_key.parse().ok()?;
+        let allowed_ips = p
+            .allowed_ips
+            .iter()
+            .map(|c| c.parse().ok())
+            .collect::<Option<Vec<IpCidr>>>()?;
+        set.insert(
+            key,
+            mesh::DesiredPeer {
+                name: p.name,
+                endpoint: p.endpoint,
+                allowed_ips,
+                persistent_keepalive: p.persistent_keepalive,
+            },
+        );
+    }
+    Some(set)
+}
+
+/// Checks `NODE_NAME` was given.
+///
+/// # Errors
+/// When it is empty.
+pub fn check_node_name(name: &str) -> Result<()> {
+    if name.is_empty() {
+        bail!("NODE_NAME is empty: set it from the downward API (spec.nodeName)");
+    }
+    Ok(())
+}

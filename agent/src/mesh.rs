@@ -1,0 +1,235 @@
+//! Turning the mesh's view of remote nodes into incremental device updates.
+//!
+//! Pure: Kubernetes mode (and later the bare-metal host mode) feed it the peers they
+//! learnt; it answers with the smallest [`DeviceUpdate`] that moves the device there, so a
+//! change to one peer never touches the sessions of the others.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use wiremesh_proto::uapi::{DeviceUpdate, PeerUpdate};
+use wiremesh_proto::{IpCidr, PublicKey};
+
+/// What the device should have for one remote node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredPeer {
+    /// A name for logs and status (the MeshPeer's name).
+    pub name: String,
+    /// The endpoint to start from; the device follows the peer if it roams.
+    pub endpoint: Option<SocketAddr>,
+    /// The prefixes routed to it and accepted from it.
+    pub allowed_ips: Vec<IpCidr>,
+    /// Persistent keepalive in seconds, 0 for off.
+    pub persistent_keepalive: u16,
+}
+
+/// The peers keyed by public key.
+pub type PeerSet = BTreeMap<PublicKey, DesiredPeer>;
+
+/// Why a remote node was left out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    /// The key does not parse.
+    #[error("{name}: public key {key:?} is not a WireGuard key")]
+    Key {
+        /// The MeshPeer.
+        name: String,
+        /// The offending value.
+        key: String,
+    },
+    /// A CIDR does not parse.
+    #[error("{name}: pod CIDR {cidr:?} does not parse")]
+    Cidr {
+        /// The MeshPeer.
+        name: String,
+        /// The offending value.
+        cidr: String,
+    },
+    /// A CIDR overlaps this node's own pod CIDRs: routing it away would cut our pods off.
+    #[error("{name}: pod CIDR {cidr} overlaps this node's own {own}")]
+    Own {
+        /// The MeshPeer.
+        name: String,
+        /// The offending prefix.
+        cidr: IpCidr,
+        /// Ours.
+        own: IpCidr,
+    },
+}
+
+/// Parses one remote node; refuses it whole if any part is bad or overlaps `own`.
+///
+/// # Errors
+/// A [`PeerError`] naming the node and the field.
+pub fn desired_peer(
+    name: &str,
+    public_key: &str,
+    endpoints: &[String],
+    pod_cidrs: &[String],
+    persistent_keepalive: u16,
+    own: &[IpCidr],
+) -> Result<(PublicKey, DesiredPeer), PeerError> {
+    let key: PublicKey = public_key.parse().map_err(|_| PeerError::Key {
+        name: name.to_owned(),
+        key: public_key.to_owned(),
+    })?;
+    let mut allowed_ips = Vec::with_capacity(pod_cidrs.len());
+    for text in pod_cidrs {
+        let cidr: IpCidr = text.parse().map_err(|_| PeerError::Cidr {
+            name: name.to_owned(),
+            cidr: text.clone(),
+        })?;
+        if let Some(mine) = own.iter().find(|o| o.overlaps(&cidr)) {
+            return Err(PeerError::Own {
+                name: name.to_owned(),
+                cidr,
+                own: *mine,
+            });
+        }
+        allowed_ips.push(cidr);
+    }
+    allowed_ips.sort();
+    allowed_ips.dedup();
+    // The first endpoint that parses: endpoints are published most preferred first.
+    let endpoint = endpoints.iter().find_map(|e| e.parse::<SocketAddr>().ok());
+    Ok((
+        key,
+        DesiredPeer {
+            name: name.to_owned(),
+            endpoint,
+            allowed_ips,
+            persistent_keepalive,
+        },
+    ))
+}
+
+/// The update that turns `applied` into `desired`: removes, additions, and changes of
+/// only the fields that changed. `None` when there is nothing to do.
+///
+/// An unchanged endpoint is not sent again, so a peer that roamed stays where it roamed.
+pub fn diff(applied: &PeerSet, desired: &PeerSet) -> Option<DeviceUpdate> {
+    let mut peers = Vec::new();
+    for key in applied.keys() {
+        if !desired.contains_key(key) {
+            let mut update = PeerUpdate::new(*key);
+            update.remove = true;
+            peers.push(update);
+        }
+    }
+    for (key, want) in desired {
+        let have = applied.get(key);
+        if have == Some(want) {
+            continue;
+        }
+        let mut update = PeerUpdate::new(*key);
+        if have.map(|h| h.endpoint) != Some(want.endpoint) {
+            update.endpoint = want.endpoint;
+        }
+        if have.map(|h| &h.allowed_ips) != Some(&want.allowed_ips) {
+            update.replace_allowed_ips = true;
+            update.allowed_ips = want.allowed_ips.clone();
+        }
+        if have.map(|h| h.persistent_keepalive) != Some(want.persistent_keepalive) {
+            update.persistent_keepalive = Some(want.persistent_keepalive);
+        }
+        peers.push(update);
+    }
+    (!peers.is_empty()).then(|| DeviceUpdate {
+        peers,
+        ..DeviceUpdate::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8) -> PublicKey {
+        PublicKey::from([b; 32])
+    }
+
+    fn peer(name: &str, endpoint: &str, cidrs: &[&str]) -> DesiredPeer {
+        DesiredPeer {
+            name: name.to_owned(),
+            endpoint: Some(endpoint.parse().unwrap()),
+            allowed_ips: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+            persistent_keepalive: 25,
+        }
+    }
+
+    #[test]
+    fn nothing_to_do_when_equal() {
+        let mut set = PeerSet::new();
+        set.insert(key(1), peer("b.n1", "198.18.0.2:51820", &["10.2.0.0/24"]));
+        assert_eq!(diff(&set, &set), None);
+    }
+
+    #[test]
+    fn added_removed_and_changed_peers_touch_only_themselves() {
+        let mut applied = PeerSet::new();
+        applied.insert(key(1), peer("b.n1", "198.18.0.2:51820", &["10.2.0.0/24"]));
+        applied.insert(key(2), peer("b.n2", "198.18.0.3:51820", &["10.2.1.0/24"]));
+        applied.insert(key(3), peer("b.n3", "198.18.0.4:51820", &["10.2.2.0/24"]));
+        let mut desired = applied.clone();
+        desired.remove(&key(2));
+        desired.insert(key(4), peer("b.n4", "198.18.0.5:51820", &["10.2.3.0/24"]));
+        desired.get_mut(&key(3)).unwrap().allowed_ips = vec!["10.2.9.0/24".parse().unwrap()];
+        let update = diff(&applied, &desired).unwrap();
+        assert!(!update.replace_peers);
+        let by_key: BTreeMap<_, _> = update.peers.iter().map(|p| (p.public_key, p)).collect();
+        assert_eq!(by_key.len(), 3, "peer 1 is not touched");
+        assert!(by_key[&key(2)].remove);
+        assert_eq!(
+            by_key[&key(4)].endpoint,
+            Some("198.18.0.5:51820".parse().unwrap())
+        );
+        let changed = by_key[&key(3)];
+        assert!(changed.replace_allowed_ips && changed.endpoint.is_none());
+        assert_eq!(changed.persistent_keepalive, None);
+    }
+
+    #[test]
+    fn a_peer_claiming_our_own_pod_cidr_is_refused() {
+        let own: Vec<IpCidr> = vec!["10.1.0.0/24".parse().unwrap()];
+        let err = desired_peer(
+            "b.evil",
+            &key(1).to_base64(),
+            &[],
+            &["10.1.0.0/16".to_owned()],
+            25,
+            &own,
+        )
+        .unwrap_err();
+        assert!(matches!(err, PeerError::Own { .. }), "{err}");
+        assert!(desired_peer("x", "nope", &[], &[], 0, &own).is_err());
+        assert!(
+            desired_peer(
+                "x",
+                &key(1).to_base64(),
+                &[],
+                &["10.9.0.1/24".to_owned()],
+                0,
+                &own
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn the_first_endpoint_that_parses_wins() {
+        let (_, p) = desired_peer(
+            "b.n1",
+            &key(1).to_base64(),
+            &[
+                "bogus".to_owned(),
+                "198.18.0.2:51820".to_owned(),
+                "[fd00::2]:51820".to_owned(),
+            ],
+            &[],
+            0,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(p.endpoint, Some("198.18.0.2:51820".parse().unwrap()));
+    }
+}
