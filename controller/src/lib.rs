@@ -2,3 +2,11 @@
 //! local `MeshPeer`s, and the library behind `meshctl`.
 
 pub mod crdgen;
+pub mod install;
+pub mod leader;
+pub mod meshctl;
+pub mod metrics;
+pub mod plan;
+pub mod reconcile;
+pub mod remote;
+pub mod status;

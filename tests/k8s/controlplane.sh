@@ -7,11 +7,16 @@
 #                                    stop it (own PIDs only), delete etcd data,
 #                                    PKI and kubeconfig; logs stay unless --purge
 #   controlplane.sh status DIR       exit 0 if both processes run and /readyz is ok
+#   controlplane.sh pause DIR        stop only kube-apiserver (an outage); etcd,
+#                                    PKI, data and ports stay
+#   controlplane.sh resume DIR       start kube-apiserver again with the identical
+#                                    command line; wait for /readyz
 #
 # After `start`, DIR holds:
 #   kubeconfig     admin kubeconfig (client cert, group system:masters), 0600
 #   plane.env      shell-sourceable: ports, URLs, PIDs, paths
 #   etcd.pid apiserver.pid   PIDs ("PID STARTTIME", checked before any kill)
+#   apiserver.args kube-apiserver's command line (NUL-separated), for resume
 #   pki/           per-plane CA, serving cert, admin cert, service-account key
 #   etcd/          etcd data dir
 #   etcd.log apiserver.log
@@ -41,7 +46,7 @@ HOST=127.0.0.1
 log() { printf '[controlplane] %s\n' "$*" >&2; }
 die() { printf '[controlplane] ERROR: %s\n' "$*" >&2; exit 1; }
 usage() {
-  sed -n '5,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '5,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -212,7 +217,7 @@ cleanup_failed_start() {
   log "start failed; cleaning up $START_DIR"
   stop_pidfile "$START_DIR/apiserver.pid" kube-apiserver
   stop_pidfile "$START_DIR/etcd.pid" etcd
-  rm -rf "$START_DIR/etcd" "$START_DIR/pki" "$START_DIR/kubeconfig" "$START_DIR/plane.env"
+  rm -rf "$START_DIR/etcd" "$START_DIR/pki" "$START_DIR/kubeconfig" "$START_DIR/plane.env" "$START_DIR/apiserver.args"
 }
 
 show_log_tail() { # FILE
@@ -284,19 +289,22 @@ start_attempt() {
   fi
 
   log "starting kube-apiserver on https://$HOST:$API_PORT (authorization $AUTHZ_MODE)"
-  APISERVER_PID="$(spawn "$dir/apiserver.pid" "$dir/apiserver.log" "$BIN_DIR/kube-apiserver" \
-    --etcd-servers="http://$HOST:$ETCD_PORT" \
-    --secure-port="$API_PORT" --bind-address="$HOST" \
-    --cert-dir="$P" --tls-cert-file="$P/apiserver.crt" --tls-private-key-file="$P/apiserver.key" \
-    --client-ca-file="$P/ca.crt" \
-    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
-    --service-account-key-file="$P/sa.pub" --service-account-signing-key-file="$P/sa.key" \
-    --service-cluster-ip-range=10.0.0.0/24 \
-    --authorization-mode="$AUTHZ_MODE" \
-    --disable-admission-plugins=ServiceAccount \
-    --allow-privileged=true \
-    --profiling=false \
-    "${extra[@]}")"
+  local args=("$BIN_DIR/kube-apiserver"
+    --etcd-servers="http://$HOST:$ETCD_PORT"
+    --secure-port="$API_PORT" --bind-address="$HOST"
+    --cert-dir="$P" --tls-cert-file="$P/apiserver.crt" --tls-private-key-file="$P/apiserver.key"
+    --client-ca-file="$P/ca.crt"
+    --service-account-issuer=https://kubernetes.default.svc.cluster.local
+    --service-account-key-file="$P/sa.pub" --service-account-signing-key-file="$P/sa.key"
+    --service-cluster-ip-range=10.0.0.0/24
+    --authorization-mode="$AUTHZ_MODE"
+    --disable-admission-plugins=ServiceAccount
+    --allow-privileged=true
+    --profiling=false
+    "${extra[@]}")
+  # `resume` starts the very same command again (same ports, certificates, flags).
+  (umask 077 && printf '%s\0' "${args[@]}" >"$dir/apiserver.args")
+  APISERVER_PID="$(spawn "$dir/apiserver.pid" "$dir/apiserver.log" "${args[@]}")"
   rc=0
   wait_until "$START_TIMEOUT" "$dir/apiserver.pid" kube-apiserver api_ready || rc=$?
   if [ "$rc" != 0 ]; then
@@ -377,7 +385,7 @@ cmd_stop() {
   [ -e "$dir/.wiremesh-controlplane" ] || die "$dir was not made by '$0 start'; not touching it"
   stop_pidfile "$dir/apiserver.pid" kube-apiserver
   stop_pidfile "$dir/etcd.pid" etcd
-  rm -rf "$dir/etcd" "$dir/pki" "$dir/kubeconfig" "$dir/plane.env"
+  rm -rf "$dir/etcd" "$dir/pki" "$dir/kubeconfig" "$dir/plane.env" "$dir/apiserver.args"
   if [ "$purge" = --purge ]; then
     rm -rf "$dir"
     log "stopped; removed $dir"
@@ -397,8 +405,59 @@ cmd_status() {
   log "running: $WIREMESH_K8S_SERVER"
 }
 
+# ---------------------------------------------------------------- outage --
+# An API server outage for fail-static tests: `pause` stops only kube-apiserver
+# (etcd, PKI, data and ports stay); `resume` starts the identical command again.
+plane_dir() { # DIR -> absolute DIR of a running plane (etcd alive), or die
+  local dir="$1"
+  [ -d "$dir" ] || die "$dir does not exist"
+  dir="$(cd "$dir" && pwd)"
+  [ -e "$dir/.wiremesh-controlplane" ] || die "$dir was not made by '$0 start'; not touching it"
+  [ -s "$dir/plane.env" ] && [ -s "$dir/apiserver.args" ] || die "$dir holds no started plane (no plane.env/apiserver.args)"
+  pidfile_alive "$dir/etcd.pid" >/dev/null || die "etcd of $dir is not running"
+  printf '%s\n' "$dir"
+}
+
+cmd_pause() {
+  local dir
+  dir="$(plane_dir "$1")"
+  if ! pidfile_alive "$dir/apiserver.pid" >/dev/null; then
+    log "kube-apiserver of $dir is not running; already paused"
+    return 0
+  fi
+  stop_pidfile "$dir/apiserver.pid" kube-apiserver
+  log "paused: kube-apiserver of $dir stopped (etcd keeps running)"
+}
+
+cmd_resume() {
+  local dir args=() rc=0 pid
+  dir="$(plane_dir "$1")"
+  # shellcheck disable=SC1091
+  . "$dir/plane.env"
+  P="$dir/pki" API_PORT="$WIREMESH_K8S_API_PORT"
+  if pidfile_alive "$dir/apiserver.pid" >/dev/null; then
+    log "kube-apiserver of $dir is already running"
+  else
+    mapfile -d '' args <"$dir/apiserver.args"
+    [ "${#args[@]}" -gt 0 ] || die "$dir/apiserver.args is empty"
+    log "resuming kube-apiserver on $WIREMESH_K8S_SERVER"
+    # the log of the previous run stays readable as apiserver.log.1
+    cp -f "$dir/apiserver.log" "$dir/apiserver.log.1" 2>/dev/null || true
+    pid="$(spawn "$dir/apiserver.pid" "$dir/apiserver.log" "${args[@]}")"
+    sed -i "s/^WIREMESH_K8S_APISERVER_PID=.*/WIREMESH_K8S_APISERVER_PID=$pid/" "$dir/plane.env"
+  fi
+  wait_until "$START_TIMEOUT" "$dir/apiserver.pid" kube-apiserver api_ready || rc=$?
+  if [ "$rc" != 0 ]; then
+    show_log_tail "$dir/apiserver.log"
+    die "kube-apiserver did not become ready again (rc $rc: 1=timeout ${START_TIMEOUT}s, 2=exited; a port clash means another process took $API_PORT while paused)"
+  fi
+  log "resumed: $WIREMESH_K8S_SERVER ready"
+}
+
 case "${1:-}" in
   start) [ $# -eq 3 ] || usage; cmd_start "$2" "$3" ;;
+  pause) [ $# -eq 2 ] || usage; cmd_pause "$2" ;;
+  resume) [ $# -eq 2 ] || usage; cmd_resume "$2" ;;
   stop) [ $# -ge 2 ] && [ $# -le 3 ] || usage; cmd_stop "$2" "${3:-}" ;;
   status) [ $# -eq 2 ] || usage; cmd_status "$2" ;;
   *) usage ;;

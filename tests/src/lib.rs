@@ -2,6 +2,8 @@
 //! processes in per-host mount namespaces (each host its own `/var/run/wireguard`), a
 //! checksummed transfer tool, and cleanup in `Drop`. Everything here needs root.
 
+pub mod clusters;
+pub mod k8s;
 pub mod lab;
 pub mod mesh;
 mod process;

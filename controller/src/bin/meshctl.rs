@@ -1,32 +1,39 @@
-//! `meshctl`: links clusters and shows the mesh.
+//! `meshctl`: links clusters and shows the mesh. The work is in
+//! `wiremesh_controller::meshctl`; this parses the command line, sets up logging (stderr,
+//! `RUST_LOG`, default `warn`), runs it, and turns an error into its message and exit code.
 
-use clap::{Parser, Subcommand};
+use std::io::IsTerminal as _;
+use std::process::ExitCode;
 
-/// Link Kubernetes clusters into one Wiremesh network.
-#[derive(Parser)]
-#[command(version, about)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
+use clap::Parser as _;
+use tracing_subscriber::EnvFilter;
+use wiremesh_controller::meshctl::{self, Cli};
 
-#[derive(Subcommand)]
-enum Command {
-    /// Link the current cluster with the cluster of the given kubeconfig context.
-    Join {
-        /// The kubeconfig context of the other cluster.
-        context: String,
-    },
-    /// Show this cluster, its peer clusters and their tunnels.
-    Status,
-}
-
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let what = match cli.command {
-        Command::Join { .. } => "meshctl join",
-        Command::Status => "meshctl status",
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            // kube's client logs each failed request as an ERROR; meshctl reports them itself.
+            EnvFilter::new("warn,kube_client::client::builder=off")
+        }))
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
     };
-    eprintln!("error: {}", wiremesh_controller::Error::NotYet(what));
-    std::process::ExitCode::from(2)
+    match runtime.block_on(meshctl::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(meshctl::exit_code(&e))
+        }
+    }
 }

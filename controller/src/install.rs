@@ -1,0 +1,371 @@
+//! What "Wiremesh is installed in a cluster" means, and making it so: the three CRDs
+//! (Established), the namespace `wiremesh-system`, and the ConfigMap
+//! `wiremesh-system/wiremesh-cluster` that names the cluster and its pod CIDRs.
+//!
+//! `meshctl install` calls [`install`]; `meshctl join` and the controller read the ConfigMap
+//! back with [`cluster_info`].
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Client, ResourceExt as _};
+use wiremesh_proto::IpCidr;
+use wiremesh_proto::crd::{CLUSTER_CONFIGMAP, SYSTEM_NAMESPACE};
+
+use crate::crdgen;
+
+/// The server-side-apply field manager of everything `meshctl` writes.
+pub const FIELD_MANAGER: &str = "meshctl";
+/// Key of the cluster's name (a DNS label) in the cluster ConfigMap.
+pub const CLUSTER_NAME_KEY: &str = "clusterName";
+/// Key of the cluster's pod CIDRs (comma-separated) in the cluster ConfigMap.
+pub const POD_CIDRS_KEY: &str = "podCIDRs";
+/// How long a CRD may take to become Established. The API server does it within a second or
+/// two; a 2-core CI machine busy compiling gets ten times that.
+pub const CRD_ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A cluster as Wiremesh knows it: the contents of its cluster ConfigMap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterInfo {
+    /// The cluster's name, unique in the mesh (a DNS label).
+    pub name: String,
+    /// The cluster's whole pod range.
+    pub pod_cidrs: Vec<IpCidr>,
+}
+
+/// Why [`install`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// The cluster name is not a DNS label.
+    #[error(transparent)]
+    ClusterName(#[from] ClusterNameError),
+    /// No pod CIDR was given.
+    #[error("at least one pod CIDR is needed (the cluster's whole pod range, such as 10.1.0.0/16)")]
+    NoPodCidrs,
+    /// The cluster was installed before under another name; peers know it by that name.
+    #[error(
+        "this cluster is already installed as {existing:?}; renaming it to {requested:?} would break \
+         its links (unjoin every peer, then delete ConfigMap {SYSTEM_NAMESPACE}/{CLUSTER_CONFIGMAP})"
+    )]
+    Renamed {
+        /// The name in the ConfigMap.
+        existing: String,
+        /// The name asked for.
+        requested: String,
+    },
+    /// The API server refused or failed a request.
+    #[error("{action}")]
+    Api {
+        /// What was being done, e.g. "applying CustomResourceDefinition meshnodes.wiremesh.io".
+        action: String,
+        /// The client's error.
+        #[source]
+        source: kube::Error,
+    },
+    /// A CRD did not become Established in time.
+    #[error("CustomResourceDefinition {name} was not Established within {timeout:?}")]
+    NotEstablished {
+        /// The CRD.
+        name: String,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// Watching a CRD for its Established condition failed.
+    #[error("waiting for CustomResourceDefinition {name} to be Established")]
+    Wait {
+        /// The CRD.
+        name: String,
+        /// The watch's error.
+        #[source]
+        source: kube::runtime::wait::Error,
+    },
+}
+
+/// Why [`cluster_info`] failed. All variants but [`ClusterInfoError::Api`] mean "Wiremesh is
+/// not (properly) installed".
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterInfoError {
+    /// The ConfigMap does not exist.
+    #[error(
+        "ConfigMap {SYSTEM_NAMESPACE}/{CLUSTER_CONFIGMAP} not found \
+         (run `meshctl install --cluster-name NAME --pod-cidr CIDR`)"
+    )]
+    NotFound,
+    /// A key is missing or empty.
+    #[error("ConfigMap {SYSTEM_NAMESPACE}/{CLUSTER_CONFIGMAP}: field {field} is missing or empty")]
+    MissingField {
+        /// The key.
+        field: &'static str,
+    },
+    /// `clusterName` is not a DNS label.
+    #[error("ConfigMap {SYSTEM_NAMESPACE}/{CLUSTER_CONFIGMAP}: field {CLUSTER_NAME_KEY}: {0}")]
+    BadClusterName(#[source] ClusterNameError),
+    /// An entry of `podCIDRs` is not a CIDR.
+    #[error(
+        "ConfigMap {SYSTEM_NAMESPACE}/{CLUSTER_CONFIGMAP}: field {POD_CIDRS_KEY}: {value:?} is not a CIDR"
+    )]
+    BadPodCidr {
+        /// The offending entry.
+        value: String,
+        /// Why it did not parse.
+        #[source]
+        source: wiremesh_proto::CidrError,
+    },
+    /// Reading the ConfigMap failed (the API server is unreachable, or refused).
+    #[error("reading ConfigMap {SYSTEM_NAMESPACE}/{CLUSTER_CONFIGMAP}")]
+    Api(#[source] kube::Error),
+}
+
+impl ClusterInfoError {
+    /// True unless the ConfigMap could not be read at all: Wiremesh is not installed, or
+    /// installed with a broken ConfigMap.
+    pub fn is_not_installed(&self) -> bool {
+        !matches!(self, Self::Api(_))
+    }
+}
+
+/// A cluster name that is not a DNS label (RFC 1123: 1 to 63 of `[a-z0-9-]`, starting and
+/// ending alphanumeric). Peer clusters use it in object names and labels.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{0:?} is not a valid cluster name: use 1 to 63 of a-z, 0-9 and '-', starting and ending with a letter or digit"
+)]
+pub struct ClusterNameError(pub String);
+
+/// Checks that `name` can name a cluster (a DNS label).
+///
+/// # Errors
+/// [`ClusterNameError`] naming the value.
+pub fn check_cluster_name(name: &str) -> Result<(), ClusterNameError> {
+    let bytes = name.as_bytes();
+    let ok = (1..=63).contains(&bytes.len())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+        && bytes.last().is_some_and(u8::is_ascii_alphanumeric);
+    if ok {
+        Ok(())
+    } else {
+        Err(ClusterNameError(name.to_owned()))
+    }
+}
+
+/// Installs Wiremesh's cluster-wide pieces with server-side apply (field manager
+/// [`FIELD_MANAGER`]): the CRDs, waiting until each is Established (bounded by
+/// [`CRD_ESTABLISHED_TIMEOUT`]), the namespace, and the cluster ConfigMap. Idempotent.
+///
+/// # Errors
+/// A bad name or no CIDR (nothing is written), a cluster already installed under another
+/// name, or what the API server says.
+pub async fn install(
+    client: &Client,
+    cluster_name: &str,
+    pod_cidrs: &[IpCidr],
+) -> Result<(), InstallError> {
+    check_cluster_name(cluster_name)?;
+    if pod_cidrs.is_empty() {
+        return Err(InstallError::NoPodCidrs);
+    }
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
+    let existing = configmaps
+        .get_opt(CLUSTER_CONFIGMAP)
+        .await
+        .map_err(|source| InstallError::Api {
+            action: format!("reading ConfigMap {SYSTEM_NAMESPACE}/{CLUSTER_CONFIGMAP}"),
+            source,
+        })?;
+    if let Some(existing) = existing.and_then(|cm| cm.data?.remove(CLUSTER_NAME_KEY))
+        && !existing.is_empty()
+        && existing != cluster_name
+    {
+        return Err(InstallError::Renamed {
+            existing,
+            requested: cluster_name.to_owned(),
+        });
+    }
+
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in crdgen::crds() {
+        let name = crd.name_any();
+        crds.patch(&name, &params, &Patch::Apply(&crd))
+            .await
+            .map_err(|source| InstallError::Api {
+                action: format!("applying CustomResourceDefinition {name}"),
+                source,
+            })?;
+    }
+    for crd in crdgen::crds() {
+        let name = crd.name_any();
+        let established = await_condition(crds.clone(), &name, conditions::is_crd_established());
+        match tokio::time::timeout(CRD_ESTABLISHED_TIMEOUT, established).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(source)) => return Err(InstallError::Wait { name, source }),
+            Err(_) => {
+                return Err(InstallError::NotEstablished {
+                    name,
+                    timeout: CRD_ESTABLISHED_TIMEOUT,
+                });
+            }
+        }
+    }
+
+    let namespace = Namespace {
+        metadata: ObjectMeta {
+            name: Some(SYSTEM_NAMESPACE.to_owned()),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .patch(SYSTEM_NAMESPACE, &params, &Patch::Apply(&namespace))
+        .await
+        .map_err(|source| InstallError::Api {
+            action: format!("applying Namespace {SYSTEM_NAMESPACE}"),
+            source,
+        })?;
+
+    let configmap = cluster_configmap(cluster_name, pod_cidrs);
+    configmaps
+        .patch(CLUSTER_CONFIGMAP, &params, &Patch::Apply(&configmap))
+        .await
+        .map_err(|source| InstallError::Api {
+            action: format!("applying ConfigMap {SYSTEM_NAMESPACE}/{CLUSTER_CONFIGMAP}"),
+            source,
+        })?;
+    Ok(())
+}
+
+/// Reads this cluster's name and pod CIDRs from its cluster ConfigMap.
+///
+/// # Errors
+/// [`ClusterInfoError`]: not installed (the ConfigMap or a field is missing, a value does not
+/// parse; the message names the field), or the API server cannot be read.
+pub async fn cluster_info(client: &Client) -> Result<ClusterInfo, ClusterInfoError> {
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
+    let configmap = match configmaps.get_opt(CLUSTER_CONFIGMAP).await {
+        Ok(Some(cm)) => cm,
+        Ok(None) => return Err(ClusterInfoError::NotFound),
+        Err(e) => return Err(ClusterInfoError::Api(e)),
+    };
+    parse_cluster_configmap(&configmap.data.unwrap_or_default())
+}
+
+/// The cluster ConfigMap's `data` as [`ClusterInfo`].
+///
+/// # Errors
+/// A missing or empty key, a bad name, or an entry of `podCIDRs` that is not a CIDR.
+pub fn parse_cluster_configmap(
+    data: &BTreeMap<String, String>,
+) -> Result<ClusterInfo, ClusterInfoError> {
+    let field = |field: &'static str| {
+        data.get(field)
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+            .ok_or(ClusterInfoError::MissingField { field })
+    };
+    let name = field(CLUSTER_NAME_KEY)?;
+    check_cluster_name(name).map_err(ClusterInfoError::BadClusterName)?;
+    let pod_cidrs = field(POD_CIDRS_KEY)?
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            c.parse::<IpCidr>()
+                .map_err(|source| ClusterInfoError::BadPodCidr {
+                    value: c.to_owned(),
+                    source,
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if pod_cidrs.is_empty() {
+        return Err(ClusterInfoError::MissingField {
+            field: POD_CIDRS_KEY,
+        });
+    }
+    Ok(ClusterInfo {
+        name: name.to_owned(),
+        pod_cidrs,
+    })
+}
+
+/// The cluster ConfigMap for `name` and `pod_cidrs` (written in canonical form).
+pub fn cluster_configmap(name: &str, pod_cidrs: &[IpCidr]) -> ConfigMap {
+    let cidrs = pod_cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(CLUSTER_CONFIGMAP.to_owned()),
+            namespace: Some(SYSTEM_NAMESPACE.to_owned()),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/managed-by".to_owned(),
+                FIELD_MANAGER.to_owned(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([
+            (CLUSTER_NAME_KEY.to_owned(), name.to_owned()),
+            (POD_CIDRS_KEY.to_owned(), cidrs),
+        ])),
+        ..ConfigMap::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_names_are_dns_labels() {
+        for good in ["a", "cluster-a", "c0", &"x".repeat(63)] {
+            assert!(check_cluster_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "-a", "a-", "Cluster", "a.b", "a_b", &"x".repeat(64)] {
+            assert!(check_cluster_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn configmap_round_trips() {
+        let cidrs = vec![
+            "10.1.0.0/16".parse().unwrap(),
+            "fd00:1::/48".parse().unwrap(),
+        ];
+        let cm = cluster_configmap("cluster-a", &cidrs);
+        let data = cm.data.unwrap();
+        assert_eq!(data[POD_CIDRS_KEY], "10.1.0.0/16,fd00:1::/48");
+        let info = parse_cluster_configmap(&data).unwrap();
+        assert_eq!(info.name, "cluster-a");
+        assert_eq!(info.pod_cidrs, cidrs);
+    }
+
+    #[test]
+    fn configmap_errors_name_the_field() {
+        let data = |name: &str, cidrs: &str| {
+            BTreeMap::from([
+                (CLUSTER_NAME_KEY.to_owned(), name.to_owned()),
+                (POD_CIDRS_KEY.to_owned(), cidrs.to_owned()),
+            ])
+        };
+        let err = parse_cluster_configmap(&data("a", "10.1.0.0/16, nope")).unwrap_err();
+        assert!(err.to_string().contains("field podCIDRs"), "{err}");
+        assert!(err.to_string().contains("\"nope\""), "{err}");
+        let err = parse_cluster_configmap(&data("A!", "10.1.0.0/16")).unwrap_err();
+        assert!(err.to_string().contains("field clusterName"), "{err}");
+        let err = parse_cluster_configmap(&data("a", " , ")).unwrap_err();
+        assert!(err.to_string().contains("field podCIDRs"), "{err}");
+        let err = parse_cluster_configmap(&BTreeMap::new()).unwrap_err();
+        assert!(err.to_string().contains("field clusterName"), "{err}");
+        assert!(err.is_not_installed());
+    }
+}

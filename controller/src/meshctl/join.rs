@@ -1,0 +1,635 @@
+//! `meshctl install`, `join` and `unjoin`: the writes, each printed as a step.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Resource, ResourceExt as _};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use wiremesh_proto::IpCidr;
+use wiremesh_proto::crd::{
+    GROUP, MeshNode, PEER_CLUSTER_LABEL, PeerCluster, PeerClusterSpec, SYSTEM_NAMESPACE,
+};
+
+use super::kubeconfig::{self, Target};
+use super::preflight::{self, JoinSide};
+use super::status::cluster_info;
+use super::{KubeArgs, say};
+use crate::install::{self, ClusterInfo, FIELD_MANAGER};
+
+/// The ClusterRole that lets a peer cluster read this cluster's MeshNodes, and nothing else.
+pub const PEER_READER_ROLE: &str = "wiremesh-peer-reader";
+/// How long a minted peer token is valid: one year. Tokens come from the TokenRequest API
+/// (legacy ServiceAccount token Secrets need kube-controller-manager to be filled); rerun
+/// `meshctl join` to re-mint one that expired or was revoked.
+pub const TOKEN_EXPIRATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+/// Bound for the first request to each API server.
+const REACH_TIMEOUT: Duration = Duration::from_secs(15);
+/// Label on everything `meshctl` creates.
+const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", FIELD_MANAGER);
+
+/// The ServiceAccount (in `wiremesh-system`) and ClusterRoleBinding through which cluster
+/// `reader` reads this cluster.
+pub fn reader_name(reader: &str) -> String {
+    format!("wiremesh-peer-{reader}")
+}
+
+/// The Secret (in `wiremesh-system`) holding the token for peer cluster `peer`.
+pub fn secret_name(peer: &str) -> String {
+    format!("peer-{peer}")
+}
+
+/// `meshctl install`.
+pub(crate) async fn install(
+    args: &KubeArgs,
+    cluster_name: &str,
+    pod_cidrs: &[IpCidr],
+) -> Result<()> {
+    let kubeconfig = kubeconfig::load(args)?;
+    let context = kubeconfig::current_context(&kubeconfig, args.context.as_deref())?;
+    let target = kubeconfig::target(&kubeconfig, &context).await?;
+    reachable(&target).await?;
+    install::install(&target.client, cluster_name, pod_cidrs)
+        .await
+        .with_context(|| {
+            format!(
+                "installing Wiremesh in context {context} ({})",
+                target.server
+            )
+        })?;
+    say(format!(
+        "{context}: CustomResourceDefinitions meshnodes, peerclusters, meshpeers.{GROUP} applied and Established"
+    ));
+    say(format!("{context}: Namespace {SYSTEM_NAMESPACE} applied"));
+    say(format!(
+        "{context}: ConfigMap {SYSTEM_NAMESPACE}/{} applied: clusterName={cluster_name} podCIDRs={}",
+        wiremesh_proto::crd::CLUSTER_CONFIGMAP,
+        join_cidrs(pod_cidrs)
+    ));
+    Ok(())
+}
+
+/// One cluster of a join, read and checked.
+struct Side {
+    target: Target,
+    info: ClusterInfo,
+    peers: Vec<PeerCluster>,
+}
+
+impl Side {
+    fn name(&self) -> &str {
+        &self.info.name
+    }
+}
+
+/// `meshctl join OTHER_CONTEXT`.
+pub(crate) async fn join(args: &KubeArgs, other_context: &str) -> Result<()> {
+    let kubeconfig = kubeconfig::load(args)?;
+    let context = kubeconfig::current_context(&kubeconfig, args.context.as_deref())?;
+    ensure!(
+        context != other_context,
+        "cannot join context {context} with itself"
+    );
+    let local = kubeconfig::target(&kubeconfig, &context).await?;
+    let remote = kubeconfig::target(&kubeconfig, other_context).await?;
+
+    // Checks first; nothing below writes until they all pass.
+    let (a, b) = tokio::join!(reachable(&local), reachable(&remote));
+    both(a, b)?;
+    let (a, b) = tokio::join!(read_side(local), read_side(remote));
+    let (local, remote) = both(a, b)?;
+    preflight::check_join(&join_side(&local), &join_side(&remote))?;
+    say(format!(
+        "checks passed: {} ({}) and {} ({}) are reachable, installed, distinctly named and their pod CIDRs are disjoint",
+        local.name(),
+        join_cidrs(&local.info.pod_cidrs),
+        remote.name(),
+        join_cidrs(&remote.info.pod_cidrs)
+    ));
+
+    grant_and_store(&local, &remote).await?;
+    grant_and_store(&remote, &local).await?;
+    say(format!("joined {} and {}", local.name(), remote.name()));
+    Ok(())
+}
+
+/// Lets `reader` read `target`: the RBAC objects in `target`, a token, and in `reader` the
+/// Secret holding it and the PeerCluster for `target`.
+async fn grant_and_store(reader: &Side, target: &Side) -> Result<()> {
+    let (r, t) = (reader.name(), target.name());
+    let account = reader_name(r);
+    let target_client = &target.target.client;
+
+    apply(
+        &Api::<ClusterRole>::all(target_client.clone()),
+        &reader_role(),
+        t,
+        &format!("ClusterRole {PEER_READER_ROLE}"),
+    )
+    .await?;
+    apply(
+        &Api::<ServiceAccount>::namespaced(target_client.clone(), SYSTEM_NAMESPACE),
+        &reader_service_account(r),
+        t,
+        &format!("ServiceAccount {SYSTEM_NAMESPACE}/{account}"),
+    )
+    .await?;
+    apply(
+        &Api::<ClusterRoleBinding>::all(target_client.clone()),
+        &reader_binding(r),
+        t,
+        &format!("ClusterRoleBinding {account}"),
+    )
+    .await?;
+
+    let secrets = Api::<Secret>::namespaced(reader.target.client.clone(), SYSTEM_NAMESPACE);
+    let secret = secret_name(t);
+    let existing = secrets
+        .get_opt(&secret)
+        .await
+        .with_context(|| format!("{r}: reading Secret {SYSTEM_NAMESPACE}/{secret}"))?
+        .and_then(|s| s.data?.remove("token"))
+        .and_then(|token| String::from_utf8(token.0).ok());
+    let token = match existing {
+        Some(token) if token_works(&target.target, &token).await => {
+            say(format!(
+                "{r}: the token in Secret {SYSTEM_NAMESPACE}/{secret} still reads {t}'s MeshNodes; not re-minted"
+            ));
+            token
+        }
+        existing => {
+            if existing.is_some() {
+                say(format!(
+                    "{r}: the token in Secret {SYSTEM_NAMESPACE}/{secret} no longer works against {t}; minting a new one"
+                ));
+            }
+            mint_token(target, &account).await?
+        }
+    };
+    apply(
+        &secrets,
+        &peer_secret(t, &token),
+        r,
+        &format!("Secret {SYSTEM_NAMESPACE}/{secret}"),
+    )
+    .await?;
+    apply(
+        &Api::<PeerCluster>::all(reader.target.client.clone()),
+        &peer_cluster(&target.info, &target.target),
+        r,
+        &format!("PeerCluster {t}"),
+    )
+    .await?;
+    Ok(())
+}
+
+/// `meshctl unjoin OTHER_CONTEXT`: on each side, deletes the PeerCluster (and waits for it
+/// to go), the Secret, the ServiceAccount and ClusterRoleBinding of the other side, and the
+/// reader ClusterRole once no peer uses it. "Not found" counts as done.
+pub(crate) async fn unjoin(args: &KubeArgs, other_context: &str, timeout: Duration) -> Result<()> {
+    let kubeconfig = kubeconfig::load(args)?;
+    let context = kubeconfig::current_context(&kubeconfig, args.context.as_deref())?;
+    ensure!(
+        context != other_context,
+        "cannot unjoin context {context} from itself"
+    );
+    let local = kubeconfig::target(&kubeconfig, &context).await?;
+    let remote = kubeconfig::target(&kubeconfig, other_context).await?;
+    reachable(&local).await?;
+    let local_name = cluster_info(&local).await?.name;
+
+    let mut problems = Vec::new();
+    let remote_name = match reachable(&remote).await {
+        Ok(()) => Some(cluster_info(&remote).await?.name),
+        Err(e) => {
+            problems.push(format!(
+                "{e:#}; nothing was removed there: run `meshctl unjoin {other_context}` again once it is reachable"
+            ));
+            None
+        }
+    };
+    let remote_name = match remote_name {
+        Some(name) => name,
+        // The remote is down: find its name in the link we hold.
+        None => Api::<PeerCluster>::all(local.client.clone())
+            .list(&ListParams::default())
+            .await
+            .with_context(|| format!("{local_name}: listing PeerClusters"))?
+            .items
+            .into_iter()
+            .find(|p| p.spec.api_server.trim_end_matches('/') == remote.server.trim_end_matches('/'))
+            .map(|p| p.spec.cluster_name)
+            .ok_or_else(|| {
+                anyhow!(
+                    "{}\n{local_name} holds no PeerCluster for {}, so there is nothing to unjoin here",
+                    problems.join("\n"),
+                    remote.server
+                )
+            })?,
+    };
+
+    let mut sides = vec![(&local, local_name.as_str(), remote_name.as_str())];
+    if problems.is_empty() {
+        sides.push((&remote, remote_name.as_str(), local_name.as_str()));
+    }
+    for (target, name, other) in &sides {
+        let api = Api::<PeerCluster>::all(target.client.clone());
+        delete(&api, other, name, &format!("PeerCluster {other}")).await?;
+    }
+    let waits = sides.iter().map(|(target, name, other)| {
+        wait_gone(
+            Api::<PeerCluster>::all(target.client.clone()),
+            name,
+            other,
+            timeout,
+        )
+    });
+    for result in futures::future::join_all(waits).await {
+        if let Err(e) = result {
+            problems.push(format!("{e:#}"));
+        }
+    }
+    for (target, name, other) in &sides {
+        remove_credentials(target, name, other).await?;
+    }
+    if !problems.is_empty() {
+        bail!(
+            "unjoin of {local_name} and {remote_name} is incomplete:\n  - {}",
+            problems.join("\n  - ")
+        );
+    }
+    say(format!("unjoined {local_name} and {remote_name}"));
+    Ok(())
+}
+
+/// In cluster `name`: the Secret for `other`, the ServiceAccount and binding `other` reads
+/// through, and the reader ClusterRole if nothing is bound to it any more.
+async fn remove_credentials(target: &Target, name: &str, other: &str) -> Result<()> {
+    let client = &target.client;
+    let secret = secret_name(other);
+    delete(
+        &Api::<Secret>::namespaced(client.clone(), SYSTEM_NAMESPACE),
+        &secret,
+        name,
+        &format!("Secret {SYSTEM_NAMESPACE}/{secret}"),
+    )
+    .await?;
+    let account = reader_name(other);
+    let bindings = Api::<ClusterRoleBinding>::all(client.clone());
+    delete(
+        &bindings,
+        &account,
+        name,
+        &format!("ClusterRoleBinding {account}"),
+    )
+    .await?;
+    delete(
+        &Api::<ServiceAccount>::namespaced(client.clone(), SYSTEM_NAMESPACE),
+        &account,
+        name,
+        &format!("ServiceAccount {SYSTEM_NAMESPACE}/{account}"),
+    )
+    .await?;
+    let users: Vec<String> = bindings
+        .list(&ListParams::default())
+        .await
+        .with_context(|| format!("{name}: listing ClusterRoleBindings"))?
+        .items
+        .into_iter()
+        .filter(|b| b.role_ref.kind == "ClusterRole" && b.role_ref.name == PEER_READER_ROLE)
+        .map(|b| b.name_any())
+        .collect();
+    if users.is_empty() {
+        delete(
+            &Api::<ClusterRole>::all(client.clone()),
+            PEER_READER_ROLE,
+            name,
+            &format!("ClusterRole {PEER_READER_ROLE}"),
+        )
+        .await?;
+    } else {
+        say(format!(
+            "{name}: ClusterRole {PEER_READER_ROLE} kept (still bound by {})",
+            users.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// Reads `target`'s ConfigMap and PeerClusters.
+async fn read_side(target: Target) -> Result<Side> {
+    let info = cluster_info(&target).await?;
+    let peers = Api::<PeerCluster>::all(target.client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| match &e {
+            kube::Error::Api(status) if status.is_not_found() => {
+                anyhow::Error::new(e).context(format!(
+                    "Wiremesh is not installed in context {}: the PeerCluster CRD is missing \
+                 (run `meshctl install` there)",
+                    target.context
+                ))
+            }
+            _ => anyhow::Error::new(e).context(format!(
+                "{}: listing PeerClusters in context {}",
+                info.name, target.context
+            )),
+        })?
+        .items;
+    Ok(Side {
+        target,
+        info,
+        peers,
+    })
+}
+
+fn join_side(side: &Side) -> JoinSide {
+    JoinSide {
+        context: side.target.context.clone(),
+        info: side.info.clone(),
+        api_server: side.target.server.clone(),
+        peers: side.peers.clone(),
+    }
+}
+
+/// Both results, or an error naming every failure.
+fn both<A, B>(a: Result<A>, b: Result<B>) -> Result<(A, B)> {
+    match (a, b) {
+        (Ok(a), Ok(b)) => Ok((a, b)),
+        (Err(e), Ok(_)) | (Ok(_), Err(e)) => Err(e),
+        (Err(a), Err(b)) => Err(anyhow!("{a:#}\n{b:#}")),
+    }
+}
+
+/// One cheap authenticated request, bounded.
+async fn reachable(target: &Target) -> Result<()> {
+    let failed = || {
+        format!(
+            "cannot reach the API server of context {} ({})",
+            target.context, target.server
+        )
+    };
+    tokio::time::timeout(REACH_TIMEOUT, target.client.apiserver_version())
+        .await
+        .map_err(|_| anyhow!("no answer within {REACH_TIMEOUT:?}"))
+        .with_context(failed)?
+        .with_context(failed)?;
+    Ok(())
+}
+
+/// Whether `token` can still list `target`'s MeshNodes.
+async fn token_works(target: &Target, token: &str) -> bool {
+    let Ok(client) =
+        kubeconfig::token_client(&target.server, target.ca_data.as_deref(), token).await
+    else {
+        return false;
+    };
+    let api = Api::<MeshNode>::all(client);
+    let params = ListParams::default().limit(1);
+    matches!(
+        tokio::time::timeout(REACH_TIMEOUT, api.list(&params)).await,
+        Ok(Ok(_))
+    )
+}
+
+/// A token for ServiceAccount `account` of `target` from the TokenRequest API.
+async fn mint_token(target: &Side, account: &str) -> Result<String> {
+    let t = target.name();
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            expiration_seconds: Some(i64::try_from(TOKEN_EXPIRATION.as_secs()).unwrap_or(i64::MAX)),
+            ..TokenRequestSpec::default()
+        },
+        ..TokenRequest::default()
+    };
+    let response =
+        Api::<ServiceAccount>::namespaced(target.target.client.clone(), SYSTEM_NAMESPACE)
+            .create_token_request(account, &PostParams::default(), &request)
+            .await
+            .with_context(|| {
+                format!("{t}: requesting a token for ServiceAccount {SYSTEM_NAMESPACE}/{account}")
+            })?;
+    let status = response
+        .status
+        .filter(|s| !s.token.is_empty())
+        .ok_or_else(|| {
+            anyhow!("{t}: the TokenRequest for {SYSTEM_NAMESPACE}/{account} returned no token")
+        })?;
+    say(format!(
+        "{t}: token for ServiceAccount {SYSTEM_NAMESPACE}/{account} minted (TokenRequest API, valid until {})",
+        status.expiration_timestamp.0
+    ));
+    Ok(status.token)
+}
+
+/// Server-side applies `object` and prints whether it was created, updated or unchanged
+/// (by its resourceVersion before and after).
+async fn apply<K>(api: &Api<K>, object: &K, cluster: &str, what: &str) -> Result<()>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + Debug,
+{
+    let name = object.name_any();
+    let before = api
+        .get_opt(&name)
+        .await
+        .with_context(|| format!("{cluster}: reading {what}"))?;
+    let after = api
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(object),
+        )
+        .await
+        .with_context(|| format!("{cluster}: applying {what}"))?;
+    let outcome = match before {
+        None => "created",
+        Some(before) if before.resource_version() == after.resource_version() => "unchanged",
+        Some(_) => "updated",
+    };
+    say(format!("{cluster}: {what} {outcome}"));
+    Ok(())
+}
+
+/// Deletes `name`; "not found" is success.
+async fn delete<K>(api: &Api<K>, name: &str, cluster: &str, what: &str) -> Result<()>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => say(format!("{cluster}: {what} deleted")),
+        Err(kube::Error::Api(status)) if status.is_not_found() => {
+            say(format!("{cluster}: {what} not found (nothing to delete)"));
+        }
+        Err(e) => return Err(e).with_context(|| format!("{cluster}: deleting {what}")),
+    }
+    Ok(())
+}
+
+/// Waits up to `timeout` for PeerCluster `name` to disappear.
+async fn wait_gone(
+    api: Api<PeerCluster>,
+    cluster: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut said = false;
+    loop {
+        let left = api
+            .get_opt(name)
+            .await
+            .with_context(|| format!("{cluster}: reading PeerCluster {name}"))?;
+        let Some(left) = left else {
+            return Ok(());
+        };
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "{cluster}: PeerCluster {name} still exists after {timeout:?} (finalizers: {}); \
+                 wiremesh-controller removes its MeshPeers and then the finalizer: is it running in {cluster}?",
+                left.finalizers().join(", ")
+            );
+        }
+        if !said {
+            say(format!(
+                "{cluster}: waiting up to {timeout:?} for wiremesh-controller to remove the MeshPeers of {name}"
+            ));
+            said = true;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn meta(name: &str, namespace: Option<&str>, peer: Option<&str>) -> ObjectMeta {
+    let mut labels = BTreeMap::from([(MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned())]);
+    if let Some(peer) = peer {
+        labels.insert(PEER_CLUSTER_LABEL.to_owned(), peer.to_owned());
+    }
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: namespace.map(str::to_owned),
+        labels: Some(labels),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The ClusterRole [`PEER_READER_ROLE`]: get, list and watch MeshNodes, nothing else.
+pub fn reader_role() -> ClusterRole {
+    ClusterRole {
+        metadata: meta(PEER_READER_ROLE, None, None),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![GROUP.to_owned()]),
+            resources: Some(vec!["meshnodes".to_owned()]),
+            verbs: ["get", "list", "watch"].map(str::to_owned).to_vec(),
+            ..PolicyRule::default()
+        }]),
+        ..ClusterRole::default()
+    }
+}
+
+/// The ServiceAccount cluster `reader` reads through.
+pub fn reader_service_account(reader: &str) -> ServiceAccount {
+    ServiceAccount {
+        metadata: meta(&reader_name(reader), Some(SYSTEM_NAMESPACE), Some(reader)),
+        ..ServiceAccount::default()
+    }
+}
+
+/// The binding of [`reader_service_account`] to [`reader_role`].
+pub fn reader_binding(reader: &str) -> ClusterRoleBinding {
+    ClusterRoleBinding {
+        metadata: meta(&reader_name(reader), None, Some(reader)),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".to_owned(),
+            kind: "ClusterRole".to_owned(),
+            name: PEER_READER_ROLE.to_owned(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".to_owned(),
+            name: reader_name(reader),
+            namespace: Some(SYSTEM_NAMESPACE.to_owned()),
+            ..Subject::default()
+        }]),
+    }
+}
+
+/// The Secret holding the token for peer cluster `peer`.
+pub fn peer_secret(peer: &str, token: &str) -> Secret {
+    Secret {
+        metadata: meta(&secret_name(peer), Some(SYSTEM_NAMESPACE), Some(peer)),
+        type_: Some("Opaque".to_owned()),
+        data: Some(BTreeMap::from([(
+            "token".to_owned(),
+            ByteString(token.as_bytes().to_vec()),
+        )])),
+        ..Secret::default()
+    }
+}
+
+/// The PeerCluster for the cluster `info` reached through `target`.
+pub fn peer_cluster(info: &ClusterInfo, target: &Target) -> PeerCluster {
+    let mut peer = PeerCluster::new(
+        &info.name,
+        PeerClusterSpec {
+            cluster_name: info.name.clone(),
+            api_server: target.server.clone(),
+            ca_data: target.ca_data.clone(),
+            credentials_secret: secret_name(&info.name),
+            allowed_pod_cidrs: info.pod_cidrs.iter().map(ToString::to_string).collect(),
+        },
+    );
+    peer.metadata.labels = meta(&info.name, None, None).labels;
+    peer
+}
+
+fn join_cidrs(cidrs: &[IpCidr]) -> String {
+    cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reader_role_only_reads_meshnodes() {
+        let role = reader_role();
+        let rules = role.rules.unwrap();
+        assert_eq!(rules.len(), 1);
+        assert_eq!(
+            rules[0].api_groups.as_deref(),
+            Some(&["wiremesh.io".to_owned()][..])
+        );
+        assert_eq!(
+            rules[0].resources.as_deref(),
+            Some(&["meshnodes".to_owned()][..])
+        );
+        assert_eq!(rules[0].verbs, ["get", "list", "watch"]);
+    }
+
+    #[test]
+    fn names_follow_the_convention() {
+        assert_eq!(reader_name("cluster-a"), "wiremesh-peer-cluster-a");
+        assert_eq!(secret_name("cluster-b"), "peer-cluster-b");
+        let binding = reader_binding("cluster-a");
+        let subject = &binding.subjects.unwrap()[0];
+        assert_eq!(subject.name, "wiremesh-peer-cluster-a");
+        assert_eq!(subject.namespace.as_deref(), Some("wiremesh-system"));
+        let secret = peer_secret("cluster-b", "t0k3n");
+        assert_eq!(secret.data.unwrap()["token"].0, b"t0k3n");
+        assert_eq!(
+            secret.metadata.labels.unwrap()[PEER_CLUSTER_LABEL],
+            "cluster-b"
+        );
+    }
+}

@@ -1,0 +1,221 @@
+//! The library behind `meshctl`: `install`, `join`, `unjoin` and `status`.
+//!
+//! The decisions are pure functions with unit tests ([`preflight::check_join`],
+//! [`status::StatusReport`], [`table`]); the rest talks to the API servers and prints each
+//! step on stdout.
+//!
+//! The objects of a link in which cluster X reads cluster Y (and the same with X and Y
+//! swapped), all written with server-side apply by field manager `meshctl`:
+//! - in Y: ClusterRole `wiremesh-peer-reader` (get, list, watch on `meshnodes.wiremesh.io`
+//!   only), ServiceAccount `wiremesh-system/wiremesh-peer-<X>`, ClusterRoleBinding
+//!   `wiremesh-peer-<X>`, and a token for that ServiceAccount from the TokenRequest API;
+//! - in X: Secret `wiremesh-system/peer-<Y>` holding the token, and PeerCluster `<Y>`.
+
+pub mod join;
+pub mod kubeconfig;
+pub mod preflight;
+pub mod status;
+pub mod table;
+
+use std::fmt::Display;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use wiremesh_proto::IpCidr;
+
+/// Link Kubernetes clusters into one Wiremesh network.
+#[derive(Parser, Debug)]
+#[command(name = "meshctl", version, about)]
+pub struct Cli {
+    /// Which kubeconfig and context to use.
+    #[command(flatten)]
+    pub kube: KubeArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// kubectl's `--kubeconfig` and `--context`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct KubeArgs {
+    /// The kubeconfig file [default: the files in $KUBECONFIG, else ~/.kube/config].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context of this cluster [default: the current context].
+    #[arg(long, global = true, value_name = "CONTEXT")]
+    pub context: Option<String>,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Install Wiremesh's CRDs, namespace and cluster ConfigMap in this cluster.
+    Install {
+        /// This cluster's name in the mesh (a DNS label, unique among linked clusters).
+        #[arg(long, value_name = "NAME")]
+        cluster_name: String,
+        /// The cluster's whole pod range; repeat for several (e.g. IPv4 and IPv6).
+        #[arg(long = "pod-cidr", value_name = "CIDR", required = true)]
+        pod_cidrs: Vec<IpCidr>,
+    },
+    /// Link this cluster with the cluster of another kubeconfig context, in both directions.
+    ///
+    /// Checks everything first (both API servers reachable, Wiremesh installed in both,
+    /// distinct names, disjoint pod CIDRs) and writes nothing if a check fails. Running it
+    /// again changes nothing.
+    Join {
+        /// The kubeconfig context of the other cluster.
+        #[arg(value_name = "OTHER_CONTEXT")]
+        other_context: String,
+    },
+    /// Remove the link with the cluster of another kubeconfig context, on both sides.
+    Unjoin {
+        /// The kubeconfig context of the other cluster.
+        #[arg(value_name = "OTHER_CONTEXT")]
+        other_context: String,
+        /// How long to wait for each PeerCluster to disappear (wiremesh-controller first
+        /// removes its MeshPeers): `30s`, `2m` or seconds.
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Show this cluster, its peer clusters and each node's tunnels.
+    Status {
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+}
+
+/// How `status` prints.
+#[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// Aligned tables.
+    #[default]
+    Table,
+    /// One JSON object.
+    Json,
+}
+
+/// Runs one `meshctl` command.
+///
+/// # Errors
+/// Whatever stopped the command, with context all the way down; see [`exit_code`].
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Install {
+            cluster_name,
+            pod_cidrs,
+        } => join::install(&cli.kube, &cluster_name, &pod_cidrs).await,
+        Command::Join { other_context } => join::join(&cli.kube, &other_context).await,
+        Command::Unjoin {
+            other_context,
+            timeout,
+        } => join::unjoin(&cli.kube, &other_context, timeout).await,
+        Command::Status { output } => status::status(&cli.kube, output).await,
+    }
+}
+
+/// The exit code for an error of [`run`]: 3 when `join`'s checks refused, 1 otherwise
+/// (clap exits with 2 on a bad command line).
+pub fn exit_code(error: &anyhow::Error) -> u8 {
+    if error.downcast_ref::<preflight::Refusals>().is_some() {
+        3
+    } else {
+        1
+    }
+}
+
+/// Prints one line of the command's report on stdout.
+#[allow(clippy::print_stdout)] // meshctl is a CLI: its report goes to stdout
+pub(crate) fn say(line: impl Display) {
+    println!("{line}");
+}
+
+/// `30s`, `2m`, `1h` or plain seconds.
+///
+/// # Errors
+/// When it is none of those.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(format!("{text:?} is not a duration such as 30s, 2m or 1h")),
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is not a duration such as 30s, 2m or 1h"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_kubectls() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn the_command_line_is_consistent_and_flags_are_global() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "meshctl",
+            "join",
+            "cluster-b",
+            "--context",
+            "cluster-a",
+            "--kubeconfig",
+            "/k",
+        ])
+        .unwrap();
+        assert_eq!(cli.kube.context.as_deref(), Some("cluster-a"));
+        assert!(
+            matches!(cli.command, Command::Join { ref other_context } if other_context == "cluster-b")
+        );
+        let cli = Cli::try_parse_from(["meshctl", "install", "--cluster-name", "a"]);
+        assert!(cli.is_err(), "--pod-cidr is required");
+        let cli = Cli::try_parse_from([
+            "meshctl",
+            "install",
+            "--cluster-name",
+            "a",
+            "--pod-cidr",
+            "10.1.0.0/16",
+            "--pod-cidr",
+            "fd00::/48",
+        ])
+        .unwrap();
+        assert!(
+            matches!(cli.command, Command::Install { ref pod_cidrs, .. } if pod_cidrs.len() == 2)
+        );
+        assert!(
+            Cli::try_parse_from([
+                "meshctl",
+                "install",
+                "--cluster-name",
+                "a",
+                "--pod-cidr",
+                "x"
+            ])
+            .is_err()
+        );
+    }
+}

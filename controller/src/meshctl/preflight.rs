@@ -1,0 +1,457 @@
+//! `meshctl join`'s checks, decided before anything is written: a pure function of both
+//! clusters' ConfigMaps, URLs and existing PeerClusters.
+
+use std::fmt;
+
+use kube::ResourceExt as _;
+use wiremesh_proto::IpCidr;
+use wiremesh_proto::crd::PeerCluster;
+
+use crate::install::ClusterInfo;
+
+/// One side of a join as the checks see it.
+#[derive(Debug, Clone)]
+pub struct JoinSide {
+    /// The kubeconfig context that reaches it.
+    pub context: String,
+    /// Its name and pod CIDRs (from its ConfigMap).
+    pub info: ClusterInfo,
+    /// Its API server's URL as the kubeconfig has it (what the other side will store).
+    pub api_server: String,
+    /// The PeerClusters that already exist in it.
+    pub peers: Vec<PeerCluster>,
+}
+
+/// One reason not to join.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Both contexts lead to clusters with the same name (maybe the same cluster twice).
+    #[error(
+        "contexts {a_context} and {b_context} both name a cluster {name:?}; cluster names must be unique in the mesh"
+    )]
+    SameName {
+        /// The name.
+        name: String,
+        /// One context.
+        a_context: String,
+        /// The other.
+        b_context: String,
+    },
+    /// `cluster` is already linked with another cluster of the same name.
+    #[error(
+        "{cluster} is already linked with a different cluster named {name} (its PeerCluster {peer_cluster} points at {linked_server}, \
+         but context {context} is {joining_server}); unjoin that one first"
+    )]
+    NameTaken {
+        /// The cluster holding the PeerCluster.
+        cluster: String,
+        /// The name both share.
+        name: String,
+        /// The existing PeerCluster.
+        peer_cluster: String,
+        /// Its API server.
+        linked_server: String,
+        /// The context being joined.
+        context: String,
+        /// Its API server.
+        joining_server: String,
+    },
+    /// `cluster` already links the same API server under another name.
+    #[error(
+        "{cluster} already links the API server {server} as {linked_name} (PeerCluster {peer_cluster}), but it now calls itself {name}; \
+         unjoin {linked_name} first"
+    )]
+    ServerTaken {
+        /// The cluster holding the PeerCluster.
+        cluster: String,
+        /// The API server.
+        server: String,
+        /// The name it was linked under.
+        linked_name: String,
+        /// The existing PeerCluster.
+        peer_cluster: String,
+        /// The name it has now.
+        name: String,
+    },
+    /// The link being made is still being removed.
+    #[error(
+        "PeerCluster {peer_cluster} in {cluster} is being deleted (wiremesh-controller removes it once its MeshPeers are gone); \
+         join again when it has disappeared"
+    )]
+    BeingDeleted {
+        /// The cluster holding the PeerCluster.
+        cluster: String,
+        /// The PeerCluster.
+        peer_cluster: String,
+    },
+    /// The two clusters' pod CIDRs overlap.
+    #[error("pod CIDRs overlap: {a} has {a_cidr} and {b} has {b_cidr}")]
+    Overlap {
+        /// One cluster.
+        a: String,
+        /// Its CIDR.
+        a_cidr: IpCidr,
+        /// The other.
+        b: String,
+        /// Its CIDR.
+        b_cidr: IpCidr,
+    },
+    /// One cluster's pod CIDRs overlap those of a cluster the other is already linked with.
+    #[error(
+        "{cluster} is already linked with {peer}, whose pod CIDR {peer_cidr} overlaps {joining}'s {joining_cidr}"
+    )]
+    PeerOverlap {
+        /// The cluster holding the PeerCluster.
+        cluster: String,
+        /// The linked cluster.
+        peer: String,
+        /// Its allowed CIDR.
+        peer_cidr: IpCidr,
+        /// The cluster being joined.
+        joining: String,
+        /// Its CIDR.
+        joining_cidr: IpCidr,
+    },
+    /// An existing PeerCluster holds a CIDR that does not parse (the schema should prevent it).
+    #[error(
+        "PeerCluster {peer_cluster} in {cluster} has allowedPodCIDRs entry {value:?}, which is not a CIDR"
+    )]
+    BadPeerCidr {
+        /// The cluster holding the PeerCluster.
+        cluster: String,
+        /// The PeerCluster.
+        peer_cluster: String,
+        /// The entry.
+        value: String,
+    },
+}
+
+/// Every reason a join was refused; nothing was written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct Refusals {
+    /// The local cluster (or context, if the names are unknown).
+    pub local: String,
+    /// The other cluster.
+    pub remote: String,
+    /// The reasons, at least one.
+    pub refusals: Vec<Refusal>,
+}
+
+impl fmt::Display for Refusals {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "refusing to join {} and {}; nothing was written:",
+            self.local, self.remote
+        )?;
+        for refusal in &self.refusals {
+            write!(f, "\n  - {refusal}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Decides whether `local` and `remote` may be linked: distinct names, neither already linked
+/// with a different cluster of the same name (or with the same API server under another
+/// name), and pod CIDRs disjoint from each other and from every cluster either side is
+/// already linked with. An existing link between the two themselves is fine (join is
+/// idempotent) unless it is being deleted.
+///
+/// # Errors
+/// [`Refusals`] listing every reason, each naming the clusters and CIDRs.
+pub fn check_join(local: &JoinSide, remote: &JoinSide) -> Result<(), Refusals> {
+    let mut refusals = Vec::new();
+    if local.info.name == remote.info.name {
+        refusals.push(Refusal::SameName {
+            name: local.info.name.clone(),
+            a_context: local.context.clone(),
+            b_context: remote.context.clone(),
+        });
+    }
+    for (a, b) in [(local, remote), (remote, local)] {
+        check_existing_links(a, b, &mut refusals);
+    }
+    for a_cidr in &local.info.pod_cidrs {
+        for b_cidr in &remote.info.pod_cidrs {
+            if a_cidr.overlaps(b_cidr) {
+                refusals.push(Refusal::Overlap {
+                    a: local.info.name.clone(),
+                    a_cidr: *a_cidr,
+                    b: remote.info.name.clone(),
+                    b_cidr: *b_cidr,
+                });
+            }
+        }
+    }
+    if refusals.is_empty() {
+        Ok(())
+    } else {
+        Err(Refusals {
+            local: local.info.name.clone(),
+            remote: remote.info.name.clone(),
+            refusals,
+        })
+    }
+}
+
+/// Whether the PeerCluster `peer` in some cluster is the link with `other`.
+pub fn links_to(peer: &PeerCluster, other: &str) -> bool {
+    peer.name_any() == other || peer.spec.cluster_name == other
+}
+
+/// The checks of `side`'s existing PeerClusters against `joining`.
+fn check_existing_links(side: &JoinSide, joining: &JoinSide, refusals: &mut Vec<Refusal>) {
+    let cluster = &side.info.name;
+    for peer in &side.peers {
+        let peer_name = peer.name_any();
+        let same_server = same_url(&peer.spec.api_server, &joining.api_server);
+        if links_to(peer, &joining.info.name) {
+            if !same_server {
+                refusals.push(Refusal::NameTaken {
+                    cluster: cluster.clone(),
+                    name: joining.info.name.clone(),
+                    peer_cluster: peer_name,
+                    linked_server: peer.spec.api_server.clone(),
+                    context: joining.context.clone(),
+                    joining_server: joining.api_server.clone(),
+                });
+            } else if peer.metadata.deletion_timestamp.is_some() {
+                refusals.push(Refusal::BeingDeleted {
+                    cluster: cluster.clone(),
+                    peer_cluster: peer_name,
+                });
+            }
+            // The existing link with the joining cluster is replaced, not compared with.
+            continue;
+        }
+        if same_server {
+            refusals.push(Refusal::ServerTaken {
+                cluster: cluster.clone(),
+                server: joining.api_server.clone(),
+                linked_name: peer.spec.cluster_name.clone(),
+                peer_cluster: peer_name.clone(),
+                name: joining.info.name.clone(),
+            });
+        }
+        for value in &peer.spec.allowed_pod_cidrs {
+            let Ok(peer_cidr) = value.parse::<IpCidr>() else {
+                refusals.push(Refusal::BadPeerCidr {
+                    cluster: cluster.clone(),
+                    peer_cluster: peer_name.clone(),
+                    value: value.clone(),
+                });
+                continue;
+            };
+            for joining_cidr in &joining.info.pod_cidrs {
+                if peer_cidr.overlaps(joining_cidr) {
+                    refusals.push(Refusal::PeerOverlap {
+                        cluster: cluster.clone(),
+                        peer: peer.spec.cluster_name.clone(),
+                        peer_cidr,
+                        joining: joining.info.name.clone(),
+                        joining_cidr: *joining_cidr,
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn same_url(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/') == b.trim_end_matches('/')
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use wiremesh_proto::crd::PeerClusterSpec;
+
+    use super::*;
+
+    #[test]
+    fn disjoint_clusters_may_join() {
+        let a = side("cluster-a", &["10.1.0.0/16"], &[]);
+        let b = side("cluster-b", &["10.2.0.0/16"], &[]);
+        assert_eq!(check_join(&a, &b), Ok(()));
+    }
+
+    #[test]
+    fn an_existing_link_between_the_two_is_fine() {
+        let a = side(
+            "cluster-a",
+            &["10.1.0.0/16"],
+            &[peer("cluster-b", &["10.2.0.0/16"])],
+        );
+        let b = side(
+            "cluster-b",
+            &["10.2.0.0/16"],
+            &[peer("cluster-a", &["10.1.0.0/16"])],
+        );
+        assert_eq!(check_join(&a, &b), Ok(()));
+    }
+
+    #[test]
+    fn same_names_are_refused() {
+        let a = side("cluster-a", &["10.1.0.0/16"], &[]);
+        let mut b = side("cluster-a", &["10.2.0.0/16"], &[]);
+        b.context = "ctx-b".to_owned();
+        let err = check_join(&a, &b).unwrap_err();
+        assert!(
+            matches!(err.refusals[..], [Refusal::SameName { .. }]),
+            "{err}"
+        );
+        assert!(err.to_string().contains("ctx-b"), "{err}");
+    }
+
+    #[test]
+    fn overlapping_pod_cidrs_are_refused_with_both_cidrs() {
+        let a = side("cluster-a", &["10.1.0.0/16"], &[]);
+        let c = side("cluster-c", &["10.3.0.0/16", "10.1.128.0/17"], &[]);
+        let err = check_join(&a, &c).unwrap_err();
+        assert_eq!(err.refusals.len(), 1, "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains(
+                "pod CIDRs overlap: cluster-a has 10.1.0.0/16 and cluster-c has 10.1.128.0/17"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.starts_with("refusing to join cluster-a and cluster-c; nothing was written"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_cidr_of_a_linked_cluster_is_refused_in_both_directions() {
+        let a = side(
+            "cluster-a",
+            &["10.1.0.0/16"],
+            &[peer("cluster-b", &["10.2.0.0/16"])],
+        );
+        let c = side("cluster-c", &["10.2.128.0/17"], &[]);
+        let err = check_join(&a, &c).unwrap_err();
+        assert_eq!(
+            err.refusals,
+            vec![Refusal::PeerOverlap {
+                cluster: "cluster-a".into(),
+                peer: "cluster-b".into(),
+                peer_cidr: cidr("10.2.0.0/16"),
+                joining: "cluster-c".into(),
+                joining_cidr: cidr("10.2.128.0/17"),
+            }]
+        );
+        // The same seen from the other side: c is linked with d, which overlaps a.
+        let a = side("cluster-a", &["10.1.0.0/16"], &[]);
+        let c = side(
+            "cluster-c",
+            &["10.3.0.0/16"],
+            &[peer("cluster-d", &["10.1.2.0/24"])],
+        );
+        let err = check_join(&a, &c).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "cluster-c is already linked with cluster-d, whose pod CIDR 10.1.2.0/24 overlaps cluster-a's 10.1.0.0/16"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_different_cluster_with_a_linked_name_is_refused() {
+        let a = side(
+            "cluster-a",
+            &["10.1.0.0/16"],
+            &[peer_at(
+                "cluster-b",
+                "https://10.9.9.9:6443",
+                &["10.2.0.0/16"],
+            )],
+        );
+        let b = side("cluster-b", &["10.2.0.0/16"], &[]);
+        let err = check_join(&a, &b).unwrap_err();
+        assert!(
+            matches!(&err.refusals[..], [Refusal::NameTaken { cluster, .. }] if cluster == "cluster-a"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("https://10.9.9.9:6443"), "{err}");
+    }
+
+    #[test]
+    fn a_linked_server_under_another_name_is_refused() {
+        let a = side(
+            "cluster-a",
+            &["10.1.0.0/16"],
+            &[peer_at("old-b", &url("cluster-b"), &["10.5.0.0/16"])],
+        );
+        let b = side("cluster-b", &["10.2.0.0/16"], &[]);
+        let err = check_join(&a, &b).unwrap_err();
+        assert!(
+            matches!(&err.refusals[..], [Refusal::ServerTaken { linked_name, .. }] if linked_name == "old-b"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_link_being_deleted_is_refused() {
+        let mut existing = peer("cluster-b", &["10.2.0.0/16"]);
+        existing.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        let a = side("cluster-a", &["10.1.0.0/16"], &[existing]);
+        let b = side("cluster-b", &["10.2.0.0/16"], &[]);
+        let err = check_join(&a, &b).unwrap_err();
+        assert!(
+            matches!(&err.refusals[..], [Refusal::BeingDeleted { .. }]),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn every_reason_is_listed() {
+        let a = side(
+            "cluster-a",
+            &["10.1.0.0/16"],
+            &[peer("cluster-b", &["10.2.0.0/16"])],
+        );
+        let c = side("cluster-c", &["10.0.0.0/8"], &[]);
+        let err = check_join(&a, &c).unwrap_err();
+        assert_eq!(err.refusals.len(), 2, "{err}");
+        assert_eq!(err.to_string().lines().count(), 3, "{err}");
+    }
+
+    fn cidr(s: &str) -> IpCidr {
+        s.parse().unwrap()
+    }
+
+    fn url(name: &str) -> String {
+        format!("https://{name}.example:6443")
+    }
+
+    fn side(name: &str, cidrs: &[&str], peers: &[PeerCluster]) -> JoinSide {
+        JoinSide {
+            context: name.to_owned(),
+            info: ClusterInfo {
+                name: name.to_owned(),
+                pod_cidrs: cidrs.iter().map(|c| cidr(c)).collect(),
+            },
+            api_server: url(name),
+            peers: peers.to_vec(),
+        }
+    }
+
+    fn peer(name: &str, cidrs: &[&str]) -> PeerCluster {
+        peer_at(name, &url(name), cidrs)
+    }
+
+    fn peer_at(name: &str, server: &str, cidrs: &[&str]) -> PeerCluster {
+        PeerCluster::new(
+            name,
+            PeerClusterSpec {
+                cluster_name: name.to_owned(),
+                api_server: server.to_owned(),
+                ca_data: None,
+                credentials_secret: format!("peer-{name}"),
+                allowed_pod_cidrs: cidrs.iter().map(|c| (*c).to_owned()).collect(),
+            },
+        )
+    }
+}

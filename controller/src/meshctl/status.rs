@@ -1,0 +1,557 @@
+//! `meshctl status`: this cluster, its peer clusters and each node's tunnels, as tables or
+//! as one JSON object. [`StatusReport::new`] and [`StatusReport::render`] are pure.
+
+use anyhow::{Context as _, Result};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt as _;
+use kube::api::{Api, ListParams};
+use serde::Serialize;
+use wiremesh_proto::crd::{MeshNode, PeerCluster};
+
+use super::kubeconfig::{self, Target};
+use super::{KubeArgs, OutputFormat, say, table};
+use crate::install::{self, ClusterInfo};
+
+/// Everything `status` shows. Its JSON form is what `status -o json` prints.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusReport {
+    /// This cluster.
+    pub cluster: ClusterView,
+    /// Its PeerClusters, by name.
+    pub peer_clusters: Vec<PeerClusterView>,
+    /// Its MeshNodes, by name.
+    pub nodes: Vec<NodeView>,
+}
+
+/// This cluster's name and pod CIDRs.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterView {
+    /// Its name in the mesh.
+    pub name: String,
+    /// Its pod range.
+    #[serde(rename = "podCIDRs")]
+    pub pod_cidrs: Vec<String>,
+}
+
+/// One PeerCluster.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerClusterView {
+    /// The object's name.
+    pub name: String,
+    /// The remote cluster's name.
+    pub cluster_name: String,
+    /// The remote API server.
+    pub api_server: String,
+    /// The pod CIDRs it was allowed at join time.
+    #[serde(rename = "allowedPodCIDRs")]
+    pub allowed_pod_cidrs: Vec<String>,
+    /// The `Ready` condition, if the controller has set it.
+    pub ready: Option<ConditionView>,
+    /// The `Stale` condition.
+    pub stale: Option<ConditionView>,
+    /// The `Conflict` condition.
+    pub conflict: Option<ConditionView>,
+    /// Remote nodes mirrored as MeshPeers.
+    pub node_count: i32,
+    /// When the remote nodes were last read (RFC 3339).
+    pub last_sync_time: Option<String>,
+    /// Seconds since then.
+    pub last_sync_age_seconds: Option<i64>,
+    /// True while it is being deleted (waiting for the controller's finalizer).
+    pub deleting: bool,
+}
+
+/// A condition as shown.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConditionView {
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// Why, in one CamelCase word.
+    pub reason: String,
+    /// Why, in words.
+    pub message: String,
+    /// When the status last flipped (RFC 3339).
+    pub last_transition_time: String,
+}
+
+/// One MeshNode of this cluster.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeView {
+    /// The node.
+    pub name: String,
+    /// Its pod CIDRs.
+    #[serde(rename = "podCIDRs")]
+    pub pod_cidrs: Vec<String>,
+    /// Its endpoints, preferred first.
+    pub endpoints: Vec<String>,
+    /// When its agent last wrote its status (RFC 3339).
+    pub last_update_time: Option<String>,
+    /// Its tunnels, by peer name, as its agent reported them.
+    pub tunnels: Vec<TunnelView>,
+}
+
+/// One tunnel of a node.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TunnelView {
+    /// The MeshPeer it goes to.
+    pub name: String,
+    /// The peer's endpoint in use.
+    pub endpoint: Option<String>,
+    /// When the current session's handshake completed (RFC 3339).
+    pub latest_handshake_time: Option<String>,
+    /// Seconds since then.
+    pub latest_handshake_age_seconds: Option<i64>,
+    /// Bytes received.
+    pub rx_bytes: i64,
+    /// Bytes sent.
+    pub tx_bytes: i64,
+}
+
+impl StatusReport {
+    /// The report for `info`, `peers` and `nodes`, with ages relative to `now`.
+    pub fn new(
+        info: &ClusterInfo,
+        peers: &[PeerCluster],
+        nodes: &[MeshNode],
+        now: Timestamp,
+    ) -> Self {
+        let age = |t: &Time| now.as_second() - t.0.as_second();
+        let mut peer_clusters: Vec<PeerClusterView> = peers
+            .iter()
+            .map(|p| {
+                let status = p.status.clone().unwrap_or_default();
+                PeerClusterView {
+                    name: p.name_any(),
+                    cluster_name: p.spec.cluster_name.clone(),
+                    api_server: p.spec.api_server.clone(),
+                    allowed_pod_cidrs: p.spec.allowed_pod_cidrs.clone(),
+                    ready: condition(&status.conditions, "Ready"),
+                    stale: condition(&status.conditions, "Stale"),
+                    conflict: condition(&status.conditions, "Conflict"),
+                    node_count: status.node_count,
+                    last_sync_time: status.last_sync_time.as_ref().map(|t| t.0.to_string()),
+                    last_sync_age_seconds: status.last_sync_time.as_ref().map(age),
+                    deleting: p.metadata.deletion_timestamp.is_some(),
+                }
+            })
+            .collect();
+        peer_clusters.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut nodes: Vec<NodeView> = nodes
+            .iter()
+            .map(|n| {
+                let status = n.status.clone().unwrap_or_default();
+                let mut tunnels: Vec<TunnelView> = status
+                    .peers
+                    .iter()
+                    .map(|t| TunnelView {
+                        name: t.name.clone(),
+                        endpoint: t.endpoint.clone(),
+                        latest_handshake_time: t
+                            .latest_handshake_time
+                            .as_ref()
+                            .map(|t| t.0.to_string()),
+                        latest_handshake_age_seconds: t.latest_handshake_time.as_ref().map(age),
+                        rx_bytes: t.rx_bytes,
+                        tx_bytes: t.tx_bytes,
+                    })
+                    .collect();
+                tunnels.sort_by(|a, b| a.name.cmp(&b.name));
+                NodeView {
+                    name: n.name_any(),
+                    pod_cidrs: n.spec.pod_cidrs.clone(),
+                    endpoints: n.spec.endpoints.clone(),
+                    last_update_time: status.last_update_time.as_ref().map(|t| t.0.to_string()),
+                    tunnels,
+                }
+            })
+            .collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        Self {
+            cluster: ClusterView {
+                name: info.name.clone(),
+                pod_cidrs: info.pod_cidrs.iter().map(ToString::to_string).collect(),
+            },
+            peer_clusters,
+            nodes,
+        }
+    }
+
+    /// The report as aligned tables: the cluster, the peer clusters (then the reasons of
+    /// any that is not Ready, Stale or in Conflict), and one row per node and tunnel.
+    pub fn render(&self) -> String {
+        let mut out = table::render(
+            &["CLUSTER", "POD CIDRS"],
+            &[vec![
+                self.cluster.name.clone(),
+                self.cluster.pod_cidrs.join(","),
+            ]],
+        );
+        out.push('\n');
+        if self.peer_clusters.is_empty() {
+            out.push_str("no peer clusters (link one with `meshctl join OTHER_CONTEXT`)\n");
+        } else {
+            let rows: Vec<Vec<String>> = self
+                .peer_clusters
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.name.clone(),
+                        cell(p.ready.as_ref()),
+                        cell(p.stale.as_ref()),
+                        cell(p.conflict.as_ref()),
+                        p.node_count.to_string(),
+                        p.last_sync_age_seconds
+                            .map_or_else(|| "never".to_owned(), table::ago),
+                        p.allowed_pod_cidrs.join(","),
+                        p.api_server.clone(),
+                    ]
+                })
+                .collect();
+            out.push_str(&table::render(
+                &[
+                    "PEER CLUSTER",
+                    "READY",
+                    "STALE",
+                    "CONFLICT",
+                    "NODES",
+                    "LAST SYNC",
+                    "POD CIDRS",
+                    "API SERVER",
+                ],
+                &rows,
+            ));
+            for p in &self.peer_clusters {
+                if p.deleting {
+                    out.push_str(&format!(
+                        "  {}: being deleted (waiting for wiremesh-controller)\n",
+                        p.name
+                    ));
+                }
+                let abnormal = [
+                    ("Ready", p.ready.as_ref(), "True"),
+                    ("Stale", p.stale.as_ref(), "False"),
+                    ("Conflict", p.conflict.as_ref(), "False"),
+                ];
+                for (kind, c, normal) in abnormal {
+                    if let Some(c) = c.filter(|c| c.status != normal) {
+                        out.push_str(&format!(
+                            "  {} {kind}={}: {}: {}\n",
+                            p.name, c.status, c.reason, c.message
+                        ));
+                    }
+                }
+            }
+        }
+        out.push('\n');
+        if self.nodes.is_empty() {
+            out.push_str("no MeshNodes (no agent has registered yet)\n");
+            return out;
+        }
+        let mut rows = Vec::new();
+        for n in &self.nodes {
+            let first = vec![n.name.clone(), n.pod_cidrs.join(",")];
+            if n.tunnels.is_empty() {
+                rows.push([first.clone(), vec!["-".to_owned()]].concat());
+            }
+            for (i, t) in n.tunnels.iter().enumerate() {
+                let lead = if i == 0 {
+                    first.clone()
+                } else {
+                    vec![String::new(), String::new()]
+                };
+                rows.push(
+                    [
+                        lead,
+                        vec![
+                            t.name.clone(),
+                            t.endpoint.clone().unwrap_or_else(|| "-".to_owned()),
+                            t.latest_handshake_age_seconds
+                                .map_or_else(|| "never".to_owned(), table::ago),
+                            table::bytes(t.rx_bytes),
+                            table::bytes(t.tx_bytes),
+                        ],
+                    ]
+                    .concat(),
+                );
+            }
+        }
+        out.push_str(&table::render(
+            &[
+                "NODE",
+                "POD CIDRS",
+                "PEER",
+                "ENDPOINT",
+                "HANDSHAKE",
+                "RX",
+                "TX",
+            ],
+            &rows,
+        ));
+        out
+    }
+}
+
+/// `meshctl status`.
+pub(crate) async fn status(args: &KubeArgs, output: OutputFormat) -> Result<()> {
+    let kubeconfig = kubeconfig::load(args)?;
+    let context = kubeconfig::current_context(&kubeconfig, args.context.as_deref())?;
+    let target = kubeconfig::target(&kubeconfig, &context).await?;
+    let report = gather(&target).await?;
+    match output {
+        OutputFormat::Table => say(report.render().trim_end()),
+        OutputFormat::Json => say(serde_json::to_string_pretty(&report)?),
+    }
+    Ok(())
+}
+
+/// Reads what the report needs from `target`'s cluster.
+///
+/// # Errors
+/// When the cluster cannot be read or Wiremesh is not installed in it.
+pub async fn gather(target: &Target) -> Result<StatusReport> {
+    let info = cluster_info(target).await?;
+    let not_installed = || {
+        format!(
+            "Wiremesh is not installed in context {} (listing its custom resources failed)",
+            target.context
+        )
+    };
+    let peers = Api::<PeerCluster>::all(target.client.clone())
+        .list(&ListParams::default())
+        .await
+        .with_context(not_installed)?;
+    let nodes = Api::<MeshNode>::all(target.client.clone())
+        .list(&ListParams::default())
+        .await
+        .with_context(not_installed)?;
+    Ok(StatusReport::new(
+        &info,
+        &peers.items,
+        &nodes.items,
+        Timestamp::now(),
+    ))
+}
+
+/// [`install::cluster_info`] with the context in the message.
+///
+/// # Errors
+/// "Wiremesh is not installed in context X: …", or the API server could not be read.
+pub async fn cluster_info(target: &Target) -> Result<ClusterInfo> {
+    install::cluster_info(&target.client).await.map_err(|e| {
+        let what = if e.is_not_installed() {
+            format!("Wiremesh is not installed in context {}", target.context)
+        } else {
+            format!(
+                "cannot read the cluster of context {} ({})",
+                target.context, target.server
+            )
+        };
+        anyhow::Error::new(e).context(what)
+    })
+}
+
+fn condition(conditions: &[Condition], kind: &str) -> Option<ConditionView> {
+    conditions
+        .iter()
+        .find(|c| c.type_ == kind)
+        .map(|c| ConditionView {
+            status: c.status.clone(),
+            reason: c.reason.clone(),
+            message: c.message.clone(),
+            last_transition_time: c.last_transition_time.0.to_string(),
+        })
+}
+
+fn cell(condition: Option<&ConditionView>) -> String {
+    condition.map_or_else(|| "-".to_owned(), |c| c.status.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use wiremesh_proto::crd::{
+        MeshNodeSpec, MeshNodeStatus, PeerClusterSpec, PeerClusterStatus, TunnelStatus,
+    };
+
+    use super::*;
+
+    #[test]
+    fn tables_show_peers_reasons_and_tunnels() {
+        let report = report();
+        let text = report.render();
+        let expected = "\
+CLUSTER     POD CIDRS
+cluster-a   10.1.0.0/16
+
+PEER CLUSTER   READY   STALE   CONFLICT   NODES   LAST SYNC   POD CIDRS     API SERVER
+cluster-b      True    False   False      2       3s ago      10.2.0.0/16   https://b.example:6443
+cluster-c      False   True    True       1       5m0s ago    10.3.0.0/16   https://c.example:6443
+  cluster-c Ready=False: ApiServerUnreachable: connection refused
+  cluster-c Stale=True: ApiServerUnreachable: keeping 1 peers
+  cluster-c Conflict=True: CidrOutOfRange: node c9 claims 10.1.0.0/24
+
+NODE   POD CIDRS     PEER           ENDPOINT           HANDSHAKE   RX        TX
+a1     10.1.1.0/24   cluster-b.b1   198.18.0.3:51820   12s ago     1.5 KiB   300 B
+                     cluster-b.b2   -                  never       0 B       0 B
+a2     10.1.2.0/24   -
+";
+        assert_eq!(text, expected, "\n{text}");
+    }
+
+    #[test]
+    fn json_has_the_same_content() {
+        let json = serde_json::to_value(report()).unwrap();
+        assert_eq!(json["cluster"]["name"], "cluster-a");
+        assert_eq!(json["cluster"]["podCIDRs"][0], "10.1.0.0/16");
+        assert_eq!(json["peerClusters"][0]["name"], "cluster-b");
+        assert_eq!(json["peerClusters"][0]["ready"]["status"], "True");
+        assert_eq!(
+            json["peerClusters"][1]["conflict"]["reason"],
+            "CidrOutOfRange"
+        );
+        assert_eq!(json["peerClusters"][0]["lastSyncAgeSeconds"], 3);
+        assert_eq!(
+            json["nodes"][0]["tunnels"][0]["latestHandshakeAgeSeconds"],
+            12
+        );
+        assert_eq!(json["nodes"][0]["tunnels"][0]["rxBytes"], 1536);
+        assert_eq!(json["nodes"][1]["tunnels"].as_array().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn an_empty_cluster_says_what_to_do() {
+        let info = ClusterInfo {
+            name: "cluster-a".into(),
+            pod_cidrs: vec!["10.1.0.0/16".parse().unwrap()],
+        };
+        let text = StatusReport::new(&info, &[], &[], now()).render();
+        assert!(text.contains("meshctl join OTHER_CONTEXT"), "{text}");
+        assert!(text.contains("no MeshNodes"), "{text}");
+    }
+
+    fn now() -> Timestamp {
+        Timestamp::from_second(1_800_000_000).unwrap()
+    }
+
+    fn before(seconds: i64) -> Time {
+        Time(Timestamp::from_second(now().as_second() - seconds).unwrap())
+    }
+
+    fn cond(kind: &str, status: &str, reason: &str, message: &str) -> Condition {
+        Condition {
+            type_: kind.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: message.into(),
+            last_transition_time: before(60),
+            observed_generation: Some(1),
+        }
+    }
+
+    fn peer(name: &str, cidr: &str, status: PeerClusterStatus) -> PeerCluster {
+        let mut p = PeerCluster::new(
+            name,
+            PeerClusterSpec {
+                cluster_name: name.into(),
+                api_server: format!("https://{}.example:6443", &name[8..]),
+                ca_data: None,
+                credentials_secret: format!("peer-{name}"),
+                allowed_pod_cidrs: vec![cidr.into()],
+            },
+        );
+        p.status = Some(status);
+        p
+    }
+
+    fn node(name: &str, cidr: &str, tunnels: Vec<TunnelStatus>) -> MeshNode {
+        let mut n = MeshNode::new(
+            name,
+            MeshNodeSpec {
+                public_key: "x".into(),
+                endpoints: vec![],
+                pod_cidrs: vec![cidr.into()],
+                location: None,
+                kind: Default::default(),
+            },
+        );
+        n.status = Some(MeshNodeStatus {
+            peers: tunnels,
+            ..MeshNodeStatus::default()
+        });
+        n
+    }
+
+    fn report() -> StatusReport {
+        let info = ClusterInfo {
+            name: "cluster-a".into(),
+            pod_cidrs: vec!["10.1.0.0/16".parse().unwrap()],
+        };
+        let peers = [
+            peer(
+                "cluster-c",
+                "10.3.0.0/16",
+                PeerClusterStatus {
+                    conditions: vec![
+                        cond(
+                            "Ready",
+                            "False",
+                            "ApiServerUnreachable",
+                            "connection refused",
+                        ),
+                        cond("Stale", "True", "ApiServerUnreachable", "keeping 1 peers"),
+                        cond(
+                            "Conflict",
+                            "True",
+                            "CidrOutOfRange",
+                            "node c9 claims 10.1.0.0/24",
+                        ),
+                    ],
+                    node_count: 1,
+                    last_sync_time: Some(before(300)),
+                    observed_generation: Some(1),
+                },
+            ),
+            peer(
+                "cluster-b",
+                "10.2.0.0/16",
+                PeerClusterStatus {
+                    conditions: vec![
+                        cond("Ready", "True", "Synced", "2 nodes"),
+                        cond("Stale", "False", "Synced", ""),
+                        cond("Conflict", "False", "NoConflict", ""),
+                    ],
+                    node_count: 2,
+                    last_sync_time: Some(before(3)),
+                    observed_generation: Some(1),
+                },
+            ),
+        ];
+        let nodes = [
+            node("a2", "10.1.2.0/24", vec![]),
+            node(
+                "a1",
+                "10.1.1.0/24",
+                vec![
+                    TunnelStatus {
+                        name: "cluster-b.b2".into(),
+                        ..TunnelStatus::default()
+                    },
+                    TunnelStatus {
+                        name: "cluster-b.b1".into(),
+                        endpoint: Some("198.18.0.3:51820".into()),
+                        latest_handshake_time: Some(before(12)),
+                        rx_bytes: 1536,
+                        tx_bytes: 300,
+                    },
+                ],
+            ),
+        ];
+        StatusReport::new(&info, &peers, &nodes, now())
+    }
+}

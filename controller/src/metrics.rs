@@ -1,0 +1,307 @@
+//! The controller's metrics (Prometheus text format) and its health endpoint:
+//! `/metrics`, `/healthz` (the process runs) and `/readyz` (the Lease can be read and, on the
+//! leader, the local caches are synced).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+/// Longest request head we read; anything longer is refused.
+const MAX_REQUEST: usize = 8 << 10;
+/// A client that sends nothing for this long is dropped.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Which loop ran: `reconcile` (a PeerCluster: finalizer, link task) or `sync` (one
+/// mirror pass of a peer cluster's nodes).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RunLabels {
+    /// `reconcile` or `sync`.
+    pub kind: &'static str,
+}
+
+/// A failed run, by its error's short name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    /// `reconcile` or `sync`.
+    pub kind: &'static str,
+    /// The error variant, such as `kube` or `apply`.
+    pub error: &'static str,
+}
+
+/// Per peer cluster.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    /// The PeerCluster's name.
+    pub peer: String,
+}
+
+/// Everything the controller counts.
+pub struct Metrics {
+    registry: Registry,
+    runs: Family<RunLabels, Counter>,
+    failures: Family<FailureLabels, Counter>,
+    duration: Family<RunLabels, Histogram>,
+    leader: Gauge,
+    peer_nodes: Family<PeerLabels, Gauge>,
+    peer_stale: Family<PeerLabels, Gauge>,
+    peer_conflicts: Family<PeerLabels, Gauge>,
+    health: Health,
+}
+
+/// What `/readyz` answers from.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// The last look at the Lease succeeded.
+    pub lease_reachable: AtomicBool,
+    /// This replica leads.
+    pub leading: AtomicBool,
+    /// The leader's local caches (PeerClusters, MeshPeers, MeshNodes) are synced.
+    pub caches_synced: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("wiremesh_controller");
+        let runs = Family::<RunLabels, Counter>::default();
+        registry.register("runs", "Reconcile and sync runs", runs.clone());
+        let failures = Family::<FailureLabels, Counter>::default();
+        registry.register(
+            "failures",
+            "Failed reconcile and sync runs, by error",
+            failures.clone(),
+        );
+        let duration = Family::<RunLabels, Histogram>::new_with_constructor(|| {
+            // 1 ms to ~16 s.
+            Histogram::new(exponential_buckets(0.001, 2.0, 15))
+        });
+        registry.register(
+            "run_duration_seconds",
+            "Duration of reconcile and sync runs",
+            duration.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this replica leads", leader.clone());
+        let peer_nodes = Family::<PeerLabels, Gauge>::default();
+        registry.register(
+            "peer_nodes",
+            "Remote nodes mirrored as MeshPeers",
+            peer_nodes.clone(),
+        );
+        let peer_stale = Family::<PeerLabels, Gauge>::default();
+        registry.register(
+            "peer_stale",
+            "1 while a peer cluster's API server cannot be read",
+            peer_stale.clone(),
+        );
+        let peer_conflicts = Family::<PeerLabels, Gauge>::default();
+        registry.register(
+            "peer_conflicts",
+            "Remote nodes refused",
+            peer_conflicts.clone(),
+        );
+        Self {
+            registry,
+            runs,
+            failures,
+            duration,
+            leader,
+            peer_nodes,
+            peer_stale,
+            peer_conflicts,
+            health: Health::default(),
+        }
+    }
+
+    /// Counts a run of `kind` that took `elapsed`; `error` names the failure, if any.
+    pub fn run(&self, kind: &'static str, elapsed: Duration, error: Option<&'static str>) {
+        self.runs.get_or_create(&RunLabels { kind }).inc();
+        self.duration
+            .get_or_create(&RunLabels { kind })
+            .observe(elapsed.as_secs_f64());
+        if let Some(error) = error {
+            self.failures
+                .get_or_create(&FailureLabels { kind, error })
+                .inc();
+        }
+    }
+
+    /// Records a peer cluster's state after a sync.
+    pub fn peer(&self, peer: &str, nodes: Option<usize>, stale: bool, conflicts: Option<usize>) {
+        let labels = PeerLabels {
+            peer: peer.to_owned(),
+        };
+        if let Some(nodes) = nodes {
+            self.peer_nodes
+                .get_or_create(&labels)
+                .set(i64::try_from(nodes).unwrap_or(i64::MAX));
+        }
+        self.peer_stale.get_or_create(&labels).set(i64::from(stale));
+        if let Some(conflicts) = conflicts {
+            self.peer_conflicts
+                .get_or_create(&labels)
+                .set(i64::try_from(conflicts).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Forgets a deleted peer cluster.
+    pub fn forget_peer(&self, peer: &str) {
+        let labels = PeerLabels {
+            peer: peer.to_owned(),
+        };
+        self.peer_nodes.remove(&labels);
+        self.peer_stale.remove(&labels);
+        self.peer_conflicts.remove(&labels);
+    }
+
+    /// Records whether this replica leads.
+    pub fn set_leading(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+        self.health.leading.store(leading, Ordering::Relaxed);
+        if !leading {
+            self.health.caches_synced.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// What `/readyz` answers from.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// True when `/readyz` answers 200.
+    pub fn ready(&self) -> bool {
+        let h = &self.health;
+        h.lease_reachable.load(Ordering::Relaxed)
+            && (!h.leading.load(Ordering::Relaxed) || h.caches_synced.load(Ordering::Relaxed))
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            warn!(error = %e, "encoding metrics");
+        }
+        out
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "metrics and health endpoint listening");
+    }
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(respond(stream, metrics.clone()));
+            }
+            Err(e) => {
+                warn!(error = %e, "accepting a metrics connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn respond(mut stream: TcpStream, metrics: Arc<Metrics>) {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(READ_TIMEOUT, async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    if !matches!(read, Ok(Ok(()))) {
+        return;
+    }
+    let request = String::from_utf8_lossy(&head);
+    let path = request.split_whitespace().nth(1).unwrap_or("");
+    let (status, content_type, body) = match path {
+        "/metrics" => (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.render(),
+        ),
+        "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
+        "/readyz" if metrics.ready() => ("200 OK", "text/plain", "ok\n".to_owned()),
+        "/readyz" => (
+            "503 Service Unavailable",
+            "text/plain",
+            "not ready: the lease cannot be read or the caches are not synced\n".to_owned(),
+        ),
+        _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if let Err(e) = stream.write_all(response.as_bytes()).await {
+        debug!(error = %e, "writing a metrics response");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_names_runs_failures_and_peers() {
+        let m = Metrics::new();
+        m.run("sync", Duration::from_millis(3), None);
+        m.run("sync", Duration::from_millis(3), Some("apply"));
+        m.peer("cluster-b", Some(2), true, Some(1));
+        let text = m.render();
+        assert!(
+            text.contains("wiremesh_controller_runs_total{kind=\"sync\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wiremesh_controller_failures_total{kind=\"sync\",error=\"apply\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wiremesh_controller_peer_nodes{peer=\"cluster-b\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wiremesh_controller_peer_stale{peer=\"cluster-b\"} 1"),
+            "{text}"
+        );
+        m.forget_peer("cluster-b");
+        assert!(!m.render().contains("cluster-b"));
+    }
+
+    #[test]
+    fn ready_needs_the_lease_and_on_the_leader_the_caches() {
+        let m = Metrics::new();
+        assert!(!m.ready());
+        m.health().lease_reachable.store(true, Ordering::Relaxed);
+        assert!(m.ready());
+        m.set_leading(true);
+        assert!(!m.ready());
+        m.health().caches_synced.store(true, Ordering::Relaxed);
+        assert!(m.ready());
+    }
+}

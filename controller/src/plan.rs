@@ -1,0 +1,1156 @@
+//! Decide, then act: from a `PeerCluster`, its remote `MeshNode`s and what this cluster
+//! already holds, the `MeshPeer`s to apply and delete, and the remote nodes refused, with why.
+//!
+//! Pure: no I/O and no clock. The sync task in [`crate::remote`] applies the plan.
+//!
+//! A peer is never trusted. A remote node is mirrored only when its key and every one of
+//! its pod CIDRs parse, every CIDR lies inside what its cluster was allowed at join time,
+//! and none overlaps this cluster's own CIDRs (the cluster's pod CIDRs and those of local
+//! `MeshNode`s), another peer cluster's allowed CIDRs or `MeshPeer`s, or another node of the
+//! same remote cluster (then both are refused: neither claim can be told from the other).
+//! A refused node that was mirrored before loses its `MeshPeer`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+
+use kube::ResourceExt as _;
+use wiremesh_proto::crd::{
+    MeshNode, MeshPeer, MeshPeerSpec, PEER_CLUSTER_LABEL, PeerCluster, mesh_peer_name,
+};
+use wiremesh_proto::{IpCidr, PublicKey};
+
+/// Longest object name the API server accepts: a DNS subdomain (RFC 1123), 253 characters.
+const MAX_NAME_LEN: usize = 253;
+
+/// What to do for one `PeerCluster`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    /// `MeshPeer`s to create or update (server-side apply), sorted by name.
+    pub apply: Vec<Desired>,
+    /// Names of this peer cluster's `MeshPeer`s to delete, sorted.
+    pub delete: Vec<String>,
+    /// Remote nodes refused, sorted by node; a node may appear once per offending CIDR.
+    pub conflicts: Vec<Conflict>,
+    /// How many remote nodes are mirrored once the plan is applied.
+    pub mirrored: usize,
+}
+
+/// One `MeshPeer` as it should be.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    /// `<cluster>.<node>`.
+    pub name: String,
+    /// Its spec, with keys, CIDRs and endpoints in canonical form.
+    pub spec: MeshPeerSpec,
+}
+
+/// A remote node that is not mirrored, and why.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Conflict {
+    /// The remote node's name.
+    pub node: String,
+    /// The offending pod CIDR as the node wrote it, when a CIDR is the problem.
+    pub cidr: Option<String>,
+    /// Why it was refused.
+    pub reason: Reason,
+}
+
+/// Why a remote node was refused.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reason {
+    /// The public key is not 32 bytes of base64, or is all zeros.
+    InvalidKey {
+        /// The key as written.
+        key: String,
+    },
+    /// Another node (here or in a peer cluster) has the same public key.
+    DuplicateKey {
+        /// The key.
+        key: String,
+        /// Who else has it.
+        other: Owner,
+    },
+    /// The pod CIDR does not parse.
+    InvalidCidr,
+    /// The pod CIDR is not inside the CIDRs the cluster was allowed at join time.
+    OutsideAllowed {
+        /// The peer cluster.
+        cluster: String,
+        /// What it was allowed.
+        allowed: Vec<IpCidr>,
+    },
+    /// The pod CIDR overlaps one claimed by someone else.
+    Overlaps {
+        /// The other CIDR.
+        other: IpCidr,
+        /// Whose it is.
+        owner: Owner,
+    },
+    /// An endpoint is not `IP:port`.
+    InvalidEndpoint {
+        /// The endpoint as written.
+        endpoint: String,
+    },
+    /// `<cluster>.<node>` is too long for an object name.
+    NameTooLong,
+}
+
+/// Who holds a CIDR or key that a remote node also claims.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Owner {
+    /// This cluster's pod CIDRs.
+    LocalCluster {
+        /// This cluster's name.
+        cluster: String,
+    },
+    /// A `MeshNode` of this cluster.
+    LocalNode {
+        /// Its name.
+        node: String,
+    },
+    /// The allowed pod CIDRs of another peer cluster.
+    PeerAllowed {
+        /// The other peer cluster.
+        cluster: String,
+    },
+    /// A `MeshPeer` of another peer cluster.
+    PeerNode {
+        /// The other peer cluster.
+        cluster: String,
+        /// The node.
+        node: String,
+    },
+    /// Another node of the same remote cluster (both are refused).
+    Sibling {
+        /// The other node.
+        node: String,
+    },
+}
+
+/// What this cluster holds itself: its pod CIDRs, and the pod CIDRs and keys of its own
+/// `MeshNode`s.
+#[derive(Debug, Clone, Default)]
+pub struct Local {
+    claims: Index,
+    keys: BTreeMap<PublicKey, Owner>,
+}
+
+impl Local {
+    /// From this cluster's name and pod CIDRs (the `wiremesh-cluster` ConfigMap) and its
+    /// `MeshNode`s. Local entries that do not parse are skipped: they are this cluster's own
+    /// business and protect nothing.
+    pub fn new<'a>(
+        cluster: &str,
+        pod_cidrs: &[IpCidr],
+        nodes: impl IntoIterator<Item = &'a MeshNode>,
+    ) -> Self {
+        let mut local = Self::default();
+        for cidr in pod_cidrs {
+            local.claims.insert(
+                *cidr,
+                Owner::LocalCluster {
+                    cluster: cluster.to_owned(),
+                },
+            );
+        }
+        for node in nodes {
+            let owner = Owner::LocalNode {
+                node: node.name_any(),
+            };
+            for cidr in node.spec.pod_cidrs.iter().filter_map(|c| c.parse().ok()) {
+                local.claims.insert(cidr, owner.clone());
+            }
+            if let Ok(key) = node.spec.public_key.parse::<PublicKey>() {
+                local.keys.entry(key).or_insert(owner);
+            }
+        }
+        local
+    }
+}
+
+/// Another peer cluster: what it was allowed and what is mirrored from it now.
+#[derive(Debug, Clone, Default)]
+pub struct OtherPeer {
+    allowed: Vec<(IpCidr, Owner)>,
+    nodes: Vec<(IpCidr, Owner)>,
+    keys: Vec<(PublicKey, Owner)>,
+}
+
+impl OtherPeer {
+    /// From another `PeerCluster` and its current `MeshPeer`s.
+    pub fn new<'a>(peer: &PeerCluster, mesh_peers: impl IntoIterator<Item = &'a MeshPeer>) -> Self {
+        let cluster = peer.name_any();
+        let allowed = peer
+            .spec
+            .allowed_pod_cidrs
+            .iter()
+            .filter_map(|c| c.parse().ok())
+            .map(|c| {
+                (
+                    c,
+                    Owner::PeerAllowed {
+                        cluster: cluster.clone(),
+                    },
+                )
+            })
+            .collect();
+        let mut other = Self {
+            allowed,
+            ..Self::default()
+        };
+        for mp in mesh_peers {
+            let owner = Owner::PeerNode {
+                cluster: cluster.clone(),
+                node: mp.spec.node.clone(),
+            };
+            for cidr in mp.spec.pod_cidrs.iter().filter_map(|c| c.parse().ok()) {
+                other.nodes.push((cidr, owner.clone()));
+            }
+            if let Ok(key) = mp.spec.public_key.parse::<PublicKey>() {
+                other.keys.push((key, owner));
+            }
+        }
+        other
+    }
+}
+
+/// Computes what to do for `peer`, given its remote nodes, this cluster's own claims, the
+/// other peer clusters and the `MeshPeer`s that exist for `peer` now (those labelled
+/// [`PEER_CLUSTER_LABEL`]`=<peer name>`).
+///
+/// `apply` holds only the `MeshPeer`s that are missing or differ (spec, label or owner
+/// reference to `peer`), so applying an unchanged plan writes nothing.
+pub fn plan(
+    peer: &PeerCluster,
+    remote: &[MeshNode],
+    local: &Local,
+    others: &[OtherPeer],
+    existing: &[MeshPeer],
+) -> Plan {
+    let peer_name = peer.name_any();
+    let cluster = peer.spec.cluster_name.as_str();
+    let allowed: Vec<IpCidr> = peer
+        .spec
+        .allowed_pod_cidrs
+        .iter()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+
+    let mut foreign = local.claims.clone();
+    let mut foreign_keys = local.keys.clone();
+    for other in others {
+        for (cidr, owner) in other.allowed.iter().chain(&other.nodes) {
+            foreign.insert(*cidr, owner.clone());
+        }
+        for (key, owner) in &other.keys {
+            foreign_keys.entry(*key).or_insert_with(|| owner.clone());
+        }
+    }
+
+    let nodes: BTreeMap<String, &MeshNode> = remote.iter().map(|n| (n.name_any(), n)).collect();
+    let mut conflicts = BTreeSet::new();
+    let mut candidates = BTreeMap::new();
+    let mut siblings = Index::default();
+    let mut keys: BTreeMap<PublicKey, Vec<&str>> = BTreeMap::new();
+    for (name, node) in &nodes {
+        let candidate = Candidate::parse(cluster, name, node, &mut conflicts);
+        for cidr in &candidate.cidrs {
+            siblings.insert(*cidr, Owner::Sibling { node: name.clone() });
+        }
+        if let Some(key) = candidate.key {
+            keys.entry(key).or_default().push(name);
+        }
+        candidates.insert(name.clone(), candidate);
+    }
+
+    for (key, holders) in &keys {
+        for name in holders {
+            let other = match (foreign_keys.get(key), holders.iter().find(|h| *h != name)) {
+                (Some(owner), _) => owner.clone(),
+                (None, Some(sibling)) => Owner::Sibling {
+                    node: (*sibling).to_owned(),
+                },
+                (None, None) => continue,
+            };
+            conflicts.insert(Conflict {
+                node: (*name).to_owned(),
+                cidr: None,
+                reason: Reason::DuplicateKey {
+                    key: key.to_base64(),
+                    other,
+                },
+            });
+        }
+    }
+
+    for (name, candidate) in &candidates {
+        for cidr in &candidate.cidrs {
+            // Taking someone else's addresses is the gravest reason: it is named first.
+            let reason = if let Some((other, owner)) = foreign.find_overlap(cidr, |_| true) {
+                Some(Reason::Overlaps {
+                    other,
+                    owner: owner.clone(),
+                })
+            } else if !allowed.iter().any(|a| a.covers(cidr)) {
+                Some(Reason::OutsideAllowed {
+                    cluster: peer_name.clone(),
+                    allowed: allowed.clone(),
+                })
+            } else {
+                siblings
+                    .find_overlap(
+                        cidr,
+                        |o| !matches!(o, Owner::Sibling { node } if node == name),
+                    )
+                    .map(|(other, owner)| Reason::Overlaps {
+                        other,
+                        owner: owner.clone(),
+                    })
+            };
+            if let Some(reason) = reason {
+                conflicts.insert(Conflict {
+                    node: name.clone(),
+                    cidr: Some(cidr.to_string()),
+                    reason,
+                });
+            }
+        }
+    }
+
+    let refused: BTreeSet<&str> = conflicts.iter().map(|c| c.node.as_str()).collect();
+    let desired: BTreeMap<String, MeshPeerSpec> = candidates
+        .into_iter()
+        .filter(|(name, _)| !refused.contains(name.as_str()))
+        .filter_map(|(name, c)| {
+            let spec = c.into_spec(cluster, &name, nodes.get(&name)?)?;
+            Some((mesh_peer_name(cluster, &name), spec))
+        })
+        .collect();
+
+    let existing: BTreeMap<String, &MeshPeer> =
+        existing.iter().map(|mp| (mp.name_any(), mp)).collect();
+    let owner_uid = peer.metadata.uid.as_deref();
+    let apply = desired
+        .iter()
+        .filter(|(name, spec)| {
+            existing
+                .get(*name)
+                .is_none_or(|mp| !is_current(mp, spec, &peer_name, owner_uid))
+        })
+        .map(|(name, spec)| Desired {
+            name: name.clone(),
+            spec: spec.clone(),
+        })
+        .collect();
+    let delete = existing
+        .keys()
+        .filter(|name| !desired.contains_key(*name))
+        .cloned()
+        .collect();
+    Plan {
+        apply,
+        delete,
+        conflicts: conflicts.into_iter().collect(),
+        mirrored: desired.len(),
+    }
+}
+
+impl fmt::Display for Conflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let node = &self.node;
+        let cidr = self.cidr.as_deref().unwrap_or("");
+        match &self.reason {
+            Reason::InvalidKey { key } => {
+                write!(f, "node {node}: public key {key:?} is not a WireGuard key")
+            }
+            Reason::DuplicateKey { key, other } => {
+                write!(
+                    f,
+                    "node {node}: public key {key} is also the key of {other}"
+                )
+            }
+            Reason::InvalidCidr => write!(f, "node {node}: pod CIDR {cidr:?} is not a CIDR"),
+            Reason::OutsideAllowed { cluster, allowed } => {
+                let allowed: Vec<String> = allowed.iter().map(ToString::to_string).collect();
+                write!(
+                    f,
+                    "node {node}: pod CIDR {cidr} is outside what {cluster} was allowed ({})",
+                    if allowed.is_empty() {
+                        "nothing".to_owned()
+                    } else {
+                        allowed.join(", ")
+                    }
+                )
+            }
+            Reason::Overlaps { other, owner } => {
+                write!(
+                    f,
+                    "node {node}: pod CIDR {cidr} overlaps {other} of {owner}"
+                )
+            }
+            Reason::InvalidEndpoint { endpoint } => {
+                write!(f, "node {node}: endpoint {endpoint:?} is not IP:port")
+            }
+            Reason::NameTooLong => write!(
+                f,
+                "node {node}: its MeshPeer name would be longer than {MAX_NAME_LEN} characters"
+            ),
+        }
+    }
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Owner::LocalCluster { cluster } => write!(f, "this cluster ({cluster})"),
+            Owner::LocalNode { node } => write!(f, "local node {node}"),
+            Owner::PeerAllowed { cluster } => write!(f, "peer cluster {cluster} (allowed range)"),
+            Owner::PeerNode { cluster, node } => {
+                write!(f, "node {node} of peer cluster {cluster}")
+            }
+            Owner::Sibling { node } => write!(f, "node {node} of the same cluster"),
+        }
+    }
+}
+
+/// A remote node after parsing: what parsed, with problems recorded as conflicts.
+struct Candidate {
+    key: Option<PublicKey>,
+    cidrs: Vec<IpCidr>,
+    endpoints: Vec<SocketAddr>,
+}
+
+impl Candidate {
+    fn parse(
+        cluster: &str,
+        name: &str,
+        node: &MeshNode,
+        conflicts: &mut BTreeSet<Conflict>,
+    ) -> Self {
+        let mut refuse = |cidr: Option<&str>, reason| {
+            conflicts.insert(Conflict {
+                node: name.to_owned(),
+                cidr: cidr.map(str::to_owned),
+                reason,
+            });
+        };
+        let key = match node.spec.public_key.parse::<PublicKey>() {
+            Ok(key) if !key.0.is_zero() => Some(key),
+            _ => {
+                refuse(
+                    None,
+                    Reason::InvalidKey {
+                        key: node.spec.public_key.clone(),
+                    },
+                );
+                None
+            }
+        };
+        let mut cidrs = Vec::new();
+        for text in &node.spec.pod_cidrs {
+            match text.parse::<IpCidr>() {
+                // Host bits are refused too: the node meant some other network.
+                Ok(cidr) if canonical_eq(text, &cidr) => cidrs.push(cidr),
+                _ => refuse(Some(text), Reason::InvalidCidr),
+            }
+        }
+        let mut endpoints = Vec::new();
+        for text in &node.spec.endpoints {
+            match text.parse::<SocketAddr>() {
+                Ok(addr) => endpoints.push(addr),
+                Err(_) => refuse(
+                    None,
+                    Reason::InvalidEndpoint {
+                        endpoint: text.clone(),
+                    },
+                ),
+            }
+        }
+        if mesh_peer_name(cluster, name).len() > MAX_NAME_LEN {
+            refuse(None, Reason::NameTooLong);
+        }
+        Self {
+            key,
+            cidrs,
+            endpoints,
+        }
+    }
+
+    fn into_spec(self, cluster: &str, name: &str, node: &MeshNode) -> Option<MeshPeerSpec> {
+        Some(MeshPeerSpec {
+            cluster: cluster.to_owned(),
+            node: name.to_owned(),
+            public_key: self.key?.to_base64(),
+            endpoints: self.endpoints.iter().map(ToString::to_string).collect(),
+            pod_cidrs: self.cidrs.iter().map(ToString::to_string).collect(),
+            location: node.spec.location.clone(),
+            kind: node.spec.kind,
+        })
+    }
+}
+
+/// True when `text` names exactly `cidr` (no host bits), allowing other spellings of the
+/// same address (`fd00:0::/64` for `fd00::/64`).
+fn canonical_eq(text: &str, cidr: &IpCidr) -> bool {
+    let Some((addr, len)) = text.trim().split_once('/') else {
+        return false;
+    };
+    addr.parse::<std::net::IpAddr>()
+        .is_ok_and(|a| a == cidr.addr() && len.parse::<u8>() == Ok(cidr.prefix_len()))
+}
+
+/// True when the existing `MeshPeer` already is what the plan wants.
+fn is_current(mp: &MeshPeer, spec: &MeshPeerSpec, peer: &str, owner_uid: Option<&str>) -> bool {
+    let labelled = mp.labels().get(PEER_CLUSTER_LABEL).map(String::as_str) == Some(peer);
+    let owned = owner_uid.is_none_or(|uid| mp.owner_references().iter().any(|o| o.uid == uid));
+    mp.spec == *spec && labelled && owned
+}
+
+/// CIDRs and who claims them, for overlap queries in O(prefix length × log n).
+#[derive(Debug, Clone, Default)]
+struct Index {
+    entries: BTreeMap<IpCidr, Vec<Owner>>,
+}
+
+impl Index {
+    fn insert(&mut self, cidr: IpCidr, owner: Owner) {
+        let owners = self.entries.entry(cidr).or_default();
+        if !owners.contains(&owner) {
+            owners.push(owner);
+        }
+    }
+
+    /// The first entry (by prefix) that overlaps `cidr` and whose owner passes `keep`.
+    ///
+    /// Overlapping prefixes nest: either an entry contains `cidr` (it is `cidr` shortened
+    /// to one of the lengths 0..=len) or `cidr` contains it (it sorts at or after `cidr`
+    /// and before the end of `cidr`'s range).
+    fn find_overlap(
+        &self,
+        cidr: &IpCidr,
+        keep: impl Fn(&Owner) -> bool,
+    ) -> Option<(IpCidr, &Owner)> {
+        for len in 0..=cidr.prefix_len() {
+            let Ok(outer) = IpCidr::new(cidr.addr(), len) else {
+                continue;
+            };
+            if let Some(owner) = self
+                .entries
+                .get(&outer)
+                .and_then(|o| o.iter().find(|o| keep(o)))
+            {
+                return Some((outer, owner));
+            }
+        }
+        self.entries
+            .range(cidr..)
+            .take_while(|(inner, _)| cidr.covers(inner))
+            .find_map(|(inner, owners)| owners.iter().find(|o| keep(o)).map(|o| (*inner, o)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+    use proptest::prelude::*;
+    use wiremesh_proto::crd::{MeshNodeSpec, PeerClusterSpec};
+
+    use super::*;
+
+    #[test]
+    fn valid_nodes_are_mirrored() {
+        let plan = plan(
+            &peer("cluster-b", &["10.2.0.0/16"]),
+            &[
+                node("b1", 1, &["10.2.1.0/24"]),
+                node("b2", 2, &["10.2.2.0/24"]),
+            ],
+            &local(),
+            &[],
+            &[],
+        );
+        assert!(plan.conflicts.is_empty(), "{:?}", plan.conflicts);
+        assert_eq!(names(&plan.apply), ["cluster-b.b1", "cluster-b.b2"]);
+        assert!(plan.delete.is_empty());
+        assert_eq!(plan.mirrored, 2);
+        let b1 = &plan.apply[0].spec;
+        assert_eq!(b1.cluster, "cluster-b");
+        assert_eq!(b1.node, "b1");
+        assert_eq!(b1.public_key, key(1));
+        assert_eq!(b1.pod_cidrs, ["10.2.1.0/24"]);
+        assert_eq!(b1.endpoints, ["198.18.0.1:51820"]);
+    }
+
+    #[test]
+    fn unchanged_peers_are_not_applied_again() {
+        let pc = peer("cluster-b", &["10.2.0.0/16"]);
+        let remote = [node("b1", 1, &["10.2.1.0/24"])];
+        let first = plan(&pc, &remote, &local(), &[], &[]);
+        let existing = applied(&pc, &first);
+        let second = plan(&pc, &remote, &local(), &[], &existing);
+        assert!(second.apply.is_empty(), "{:?}", second.apply);
+        assert!(second.delete.is_empty());
+        assert_eq!(second.mirrored, 1);
+    }
+
+    #[test]
+    fn changed_node_is_applied_again() {
+        let pc = peer("cluster-b", &["10.2.0.0/16"]);
+        let existing = applied(
+            &pc,
+            &plan(&pc, &[node("b1", 1, &["10.2.1.0/24"])], &local(), &[], &[]),
+        );
+        let mut moved = node("b1", 1, &["10.2.1.0/24"]);
+        moved.spec.endpoints = vec!["198.18.9.9:51820".into()];
+        let plan = plan(&pc, &[moved], &local(), &[], &existing);
+        assert_eq!(names(&plan.apply), ["cluster-b.b1"]);
+        assert_eq!(plan.apply[0].spec.endpoints, ["198.18.9.9:51820"]);
+    }
+
+    #[test]
+    fn peer_without_label_or_owner_is_applied_again() {
+        let pc = peer("cluster-b", &["10.2.0.0/16"]);
+        let remote = [node("b1", 1, &["10.2.1.0/24"])];
+        let mut existing = applied(&pc, &plan(&pc, &remote, &local(), &[], &[]));
+        existing[0].metadata.owner_references = None;
+        assert_eq!(plan(&pc, &remote, &local(), &[], &existing).apply.len(), 1);
+        let mut existing = applied(&pc, &plan(&pc, &remote, &local(), &[], &[]));
+        existing[0].metadata.labels = None;
+        assert_eq!(plan(&pc, &remote, &local(), &[], &existing).apply.len(), 1);
+    }
+
+    #[test]
+    fn vanished_node_is_deleted() {
+        let pc = peer("cluster-b", &["10.2.0.0/16"]);
+        let both = [
+            node("b1", 1, &["10.2.1.0/24"]),
+            node("b2", 2, &["10.2.2.0/24"]),
+        ];
+        let existing = applied(&pc, &plan(&pc, &both, &local(), &[], &[]));
+        let plan = plan(&pc, &both[..1], &local(), &[], &existing);
+        assert!(plan.apply.is_empty());
+        assert_eq!(plan.delete, ["cluster-b.b2"]);
+        assert_eq!(plan.mirrored, 1);
+    }
+
+    #[test]
+    fn empty_remote_deletes_everything() {
+        let pc = peer("cluster-b", &["10.2.0.0/16"]);
+        let existing = applied(
+            &pc,
+            &plan(&pc, &[node("b1", 1, &["10.2.1.0/24"])], &local(), &[], &[]),
+        );
+        let plan = plan(&pc, &[], &local(), &[], &existing);
+        assert_eq!(plan.delete, ["cluster-b.b1"]);
+        assert_eq!(plan.mirrored, 0);
+    }
+
+    #[test]
+    fn peer_outside_its_allowed_cidrs_is_refused() {
+        let plan = plan(
+            &peer("cluster-b", &["10.2.0.0/16"]),
+            &[
+                node("evil", 1, &["10.2.1.0/24", "10.9.0.0/24"]),
+                node("b2", 2, &["10.2.2.0/24"]),
+            ],
+            &local(),
+            &[],
+            &[],
+        );
+        assert_eq!(names(&plan.apply), ["cluster-b.b2"]);
+        assert_eq!(plan.conflicts.len(), 1);
+        let c = &plan.conflicts[0];
+        assert_eq!(
+            (c.node.as_str(), c.cidr.as_deref()),
+            ("evil", Some("10.9.0.0/24"))
+        );
+        let text = c.to_string();
+        assert!(
+            text.contains("evil") && text.contains("10.9.0.0/24") && text.contains("10.2.0.0/16"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn allowed_range_that_only_overlaps_is_not_enough() {
+        let plan = plan(
+            &peer("cluster-b", &["10.2.0.0/24"]),
+            &[node("b1", 1, &["10.2.0.0/16"])],
+            &local(),
+            &[],
+            &[],
+        );
+        assert!(plan.apply.is_empty());
+        assert!(matches!(
+            plan.conflicts[0].reason,
+            Reason::OutsideAllowed { .. }
+        ));
+    }
+
+    #[test]
+    fn overlap_with_this_cluster_is_named_before_the_allowed_range() {
+        let plan = plan(
+            &peer("cluster-b", &["10.2.0.0/16"]),
+            &[node("evil", 1, &["10.1.5.0/24"])],
+            &local(),
+            &[],
+            &[],
+        );
+        assert_eq!(
+            plan.conflicts[0].reason,
+            Reason::Overlaps {
+                other: cidr("10.1.0.0/16"),
+                owner: Owner::LocalCluster {
+                    cluster: "cluster-a".into()
+                }
+            }
+        );
+    }
+
+    #[test]
+    fn node_claiming_a_local_cidr_is_refused() {
+        let plan = plan(
+            // Allowed too much at join time: the local check still holds.
+            &peer("cluster-b", &["10.0.0.0/8"]),
+            &[node("evil", 1, &["10.1.5.0/24"])],
+            &local(),
+            &[],
+            &[],
+        );
+        assert!(plan.apply.is_empty());
+        let text = plan.conflicts[0].to_string();
+        assert!(
+            text.contains("evil") && text.contains("10.1.5.0/24"),
+            "{text}"
+        );
+        assert!(
+            text.contains("10.1.0.0/16") && text.contains("cluster-a"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn node_claiming_a_local_nodes_cidr_is_refused() {
+        let local = Local::new("cluster-a", &[], &[node("a1", 9, &["10.5.0.0/24"])]);
+        let plan = plan(
+            &peer("cluster-b", &["10.0.0.0/8"]),
+            &[node("evil", 1, &["10.5.0.0/25"])],
+            &local,
+            &[],
+            &[],
+        );
+        assert!(plan.apply.is_empty());
+        assert_eq!(
+            plan.conflicts[0].reason,
+            Reason::Overlaps {
+                other: cidr("10.5.0.0/24"),
+                owner: Owner::LocalNode { node: "a1".into() }
+            }
+        );
+    }
+
+    #[test]
+    fn node_claiming_another_peers_allowed_range_is_refused() {
+        let c = OtherPeer::new(&peer("cluster-c", &["10.3.0.0/16"]), &[]);
+        let plan = plan(
+            &peer("cluster-b", &["10.0.0.0/8"]),
+            &[node("evil", 1, &["10.3.7.0/24"])],
+            &local(),
+            &[c],
+            &[],
+        );
+        assert!(plan.apply.is_empty());
+        assert_eq!(
+            plan.conflicts[0].reason,
+            Reason::Overlaps {
+                other: cidr("10.3.0.0/16"),
+                owner: Owner::PeerAllowed {
+                    cluster: "cluster-c".into()
+                }
+            }
+        );
+    }
+
+    #[test]
+    fn node_claiming_another_peers_mesh_peer_is_refused() {
+        let pc_c = peer("cluster-c", &["10.3.0.0/16"]);
+        let c_peers = applied(
+            &pc_c,
+            &plan(
+                &pc_c,
+                &[node("c1", 5, &["10.3.1.0/24"])],
+                &local(),
+                &[],
+                &[],
+            ),
+        );
+        // cluster-c's MeshPeer sits outside its current allowed range: still protected.
+        let c = OtherPeer::new(&peer("cluster-c", &["10.4.0.0/16"]), &c_peers);
+        let plan = plan(
+            &peer("cluster-b", &["10.3.0.0/16"]),
+            &[node("evil", 1, &["10.3.0.0/22"])],
+            &local(),
+            &[c],
+            &[],
+        );
+        assert!(plan.apply.is_empty());
+        assert_eq!(
+            plan.conflicts[0].reason,
+            Reason::Overlaps {
+                other: cidr("10.3.1.0/24"),
+                owner: Owner::PeerNode {
+                    cluster: "cluster-c".into(),
+                    node: "c1".into()
+                }
+            }
+        );
+        assert!(plan.conflicts[0].to_string().contains("c1"));
+    }
+
+    #[test]
+    fn overlapping_siblings_are_both_refused() {
+        let plan = plan(
+            &peer("cluster-b", &["10.2.0.0/16"]),
+            &[
+                node("b1", 1, &["10.2.1.0/24"]),
+                node("b2", 2, &["10.2.1.128/25"]),
+                node("b3", 3, &["10.2.3.0/24"]),
+            ],
+            &local(),
+            &[],
+            &[],
+        );
+        assert_eq!(names(&plan.apply), ["cluster-b.b3"]);
+        let refused: Vec<_> = plan.conflicts.iter().map(|c| c.node.as_str()).collect();
+        assert_eq!(refused, ["b1", "b2"]);
+        assert!(plan.conflicts[0].to_string().contains("b2"));
+        assert!(plan.conflicts[1].to_string().contains("b1"));
+    }
+
+    #[test]
+    fn a_node_may_list_nested_cidrs_of_its_own() {
+        let plan = plan(
+            &peer("cluster-b", &["10.2.0.0/16"]),
+            &[node("b1", 1, &["10.2.0.0/23", "10.2.1.0/24"])],
+            &local(),
+            &[],
+            &[],
+        );
+        assert!(plan.conflicts.is_empty(), "{:?}", plan.conflicts);
+    }
+
+    #[test]
+    fn refused_node_that_was_mirrored_is_deleted() {
+        let pc = peer("cluster-b", &["10.2.0.0/16"]);
+        let existing = applied(
+            &pc,
+            &plan(&pc, &[node("b1", 1, &["10.2.1.0/24"])], &local(), &[], &[]),
+        );
+        let plan = plan(
+            &pc,
+            &[node("b1", 1, &["10.1.0.0/24"])],
+            &local(),
+            &[],
+            &existing,
+        );
+        assert!(plan.apply.is_empty());
+        assert_eq!(plan.delete, ["cluster-b.b1"]);
+        assert_eq!(plan.conflicts.len(), 1);
+    }
+
+    #[test]
+    fn bad_key_is_refused() {
+        let mut bad = node("b1", 1, &["10.2.1.0/24"]);
+        bad.spec.public_key = "not-a-key".into();
+        let mut zero = node("b2", 1, &["10.2.2.0/24"]);
+        zero.spec.public_key = PublicKey::from([0; 32]).to_base64();
+        let plan = plan(
+            &peer("cluster-b", &["10.2.0.0/16"]),
+            &[bad, zero],
+            &local(),
+            &[],
+            &[],
+        );
+        assert!(plan.apply.is_empty());
+        assert!(
+            plan.conflicts
+                .iter()
+                .all(|c| matches!(c.reason, Reason::InvalidKey { .. }))
+        );
+        assert!(plan.conflicts[0].to_string().contains("not-a-key"));
+    }
+
+    #[test]
+    fn bad_or_unmasked_cidr_is_refused() {
+        let plan = plan(
+            &peer("cluster-b", &["10.2.0.0/16"]),
+            &[
+                node("b1", 1, &["10.2.1.0/33"]),
+                node("b2", 2, &["10.2.2.7/24"]),
+                node("b3", 3, &["fd00:0::/64"]),
+            ],
+            &local(),
+            &[],
+            &[],
+        );
+        let refused: Vec<_> = plan
+            .conflicts
+            .iter()
+            .map(|c| (c.node.as_str(), c.cidr.as_deref()))
+            .collect();
+        assert_eq!(
+            refused[..2],
+            [("b1", Some("10.2.1.0/33")), ("b2", Some("10.2.2.7/24"))]
+        );
+        assert!(
+            plan.conflicts
+                .iter()
+                .all(|c| c.node != "b3" || matches!(c.reason, Reason::OutsideAllowed { .. }))
+        );
+    }
+
+    #[test]
+    fn ipv6_spelling_is_canonicalised() {
+        let plan = plan(
+            &peer("cluster-b", &["fd00::/48"]),
+            &[node("b1", 1, &["fd00:0:0:1::/64"])],
+            &local(),
+            &[],
+            &[],
+        );
+        assert!(plan.conflicts.is_empty(), "{:?}", plan.conflicts);
+        assert_eq!(plan.apply[0].spec.pod_cidrs, ["fd00:0:0:1::/64"]);
+    }
+
+    #[test]
+    fn bad_endpoint_is_refused() {
+        let mut n = node("b1", 1, &["10.2.1.0/24"]);
+        n.spec.endpoints = vec!["999.1.1.1:51820".into()];
+        let plan = plan(
+            &peer("cluster-b", &["10.2.0.0/16"]),
+            &[n],
+            &local(),
+            &[],
+            &[],
+        );
+        assert!(plan.apply.is_empty());
+        assert!(plan.conflicts[0].to_string().contains("999.1.1.1:51820"));
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused() {
+        let local = Local::new("cluster-a", &[], &[node("a1", 7, &[])]);
+        let plan = plan(
+            &peer("cluster-b", &["10.2.0.0/16"]),
+            &[
+                node("b1", 1, &["10.2.1.0/24"]),
+                node("b2", 1, &["10.2.2.0/24"]),
+                node("b3", 7, &["10.2.3.0/24"]),
+                node("b4", 4, &["10.2.4.0/24"]),
+            ],
+            &local,
+            &[],
+            &[],
+        );
+        assert_eq!(names(&plan.apply), ["cluster-b.b4"]);
+        let refused: Vec<_> = plan.conflicts.iter().map(|c| c.node.as_str()).collect();
+        assert_eq!(refused, ["b1", "b2", "b3"]);
+        assert!(plan.conflicts[2].to_string().contains("local node a1"));
+    }
+
+    #[test]
+    fn overlong_name_is_refused() {
+        let long = "n".repeat(250);
+        let plan = plan(
+            &peer("cluster-b", &["10.2.0.0/16"]),
+            &[node(&long, 1, &["10.2.1.0/24"])],
+            &local(),
+            &[],
+            &[],
+        );
+        assert_eq!(plan.conflicts[0].reason, Reason::NameTooLong);
+    }
+
+    #[test]
+    fn node_without_cidrs_is_mirrored() {
+        let plan = plan(
+            &peer("cluster-b", &["10.2.0.0/16"]),
+            &[node("b1", 1, &[])],
+            &local(),
+            &[],
+            &[],
+        );
+        assert_eq!(plan.mirrored, 1);
+        assert!(plan.apply[0].spec.pod_cidrs.is_empty());
+    }
+
+    #[test]
+    fn mesh_peers_take_the_cluster_name_and_keep_location_and_kind() {
+        let mut n = node("h1", 1, &["10.2.9.0/24"]);
+        n.spec.location = Some("fra1".into());
+        n.spec.kind = wiremesh_proto::crd::MeshNodeKind::Host;
+        let plan = plan(
+            &peer("cluster-b", &["10.2.0.0/16"]),
+            &[n],
+            &local(),
+            &[],
+            &[],
+        );
+        assert_eq!(plan.apply[0].name, "cluster-b.h1");
+        assert_eq!(plan.apply[0].spec.location.as_deref(), Some("fra1"));
+        assert_eq!(
+            plan.apply[0].spec.kind,
+            wiremesh_proto::crd::MeshNodeKind::Host
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn index_agrees_with_a_linear_scan(
+            entries in prop::collection::vec(arb_cidr(), 0..24),
+            query in arb_cidr(),
+        ) {
+            let mut index = Index::default();
+            for (i, c) in entries.iter().enumerate() {
+                index.insert(*c, Owner::Sibling { node: i.to_string() });
+            }
+            let found = index.find_overlap(&query, |_| true);
+            let any = entries.iter().any(|c| c.overlaps(&query));
+            prop_assert_eq!(found.is_some(), any);
+            if let Some((c, _)) = found {
+                prop_assert!(c.overlaps(&query));
+            }
+        }
+
+        #[test]
+        fn mirrored_nodes_are_disjoint_allowed_and_not_local(
+            nodes in prop::collection::vec(prop::collection::vec(arb_cidr(), 0..3), 0..10),
+        ) {
+            let remote: Vec<MeshNode> = nodes
+                .iter()
+                .enumerate()
+                .map(|(i, cidrs)| {
+                    let texts: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
+                    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+                    node(&format!("n{i}"), i as u8 + 1, &texts)
+                })
+                .collect();
+            let pc = peer("cluster-b", &["10.2.0.0/16"]);
+            let plan = plan(&pc, &remote, &local(), &[], &[]);
+            let allowed = cidr("10.2.0.0/16");
+            let local_cidr = cidr("10.1.0.0/16");
+            let mirrored: Vec<(String, IpCidr)> = plan
+                .apply
+                .iter()
+                .flat_map(|d| d.spec.pod_cidrs.iter().map(move |c| (d.spec.node.clone(), cidr(c))))
+                .collect();
+            for (n, c) in &mirrored {
+                prop_assert!(allowed.covers(c));
+                prop_assert!(!local_cidr.overlaps(c));
+                for (m, d) in &mirrored {
+                    prop_assert!(n == m || !c.overlaps(d), "{} {} overlaps {} {}", n, c, m, d);
+                }
+            }
+            // Every node is either mirrored or named in a conflict, never both.
+            let refused: BTreeSet<&str> = plan.conflicts.iter().map(|c| c.node.as_str()).collect();
+            prop_assert_eq!(plan.mirrored + refused.len(), remote.len());
+            for d in &plan.apply {
+                prop_assert!(!refused.contains(d.spec.node.as_str()));
+            }
+        }
+
+        #[test]
+        fn replanning_an_applied_plan_changes_nothing(
+            nodes in prop::collection::vec(prop::collection::vec(arb_cidr(), 0..3), 0..8),
+        ) {
+            let remote: Vec<MeshNode> = nodes
+                .iter()
+                .enumerate()
+                .map(|(i, cidrs)| {
+                    let texts: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
+                    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+                    node(&format!("n{i}"), i as u8 + 1, &texts)
+                })
+                .collect();
+            let pc = peer("cluster-b", &["10.2.0.0/16"]);
+            let first = plan(&pc, &remote, &local(), &[], &[]);
+            let second = plan(&pc, &remote, &local(), &[], &applied(&pc, &first));
+            prop_assert!(second.apply.is_empty());
+            prop_assert!(second.delete.is_empty());
+            prop_assert_eq!(second.conflicts, first.conflicts);
+        }
+    }
+
+    fn arb_cidr() -> impl Strategy<Value = IpCidr> {
+        // Mostly inside 10.0.0.0/14 so that overlaps are common.
+        (0u32..4, any::<u16>(), 14u8..=26).prop_map(|(b, rest, len)| {
+            let addr = std::net::Ipv4Addr::from(0x0a00_0000 | (b << 16) | u32::from(rest));
+            IpCidr::new(addr.into(), len).unwrap()
+        })
+    }
+
+    fn cidr(text: &str) -> IpCidr {
+        text.parse().unwrap()
+    }
+
+    fn key(seed: u8) -> String {
+        PublicKey::from([seed; 32]).to_base64()
+    }
+
+    fn local() -> Local {
+        Local::new("cluster-a", &[cidr("10.1.0.0/16")], std::iter::empty())
+    }
+
+    fn names(apply: &[Desired]) -> Vec<&str> {
+        apply.iter().map(|d| d.name.as_str()).collect()
+    }
+
+    fn peer(name: &str, allowed: &[&str]) -> PeerCluster {
+        let mut pc = PeerCluster::new(
+            name,
+            PeerClusterSpec {
+                cluster_name: name.into(),
+                api_server: "https://127.0.0.1:6443".into(),
+                ca_data: None,
+                credentials_secret: format!("{name}-credentials"),
+                allowed_pod_cidrs: allowed.iter().map(|s| (*s).to_owned()).collect(),
+            },
+        );
+        pc.metadata.uid = Some(format!("uid-{name}"));
+        pc
+    }
+
+    fn node(name: &str, key_seed: u8, cidrs: &[&str]) -> MeshNode {
+        MeshNode::new(
+            name,
+            MeshNodeSpec {
+                public_key: key(key_seed),
+                endpoints: vec![format!("198.18.0.{key_seed}:51820")],
+                pod_cidrs: cidrs.iter().map(|s| (*s).to_owned()).collect(),
+                location: None,
+                kind: Default::default(),
+            },
+        )
+    }
+
+    /// The MeshPeers that exist after `plan` was applied for `pc`.
+    fn applied(pc: &PeerCluster, plan: &Plan) -> Vec<MeshPeer> {
+        plan.apply
+            .iter()
+            .map(|d| {
+                let mut mp = MeshPeer::new(&d.name, d.spec.clone());
+                mp.metadata.labels = Some([(PEER_CLUSTER_LABEL.to_owned(), pc.name_any())].into());
+                mp.metadata.owner_references = Some(vec![OwnerReference {
+                    api_version: "wiremesh.io/v1alpha1".into(),
+                    kind: "PeerCluster".into(),
+                    name: pc.name_any(),
+                    uid: pc.metadata.uid.clone().unwrap(),
+                    controller: Some(true),
+                    block_owner_deletion: None,
+                }]);
+                mp
+            })
+            .collect()
+    }
+}

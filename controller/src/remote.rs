@@ -1,0 +1,897 @@
+//! One peer cluster's link: a client for its API server, a watch of its `MeshNode`s, and
+//! the loop that plans ([`crate::plan`]) and applies `MeshPeer`s and the `PeerCluster`'s
+//! status ([`crate::status`]).
+//!
+//! Each `PeerCluster` gets its own task ([`mirror`]), so one slow remote never holds up
+//! another. The loop mirrors on every spec change of a remote node (debounced), on every
+//! local change, on a nudge from the reconciler, and every resync period (level-triggered).
+//!
+//! **Fail static.** The remote is probed every resync period (a one-item list with a
+//! timeout), and a watch error is checked with a probe at once. While the remote cannot be
+//! read the `MeshPeer`s are left exactly as they are and the `PeerCluster` is `Stale`; when
+//! the remote answers again the watch starts over with a fresh list, and only once that
+//! list is complete does mirroring resume. A remote that was never listed is never planned
+//! from, so a controller that starts during an outage deletes nothing.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::hash::{DefaultHasher, Hash as _, Hasher as _};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt as _};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::events::{Event as K8sEvent, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Config, Resource as _, ResourceExt as _};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
+use tracing::{Instrument as _, debug, info, info_span, warn};
+use wiremesh_proto::crd::{
+    MeshNode, MeshPeer, PEER_CLUSTER_LABEL, PeerCluster, PeerClusterStatus, SYSTEM_NAMESPACE,
+};
+
+use crate::plan::{self, Local, OtherPeer, Plan};
+use crate::reconcile::{FIELD_MANAGER, Shared};
+use crate::status::{self, Observation, Transition};
+
+/// Key of the bearer token in a PeerCluster's credentials Secret.
+pub const TOKEN_KEY: &str = "token";
+
+/// How long to wait for a TCP connection to a remote API server.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Consecutive watch failures (without a complete list in between) after which the remote
+/// counts as unreadable even if a probe answers (say, RBAC allows `list` but not `watch`).
+const MAX_WATCH_FAILURES: u32 = 3;
+/// Server-side timeout of each watch request; the watcher reconnects after it.
+const WATCH_TIMEOUT_SECS: u32 = 120;
+/// Event notes are limited to 1 kB by the API.
+const MAX_NOTE: usize = 1000;
+
+/// Where a peer cluster's API server is and how to authenticate to it.
+#[derive(Clone)]
+pub struct Remote {
+    /// `https://host:port`.
+    pub api_server: String,
+    /// Base64 PEM CA bundle, if not a public CA.
+    pub ca_data: Option<String>,
+    /// Bearer token (never logged).
+    token: String,
+}
+
+impl fmt::Debug for Remote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Remote")
+            .field("api_server", &self.api_server)
+            .field("ca_data", &self.ca_data.as_ref().map(|_| "<set>"))
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The remote as far as it could be worked out from the PeerCluster and its Secret.
+#[derive(Debug, Clone)]
+pub enum Credentials {
+    /// Ready to connect.
+    Usable(Remote),
+    /// The link cannot be used; the reason goes into the `Stale` condition.
+    Blocked {
+        /// CamelCase, such as `CredentialsMissing`.
+        reason: &'static str,
+        /// For people.
+        message: String,
+    },
+}
+
+impl Credentials {
+    /// From a PeerCluster and its Secret (`None` when it does not exist).
+    pub fn new(peer: &PeerCluster, secret: Option<&Secret>) -> Self {
+        let name = &peer.spec.credentials_secret;
+        let Some(secret) = secret else {
+            return Self::Blocked {
+                reason: "CredentialsMissing",
+                message: format!("Secret {SYSTEM_NAMESPACE}/{name} not found"),
+            };
+        };
+        let token = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(TOKEN_KEY))
+            .and_then(|t| std::str::from_utf8(&t.0).ok())
+            .map(str::trim)
+            .filter(|t| !t.is_empty());
+        match token {
+            Some(token) => Self::Usable(Remote {
+                api_server: peer.spec.api_server.clone(),
+                ca_data: peer.spec.ca_data.clone(),
+                token: token.to_owned(),
+            }),
+            None => Self::Blocked {
+                reason: "CredentialsMissing",
+                message: format!("Secret {SYSTEM_NAMESPACE}/{name} has no {TOKEN_KEY:?}"),
+            },
+        }
+    }
+
+    /// A digest of everything a running link depends on: when it changes, the link restarts.
+    pub fn fingerprint(&self, peer: &PeerCluster) -> u64 {
+        let mut h = DefaultHasher::new();
+        peer.metadata.uid.hash(&mut h);
+        peer.spec.cluster_name.hash(&mut h);
+        match self {
+            Self::Usable(r) => (&r.api_server, &r.ca_data, &r.token).hash(&mut h),
+            Self::Blocked { reason, message } => (reason, message).hash(&mut h),
+        }
+        h.finish()
+    }
+}
+
+impl Remote {
+    /// A client for the remote API server: its URL, the CA from `caData` (whose certificate
+    /// must name the host of the URL, an IP address such as `127.0.0.1` included) and the
+    /// token.
+    ///
+    /// # Errors
+    /// A malformed URL or CA bundle, as text.
+    pub async fn client(&self) -> Result<Client, String> {
+        let mut cluster = json!({ "server": self.api_server });
+        if let Some(ca) = &self.ca_data {
+            cluster["certificate-authority-data"] = json!(ca);
+        }
+        let kubeconfig: Kubeconfig = serde_json::from_value(json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{ "name": "remote", "cluster": cluster }],
+            "users": [{ "name": "remote", "user": { "token": self.token } }],
+            "contexts": [{ "name": "remote", "context": { "cluster": "remote", "user": "remote" } }],
+            "current-context": "remote",
+        }))
+        .map_err(|e| format!("building a kubeconfig for {}: {e}", self.api_server))?;
+        let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| format!("client configuration for {}: {e}", self.api_server))?;
+        config.connect_timeout = Some(CONNECT_TIMEOUT);
+        Client::try_from(config).map_err(|e| format!("client for {}: {e}", self.api_server))
+    }
+}
+
+/// Why a sync pass failed (the variant names are metric labels).
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// Applying a MeshPeer failed.
+    #[error("applying MeshPeer {name}")]
+    Apply {
+        /// The MeshPeer.
+        name: String,
+        /// The API server's answer.
+        #[source]
+        source: kube::Error,
+    },
+    /// Deleting a MeshPeer failed.
+    #[error("deleting MeshPeer {name}")]
+    Delete {
+        /// The MeshPeer.
+        name: String,
+        /// The API server's answer.
+        #[source]
+        source: kube::Error,
+    },
+    /// Writing the PeerCluster's status failed.
+    #[error("writing the status of PeerCluster {name}")]
+    Status {
+        /// The PeerCluster.
+        name: String,
+        /// The API server's answer.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl SyncError {
+    /// Short name, for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Apply { .. } => "apply",
+            Self::Delete { .. } => "delete",
+            Self::Status { .. } => "status",
+        }
+    }
+}
+
+/// Mirrors peer cluster `name` until aborted (or until its nudge channel closes).
+pub(crate) async fn mirror(
+    shared: Arc<Shared>,
+    name: String,
+    credentials: Credentials,
+    nudges: mpsc::Receiver<()>,
+) {
+    let span = info_span!("peer", peer = %name);
+    Mirror {
+        shared,
+        name,
+        nudges,
+        remote: RemoteNodes::default(),
+        outage: None,
+        last_status: None,
+    }
+    .run(credentials)
+    .instrument(span)
+    .await;
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = watcher::Result<watcher::Event<MeshNode>>> + Send>>;
+
+/// Why the remote cannot be read now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Outage {
+    reason: &'static str,
+    message: String,
+}
+
+struct Mirror {
+    shared: Arc<Shared>,
+    name: String,
+    nudges: mpsc::Receiver<()>,
+    remote: RemoteNodes,
+    outage: Option<Outage>,
+    /// What we last wrote, fresher than the cache right after a write.
+    last_status: Option<PeerClusterStatus>,
+}
+
+impl Mirror {
+    async fn run(mut self, credentials: Credentials) {
+        let timing = self.shared.timing;
+        let api = match credentials {
+            Credentials::Usable(remote) => match remote.client().await {
+                Ok(client) => Some(Api::<MeshNode>::all(client)),
+                Err(message) => {
+                    self.outage = Some(Outage {
+                        reason: "ClientConfigInvalid",
+                        message,
+                    });
+                    None
+                }
+            },
+            Credentials::Blocked { reason, message } => {
+                self.outage = Some(Outage { reason, message });
+                None
+            }
+        };
+        if let Some(outage) = &self.outage {
+            warn!(reason = outage.reason, message = %outage.message, "peer cluster link unusable");
+        }
+        let mut session = api.as_ref().map(watch);
+        let mut backoff = Backoff::new(timing.watch_backoff_min, timing.watch_backoff_max);
+        let mut retry_at: Option<Instant> = None;
+        let mut probe_at = Instant::now() + timing.resync;
+        let mut sync_at = Some(Instant::now() + timing.debounce);
+        let mut resync_at = Instant::now() + timing.resync;
+        let mut local = self.shared.local.clone();
+        loop {
+            let schedule = |sync_at: &mut Option<Instant>, delay: Duration| {
+                let at = Instant::now() + delay;
+                *sync_at = Some(sync_at.map_or(at, |t| t.min(at)));
+            };
+            tokio::select! {
+                item = next_event(&mut session) => match item {
+                    Some(Ok(event)) => {
+                        if self.remote.apply(event) {
+                            schedule(&mut sync_at, timing.debounce);
+                        }
+                        if self.remote.synced {
+                            backoff.reset();
+                        }
+                    }
+                    failed => {
+                        let error = match failed {
+                            Some(Err(e)) => e.to_string(),
+                            _ => "the watch ended".to_owned(),
+                        };
+                        session = None;
+                        self.remote.synced = false;
+                        self.remote.failures += 1;
+                        retry_at = Some(Instant::now() + backoff.next_delay());
+                        debug!(%error, failures = self.remote.failures, "watch of remote MeshNodes failed");
+                        if self.remote.failures >= MAX_WATCH_FAILURES && self.outage.is_none() {
+                            self.remote.synced = false;
+                            self.outage = Some(Outage {
+                                reason: "RemoteUnreachable",
+                                message: format!("watching MeshNodes at {}: {error}", self.server()),
+                            });
+                            schedule(&mut sync_at, Duration::ZERO);
+                        }
+                        // Is the server gone, or was it one broken watch? Ask it now.
+                        probe_at = Instant::now();
+                    }
+                },
+                () = sleep_opt(retry_at) => {
+                    retry_at = None;
+                    session = api.as_ref().map(watch);
+                }
+                () = sleep_until(probe_at), if api.is_some() => {
+                    let Some(api) = &api else { continue };
+                    match self.probe(api, timing.probe_timeout).await {
+                        Ok(()) => {
+                            probe_at = Instant::now() + timing.resync;
+                            if self.outage.take().is_some() {
+                                info!("remote API server answers again");
+                                if !self.remote.synced {
+                                    // Nothing was listed since the outage began: start over
+                                    // from a fresh list, whatever the old watch saw.
+                                    session = Some(watch(api));
+                                    self.remote.failures = 0;
+                                    retry_at = None;
+                                    backoff.reset();
+                                }
+                                schedule(&mut sync_at, Duration::ZERO);
+                            }
+                        }
+                        Err(outage) => {
+                            probe_at = Instant::now() + timing.stale_probe;
+                            if self.outage.as_ref() != Some(&outage) {
+                                debug!(message = %outage.message, "remote API server unreadable");
+                                if self.outage.is_none() {
+                                    // Whatever the watch holds now predates the outage.
+                                    self.remote.synced = false;
+                                }
+                                self.outage = Some(outage);
+                                schedule(&mut sync_at, Duration::ZERO);
+                            }
+                        }
+                    }
+                }
+                () = sleep_until(resync_at) => {
+                    resync_at = Instant::now() + timing.resync;
+                    schedule(&mut sync_at, Duration::ZERO);
+                }
+                changed = local.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    schedule(&mut sync_at, timing.debounce);
+                }
+                nudge = self.nudges.recv() => {
+                    if nudge.is_none() {
+                        return;
+                    }
+                    schedule(&mut sync_at, timing.debounce);
+                }
+                () = sleep_opt(sync_at) => {
+                    sync_at = None;
+                    let started = std::time::Instant::now();
+                    let result = self.sync().await;
+                    let error = result.as_ref().err().map(SyncError::label);
+                    self.shared.metrics.run("sync", started.elapsed(), error);
+                    if let Err(e) = result {
+                        warn!(error = format!("{:#}", anyhow::Error::from(e)), "mirroring failed; retrying");
+                        schedule(&mut sync_at, timing.sync_retry);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The remote API server's URL, for messages.
+    fn server(&self) -> String {
+        self.shared
+            .peer_clusters
+            .get(&ObjectRef::new(&self.name))
+            .map_or_else(
+                || "the remote API server".to_owned(),
+                |pc| pc.spec.api_server.clone(),
+            )
+    }
+
+    /// A one-item list, with a timeout: can the remote be read at all?
+    async fn probe(&self, api: &Api<MeshNode>, timeout: Duration) -> Result<(), Outage> {
+        let server = self.server();
+        match tokio::time::timeout(timeout, api.list_metadata(&ListParams::default().limit(1)))
+            .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(Outage {
+                reason: outage_reason(&e),
+                message: format!("listing MeshNodes at {server}: {e}"),
+            }),
+            Err(_) => Err(Outage {
+                reason: "RemoteUnreachable",
+                message: format!("listing MeshNodes at {server}: no answer within {timeout:?}"),
+            }),
+        }
+    }
+
+    /// One pass: plan and apply if the remote is live, then the status and its Events.
+    async fn sync(&mut self) -> Result<(), SyncError> {
+        let Some(pc) = self.shared.peer_clusters.get(&ObjectRef::new(&self.name)) else {
+            return Ok(());
+        };
+        if pc.metadata.deletion_timestamp.is_some() {
+            return Ok(());
+        }
+        let caches_synced = self
+            .shared
+            .metrics
+            .health()
+            .caches_synced
+            .load(Ordering::Relaxed);
+        let seen = match (&self.outage, self.remote.synced) {
+            (Some(outage), _) => Seen::Stale(outage.clone()),
+            (None, false) => return Ok(()),
+            (None, true) => {
+                let cluster = self.shared.local.borrow().cluster.clone();
+                match cluster {
+                    // Planning against a partial view of this cluster could delete good
+                    // peers or miss a conflict: wait (a local change wakes us).
+                    _ if !caches_synced => return Ok(()),
+                    None => return Ok(()),
+                    Some(Err(message)) => Seen::Stale(Outage {
+                        reason: "ClusterInfoMissing",
+                        message,
+                    }),
+                    Some(Ok(info)) => {
+                        let plan = self.plan(&pc, &info.name, &info.pod_cidrs);
+                        self.apply(&pc, &plan).await?;
+                        Seen::Synced(plan)
+                    }
+                }
+            }
+        };
+        let observation = match &seen {
+            Seen::Synced(plan) => Observation::Synced {
+                node_count: plan.mirrored,
+                conflicts: &plan.conflicts,
+            },
+            Seen::Stale(outage) => Observation::Stale {
+                reason: outage.reason,
+                message: &outage.message,
+            },
+        };
+        let previous = match &self.last_status {
+            Some(status) => Some(status),
+            None => pc.status.as_ref(),
+        };
+        let update = status::next(
+            previous,
+            pc.metadata.generation,
+            &observation,
+            Timestamp::now(),
+        );
+        match &seen {
+            Seen::Synced(plan) => self.shared.metrics.peer(
+                &self.name,
+                Some(plan.mirrored),
+                false,
+                Some(plan.conflicts.len()),
+            ),
+            Seen::Stale(_) => self.shared.metrics.peer(&self.name, None, true, None),
+        }
+        if update.changed {
+            let body = json!({
+                "apiVersion": PeerCluster::api_version(&()),
+                "kind": PeerCluster::kind(&()),
+                "status": update.status,
+            });
+            let api: Api<PeerCluster> = Api::all(self.shared.client.clone());
+            api.patch_status(
+                &self.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await
+            .map_err(|source| SyncError::Status {
+                name: self.name.clone(),
+                source,
+            })?;
+            self.last_status = Some(update.status);
+        }
+        for transition in &update.transitions {
+            self.announce(&pc, transition).await;
+        }
+        Ok(())
+    }
+
+    fn plan(&self, pc: &PeerCluster, cluster: &str, pod_cidrs: &[wiremesh_proto::IpCidr]) -> Plan {
+        let local_nodes = self.shared.mesh_nodes.state();
+        let local = Local::new(cluster, pod_cidrs, local_nodes.iter().map(|n| &**n));
+        let mut by_peer: BTreeMap<String, Vec<MeshPeer>> = BTreeMap::new();
+        for mp in self.shared.mesh_peers.state() {
+            if let Some(peer) = mp.labels().get(PEER_CLUSTER_LABEL) {
+                by_peer.entry(peer.clone()).or_default().push((*mp).clone());
+            }
+        }
+        let others: Vec<OtherPeer> = self
+            .shared
+            .peer_clusters
+            .state()
+            .iter()
+            .filter(|other| other.name_any() != self.name)
+            .map(|other| {
+                OtherPeer::new(other, by_peer.get(&other.name_any()).into_iter().flatten())
+            })
+            .collect();
+        let existing = by_peer.remove(&self.name).unwrap_or_default();
+        let remote: Vec<MeshNode> = self.remote.nodes.values().cloned().collect();
+        plan::plan(pc, &remote, &local, &others, &existing)
+    }
+
+    async fn apply(&self, pc: &PeerCluster, plan: &Plan) -> Result<(), SyncError> {
+        let api: Api<MeshPeer> = Api::all(self.shared.client.clone());
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        for desired in &plan.apply {
+            let mut mp = MeshPeer::new(&desired.name, desired.spec.clone());
+            mp.metadata.labels = Some([(PEER_CLUSTER_LABEL.to_owned(), pc.name_any())].into());
+            mp.metadata.owner_references = Some(vec![owner_reference(pc)]);
+            api.patch(&desired.name, &params, &Patch::Apply(&mp))
+                .await
+                .map_err(|source| SyncError::Apply {
+                    name: desired.name.clone(),
+                    source,
+                })?;
+            info!(mesh_peer = %desired.name, node = %desired.spec.node, pod_cidrs = ?desired.spec.pod_cidrs, "mirrored remote node");
+        }
+        for name in &plan.delete {
+            match api.delete(name, &DeleteParams::default()).await {
+                Ok(_) => {
+                    info!(mesh_peer = %name, "deleted MeshPeer: its remote node is gone or refused")
+                }
+                Err(kube::Error::Api(s)) if s.is_not_found() => {}
+                Err(source) => {
+                    return Err(SyncError::Delete {
+                        name: name.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Logs a transition and records it as a Kubernetes Event on the PeerCluster.
+    async fn announce(&self, pc: &PeerCluster, transition: &Transition) {
+        let (warning, reason, note) = transition.event();
+        match transition {
+            Transition::Ready { .. } => info!(%note, "peer cluster ready"),
+            Transition::ConflictResolved => info!(%note, "peer cluster conflict resolved"),
+            Transition::Stale { .. } => {
+                warn!(%note, "peer cluster stale: keeping its last known MeshPeers")
+            }
+            Transition::Conflict { .. } => warn!(%note, "remote nodes refused"),
+        }
+        let event = K8sEvent {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.to_owned(),
+            note: Some(truncate(note, MAX_NOTE)),
+            action: "Mirror".to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = self
+            .shared
+            .recorder
+            .publish(&event, &pc.object_ref(&()))
+            .await
+        {
+            warn!(error = %e, reason, "recording an Event");
+        }
+    }
+}
+
+/// The remote nodes as the watch reports them.
+#[derive(Debug, Default)]
+struct RemoteNodes {
+    /// As last known (name and spec only).
+    nodes: BTreeMap<String, MeshNode>,
+    /// A list in progress.
+    buffer: Option<BTreeMap<String, MeshNode>>,
+    /// The current watch session has completed its list.
+    synced: bool,
+    /// Watch failures since the last complete list.
+    failures: u32,
+}
+
+impl RemoteNodes {
+    /// Applies one watch event to the remote picture; true when a node's spec changed.
+    fn apply(&mut self, event: watcher::Event<MeshNode>) -> bool {
+        let event = event.modify(|n| {
+            n.status = None;
+            n.managed_fields_mut().clear();
+            n.annotations_mut().clear();
+        });
+        match event {
+            watcher::Event::Init => {
+                self.buffer = Some(BTreeMap::new());
+                false
+            }
+            watcher::Event::InitApply(node) => {
+                if let Some(buffer) = &mut self.buffer {
+                    buffer.insert(node.name_any(), node);
+                }
+                false
+            }
+            watcher::Event::InitDone => {
+                if let Some(buffer) = self.buffer.take() {
+                    self.nodes = buffer;
+                }
+                if !self.synced {
+                    info!(
+                        nodes = self.nodes.len(),
+                        "listed remote MeshNodes; watching"
+                    );
+                }
+                self.synced = true;
+                self.failures = 0;
+                true
+            }
+            watcher::Event::Apply(node) => {
+                let name = node.name_any();
+                let changed = self
+                    .nodes
+                    .get(&name)
+                    .is_none_or(|old| old.spec != node.spec);
+                self.nodes.insert(name, node);
+                changed
+            }
+            watcher::Event::Delete(node) => self.nodes.remove(&node.name_any()).is_some(),
+        }
+    }
+}
+
+enum Seen {
+    Synced(Plan),
+    Stale(Outage),
+}
+
+/// The owner reference from a MeshPeer to its PeerCluster. The controller deletes MeshPeers
+/// itself (finalizer); the reference shows ownership and lets a garbage collector help.
+fn owner_reference(pc: &PeerCluster) -> OwnerReference {
+    OwnerReference {
+        api_version: PeerCluster::api_version(&()).into_owned(),
+        kind: PeerCluster::kind(&()).into_owned(),
+        name: pc.name_any(),
+        uid: pc.metadata.uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    }
+}
+
+fn watch(api: &Api<MeshNode>) -> WatchStream {
+    watcher(
+        api.clone(),
+        watcher::Config::default().timeout(WATCH_TIMEOUT_SECS),
+    )
+    .boxed()
+}
+
+async fn next_event(
+    session: &mut Option<WatchStream>,
+) -> Option<watcher::Result<watcher::Event<MeshNode>>> {
+    match session {
+        Some(stream) => stream.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `RemoteForbidden` when the remote refuses our credentials, else `RemoteUnreachable`.
+fn outage_reason(e: &kube::Error) -> &'static str {
+    match e {
+        kube::Error::Api(s) if s.code == 401 || s.code == 403 => "RemoteForbidden",
+        _ => "RemoteUnreachable",
+    }
+}
+
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut cut = max.saturating_sub(3);
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str("...");
+    }
+    text
+}
+
+/// Exponential delays between watch restarts, from `min` doubling to `max`.
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max,
+            next: min,
+        }
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::ByteString;
+    use wiremesh_proto::crd::PeerClusterSpec;
+
+    use super::*;
+
+    #[test]
+    fn credentials_come_from_the_secret_token() {
+        let pc = peer();
+        let missing = Credentials::new(&pc, None);
+        assert!(
+            matches!(&missing, Credentials::Blocked { reason: "CredentialsMissing", message } if message.contains("cluster-b-token"))
+        );
+        let empty = Credentials::new(&pc, Some(&secret(b"  ")));
+        assert!(matches!(empty, Credentials::Blocked { .. }));
+        let ok = Credentials::new(&pc, Some(&secret(b"abc\n")));
+        let Credentials::Usable(remote) = &ok else {
+            panic!("{ok:?}")
+        };
+        assert_eq!(remote.token, "abc");
+        assert!(
+            !format!("{ok:?}").contains("abc"),
+            "the token is never printed"
+        );
+    }
+
+    #[test]
+    fn fingerprint_follows_token_server_and_uid() {
+        let pc = peer();
+        let a = Credentials::new(&pc, Some(&secret(b"abc"))).fingerprint(&pc);
+        assert_eq!(
+            a,
+            Credentials::new(&pc, Some(&secret(b"abc"))).fingerprint(&pc)
+        );
+        assert_ne!(
+            a,
+            Credentials::new(&pc, Some(&secret(b"abd"))).fingerprint(&pc)
+        );
+        let mut moved = pc.clone();
+        moved.spec.api_server = "https://127.0.0.1:7443".into();
+        assert_ne!(
+            a,
+            Credentials::new(&moved, Some(&secret(b"abc"))).fingerprint(&moved)
+        );
+        let mut again = pc.clone();
+        again.metadata.uid = Some("other".into());
+        assert_ne!(
+            a,
+            Credentials::new(&again, Some(&secret(b"abc"))).fingerprint(&again)
+        );
+        // The allowed CIDRs are read on every pass: changing them needs no restart.
+        let mut widened = pc.clone();
+        widened.spec.allowed_pod_cidrs.push("10.3.0.0/16".into());
+        assert_eq!(
+            a,
+            Credentials::new(&widened, Some(&secret(b"abc"))).fingerprint(&widened)
+        );
+    }
+
+    #[tokio::test]
+    async fn client_accepts_an_ip_address_server_and_a_ca() {
+        // Any PEM will do: the bundle is parsed, not used, until the first request.
+        let remote = Remote {
+            api_server: "https://127.0.0.1:6443".into(),
+            ca_data: None,
+            token: "t".into(),
+        };
+        assert!(remote.client().await.is_ok());
+        let bad = Remote {
+            api_server: "https://127.0.0.1:6443".into(),
+            ca_data: Some("not base64!".into()),
+            token: "t".into(),
+        };
+        assert!(bad.client().await.is_err());
+    }
+
+    #[test]
+    fn a_list_replaces_the_nodes_only_when_complete() {
+        let mut remote = RemoteNodes::default();
+        remote.apply(watcher::Event::Apply(node("old", "10.2.9.0/24")));
+        assert!(!remote.synced, "no picture before a complete list");
+        assert!(!remote.apply(watcher::Event::Init));
+        assert!(!remote.apply(watcher::Event::InitApply(node("b1", "10.2.1.0/24"))));
+        // Mid-list, the last known picture stands.
+        assert_eq!(remote.nodes.keys().collect::<Vec<_>>(), ["old"]);
+        assert!(remote.apply(watcher::Event::InitDone));
+        assert!(remote.synced);
+        assert_eq!(remote.nodes.keys().collect::<Vec<_>>(), ["b1"]);
+    }
+
+    #[test]
+    fn only_spec_changes_and_deletions_count() {
+        let mut remote = RemoteNodes::default();
+        remote.apply(watcher::Event::Init);
+        remote.apply(watcher::Event::InitDone);
+        assert!(remote.apply(watcher::Event::Apply(node("b1", "10.2.1.0/24"))));
+        let mut status_only = node("b1", "10.2.1.0/24");
+        status_only.status = Some(Default::default());
+        status_only.metadata.resource_version = Some("2".into());
+        assert!(!remote.apply(watcher::Event::Apply(status_only)));
+        assert!(remote.nodes["b1"].status.is_none(), "statuses are not kept");
+        assert!(remote.apply(watcher::Event::Apply(node("b1", "10.2.2.0/24"))));
+        assert!(remote.apply(watcher::Event::Delete(node("b1", "10.2.2.0/24"))));
+        assert!(!remote.apply(watcher::Event::Delete(node("b1", "10.2.2.0/24"))));
+        assert!(remote.nodes.is_empty());
+    }
+
+    #[test]
+    fn backoff_doubles_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(2));
+        let delays: Vec<_> = (0..4).map(|_| b.next_delay()).collect();
+        assert_eq!(delays, [500, 1000, 2000, 2000].map(Duration::from_millis));
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn long_notes_are_cut_on_a_char_boundary() {
+        let cut = truncate("é".repeat(600), MAX_NOTE);
+        assert!(cut.len() <= MAX_NOTE);
+        assert!(cut.ends_with("..."));
+    }
+
+    fn peer() -> PeerCluster {
+        let mut pc = PeerCluster::new(
+            "cluster-b",
+            PeerClusterSpec {
+                cluster_name: "cluster-b".into(),
+                api_server: "https://127.0.0.1:6443".into(),
+                ca_data: None,
+                credentials_secret: "cluster-b-token".into(),
+                allowed_pod_cidrs: vec!["10.2.0.0/16".into()],
+            },
+        );
+        pc.metadata.uid = Some("uid".into());
+        pc
+    }
+
+    fn node(name: &str, cidr: &str) -> MeshNode {
+        MeshNode::new(
+            name,
+            wiremesh_proto::crd::MeshNodeSpec {
+                public_key: wiremesh_proto::PublicKey::from([1; 32]).to_base64(),
+                endpoints: vec![],
+                pod_cidrs: vec![cidr.into()],
+                location: None,
+                kind: Default::default(),
+            },
+        )
+    }
+
+    fn secret(token: &[u8]) -> Secret {
+        Secret {
+            data: Some([(TOKEN_KEY.to_owned(), ByteString(token.to_vec()))].into()),
+            ..Secret::default()
+        }
+    }
+}
