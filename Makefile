@@ -6,12 +6,12 @@ CARGO ?= cargo
 CARGO_FLAGS ?=
 export KEEP
 
-.PHONY: all build deps demo test lint unit e2e fmt clean-lab
+.PHONY: all build deps demo test lint unit e2e fmt clean-lab bench bench-scale
 
 all: build
 
 deps:
-	@scripts/deps.sh
+	@scripts/deps.sh --k8s
 
 build:
 	$(CARGO) build $(CARGO_FLAGS) --workspace --bins
@@ -35,3 +35,20 @@ e2e: deps build
 
 test: deps lint build
 	$(CARGO) test $(CARGO_FLAGS) --workspace -- --test-threads=2
+
+# Benchmarks (root; see bench/README.md). `bench` installs the peers (bench/install.sh),
+# runs the criterion micro-benchmarks, then compares Wiremesh with veth, wireguard-go and
+# boringtun-cli: a table, bench/results/latest.json and latest.png. `bench-scale` measures
+# the agent with 1,000 and 10,000 peers: bench/results/scale.json. Release builds only.
+# They need the Debian packages, not the Kubernetes binaries: scripts/deps.sh without --k8s.
+bench:
+	@scripts/deps.sh
+	@bench/install.sh >/dev/null
+	$(CARGO) build --release -p wiremesh-agent -p wiremesh-bench --bins
+	$(CARGO) bench -p wiremesh-bench --bench packet_path
+	$(CARGO) run --release -q -p wiremesh-bench -- compare
+
+bench-scale:
+	@scripts/deps.sh
+	$(CARGO) build --release -p wiremesh-agent -p wiremesh-bench --bins
+	$(CARGO) run --release -q -p wiremesh-bench -- scale

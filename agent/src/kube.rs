@@ -37,6 +37,9 @@ const REPUBLISH: Duration = Duration::from_secs(30);
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 /// Retry pause while the API server cannot be reached at start-up.
 const RETRY: Duration = Duration::from_secs(2);
+/// How often the agent checks that its Node still exists (a deleted Node takes its
+/// MeshNode, and so every remote tunnel to it, with it).
+const NODE_CHECK: Duration = Duration::from_secs(3);
 
 /// What `wiremesh-agent kube` was asked to do.
 #[derive(Debug, Clone)]
@@ -347,25 +350,31 @@ async fn publish(client: Client, node: Node, spec: MeshNodeSpec) {
     }]);
     let params = PatchParams::apply(MANAGER).force();
     let mut published = false;
+    let mut last_publish: Option<tokio::time::Instant> = None;
     loop {
-        match nodes.get_opt(&name).await {
-            Ok(None) => {
-                if let Err(e) = api.delete(&name, &Default::default()).await {
-                    debug!(error = %e, "deleting the MeshNode");
+        if let Ok(None) = nodes.get_opt(&name).await {
+            if let Err(e) = api.delete(&name, &Default::default()).await {
+                debug!(error = %e, "deleting the MeshNode");
+            }
+            return;
+        }
+        let due = !published || last_publish.is_none_or(|t| t.elapsed() >= REPUBLISH);
+        if due {
+            match api.patch(&name, &params, &Patch::Apply(&object)).await {
+                Ok(_) => {
+                    if !published {
+                        info!(node = %name, "MeshNode published");
+                    }
+                    published = true;
+                    last_publish = Some(tokio::time::Instant::now());
                 }
-                return;
+                Err(e) => {
+                    published = false;
+                    warn!(node = %name, error = %e, "publishing the MeshNode");
+                }
             }
-            Ok(Some(_)) | Err(_) => {}
         }
-        match api.patch(&name, &params, &Patch::Apply(&object)).await {
-            Ok(_) if !published => {
-                info!(node = %name, "MeshNode published");
-                published = true;
-            }
-            Ok(_) => {}
-            Err(e) => warn!(node = %name, error = %e, "publishing the MeshNode"),
-        }
-        tokio::time::sleep(if published { REPUBLISH } else { RETRY }).await;
+        tokio::time::sleep(if published { NODE_CHECK } else { RETRY }).await;
     }
 }
 
@@ -400,7 +409,7 @@ async fn report_status(
                     tx_bytes: i64::try_from(p.tx_bytes).unwrap_or(i64::MAX),
                 })
                 .collect();
-            let since = ready_since.get_or_insert_with(|| Time(now)).clone();
+            let since = ready_since.get_or_insert(Time(now)).clone();
             let status = serde_json::json!({
                 "apiVersion": MeshNode::api_version(&()),
                 "kind": MeshNode::kind(&()),

@@ -1,0 +1,422 @@
+//! The two-cluster lab: `cluster-a` and `cluster-b`, each a real control plane (etcd +
+//! kube-apiserver on loopback) with lab hosts as its nodes, a pod behind each node, a
+//! Wiremesh agent per node in Kubernetes mode and a controller per cluster.
+
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use kube::{Api, Client};
+use wiremesh_proto::crd::{MeshPeer, PeerCluster};
+
+use crate::k8s::{self, ApiProxy, ControlPlane, block_on};
+use crate::lab::{Host, Lab, Pod, agent_binary};
+use crate::mesh::{IFACE, METRICS, start_agent};
+use crate::process::Proc;
+
+/// Which of the two clusters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// `cluster-a`: nodes 198.18.1.N, pods 10.1.N.0/24 of 10.1.0.0/16.
+    A,
+    /// `cluster-b`: nodes 198.18.2.N, pods 10.2.N.0/24 of 10.2.0.0/16.
+    B,
+}
+
+impl Side {
+    /// The cluster (and kubeconfig context) name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::A => "cluster-a",
+            Self::B => "cluster-b",
+        }
+    }
+
+    fn octet(self) -> u8 {
+        match self {
+            Self::A => 1,
+            Self::B => 2,
+        }
+    }
+
+    /// The cluster's whole pod range.
+    pub fn pod_range(self) -> String {
+        format!("10.{}.0.0/16", self.octet())
+    }
+}
+
+/// A Kubernetes node of the lab: a host with a pod, a Node object, an agent.
+pub struct ClusterNode {
+    /// `a1`, `b2`, ...
+    pub name: String,
+    /// Its cluster.
+    pub side: Side,
+    /// The lab host.
+    pub host: Host,
+    /// The pod behind it.
+    pub pod: Pod,
+    /// The agent, when running.
+    pub agent: Option<Proc>,
+    _proxy: ApiProxy,
+}
+
+impl ClusterNode {
+    /// `wg args...` against this node's agent.
+    ///
+    /// # Errors
+    /// When `wg` fails.
+    pub fn wg(&self, args: &[&str]) -> Result<String> {
+        self.host.wg(args)
+    }
+
+    /// Wiremesh's routes (protocol 0x57) on this node.
+    ///
+    /// # Errors
+    /// When `ip` fails.
+    pub fn routes(&self) -> Result<String> {
+        self.host.ip(&["route", "show", "proto", "0x57"])
+    }
+
+    /// The pod CIDR of this node.
+    pub fn pod_cidr(&self) -> String {
+        self.host.pod_cidr()
+    }
+}
+
+/// A running process started outside the lab's namespaces (a controller), stopped by PID.
+pub struct Daemon {
+    child: Child,
+    label: String,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// The PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its combined output so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills it (SIGKILL: a crash, not a shutdown) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            self.kill();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- {} log ---\n{}", self.label, tail(&self.log(), 40));
+        }
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// One cluster of the lab.
+pub struct Cluster {
+    /// Which one.
+    pub side: Side,
+    /// Its control plane.
+    pub plane: ControlPlane,
+    /// Its nodes, in order of creation.
+    pub nodes: Vec<ClusterNode>,
+    /// Its controller replicas.
+    pub controllers: Vec<Daemon>,
+}
+
+impl Cluster {
+    /// An admin client.
+    ///
+    /// # Errors
+    /// When the kubeconfig cannot be loaded.
+    pub fn client(&self) -> Result<Client> {
+        self.plane.client()
+    }
+
+    /// The node called `name`.
+    ///
+    /// # Errors
+    /// When there is none.
+    pub fn node(&self, name: &str) -> Result<&ClusterNode> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| anyhow!("no node {name} in {}", self.side.name()))
+    }
+
+    /// The PeerCluster for the other side, if any.
+    ///
+    /// # Errors
+    /// When the API server fails.
+    pub fn peer_cluster(&self, name: &str) -> Result<Option<PeerCluster>> {
+        let api: Api<PeerCluster> = Api::all(self.client()?);
+        Ok(block_on(api.get_opt(name))?)
+    }
+
+    /// The status of condition `type_` of PeerCluster `name`: (status, message).
+    ///
+    /// # Errors
+    /// When the API server fails or there is no such condition yet.
+    pub fn condition(&self, name: &str, type_: &str) -> Result<(String, String)> {
+        let pc = self
+            .peer_cluster(name)?
+            .ok_or_else(|| anyhow!("no PeerCluster {name}"))?;
+        pc.status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+            .map(|c| (c.status.clone(), c.message.clone()))
+            .ok_or_else(|| {
+                anyhow!(
+                    "PeerCluster {name} has no {type_} condition: {:?}",
+                    pc.status
+                )
+            })
+    }
+
+    /// The MeshPeers in this cluster.
+    ///
+    /// # Errors
+    /// When the API server fails.
+    pub fn mesh_peers(&self) -> Result<Vec<MeshPeer>> {
+        let api: Api<MeshPeer> = Api::all(self.client()?);
+        Ok(block_on(api.list(&Default::default()))?.items)
+    }
+}
+
+/// Both clusters on one underlay, Wiremesh installed, agents and a controller running,
+/// not joined yet.
+pub struct TwoClusters {
+    /// Cluster A.
+    pub a: Cluster,
+    /// Cluster B.
+    pub b: Cluster,
+    /// One kubeconfig with contexts `cluster-a` (current) and `cluster-b`.
+    pub kubeconfig: PathBuf,
+    /// The lab (dropped last: its namespaces outlive the processes in them).
+    pub lab: Lab,
+}
+
+impl TwoClusters {
+    /// Two control planes, `nodes` nodes each with an agent, a controller per cluster.
+    ///
+    /// # Errors
+    /// When any part fails to come up.
+    pub fn new(nodes: usize) -> Result<Self> {
+        let lab = Lab::new()?;
+        let mut planes = ControlPlane::start_all(&["cluster-a", "cluster-b"])?;
+        let plane_b = planes.pop().context("plane b")?;
+        let plane_a = planes.pop().context("plane a")?;
+        let kubeconfig = k8s::write_kubeconfig(&[&plane_a, &plane_b], "cluster-a")?;
+        let mut lab_clusters = Self {
+            a: Cluster {
+                side: Side::A,
+                plane: plane_a,
+                nodes: Vec::new(),
+                controllers: Vec::new(),
+            },
+            b: Cluster {
+                side: Side::B,
+                plane: plane_b,
+                nodes: Vec::new(),
+                controllers: Vec::new(),
+            },
+            kubeconfig,
+            lab,
+        };
+        for side in [Side::A, Side::B] {
+            let cluster = lab_clusters.cluster(side);
+            cluster.plane.install(&[&side.pod_range()])?;
+            for _ in 0..nodes {
+                lab_clusters.add_node(side)?;
+            }
+            lab_clusters.start_controller(side)?;
+        }
+        Ok(lab_clusters)
+    }
+
+    /// Cluster `side`.
+    pub fn cluster(&self, side: Side) -> &Cluster {
+        match side {
+            Side::A => &self.a,
+            Side::B => &self.b,
+        }
+    }
+
+    fn cluster_mut(&mut self, side: Side) -> &mut Cluster {
+        match side {
+            Side::A => &mut self.a,
+            Side::B => &mut self.b,
+        }
+    }
+
+    /// Adds node N+1 to cluster `side`: lab host and pod, `Node` object, API proxy, agent.
+    ///
+    /// # Errors
+    /// When any part fails.
+    pub fn add_node(&mut self, side: Side) -> Result<&ClusterNode> {
+        let index = u8::try_from(self.cluster(side).nodes.len() + 1).context("too many nodes")?;
+        let name = format!("{}{index}", &side.name()[8..]);
+        let underlay = Ipv4Addr::new(198, 18, side.octet(), index);
+        let pod_cidr = format!("10.{}.{index}.0/24", side.octet());
+        let host = self.lab.add_host(&name, underlay, &pod_cidr)?;
+        let pod = host.add_pod(&format!("{name}-p"))?;
+        let cluster = self.cluster(side);
+        k8s::create_node(&cluster.client()?, &name, &pod_cidr, underlay)?;
+        let proxy = ApiProxy::start(&host, cluster.plane.api_port())?;
+        let mut node = ClusterNode {
+            name,
+            side,
+            host,
+            pod,
+            agent: None,
+            _proxy: proxy,
+        };
+        node.agent = Some(self.start_agent(&node)?);
+        let cluster = self.cluster_mut(side);
+        cluster.nodes.push(node);
+        cluster.nodes.last().context("just pushed")
+    }
+
+    fn start_agent(&self, node: &ClusterNode) -> Result<Proc> {
+        let kubeconfig = path_str(&self.kubeconfig)?;
+        let state = path_str(node.host.state_dir())?;
+        let address = format!("{}/32", node.host.pod_gateway());
+        start_agent(
+            &node.host,
+            &[
+                "kube",
+                "--kubeconfig",
+                kubeconfig,
+                "--context",
+                node.side.name(),
+                "--node-name",
+                &node.name,
+                "--address",
+                &address,
+                "--state-dir",
+                state,
+                "--metrics-addr",
+                METRICS,
+            ],
+        )
+    }
+
+    /// Starts one more controller replica for cluster `side` (in the root namespace: it
+    /// only talks to API servers on loopback).
+    ///
+    /// # Errors
+    /// When it cannot be started.
+    pub fn start_controller(&mut self, side: Side) -> Result<()> {
+        let binary = agent_binary()?.with_file_name("wiremesh-controller");
+        ensure!(
+            binary.exists(),
+            "{} is missing: run `cargo build -p wiremesh-controller`",
+            binary.display()
+        );
+        let replica = self.cluster(side).controllers.len();
+        let identity = format!("{}-controller-{replica}", side.name());
+        let log = self.lab.dir().join(format!("{identity}.log"));
+        let out = File::create(&log)?;
+        let child = Command::new(&binary)
+            .args([
+                "--kubeconfig",
+                path_str(&self.kubeconfig)?,
+                "--context",
+                side.name(),
+                "--identity",
+                &identity,
+                "--lease-duration-seconds",
+                "4",
+            ])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        self.cluster_mut(side).controllers.push(Daemon {
+            child,
+            label: identity,
+            log,
+        });
+        Ok(())
+    }
+
+    /// Runs `meshctl args...` with this lab's kubeconfig.
+    ///
+    /// # Errors
+    /// When it cannot run.
+    pub fn meshctl(&self, args: &[&str]) -> Result<Output> {
+        let mut full = vec!["--kubeconfig", path_str(&self.kubeconfig)?];
+        full.extend_from_slice(args);
+        k8s::meshctl(&full, &[])
+    }
+
+    /// `meshctl join cluster-b --context cluster-a`; fails with its output unless it
+    /// succeeds.
+    ///
+    /// # Errors
+    /// When meshctl fails.
+    pub fn join(&self) -> Result<String> {
+        let out = self.meshctl(&["--context", "cluster-a", "join", "cluster-b"])?;
+        ensure!(
+            out.status.success(),
+            "meshctl join failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Every node of both clusters.
+    pub fn all_nodes(&self) -> impl Iterator<Item = &ClusterNode> {
+        self.a.nodes.iter().chain(self.b.nodes.iter())
+    }
+}
+
+/// Waits until `check` succeeds, up to `timeout`; returns how long it took.
+///
+/// # Errors
+/// The last error of `check` when time runs out.
+pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> Result<()>) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        match check() {
+            Ok(()) => return Ok(start.elapsed()),
+            Err(e) if start.elapsed() > timeout => {
+                bail!("not within {timeout:?}: {e:#}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// The interface the agents use.
+pub const INTERFACE: &str = IFACE;
+
+fn path_str(path: &Path) -> Result<&str> {
+    path.to_str()
+        .ok_or_else(|| anyhow!("{} is not UTF-8", path.display()))
+}
