@@ -34,7 +34,7 @@ e2e: deps build
 	$(CARGO) test $(CARGO_FLAGS) -p wiremesh-lab --tests -- --test-threads=2
 
 test: deps lint build
-	$(CARGO) test $(CARGO_FLAGS) --workspace -- --test-threads=2
+	$(CARGO) test $(CARGO_FLAGS) --workspace -- --test-threads=1
 
 # Benchmarks (root; see bench/README.md). `bench` installs the peers (bench/install.sh),
 # runs the criterion micro-benchmarks, then compares Wiremesh with veth, wireguard-go and

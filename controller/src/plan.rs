@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 
 use kube::ResourceExt as _;
 use wiremesh_proto::crd::{
-    MeshNode, MeshPeer, MeshPeerSpec, PEER_CLUSTER_LABEL, PeerCluster, mesh_peer_name,
+    MeshNode, MeshNodeKind, MeshPeer, MeshPeerSpec, PEER_CLUSTER_LABEL, PeerCluster, mesh_peer_name,
 };
 use wiremesh_proto::{IpCidr, PublicKey};
 
@@ -158,7 +158,20 @@ impl Local {
             let owner = Owner::LocalNode {
                 node: node.name_any(),
             };
-            for cidr in node.spec.pod_cidrs.iter().filter_map(|c| c.parse().ok()) {
+            // A local Kubernetes node claiming CIDRs outside this cluster's pod range is
+            // itself misconfigured (or forged): it must not be able to cut a legitimate
+            // remote node off. Hosts are the exception: their addresses lie outside the
+            // pod range by design.
+            let counts = |cidr: &IpCidr| {
+                node.spec.kind == MeshNodeKind::Host || pod_cidrs.iter().any(|own| own.covers(cidr))
+            };
+            for cidr in node
+                .spec
+                .pod_cidrs
+                .iter()
+                .filter_map(|c| c.parse::<IpCidr>().ok())
+                .filter(counts)
+            {
                 local.claims.insert(cidr, owner.clone());
             }
             if let Ok(key) = node.spec.public_key.parse::<PublicKey>() {
@@ -732,7 +745,11 @@ mod tests {
 
     #[test]
     fn node_claiming_a_local_nodes_cidr_is_refused() {
-        let local = Local::new("cluster-a", &[], &[node("a1", 9, &["10.5.0.0/24"])]);
+        let local = Local::new(
+            "cluster-a",
+            &[cidr("10.5.0.0/16")],
+            &[node("a1", 9, &["10.5.0.0/24"])],
+        );
         let plan = plan(
             &peer("cluster-b", &["10.0.0.0/8"]),
             &[node("evil", 1, &["10.5.0.0/25"])],
@@ -741,13 +758,26 @@ mod tests {
             &[],
         );
         assert!(plan.apply.is_empty());
-        assert_eq!(
-            plan.conflicts[0].reason,
-            Reason::Overlaps {
-                other: cidr("10.5.0.0/24"),
-                owner: Owner::LocalNode { node: "a1".into() }
-            }
+        assert!(matches!(plan.conflicts[0].reason, Reason::Overlaps { .. }));
+    }
+
+    #[test]
+    fn a_local_node_outside_our_pod_range_cannot_block_a_remote_node() {
+        // A forged local MeshNode claims the remote cluster's CIDR: the remote node stays.
+        let local = Local::new(
+            "cluster-a",
+            &[cidr("10.1.0.0/16")],
+            &[node("forged", 9, &["10.2.1.0/24"])],
         );
+        let plan = plan(
+            &peer("cluster-b", &["10.2.0.0/16"]),
+            &[node("b1", 1, &["10.2.1.0/24"])],
+            &local,
+            &[],
+            &[],
+        );
+        assert!(plan.conflicts.is_empty(), "{:?}", plan.conflicts);
+        assert_eq!(plan.apply.len(), 1);
     }
 
     #[test]
