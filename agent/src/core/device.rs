@@ -670,6 +670,12 @@ impl Device {
     pub fn counters(&self) -> &Counters {
         &self.counters
     }
+
+    /// Counts a packet the shell refused before it reached the device, such as a TUN read
+    /// whose offload header is malformed ([`DropReason::BadTunPacket`]).
+    pub fn count_drop(&mut self, reason: DropReason) {
+        self.counters.drop(reason);
+    }
 }
 
 /// Each boringtun error is one drop reason.

@@ -6,7 +6,9 @@
 //! file-system import in this folder.
 
 pub mod allowed_ips;
+pub mod checksum;
 mod device;
+pub mod offload;
 
 pub use allowed_ips::AllowedIps;
 pub use device::{
