@@ -1,7 +1,12 @@
 //! A Linux TUN device: `/dev/net/tun`, `TUNSETIFF`, one IP packet per read or write.
 //!
+//! With [`Tun::create_offloaded`], every read and write starts with a `virtio_net_hdr`
+//! (`IFF_VNET_HDR`) and the kernel may hand over TCP super-packets of up to 64 KiB
+//! (`TUNSETOFFLOAD` with TSO) and take them back; see [`crate::core::offload`].
+//!
 //! The device is non-persistent: closing the file descriptor (dropping [`Tun`]) removes it.
-//! This is the only module allowed to use `unsafe`, for the `TUNSETIFF` ioctl.
+//! This is the only module allowed to use `unsafe`, for the `TUNSETIFF` and
+//! `TUNSETOFFLOAD` ioctls.
 #![allow(unsafe_code)]
 
 use std::ffi::{c_char, c_short};
@@ -21,6 +26,20 @@ use tokio::io::unix::AsyncFd;
 pub struct Tun {
     fd: AsyncFd<File>,
     name: String,
+    offloads: Offloads,
+}
+
+/// What the kernel and the device agreed on for a device from [`Tun::create_offloaded`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Offloads {
+    /// Every read and write starts with a 10-byte `virtio_net_hdr`.
+    pub vnet_hdr: bool,
+    /// TCP segmentation and checksum offload (`TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6`):
+    /// reads may be TCP super-packets, writes may be too.
+    pub tso: bool,
+    /// UDP segmentation offload (`TUN_F_USO4 | TUN_F_USO6`, Linux 6.2): reads may be UDP
+    /// super-packets.
+    pub uso: bool,
 }
 
 impl Tun {
@@ -39,7 +58,18 @@ impl Tun {
     /// # Panics
     /// Outside a tokio runtime, or in one without I/O enabled (from [`AsyncFd::register`]).
     pub fn create(name: &str) -> Result<Tun, TunError> {
-        Self::open_queue(name, IFF_TUN | IFF_NO_PI)
+        DetachedTun::open_queue(name, IFF_TUN | IFF_NO_PI)?.attach()
+    }
+
+    /// Like [`Tun::create`], with [`DetachedTun::create_offloaded`]'s offloads.
+    ///
+    /// # Errors
+    /// As [`Tun::create`].
+    ///
+    /// # Panics
+    /// As [`Tun::create`].
+    pub fn create_offloaded(name: &str) -> Result<Tun, TunError> {
+        DetachedTun::create_offloaded(name)?.attach()
     }
 
     /// The interface name the kernel gave the device.
@@ -47,6 +77,20 @@ impl Tun {
         &self.name
     }
 
+    /// The offloads in effect (all off for [`Tun::create`]).
+    pub fn offloads(&self) -> Offloads {
+        self.offloads
+    }
+
+    /// Unregisters the device from its runtime, to move it to another one (or to keep it
+    /// while that runtime ends); the device stays up.
+    pub fn detach(self) -> DetachedTun {
+        DetachedTun {
+            file: self.fd.into_inner(),
+            name: self.name,
+            offloads: self.offloads,
+        }
+    }
     /// Waits until the device may have a packet to read; follow with [`Tun::try_recv`].
     ///
     /// Readiness is kept until a [`Tun::try_recv`] returns `Ok(None)`.
@@ -107,11 +151,113 @@ impl Tun {
             .await
     }
 
+    /// Writes one packet now, without looking at the runtime's readiness: a TUN device takes
+    /// writes unless its queue is full (`EAGAIN`, returned as an error).
+    ///
+    /// # Errors
+    /// The `write(2)` error; `EINVAL` for a packet that is not IP (or, with a vnet header, a
+    /// header that does not fit the packet).
+    pub fn write_now(&self, packet: &[u8]) -> io::Result<usize> {
+        let mut file: &File = self.fd.get_ref();
+        file.write(packet)
+    }
+}
+
+/// A TUN device that no tokio runtime watches yet: created outside the runtime that will
+/// drive it, then [`DetachedTun::attach`]ed. Dropping it removes the device.
+#[derive(Debug)]
+pub struct DetachedTun {
+    file: File,
+    name: String,
+    offloads: Offloads,
+}
+
+impl DetachedTun {
+    /// Creates the TUN device `name` with a `virtio_net_hdr` before every packet
+    /// (`IFF_VNET_HDR`) and TCP (and, from Linux 6.2, UDP) segmentation offload, so that reads
+    /// and writes carry up to 64 KiB; see [`crate::core::offload`].
+    ///
+    /// Falls back to what the kernel supports: see [`DetachedTun::offloads`]. Without
+    /// `IFF_VNET_HDR` support at all, the device is a plain one as from [`Tun::create`].
+    ///
+    /// # Errors
+    /// As [`Tun::create`], except [`TunError::Register`].
+    pub fn create_offloaded(name: &str) -> Result<DetachedTun, TunError> {
+        let mut tun = match Self::open_queue(name, IFF_TUN | IFF_NO_PI | IFF_VNET_HDR) {
+            Ok(tun) => tun,
+            // A kernel without IFF_VNET_HDR refuses the flag itself.
+            Err(TunError::NameInUse { .. } | TunError::Configure { .. }) => {
+                return Self::open_queue(name, IFF_TUN | IFF_NO_PI);
+            }
+            Err(e) => return Err(e),
+        };
+        tun.offloads.vnet_hdr = true;
+        let tcp = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
+        if tun.set_offload(tcp | TUN_F_USO4 | TUN_F_USO6).is_ok() {
+            tun.offloads.tso = true;
+            tun.offloads.uso = true;
+        } else if tun.set_offload(tcp).is_ok() {
+            tun.offloads.tso = true;
+        }
+        tracing::debug!(name = %tun.name, offloads = ?tun.offloads, "TUN offloads");
+        Ok(tun)
+    }
+
+    /// The interface name the kernel gave the device.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The offloads in effect.
+    pub fn offloads(&self) -> Offloads {
+        self.offloads
+    }
+
+    /// Registers the device with the current tokio runtime.
+    ///
+    /// # Errors
+    /// [`TunError::Register`] when the reactor refuses the descriptor.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime, or in one without I/O enabled (from [`AsyncFd::register`]).
+    pub fn attach(self) -> Result<Tun, TunError> {
+        let name = self.name;
+        // SAFETY: `file` owns its descriptor and moves into the `AsyncFd`, which keeps it open
+        // until it is dropped or `Tun::detach` takes it back out with `into_inner`; nothing
+        // replaces the `File` in between, and a `File` always reports the same descriptor.
+        let fd = unsafe { AsyncFd::register(self.file) }.map_err(|e| TunError::Register {
+            name: name.clone(),
+            source: e.into_parts().1,
+        })?;
+        Ok(Tun {
+            fd,
+            name,
+            offloads: self.offloads,
+        })
+    }
+
+    /// `TUNSETOFFLOAD`: which offloads the device announces to the stack.
+    fn set_offload(&self, flags: libc::c_uint) -> io::Result<()> {
+        // SAFETY: `file` is an open TUN descriptor for the whole call; TUNSETOFFLOAD takes its
+        // argument by value (an unsigned long of TUN_F_* bits) and reads no memory.
+        let rc = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                libc::TUNSETOFFLOAD,
+                libc::c_ulong::from(flags),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Opens one queue of the device with the given `IFF_*` flags.
     ///
     /// Multi-queue later: call this once per queue with `IFF_MULTI_QUEUE` added and the same
     /// name; each call returns its own fd.
-    fn open_queue(name: &str, flags: c_short) -> Result<Tun, TunError> {
+    fn open_queue(name: &str, flags: c_short) -> Result<DetachedTun, TunError> {
         let ifr_name = encode_name(name)?;
 
         let file = OpenOptions::new()
@@ -152,16 +298,12 @@ impl Tun {
             });
         }
         let name = decode_name(&req.ifr_name);
-
-        // SAFETY: `file` owns its descriptor and moves into the `AsyncFd`, which keeps it open
-        // until it is dropped; `Tun` never takes the `File` back out or replaces it, and a
-        // `File` always reports the same descriptor.
-        let fd = unsafe { AsyncFd::register(file) }.map_err(|e| TunError::Register {
-            name: name.clone(),
-            source: e.into_parts().1,
-        })?;
         tracing::debug!(%name, "opened TUN device");
-        Ok(Tun { fd, name })
+        Ok(DetachedTun {
+            file,
+            name,
+            offloads: Offloads::default(),
+        })
     }
 }
 
@@ -241,11 +383,27 @@ const IFF_TUN: c_short = 0x0001;
 const IFF_NO_PI: c_short = 0x1000;
 /// `IFF_MULTI_QUEUE` from `<linux/if_tun.h>`, for when the agent reads with several threads.
 const IFF_MULTI_QUEUE: c_short = 0x0100;
+/// `IFF_VNET_HDR` from `<linux/if_tun.h>`: a `virtio_net_hdr` before every packet.
+const IFF_VNET_HDR: c_short = 0x4000;
+
+/// `TUN_F_*` from `<linux/if_tun.h>`: checksum offload, TSO for IPv4 and IPv6, USO for
+/// IPv4 and IPv6 (Linux 6.2).
+const TUN_F_CSUM: libc::c_uint = 0x01;
+const TUN_F_TSO4: libc::c_uint = 0x02;
+const TUN_F_TSO6: libc::c_uint = 0x04;
+const TUN_F_USO4: libc::c_uint = 0x20;
+const TUN_F_USO6: libc::c_uint = 0x40;
 
 const _: () = {
     assert!(IFF_TUN as libc::c_int == libc::IFF_TUN);
     assert!(IFF_NO_PI as libc::c_int == libc::IFF_NO_PI);
     assert!(IFF_MULTI_QUEUE as libc::c_int == libc::IFF_MULTI_QUEUE);
+    assert!(IFF_VNET_HDR as libc::c_int == libc::IFF_VNET_HDR);
+    assert!(TUN_F_CSUM == libc::TUN_F_CSUM);
+    assert!(TUN_F_TSO4 == libc::TUN_F_TSO4);
+    assert!(TUN_F_TSO6 == libc::TUN_F_TSO6);
+    assert!(TUN_F_USO4 == libc::TUN_F_USO4);
+    assert!(TUN_F_USO6 == libc::TUN_F_USO6);
 };
 
 /// Checks `name` the way the kernel's `dev_valid_name` does and NUL-pads it for `ifr_name`.
