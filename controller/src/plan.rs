@@ -1019,7 +1019,7 @@ mod tests {
     fn mesh_peers_take_the_cluster_name_and_keep_location_and_kind() {
         let mut n = node("h1", 1, &["10.2.9.0/24"]);
         n.spec.location = Some("fra1".into());
-        n.spec.kind = wiremesh_proto::crd::MeshNodeKind::Host;
+        n.spec.kind = MeshNodeKind::Host;
         let plan = plan(
             &peer("cluster-b", &["10.2.0.0/16"]),
             &[n],
@@ -1029,10 +1029,7 @@ mod tests {
         );
         assert_eq!(plan.apply[0].name, "cluster-b.h1");
         assert_eq!(plan.apply[0].spec.location.as_deref(), Some("fra1"));
-        assert_eq!(
-            plan.apply[0].spec.kind,
-            wiremesh_proto::crd::MeshNodeKind::Host
-        );
+        assert_eq!(plan.apply[0].spec.kind, MeshNodeKind::Host);
     }
 
     proptest! {
