@@ -1,0 +1,419 @@
+//! `wiremesh-controller` as real processes against two real control planes (no agents):
+//! cluster-b's MeshNodes, written here as its agents would, are mirrored into cluster-a's
+//! MeshPeers and follow updates and deletions; a node claiming a CIDR of cluster-a is
+//! refused with a Conflict condition and an Event naming node and CIDR; a token the remote
+//! refuses, or cluster-b's API server stopped, leaves the MeshPeers in place (also across a
+//! controller restart) and the PeerCluster Stale, and fixing it makes it Ready; when the
+//! leading replica is killed the standby takes the Lease and mirrors a later change; a
+//! deleted PeerCluster takes its MeshPeers with it.
+//!
+//! Needs `cargo build -p wiremesh-controller --bins` first (`make test` does it), and the
+//! kube-apiserver and etcd of `tests/k8s/build.sh`.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow, ensure};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
+use kube::ResourceExt as _;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use wiremesh_lab::clusters::wait_for;
+use wiremesh_lab::k8s::{ControlPlane, block_on, meshctl, write_kubeconfig};
+use wiremesh_lab::mesh::Keypair;
+use wiremesh_proto::crd::{
+    MeshNode, MeshNodeKind, MeshNodeSpec, MeshPeer, PEER_CLUSTER_FINALIZER, PEER_CLUSTER_LABEL,
+    PeerCluster, SYSTEM_NAMESPACE,
+};
+
+/// Short, so failover is quick: a standby takes over about this long after the leader died.
+const LEASE_SECONDS: u64 = 4;
+/// Mirroring is debounced by 200 ms and resynced every 10 s; a 2-core CI machine that is
+/// also compiling needs slack on top.
+const MIRROR: Duration = Duration::from_secs(30);
+/// Stale needs the API server to stop (up to 20 s before SIGKILL) and a probe to fail.
+const STALE: Duration = Duration::from_secs(60);
+
+#[test]
+fn controller_mirrors_refuses_fails_static_and_fails_over() -> Result<()> {
+    let planes = ControlPlane::start_all(&["cluster-a", "cluster-b"])?;
+    let (a, b) = (&planes[0], &planes[1]);
+    a.install(&["10.1.0.0/16"])?;
+    b.install(&["10.2.0.0/16"])?;
+    let kubeconfig = write_kubeconfig(&[a, b], "cluster-a")?;
+    let kc = path_str(&kubeconfig)?;
+    let out = meshctl(&["--kubeconfig", kc, "join", "cluster-b"], &[])?;
+    ensure!(
+        out.status.success(),
+        "meshctl join failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut replicas = Vec::new();
+    let result = scenario(a, b, &kubeconfig, &mut replicas);
+    if result.is_err() {
+        for replica in &replicas {
+            eprintln!(
+                "--- {} log ---\n{}",
+                replica.identity,
+                tail(&replica.log(), 60)
+            );
+        }
+    }
+    result
+}
+
+fn scenario(
+    a: &ControlPlane,
+    b: &ControlPlane,
+    kubeconfig: &Path,
+    replicas: &mut Vec<Replica>,
+) -> Result<()> {
+    let (ca, cb) = (a.client()?, b.client()?);
+    let nodes_b: Api<MeshNode> = Api::all(cb.clone());
+    let peers_a: Api<MeshPeer> = Api::all(ca.clone());
+    let pcs_a: Api<PeerCluster> = Api::all(ca.clone());
+
+    // The agents of cluster-b publish two nodes before any controller runs.
+    create_mesh_node(&nodes_b, "b1", "10.2.1.0/24", "198.18.2.1:51820")?;
+    create_mesh_node(&nodes_b, "b2", "10.2.2.0/24", "198.18.2.2:51820")?;
+
+    replicas.push(Replica::start(kubeconfig, a.dir(), "a-controller-0")?);
+    let took = wait_for(MIRROR, || {
+        expect_peers(&peers_a, &["cluster-b.b1", "cluster-b.b2"])?;
+        expect_condition(&pcs_a, "Ready", "True")
+    })?;
+    eprintln!("remote nodes mirrored {took:?} after the controller started");
+    let b1 = block_on(peers_a.get("cluster-b.b1"))?;
+    ensure!(
+        b1.spec.cluster == "cluster-b" && b1.spec.node == "b1",
+        "{b1:?}"
+    );
+    ensure!(b1.spec.pod_cidrs == ["10.2.1.0/24"], "{b1:?}");
+    ensure!(
+        b1.labels().get(PEER_CLUSTER_LABEL).map(String::as_str) == Some("cluster-b"),
+        "{b1:?}"
+    );
+    let pc = block_on(pcs_a.get("cluster-b"))?;
+    ensure!(
+        b1.owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == pc.metadata.uid.as_ref()),
+        "MeshPeer not owned by its PeerCluster: {b1:?}"
+    );
+    ensure!(
+        pc.finalizers().iter().any(|f| f == PEER_CLUSTER_FINALIZER),
+        "no finalizer on {pc:?}"
+    );
+    let status = pc.status.clone().unwrap_or_default();
+    ensure!(status.node_count == 2, "{status:?}");
+    ensure!(status.last_sync_time.is_some(), "{status:?}");
+    ensure!(
+        status
+            .conditions
+            .iter()
+            .all(|c| c.observed_generation == pc.metadata.generation),
+        "{status:?}"
+    );
+
+    // An update in cluster-b is mirrored; a deletion too.
+    let mut moved = block_on(nodes_b.get("b1"))?;
+    moved.spec.endpoints = vec!["198.18.2.101:51820".into()];
+    block_on(nodes_b.replace("b1", &PostParams::default(), &moved))?;
+    block_on(nodes_b.delete("b2", &DeleteParams::default()))?;
+    wait_for(MIRROR, || {
+        expect_peers(&peers_a, &["cluster-b.b1"])?;
+        let b1 = block_on(peers_a.get("cluster-b.b1"))?;
+        ensure!(b1.spec.endpoints == ["198.18.2.101:51820"], "{:?}", b1.spec);
+        Ok(())
+    })?;
+
+    // A node of cluster-b claiming a CIDR of cluster-a is not mirrored.
+    create_mesh_node(&nodes_b, "evil", "10.1.5.0/24", "198.18.2.66:51820")?;
+    wait_for(MIRROR, || {
+        let (status, message) = condition(&pcs_a, "Conflict")?;
+        ensure!(status == "True", "Conflict is {status}: {message}");
+        ensure!(
+            message.contains("evil") && message.contains("10.1.5.0/24"),
+            "the message names neither node nor CIDR: {message}"
+        );
+        Ok(())
+    })?;
+    expect_peers(&peers_a, &["cluster-b.b1"])?;
+    wait_for(MIRROR, || {
+        let events: Api<Event> = Api::namespaced(ca.clone(), "default");
+        let found = block_on(events.list(&ListParams::default()))?
+            .items
+            .into_iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("Conflict")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("cluster-b")
+                    && e.note
+                        .as_deref()
+                        .is_some_and(|n| n.contains("evil") && n.contains("10.1.5.0/24"))
+            });
+        ensure!(found, "no Conflict Event on PeerCluster cluster-b");
+        Ok(())
+    })?;
+    block_on(nodes_b.delete("evil", &DeleteParams::default()))?;
+    wait_for(MIRROR, || expect_condition(&pcs_a, "Conflict", "False"))?;
+
+    // A token the remote refuses: Stale, MeshPeers kept; the right one again: Ready.
+    let secrets: Api<Secret> = Api::namespaced(ca.clone(), SYSTEM_NAMESPACE);
+    let secret_name = block_on(pcs_a.get("cluster-b"))?.spec.credentials_secret;
+    let token = block_on(secrets.get(&secret_name))?
+        .data
+        .and_then(|d| d.get("token").cloned())
+        .ok_or_else(|| anyhow!("Secret {secret_name} has no token"))?;
+    let patch = |data: serde_json::Value| {
+        block_on(secrets.patch(&secret_name, &PatchParams::default(), &Patch::Merge(data)))
+            .with_context(|| format!("patching Secret {secret_name}"))
+    };
+    patch(json!({ "stringData": { "token": "not-a-token" } }))?;
+    let took = wait_for(STALE, || {
+        let (status, message) = condition(&pcs_a, "Stale")?;
+        ensure!(status == "True", "Stale is {status}: {message}");
+        ensure!(message.contains("Unauthorized"), "{message}");
+        Ok(())
+    })?;
+    eprintln!("Stale {took:?} after the token was replaced by a bad one");
+    expect_peers(&peers_a, &["cluster-b.b1"])?;
+    patch(json!({ "data": { "token": token } }))?;
+    wait_for(STALE, || expect_condition(&pcs_a, "Ready", "True"))?;
+
+    // Fail static: cluster-b's API server goes away; the MeshPeers stay, the link is Stale.
+    b.pause()?;
+    let took = wait_for(STALE, || {
+        expect_condition(&pcs_a, "Stale", "True")?;
+        expect_condition(&pcs_a, "Ready", "False")
+    })?;
+    eprintln!("Stale {took:?} after cluster-b's API server stopped");
+    // A controller that starts during the outage (the old one stopped cleanly and released
+    // the Lease) deletes nothing either.
+    replicas[0].stop()?;
+    replicas.push(Replica::start(kubeconfig, a.dir(), "a-controller-1")?);
+    let leases: Api<Lease> = Api::namespaced(ca.clone(), SYSTEM_NAMESPACE);
+    wait_for(Duration::from_secs(3 * LEASE_SECONDS), || {
+        let holder = lease_holder(&leases)?;
+        ensure!(
+            holder.as_deref() == Some("a-controller-1"),
+            "holder {holder:?}"
+        );
+        Ok(())
+    })?;
+    std::thread::sleep(Duration::from_secs(5));
+    expect_peers(&peers_a, &["cluster-b.b1"])?;
+    expect_condition(&pcs_a, "Stale", "True")?;
+    b.resume()?;
+    let took = wait_for(STALE, || {
+        expect_condition(&pcs_a, "Stale", "False")?;
+        expect_condition(&pcs_a, "Ready", "True")
+    })?;
+    eprintln!("Ready {took:?} after cluster-b's API server came back");
+    expect_peers(&peers_a, &["cluster-b.b1"])?;
+
+    // Two replicas: one leads, the other stands by; killing the leader hands over.
+    replicas.push(Replica::start(kubeconfig, a.dir(), "a-controller-2")?);
+    std::thread::sleep(Duration::from_secs(2 * LEASE_SECONDS));
+    ensure!(lease_holder(&leases)?.as_deref() == Some("a-controller-1"));
+    ensure!(
+        !replicas[2].log().contains("starting the reconcilers"),
+        "the standby reconciles while the leader lives:\n{}",
+        replicas[2].log()
+    );
+    replicas[1].kill();
+    let took = wait_for(Duration::from_secs(6 * LEASE_SECONDS), || {
+        let holder = lease_holder(&leases)?;
+        ensure!(
+            holder.as_deref() == Some("a-controller-2"),
+            "holder {holder:?}"
+        );
+        Ok(())
+    })?;
+    eprintln!("the standby took the lease {took:?} after the leader was killed");
+    create_mesh_node(&nodes_b, "b3", "10.2.3.0/24", "198.18.2.3:51820")?;
+    let took = wait_for(MIRROR, || {
+        expect_peers(&peers_a, &["cluster-b.b1", "cluster-b.b3"])
+    })?;
+    eprintln!("a remote change mirrored {took:?} after it was made, by the new leader");
+
+    // Deleting the PeerCluster deletes its MeshPeers, then the finalizer lets it go.
+    block_on(pcs_a.delete("cluster-b", &DeleteParams::default()))?;
+    wait_for(MIRROR, || {
+        expect_peers(&peers_a, &[])?;
+        ensure!(
+            block_on(pcs_a.get_opt("cluster-b"))?.is_none(),
+            "PeerCluster cluster-b is still there"
+        );
+        Ok(())
+    })?;
+    Ok(())
+}
+
+fn create_mesh_node(api: &Api<MeshNode>, name: &str, cidr: &str, endpoint: &str) -> Result<()> {
+    let node = MeshNode::new(
+        name,
+        MeshNodeSpec {
+            public_key: Keypair::generate().public,
+            endpoints: vec![endpoint.into()],
+            pod_cidrs: vec![cidr.into()],
+            location: None,
+            kind: MeshNodeKind::Node,
+        },
+    );
+    block_on(api.create(&PostParams::default(), &node))
+        .with_context(|| format!("creating MeshNode {name}"))?;
+    Ok(())
+}
+
+/// Exactly these MeshPeers of cluster-b exist.
+fn expect_peers(api: &Api<MeshPeer>, names: &[&str]) -> Result<()> {
+    let selector = ListParams::default().labels(&format!("{PEER_CLUSTER_LABEL}=cluster-b"));
+    let mut have: Vec<String> = block_on(api.list(&selector))?
+        .items
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    have.sort();
+    ensure!(have == names, "MeshPeers are {have:?}, expected {names:?}");
+    Ok(())
+}
+
+/// `(status, message)` of condition `type_` of PeerCluster cluster-b.
+fn condition(api: &Api<PeerCluster>, type_: &str) -> Result<(String, String)> {
+    let pc = block_on(api.get("cluster-b"))?;
+    let status = pc.status.unwrap_or_default();
+    let c = status
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == type_)
+        .ok_or_else(|| anyhow!("PeerCluster cluster-b has no {type_} condition"))?;
+    Ok((c.status, c.message))
+}
+
+fn expect_condition(api: &Api<PeerCluster>, type_: &str, want: &str) -> Result<()> {
+    let (status, message) = condition(api, type_)?;
+    ensure!(
+        status == want,
+        "{type_} is {status} ({message}), expected {want}"
+    );
+    Ok(())
+}
+
+fn lease_holder(api: &Api<Lease>) -> Result<Option<String>> {
+    let lease = block_on(api.get("wiremesh-controller"))?;
+    Ok(lease.spec.and_then(|s| s.holder_identity))
+}
+
+/// One `wiremesh-controller` process for cluster-a; stopped in `Drop`.
+struct Replica {
+    child: Child,
+    identity: String,
+    log: PathBuf,
+}
+
+impl Replica {
+    fn start(kubeconfig: &Path, dir: &Path, identity: &str) -> Result<Self> {
+        let binary = controller_binary()?;
+        let log = dir.join(format!("{identity}.log"));
+        let out = File::create(&log)?;
+        let child = Command::new(&binary)
+            .args([
+                "--kubeconfig",
+                path_str(kubeconfig)?,
+                "--context",
+                "cluster-a",
+                "--identity",
+                identity,
+                "--lease-duration-seconds",
+                &LEASE_SECONDS.to_string(),
+            ])
+            .env_remove("RUST_LOG")
+            .env_remove("KUBECONFIG")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        Ok(Self {
+            child,
+            identity: identity.to_owned(),
+            log,
+        })
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, as Kubernetes stops a pod: the replica releases the Lease and exits 0.
+    fn stop(&mut self) -> Result<()> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                ensure!(status.success(), "{} exited with {status}", self.identity);
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{} ignored SIGTERM",
+                self.identity
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: a crash, not a shutdown (the Lease is not released).
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            self.kill();
+        }
+    }
+}
+
+/// `$WIREMESH_CONTROLLER_BIN`, else next to the test executable (`target/<profile>/`).
+fn controller_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("WIREMESH_CONTROLLER_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("wiremesh-controller"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            anyhow!("wiremesh-controller not found next to {}; run `cargo build -p wiremesh-controller --bins`", exe.display())
+        })
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn path_str(path: &Path) -> Result<&str> {
+    path.to_str()
+        .ok_or_else(|| anyhow!("{} is not UTF-8", path.display()))
+}
