@@ -146,10 +146,11 @@ fn a_remote_node_claiming_our_cidr_is_refused_everywhere() -> Result<()> {
     let lab = joined(1)?;
     let a1 = lab.a.node("a1")?;
     let stolen = a1.pod_cidr();
+    let evil_key = wiremesh_lab::mesh::Keypair::generate().public;
     let evil = MeshNode::new(
         "evil",
         MeshNodeSpec {
-            public_key: wiremesh_lab::mesh::Keypair::generate().public,
+            public_key: evil_key.clone(),
             endpoints: vec!["198.18.2.99:51820".to_owned()],
             pod_cidrs: vec![stolen.clone()],
             location: None,
@@ -170,9 +171,19 @@ fn a_remote_node_claiming_our_cidr_is_refused_everywhere() -> Result<()> {
         !lab.a.mesh_peers()?.iter().any(|p| p.spec.node == "evil"),
         "the evil node was mirrored"
     );
-    // Give the agents time to act on anything, then check no node routes it.
+    // Give the agents time to act on anything, then check that no node has a tunnel to
+    // the forged node and no cluster-a node routes its own CIDR away. (cluster-b's nodes
+    // route that CIDR to a1, rightly.)
     std::thread::sleep(Duration::from_secs(3));
     for node in lab.all_nodes() {
+        let peers = node.wg(&["show", INTERFACE, "peers"])?;
+        ensure!(
+            !peers.contains(&evil_key),
+            "{}: a tunnel to evil",
+            node.name
+        );
+    }
+    for node in &lab.a.nodes {
         let routes = node.routes()?;
         ensure!(!routes.contains(&stolen), "{}: {routes}", node.name);
     }
