@@ -1,0 +1,388 @@
+//! Micro-benchmarks of the packet path without I/O, through the core's public API:
+//!
+//! - `encapsulate/<bytes>`: `Device::handle_tun_packet` of an IPv4 packet on an
+//!   established session (allowed-IPs lookup, peer, ChaCha20-Poly1305 seal);
+//! - `decapsulate/<bytes>`: `Device::handle_datagram` of a data message (receiver-index
+//!   lookup, open, replay window, source check);
+//! - `allowed_ips_lookup/<routes>`: `AllowedIps::lookup` in a table of 10, 1,000 and
+//!   100,000 prefixes (/24s with some /32s and /16s), 7 in 8 lookups hitting;
+//! - `peer_lookup/keepalive/<peers>`: `Device::handle_datagram` of a keepalive (a data
+//!   message with no payload) among that many peers: index lookup plus the AEAD tag;
+//! - `peer_lookup/unknown_index/<peers>`: a data message whose receiver index names no
+//!   peer: the lookup alone, no cryptography.
+//!
+//! The other end of each session is a bare boringtun `Tunn`. Run with
+//! `cargo bench -p wiremesh-bench --bench packet_path`; `make bench` does.
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519;
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use wiremesh_agent::core::{AllowedIps, DatagramVerdict, Device, TunVerdict};
+use wiremesh_proto::uapi::{DeviceUpdate, PeerUpdate};
+use wiremesh_proto::{IpCidr, PrivateKey, PublicKey};
+
+/// The device's own address (where the remote sends from, in the remote's view).
+const DEVICE_ADDR: [u8; 4] = [198, 18, 0, 1];
+/// The remote's endpoint.
+const REMOTE_ENDPOINT: ([u8; 4], u16) = ([198, 18, 0, 2], 51820);
+/// Room for any datagram here (1420-byte packets plus 32 bytes of overhead).
+const BUFFER: usize = 2048;
+
+criterion_group! {
+    name = benches;
+    // Short runs: `make bench` also runs the peer comparison. Criterion's command line
+    // (`-- --measurement-time 10`) overrides these.
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(30);
+    targets = encapsulate, decapsulate, allowed_ips_lookup, peer_lookup
+}
+criterion_main!(benches);
+
+fn encapsulate(c: &mut Criterion) {
+    let mut group = c.benchmark_group("encapsulate");
+    for len in [64, 1420] {
+        let mut link = Link::new(0, Initiator::Device);
+        let packet = ipv4([10, 0, 1, 5], [10, 0, 2, 7], len);
+        let mut out = vec![0u8; BUFFER];
+        assert!(
+            matches!(
+                link.device.handle_tun_packet(&packet, &mut out),
+                TunVerdict::Send { .. }
+            ),
+            "the session is up"
+        );
+        group.throughput(Throughput::Bytes(len as u64));
+        group.bench_function(BenchmarkId::from_parameter(len), |b| {
+            b.iter(
+                || match link.device.handle_tun_packet(black_box(&packet), &mut out) {
+                    TunVerdict::Send { datagram, .. } => black_box(datagram.len()),
+                    _ => 0,
+                },
+            );
+        });
+    }
+    group.finish();
+}
+
+fn decapsulate(c: &mut Criterion) {
+    let mut group = c.benchmark_group("decapsulate");
+    for len in [64, 1420] {
+        let mut link = Link::new(0, Initiator::Remote);
+        let packet = ipv4([10, 0, 2, 7], [10, 0, 1, 5], len);
+        let mut out = vec![0u8; BUFFER];
+        let first = link.remote_encapsulate(&packet);
+        assert!(
+            matches!(
+                link.device.handle_datagram(remote(), &first, &mut out),
+                DatagramVerdict::Tunnel { .. }
+            ),
+            "the session is up"
+        );
+        group.throughput(Throughput::Bytes(len as u64));
+        group.bench_function(BenchmarkId::from_parameter(len), |b| {
+            // Each datagram once, in order: the replay window refuses a repeat.
+            b.iter_batched(
+                || encrypt(&mut link.remote, &mut link.out, &packet),
+                |datagram| {
+                    black_box(link.device.handle_datagram(remote(), &datagram, &mut out))
+                        .is_tunnel()
+                },
+                BatchSize::SmallInput,
+            );
+        });
+    }
+    group.finish();
+}
+
+fn allowed_ips_lookup(c: &mut Criterion) {
+    let mut group = c.benchmark_group("allowed_ips_lookup");
+    for routes in [10, 1_000, 100_000] {
+        let (table, entries) = route_table(routes);
+        let mut rng = XorShift(0x5eed_0000 + routes as u64);
+        // 1024 addresses: 7 in 8 inside a random entry, the rest in 192.0.0.0/8 (absent).
+        let addresses: Vec<IpAddr> = (0..1024)
+            .map(|_| {
+                let r = rng.next();
+                if r.is_multiple_of(8) {
+                    IpAddr::V4(Ipv4Addr::from(0xC000_0000 | (r >> 8) as u32 & 0x00ff_ffff))
+                } else {
+                    let (network, len) = entries[(r >> 3) as usize % entries.len()];
+                    let host_bits = if len == 32 { 0 } else { u32::MAX >> len };
+                    IpAddr::V4(Ipv4Addr::from(network | ((r >> 32) as u32 & host_bits)))
+                }
+            })
+            .collect();
+        let hits = addresses
+            .iter()
+            .filter(|a| table.lookup(**a).is_some())
+            .count();
+        assert!(hits > 800, "{hits} of 1024 lookups hit");
+        group.throughput(Throughput::Elements(1));
+        group.bench_function(BenchmarkId::from_parameter(routes), |b| {
+            let mut i = 0usize;
+            b.iter(|| {
+                i = (i + 1) & 1023;
+                black_box(table.lookup(black_box(addresses[i])))
+            });
+        });
+    }
+    group.finish();
+}
+
+fn peer_lookup(c: &mut Criterion) {
+    let mut group = c.benchmark_group("peer_lookup");
+    group.throughput(Throughput::Elements(1));
+    for peers in [1, 1_000, 10_000] {
+        let mut link = Link::new(peers - 1, Initiator::Remote);
+        let mut out = vec![0u8; BUFFER];
+        let first = link.remote_encapsulate(&[]);
+        assert!(
+            matches!(
+                link.device.handle_datagram(remote(), &first, &mut out),
+                DatagramVerdict::Done
+            ),
+            "a keepalive is accepted"
+        );
+        group.bench_function(BenchmarkId::new("keepalive", peers), |b| {
+            b.iter_batched(
+                || encrypt(&mut link.remote, &mut link.out, &[]),
+                |datagram| {
+                    black_box(link.device.handle_datagram(remote(), &datagram, &mut out))
+                        .is_tunnel()
+                },
+                BatchSize::SmallInput,
+            );
+        });
+        // A data message (type 4) for a receiver index no peer holds: boringtun puts the
+        // peer's slot in the upper 24 bits.
+        let absent = ((peers as u32 + 7) << 8).to_le_bytes();
+        let mut unknown = vec![4, 0, 0, 0];
+        unknown.extend_from_slice(&absent);
+        unknown.extend_from_slice(&[0u8; 8 + 16]);
+        assert!(matches!(
+            link.device.handle_datagram(remote(), &unknown, &mut out),
+            DatagramVerdict::Drop(_)
+        ));
+        group.bench_function(BenchmarkId::new("unknown_index", peers), |b| {
+            b.iter(|| {
+                black_box(
+                    link.device
+                        .handle_datagram(remote(), black_box(&unknown), &mut out),
+                )
+                .is_tunnel()
+            });
+        });
+    }
+    group.finish();
+}
+
+/// Which side sends the handshake initiation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Initiator {
+    Device,
+    Remote,
+}
+
+/// A `Device` (10.0.1.0/24 behind it) with a session to a bare boringtun `Tunn`
+/// (10.0.2.0/24 behind it), and `extra` idle peers besides.
+struct Link {
+    device: Device,
+    remote: Tunn,
+    out: Vec<u8>,
+}
+
+impl Link {
+    fn new(extra: usize, initiator: Initiator) -> Self {
+        let device_key = PrivateKey::from([1; 32]);
+        let remote_secret = x25519::StaticSecret::from([2; 32]);
+        let device_public =
+            x25519::PublicKey::from(&x25519::StaticSecret::from(*device_key.as_bytes()));
+        let remote_public = PublicKey::from(*x25519::PublicKey::from(&remote_secret).as_bytes());
+        let mut peers: Vec<PeerUpdate> = (0..extra)
+            .map(|i| {
+                let mut seed = [3u8; 32];
+                seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                let secret = x25519::StaticSecret::from(seed);
+                let public = PublicKey::from(*x25519::PublicKey::from(&secret).as_bytes());
+                let address = Ipv4Addr::from(0x0A80_0000 + i as u32 + 1);
+                peer(public, None, IpCidr::host(IpAddr::V4(address)))
+            })
+            .collect();
+        let remote_net =
+            IpCidr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 2, 0)), 24).expect("valid prefix");
+        peers.push(peer(remote_public, Some(remote()), remote_net));
+        let mut device = Device::new();
+        let _ = device
+            .apply(&DeviceUpdate {
+                private_key: Some(Some(device_key)),
+                listen_port: Some(51820),
+                fwmark: None,
+                replace_peers: true,
+                peers,
+            })
+            .expect("the peers fit");
+        let remote = Tunn::new(remote_secret, device_public, None, None, 1, None);
+        let mut link = Self {
+            device,
+            remote,
+            out: vec![0u8; BUFFER],
+        };
+        match initiator {
+            Initiator::Device => link.device_initiates(),
+            Initiator::Remote => link.remote_initiates(),
+        }
+        link
+    }
+
+    /// Device → initiation → remote → response → device → keepalive and the queued
+    /// packet → remote.
+    fn device_initiates(&mut self) {
+        let mut out = vec![0u8; BUFFER];
+        let packet = ipv4([10, 0, 1, 5], [10, 0, 2, 7], 64);
+        let init = match self.device.handle_tun_packet(&packet, &mut out) {
+            TunVerdict::Send { datagram, .. } => datagram.to_vec(),
+            other => panic!("expected an initiation, got {other:?}"),
+        };
+        let response = self.remote_receive(&init);
+        assert_eq!(response.len(), 1, "one handshake response");
+        let (peer, keepalive) = match self
+            .device
+            .handle_datagram(remote(), &response[0], &mut out)
+        {
+            DatagramVerdict::Reply {
+                peer: Some(peer),
+                datagram,
+                ..
+            } => (peer, datagram.to_vec()),
+            other => panic!("expected a keepalive, got {other:?}"),
+        };
+        self.remote_receive(&keepalive);
+        while let Some((_, queued)) = self.device.poll_queued(peer, &mut out) {
+            let queued = queued.to_vec();
+            self.remote_receive(&queued);
+        }
+    }
+
+    /// Remote → initiation → device → response → remote → keepalive → device.
+    fn remote_initiates(&mut self) {
+        let mut out = vec![0u8; BUFFER];
+        let init = match self
+            .remote
+            .format_handshake_initiation(&mut self.out, false)
+        {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            _ => panic!("no initiation"),
+        };
+        let response = match self.device.handle_datagram(remote(), &init, &mut out) {
+            DatagramVerdict::Reply { datagram, .. } => datagram.to_vec(),
+            other => panic!("expected a response, got {other:?}"),
+        };
+        let keepalive = self.remote_receive(&response);
+        assert_eq!(
+            keepalive.len(),
+            1,
+            "the initiator confirms with a keepalive"
+        );
+        assert!(matches!(
+            self.device
+                .handle_datagram(remote(), &keepalive[0], &mut out),
+            DatagramVerdict::Done
+        ));
+    }
+
+    /// Hands a datagram to the remote; returns what it sends back (flushed).
+    fn remote_receive(&mut self, datagram: &[u8]) -> Vec<Vec<u8>> {
+        let from = IpAddr::V4(Ipv4Addr::from(DEVICE_ADDR));
+        let mut sent = Vec::new();
+        let mut result = self.remote.decapsulate(Some(from), datagram, &mut self.out);
+        while let TunnResult::WriteToNetwork(d) = result {
+            sent.push(d.to_vec());
+            result = self.remote.decapsulate(None, &[], &mut self.out);
+        }
+        sent
+    }
+
+    fn remote_encapsulate(&mut self, packet: &[u8]) -> Vec<u8> {
+        encrypt(&mut self.remote, &mut self.out, packet)
+    }
+}
+
+/// The remote encrypts `packet` (empty: a keepalive) for the device.
+fn encrypt(remote: &mut Tunn, buffer: &mut [u8], packet: &[u8]) -> Vec<u8> {
+    match remote.encapsulate(packet, buffer) {
+        TunnResult::WriteToNetwork(d) => d.to_vec(),
+        _ => panic!("the remote has no session"),
+    }
+}
+
+trait IsTunnel {
+    fn is_tunnel(&self) -> bool;
+}
+
+impl IsTunnel for DatagramVerdict<'_> {
+    fn is_tunnel(&self) -> bool {
+        matches!(self, DatagramVerdict::Tunnel { .. })
+    }
+}
+
+fn remote() -> SocketAddr {
+    SocketAddr::from(REMOTE_ENDPOINT)
+}
+
+fn peer(key: PublicKey, endpoint: Option<SocketAddr>, cidr: IpCidr) -> PeerUpdate {
+    let mut p = PeerUpdate::new(key);
+    p.endpoint = endpoint;
+    p.replace_allowed_ips = true;
+    p.allowed_ips = vec![cidr];
+    p
+}
+
+/// An IPv4/UDP packet of `len` bytes in all (no checksums: nothing checks them here).
+fn ipv4(src: [u8; 4], dst: [u8; 4], len: usize) -> Vec<u8> {
+    let len = len.max(28);
+    let mut p = vec![0u8; len];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    p[24..26].copy_from_slice(&((len - 20) as u16).to_be_bytes());
+    p
+}
+
+/// A table of `n` prefixes: 6 in 8 are /24s (10.0.0.0 upwards), 1 in 8 /32s
+/// (100.64.0.0 upwards), 1 in 8 /16s (20.0.0.0 upwards); the value is the index.
+fn route_table(n: usize) -> (AllowedIps<u32>, Vec<(u32, u8)>) {
+    let mut table = AllowedIps::new();
+    let mut entries = Vec::with_capacity(n);
+    for i in 0..n as u32 {
+        let (network, len) = match i % 8 {
+            0 => (0x6440_0000 + i, 32),
+            1 => (0x1400_0000 + ((i / 8) << 16), 16),
+            _ => (0x0A00_0000 + (i << 8), 24),
+        };
+        let cidr = IpCidr::new(IpAddr::V4(Ipv4Addr::from(network)), len).expect("valid prefix");
+        table.insert(cidr, i);
+        entries.push((network, len));
+    }
+    (table, entries)
+}
+
+/// A small deterministic generator, so every run looks up the same addresses.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}

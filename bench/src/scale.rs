@@ -1,0 +1,555 @@
+//! The agent at scale: memory and CPU with thousands of configured peers, idle and after
+//! a handshake with every one of them, and how soon a peer added through the UAPI passes
+//! its first packet.
+//!
+//! ```text
+//!  host a 198.18.0.1: the agent under test, N peers + later host b
+//!  host b 198.18.0.2: a Wiremesh agent that already knows host a (the peer added last)
+//!  host c 198.18.0.3: the responder, UDP ports 20000 + i for peer i
+//! ```
+//!
+//! "Handshakes to all": the agent's N peers have their endpoints on the responder, which
+//! answers each initiation with its own key ([`crate::responder`]). One UDP datagram to
+//! each peer's allowed IP, sent from host a into `wm0`, makes the agent initiate.
+
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use boringtun::x25519::{PublicKey, StaticSecret};
+use rand_core::OsRng;
+use serde_json::{Value, json};
+use wiremesh_lab::lab::Host;
+use wiremesh_lab::mesh::{IFACE, Node, in_netns};
+use wiremesh_lab::{Lab, Netns, Proc, agent_binary};
+
+use crate::interrupt;
+use crate::netns::{join, spawn_in_netns};
+use crate::procfs::{self, CpuMeter};
+use crate::progress;
+use crate::report::{Machine, markdown};
+use crate::responder::{self, Responder, Stats};
+use crate::stats::{median, min_max};
+use crate::tools::{first_line, path_str};
+
+/// The responder's first port.
+const RESPONDER_BASE_PORT: u16 = 20_000;
+
+/// The peers' allowed IPs: 10.128.0.1/32, 10.128.0.2/32, ... (inside host a only).
+const PEER_NET: u32 = 0x0A80_0000;
+
+/// Most peers the address plan holds (10.128.0.0/16, and ports above 20000).
+const MAX_PEERS: usize = 40_000;
+
+/// How long after a change before an idle measurement starts.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// How long the agent may take to install every route.
+const ROUTES_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Probes sent to the agent's TUN device per burst while triggering handshakes; a TUN
+/// queue holds 500 packets by default, and packets beyond it are dropped.
+const PROBE_BURST: usize = 200;
+
+/// How often peers that have not completed a handshake are probed again.
+const REPROBE: Duration = Duration::from_secs(6);
+
+/// The echo service in pod b for the first-packet measurement (port 7, RFC 862 echo).
+const ECHO_PORT: u16 = 7;
+
+/// How often the first-packet prober sends.
+const PROBE_INTERVAL: Duration = Duration::from_millis(2);
+
+/// How long a first packet may take (a lost initiation is retried after 5 s).
+const FIRST_PACKET_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Peer counts, such as 1,000 and 10,000.
+    pub peers: Vec<usize>,
+    /// Length of each idle measurement.
+    pub idle: Duration,
+    /// How long the handshakes with all peers may take.
+    pub handshake_timeout: Duration,
+    /// Times the first-packet measurement is repeated per case.
+    pub first_packet_runs: u32,
+}
+
+/// Runs every case; returns the JSON report and the printed table.
+///
+/// # Errors
+/// When the lab cannot be built, the agent does not come up, or the run is interrupted.
+pub fn run(options: &Options) -> Result<(Value, String)> {
+    for n in &options.peers {
+        ensure!(
+            (1..=MAX_PEERS).contains(n),
+            "{n} peers: the scale benchmark takes 1 to {MAX_PEERS}"
+        );
+    }
+    let started = SystemTime::now();
+    let agent = agent_binary()?;
+    let lab = Lab::new()?;
+    let a = Node::new(&lab, "a", 1)?;
+    let mut b = Node::new(&lab, "b", 2)?;
+    let c = lab.add_host("c", Ipv4Addr::new(198, 18, 0, 3), "10.3.0.0/24")?;
+    b.start(&[a.as_peer(true)])?;
+    progress!(
+        "lab {}: agent under test on host a, ready peer on host b, responder on host c",
+        lab.prefix()
+    );
+
+    let baseline = baseline_case(&a, &b, options)?;
+    let mut cases = Vec::new();
+    for n in &options.peers {
+        interrupt::check()?;
+        cases.push(peers_case(&a, &b, &c, *n, options)?);
+    }
+
+    let table = table(&baseline, &cases);
+    let report = json!({
+        "schema": 1,
+        "started_unix": started.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        "machine": {
+            "cpus": Machine::this().cpus,
+            "cpu_model": Machine::this().cpu_model,
+            "kernel": Machine::this().kernel,
+        },
+        "agent": format!(
+            "{} (git {})",
+            first_line(path_str(&agent), &["--version"]),
+            first_line("git", &["-C", env!("CARGO_MANIFEST_DIR"), "describe", "--always", "--dirty"])
+        ),
+        "config": {
+            "idle_secs": options.idle.as_secs(),
+            "handshake_timeout_secs": options.handshake_timeout.as_secs(),
+            "first_packet_runs": options.first_packet_runs,
+        },
+        "notes": {
+            "handshakes": "each peer's endpoint is a UDP port of an in-process responder (one boringtun Tunn per peer key) in another namespace; one datagram to each peer's allowed IP makes the agent initiate; completed = peers whose first data message reached the responder after the handshake",
+            "cpu_pct": "CPU of the agent process (all threads) over the idle window, percent of one core",
+            "first_packet_ms": "from running `wg set wm0 peer <b> endpoint ... allowed-ips ...` on host a until pod a gets the first UDP echo from pod b (a datagram every 2 ms): the wg command, route installation, handshake and one round trip",
+            "rss_mib": "VmRSS after the window; peak_rss_mib is VmHWM",
+        },
+        "baseline": baseline,
+        "cases": cases,
+    });
+    drop(b);
+    drop(lab);
+    Ok((report, table))
+}
+
+/// The agent with no peer but host b: memory and idle CPU, and first packets.
+fn baseline_case(a: &Node, b: &Node, options: &Options) -> Result<Value> {
+    progress!("baseline: the agent with no other peer");
+    let agent = start_agent(&a.host)?;
+    setconf(a, &[])?;
+    let idle = idle_window(agent.pid(), options.idle)?;
+    let first_packet = first_packets(a, b, options.first_packet_runs)?;
+    stop_agent(&a.host, agent)?;
+    Ok(json!({
+        "peers": 0,
+        "idle": idle,
+        "first_packet_ms": first_packet,
+    }))
+}
+
+/// The agent with `n` peers: configure, idle, handshake with all, idle, first packets.
+fn peers_case(a: &Node, b: &Node, c: &Host, n: usize, options: &Options) -> Result<Value> {
+    progress!("{n} peers: generating keys");
+    let secrets: Vec<StaticSecret> = (0..n)
+        .map(|_| StaticSecret::random_from_rng(OsRng))
+        .collect();
+    let peers: Vec<ScalePeer> = secrets
+        .iter()
+        .enumerate()
+        .map(|(i, secret)| ScalePeer {
+            public: STANDARD.encode(PublicKey::from(secret).as_bytes()),
+            endpoint: responder::endpoint(c.underlay_ip(), RESPONDER_BASE_PORT, i),
+            address: peer_address(i),
+        })
+        .collect();
+    let lifetime = options.handshake_timeout + options.idle * 4 + Duration::from_secs(600);
+    let responder = Responder::start(
+        Netns::name(c),
+        c.underlay_ip(),
+        RESPONDER_BASE_PORT,
+        secrets,
+        a.keys.public_key(),
+        lifetime,
+    )?;
+
+    let agent = start_agent(&a.host)?;
+    let pid = agent.pid();
+    let before_mib = procfs::rss_mib(pid)?;
+    progress!("{n} peers: wg setconf");
+    let start = Instant::now();
+    setconf(a, &peers)?;
+    let setconf_s = start.elapsed().as_secs_f64();
+    wait_routes(&a.host, n)?;
+    let routes_s = start.elapsed().as_secs_f64();
+    progress!("{n} peers: configured in {setconf_s:.2} s, routes in {routes_s:.2} s; idle");
+    let configured = idle_window(pid, options.idle)?;
+
+    progress!("{n} peers: handshakes with all");
+    let handshakes = handshake_all(a, &peers, responder.stats(), pid, options.handshake_timeout)?;
+    progress!(
+        "{n} peers: {} handshakes in {:.1} s; idle",
+        handshakes["completed"],
+        handshakes["seconds"].as_f64().unwrap_or(0.0)
+    );
+    let established = idle_window(pid, options.idle)?;
+    let first_packet = first_packets(a, b, options.first_packet_runs)?;
+    let peak_rss_mib = procfs::peak_rss_mib(pid)?;
+    stop_agent(&a.host, agent)?;
+    drop(responder);
+    Ok(json!({
+        "peers": n,
+        "rss_before_mib": round2(before_mib),
+        "setconf_s": round2(setconf_s),
+        "routes_s": round2(routes_s),
+        "configured_idle": configured,
+        "handshakes": handshakes,
+        "established_idle": established,
+        "peak_rss_mib": round2(peak_rss_mib),
+        "first_packet_ms": first_packet,
+    }))
+}
+
+struct ScalePeer {
+    public: String,
+    endpoint: SocketAddr,
+    address: Ipv4Addr,
+}
+
+fn peer_address(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(PEER_NET + i as u32 + 1)
+}
+
+fn start_agent(host: &Host) -> Result<Proc> {
+    let agent = agent_binary()?;
+    let proc = host.spawn_agent(&["up", "--interface", IFACE], &[("RUST_LOG", "warn")])?;
+    let socket = host.run_dir().join(format!("{IFACE}.sock"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if !proc.is_running() || Instant::now() > deadline {
+            bail!(
+                "{} did not come up on {}:\n{}",
+                agent.display(),
+                host.name(),
+                proc.stderr()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(proc)
+}
+
+fn stop_agent(host: &Host, agent: Proc) -> Result<()> {
+    agent.stop()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host
+        .exec(&["ip", "link", "show", "dev", IFACE])?
+        .status
+        .success()
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "{IFACE} lingers on {}",
+            host.name()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// `wg setconf` host a's agent with its key, port 51820 and `peers`.
+fn setconf(a: &Node, peers: &[ScalePeer]) -> Result<()> {
+    let mut conf = format!(
+        "[Interface]\nPrivateKey = {}\nListenPort = {}\n",
+        a.keys.private,
+        wiremesh_lab::mesh::PORT
+    );
+    for p in peers {
+        let _ = write!(
+            conf,
+            "\n[Peer]\nPublicKey = {}\nEndpoint = {}\nAllowedIPs = {}/32\n",
+            p.public, p.endpoint, p.address
+        );
+    }
+    let path = a.host.dir().join("scale.conf");
+    std::fs::write(&path, conf).with_context(|| format!("writing {}", path.display()))?;
+    a.host.wg(&["setconf", IFACE, path_str(&path)])?;
+    Ok(())
+}
+
+/// Waits until the agent's routes (protocol 0x57) number at least `n`.
+fn wait_routes(host: &Host, n: usize) -> Result<()> {
+    let deadline = Instant::now() + ROUTES_TIMEOUT;
+    loop {
+        interrupt::check()?;
+        let routes = host
+            .ip(&["route", "show", "proto", "0x57"])?
+            .lines()
+            .count();
+        if routes >= n {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "only {routes} of {n} routes after {ROUTES_TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Settles, then watches the agent for `window`: CPU share and memory.
+fn idle_window(pid: u32, window: Duration) -> Result<Value> {
+    interrupt::sleep(SETTLE)?;
+    let meter = CpuMeter::start(&[pid])?;
+    interrupt::sleep(window)?;
+    let usage = meter.read()?;
+    Ok(json!({
+        "cpu_pct": round2(usage.process_cores() * 100.0),
+        "rss_mib": round2(procfs::rss_mib(pid)?),
+        "peak_rss_mib": round2(procfs::peak_rss_mib(pid)?),
+    }))
+}
+
+/// Makes the agent initiate a handshake with every peer and waits until the responder saw
+/// all of them complete (or the timeout).
+fn handshake_all(
+    a: &Node,
+    peers: &[ScalePeer],
+    stats: &Stats,
+    pid: u32,
+    timeout: Duration,
+) -> Result<Value> {
+    let n = peers.len();
+    let targets: Arc<Vec<Ipv4Addr>> = Arc::new(peers.iter().map(|p| p.address).collect());
+    let meter = CpuMeter::start(&[pid])?;
+    let start = Instant::now();
+    let mut probes = 0;
+    let mut last_probe: Option<Instant> = None;
+    loop {
+        interrupt::check()?;
+        let done = stats.confirmed.load(Ordering::Relaxed);
+        if done >= n || start.elapsed() > timeout {
+            break;
+        }
+        if last_probe.is_none_or(|t| t.elapsed() >= REPROBE) {
+            let pending: Vec<Ipv4Addr> = (0..n)
+                .filter(|i| !stats.is_confirmed(*i))
+                .map(|i| targets[i])
+                .collect();
+            probes += pending.len();
+            probe(&a.host, pending)?;
+            last_probe = Some(Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let usage = meter.read()?;
+    let completed = stats.confirmed.load(Ordering::Relaxed);
+    let agent_reported = a
+        .host
+        .wg(&["show", IFACE, "latest-handshakes"])?
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1).is_some_and(|t| t != "0"))
+        .count();
+    Ok(json!({
+        "completed": completed,
+        "agent_reported": agent_reported,
+        "responses_sent": stats.responses.load(Ordering::Relaxed),
+        "probes_sent": probes,
+        "seconds": round2(seconds),
+        "timed_out": completed < n,
+        "agent_cpu_s": round2(usage.processes_s),
+    }))
+}
+
+/// Sends one small UDP datagram to each target from host a, in bursts the TUN queue can
+/// hold.
+fn probe(host: &Host, targets: Vec<Ipv4Addr>) -> Result<()> {
+    in_netns(host, move || {
+        let socket = UdpSocket::bind("0.0.0.0:0").context("binding the probe socket")?;
+        for chunk in targets.chunks(PROBE_BURST) {
+            for ip in chunk {
+                // Port 9 (discard): nobody answers; the datagram only wakes the tunnel.
+                let _ = socket.send_to(b"wiremesh-scale-probe", (*ip, 9));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    })
+}
+
+/// Adds host b to host a's agent through the UAPI `runs` times (removing it in between)
+/// and times each until the first ping reply.
+fn first_packets(a: &Node, b: &Node, runs: u32) -> Result<Value> {
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        interrupt::check()?;
+        times.push(first_packet(a, b)?);
+    }
+    let (lo, hi) = min_max(&times).unwrap_or((f64::NAN, f64::NAN));
+    Ok(json!({
+        "median": median(&times).map(round2),
+        "min": round2(lo),
+        "max": round2(hi),
+        "runs": times.iter().map(|t| round2(*t)).collect::<Vec<_>>(),
+    }))
+}
+
+/// One first-packet measurement, in milliseconds: a prober in pod a sends a UDP datagram
+/// to an echo service in pod b every 2 ms; the clock runs from the start of `wg set` to
+/// the first echo.
+fn first_packet(a: &Node, b: &Node) -> Result<f64> {
+    let pod_cidr = b.host.pod_cidr();
+    ensure!(
+        a.host.ip(&["route", "show", &pod_cidr])?.trim().is_empty(),
+        "host a already routes {pod_cidr}"
+    );
+    let target = SocketAddr::from((b.pod.ip(), ECHO_PORT));
+    let stop = Arc::new(AtomicBool::new(false));
+    let echo = {
+        let stop = Arc::clone(&stop);
+        spawn_in_netns(&b.pod, move || echo_service(target, &stop))?
+    };
+    let prober = {
+        let stop = Arc::clone(&stop);
+        spawn_in_netns(&a.pod, move || first_echo(target, &stop))?
+    };
+    // Let both sockets open and the prober hit the missing route a few times.
+    std::thread::sleep(Duration::from_millis(100));
+    let endpoint = b.endpoint().to_string();
+    let start = Instant::now();
+    let added = a.host.wg(&[
+        "set",
+        IFACE,
+        "peer",
+        &b.keys.public,
+        "endpoint",
+        &endpoint,
+        "allowed-ips",
+        &pod_cidr,
+    ]);
+    let reply = join(prober);
+    stop.store(true, Ordering::Relaxed);
+    let echoed = join(echo);
+    added?;
+    echoed?;
+    let ms = reply?.saturating_duration_since(start).as_secs_f64() * 1e3;
+
+    a.host
+        .wg(&["set", IFACE, "peer", &b.keys.public, "remove"])?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !a.host.ip(&["route", "show", &pod_cidr])?.trim().is_empty() {
+        ensure!(Instant::now() < deadline, "the route to {pod_cidr} stays");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    interrupt::sleep(Duration::from_millis(500))?;
+    Ok(ms)
+}
+
+/// Sends to `target` every [`PROBE_INTERVAL`] until an echo comes back; returns when.
+fn first_echo(target: SocketAddr, stop: &AtomicBool) -> Result<Instant> {
+    let socket = UdpSocket::bind("0.0.0.0:0").context("binding the prober")?;
+    socket.set_read_timeout(Some(PROBE_INTERVAL))?;
+    let deadline = Instant::now() + FIRST_PACKET_TIMEOUT;
+    let mut buf = [0u8; 64];
+    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+        // Errors (no route yet) are expected until the peer is in place.
+        let _ = socket.send_to(b"wiremesh-first-packet", target);
+        if let Ok((_, from)) = socket.recv_from(&mut buf)
+            && from == target
+        {
+            return Ok(Instant::now());
+        }
+    }
+    bail!("no echo from {target} within {FIRST_PACKET_TIMEOUT:?}")
+}
+
+/// Echoes datagrams on `addr` until `stop` (or [`FIRST_PACKET_TIMEOUT`] twice over).
+fn echo_service(addr: SocketAddr, stop: &AtomicBool) -> Result<()> {
+    let socket = UdpSocket::bind(addr).with_context(|| format!("binding {addr}"))?;
+    socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let deadline = Instant::now() + FIRST_PACKET_TIMEOUT * 2;
+    let mut buf = [0u8; 64];
+    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+        if let Ok((len, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(&buf[..len], from);
+        }
+    }
+    Ok(())
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+fn table(baseline: &Value, cases: &[Value]) -> String {
+    let mut rows = vec![
+        [
+            "peers",
+            "wg setconf s",
+            "routes s",
+            "idle RSS MiB",
+            "idle CPU %",
+            "handshakes done",
+            "in s",
+            "agent CPU s",
+            "RSS after MiB",
+            "idle CPU after %",
+            "peak RSS MiB",
+            "first packet ms",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
+    let v = |value: &Value| match value {
+        Value::Null => "-".to_owned(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        other => other.to_string(),
+    };
+    rows.push(vec![
+        "0".to_owned(),
+        "-".to_owned(),
+        "-".to_owned(),
+        v(&baseline["idle"]["rss_mib"]),
+        v(&baseline["idle"]["cpu_pct"]),
+        "-".to_owned(),
+        "-".to_owned(),
+        "-".to_owned(),
+        "-".to_owned(),
+        "-".to_owned(),
+        v(&baseline["idle"]["peak_rss_mib"]),
+        v(&baseline["first_packet_ms"]["median"]),
+    ]);
+    for c in cases {
+        rows.push(vec![
+            v(&c["peers"]),
+            v(&c["setconf_s"]),
+            v(&c["routes_s"]),
+            v(&c["configured_idle"]["rss_mib"]),
+            v(&c["configured_idle"]["cpu_pct"]),
+            format!("{}/{}", v(&c["handshakes"]["completed"]), v(&c["peers"])),
+            v(&c["handshakes"]["seconds"]),
+            v(&c["handshakes"]["agent_cpu_s"]),
+            v(&c["established_idle"]["rss_mib"]),
+            v(&c["established_idle"]["cpu_pct"]),
+            v(&c["peak_rss_mib"]),
+            v(&c["first_packet_ms"]["median"]),
+        ]);
+    }
+    format!(
+        "\nWiremesh agent at scale (first packet: median of runs, from `wg set` to the first echo through the tunnel)\n\n{}",
+        markdown(&rows)
+    )
+}
