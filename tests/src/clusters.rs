@@ -13,7 +13,7 @@ use kube::{Api, Client};
 use wiremesh_proto::crd::{MeshPeer, PeerCluster};
 
 use crate::k8s::{self, ApiProxy, ControlPlane, block_on};
-use crate::lab::{Host, Lab, Pod, agent_binary};
+use crate::lab::{Host, Lab, Pod, find_binary};
 use crate::mesh::{IFACE, METRICS, start_agent};
 use crate::process::Proc;
 
@@ -329,12 +329,11 @@ impl TwoClusters {
     /// # Errors
     /// When it cannot be started.
     pub fn start_controller(&mut self, side: Side) -> Result<()> {
-        let binary = agent_binary()?.with_file_name("wiremesh-controller");
-        ensure!(
-            binary.exists(),
-            "{} is missing: run `cargo build -p wiremesh-controller`",
-            binary.display()
-        );
+        let binary = find_binary(
+            "wiremesh-controller",
+            "WIREMESH_CONTROLLER_BIN",
+            "cargo build -p wiremesh-controller --bin wiremesh-controller",
+        )?;
         let replica = self.cluster(side).controllers.len();
         let identity = format!("{}-controller-{replica}", side.name());
         let log = self.lab.dir().join(format!("{identity}.log"));

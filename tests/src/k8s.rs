@@ -464,33 +464,11 @@ pub fn delete_node(client: &Client, name: &str) -> Result<()> {
 /// # Errors
 /// When it is not there, saying how to build it.
 pub fn meshctl_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("WIREMESH_MESHCTL_BIN") {
-        let path = PathBuf::from(path);
-        ensure!(
-            path.is_file(),
-            "WIREMESH_MESHCTL_BIN is {}, not a file",
-            path.display()
-        );
-        return Ok(path);
-    }
-    let exe = std::env::current_exe().context("locating the running executable")?;
-    let candidates: Vec<PathBuf> = exe
-        .ancestors()
-        .skip(1)
-        .take(2)
-        .map(|dir| dir.join("meshctl"))
-        .collect();
-    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
-        anyhow!(
-            "meshctl not found (looked at {}); run `cargo build -p wiremesh-controller --bin meshctl` \
-             with the same profile, or set WIREMESH_MESHCTL_BIN",
-            candidates
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    })
+    crate::lab::find_binary(
+        "meshctl",
+        "WIREMESH_MESHCTL_BIN",
+        "cargo build -p wiremesh-controller --bin meshctl",
+    )
 }
 
 /// Runs `meshctl args...` to completion (bounded by [`MESHCTL_TIMEOUT`]) with `KUBECONFIG`

@@ -1277,7 +1277,7 @@ fn ok_stdout(output: &Output, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-fn find_binary(name: &str, env_var: &str, build_hint: &str) -> Result<PathBuf> {
+pub(crate) fn find_binary(name: &str, env_var: &str, build_hint: &str) -> Result<PathBuf> {
     if let Some(path) = std::env::var_os(env_var) {
         let path = PathBuf::from(path);
         ensure!(
