@@ -139,8 +139,12 @@ struct Peer {
     endpoint: Option<SocketAddr>,
     persistent_keepalive: u16,
     allowed_ips: BTreeSet<IpCidr>,
-    /// `None` while the device has no private key.
-    tunn: Option<Tunn>,
+    /// The noise state machine, created on first use (a packet for the peer, its
+    /// handshake initiation, or at once when persistent keepalive is on) and freed when
+    /// boringtun declares the connection expired: a `Tunn` holds its eight sessions
+    /// inline (about 11 KiB), which 10,000 idle peers should not pay for. Always `None`
+    /// while the device has no private key.
+    tunn: Option<Box<Tunn>>,
     rx_bytes: u64,
     tx_bytes: u64,
     handshakes: u64,
@@ -308,6 +312,10 @@ impl Device {
     }
 
     fn set_private_key(&mut self, key: Option<&PrivateKey>) {
+        // The same key again keeps every session, as in wireguard-go.
+        if self.private_key().as_ref() == key {
+            return;
+        }
         self.private_key = key.map(|k| {
             let secret = x25519::StaticSecret::from(*k.as_bytes());
             let public = x25519::PublicKey::from(&secret);
@@ -356,25 +364,19 @@ impl Device {
         id
     }
 
+    /// Discards the peer's sessions after a change of keys or keepalive. A peer with
+    /// persistent keepalive gets its `Tunn` at once (it initiates on its own); the
+    /// others get one when they first need it.
     fn rebuild_tunn(&mut self, id: PeerId) {
-        let Some((secret, _)) = &self.private_key else {
-            if let Some(peer) = self.slot_mut(id) {
-                peer.tunn = None;
-            }
-            return;
-        };
-        let secret = secret.clone();
-        let limiter = Arc::clone(&self.rate_limiter);
-        if let Some(peer) = self.slot_mut(id) {
-            let keepalive = (peer.persistent_keepalive != 0).then_some(peer.persistent_keepalive);
-            peer.tunn = Some(Tunn::new(
-                secret,
-                x25519::PublicKey::from(*peer.public_key.as_bytes()),
-                peer.preshared_key.map(|k| *k.as_bytes()),
-                keepalive,
-                id.0,
-                Some(limiter),
-            ));
+        let private_key = self.private_key.as_ref().map(|(secret, _)| secret);
+        let limiter = &self.rate_limiter;
+        if let Some(peer) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) {
+            peer.tunn = match private_key {
+                Some(secret) if peer.persistent_keepalive != 0 => {
+                    Some(new_tunn(secret, limiter, peer, id))
+                }
+                _ => None,
+            };
         }
     }
 
@@ -407,14 +409,20 @@ impl Device {
         let Some(id) = self.allowed.lookup(dst) else {
             return self.drop_tun(DropReason::NoRoute);
         };
+        let Some((secret, _)) = &self.private_key else {
+            return self.drop_tun(DropReason::NoPrivateKey);
+        };
         let Some(peer) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
             return self.drop_tun(DropReason::NoRoute);
         };
-        let Some(tunn) = peer.tunn.as_mut() else {
-            return self.drop_tun(DropReason::NoPrivateKey);
-        };
         let Some(to) = peer.endpoint else {
             return self.drop_tun(DropReason::NoEndpoint);
+        };
+        if peer.tunn.is_none() {
+            peer.tunn = Some(new_tunn(secret, &self.rate_limiter, peer, id));
+        }
+        let Some(tunn) = peer.tunn.as_mut() else {
+            return self.drop_tun(DropReason::Internal);
         };
         match tunn.encapsulate(packet, out) {
             TunnResult::WriteToNetwork(datagram) => {
@@ -501,8 +509,13 @@ impl Device {
         let Some(peer) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
             return self.drop_datagram(DropReason::UnknownPeer);
         };
+        // Only an initiation starts a conversation with a peer that has no `Tunn`; a
+        // response, cookie or data packet for it answers nothing we sent.
+        if peer.tunn.is_none() && matches!(parsed, Packet::HandshakeInit(_)) {
+            peer.tunn = Some(new_tunn(secret, &self.rate_limiter, peer, id));
+        }
         let Some(tunn) = peer.tunn.as_mut() else {
-            return self.drop_datagram(DropReason::NoPrivateKey);
+            return self.drop_datagram(DropReason::UnknownPeer);
         };
         // Step 3: decrypt. Anything but an error here was authenticated, so the peer's
         // endpoint follows the datagram's source (roaming, whitepaper §2.1).
@@ -589,11 +602,22 @@ impl Device {
             let Some(tunn) = peer.tunn.as_mut() else {
                 continue;
             };
-            if let TunnResult::WriteToNetwork(datagram) = tunn.update_timers(out)
-                && let Some(to) = peer.endpoint
-            {
-                peer.tx_bytes += datagram.len() as u64;
-                send(to, datagram);
+            match tunn.update_timers(out) {
+                TunnResult::WriteToNetwork(datagram) => {
+                    if let Some(to) = peer.endpoint {
+                        peer.tx_bytes += datagram.len() as u64;
+                        send(to, datagram);
+                    }
+                }
+                // boringtun gave up: no session left and no handshake to retry (after
+                // REKEY_ATTEMPT_TIME, or REJECT_AFTER_TIME × 3 without new keys). Free
+                // the state; the next packet or initiation builds a fresh one.
+                TunnResult::Err(WireGuardError::ConnectionExpired)
+                    if peer.persistent_keepalive == 0 =>
+                {
+                    peer.tunn = None;
+                }
+                _ => {}
             }
         }
     }
@@ -632,6 +656,16 @@ impl Device {
         self.allowed.iter().map(|(c, _)| c).collect()
     }
 
+    /// How many peers hold noise state (a `Tunn`) right now; the others cost only their
+    /// configuration.
+    pub fn live_tunnels(&self) -> usize {
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|peer| peer.tunn.is_some())
+            .count()
+    }
+
     /// The peers, ordered by public key.
     pub fn peers(&self) -> Vec<PeerView> {
         self.by_key
@@ -649,7 +683,10 @@ impl Device {
             endpoint: peer.endpoint,
             persistent_keepalive: peer.persistent_keepalive,
             allowed_ips: peer.allowed_ips.iter().copied().collect(),
-            since_handshake: peer.tunn.as_ref().and_then(Tunn::time_since_last_handshake),
+            since_handshake: peer
+                .tunn
+                .as_ref()
+                .and_then(|t| t.time_since_last_handshake()),
             rx_bytes: peer.rx_bytes,
             tx_bytes: peer.tx_bytes,
             handshakes: peer.handshakes,
@@ -679,6 +716,25 @@ impl Device {
 }
 
 /// Each boringtun error is one drop reason.
+/// A `Tunn` for `peer` at slot `id`; boringtun puts the slot in the top 24 bits of
+/// each session's receiver index, which is how datagrams find their peer.
+fn new_tunn(
+    secret: &x25519::StaticSecret,
+    limiter: &Arc<RateLimiter>,
+    peer: &Peer,
+    id: PeerId,
+) -> Box<Tunn> {
+    let keepalive = (peer.persistent_keepalive != 0).then_some(peer.persistent_keepalive);
+    Box::new(Tunn::new(
+        secret.clone(),
+        x25519::PublicKey::from(*peer.public_key.as_bytes()),
+        peer.preshared_key.map(|k| *k.as_bytes()),
+        keepalive,
+        id.0,
+        Some(Arc::clone(limiter)),
+    ))
+}
+
 fn reason_for(e: &WireGuardError) -> DropReason {
     match e {
         WireGuardError::InvalidPacket
@@ -823,6 +879,48 @@ mod tests {
             TunVerdict::Queued => Err(None),
             TunVerdict::Drop(r) => Err(Some(r)),
         }
+    }
+
+    #[test]
+    fn noise_state_is_created_on_first_use() {
+        let mut p = pair();
+        // Configured, nothing sent: neither side pays for a Tunn.
+        assert_eq!((p.a.live_tunnels(), p.b.live_tunnels()), (0, 0));
+        // 1,000 more peers on A, none with keepalive: still none.
+        let mut u = update(&key(1), Vec::new());
+        u.replace_peers = false;
+        u.peers = (0..1000u32)
+            .map(|i| {
+                let mut seed = [7u8; 32];
+                seed[..4].copy_from_slice(&i.to_be_bytes());
+                peer(public(&PrivateKey::from(seed)), Some(B_ADDR), &[])
+            })
+            .collect();
+        let _ = p.a.apply(&u).unwrap();
+        assert_eq!(p.a.live_tunnels(), 0);
+        // A packet for B creates A's, B's initiation handler creates B's.
+        let data = establish(&mut p);
+        assert!(!data.is_empty());
+        assert_eq!((p.a.live_tunnels(), p.b.live_tunnels()), (1, 1));
+        // A data packet for a peer without state is refused, not turned into state.
+        let mut c = Device::new();
+        let _ = c
+            .apply(&update(
+                &key(2),
+                vec![peer(public(&key(1)), None, &["10.0.1.0/24"])],
+            ))
+            .unwrap();
+        let (tun, _, dropped) = deliver(&mut c, A_ADDR, &data);
+        assert!(tun.is_empty());
+        assert_eq!(dropped, Some(DropReason::UnknownPeer));
+        assert_eq!(c.live_tunnels(), 0);
+        // A peer with persistent keepalive initiates by itself, so it gets one at once.
+        let mut k = peer(public(&key(9)), Some(B_ADDR), &[]);
+        k.persistent_keepalive = Some(25);
+        let mut u = update(&key(1), vec![k]);
+        u.replace_peers = false;
+        let _ = p.a.apply(&u).unwrap();
+        assert_eq!(p.a.live_tunnels(), 2);
     }
 
     /// A sends one packet to B, completing the handshake; returns the data datagram
