@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs, idempotently, what the demo and the tests need on a fresh Debian machine:
 # the Debian packages (interop peers, iperf3, iproute2, nftables) and, when asked with
-# --k8s, the Go-built control-plane binaries (kube-apiserver, etcd).
+# --k8s, the Go-built control-plane binaries (kube-apiserver, etcd) and helm.
 # Needs root for apt-get; prints what it does.
 set -euo pipefail
 
@@ -38,6 +38,11 @@ if [ ! -c /dev/net/tun ]; then
     exit 1
 fi
 
-if [ "${1:-}" = "--k8s" ] && [ -x tests/k8s/build.sh ]; then
-    tests/k8s/build.sh
+if [ "${1:-}" = "--k8s" ]; then
+    if [ -x tests/k8s/build.sh ]; then
+        tests/k8s/build.sh
+    fi
+    if [ -x tests/k8s/build-helm.sh ]; then
+        tests/k8s/build-helm.sh
+    fi
 fi

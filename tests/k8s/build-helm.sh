@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# Build Helm 3 (helm.sh/helm/v3/cmd/helm) from the Go module proxy for
+# Wiremesh's chart tests (see tests/k8s/README.md).
+#
+#   tests/k8s/build-helm.sh              # build (or reuse) the binary
+#   HELM="$(tests/k8s/build-helm.sh)/helm"   # stdout is only the binary directory
+#
+# Progress goes to stderr; the last (and only) stdout line is the directory
+# holding `helm`:
+#   ${WIREMESH_K8S_BIN:-<repo>/target/k8s-bin}/helm-<HELM_VERSION>/
+#
+# Idempotent: helm is rebuilt only when it is missing or `helm version --short`
+# is not exactly the pinned version. The helper module in tests/k8s/helm pins
+# every dependency through its committed go.sum; builds use -mod=readonly. If
+# HELM_VERSION below is changed, the helper go.mod/go.sum are regenerated (needs
+# the module proxy) and the script asks you to commit them.
+#
+# On a busy machine run it as `nice -n 19 tests/k8s/build-helm.sh`.
+set -euo pipefail
+
+HELM_VERSION=v3.22.0  # helm.sh/helm/v3 (needs Go >= 1.26.0)
+
+log() { printf '[helm-build] %s\n' "$*" >&2; }
+die() { printf '[helm-build] ERROR: %s\n' "$*" >&2; exit 1; }
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$SCRIPT_DIR/../.." && pwd)"
+BIN_ROOT="${WIREMESH_K8S_BIN:-$REPO_ROOT/target/k8s-bin}"
+OUT="$BIN_ROOT/helm-$HELM_VERSION"
+HELM_MOD="$SCRIPT_DIR/helm"
+HELM_MODULE=helm.sh/helm/v3
+
+command -v go >/dev/null 2>&1 || die "'go' not found in PATH. Install Go >= 1.26 (the machine's /usr/local/go/bin/go) or add it to PATH; nothing is downloaded by this script."
+
+# Deterministic Go environment: never download a toolchain, static binaries,
+# no workspace files from parent directories, and ignore the caller's GOFLAGS.
+export GOTOOLCHAIN=local CGO_ENABLED=0 GOWORK=off GOFLAGS=
+GO_VERSION="$(go env GOVERSION)"
+case "$GO_VERSION" in
+  go1.2[6-9]* | go1.[3-9][0-9]*) ;;
+  *) die "found $GO_VERSION at $(command -v go); helm $HELM_VERSION needs Go >= 1.26.0 (GOTOOLCHAIN=local, no download)" ;;
+esac
+
+fmt_secs() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
+
+# `helm version --short` is exactly the pin (no git commit is stamped, so no
+# "+g<sha>" suffix). HELM_* settings of the caller must not matter here.
+version_ok() { # BINARY
+  [ -x "$1" ] || return 1
+  local v
+  v="$(env -u HELM_DEBUG timeout 20 "$1" version --short 2>/dev/null)" || return 1
+  [ "$v" = "$HELM_VERSION" ]
+}
+
+# Fast path: nothing to do, no lock, no go invocations beyond `go env` above.
+if version_ok "$OUT/helm"; then
+  log "helm $HELM_VERSION: up to date ($OUT/helm)"
+  printf '%s\n' "$OUT"
+  exit 0
+fi
+
+mkdir -p "$OUT"
+# Serialise with tests/k8s/build.sh and other runs sharing this cache
+# directory (one big Go build at a time on a small machine).
+exec 9>"$BIN_ROOT/.build.lock"
+if ! flock -n 9; then
+  log "another build holds $BIN_ROOT/.build.lock; waiting"
+  flock 9
+fi
+
+# go.mod requires MODULE at exactly VERSION, and go.sum exists.
+helper_pinned() { # DIR MODULE VERSION
+  [ -f "$1/go.mod" ] && [ -f "$1/go.sum" ] &&
+    grep -Eq "^[[:space:]]*(require[[:space:]]+)?${2//./\\.}[[:space:]]+${3//./\\.}([[:space:]]|$)" "$1/go.mod"
+}
+
+# Path of the cached upstream go.mod of MODULE@VERSION (fetches only the .mod).
+upstream_gomod() {
+  local f
+  f="$(go list -m -json "$1@$2" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
+  [ -n "$f" ] && [ -f "$f" ] || die "could not fetch go.mod of $1@$2 from $(go env GOPROXY)"
+  printf '%s\n' "$f"
+}
+
+# The replace directives of a go.mod, one "OLD[ VER] => NEW[ VER]" per line
+# (single-line and block form). Replaces apply only to the main module, so a
+# helper module must repeat upstream's; local-path targets cannot be repeated.
+gomod_replaces() { # GOMOD
+  awk '
+    /^[[:space:]]*\/\// { next }
+    { sub(/[[:space:]]*\/\/.*$/, "") }
+    inblk && /^[[:space:]]*\)/ { inblk = 0; next }
+    inblk && /=>/ { sub(/^[[:space:]]+/, ""); print; next }
+    /^replace[[:space:]]*\(/ { inblk = 1; next }
+    /^replace[[:space:]]/ { sub(/^replace[[:space:]]+/, ""); print }
+  ' "$1"
+}
+
+# Bootstrap tests/k8s/helm/go.{mod,sum} for HELM_VERSION: the go line and any
+# replace directives come from the release's own go.mod.
+bootstrap_helm_module() {
+  local up gover reps r
+  log "helper module $HELM_MOD does not pin $HELM_MODULE $HELM_VERSION: regenerating it"
+  up="$(upstream_gomod "$HELM_MODULE" "$HELM_VERSION")"
+  gover="$(sed -n 's/^go[[:space:]]\{1,\}//p' "$up")"
+  [ -n "$gover" ] || die "no go line in $up"
+  reps="$(gomod_replaces "$up")"
+  if grep -Eq '=>[[:space:]]*(\.{1,2}/|/)' <<<"$reps"; then
+    die "upstream go.mod of $HELM_MODULE $HELM_VERSION has local-path replaces; map them by hand (see bootstrap_apiserver_module in build.sh):
+$(grep -E '=>[[:space:]]*(\.{1,2}/|/)' <<<"$reps")"
+  fi
+  mkdir -p "$HELM_MOD"
+  rm -f "$HELM_MOD/go.mod" "$HELM_MOD/go.sum"
+  {
+    printf '// Helper module: builds helm (helm.sh/helm/v3/cmd/helm) from the Go\n'
+    printf '// module proxy. Generated by tests/k8s/build-helm.sh; pinned by go.sum.\n'
+    printf 'module wiremesh.invalid/k8sbin/helm\n\ngo %s\n' "$gover"
+    if [ -n "$reps" ]; then
+      printf '\n// Copied from %s %s go.mod (replaces do not apply to dependents).\nreplace (\n' "$HELM_MODULE" "$HELM_VERSION"
+      while IFS= read -r r; do printf '\t%s\n' "$r"; done <<<"$reps"
+      printf ')\n'
+    fi
+  } >"$HELM_MOD/go.mod"
+  if [ -n "$reps" ]; then
+    log "  copied $(wc -l <<<"$reps") replace directive(s) from upstream go.mod"
+  else
+    log "  upstream go.mod has no replace directives"
+  fi
+  log "  go get -tool $HELM_MODULE/cmd/helm@$HELM_VERSION"
+  (cd "$HELM_MOD" && go get -tool "$HELM_MODULE/cmd/helm@$HELM_VERSION")
+  log "  regenerated $HELM_MOD/go.mod and go.sum: commit them"
+}
+
+# go_build MODULE_DIR PACKAGE OUTPUT LDFLAGS
+go_build() {
+  local tmp="$3.tmp.$$"
+  rm -f "$tmp"
+  if ! (cd "$1" && go build -mod=readonly -trimpath -buildvcs=false -ldflags "$4" -o "$tmp" "$2"); then
+    rm -f "$tmp"
+    die "go build of $2 failed (module $1). If go.sum is missing entries, delete $1/go.mod and rerun to regenerate it."
+  fi
+  mv -f "$tmp" "$3"
+}
+
+build_helm() {
+  local bin="$OUT/helm" t0 cg kmaj kmin ld p
+  # Re-check under the lock: a concurrent run may have built it meanwhile.
+  if version_ok "$bin"; then
+    log "helm $HELM_VERSION: up to date ($bin)"
+    return
+  fi
+  t0=$SECONDS
+  helper_pinned "$HELM_MOD" "$HELM_MODULE" "$HELM_VERSION" || bootstrap_helm_module
+  # Same stamping as upstream's Makefile for a tagged build: version, empty
+  # metadata, clean tree (gitCommit is unknown here), and the default
+  # .Capabilities.KubeVersion / deprecation-lint version derived from the
+  # k8s.io/client-go version (v0.X.Y -> 1.X).
+  cg="$(cd "$HELM_MOD" && go list -mod=readonly -m -f '{{.Version}}' k8s.io/client-go)" ||
+    die "could not read the k8s.io/client-go version from $HELM_MOD/go.mod"
+  cg="${cg#v}"
+  kmaj=$(($(cut -d. -f1 <<<"$cg") + 1))
+  kmin="$(cut -d. -f2 <<<"$cg")"
+  p=helm.sh/helm/v3
+  ld="-s -w -X $p/internal/version.version=$HELM_VERSION -X $p/internal/version.metadata="
+  ld="$ld -X $p/internal/version.gitTreeState=clean"
+  ld="$ld -X $p/pkg/lint/rules.k8sVersionMajor=$kmaj -X $p/pkg/lint/rules.k8sVersionMinor=$kmin"
+  ld="$ld -X $p/pkg/chartutil.k8sVersionMajor=$kmaj -X $p/pkg/chartutil.k8sVersionMinor=$kmin"
+  log "building helm $HELM_VERSION (default KubeVersion v$kmaj.$kmin.0) with $GO_VERSION ..."
+  go_build "$HELM_MOD" "$HELM_MODULE/cmd/helm" "$bin" "$ld"
+  version_ok "$bin" || die "built $bin but 'version --short' does not report $HELM_VERSION: $("$bin" version --short 2>&1 | head -1)"
+  log "helm $HELM_VERSION built in $(fmt_secs $((SECONDS - t0))): $bin"
+}
+
+T0=$SECONDS
+log "output: $OUT (go: $GO_VERSION, GOPROXY=$(go env GOPROXY))"
+build_helm
+log "done in $(fmt_secs $((SECONDS - T0)))"
+printf '%s\n' "$OUT"
