@@ -129,6 +129,10 @@ pub struct PeerView {
     pub rx_bytes: u64,
     /// Bytes sent to it (whole datagrams).
     pub tx_bytes: u64,
+    /// Authenticated datagrams received from it (data, handshake and keepalive messages).
+    pub rx_packets: u64,
+    /// Datagrams sent to it.
+    pub tx_packets: u64,
     /// Handshakes completed with it.
     pub handshakes: u64,
 }
@@ -147,7 +151,23 @@ struct Peer {
     tunn: Option<Box<Tunn>>,
     rx_bytes: u64,
     tx_bytes: u64,
+    rx_packets: u64,
+    tx_packets: u64,
     handshakes: u64,
+}
+
+impl Peer {
+    /// Counts one authenticated datagram of `len` bytes received from the peer.
+    fn count_rx(&mut self, len: usize) {
+        self.rx_bytes += len as u64;
+        self.rx_packets += 1;
+    }
+
+    /// Counts one datagram of `len` bytes sent to the peer.
+    fn count_tx(&mut self, len: usize) {
+        self.tx_bytes += len as u64;
+        self.tx_packets += 1;
+    }
 }
 
 /// The WireGuard device state: our key, the peers and the allowed-IPs table.
@@ -345,6 +365,8 @@ impl Device {
             tunn: None,
             rx_bytes: 0,
             tx_bytes: 0,
+            rx_packets: 0,
+            tx_packets: 0,
             handshakes: 0,
         };
         let id = match self.free.pop() {
@@ -426,7 +448,7 @@ impl Device {
         };
         match tunn.encapsulate(packet, out) {
             TunnResult::WriteToNetwork(datagram) => {
-                peer.tx_bytes += datagram.len() as u64;
+                peer.count_tx(datagram.len());
                 TunVerdict::Send {
                     peer: id,
                     to,
@@ -523,7 +545,7 @@ impl Device {
         let authenticated = !matches!(result, TunnResult::Err(_)) && !is_cookie;
         if authenticated {
             peer.endpoint = Some(from);
-            peer.rx_bytes += datagram.len() as u64;
+            peer.count_rx(datagram.len());
             if is_handshake {
                 peer.handshakes += 1;
             }
@@ -544,7 +566,7 @@ impl Device {
                         datagram: reply,
                     };
                 }
-                peer.tx_bytes += reply.len() as u64;
+                peer.count_tx(reply.len());
                 DatagramVerdict::Reply {
                     peer: Some(id),
                     to: from,
@@ -587,7 +609,7 @@ impl Device {
         let to = peer.endpoint?;
         match peer.tunn.as_mut()?.decapsulate(None, &[], out) {
             TunnResult::WriteToNetwork(datagram) => {
-                peer.tx_bytes += datagram.len() as u64;
+                peer.count_tx(datagram.len());
                 Some((to, datagram))
             }
             _ => None,
@@ -605,7 +627,7 @@ impl Device {
             match tunn.update_timers(out) {
                 TunnResult::WriteToNetwork(datagram) => {
                     if let Some(to) = peer.endpoint {
-                        peer.tx_bytes += datagram.len() as u64;
+                        peer.count_tx(datagram.len());
                         send(to, datagram);
                     }
                 }
@@ -689,6 +711,8 @@ impl Device {
                 .and_then(|t| t.time_since_last_handshake()),
             rx_bytes: peer.rx_bytes,
             tx_bytes: peer.tx_bytes,
+            rx_packets: peer.rx_packets,
+            tx_packets: peer.tx_packets,
             handshakes: peer.handshakes,
         })
     }
@@ -958,6 +982,10 @@ mod tests {
         let view = p.a.peer(p.a.peer_id(&p.b_key).unwrap()).unwrap();
         assert!(view.since_handshake.is_some());
         assert!(view.rx_bytes > 0 && view.tx_bytes > 0);
+        // A sent the initiation, the keepalive and the queued packet; it received the
+        // response and B's reply.
+        assert_eq!((view.tx_packets, view.rx_packets), (3, 2));
+        assert_eq!(view.handshakes, 1);
     }
 
     #[test]
