@@ -1,8 +1,7 @@
-//! The controller's metrics (Prometheus text format) and its health endpoint:
-//! `/metrics`, `/healthz` (the process runs) and `/readyz` (the Lease can be read and, on the
-//! leader, the local caches are synced).
+//! The controller's metrics and what its health endpoint (served by [`wiremesh_http`])
+//! answers: `/metrics`, `/healthz` (the process runs) and `/readyz` (the Lease can be read
+//! and, on the leader, the local caches are synced).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -12,14 +11,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn};
-
-/// Longest request head we read; anything longer is refused.
-const MAX_REQUEST: usize = 8 << 10;
-/// A client that sends nothing for this long is dropped.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Which loop ran: `reconcile` (a PeerCluster: finalizer, link task) or `sync` (one
 /// mirror pass of a peer cluster's nodes).
@@ -191,74 +182,23 @@ impl Metrics {
             && (!h.leading.load(Ordering::Relaxed) || h.caches_synced.load(Ordering::Relaxed))
     }
 
-    /// The Prometheus text exposition.
+    /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            warn!(error = %e, "encoding metrics");
-        }
-        out
+        wiremesh_http::encode(&self.registry)
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "metrics and health endpoint listening");
+impl wiremesh_http::Source for Metrics {
+    async fn metrics(&self) -> Result<String, String> {
+        Ok(self.render())
     }
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(respond(stream, metrics.clone()));
-            }
-            Err(e) => {
-                warn!(error = %e, "accepting a metrics connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
 
-async fn respond(mut stream: TcpStream, metrics: Arc<Metrics>) {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    let read = tokio::time::timeout(READ_TIMEOUT, async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
+    async fn ready(&self) -> Result<(), String> {
+        if Metrics::ready(self) {
+            Ok(())
+        } else {
+            Err("the lease cannot be read or the caches are not synced".to_owned())
         }
-        Ok::<_, std::io::Error>(())
-    })
-    .await;
-    if !matches!(read, Ok(Ok(()))) {
-        return;
-    }
-    let request = String::from_utf8_lossy(&head);
-    let path = request.split_whitespace().nth(1).unwrap_or("");
-    let (status, content_type, body) = match path {
-        "/metrics" => (
-            "200 OK",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.render(),
-        ),
-        "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
-        "/readyz" if metrics.ready() => ("200 OK", "text/plain", "ok\n".to_owned()),
-        "/readyz" => (
-            "503 Service Unavailable",
-            "text/plain",
-            "not ready: the lease cannot be read or the caches are not synced\n".to_owned(),
-        ),
-        _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    if let Err(e) = stream.write_all(response.as_bytes()).await {
-        debug!(error = %e, "writing a metrics response");
     }
 }
 

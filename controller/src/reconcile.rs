@@ -37,7 +37,7 @@ use wiremesh_proto::crd::{
 
 use crate::install::{ClusterInfo, cluster_info};
 use crate::leader::Elector;
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 use crate::remote::{self, Credentials};
 
 /// The server-side-apply field manager of everything the controller writes.
@@ -232,7 +232,7 @@ pub async fn run(
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| RunError::Metrics { addr, source })?;
-        tokio::spawn(metrics::serve(listener, metrics.clone()));
+        tokio::spawn(wiremesh_http::serve(listener, metrics.clone()));
     }
 
     let (leading_tx, mut leading) = watch::channel(false);
