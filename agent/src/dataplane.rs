@@ -464,6 +464,7 @@ impl Shell {
                     interface: self.name.clone(),
                     peers: self.device.peers(),
                     counters: self.device.counters().clone(),
+                    live_tunnels: self.device.live_tunnels(),
                 });
             }
         }

@@ -5,7 +5,6 @@
 //! The data plane never waits for the API server: when it is unreachable the tunnels keep
 //! what they have, and the watch catches up when it comes back.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -26,7 +25,8 @@ use wiremesh_proto::uapi::DeviceUpdate;
 use wiremesh_proto::{InterfaceAddress, IpCidr, PublicKey};
 
 use crate::dataplane::{self, Handle, InterfaceSpec};
-use crate::mesh::{self, PeerSet};
+use crate::mesh::{self, Origins, PeerOrigin, PeerSet};
+use crate::metrics::AgentMetrics;
 
 /// Field manager of everything the agent writes.
 const MANAGER: &str = "wiremesh-agent";
@@ -125,17 +125,11 @@ pub async fn run(options: KubeOptions) -> Result<()> {
         keepalive: options.persistent_keepalive,
         state_dir: options.state_dir.clone(),
     };
-    let metrics_addr = options.metrics_addr;
+    let metrics = crate::metrics::bind(options.metrics_addr).await?;
+    let (origins_tx, origins_rx) = watch::channel(Origins::new());
     let ready = move |handle: Handle| {
-        if let Some(addr) = metrics_addr {
-            let handle = handle.clone();
-            tokio::spawn(async move {
-                if let Err(e) = crate::metrics::serve(addr, handle).await {
-                    tracing::error!(%addr, error = %e, "metrics endpoint failed");
-                }
-            });
-        }
-        tokio::spawn(context.run(handle, cached));
+        crate::metrics::spawn(metrics, AgentMetrics::new(handle.clone(), origins_rx));
+        tokio::spawn(context.run(handle, cached, origins_tx));
     };
     dataplane::run(spec, initial, ready, crate::shutdown_signal()).await
 }
@@ -225,15 +219,14 @@ struct Context {
 }
 
 impl Context {
-    async fn run(self, handle: Handle, cached: Option<PeerSet>) {
-        let (names_tx, names_rx) = watch::channel(BTreeMap::new());
+    async fn run(self, handle: Handle, cached: Option<PeerSet>, origins: watch::Sender<Origins>) {
         let mut applied = PeerSet::new();
         if let Some(peers) = cached {
             info!(
                 peers = peers.len(),
                 "restoring the last known peers until the API server answers"
             );
-            apply(&handle, &mut applied, peers, &names_tx).await;
+            apply(&handle, &mut applied, peers, &origins).await;
         }
         let node_gone = tokio::spawn(publish(
             self.client.clone(),
@@ -244,9 +237,9 @@ impl Context {
             self.client.clone(),
             self.node.name_any(),
             handle.clone(),
-            names_rx,
+            origins.subscribe(),
         ));
-        let peers = self.watch_peers(handle, applied, names_tx);
+        let peers = self.watch_peers(handle, applied, origins);
         tokio::pin!(peers);
         tokio::select! {
             () = &mut peers => {}
@@ -261,7 +254,7 @@ impl Context {
         &self,
         handle: Handle,
         mut applied: PeerSet,
-        names: watch::Sender<BTreeMap<PublicKey, String>>,
+        origins: watch::Sender<Origins>,
     ) {
         let api: Api<MeshPeer> = Api::all(self.client.clone());
         let (reader, writer) = reflector::store();
@@ -277,7 +270,7 @@ impl Context {
                         failing = false;
                     }
                     let desired = self.desired(reader.state().iter().map(AsRef::as_ref));
-                    apply(&handle, &mut applied, desired, &names).await;
+                    apply(&handle, &mut applied, desired, &origins).await;
                     save_cache(&self.state_dir, &applied);
                 }
                 Ok(Event::Init | Event::InitApply(_)) => {}
@@ -294,9 +287,14 @@ impl Context {
     fn desired<'a>(&self, peers: impl Iterator<Item = &'a MeshPeer>) -> PeerSet {
         let mut set = PeerSet::new();
         for peer in peers {
-            let name = peer.name_any();
+            let origin = PeerOrigin {
+                name: peer.name_any(),
+                cluster: peer.spec.cluster.clone(),
+                node: peer.spec.node.clone(),
+            };
+            let name = &origin.name;
             match mesh::desired_peer(
-                &name,
+                &origin,
                 &peer.spec.public_key,
                 &peer.spec.endpoints,
                 &peer.spec.pod_cidrs,
@@ -305,7 +303,7 @@ impl Context {
             ) {
                 Ok((key, desired)) => {
                     if let Some(previous) = set.insert(key, desired) {
-                        warn!(peer = %name, other = %previous.name, "two MeshPeers with one key; keeping the later");
+                        warn!(peer = %name, other = %previous.origin.name, "two MeshPeers with one key; keeping the later");
                     }
                 }
                 Err(e) => warn!(error = %e, "MeshPeer refused"),
@@ -315,11 +313,13 @@ impl Context {
     }
 }
 
+/// Moves the device from `applied` to `desired`; on success publishes where each peer came
+/// from (for the status reporter and the metric labels).
 async fn apply(
     handle: &Handle,
     applied: &mut PeerSet,
     desired: PeerSet,
-    names: &watch::Sender<BTreeMap<PublicKey, String>>,
+    origins: &watch::Sender<Origins>,
 ) {
     let Some(update) = mesh::diff(applied, &desired) else {
         return;
@@ -327,7 +327,12 @@ async fn apply(
     match handle.apply(update).await {
         Ok(()) => {
             debug!(peers = desired.len(), "peers applied");
-            names.send_replace(desired.iter().map(|(k, p)| (*k, p.name.clone())).collect());
+            origins.send_replace(
+                desired
+                    .iter()
+                    .map(|(k, p)| (*k, p.origin.clone()))
+                    .collect(),
+            );
             *applied = desired;
         }
         Err(e) => warn!(error = %e, "the data plane refused the peers"),
@@ -383,7 +388,7 @@ async fn report_status(
     client: Client,
     name: String,
     handle: Handle,
-    names: watch::Receiver<BTreeMap<PublicKey, String>>,
+    origins: watch::Receiver<Origins>,
 ) {
     let api: Api<MeshNode> = Api::all(client);
     let params = PatchParams::apply(MANAGER).force();
@@ -391,15 +396,14 @@ async fn report_status(
     loop {
         if let Ok(snapshot) = handle.snapshot().await {
             let now = k8s_openapi::jiff::Timestamp::now();
-            let names = names.borrow().clone();
+            let origins = origins.borrow().clone();
             let peers: Vec<TunnelStatus> = snapshot
                 .peers
                 .iter()
                 .map(|p| TunnelStatus {
-                    name: names
+                    name: origins
                         .get(&p.public_key)
-                        .cloned()
-                        .unwrap_or_else(|| p.public_key.to_string()),
+                        .map_or_else(|| p.public_key.to_string(), |o| o.name.clone()),
                     endpoint: p.endpoint.map(|e| e.to_string()),
                     latest_handshake_time: p.since_handshake.and_then(|d| {
                         let d = k8s_openapi::jiff::SignedDuration::try_from(d).ok()?;
@@ -443,6 +447,11 @@ const CACHE_FILE: &str = "peers.json";
 struct CachedPeer {
     public_key: String,
     name: String,
+    /// Absent in caches written before peers carried their origin.
+    #[serde(default)]
+    cluster: String,
+    #[serde(default)]
+    node: String,
     endpoint: Option<SocketAddr>,
     allowed_ips: Vec<String>,
     persistent_keepalive: u16,
@@ -453,7 +462,9 @@ fn save_cache(dir: &std::path::Path, peers: &PeerSet) {
         .iter()
         .map(|(k, p)| CachedPeer {
             public_key: k.to_string(),
-            name: p.name.clone(),
+            name: p.origin.name.clone(),
+            cluster: p.origin.cluster.clone(),
+            node: p.origin.node.clone(),
             endpoint: p.endpoint,
             allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
             persistent_keepalive: p.persistent_keepalive,
@@ -485,7 +496,11 @@ fn load_cache(dir: &std::path::Path) -> Option<PeerSet> {
         set.insert(
             key,
             mesh::DesiredPeer {
-                name: p.name,
+                origin: PeerOrigin {
+                    name: p.name,
+                    cluster: p.cluster,
+                    node: p.node,
+                },
                 endpoint: p.endpoint,
                 allowed_ips,
                 persistent_keepalive: p.persistent_keepalive,

@@ -10,11 +10,26 @@ use std::net::SocketAddr;
 use wiremesh_proto::uapi::{DeviceUpdate, PeerUpdate};
 use wiremesh_proto::{IpCidr, PublicKey};
 
+/// Which remote node a peer is, for logs, status and metric labels.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerOrigin {
+    /// The MeshPeer's name.
+    pub name: String,
+    /// The peer cluster the node belongs to.
+    pub cluster: String,
+    /// The node's name in its cluster.
+    pub node: String,
+}
+
+/// Where each configured peer came from, by public key.
+pub type Origins = BTreeMap<PublicKey, PeerOrigin>;
+
 /// What the device should have for one remote node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DesiredPeer {
-    /// A name for logs and status (the MeshPeer's name).
-    pub name: String,
+    /// Which remote node it is. Not part of the device's configuration: a change of it
+    /// alone makes an update that changes nothing in the device.
+    pub origin: PeerOrigin,
     /// The endpoint to start from; the device follows the peer if it roams.
     pub endpoint: Option<SocketAddr>,
     /// The prefixes routed to it and accepted from it.
@@ -62,13 +77,14 @@ pub enum PeerError {
 /// # Errors
 /// A [`PeerError`] naming the node and the field.
 pub fn desired_peer(
-    name: &str,
+    origin: &PeerOrigin,
     public_key: &str,
     endpoints: &[String],
     pod_cidrs: &[String],
     persistent_keepalive: u16,
     own: &[IpCidr],
 ) -> Result<(PublicKey, DesiredPeer), PeerError> {
+    let name = &origin.name;
     let key: PublicKey = public_key.parse().map_err(|_| PeerError::Key {
         name: name.to_owned(),
         key: public_key.to_owned(),
@@ -95,7 +111,7 @@ pub fn desired_peer(
     Ok((
         key,
         DesiredPeer {
-            name: name.to_owned(),
+            origin: origin.clone(),
             endpoint,
             allowed_ips,
             persistent_keepalive,
@@ -150,7 +166,7 @@ mod tests {
 
     fn peer(name: &str, endpoint: &str, cidrs: &[&str]) -> DesiredPeer {
         DesiredPeer {
-            name: name.to_owned(),
+            origin: origin(name),
             endpoint: Some(endpoint.parse().unwrap()),
             allowed_ips: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
             persistent_keepalive: 25,
@@ -189,10 +205,20 @@ mod tests {
     }
 
     #[test]
+    fn a_new_origin_alone_is_an_update_that_changes_nothing_in_the_device() {
+        let mut applied = PeerSet::new();
+        applied.insert(key(1), peer("b.n1", "198.18.0.2:51820", &["10.2.0.0/24"]));
+        let mut desired = applied.clone();
+        desired.get_mut(&key(1)).unwrap().origin = origin("c.n1");
+        let update = diff(&applied, &desired).unwrap();
+        assert_eq!(update.peers, vec![PeerUpdate::new(key(1))]);
+    }
+
+    #[test]
     fn a_peer_claiming_our_own_pod_cidr_is_refused() {
         let own: Vec<IpCidr> = vec!["10.1.0.0/24".parse().unwrap()];
         let err = desired_peer(
-            "b.evil",
+            &origin("b.evil"),
             &key(1).to_base64(),
             &[],
             &["10.1.0.0/16".to_owned()],
@@ -201,10 +227,10 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, PeerError::Own { .. }), "{err}");
-        assert!(desired_peer("x", "nope", &[], &[], 0, &own).is_err());
+        assert!(desired_peer(&origin("x"), "nope", &[], &[], 0, &own).is_err());
         assert!(
             desired_peer(
-                "x",
+                &origin("x"),
                 &key(1).to_base64(),
                 &[],
                 &["10.9.0.1/24".to_owned()],
@@ -218,7 +244,7 @@ mod tests {
     #[test]
     fn the_first_endpoint_that_parses_wins() {
         let (_, p) = desired_peer(
-            "b.n1",
+            &origin("b.n1"),
             &key(1).to_base64(),
             &[
                 "bogus".to_owned(),
@@ -231,5 +257,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.endpoint, Some("198.18.0.2:51820".parse().unwrap()));
+    }
+
+    /// The origin of MeshPeer `name` (`cluster.node`).
+    fn origin(name: &str) -> PeerOrigin {
+        let (cluster, node) = name.split_once('.').unwrap_or((name, ""));
+        PeerOrigin {
+            name: name.to_owned(),
+            cluster: cluster.to_owned(),
+            node: node.to_owned(),
+        }
     }
 }

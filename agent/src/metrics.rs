@@ -1,163 +1,378 @@
-//! A small HTTP endpoint: `/metrics` in the Prometheus text format, `/healthz`, `/readyz`.
+//! The agent's metrics, served with `/healthz` and `/readyz` by the endpoint the controller
+//! shares ([`wiremesh_http`]).
+//!
+//! The counters live in the core's [`Device`](crate::core::Device), owned by the data-plane
+//! thread with no atomics on the packet path. A scrape asks that thread for a [`Snapshot`]
+//! and encodes it through a prometheus-client [`Collector`], so 10,000 peers cost nothing
+//! between scrapes and no metric family has to follow the peer table.
+//!
+//! Every sample carries `interface`; per-peer samples also `peer` (the public key in
+//! base64), `peer_cluster` and `peer_node` (the MeshPeer's `spec.cluster` and `spec.node` in
+//! Kubernetes mode, empty strings in standalone mode and for peers added with `wg set`).
 
-use std::fmt::Write as _;
+use std::borrow::Cow;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn};
+use anyhow::{Context as _, Result};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::TypedMetric;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::core::{Counters, PeerView};
 use crate::dataplane::Handle;
-
-/// Longest request head we read; anything longer is refused.
-const MAX_REQUEST: usize = 8 << 10;
-/// A client that sends nothing for this long is dropped.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::mesh::Origins;
 
 /// What the device looks like at one instant.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     /// The interface name.
     pub interface: String,
-    /// The peers.
+    /// The peers, ordered by public key.
     pub peers: Vec<PeerView>,
-    /// Drop counters.
+    /// Drop and cookie counters.
     pub counters: Counters,
+    /// Peers that hold noise state right now.
+    pub live_tunnels: usize,
 }
 
-/// Serves metrics and health on `addr`; runs until the task is dropped.
+/// What the endpoint serves for the agent.
+#[derive(Debug)]
+pub struct AgentMetrics {
+    handle: Handle,
+    origins: watch::Receiver<Origins>,
+}
+
+impl AgentMetrics {
+    /// Metrics of the data plane behind `handle`, with the peer cluster and node of each peer
+    /// looked up in `origins` (which Kubernetes mode keeps current).
+    pub fn new(handle: Handle, origins: watch::Receiver<Origins>) -> Self {
+        Self { handle, origins }
+    }
+
+    /// Metrics of a data plane whose peers have no origin (standalone mode).
+    pub fn standalone(handle: Handle) -> Self {
+        Self::new(handle, watch::channel(Origins::new()).1)
+    }
+}
+
+impl wiremesh_http::Source for AgentMetrics {
+    async fn metrics(&self) -> Result<String, String> {
+        let snapshot = self.handle.snapshot().await.map_err(|e| format!("{e:#}"))?;
+        Ok(render(snapshot, &self.origins.borrow()))
+    }
+
+    /// Ready while the data plane, configured before the endpoint starts, answers.
+    async fn ready(&self) -> Result<(), String> {
+        self.handle
+            .snapshot()
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+    }
+}
+
+/// Binds the metrics address, if one was given, before anything else is created.
 ///
 /// # Errors
 /// When the address cannot be bound.
-pub async fn serve(addr: SocketAddr, handle: Handle) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
-    info!(%addr, "metrics and health endpoint listening");
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(respond(stream, handle.clone()));
-            }
-            Err(e) => {
-                warn!(error = %e, "accepting a metrics connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-async fn respond(mut stream: TcpStream, handle: Handle) {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    let read = tokio::time::timeout(READ_TIMEOUT, async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-        Ok::<_, std::io::Error>(())
-    })
-    .await;
-    if !matches!(read, Ok(Ok(()))) {
-        return;
-    }
-    let request = String::from_utf8_lossy(&head);
-    let path = request.split_whitespace().nth(1).unwrap_or("");
-    let (status, content_type, body) = match path {
-        "/metrics" => match handle.snapshot().await {
-            Ok(snapshot) => (
-                "200 OK",
-                "text/plain; version=0.0.4; charset=utf-8",
-                render(&snapshot),
-            ),
-            Err(e) => ("503 Service Unavailable", "text/plain", format!("{e:#}\n")),
-        },
-        "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
-        "/readyz" => match handle.snapshot().await {
-            Ok(_) => ("200 OK", "text/plain", "ok\n".to_owned()),
-            Err(e) => ("503 Service Unavailable", "text/plain", format!("{e:#}\n")),
-        },
-        _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+pub async fn bind(addr: Option<SocketAddr>) -> Result<Option<TcpListener>> {
+    let Some(addr) = addr else {
+        return Ok(None);
     };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    if let Err(e) = stream.write_all(response.as_bytes()).await {
-        debug!(error = %e, "writing a metrics response");
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr} for metrics"))?;
+    Ok(Some(listener))
+}
+
+/// Serves `metrics` with health and readiness on `listener`, if any, until the runtime
+/// stops.
+pub fn spawn(listener: Option<TcpListener>, metrics: AgentMetrics) {
+    if let Some(listener) = listener {
+        tokio::spawn(wiremesh_http::serve(listener, Arc::new(metrics)));
     }
 }
 
-/// The Prometheus text exposition of a snapshot.
-pub fn render(s: &Snapshot) -> String {
-    let mut out = String::new();
-    let iface = &s.interface;
-    let _ = writeln!(
-        out,
-        "# HELP wiremesh_drops_total Packets dropped by the agent, by reason.\n# TYPE wiremesh_drops_total counter"
-    );
-    for (reason, count) in s.counters.all_drops() {
-        let _ = writeln!(
-            out,
-            "wiremesh_drops_total{{interface=\"{iface}\",reason=\"{reason}\"}} {count}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP wiremesh_cookie_replies_total Cookie replies sent while under load.\n# TYPE wiremesh_cookie_replies_total counter\nwiremesh_cookie_replies_total{{interface=\"{iface}\"}} {}",
-        s.counters.cookies_sent
-    );
-    let _ = writeln!(
-        out,
-        "# HELP wiremesh_peers Configured peers.\n# TYPE wiremesh_peers gauge\nwiremesh_peers{{interface=\"{iface}\"}} {}",
-        s.peers.len()
-    );
-    type Family = (
-        &'static str,
-        &'static str,
-        &'static str,
-        fn(&PeerView) -> Option<f64>,
-    );
-    let families: [Family; 4] = [
-        (
-            "wiremesh_peer_receive_bytes_total",
-            "counter",
-            "Bytes of WireGuard datagrams received from the peer.",
-            |p| Some(p.rx_bytes as f64),
-        ),
-        (
-            "wiremesh_peer_transmit_bytes_total",
-            "counter",
-            "Bytes of WireGuard datagrams sent to the peer.",
-            |p| Some(p.tx_bytes as f64),
-        ),
-        (
-            "wiremesh_peer_handshakes_total",
-            "counter",
-            "Handshake messages authenticated from the peer.",
-            |p| Some(p.handshakes as f64),
-        ),
-        (
-            "wiremesh_peer_last_handshake_age_seconds",
-            "gauge",
-            "Seconds since the current session's handshake.",
-            |p| p.since_handshake.map(|d| d.as_secs_f64()),
-        ),
-    ];
-    for (name, kind, help, value) in families {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for peer in &s.peers {
-            if let Some(v) = value(peer) {
-                let _ = writeln!(
-                    out,
-                    "{name}{{interface=\"{iface}\",peer=\"{}\"}} {v}",
-                    peer.public_key
-                );
+/// The OpenMetrics text exposition of `snapshot`; `origins` names each peer's cluster and
+/// node.
+pub fn render(snapshot: Snapshot, origins: &Origins) -> String {
+    let peers = snapshot
+        .peers
+        .iter()
+        .map(|p| {
+            let origin = origins.get(&p.public_key);
+            PeerLabels {
+                peer: p.public_key.to_string(),
+                peer_cluster: origin.map(|o| o.cluster.clone()).unwrap_or_default(),
+                peer_node: origin.map(|o| o.node.clone()).unwrap_or_default(),
             }
+        })
+        .collect();
+    let interface: Cow<'static, str> = Cow::Owned(snapshot.interface.clone());
+    let mut registry =
+        Registry::with_prefix_and_labels("wiremesh", [("interface".into(), interface)].into_iter());
+    registry.register_collector(Box::new(SnapshotCollector { snapshot, peers }));
+    wiremesh_http::encode(&registry)
+}
+
+/// The labels of one peer's samples, besides `interface`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PeerLabels {
+    peer: String,
+    peer_cluster: String,
+    peer_node: String,
+}
+
+impl PeerLabels {
+    /// Borrowed, so that a scrape does not copy every peer's labels for each family.
+    fn set(&self) -> [(&'static str, &str); 3] {
+        [
+            ("peer", &self.peer),
+            ("peer_cluster", &self.peer_cluster),
+            ("peer_node", &self.peer_node),
+        ]
+    }
+}
+
+/// The label of a drop counter, besides `interface`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DropLabels {
+    reason: &'static str,
+}
+
+/// One scrape's worth of data: encoded once, then dropped with its registry.
+#[derive(Debug)]
+struct SnapshotCollector {
+    snapshot: Snapshot,
+    /// The labels of `snapshot.peers`, in the same order.
+    peers: Vec<PeerLabels>,
+}
+
+/// Per-peer counter families: name (before `_total`), unit, help, value.
+type PeerCounter = (
+    &'static str,
+    Option<Unit>,
+    &'static str,
+    fn(&PeerView) -> u64,
+);
+
+const PEER_COUNTERS: [PeerCounter; 5] = [
+    (
+        "peer_receive",
+        Some(Unit::Bytes),
+        "Bytes of authenticated WireGuard datagrams received from the peer",
+        |p| p.rx_bytes,
+    ),
+    (
+        "peer_transmit",
+        Some(Unit::Bytes),
+        "Bytes of WireGuard datagrams sent to the peer",
+        |p| p.tx_bytes,
+    ),
+    (
+        "peer_receive_packets",
+        None,
+        "Authenticated WireGuard datagrams received from the peer",
+        |p| p.rx_packets,
+    ),
+    (
+        "peer_transmit_packets",
+        None,
+        "WireGuard datagrams sent to the peer",
+        |p| p.tx_packets,
+    ),
+    (
+        "peer_handshakes",
+        None,
+        "Handshake messages (initiations and responses) authenticated from the peer",
+        |p| p.handshakes,
+    ),
+];
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let s = &self.snapshot;
+        let labelled = || self.peers.iter().map(PeerLabels::set).zip(&s.peers);
+        for (name, unit, help, value) in &PEER_COUNTERS {
+            family(
+                &mut encoder,
+                name,
+                help,
+                unit.as_ref(),
+                labelled().map(|(labels, p)| (labels, ConstCounter::new(value(p)))),
+            )?;
+        }
+        family(
+            &mut encoder,
+            "peer_last_handshake_age",
+            "Seconds since the current session's handshake; absent while the peer has no session",
+            Some(&Unit::Seconds),
+            labelled().filter_map(|(labels, p)| {
+                p.since_handshake
+                    .map(|age| (labels, ConstGauge::new(age.as_secs_f64())))
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "drops",
+            "Packets dropped by the agent, by reason",
+            None,
+            s.counters.all_drops().map(|(reason, count)| {
+                let labels = DropLabels {
+                    reason: reason.as_str(),
+                };
+                (labels, ConstCounter::new(count))
+            }),
+        )?;
+        single(
+            &mut encoder,
+            "cookie_replies",
+            "Cookie replies sent instead of handshake responses while under load",
+            ConstCounter::new(s.counters.cookies_sent),
+        )?;
+        single(
+            &mut encoder,
+            "peers",
+            "Configured peers",
+            ConstGauge::new(s.peers.len()),
+        )?;
+        single(
+            &mut encoder,
+            "live_tunnels",
+            "Peers holding noise state (a session or a handshake in progress)",
+            ConstGauge::new(s.live_tunnels),
+        )
+    }
+}
+
+/// One metric family with a sample per label set.
+fn family<L, M>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    samples: impl Iterator<Item = (L, M)>,
+) -> std::fmt::Result
+where
+    L: EncodeLabelSet,
+    M: EncodeMetric + TypedMetric,
+{
+    let mut metric = encoder.encode_descriptor(name, help, unit, M::TYPE)?;
+    for (labels, value) in samples {
+        value.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// One metric family with one sample, labelled with the interface only.
+fn single<M: EncodeMetric + TypedMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: M,
+) -> std::fmt::Result {
+    value.encode(encoder.encode_descriptor(name, help, None, M::TYPE)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use wiremesh_proto::PublicKey;
+
+    use super::*;
+    use crate::core::DropReason;
+    use crate::mesh::PeerOrigin;
+
+    #[test]
+    fn peers_are_labelled_with_their_cluster_and_node_when_known() {
+        let (known, unknown) = (PublicKey::from([1; 32]), PublicKey::from([2; 32]));
+        let mut counters = Counters::default();
+        counters.drop(DropReason::BadPacket);
+        counters.drop(DropReason::BadPacket);
+        counters.cookies_sent = 4;
+        let snapshot = Snapshot {
+            interface: "wm0".to_owned(),
+            peers: vec![
+                peer(known, 1000, 10, Some(Duration::from_millis(2500))),
+                peer(unknown, 0, 0, None),
+            ],
+            counters,
+            live_tunnels: 1,
+        };
+        let mut origins = Origins::new();
+        origins.insert(
+            known,
+            PeerOrigin {
+                name: "cluster-b.n1".to_owned(),
+                cluster: "cluster-b".to_owned(),
+                node: "n1".to_owned(),
+            },
+        );
+        let text = render(snapshot, &origins);
+        let k = known.to_string();
+        let u = unknown.to_string();
+        for line in [
+            "# TYPE wiremesh_peer_receive_bytes counter".to_owned(),
+            "# UNIT wiremesh_peer_receive_bytes bytes".to_owned(),
+            format!(
+                "wiremesh_peer_receive_bytes_total{{interface=\"wm0\",peer=\"{k}\",peer_cluster=\"cluster-b\",peer_node=\"n1\"}} 1000"
+            ),
+            format!(
+                "wiremesh_peer_transmit_bytes_total{{interface=\"wm0\",peer=\"{k}\",peer_cluster=\"cluster-b\",peer_node=\"n1\"}} 2000"
+            ),
+            format!(
+                "wiremesh_peer_receive_packets_total{{interface=\"wm0\",peer=\"{k}\",peer_cluster=\"cluster-b\",peer_node=\"n1\"}} 10"
+            ),
+            format!(
+                "wiremesh_peer_transmit_packets_total{{interface=\"wm0\",peer=\"{k}\",peer_cluster=\"cluster-b\",peer_node=\"n1\"}} 20"
+            ),
+            format!(
+                "wiremesh_peer_handshakes_total{{interface=\"wm0\",peer=\"{k}\",peer_cluster=\"cluster-b\",peer_node=\"n1\"}} 3"
+            ),
+            format!(
+                "wiremesh_peer_last_handshake_age_seconds{{interface=\"wm0\",peer=\"{k}\",peer_cluster=\"cluster-b\",peer_node=\"n1\"}} 2.5"
+            ),
+            format!(
+                "wiremesh_peer_receive_bytes_total{{interface=\"wm0\",peer=\"{u}\",peer_cluster=\"\",peer_node=\"\"}} 0"
+            ),
+            "wiremesh_drops_total{interface=\"wm0\",reason=\"bad_packet\"} 2".to_owned(),
+            "wiremesh_drops_total{interface=\"wm0\",reason=\"under_load\"} 0".to_owned(),
+            "wiremesh_cookie_replies_total{interface=\"wm0\"} 4".to_owned(),
+            "wiremesh_peers{interface=\"wm0\"} 2".to_owned(),
+            "wiremesh_live_tunnels{interface=\"wm0\"} 1".to_owned(),
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        // A peer without a session has no handshake age.
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.starts_with("wiremesh_peer_last_handshake_age") && l.contains(&u)),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    fn peer(key: PublicKey, rx: u64, packets: u64, age: Option<Duration>) -> PeerView {
+        PeerView {
+            public_key: key,
+            preshared_key: None,
+            endpoint: None,
+            persistent_keepalive: 0,
+            allowed_ips: Vec::new(),
+            since_handshake: age,
+            rx_bytes: rx,
+            tx_bytes: 2 * rx,
+            rx_packets: packets,
+            tx_packets: 2 * packets,
+            handshakes: if age.is_some() { 3 } else { 0 },
         }
     }
-    out
 }

@@ -8,6 +8,7 @@ use wiremesh_proto::uapi::{DeviceUpdate, PeerUpdate};
 use wiremesh_proto::wgconf::{Endpoint, WgConfig};
 
 use crate::dataplane::{self, InterfaceSpec};
+use crate::metrics::AgentMetrics;
 
 /// wg-quick's default MTU for an IPv4/IPv6 underlay of 1500 bytes: 1500 − 80.
 pub const DEFAULT_MTU: u32 = 1420;
@@ -118,16 +119,8 @@ pub fn plan(options: &UpOptions) -> Result<Plan> {
 pub async fn up(options: UpOptions) -> Result<()> {
     let plan = plan(&options)?;
     crate::preflight()?;
-    let metrics_addr = options.metrics_addr;
-    let ready = move |handle| {
-        if let Some(addr) = metrics_addr {
-            tokio::spawn(async move {
-                if let Err(e) = crate::metrics::serve(addr, handle).await {
-                    tracing::error!(%addr, error = %e, "metrics endpoint failed");
-                }
-            });
-        }
-    };
+    let metrics = crate::metrics::bind(options.metrics_addr).await?;
+    let ready = move |handle| crate::metrics::spawn(metrics, AgentMetrics::standalone(handle));
     dataplane::run(plan.spec, plan.update, ready, crate::shutdown_signal()).await
 }
 
