@@ -1,4 +1,5 @@
-//! The CRD manifests in `deploy/crds/`, generated from the Rust types in `proto`.
+//! The CRD manifests in `deploy/crds/` and the Helm chart's `crds/`, generated from the
+//! Rust types in `proto`.
 
 use kube::CustomResourceExt as _;
 use wiremesh_proto::crd::{MeshNode, MeshPeer, PeerCluster};
@@ -14,6 +15,9 @@ pub fn manifests() -> Result<Vec<(&'static str, String)>, serde_yaml::Error> {
         ("meshpeers.yaml", yaml(&MeshPeer::crd())?),
     ])
 }
+
+/// Where the generated files live, relative to the repository root.
+pub const DIRS: [&str; 2] = ["deploy/crds", "deploy/helm/wiremesh/crds"];
 
 /// All CRDs.
 pub fn crds()
@@ -37,13 +41,15 @@ mod tests {
 
     #[test]
     fn deploy_crds_match_the_types() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
-        for (name, want) in manifests().unwrap() {
-            let have = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
-            assert!(
-                have == want,
-                "deploy/crds/{name} is out of date: run `cargo run -p wiremesh-controller --bin crdgen`"
-            );
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for dir in DIRS {
+            for (name, want) in manifests().unwrap() {
+                let have = std::fs::read_to_string(root.join(dir).join(name)).unwrap_or_default();
+                assert!(
+                    have == want,
+                    "{dir}/{name} is out of date: run `make manifests`"
+                );
+            }
         }
     }
 }

@@ -11,13 +11,13 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, ResourceExt as _};
 use wiremesh_proto::IpCidr;
 use wiremesh_proto::crd::{CLUSTER_CONFIGMAP, SYSTEM_NAMESPACE};
 
-use crate::crdgen;
+use crate::{crdgen, manifest};
 
 /// The server-side-apply field manager of everything `meshctl` writes.
 pub const FIELD_MANAGER: &str = "meshctl";
@@ -67,6 +67,9 @@ pub enum InstallError {
         #[source]
         source: kube::Error,
     },
+    /// The embedded manifest could not be used or applied.
+    #[error(transparent)]
+    Manifest(#[from] manifest::ManifestError),
     /// A CRD did not become Established in time.
     #[error("CustomResourceDefinition {name} was not Established within {timeout:?}")]
     NotEstablished {
@@ -241,6 +244,34 @@ pub async fn install(
             source,
         })?;
     Ok(())
+}
+
+/// The components of `deploy/wiremesh.yaml`: everything but the CRDs (which [`install`]
+/// applies from the Rust types), that is RBAC, the admission policy, the agent DaemonSet,
+/// the controller Deployment and the rest, with `image` instead of the manifest's if
+/// given. Pure: check it before writing anything.
+///
+/// # Errors
+/// A bad image, or an embedded manifest that does not parse (a build bug).
+pub fn components(image: Option<&str>) -> Result<Vec<DynamicObject>, InstallError> {
+    let mut objects = manifest::parse(manifest::MANIFEST)?;
+    objects.retain(|o| manifest::kind(o) != "CustomResourceDefinition");
+    if let Some(image) = image {
+        manifest::set_image(&mut objects, image)?;
+    }
+    Ok(objects)
+}
+
+/// Server-side applies `objects` (from [`components`]); returns "Kind name" of each.
+/// Idempotent.
+///
+/// # Errors
+/// What the API server says.
+pub async fn apply_components(
+    client: &Client,
+    objects: &[DynamicObject],
+) -> Result<Vec<String>, InstallError> {
+    Ok(manifest::apply(client, objects, FIELD_MANAGER).await?)
 }
 
 /// Reads this cluster's name and pod CIDRs from its cluster ConfigMap.

@@ -256,10 +256,19 @@ impl ControlPlane {
     /// When the token cannot be minted or the file written.
     pub fn token_kubeconfig(&self, namespace: &str, name: &str) -> Result<PathBuf> {
         let token = self.service_account_token(namespace, name, Duration::from_secs(3600))?;
-        let path = self.dir.join(format!("kubeconfig-sa-{namespace}-{name}"));
+        self.write_token_kubeconfig(&format!("sa-{namespace}-{name}"), &token)
+    }
+
+    /// Writes `kubeconfig-<name>` with `token` as the user into the plane's directory and
+    /// returns its path.
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub fn write_token_kubeconfig(&self, name: &str, token: &str) -> Result<PathBuf> {
+        let path = self.dir.join(format!("kubeconfig-{name}"));
         write_private(
             &path,
-            &serde_json::to_vec_pretty(&self.token_kubeconfig_value(&token)?)?,
+            &serde_json::to_vec_pretty(&self.token_kubeconfig_value(token)?)?,
         )?;
         Ok(path)
     }

@@ -3,9 +3,11 @@
 //! checksummed transfer tool, and cleanup in `Drop`. Everything here needs root.
 
 pub mod clusters;
+pub mod deploy;
 pub mod k8s;
 pub mod lab;
 pub mod mesh;
+pub mod metrics;
 mod process;
 pub mod xfer;
 

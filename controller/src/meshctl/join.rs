@@ -48,11 +48,17 @@ pub fn secret_name(peer: &str) -> String {
 }
 
 /// `meshctl install`.
+///
+/// `components`: `None` for the CRDs, namespace and ConfigMap only; `Some(image)` for
+/// deploy/wiremesh.yaml's components too, with `image` if given.
 pub(crate) async fn install(
     args: &KubeArgs,
     cluster_name: &str,
     pod_cidrs: &[IpCidr],
+    components: Option<Option<&str>>,
 ) -> Result<()> {
+    install::check_cluster_name(cluster_name)?;
+    let objects = components.map(install::components).transpose()?;
     let kubeconfig = kubeconfig::load(args)?;
     let context = kubeconfig::current_context(&kubeconfig, args.context.as_deref())?;
     let target = kubeconfig::target(&kubeconfig, &context).await?;
@@ -74,6 +80,14 @@ pub(crate) async fn install(
         wiremesh_proto::crd::CLUSTER_CONFIGMAP,
         join_cidrs(pod_cidrs)
     ));
+    if let Some(objects) = objects {
+        let applied = install::apply_components(&target.client, &objects)
+            .await
+            .with_context(|| format!("installing Wiremesh's components in context {context}"))?;
+        for object in applied {
+            say(format!("{context}: {object} applied"));
+        }
+    }
     Ok(())
 }
 

@@ -50,7 +50,9 @@ pub struct KubeArgs {
 /// The subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Install Wiremesh's CRDs, namespace and cluster ConfigMap in this cluster.
+    /// Install Wiremesh in this cluster: the CRDs, the cluster ConfigMap and everything in
+    /// deploy/wiremesh.yaml (RBAC, agent DaemonSet, controller Deployment), server-side
+    /// applied.
     Install {
         /// This cluster's name in the mesh (a DNS label, unique among linked clusters).
         #[arg(long, value_name = "NAME")]
@@ -58,6 +60,13 @@ pub enum Command {
         /// The cluster's whole pod range; repeat for several (e.g. IPv4 and IPv6).
         #[arg(long = "pod-cidr", value_name = "CIDR", required = true)]
         pod_cidrs: Vec<IpCidr>,
+        /// The container image of the agent and controller (default: the manifest's).
+        #[arg(long, value_name = "IMAGE")]
+        image: Option<String>,
+        /// Only the CRDs, namespace and cluster ConfigMap: for clusters where the agent and
+        /// controller are installed another way (Helm, or run outside the cluster).
+        #[arg(long)]
+        crds_only: bool,
     },
     /// Link this cluster with the cluster of another kubeconfig context, in both directions.
     ///
@@ -106,7 +115,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Install {
             cluster_name,
             pod_cidrs,
-        } => join::install(&cli.kube, &cluster_name, &pod_cidrs).await,
+            image,
+            crds_only,
+        } => {
+            let components = (!crds_only).then_some(image.as_deref());
+            join::install(&cli.kube, &cluster_name, &pod_cidrs, components).await
+        }
         Command::Join { other_context } => join::join(&cli.kube, &other_context).await,
         Command::Unjoin {
             other_context,
