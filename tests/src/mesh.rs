@@ -15,6 +15,7 @@ use nix::sched::{CloneFlags, setns};
 use rand_core::OsRng;
 
 use crate::lab::{Host, Netns, Pod};
+use crate::metrics::Exposition;
 use crate::process::Proc;
 
 /// The interface name the lab's agents use.
@@ -154,24 +155,24 @@ impl Node {
         http_get(&self.host, METRICS, "/metrics")
     }
 
-    /// One sample of a metric, matched by name and a label substring (e.g. `reason="replay"`).
+    /// The agent's `/metrics`, parsed.
     ///
     /// # Errors
-    /// When the metrics cannot be read or the sample is missing.
-    pub fn metric(&self, name: &str, label: &str) -> Result<f64> {
+    /// When the endpoint does not answer or serves something that does not parse.
+    pub fn scrape(&self) -> Result<Exposition> {
         let text = self.metrics()?;
-        sample(&text, name, label)
-            .ok_or_else(|| anyhow!("no sample {name}{{..{label}..}} in:\n{text}"))
+        text.parse()
+            .with_context(|| format!("parsing the metrics of {}:\n{text}", self.host.name()))
     }
-}
 
-/// The value of the first sample of `name` whose labels contain `label`.
-pub fn sample(text: &str, name: &str, label: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    /// The value of the one sample of `name` whose labels include `labels` (e.g.
+    /// `[("reason", "replay")]`).
+    ///
+    /// # Errors
+    /// When the metrics cannot be read or no sample, or more than one, matches.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        self.scrape()?.value(name, labels)
+    }
 }
 
 /// Writes a wg-quick style config for `host` into its directory; the interface address is
@@ -244,6 +245,19 @@ pub fn in_netns<R: Send + 'static>(
 /// # Errors
 /// When the connection fails or the status is not 200.
 pub fn http_get(ns: &Netns, addr: &str, path: &str) -> Result<String> {
+    let (head, body) = http_response(ns, addr, path)?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {head}");
+    }
+    Ok(body)
+}
+
+/// `GET path` from `addr` inside `ns`; returns the head (status line and headers) and the
+/// body, whatever the status.
+///
+/// # Errors
+/// When the connection fails or the response is not HTTP.
+pub fn http_response(ns: &Netns, addr: &str, path: &str) -> Result<(String, String)> {
     let addr: SocketAddr = addr.parse().context("metrics address")?;
     let path = path.to_owned();
     in_netns(ns, move || {
@@ -259,10 +273,7 @@ pub fn http_get(ns: &Netns, addr: &str, path: &str) -> Result<String> {
         let (head, body) = response
             .split_once("\r\n\r\n")
             .ok_or_else(|| anyhow!("malformed HTTP response: {response:?}"))?;
-        if !head.starts_with("HTTP/1.1 200") {
-            bail!("GET {path}: {head}");
-        }
-        Ok(body.to_owned())
+        Ok((head.to_owned(), body.to_owned()))
     })
 }
 

@@ -217,7 +217,7 @@ fn inner_source_outside_the_peers_allowed_ips_is_dropped_and_counted() -> Result
     let lab = Lab::new()?;
     let (a, b) = pair(&lab)?;
     ping(&a.pod, b.pod.ip(), 1)?;
-    let before = a.metric("wiremesh_drops_total", "reason=\"bad_source\"")?;
+    let before = a.metric("wiremesh_drops_total", &[("reason", "bad_source")])?;
     // b's kernel sends from an address outside b's allowed IPs at a; b's agent
     // encrypts it (it routes by destination), a must refuse it after decryption.
     b.host.ip(&["addr", "add", "10.66.0.1/32", "dev", "lo"])?;
@@ -238,7 +238,7 @@ fn inner_source_outside_the_peers_allowed_ips_is_dropped_and_counted() -> Result
         !out.status.success(),
         "a spoofed source got through: {out:?}"
     );
-    let after = a.metric("wiremesh_drops_total", "reason=\"bad_source\"")?;
+    let after = a.metric("wiremesh_drops_total", &[("reason", "bad_source")])?;
     ensure!(after >= before + 3.0, "bad_source {before} -> {after}");
     ping(&b.pod, a.pod.ip(), 1)?;
     Ok(())
@@ -303,9 +303,10 @@ fn garbage_truncated_and_replayed_datagrams_are_counted_and_the_tunnel_survives(
         bail!("no echo reply among 5 datagrams")
     })?;
 
-    let bad_packet = a.metric("wiremesh_drops_total", "reason=\"bad_packet\"")?;
-    let replay = a.metric("wiremesh_drops_total", "reason=\"replay\"")?;
-    let bad_handshake = a.metric("wiremesh_drops_total", "reason=\"bad_handshake\"")?;
+    let drops = a.scrape()?;
+    let bad_packet = drops.value("wiremesh_drops_total", &[("reason", "bad_packet")])?;
+    let replay = drops.value("wiremesh_drops_total", &[("reason", "replay")])?;
+    let bad_handshake = drops.value("wiremesh_drops_total", &[("reason", "bad_handshake")])?;
     ensure!(bad_packet >= 3.0, "bad_packet {bad_packet}");
     ensure!(replay >= 1.0, "replay {replay}");
     ensure!(bad_handshake >= 1.0, "bad_handshake {bad_handshake}");

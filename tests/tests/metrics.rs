@@ -1,0 +1,196 @@
+//! The agent's metrics and health endpoint against real agents in network namespaces (needs
+//! root): a transfer shows on its peer's counters and on no other peer's, a bad datagram on
+//! a drop reason, and in Kubernetes mode each peer is labelled with its cluster and node.
+
+// The tests print what they measured (shown with --nocapture).
+#![allow(clippy::print_stdout)]
+
+use std::net::UdpSocket;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, ensure};
+use wiremesh_lab::clusters::{TwoClusters, wait_for};
+use wiremesh_lab::mesh::{METRICS, Node, eventually, http_get, http_response, in_netns};
+use wiremesh_lab::metrics::Exposition;
+use wiremesh_lab::{Lab, Netns, ping, transfer};
+
+const MIB: u64 = 1 << 20;
+/// What the transfers move: a few MiB, checksummed by wm-xfer.
+const SIZE: u64 = 8 * MIB;
+/// The lab's MTU: one WireGuard datagram carries at most this many bytes of the transfer,
+/// so a transfer of `SIZE` takes at least `SIZE / MTU` datagrams.
+const MTU: u64 = 1420;
+
+const PEER_COUNTERS: [&str; 4] = [
+    "wiremesh_peer_receive_bytes_total",
+    "wiremesh_peer_transmit_bytes_total",
+    "wiremesh_peer_receive_packets_total",
+    "wiremesh_peer_transmit_packets_total",
+];
+
+/// How much a per-peer counter rose between two scrapes.
+fn rise(before: &Exposition, after: &Exposition, name: &str, peer: &str) -> Result<f64> {
+    let labels = [("interface", "wm0"), ("peer", peer)];
+    Ok(after.value(name, &labels)? - before.value(name, &labels)?)
+}
+
+#[test]
+fn a_transfer_counts_on_its_peer_only_and_a_bad_datagram_on_its_drop_reason() -> Result<()> {
+    let lab = Lab::new()?;
+    let mut a = Node::new(&lab, "a", 1)?;
+    let mut b = Node::new(&lab, "b", 2)?;
+    // c runs no agent: a knows it as a peer that never sends or receives anything.
+    let c = Node::new(&lab, "c", 3)?;
+    a.start(&[b.as_peer(true), c.as_peer(true)])?;
+    b.start(&[a.as_peer(true)])?;
+    ping(&a.pod, b.pod.ip(), 1)?;
+
+    let (head, _) = http_response(&a.host, METRICS, "/metrics")?;
+    ensure!(
+        head.lines().any(
+            |l| l == "Content-Type: application/openmetrics-text; version=1.0.0; charset=utf-8"
+        ),
+        "{head}"
+    );
+    ensure!(http_get(&a.host, METRICS, "/readyz")? == "ok\n");
+    ensure!(http_get(&a.host, METRICS, "/healthz")? == "ok\n");
+
+    let (a0, b0) = (a.scrape()?, b.scrape()?);
+    // Scrapes while the transfer runs: each must parse, and the counter only rises.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (scraped_tx, scraped) = mpsc::channel();
+    let scraper = {
+        let stop = Arc::clone(&stop);
+        let host: Netns = (*a.host).clone();
+        let peer = b.keys.public.clone();
+        std::thread::spawn(move || -> Result<()> {
+            while !stop.load(Ordering::Relaxed) {
+                let text = http_get(&host, METRICS, "/metrics")?;
+                let e: Exposition = text.parse()?;
+                let sent = e.value(
+                    "wiremesh_peer_transmit_bytes_total",
+                    &[("peer", peer.as_str())],
+                )?;
+                let _ = scraped_tx.send(sent);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(())
+        })
+    };
+    let report = transfer(&a.pod, b.pod.ip(), SIZE);
+    stop.store(true, Ordering::Relaxed);
+    scraper
+        .join()
+        .map_err(|_| anyhow::anyhow!("the scraper panicked"))??;
+    let report = report?;
+    let during: Vec<f64> = scraped.try_iter().collect();
+    ensure!(!during.is_empty(), "no scrape while the transfer ran");
+    ensure!(
+        during.windows(2).all(|w| w[0] <= w[1]),
+        "a counter went down: {during:?}"
+    );
+    let (a1, b1) = (a.scrape()?, b.scrape()?);
+    println!(
+        "{} MiB a->b at {:.0} Mbit/s, {} scrapes during it",
+        SIZE / MIB,
+        report.mbit_per_s(),
+        during.len()
+    );
+
+    // On a, the transfer went out to b; on b, it came in from a.
+    let (to_b, from_a) = (b.keys.public.as_str(), a.keys.public.as_str());
+    let sent = rise(&a0, &a1, "wiremesh_peer_transmit_bytes_total", to_b)?;
+    let received = rise(&b0, &b1, "wiremesh_peer_receive_bytes_total", from_a)?;
+    let sent_packets = rise(&a0, &a1, "wiremesh_peer_transmit_packets_total", to_b)?;
+    let received_packets = rise(&b0, &b1, "wiremesh_peer_receive_packets_total", from_a)?;
+    println!(
+        "a->b: {sent} bytes in {sent_packets} datagrams sent, {received} bytes in {received_packets} received"
+    );
+    let (size, min_packets) = (SIZE as f64, (SIZE / MTU) as f64);
+    ensure!(sent >= size, "a sent {sent} bytes to b, < {SIZE}");
+    ensure!(
+        received >= size,
+        "b received {received} bytes from a, < {SIZE}"
+    );
+    ensure!(
+        sent_packets >= min_packets,
+        "a sent {sent_packets} datagrams"
+    );
+    ensure!(
+        received_packets >= min_packets,
+        "b received {received_packets} datagrams"
+    );
+    // The acknowledgements came back to a from b: counted, but far less than the data.
+    let acks = rise(&a0, &a1, "wiremesh_peer_receive_bytes_total", to_b)?;
+    ensure!(
+        acks > 0.0 && acks < size / 2.0,
+        "a received {acks} bytes from b"
+    );
+
+    // c saw nothing: present, unchanged, no session.
+    let c_key = c.keys.public.as_str();
+    for name in PEER_COUNTERS {
+        ensure!(a1.value(name, &[("peer", c_key)])? == 0.0, "{name} of c");
+    }
+    let age = "wiremesh_peer_last_handshake_age_seconds";
+    ensure!(a1.matching(age, &[("peer", c_key)]).is_empty());
+    let b_age = a1.value(age, &[("peer", to_b)])?;
+    ensure!((0.0..180.0).contains(&b_age), "handshake age {b_age}");
+    ensure!(a1.value("wiremesh_peer_handshakes_total", &[("peer", to_b)])? >= 1.0);
+    // Standalone mode knows no peer cluster or node: the labels are there, empty.
+    let sample = a1.sample("wiremesh_peer_transmit_bytes_total", &[("peer", to_b)])?;
+    ensure!(
+        sample.labels.get("peer_cluster").map(String::as_str) == Some("")
+            && sample.labels.get("peer_node").map(String::as_str) == Some(""),
+        "{sample:?}"
+    );
+    ensure!(a1.value("wiremesh_peers", &[("interface", "wm0")])? == 2.0);
+    ensure!(a1.value("wiremesh_live_tunnels", &[("interface", "wm0")])? == 1.0);
+    ensure!(a1.types.get("wiremesh_drops").map(String::as_str) == Some("counter"));
+
+    // A datagram that is no WireGuard message, from c's namespace to a's port.
+    let bad_packet = [("interface", "wm0"), ("reason", "bad_packet")];
+    let before = a1.value("wiremesh_drops_total", &bad_packet)?;
+    let to = a.endpoint();
+    in_netns(&c.host, move || {
+        let sock = UdpSocket::bind("0.0.0.0:0")?;
+        sock.send_to(b"\x01\x00not a handshake", to)?;
+        Ok(())
+    })?;
+    let after = eventually(Duration::from_secs(5), || {
+        let after = a.metric("wiremesh_drops_total", &bad_packet)?;
+        ensure!(after > before, "bad_packet still {after}");
+        Ok(after)
+    })?;
+    println!("bad_packet drops {before} -> {after}");
+    ensure!(http_get(&a.host, METRICS, "/readyz")? == "ok\n");
+    Ok(())
+}
+
+#[test]
+fn in_kubernetes_mode_peers_are_labelled_with_their_cluster_and_node() -> Result<()> {
+    let lab = TwoClusters::new(1)?;
+    lab.join()?;
+    let (a1, b1) = (lab.a.node("a1")?, lab.b.node("b1")?);
+    wait_for(Duration::from_secs(45), || ping(&a1.pod, b1.pod.ip(), 1))?;
+    let scrape = || -> Result<Exposition> {
+        http_get(&a1.host, METRICS, "/metrics")?
+            .parse()
+            .context("parsing a1's metrics")
+    };
+    let peer = [
+        ("peer_cluster", "cluster-b"),
+        ("peer_node", b1.name.as_str()),
+    ];
+    let before = scrape()?.value("wiremesh_peer_transmit_bytes_total", &peer)?;
+    transfer(&a1.pod, b1.pod.ip(), SIZE)?;
+    let after = scrape()?;
+    let sent = after.value("wiremesh_peer_transmit_bytes_total", &peer)? - before;
+    ensure!(sent >= SIZE as f64, "a1 sent {sent} bytes to cluster-b/b1");
+    let sample = after.sample("wiremesh_peer_transmit_bytes_total", &peer)?;
+    println!("{sample:?}");
+    ensure!(http_get(&a1.host, METRICS, "/readyz")? == "ok\n");
+    Ok(())
+}
