@@ -5,7 +5,9 @@
 // The tests print what they measured (shown with --nocapture).
 #![allow(clippy::print_stdout)]
 
+use std::collections::BTreeSet;
 use std::net::UdpSocket;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
@@ -58,7 +60,8 @@ fn a_transfer_counts_on_its_peer_only_and_a_bad_datagram_on_its_drop_reason() ->
     ensure!(http_get(&a.host, METRICS, "/healthz")? == "ok\n");
 
     let (a0, b0) = (a.scrape()?, b.scrape()?);
-    // Scrapes while the transfer runs: each must parse, and the counter only rises.
+    // Scrapes from the start of the transfer to its end: each must parse, and the counter
+    // never goes down.
     let stop = Arc::new(AtomicBool::new(false));
     let (scraped_tx, scraped) = mpsc::channel();
     let scraper = {
@@ -66,7 +69,7 @@ fn a_transfer_counts_on_its_peer_only_and_a_bad_datagram_on_its_drop_reason() ->
         let host: Netns = (*a.host).clone();
         let peer = b.keys.public.clone();
         std::thread::spawn(move || -> Result<()> {
-            while !stop.load(Ordering::Relaxed) {
+            loop {
                 let text = http_get(&host, METRICS, "/metrics")?;
                 let e: Exposition = text.parse()?;
                 let sent = e.value(
@@ -74,9 +77,11 @@ fn a_transfer_counts_on_its_peer_only_and_a_bad_datagram_on_its_drop_reason() ->
                     &[("peer", peer.as_str())],
                 )?;
                 let _ = scraped_tx.send(sent);
-                std::thread::sleep(Duration::from_millis(50));
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            Ok(())
         })
     };
     let report = transfer(&a.pod, b.pod.ip(), SIZE);
@@ -85,18 +90,20 @@ fn a_transfer_counts_on_its_peer_only_and_a_bad_datagram_on_its_drop_reason() ->
         .join()
         .map_err(|_| anyhow::anyhow!("the scraper panicked"))??;
     let report = report?;
-    let during: Vec<f64> = scraped.try_iter().collect();
-    ensure!(!during.is_empty(), "no scrape while the transfer ran");
+    let (a1, b1) = (a.scrape()?, b.scrape()?);
+    let to_b = [("peer", b.keys.public.as_str())];
+    let mut during: Vec<f64> = vec![a0.value("wiremesh_peer_transmit_bytes_total", &to_b)?];
+    during.extend(scraped.try_iter());
+    during.push(a1.value("wiremesh_peer_transmit_bytes_total", &to_b)?);
     ensure!(
         during.windows(2).all(|w| w[0] <= w[1]),
         "a counter went down: {during:?}"
     );
-    let (a1, b1) = (a.scrape()?, b.scrape()?);
     println!(
-        "{} MiB a->b at {:.0} Mbit/s, {} scrapes during it",
+        "{} MiB a->b at {:.0} Mbit/s, {} scrapes while it ran",
         SIZE / MIB,
         report.mbit_per_s(),
-        during.len()
+        during.len() - 2
     );
 
     // On a, the transfer went out to b; on b, it came in from a.
@@ -166,7 +173,71 @@ fn a_transfer_counts_on_its_peer_only_and_a_bad_datagram_on_its_drop_reason() ->
     })?;
     println!("bad_packet drops {before} -> {after}");
     ensure!(http_get(&a.host, METRICS, "/readyz")? == "ok\n");
+
+    // Every agent metric the Grafana dashboard queries is one an agent serves.
+    let served: BTreeSet<&str> = a1.samples.iter().map(|s| s.name.as_str()).collect();
+    let queried = dashboard_metrics()?;
+    let missing: Vec<&String> = queried
+        .iter()
+        .filter(|n| !n.starts_with("wiremesh_controller_") && !served.contains(n.as_str()))
+        .collect();
+    ensure!(missing.is_empty(), "the dashboard queries {missing:?}");
     Ok(())
+}
+
+#[test]
+fn the_dashboard_queries_only_controller_metrics_the_controller_serves() -> Result<()> {
+    let metrics = wiremesh_controller::metrics::Metrics::new();
+    metrics.run("sync", Duration::from_millis(5), Some("apply"));
+    metrics.peer("cluster-b", Some(2), false, Some(1));
+    metrics.set_leading(true);
+    let served: Exposition = metrics.render().parse()?;
+    let served: BTreeSet<&str> = served.samples.iter().map(|s| s.name.as_str()).collect();
+    let queried = dashboard_metrics()?;
+    let controller: Vec<&String> = queried
+        .iter()
+        .filter(|n| n.starts_with("wiremesh_controller_"))
+        .collect();
+    ensure!(controller.len() >= 5, "{controller:?}");
+    let missing: Vec<&&String> = controller
+        .iter()
+        .filter(|n| !served.contains(n.as_str()))
+        .collect();
+    ensure!(missing.is_empty(), "the dashboard queries {missing:?}");
+    Ok(())
+}
+
+/// The metric names in the Grafana dashboard's queries and variables.
+fn dashboard_metrics() -> Result<BTreeSet<String>> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/wiremesh-dashboard.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&text).context("the dashboard is not JSON")?;
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().context("no panels")? {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            queries.extend(target["expr"].as_str());
+        }
+    }
+    for variable in dashboard["templating"]["list"]
+        .as_array()
+        .context("no variables")?
+    {
+        queries.extend(variable["definition"].as_str());
+    }
+    let mut names = BTreeSet::new();
+    for query in queries {
+        for (start, _) in query.match_indices("wiremesh_") {
+            let name: String = query[start..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            names.insert(name);
+        }
+    }
+    Ok(names)
 }
 
 #[test]
