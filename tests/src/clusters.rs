@@ -1,20 +1,31 @@
 //! The two-cluster lab: `cluster-a` and `cluster-b`, each a real control plane (etcd +
 //! kube-apiserver on loopback) with lab hosts as its nodes, a pod behind each node, a
 //! Wiremesh agent per node in Kubernetes mode and a controller per cluster.
+//!
+//! Wiremesh goes in as in a real cluster: `meshctl install` applies `deploy/wiremesh.yaml`;
+//! each agent runs with the command, args and environment of the DaemonSet's container
+//! (`spec.nodeName` from the downward API, the key directory's hostPath mapped to the
+//! host's state directory) and the token the kubelet would mount into its pod (bound to a
+//! Pod object on its node, so the admission policy applies); each controller replica runs
+//! in a pod of its own with the Deployment's command, args and environment and its own
+//! ServiceAccount's pod-bound token. The lab adds only what a cluster would give: the
+//! kubeconfig in place of the in-cluster configuration, and the pod gateway address a CNI
+//! would own (`WIREMESH_ADDRESSES`).
 
-use std::fs::File;
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use kube::{Api, Client};
 use wiremesh_proto::crd::{MeshPeer, PeerCluster};
 
+use crate::deploy::{self, Workload};
 use crate::k8s::{self, ApiProxy, ControlPlane, block_on};
 use crate::lab::{Host, Lab, Pod, find_binary};
-use crate::mesh::{IFACE, METRICS, start_agent};
+use crate::mesh::IFACE;
 use crate::process::Proc;
 
 /// Which of the two clusters.
@@ -60,6 +71,8 @@ pub struct ClusterNode {
     pub pod: Pod,
     /// The agent, when running.
     pub agent: Option<Proc>,
+    /// The agent's kubeconfig: its pod-bound ServiceAccount token.
+    kubeconfig: PathBuf,
     _proxy: ApiProxy,
 }
 
@@ -86,52 +99,33 @@ impl ClusterNode {
     }
 }
 
-/// A running process started outside the lab's namespaces (a controller), stopped by PID.
-pub struct Daemon {
-    child: Child,
-    label: String,
-    log: PathBuf,
+/// A controller replica: its pod (a namespace behind a node, with proxies to both API
+/// servers) and its process.
+pub struct Controller {
+    /// The pod (and Kubernetes Pod object) name, also its Lease identity.
+    pub name: String,
+    /// Its process.
+    pub process: Proc,
+    /// Its pod.
+    pub pod: Pod,
+    _proxies: Vec<ApiProxy>,
 }
 
-impl Daemon {
+impl Controller {
     /// The PID.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
-    /// Its combined output so far.
+    /// Its log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.stderr()
     }
 
-    /// Kills it (SIGKILL: a crash, not a shutdown) and reaps it.
+    /// Kills it (SIGKILL: a crash, not a shutdown).
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.process.signal("KILL");
     }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            self.kill();
-        }
-        if std::thread::panicking() {
-            eprintln!("--- {} log ---\n{}", self.label, tail(&self.log(), 40));
-        }
-    }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// One cluster of the lab.
@@ -143,7 +137,7 @@ pub struct Cluster {
     /// Its nodes, in order of creation.
     pub nodes: Vec<ClusterNode>,
     /// Its controller replicas.
-    pub controllers: Vec<Daemon>,
+    pub controllers: Vec<Controller>,
 }
 
 impl Cluster {
@@ -246,8 +240,21 @@ impl TwoClusters {
             lab,
         };
         for side in [Side::A, Side::B] {
-            let cluster = lab_clusters.cluster(side);
-            cluster.plane.install(&[&side.pod_range()])?;
+            let out = lab_clusters.meshctl(&[
+                "--context",
+                side.name(),
+                "install",
+                "--cluster-name",
+                side.name(),
+                "--pod-cidr",
+                &side.pod_range(),
+            ])?;
+            ensure!(
+                out.status.success(),
+                "meshctl install failed:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
             for _ in 0..nodes {
                 lab_clusters.add_node(side)?;
             }
@@ -285,12 +292,19 @@ impl TwoClusters {
         let cluster = self.cluster(side);
         k8s::create_node(&cluster.client()?, &name, &pod_cidr, underlay)?;
         let proxy = ApiProxy::start(&host, cluster.plane.api_port())?;
+        let kubeconfig = deploy::pod_kubeconfig(
+            &cluster.plane,
+            &format!("wiremesh-agent-{name}"),
+            Some(&name),
+            "wiremesh-agent",
+        )?;
         let mut node = ClusterNode {
             name,
             side,
             host,
             pod,
             agent: None,
+            kubeconfig,
             _proxy: proxy,
         };
         node.agent = Some(self.start_agent(&node)?);
@@ -299,66 +313,91 @@ impl TwoClusters {
         cluster.nodes.last().context("just pushed")
     }
 
+    /// Starts the agent of `node` as the DaemonSet would.
     fn start_agent(&self, node: &ClusterNode) -> Result<Proc> {
-        let kubeconfig = path_str(&self.kubeconfig)?;
-        let state = path_str(node.host.state_dir())?;
-        let address = format!("{}/32", node.host.pod_gateway());
-        start_agent(
-            &node.host,
-            &[
-                "kube",
-                "--kubeconfig",
-                kubeconfig,
-                "--context",
-                node.side.name(),
-                "--node-name",
-                &node.name,
-                "--address",
-                &address,
-                "--state-dir",
-                state,
-                "--metrics-addr",
-                METRICS,
-            ],
-        )
+        let workload = Workload::from_manifest("DaemonSet", "wiremesh-agent")?;
+        ensure!(
+            workload.program()? == "wiremesh-agent",
+            "the DaemonSet runs {:?}",
+            workload.command
+        );
+        let fields = BTreeMap::from([("spec.nodeName", node.name.clone())]);
+        let state_dir = node.host.state_dir().to_path_buf();
+        let mut env = workload.resolve_env(&fields, |mount| {
+            (mount == "/var/lib/wiremesh").then(|| state_dir.clone())
+        })?;
+        env.push((
+            "WIREMESH_KUBECONFIG".to_owned(),
+            path_str(&node.kubeconfig)?.to_owned(),
+        ));
+        env.push((
+            "WIREMESH_ADDRESSES".to_owned(),
+            format!("{}/32", node.host.pod_gateway()),
+        ));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let args: Vec<&str> = workload.args.iter().map(String::as_str).collect();
+        let agent = node.host.spawn_agent(&args, &env)?;
+        let socket = node.host.run_dir().join(format!("{IFACE}.sock"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if !agent.is_running() || Instant::now() > deadline {
+                bail!(
+                    "the agent on {} did not come up:\n{}",
+                    node.name,
+                    agent.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(agent)
     }
 
-    /// Starts one more controller replica for cluster `side` (in the root namespace: it
-    /// only talks to API servers on loopback).
+    /// Starts one more controller replica for cluster `side` as the Deployment would: in
+    /// a pod of its own behind one of the cluster's nodes (replicas take the nodes in
+    /// turn), reaching both API servers through proxies in that pod.
     ///
     /// # Errors
     /// When it cannot be started.
     pub fn start_controller(&mut self, side: Side) -> Result<()> {
+        let workload = Workload::from_manifest("Deployment", "wiremesh-controller")?;
         let binary = find_binary(
-            "wiremesh-controller",
+            workload.program()?,
             "WIREMESH_CONTROLLER_BIN",
             "cargo build -p wiremesh-controller --bin wiremesh-controller",
         )?;
-        let replica = self.cluster(side).controllers.len();
-        let identity = format!("{}-controller-{replica}", side.name());
-        let log = self.lab.dir().join(format!("{identity}.log"));
-        let out = File::create(&log)?;
-        let child = Command::new(&binary)
-            .args([
-                "--kubeconfig",
-                path_str(&self.kubeconfig)?,
-                "--context",
-                side.name(),
-                "--identity",
-                &identity,
-                "--lease-duration-seconds",
-                "4",
-            ])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        self.cluster_mut(side).controllers.push(Daemon {
-            child,
-            label: identity,
-            log,
+        let cluster = self.cluster(side);
+        let replica = cluster.controllers.len();
+        let name = format!("wiremesh-controller-{replica}");
+        let node = cluster
+            .nodes
+            .get(replica % cluster.nodes.len().max(1))
+            .ok_or_else(|| anyhow!("{} has no node for a controller", side.name()))?;
+        let pod = node.host.add_pod(&format!("ctl{replica}"))?;
+        let proxies = vec![
+            ApiProxy::start(&pod, self.a.plane.api_port())?,
+            ApiProxy::start(&pod, self.b.plane.api_port())?,
+        ];
+        let kubeconfig = deploy::pod_kubeconfig(
+            &cluster.plane,
+            &name,
+            Some(&node.name),
+            "wiremesh-controller",
+        )?;
+        let fields = BTreeMap::from([("metadata.name", name.clone())]);
+        let mut env = workload.resolve_env(&fields, |_| None)?;
+        env.push((
+            "WIREMESH_KUBECONFIG".to_owned(),
+            path_str(&kubeconfig)?.to_owned(),
+        ));
+        let mut command = vec![path_str(&binary)?];
+        command.extend(workload.args.iter().map(String::as_str));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let process = pod.spawn_with_env(&command, &env)?;
+        self.cluster_mut(side).controllers.push(Controller {
+            name,
+            process,
+            pod,
+            _proxies: proxies,
         });
         Ok(())
     }
