@@ -16,7 +16,7 @@ pub enum KeyFileError {
     /// Reading, creating or writing the file failed.
     #[error("{path}: {source}")]
     Io {
-        /// The key file.
+        /// The key file, or the directory that holds it.
         path: PathBuf,
         /// The I/O error.
         source: std::io::Error,
@@ -27,6 +27,20 @@ pub enum KeyFileError {
         /// The key file.
         path: PathBuf,
     },
+}
+
+/// Creates `dir` if needed and makes it private (0700): the agent's own state directory,
+/// which holds the private key (a Kubernetes hostPath is created 0755).
+///
+/// # Errors
+/// When it cannot be created or its mode set.
+pub fn private_dir(dir: &Path) -> Result<(), KeyFileError> {
+    let io = |source| KeyFileError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    fs::create_dir_all(dir).map_err(io)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io)
 }
 
 /// Reads the private key at `path`, or generates one and writes it there (mode 0600, in
@@ -88,6 +102,17 @@ fn warn_if_loose(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn private_dir_tightens_an_existing_directory() {
+        let dir = std::env::temp_dir().join(format!("wm-keys-dir-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&dir).unwrap();
+        let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(mode, 0o700);
+    }
 
     #[test]
     fn generates_once_with_mode_0600_then_reuses() {

@@ -5,16 +5,18 @@
 //! The data plane never waits for the API server: when it is unreachable the tunnels keep
 //! what they have, and the watch catches up when it comes back.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
 use kube::api::{Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt as _, reflector};
 use kube::{Api, Client, Resource as _, ResourceExt as _};
@@ -79,6 +81,8 @@ pub struct KubeOptions {
 /// When the key, the client or the data plane cannot be set up.
 pub async fn run(options: KubeOptions) -> Result<()> {
     crate::preflight()?;
+    // The key directory is a hostPath the kubelet creates 0755; it is ours alone.
+    crate::keys::private_dir(&options.state_dir)?;
     let key = crate::keys::load_or_generate(&options.key_file)?;
     let client = client(&options).await?;
     let node = wait_for_node(&client, &options.node_name).await?;
@@ -383,20 +387,78 @@ async fn publish(client: Client, node: Node, spec: MeshNodeSpec) {
     }
 }
 
-/// Writes the tunnels' state into the MeshNode status every [`STATUS_INTERVAL`].
+/// Records an Event on this node's MeshNode for each tunnel that went up or down.
+async fn record_transitions(
+    recorder: &Recorder,
+    node: &ObjectReference,
+    changes: &[(PublicKey, bool)],
+    origins: &Origins,
+) {
+    for (key, up) in changes {
+        let peer = origins
+            .get(key)
+            .map_or_else(|| key.to_string(), |o| format!("{}/{}", o.cluster, o.node));
+        let (type_, reason, note) = if *up {
+            (
+                EventType::Normal,
+                "TunnelUp",
+                format!("tunnel to {peer} is up (handshake completed)"),
+            )
+        } else {
+            (
+                EventType::Warning,
+                "TunnelDown",
+                format!(
+                    "tunnel to {peer} is down: no handshake for {}s",
+                    mesh::TUNNEL_UP_WITHIN.as_secs()
+                ),
+            )
+        };
+        let event = KubeEvent {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: "Handshake".to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, node).await {
+            debug!(error = %e, reason, "recording an Event");
+        }
+    }
+}
+
+/// Writes the tunnels' state into the MeshNode status every [`STATUS_INTERVAL`], and
+/// records an Event on it when a tunnel goes up or down.
 async fn report_status(
     client: Client,
     name: String,
     handle: Handle,
     origins: watch::Receiver<Origins>,
 ) {
-    let api: Api<MeshNode> = Api::all(client);
+    let api: Api<MeshNode> = Api::all(client.clone());
     let params = PatchParams::apply(MANAGER).force();
+    let recorder = Recorder::new(
+        client,
+        Reporter {
+            controller: MANAGER.to_owned(),
+            instance: Some(name.clone()),
+        },
+    );
+    let reference = ObjectReference {
+        api_version: Some(MeshNode::api_version(&()).into_owned()),
+        kind: Some(MeshNode::kind(&()).into_owned()),
+        name: Some(name.clone()),
+        ..ObjectReference::default()
+    };
+    let mut tunnels: BTreeMap<PublicKey, bool> = BTreeMap::new();
     let mut ready_since: Option<Time> = None;
     loop {
         if let Ok(snapshot) = handle.snapshot().await {
             let now = k8s_openapi::jiff::Timestamp::now();
             let origins = origins.borrow().clone();
+            let (changes, state) = mesh::tunnel_transitions(&tunnels, &snapshot.peers);
+            tunnels = state;
+            record_transitions(&recorder, &reference, &changes, &origins).await;
             let peers: Vec<TunnelStatus> = snapshot
                 .peers
                 .iter()

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use wiremesh_proto::uapi::{DeviceUpdate, PeerUpdate};
 use wiremesh_proto::{IpCidr, PublicKey};
@@ -156,9 +157,59 @@ pub fn diff(applied: &PeerSet, desired: &PeerSet) -> Option<DeviceUpdate> {
     })
 }
 
+/// A tunnel counts as up while its session is younger than this (WireGuard's
+/// REJECT_AFTER_TIME: an older session can no longer carry data).
+pub const TUNNEL_UP_WITHIN: Duration = Duration::from_secs(180);
+
+/// Tunnels that went up or down since `previous` (true: up), and the new state. A tunnel
+/// seen for the first time is reported only when it is up; a removed one is forgotten.
+pub fn tunnel_transitions(
+    previous: &BTreeMap<PublicKey, bool>,
+    peers: &[crate::core::PeerView],
+) -> (Vec<(PublicKey, bool)>, BTreeMap<PublicKey, bool>) {
+    let mut changes = Vec::new();
+    let mut now = BTreeMap::new();
+    for peer in peers {
+        let up = peer.since_handshake.is_some_and(|d| d < TUNNEL_UP_WITHIN);
+        if previous.get(&peer.public_key).copied().unwrap_or(false) != up {
+            changes.push((peer.public_key, up));
+        }
+        now.insert(peer.public_key, up);
+    }
+    (changes, now)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn view(key: u8, since: Option<u64>) -> crate::core::PeerView {
+        crate::core::PeerView {
+            public_key: PublicKey::from([key; 32]),
+            preshared_key: None,
+            endpoint: None,
+            persistent_keepalive: 0,
+            allowed_ips: Vec::new(),
+            since_handshake: since.map(Duration::from_secs),
+            rx_bytes: 0,
+            tx_bytes: 0,
+            rx_packets: 0,
+            tx_packets: 0,
+            handshakes: 0,
+        }
+    }
+
+    #[test]
+    fn tunnel_transitions_report_changes_only() {
+        let (changes, state) =
+            tunnel_transitions(&BTreeMap::new(), &[view(1, None), view(2, Some(3))]);
+        // A new tunnel that is down is not news; one that is up is.
+        assert_eq!(changes, vec![(PublicKey::from([2; 32]), true)]);
+        let (changes, state) = tunnel_transitions(&state, &[view(1, Some(1)), view(2, Some(4))]);
+        assert_eq!(changes, vec![(PublicKey::from([1; 32]), true)]);
+        let (changes, _) = tunnel_transitions(&state, &[view(1, Some(200)), view(2, Some(5))]);
+        assert_eq!(changes, vec![(PublicKey::from([1; 32]), false)]);
+    }
 
     fn key(b: u8) -> PublicKey {
         PublicKey::from([b; 32])

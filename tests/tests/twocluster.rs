@@ -8,6 +8,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
+use k8s_openapi::api::events::v1::Event;
 use kube::Api;
 use kube::api::PostParams;
 use wiremesh_lab::clusters::{INTERFACE, Side, TwoClusters, wait_for};
@@ -77,6 +78,25 @@ fn join_links_every_pod_pair_across_the_clusters() -> Result<()> {
     let status = lab.meshctl(&["--context", "cluster-a", "status"])?;
     println!("{}", String::from_utf8_lossy(&status.stdout));
     ensure!(status.status.success(), "meshctl status failed");
+
+    // a1's agent recorded the tunnel to b2 coming up as an Event on its MeshNode (with
+    // the pod-bound token and the RBAC of deploy/wiremesh.yaml).
+    let events: Api<Event> = Api::namespaced(lab.a.client()?, "default");
+    wait_for(Duration::from_secs(30), || {
+        let list = block_on(events.list(&Default::default()))?;
+        ensure!(
+            list.items.iter().any(|e| {
+                e.reason.as_deref() == Some("TunnelUp")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("a1")
+                    && e.note
+                        .as_deref()
+                        .is_some_and(|n| n.contains("cluster-b/b2"))
+            }),
+            "no TunnelUp Event for a1 -> cluster-b/b2 among {} Events",
+            list.items.len()
+        );
+        Ok(())
+    })?;
     Ok(())
 }
 
