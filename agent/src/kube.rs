@@ -122,18 +122,40 @@ pub async fn run(options: KubeOptions) -> Result<()> {
         kind: MeshNodeKind::Node,
     };
     let context = Context {
-        client,
-        node,
-        mesh_node,
+        client: client.clone(),
+        own_name: node.name_any(),
+        local_peers: LocalPeers::Hosts,
         own_cidrs,
         keepalive: options.persistent_keepalive,
         state_dir: options.state_dir.clone(),
     };
-    let metrics = crate::metrics::bind(options.metrics_addr).await?;
+    let publisher = publish(client, node, mesh_node);
+    run_data_plane(
+        spec,
+        initial,
+        options.metrics_addr,
+        context,
+        cached,
+        publisher,
+    )
+    .await
+}
+
+/// Brings the data plane up and, once it answers, runs `context` (with `publisher`,
+/// which ends when this machine leaves the mesh) until SIGINT/SIGTERM.
+pub(crate) async fn run_data_plane(
+    spec: InterfaceSpec,
+    initial: DeviceUpdate,
+    metrics_addr: Option<SocketAddr>,
+    context: Context,
+    cached: Option<PeerSet>,
+    publisher: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let metrics = crate::metrics::bind(metrics_addr).await?;
     let (origins_tx, origins_rx) = watch::channel(Origins::new());
     let ready = move |handle: Handle| {
         crate::metrics::spawn(metrics, AgentMetrics::new(handle.clone(), origins_rx));
-        tokio::spawn(context.run(handle, cached, origins_tx));
+        tokio::spawn(context.run(handle, cached, origins_tx, publisher));
     };
     dataplane::run(spec, initial, ready, crate::shutdown_signal()).await
 }
@@ -213,17 +235,36 @@ fn node_endpoints(node: &Node, port: u16) -> Vec<SocketAddr> {
     out
 }
 
-struct Context {
-    client: Client,
-    node: Node,
-    mesh_node: MeshNodeSpec,
-    own_cidrs: Vec<IpCidr>,
-    keepalive: u16,
-    state_dir: PathBuf,
+/// Which MeshNodes of this cluster get a tunnel (besides every MeshPeer): a node's
+/// pods reach the other nodes of its cluster through the cluster's own network, but a
+/// host outside Kubernetes only through the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LocalPeers {
+    /// On a Kubernetes node: the cluster's hosts.
+    Hosts,
+    /// On a host: every node and every other host of the cluster.
+    All,
+}
+
+/// What the tunnel-building tasks of both modes share.
+pub(crate) struct Context {
+    pub(crate) client: Client,
+    /// This machine's MeshNode, which gets no tunnel to itself.
+    pub(crate) own_name: String,
+    pub(crate) local_peers: LocalPeers,
+    pub(crate) own_cidrs: Vec<IpCidr>,
+    pub(crate) keepalive: u16,
+    pub(crate) state_dir: PathBuf,
 }
 
 impl Context {
-    async fn run(self, handle: Handle, cached: Option<PeerSet>, origins: watch::Sender<Origins>) {
+    async fn run(
+        self,
+        handle: Handle,
+        cached: Option<PeerSet>,
+        origins: watch::Sender<Origins>,
+        publisher: impl Future<Output = ()> + Send + 'static,
+    ) {
         let mut applied = PeerSet::new();
         if let Some(peers) = cached {
             info!(
@@ -232,14 +273,10 @@ impl Context {
             );
             apply(&handle, &mut applied, peers, &origins).await;
         }
-        let node_gone = tokio::spawn(publish(
-            self.client.clone(),
-            self.node.clone(),
-            self.mesh_node.clone(),
-        ));
+        let node_gone = tokio::spawn(publisher);
         tokio::spawn(report_status(
             self.client.clone(),
-            self.node.name_any(),
+            self.own_name.clone(),
             handle.clone(),
             origins.subscribe(),
         ));
@@ -248,72 +285,157 @@ impl Context {
         tokio::select! {
             () = &mut peers => {}
             _ = node_gone => {
-                info!("this node's Node object is gone; its MeshNode was removed");
+                info!("this machine left the mesh; its MeshNode was removed");
             }
         }
     }
 
-    /// Mirrors MeshPeers into the device until the task ends.
+    /// Mirrors MeshPeers and this cluster's MeshNodes (those [`LocalPeers`] selects) into
+    /// the device until the task ends. Nothing changes until both lists were read once,
+    /// so a restart never drops the tunnels of the list that answers second.
     async fn watch_peers(
         &self,
         handle: Handle,
         mut applied: PeerSet,
         origins: watch::Sender<Origins>,
     ) {
-        let api: Api<MeshPeer> = Api::all(self.client.clone());
-        let (reader, writer) = reflector::store();
-        let stream =
-            reflector(writer, watcher::watcher(api, watcher::Config::default())).default_backoff();
+        let (peers, peers_writer) = reflector::store();
+        let peer_events = reflector(
+            peers_writer,
+            watcher::watcher(
+                Api::<MeshPeer>::all(self.client.clone()),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff()
+        .map(|e| (Source::MeshPeers, e.map(|e| changed(&e))));
+        let (nodes, nodes_writer) = reflector::store();
+        let node_events = reflector(
+            nodes_writer,
+            watcher::watcher(
+                Api::<MeshNode>::all(self.client.clone()),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff()
+        .map(|e| (Source::MeshNodes, e.map(|e| changed(&e))));
+        let stream = futures::stream::select(peer_events, node_events);
         tokio::pin!(stream);
-        let mut failing = false;
-        while let Some(event) = stream.next().await {
+        let mut failing = [false; 2];
+        let mut listed = [false; 2];
+        while let Some((source, event)) = stream.next().await {
+            let i = source as usize;
             match event {
-                Ok(Event::Apply(_) | Event::Delete(_) | Event::InitDone) => {
-                    if failing {
-                        info!("MeshPeer watch restored");
-                        failing = false;
+                Ok(Some(initial)) => {
+                    if failing[i] {
+                        info!(watch = ?source, "watch restored");
+                        failing[i] = false;
                     }
-                    let desired = self.desired(reader.state().iter().map(AsRef::as_ref));
+                    listed[i] |= initial;
+                    if listed != [true; 2] {
+                        continue;
+                    }
+                    let desired = self.desired(
+                        peers.state().iter().map(AsRef::as_ref),
+                        nodes.state().iter().map(AsRef::as_ref),
+                    );
                     apply(&handle, &mut applied, desired, &origins).await;
                     save_cache(&self.state_dir, &applied);
                 }
-                Ok(Event::Init | Event::InitApply(_)) => {}
+                Ok(None) => {}
                 Err(e) => {
-                    if !failing {
-                        warn!(error = %e, "MeshPeer watch failed; keeping the current tunnels");
-                        failing = true;
+                    if !failing[i] {
+                        warn!(watch = ?source, error = %e, "watch failed; keeping the current tunnels");
+                        failing[i] = true;
                     }
                 }
             }
         }
     }
 
-    fn desired<'a>(&self, peers: impl Iterator<Item = &'a MeshPeer>) -> PeerSet {
+    fn desired<'a>(
+        &self,
+        peers: impl Iterator<Item = &'a MeshPeer>,
+        nodes: impl Iterator<Item = &'a MeshNode>,
+    ) -> PeerSet {
         let mut set = PeerSet::new();
+        let locals = nodes.filter(|n| {
+            n.name_any() != self.own_name
+                && n.spec.has_key()
+                && (self.local_peers == LocalPeers::All || n.spec.kind == MeshNodeKind::Host)
+        });
+        for node in locals {
+            let name = node.name_any();
+            let origin = PeerOrigin {
+                name: name.clone(),
+                cluster: String::new(),
+                node: name,
+            };
+            self.insert(
+                &mut set,
+                origin,
+                &node.spec.public_key,
+                &node.spec.endpoints,
+                &node.spec.pod_cidrs,
+            );
+        }
         for peer in peers {
             let origin = PeerOrigin {
                 name: peer.name_any(),
                 cluster: peer.spec.cluster.clone(),
                 node: peer.spec.node.clone(),
             };
-            let name = &origin.name;
-            match mesh::desired_peer(
-                &origin,
+            self.insert(
+                &mut set,
+                origin,
                 &peer.spec.public_key,
                 &peer.spec.endpoints,
                 &peer.spec.pod_cidrs,
-                self.keepalive,
-                &self.own_cidrs,
-            ) {
-                Ok((key, desired)) => {
-                    if let Some(previous) = set.insert(key, desired) {
-                        warn!(peer = %name, other = %previous.origin.name, "two MeshPeers with one key; keeping the later");
-                    }
-                }
-                Err(e) => warn!(error = %e, "MeshPeer refused"),
-            }
+            );
         }
         set
+    }
+
+    fn insert(
+        &self,
+        set: &mut PeerSet,
+        origin: PeerOrigin,
+        public_key: &str,
+        endpoints: &[String],
+        pod_cidrs: &[String],
+    ) {
+        match mesh::desired_peer(
+            &origin,
+            public_key,
+            endpoints,
+            pod_cidrs,
+            self.keepalive,
+            &self.own_cidrs,
+        ) {
+            Ok((key, desired)) => {
+                if let Some(previous) = set.insert(key, desired) {
+                    warn!(peer = %origin.name, other = %previous.origin.name, "two peers with one key; keeping the later");
+                }
+            }
+            Err(e) => warn!(error = %e, "peer refused"),
+        }
+    }
+}
+
+/// Which watch an event came from.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    MeshPeers = 0,
+    MeshNodes = 1,
+}
+
+/// `Some(true)` when the event completes a (re)list, `Some(false)` for another change,
+/// `None` while a relist is still streaming in.
+fn changed<K>(event: &Event<K>) -> Option<bool> {
+    match event {
+        Event::InitDone => Some(true),
+        Event::Apply(_) | Event::Delete(_) => Some(false),
+        Event::Init | Event::InitApply(_) => None,
     }
 }
 
@@ -544,7 +666,7 @@ fn save_cache(dir: &std::path::Path, peers: &PeerSet) {
     }
 }
 
-fn load_cache(dir: &std::path::Path) -> Option<PeerSet> {
+pub(crate) fn load_cache(dir: &std::path::Path) -> Option<PeerSet> {
     let text = std::fs::read(dir.join(CACHE_FILE)).ok()?;
     let list: Vec<CachedPeer> = serde_json::from_slice(&text).ok()?;
     let mut set = PeerSet::new();

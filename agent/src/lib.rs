@@ -7,6 +7,7 @@
 
 pub mod core;
 pub mod dataplane;
+pub mod host;
 pub mod keys;
 pub mod kube;
 pub mod mesh;

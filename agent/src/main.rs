@@ -50,6 +50,42 @@ enum Command {
     /// Run as a Kubernetes node agent: publish this node's MeshNode, build a tunnel to
     /// every MeshPeer, keep forwarding when the API server is unreachable.
     Kube(Box<KubeArgs>),
+    /// Run on a host outside Kubernetes registered with `meshctl host add`: publish this
+    /// host's public key and endpoint, build a tunnel to every node of its cluster and of
+    /// the linked clusters.
+    Host(Box<HostArgs>),
+}
+
+#[derive(clap::Args)]
+struct HostArgs {
+    /// The bundle file `meshctl host add` wrote (API server, CA, token, cluster, host).
+    #[arg(long, env = "WIREMESH_BUNDLE")]
+    bundle: PathBuf,
+    /// The TUN device name.
+    #[arg(long, env = "WIREMESH_INTERFACE", default_value = "wm0")]
+    interface: String,
+    /// The UDP port for WireGuard.
+    #[arg(long, env = "WIREMESH_LISTEN_PORT", default_value_t = 51820)]
+    listen_port: u16,
+    /// MTU of the TUN device.
+    #[arg(long, env = "WIREMESH_MTU", default_value_t = wiremesh_agent::standalone::DEFAULT_MTU)]
+    mtu: u32,
+    /// Endpoints to publish, most preferred first (default: those of `meshctl host add
+    /// --endpoint`).
+    #[arg(long = "endpoint", env = "WIREMESH_ENDPOINTS", value_delimiter = ',')]
+    endpoints: Vec<SocketAddr>,
+    /// Persistent keepalive towards every peer, in seconds (0: off).
+    #[arg(long, env = "WIREMESH_PERSISTENT_KEEPALIVE", default_value_t = 25)]
+    persistent_keepalive: u16,
+    /// Directory for the private key (generated on first start, mode 0600) and state.
+    #[arg(long, env = "WIREMESH_STATE_DIR", default_value = "/var/lib/wiremesh")]
+    state_dir: PathBuf,
+    /// Directory of the UAPI socket that `wg` uses.
+    #[arg(long, env = "WIREMESH_UAPI_DIR", default_value = "/var/run/wireguard")]
+    uapi_dir: PathBuf,
+    /// Serve Prometheus metrics and health checks on this address.
+    #[arg(long, env = "WIREMESH_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(clap::Args)]
@@ -140,6 +176,20 @@ fn main() -> ExitCode {
                     uapi_dir: args.uapi_dir,
                     metrics_addr: args.metrics_addr,
                     state_dir: args.state_dir,
+                })
+                .await
+            }
+            Command::Host(args) => {
+                wiremesh_agent::host::run(wiremesh_agent::host::HostOptions {
+                    bundle: args.bundle,
+                    interface: args.interface,
+                    listen_port: args.listen_port,
+                    mtu: args.mtu,
+                    endpoints: args.endpoints,
+                    persistent_keepalive: args.persistent_keepalive,
+                    state_dir: args.state_dir,
+                    uapi_dir: args.uapi_dir,
+                    metrics_addr: args.metrics_addr,
                 })
                 .await
             }

@@ -267,6 +267,10 @@ pub fn plan(
     let mut siblings = Index::default();
     let mut keys: BTreeMap<PublicKey, Vec<&str>> = BTreeMap::new();
     for (name, node) in &nodes {
+        if !node.spec.has_key() {
+            // A host registered before its agent published a key: not ready, not refused.
+            continue;
+        }
         let candidate = Candidate::parse(cluster, name, node, &mut conflicts);
         for cidr in &candidate.cidrs {
             siblings.insert(*cidr, Owner::Sibling { node: name.clone() });
@@ -305,7 +309,9 @@ pub fn plan(
                     other,
                     owner: owner.clone(),
                 })
-            } else if !allowed.iter().any(|a| a.covers(cidr)) {
+            } else if !allowed.iter().any(|a| a.covers(cidr))
+                && !is_host_address(nodes.get(name).copied(), cidr)
+            {
                 Some(Reason::OutsideAllowed {
                     cluster: peer_name.clone(),
                     allowed: allowed.clone(),
@@ -501,6 +507,14 @@ impl Candidate {
             kind: node.spec.kind,
         })
     }
+}
+
+/// A host's addresses lie outside its cluster's pod range by design, so the allowance
+/// of the join does not cover them; a host may claim single addresses only, and those
+/// still must not overlap anything claimed here or by another peer.
+fn is_host_address(node: Option<&MeshNode>, cidr: &IpCidr) -> bool {
+    let single = if cidr.addr().is_ipv4() { 32 } else { 128 };
+    node.is_some_and(|n| n.spec.kind == MeshNodeKind::Host) && cidr.prefix_len() == single
 }
 
 /// True when `text` names exactly `cidr` (no host bits), allowing other spellings of the
@@ -1032,6 +1046,61 @@ mod tests {
         assert_eq!(plan.apply[0].spec.kind, MeshNodeKind::Host);
     }
 
+    #[test]
+    fn a_host_without_a_key_is_not_ready_and_neither_mirrored_nor_refused() {
+        let mut h = host("h1", 1, &["10.250.0.5/32"]);
+        h.spec.public_key = String::new();
+        let plan = plan(
+            &peer("cluster-b", &["10.2.0.0/16"]),
+            &[h, node("b1", 2, &["10.2.1.0/24"])],
+            &local(),
+            &[],
+            &[],
+        );
+        assert_eq!(names(&plan.apply), ["cluster-b.b1"]);
+        assert!(plan.conflicts.is_empty(), "{:?}", plan.conflicts);
+    }
+
+    #[test]
+    fn a_host_address_outside_the_allowed_range_is_mirrored_but_not_a_whole_network() {
+        let plan = plan(
+            &peer("cluster-b", &["10.2.0.0/16"]),
+            &[
+                host("h1", 1, &["10.250.0.5/32"]),
+                host("h2", 2, &["10.250.1.0/24"]),
+                node("b1", 3, &["10.250.2.5/32"]),
+            ],
+            &local(),
+            &[],
+            &[],
+        );
+        assert_eq!(names(&plan.apply), ["cluster-b.h1"]);
+        let refused: Vec<_> = plan.conflicts.iter().map(|c| c.node.as_str()).collect();
+        assert_eq!(refused, ["b1", "h2"]);
+    }
+
+    #[test]
+    fn a_host_address_claimed_here_is_refused() {
+        let local = Local::new(
+            "cluster-a",
+            &[cidr("10.1.0.0/16")],
+            [&host("db", 9, &["10.250.0.5/32"])],
+        );
+        let plan = plan(
+            &peer("cluster-b", &["10.2.0.0/16"]),
+            &[host("h1", 1, &["10.250.0.5/32"])],
+            &local,
+            &[],
+            &[],
+        );
+        assert!(plan.apply.is_empty());
+        assert!(
+            plan.conflicts[0].to_string().contains("local node db"),
+            "{}",
+            plan.conflicts[0]
+        );
+    }
+
     proptest! {
         #[test]
         fn index_agrees_with_a_linear_scan(
@@ -1159,6 +1228,12 @@ mod tests {
                 kind: Default::default(),
             },
         )
+    }
+
+    fn host(name: &str, key_seed: u8, cidrs: &[&str]) -> MeshNode {
+        let mut h = node(name, key_seed, cidrs);
+        h.spec.kind = MeshNodeKind::Host;
+        h
     }
 
     /// The MeshPeers that exist after `plan` was applied for `pc`.

@@ -24,6 +24,8 @@ pub const VERSION: &str = "v1alpha1";
 pub const SYSTEM_NAMESPACE: &str = "wiremesh-system";
 /// ConfigMap in [`SYSTEM_NAMESPACE`] that names this cluster and its pod CIDRs.
 pub const CLUSTER_CONFIGMAP: &str = "wiremesh-cluster";
+/// Label on the ServiceAccount, RBAC objects and MeshNode of a host: the host's name.
+pub const HOST_LABEL: &str = "wiremesh.io/host";
 /// Label on MeshPeers and Secrets: the peer cluster they belong to.
 pub const PEER_CLUSTER_LABEL: &str = "wiremesh.io/peer-cluster";
 /// Finalizer the controller puts on PeerClusters so their MeshPeers go with them.
@@ -32,6 +34,8 @@ pub const PEER_CLUSTER_FINALIZER: &str = "wiremesh.io/mesh-peers";
 /// A WireGuard public key: 32 bytes in base64 (the last character before `=` encodes
 /// only 4 bits, hence its restricted alphabet).
 const KEY_PATTERN: &str = "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$";
+/// [`KEY_PATTERN`] or empty: a host registered before its agent generated its key.
+const KEY_OR_EMPTY_PATTERN: &str = "^([A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=)?$";
 /// `198.18.0.1:51820` or `[fd00::1]:51820`.
 const ENDPOINT_PATTERN: &str = r"^(([0-9]{1,3}\.){3}[0-9]{1,3}|\[[0-9a-fA-F:.]+\]):[0-9]{1,5}$";
 
@@ -76,7 +80,10 @@ pub enum MeshNodeKind {
 #[serde(rename_all = "camelCase")]
 pub struct MeshNodeSpec {
     /// The node's WireGuard public key (base64). The private key never leaves the node.
-    #[schemars(regex(pattern = KEY_PATTERN))]
+    /// Empty only for a host whose agent has not published its key yet: such a node is
+    /// not ready, and nobody builds a tunnel to it.
+    #[schemars(regex(pattern = KEY_OR_EMPTY_PATTERN))]
+    #[serde(default)]
     pub public_key: String,
     /// UDP endpoints where the node receives WireGuard traffic, most preferred first
     /// (`IP:port`, IPv6 in brackets).
@@ -259,6 +266,49 @@ pub struct MeshPeerSpec {
     /// A Kubernetes node or a host.
     #[serde(default)]
     pub kind: MeshNodeKind,
+}
+
+impl MeshNodeSpec {
+    /// Whether the node has published its public key (a host registered with
+    /// `meshctl host add` has none until its agent starts).
+    pub fn has_key(&self) -> bool {
+        !self.public_key.is_empty()
+    }
+}
+
+/// The bundle `meshctl host add` writes for a host outside Kubernetes and
+/// `wiremesh-agent host --bundle` reads: where the API server is and the host's
+/// credential, which can only update the host's own MeshNode and read the mesh.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostBundle {
+    /// The API server's URL (`https://…`).
+    pub api_server: String,
+    /// PEM CA bundle of the API server, base64-encoded; absent: the system roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_data: Option<String>,
+    /// A bearer token of ServiceAccount `wiremesh-system/wiremesh-host-<host>`.
+    pub token: String,
+    /// The cluster's name (its `wiremesh-cluster` ConfigMap's `clusterName`).
+    pub cluster_name: String,
+    /// The host's name: its MeshNode's name.
+    pub host_name: String,
+}
+
+impl std::fmt::Debug for HostBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostBundle")
+            .field("api_server", &self.api_server)
+            .field("cluster_name", &self.cluster_name)
+            .field("host_name", &self.host_name)
+            .field("token", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+/// The ServiceAccount (in [`SYSTEM_NAMESPACE`]), ClusterRole and bindings of host `host`.
+pub fn host_account_name(host: &str) -> String {
+    format!("wiremesh-host-{host}")
 }
 
 /// The name of the MeshPeer for `node` of peer cluster `cluster`.
