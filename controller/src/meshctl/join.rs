@@ -446,7 +446,7 @@ async fn mint_token(target: &Side, account: &str) -> Result<String> {
 
 /// Server-side applies `object` and prints whether it was created, updated or unchanged
 /// (by its resourceVersion before and after).
-async fn apply<K>(api: &Api<K>, object: &K, cluster: &str, what: &str) -> Result<()>
+pub(super) async fn apply<K>(api: &Api<K>, object: &K, cluster: &str, what: &str) -> Result<()>
 where
     K: Resource + Clone + DeserializeOwned + Serialize + Debug,
 {
@@ -473,7 +473,7 @@ where
 }
 
 /// Deletes `name`; "not found" is success.
-async fn delete<K>(api: &Api<K>, name: &str, cluster: &str, what: &str) -> Result<()>
+pub(super) async fn delete<K>(api: &Api<K>, name: &str, cluster: &str, what: &str) -> Result<()>
 where
     K: Resource + Clone + DeserializeOwned + Debug,
 {

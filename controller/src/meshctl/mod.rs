@@ -1,4 +1,4 @@
-//! The library behind `meshctl`: `install`, `join`, `unjoin` and `status`.
+//! The library behind `meshctl`: `install`, `join`, `unjoin`, `status` and `host`.
 //!
 //! The decisions are pure functions with unit tests ([`preflight::check_join`],
 //! [`status::StatusReport`], [`table`]); the rest talks to the API servers and prints each
@@ -11,6 +11,7 @@
 //!   `wiremesh-peer-<X>`, and a token for that ServiceAccount from the TokenRequest API;
 //! - in X: Secret `wiremesh-system/peer-<Y>` holding the token, and PeerCluster `<Y>`.
 
+pub mod host;
 pub mod join;
 pub mod kubeconfig;
 pub mod preflight;
@@ -18,11 +19,12 @@ pub mod status;
 pub mod table;
 
 use std::fmt::Display;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use wiremesh_proto::IpCidr;
+use wiremesh_proto::{IpCidr, PublicKey};
 
 /// Link Kubernetes clusters into one Wiremesh network.
 #[derive(Parser, Debug)]
@@ -94,6 +96,58 @@ pub enum Command {
         #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Table)]
         output: OutputFormat,
     },
+    /// Hosts outside Kubernetes: add, print a wg-quick config, remove.
+    #[command(subcommand)]
+    Host(HostCommand),
+}
+
+/// `meshctl host ...`.
+#[derive(Subcommand, Debug)]
+pub enum HostCommand {
+    /// Register a host outside Kubernetes in this cluster: a MeshNode of kind Host, a
+    /// ServiceAccount that can only update that MeshNode and read the mesh, and a bundle
+    /// file for `wiremesh-agent host --bundle`. Checks first; writes nothing if a check fails.
+    Add {
+        /// The host's name (a DNS label; its MeshNode's name).
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// The host's address in the mesh (one address, e.g. 10.250.0.5/32), outside every
+        /// pod CIDR.
+        #[arg(long, value_name = "CIDR", value_parser = parse_host_address)]
+        address: IpCidr,
+        /// Where the host receives WireGuard traffic (omit for a host behind NAT).
+        #[arg(long, value_name = "IP:PORT")]
+        endpoint: Option<SocketAddr>,
+        /// The host's WireGuard public key, for a host running stock WireGuard (then see
+        /// `meshctl host config`); without it the host agent publishes the key it generates.
+        #[arg(long, value_name = "KEY")]
+        public_key: Option<PublicKey>,
+        /// Where to write the bundle (mode 0600; an existing file is not overwritten).
+        #[arg(long, value_name = "FILE", default_value = "host-bundle.json")]
+        bundle: PathBuf,
+    },
+    /// Print a wg-quick config for a host that runs stock WireGuard: its Address and a
+    /// [Peer] for every node it can reach. Run it again when nodes come and go.
+    Config {
+        /// The host's name.
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+    /// Remove a host: its MeshNode, ServiceAccount and RBAC. Every node drops its tunnel.
+    Remove {
+        /// The host's name.
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+}
+
+/// A CIDR, or a bare address meaning the single address.
+fn parse_host_address(text: &str) -> Result<IpCidr, String> {
+    if let Ok(ip) = text.trim().parse::<std::net::IpAddr>() {
+        return Ok(IpCidr::host(ip));
+    }
+    text.parse::<IpCidr>()
+        .map_err(|e| format!("{text:?} is not an address or CIDR: {e}"))
 }
 
 /// How `status` prints.
@@ -127,13 +181,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             timeout,
         } => join::unjoin(&cli.kube, &other_context, timeout).await,
         Command::Status { output } => status::status(&cli.kube, output).await,
+        Command::Host(HostCommand::Add {
+            name,
+            address,
+            endpoint,
+            public_key,
+            bundle,
+        }) => {
+            let request = host::AddRequest {
+                name,
+                address,
+                endpoint,
+                public_key,
+            };
+            host::add(&cli.kube, &request, &bundle).await
+        }
+        Command::Host(HostCommand::Config { name }) => host::config(&cli.kube, &name).await,
+        Command::Host(HostCommand::Remove { name }) => host::remove(&cli.kube, &name).await,
     }
 }
 
-/// The exit code for an error of [`run`]: 3 when `join`'s checks refused, 1 otherwise
+/// The exit code for an error of [`run`]: 3 when the checks of `join` or `host add` refused, 1 otherwise
 /// (clap exits with 2 on a bad command line).
 pub fn exit_code(error: &anyhow::Error) -> u8 {
-    if error.downcast_ref::<preflight::Refusals>().is_some() {
+    if error.downcast_ref::<preflight::Refusals>().is_some()
+        || error.downcast_ref::<host::HostRefusals>().is_some()
+    {
         3
     } else {
         1
