@@ -222,6 +222,53 @@ impl Lab {
         Ok(host)
     }
 
+    /// A NAT gateway between `private` and the default underlay, like a cloud NAT or a
+    /// home router: a host `name` with `private_ip` on `private` and `public_ip` on the
+    /// default underlay, forwarding, masquerading everything that leaves on the public
+    /// side (nftables), and dropping every connection that starts on the public side. Hosts
+    /// behind it get it as their default route with [`Host::set_default_route`].
+    /// `pod_cidr` is the (unused) pod CIDR every lab host has.
+    ///
+    /// # Errors
+    /// As [`Lab::add_host_on`] and [`Host::attach`], or when `nft` fails.
+    pub fn add_nat_gateway(
+        &self,
+        private: &Underlay,
+        name: &str,
+        private_ip: Ipv4Addr,
+        public_ip: Ipv4Addr,
+        pod_cidr: &str,
+    ) -> Result<Host> {
+        let router = self.add_host_on(private, name, private_ip, pod_cidr)?;
+        let public = router.attach(&self.underlay, public_ip)?;
+        let rules = format!(
+            "table ip wmnat {{
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname \"{public}\" masquerade
+  }}
+  chain forward {{
+    type filter hook forward priority filter; policy accept;
+    iifname \"{public}\" ct state established,related accept
+    iifname \"{public}\" counter drop
+  }}
+  chain input {{
+    type filter hook input priority filter; policy accept;
+    iifname \"{public}\" ct state established,related accept
+    iifname \"{public}\" icmp type echo-request accept
+    iifname \"{public}\" counter drop
+  }}
+}}
+"
+        );
+        let path = router.dir().join("nat.nft");
+        fs::write(&path, rules).with_context(|| format!("writing {}", path.display()))?;
+        router
+            .exec_ok(&["nft", "-f", path.to_str().context("lab paths are UTF-8")?])
+            .context("loading the NAT rules")?;
+        Ok(router)
+    }
+
     /// Every namespace this lab created so far, in creation order.
     pub fn namespaces(&self) -> Vec<String> {
         lock(&self.inner.namespaces).clone()
@@ -473,6 +520,18 @@ impl Host {
     /// A private directory (0700) for the host's keys and state.
     pub fn state_dir(&self) -> &Path {
         &self.inner.state_dir
+    }
+
+    /// Sends everything without a more specific route to `gateway` (an address on one of
+    /// the host's underlays), e.g. a NAT gateway from [`Lab::add_nat_gateway`].
+    ///
+    /// # Errors
+    /// When `ip` fails.
+    pub fn set_default_route(&self, gateway: Ipv4Addr) -> Result<()> {
+        self.inner
+            .ns
+            .ip(&["route", "replace", "default", "via", &gateway.to_string()])?;
+        Ok(())
     }
 
     /// Attaches the host to another underlay with address `ip`; returns the interface name

@@ -1,0 +1,69 @@
+//! A node behind NAT with no inbound connections (nftables masquerade on a gateway, every
+//! connection from outside dropped): it initiates, keeps the mapping open with persistent
+//! keepalive, and the other side follows the endpoint it observes (roaming). Needs root.
+
+// The test prints what it measured (shown with --nocapture).
+#![allow(clippy::print_stdout)]
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, ensure};
+use wiremesh_lab::mesh::{Keypair, Node, eventually};
+use wiremesh_lab::{Lab, ping, transfer};
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn a_node_behind_nat_with_no_inbound_reaches_and_is_reached() -> Result<()> {
+    let lab = Lab::new()?;
+    let private = lab.underlay("natb", "198.19.2.0/24", 1500)?;
+    let gateway = Ipv4Addr::new(198, 19, 2, 254);
+    let public = Ipv4Addr::new(198, 18, 2, 254);
+    let _nat = lab.add_nat_gateway(&private, "gw", gateway, public, "10.254.0.0/30")?;
+
+    let mut a = Node::new(&lab, "a", 1)?;
+    let host_b = lab.add_host_on(&private, "b", Ipv4Addr::new(198, 19, 2, 1), "10.2.0.0/24")?;
+    host_b.set_default_route(gateway)?;
+    let pod_b = host_b.add_pod("b-p")?;
+    let mut b = Node {
+        host: host_b,
+        pod: pod_b,
+        keys: Keypair::generate(),
+        agent: None,
+    };
+    // The NAT lets b out (and nothing in): b reaches a's underlay address; a has no route
+    // to b's private one.
+    ping(&b.host, a.host.underlay_ip(), 1)?;
+
+    // a does not know where b is; b knows a and keeps the mapping open.
+    a.start(&[b.as_peer(false)])?;
+    b.start(&[a.as_peer(true)])?;
+    let start = Instant::now();
+    b.wg(&[
+        "set",
+        "wm0",
+        "peer",
+        &a.keys.public,
+        "persistent-keepalive",
+        "5",
+    ])?;
+
+    // a -> b works once b's keepalive has opened the way.
+    eventually(Duration::from_secs(30), || ping(&a.pod, b.pod.ip(), 1))?;
+    println!("a -> b through the NAT after {:?}", start.elapsed());
+    let endpoints = a.wg(&["show", "wm0", "endpoints"])?;
+    ensure!(
+        endpoints.contains(&format!("{public}:")),
+        "a should see b at the NAT's public address, sees: {endpoints}"
+    );
+    // Both ways, with checksums.
+    let there = transfer(&a.pod, b.pod.ip(), 16 * MIB)?;
+    let back = transfer(&b.pod, a.pod.ip(), 16 * MIB)?;
+    println!(
+        "16 MiB each way through the NAT intact ({:.0}/{:.0} Mbit/s)",
+        there.mbit_per_s(),
+        back.mbit_per_s()
+    );
+    Ok(())
+}
