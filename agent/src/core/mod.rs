@@ -8,6 +8,7 @@
 pub mod allowed_ips;
 pub mod checksum;
 mod device;
+pub mod mtu;
 pub mod offload;
 
 pub use allowed_ips::AllowedIps;
@@ -47,11 +48,15 @@ pub enum DropReason {
     NoPrivateKey,
     /// Any other failure inside the noise state machine.
     Internal,
+    /// A packet from the TUN device larger than the tunnel MTU that must not be fragmented
+    /// (IPv4 with DF, IPv6); answered with an ICMP "fragmentation needed" or "packet too
+    /// big" unless the rate limit is spent.
+    TooBig,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         Self::NoRoute,
         Self::NoEndpoint,
         Self::BadTunPacket,
@@ -65,6 +70,7 @@ impl DropReason {
         Self::BadHandshake,
         Self::NoPrivateKey,
         Self::Internal,
+        Self::TooBig,
     ];
 
     /// A short snake_case name, used as metric label and in logs.
@@ -83,6 +89,7 @@ impl DropReason {
             Self::BadHandshake => "bad_handshake",
             Self::NoPrivateKey => "no_private_key",
             Self::Internal => "internal",
+            Self::TooBig => "too_big",
         }
     }
 
