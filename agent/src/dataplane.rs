@@ -13,9 +13,9 @@
 mod udp;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result, anyhow};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -24,6 +24,7 @@ use wiremesh_proto::uapi::{DeviceUpdate, GetResponse, Request};
 use wiremesh_proto::{InterfaceAddress, IpCidr, PresharedKey};
 
 use self::udp::{RxRing, Underlay};
+use crate::core::mtu::{self, MAX_ICMP_LEN, MtuGuard, MtuVerdict};
 use crate::core::offload::{
     BatchPush, Gro, GroPush, GsoBatch, MAX_IP_PACKET, Segmenter, VNET_HDR_LEN,
 };
@@ -52,12 +53,17 @@ const TIMER_TICK: Duration = Duration::from_millis(250);
 /// deleted.
 const ROUTE_RESYNC: Duration = Duration::from_secs(5);
 
+/// [`InterfaceSpec::mtu`] that asks for the MTU to be derived from the underlay.
+pub const MTU_FROM_UNDERLAY: u32 = 0;
+
 /// What to bring up.
 #[derive(Debug, Clone)]
 pub struct InterfaceSpec {
     /// TUN device name.
     pub name: String,
-    /// MTU of the TUN device.
+    /// MTU of the TUN device, or [`MTU_FROM_UNDERLAY`]: the MTU of the routes towards the
+    /// peers' endpoints (or of the default route) less WireGuard's 60 bytes (IPv4 underlay)
+    /// or 80 (IPv6).
     pub mtu: u32,
     /// Addresses to put on it.
     pub addresses: Vec<InterfaceAddress>,
@@ -131,9 +137,16 @@ pub async fn run(
         .apply(&initial)
         .context("the initial configuration was refused")?;
 
+    let netlink = Netlink::new().await.context("opening netlink")?;
+    let mtu = match spec.mtu {
+        MTU_FROM_UNDERLAY => derive_mtu(&netlink, &device).await,
+        mtu => {
+            info!(interface = %spec.name, mtu, "MTU as configured");
+            mtu
+        }
+    };
     let tun = DetachedTun::create_offloaded(&spec.name)
         .with_context(|| format!("creating TUN device {}", spec.name))?;
-    let netlink = Netlink::new().await.context("opening netlink")?;
     let index = netlink
         .link_index(&spec.name)
         .await
@@ -145,9 +158,9 @@ pub async fn run(
             .with_context(|| format!("adding address {addr} to {}", spec.name))?;
     }
     netlink
-        .set_mtu_and_up(index, spec.mtu)
+        .set_mtu_and_up(index, mtu)
         .await
-        .with_context(|| format!("setting MTU {} on {}", spec.mtu, spec.name))?;
+        .with_context(|| format!("setting MTU {mtu} on {}", spec.name))?;
 
     let socket = udp::bind(device.listen_port(), device.fwmark())?;
     device.set_bound_port(socket.local_addr()?.port());
@@ -173,6 +186,7 @@ pub async fn run(
     let (done_tx, done_rx) = oneshot::channel();
     let parts = Parts {
         name: spec.name.clone(),
+        guard: MtuGuard::new(mtu),
         device,
         tun,
         socket,
@@ -215,6 +229,7 @@ pub async fn run(
 /// What the packet loop starts from.
 struct Parts {
     name: String,
+    guard: MtuGuard,
     device: Device,
     tun: DetachedTun,
     socket: std::net::UdpSocket,
@@ -278,6 +293,8 @@ fn packet_thread(
             tun_buf: vec![0u8; TUN_BUF].into_boxed_slice(),
             out: vec![0u8; OUT_BUF].into_boxed_slice(),
             gro: Gro::new(),
+            guard: parts.guard,
+            icmp: vec![0u8; VNET_HDR_LEN + MAX_ICMP_LEN].into_boxed_slice(),
         };
         let result = shell.run(commands, stop).await;
         let Shell { tun, routes, .. } = shell;
@@ -306,6 +323,10 @@ struct Shell {
     out: Box<[u8]>,
     /// Decrypted packets waiting to be written to the TUN device.
     gro: Gro,
+    /// The tunnel MTU, and the ICMP errors for packets over it.
+    guard: MtuGuard,
+    /// An ICMP error for the TUN device, behind room for a vnet header.
+    icmp: Box<[u8]>,
 }
 
 impl Shell {
@@ -342,8 +363,11 @@ impl Shell {
             udp,
             tun_buf,
             tx,
+            guard,
+            icmp,
             ..
         } = self;
+        let now = Instant::now();
         for _ in 0..TUN_READS {
             let len = match tun.try_recv(tun_buf) {
                 Ok(Some(len)) => len,
@@ -360,13 +384,20 @@ impl Shell {
                 continue;
             };
             if !*vnet {
-                encrypt(device, tx, udp, read).await;
+                if fits(device, guard, tun, false, read, now, icmp) {
+                    encrypt(device, tx, udp, read).await;
+                }
                 continue;
             }
             match Segmenter::new(read) {
                 Ok(mut segments) => {
+                    // A super-packet is as long as 64 KiB; its segments are sized by the
+                    // kernel from the device's MTU. Only a single packet can be too big.
+                    let single = !segments.is_gso();
                     while let Some(packet) = segments.next_segment() {
-                        encrypt(device, tx, udp, packet).await;
+                        if !single || fits(device, guard, tun, true, packet, now, icmp) {
+                            encrypt(device, tx, udp, packet).await;
+                        }
                     }
                 }
                 Err(e) => {
@@ -556,6 +587,45 @@ fn trace_drop(reason: DropReason) {
     tracing::trace!(%reason, "packet dropped");
 }
 
+/// Whether a single packet from the TUN device goes on to be encrypted; when it is too big
+/// for the tunnel and may not be fragmented, it is dropped (counted as
+/// [`DropReason::TooBig`]) and answered with an ICMP error written into the TUN device.
+fn fits(
+    device: &mut Device,
+    guard: &mut MtuGuard,
+    tun: &Tun,
+    vnet: bool,
+    packet: &[u8],
+    now: Instant,
+    icmp: &mut [u8],
+) -> bool {
+    let (header, out) = icmp.split_at_mut(VNET_HDR_LEN);
+    let len = match guard.check(packet, now, out) {
+        MtuVerdict::Fits => return true,
+        MtuVerdict::TooBig(answer) => answer.len(),
+        MtuVerdict::TooBigSilently => {
+            device.count_drop(DropReason::TooBig);
+            trace!(
+                len = packet.len(),
+                mtu = guard.mtu(),
+                "too big, not answered"
+            );
+            return false;
+        }
+    };
+    device.count_drop(DropReason::TooBig);
+    trace!(
+        len = packet.len(),
+        mtu = guard.mtu(),
+        "too big, ICMP error sent"
+    );
+    // A vnet header of zeros: no GSO, checksums complete.
+    header.fill(0);
+    let start = if vnet { 0 } else { VNET_HDR_LEN };
+    write_tun(tun, &icmp[start..VNET_HDR_LEN + len]);
+    false
+}
+
 /// Encrypts one packet into the GSO batch, sending the batch when the packet cannot join
 /// it or it is full.
 async fn encrypt(device: &mut Device, tx: &mut GsoBatch, udp: &mut Underlay, packet: &[u8]) {
@@ -609,6 +679,51 @@ fn write_coalesced(gro: &mut Gro, tun: &Tun) {
 fn write_tun(tun: &Tun, packet: &[u8]) {
     if let Err(e) = tun.write_now(packet) {
         debug!(error = %e, "writing to the TUN device");
+    }
+}
+
+/// The tunnel MTU from the underlay: the smallest over the routes to the peers' endpoints,
+/// else the default route's, less WireGuard's overhead; [`mtu::DEFAULT_MTU`] when the
+/// underlay tells nothing.
+async fn derive_mtu(netlink: &Netlink, device: &Device) -> u32 {
+    let endpoints: BTreeSet<IpAddr> = device
+        .peers()
+        .iter()
+        .filter_map(|p| p.endpoint.map(|e| e.ip()))
+        .collect();
+    let mut paths = Vec::new();
+    for endpoint in endpoints {
+        match netlink.path_mtu(endpoint, device.fwmark()).await {
+            Ok(path) => {
+                debug!(%endpoint, mtu = path.mtu, "underlay path");
+                paths.push(path);
+            }
+            Err(e) => debug!(%endpoint, error = %e, "no underlay path"),
+        }
+    }
+    let from = if paths.is_empty() {
+        match netlink.default_route_mtu().await {
+            Ok(Some(path)) => paths.push(path),
+            Ok(None) => {}
+            Err(e) => debug!(error = %e, "reading the default route"),
+        }
+        "default route"
+    } else {
+        "peer endpoints"
+    };
+    match mtu::tunnel_mtu(paths.iter().copied()) {
+        Some(mtu) => {
+            let underlay = paths.iter().map(|p| p.mtu).min().unwrap_or(0);
+            info!(mtu, underlay, from, "MTU derived from the underlay");
+            mtu
+        }
+        None => {
+            info!(
+                mtu = mtu::DEFAULT_MTU,
+                "no route on the underlay to derive the MTU from; using the default"
+            );
+            mtu::DEFAULT_MTU
+        }
     }
 }
 

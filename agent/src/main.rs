@@ -67,8 +67,8 @@ struct HostArgs {
     /// The UDP port for WireGuard.
     #[arg(long, env = "WIREMESH_LISTEN_PORT", default_value_t = 51820)]
     listen_port: u16,
-    /// MTU of the TUN device.
-    #[arg(long, env = "WIREMESH_MTU", default_value_t = wiremesh_agent::standalone::DEFAULT_MTU)]
+    /// MTU of the TUN device; 0: the underlay's less WireGuard's 60 (IPv4) or 80 (IPv6) bytes.
+    #[arg(long, env = "WIREMESH_MTU", default_value_t = wiremesh_agent::dataplane::MTU_FROM_UNDERLAY)]
     mtu: u32,
     /// Endpoints to publish, most preferred first (default: those of `meshctl host add
     /// --endpoint`).
@@ -105,8 +105,8 @@ struct KubeArgs {
     /// The UDP port for WireGuard.
     #[arg(long, env = "WIREMESH_LISTEN_PORT", default_value_t = 51820)]
     listen_port: u16,
-    /// MTU of the TUN device.
-    #[arg(long, env = "WIREMESH_MTU", default_value_t = wiremesh_agent::standalone::DEFAULT_MTU)]
+    /// MTU of the TUN device; 0: the underlay's less WireGuard's 60 (IPv4) or 80 (IPv6) bytes.
+    #[arg(long, env = "WIREMESH_MTU", default_value_t = wiremesh_agent::dataplane::MTU_FROM_UNDERLAY)]
     mtu: u32,
     /// An address for the TUN device, e.g. the node's pod gateway (repeatable).
     #[arg(long = "address", env = "WIREMESH_ADDRESSES", value_delimiter = ',')]

@@ -6,17 +6,21 @@
 
 use std::collections::BTreeSet;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
+use netlink_packet_route::link::LinkAttribute;
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteMetric, RouteProtocol,
+    RouteScope, RouteType,
 };
 use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 use tokio::task::JoinHandle;
 use wiremesh_proto::{InterfaceAddress, IpCidr};
+
+use crate::core::mtu::UnderlayPath;
 
 /// The `rtm_protocol` value on every route Wiremesh installs (`ip route show proto 0x57`).
 ///
@@ -76,6 +80,113 @@ impl Netlink {
             }),
             Err(e) => Err(lookup(e)),
         }
+    }
+
+    /// The MTU of interface `index`.
+    ///
+    /// # Errors
+    /// [`NetlinkError::LinkMtu`] when the interface cannot be read or reports no MTU.
+    pub async fn link_mtu(&self, index: u32) -> Result<u32, NetlinkError> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let link = links
+            .try_next()
+            .await
+            .map_err(|source| NetlinkError::LinkMtu {
+                index,
+                source: Some(source),
+            })?;
+        link.and_then(|link| {
+            link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Mtu(mtu) => Some(*mtu),
+                _ => None,
+            })
+        })
+        .ok_or(NetlinkError::LinkMtu {
+            index,
+            source: None,
+        })
+    }
+
+    /// The MTU of the way to `dst` on the underlay, as `ip route get <dst> mark <mark>`
+    /// finds it: the route's `mtu` (one configured on the route, or a path MTU the kernel
+    /// learned), else its output interface's.
+    ///
+    /// # Errors
+    /// [`NetlinkError::RouteLookup`] when the kernel has no route (or the request fails),
+    /// [`NetlinkError::LinkMtu`] when the output interface cannot be read.
+    pub async fn path_mtu(&self, dst: IpAddr, mark: u32) -> Result<UnderlayPath, NetlinkError> {
+        let dst = dst.to_canonical();
+        let mut message = match dst {
+            IpAddr::V4(addr) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(addr, 32)
+                .build(),
+            IpAddr::V6(addr) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(addr, 128)
+                .build(),
+        };
+        if mark != 0 {
+            message.attributes.push(RouteAttribute::Mark(mark));
+        }
+        let mut replies = self.handle.route().get(message).execute();
+        let route = replies
+            .try_next()
+            .await
+            .map_err(|source| NetlinkError::RouteLookup {
+                dst,
+                source: Some(source),
+            })?
+            .ok_or(NetlinkError::RouteLookup { dst, source: None })?;
+        let mtu = match route_mtu(&route) {
+            Some(mtu) => mtu,
+            None => {
+                let index =
+                    route_oif(&route).ok_or(NetlinkError::RouteLookup { dst, source: None })?;
+                self.link_mtu(index).await?
+            }
+        };
+        Ok(UnderlayPath {
+            ipv6: dst.is_ipv6(),
+            mtu,
+        })
+    }
+
+    /// The MTU of the default route in the main table (IPv4 first, then IPv6; the lowest
+    /// metric of each), or `None` when there is no default route.
+    ///
+    /// # Errors
+    /// [`NetlinkError::ListRoutes`] when a dump fails, [`NetlinkError::LinkMtu`] when the
+    /// route's interface cannot be read.
+    pub async fn default_route_mtu(&self) -> Result<Option<UnderlayPath>, NetlinkError> {
+        let dumps = [
+            (false, RouteMessageBuilder::<Ipv4Addr>::new().build()),
+            (true, RouteMessageBuilder::<Ipv6Addr>::new().build()),
+        ];
+        for (ipv6, request) in dumps {
+            let mut best: Option<(u32, RouteMessage)> = None;
+            let mut stream = self.handle.route().get(request).execute();
+            while let Some(route) = stream
+                .try_next()
+                .await
+                .map_err(|source| NetlinkError::ListRoutes { index: 0, source })?
+            {
+                if !is_main_default(&route) || route_oif(&route).is_none() {
+                    continue;
+                }
+                let priority = route_priority(&route);
+                if best.as_ref().is_none_or(|(p, _)| priority < *p) {
+                    best = Some((priority, route));
+                }
+            }
+            if let Some((_, route)) = best {
+                let mtu = match (route_mtu(&route), route_oif(&route)) {
+                    (Some(mtu), _) => mtu,
+                    (None, Some(index)) => self.link_mtu(index).await?,
+                    (None, None) => continue,
+                };
+                return Ok(Some(UnderlayPath { ipv6, mtu }));
+            }
+        }
+        Ok(None)
     }
 
     /// Sets the MTU of interface `index` and brings it up.
@@ -183,8 +294,8 @@ impl Netlink {
         let list = |source| NetlinkError::ListRoutes { index, source };
         let mut routes = BTreeSet::new();
         let dumps = [
-            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
-            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
         ];
         for request in dumps {
             let mut stream = self.handle.route().get(request).execute();
@@ -437,6 +548,24 @@ pub enum NetlinkError {
         /// Each route left behind, with the reason.
         failed: Vec<(IpCidr, String)>,
     },
+    /// Reading an interface's MTU failed.
+    #[error("cannot read the MTU of interface {index}")]
+    LinkMtu {
+        /// The interface index.
+        index: u32,
+        /// The netlink error, if the request failed (else the reply had no MTU).
+        #[source]
+        source: Option<rtnetlink::Error>,
+    },
+    /// Looking up the route to an address failed.
+    #[error("cannot find a route to {dst}")]
+    RouteLookup {
+        /// The destination looked up.
+        dst: IpAddr,
+        /// The netlink error, if the request failed (else the reply had no interface).
+        #[source]
+        source: Option<rtnetlink::Error>,
+    },
     /// Deleting an interface failed.
     #[error("cannot delete interface {index}")]
     DelLink {
@@ -454,12 +583,12 @@ pub enum NetlinkError {
 /// kernel compares protocol, scope (IPv4) and output interface when they are set.
 fn route_message(index: u32, dst: IpCidr) -> RouteMessage {
     let mut message = match dst.addr() {
-        IpAddr::V4(addr) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+        IpAddr::V4(addr) => RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(addr, dst.prefix_len())
             .scope(RouteScope::Link)
             .build(),
         // IPv6 has no route scopes; the kernel reports every route as universe.
-        IpAddr::V6(addr) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+        IpAddr::V6(addr) => RouteMessageBuilder::<Ipv6Addr>::new()
             .destination_prefix(addr, dst.prefix_len())
             .build(),
     };
@@ -495,11 +624,57 @@ fn our_route_destination(route: &RouteMessage, index: u32) -> Option<IpCidr> {
     // A default route carries no destination attribute.
     let addr = match (dst, header.address_family) {
         (Some(addr), _) => addr,
-        (None, AddressFamily::Inet) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-        (None, AddressFamily::Inet6) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        (None, AddressFamily::Inet) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        (None, AddressFamily::Inet6) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         (None, _) => return None,
     };
     IpCidr::new(addr, header.destination_prefix_length).ok()
+}
+
+/// The `mtu` metric of a route (`RTAX_MTU`: configured, or a learned path MTU), if set.
+fn route_mtu(route: &RouteMessage) -> Option<u32> {
+    route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Metrics(metrics) => metrics.iter().find_map(|m| match m {
+            RouteMetric::Mtu(mtu) if *mtu != 0 => Some(*mtu),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+/// The output interface of a route.
+fn route_oif(route: &RouteMessage) -> Option<u32> {
+    route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(index) => Some(*index),
+        _ => None,
+    })
+}
+
+/// The metric (`RTA_PRIORITY`) of a route; 0 when absent, as the kernel reads it.
+fn route_priority(route: &RouteMessage) -> u32 {
+    route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Priority(p) => Some(*p),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+/// Whether `route` is a unicast default route (prefix length 0) of the main table.
+fn is_main_default(route: &RouteMessage) -> bool {
+    let table = route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(route.header.table));
+    route.header.destination_prefix_length == 0
+        && route.header.kind == RouteType::Unicast
+        && table == u32::from(RouteHeader::RT_TABLE_MAIN)
 }
 
 fn describe_failures(failed: &[(IpCidr, String)]) -> String {
@@ -575,6 +750,26 @@ mod tests {
         let mut other_table = route_message(7, dst);
         other_table.attributes.push(RouteAttribute::Table(1000));
         assert_eq!(our_route_destination(&other_table, 7), None);
+    }
+
+    #[test]
+    fn a_route_mtu_comes_from_its_metrics_and_a_default_is_recognised() {
+        let mut route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .output_interface(3)
+            .priority(100)
+            .build();
+        route.header.table = RouteHeader::RT_TABLE_MAIN;
+        route.header.kind = RouteType::Unicast;
+        assert_eq!(route_mtu(&route), None);
+        assert_eq!(route_oif(&route), Some(3));
+        assert_eq!(route_priority(&route), 100);
+        assert!(is_main_default(&route));
+        route
+            .attributes
+            .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(1280)]));
+        assert_eq!(route_mtu(&route), Some(1280));
+        let specific = route_message(3, "10.0.0.0/8".parse().unwrap());
+        assert!(!is_main_default(&specific));
     }
 
     fn cidrs(texts: &[&str]) -> Vec<IpCidr> {

@@ -7,11 +7,12 @@ use anyhow::{Context as _, Result, bail};
 use wiremesh_proto::uapi::{DeviceUpdate, PeerUpdate};
 use wiremesh_proto::wgconf::{Endpoint, WgConfig};
 
-use crate::dataplane::{self, InterfaceSpec};
+use crate::dataplane::{self, InterfaceSpec, MTU_FROM_UNDERLAY};
 use crate::metrics::AgentMetrics;
 
-/// wg-quick's default MTU for an IPv4/IPv6 underlay of 1500 bytes: 1500 − 80.
-pub const DEFAULT_MTU: u32 = 1420;
+/// The MTU when it is neither configured nor found on the underlay: wg-quick's default for
+/// an underlay of 1500 bytes (1500 − 80).
+pub const DEFAULT_MTU: u32 = crate::core::mtu::DEFAULT_MTU;
 /// Linux interface names: at most 15 bytes (IFNAMSIZ − 1).
 const IFNAMSIZ: usize = 16;
 
@@ -70,7 +71,7 @@ pub fn plan(options: &UpOptions) -> Result<Plan> {
     };
     let mut spec = InterfaceSpec {
         name,
-        mtu: DEFAULT_MTU,
+        mtu: MTU_FROM_UNDERLAY,
         addresses: Vec::new(),
         uapi_dir: options.uapi_dir.clone(),
     };
@@ -90,7 +91,7 @@ pub fn plan(options: &UpOptions) -> Result<Plan> {
         update.listen_port = i.listen_port;
         update.fwmark = i.fwmark;
         spec.addresses = i.addresses.clone();
-        spec.mtu = i.mtu.unwrap_or(DEFAULT_MTU);
+        spec.mtu = i.mtu.unwrap_or(MTU_FROM_UNDERLAY);
         for peer in &config.peers {
             let endpoint = peer
                 .endpoint
@@ -186,7 +187,7 @@ mod tests {
         )
         .unwrap();
         let plan = plan(&UpOptions {
-            config: Some(path),
+            config: Some(path.clone()),
             interface: None,
             key_file: None,
             uapi_dir: dir.clone(),
@@ -194,11 +195,24 @@ mod tests {
         })
         .unwrap();
         assert_eq!(plan.spec.name, "wm7");
-        assert_eq!(plan.spec.mtu, DEFAULT_MTU);
+        assert_eq!(plan.spec.mtu, MTU_FROM_UNDERLAY);
         assert!(plan.update.replace_peers);
         assert_eq!(plan.update.listen_port, Some(51000));
         assert_eq!(plan.update.peers.len(), 1);
         assert!(plan.update.peers[0].replace_allowed_ips);
+
+        // An MTU in the file is kept as it is.
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("ListenPort", "MTU = 1380\nListenPort")).unwrap();
+        let explicit = super::plan(&UpOptions {
+            config: Some(path),
+            interface: None,
+            key_file: None,
+            uapi_dir: dir.clone(),
+            metrics_addr: None,
+        })
+        .unwrap();
+        assert_eq!(explicit.spec.mtu, 1380);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
