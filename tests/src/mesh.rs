@@ -14,7 +14,7 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use nix::sched::{CloneFlags, setns};
 use rand_core::OsRng;
 
-use crate::lab::{Host, Netns, Pod};
+use crate::lab::{Host, Netns, Pod, Underlay};
 use crate::metrics::Exposition;
 use crate::process::Proc;
 
@@ -24,6 +24,8 @@ pub const IFACE: &str = "wm0";
 pub const PORT: u16 = 51820;
 /// Where each agent serves metrics, inside its host's namespace.
 pub const METRICS: &str = "127.0.0.1:9586";
+/// The MTU [`write_config`] configures: wg-quick's default for a 1500-byte underlay.
+pub const LAB_MTU: u32 = 1420;
 
 /// A WireGuard key pair in base64.
 #[derive(Debug, Clone)]
@@ -96,11 +98,23 @@ impl Node {
     /// # Errors
     /// When the lab cannot make the host or pod.
     pub fn new(lab: &crate::Lab, name: &str, index: u8) -> Result<Self> {
-        let host = lab.add_host(
-            name,
-            std::net::Ipv4Addr::new(198, 18, 0, index),
-            &format!("10.{index}.0.0/24"),
-        )?;
+        let underlay_ip = std::net::Ipv4Addr::new(198, 18, 0, index);
+        Self::on(lab, lab.default_underlay(), name, underlay_ip, index)
+    }
+
+    /// A host on `underlay` at `underlay_ip`, with pod CIDR `10.<index>.0.0/24`, one pod
+    /// and fresh keys; no agent yet.
+    ///
+    /// # Errors
+    /// When the lab cannot make the host or pod.
+    pub fn on(
+        lab: &crate::Lab,
+        underlay: &Underlay,
+        name: &str,
+        underlay_ip: std::net::Ipv4Addr,
+        index: u8,
+    ) -> Result<Self> {
+        let host = lab.add_host_on(underlay, name, underlay_ip, &format!("10.{index}.0.0/24"))?;
         let pod = host.add_pod(&format!("{name}-p"))?;
         Ok(Self {
             host,
@@ -129,7 +143,16 @@ impl Node {
     /// # Errors
     /// When the agent does not come up (with its output).
     pub fn start(&mut self, peers: &[PeerSpec]) -> Result<()> {
-        let config = write_config(&self.host, &self.keys, peers)?;
+        self.start_with_mtu(peers, Some(LAB_MTU))
+    }
+
+    /// As [`Node::start`], with `MTU = mtu` in the config, or no `MTU` line at all when
+    /// `None` (the agent derives it from the underlay).
+    ///
+    /// # Errors
+    /// When the agent does not come up (with its output).
+    pub fn start_with_mtu(&mut self, peers: &[PeerSpec], mtu: Option<u32>) -> Result<()> {
+        let config = write_config_with_mtu(&self.host, &self.keys, peers, mtu)?;
         let path = config.to_str().context("lab paths are UTF-8")?.to_owned();
         let agent = start_agent(
             &self.host,
@@ -181,11 +204,27 @@ impl Node {
 /// # Errors
 /// When the file cannot be written.
 pub fn write_config(host: &Host, keys: &Keypair, peers: &[PeerSpec]) -> Result<PathBuf> {
+    write_config_with_mtu(host, keys, peers, Some(LAB_MTU))
+}
+
+/// As [`write_config`], with `MTU = mtu`, or no `MTU` line when `None`.
+///
+/// # Errors
+/// When the file cannot be written.
+pub fn write_config_with_mtu(
+    host: &Host,
+    keys: &Keypair,
+    peers: &[PeerSpec],
+    mtu: Option<u32>,
+) -> Result<PathBuf> {
     let mut text = format!(
-        "[Interface]\nPrivateKey = {}\nListenPort = {PORT}\nAddress = {}/32\nMTU = 1420\n",
+        "[Interface]\nPrivateKey = {}\nListenPort = {PORT}\nAddress = {}/32\n",
         keys.private,
         host.pod_gateway()
     );
+    if let Some(mtu) = mtu {
+        text.push_str(&format!("MTU = {mtu}\n"));
+    }
     for peer in peers {
         text.push_str(&format!("\n[Peer]\nPublicKey = {}\n", peer.public));
         if let Some(endpoint) = peer.endpoint {
