@@ -128,6 +128,88 @@ impl Controller {
     }
 }
 
+/// A machine outside Kubernetes: a lab host on the underlay with no `Node` object, whose
+/// address in the mesh is its pod bridge's gateway (10.250.N.1), and an API proxy to its
+/// cluster (as a real host would reach the API server over the network).
+pub struct BareHost {
+    /// `db1`, ...
+    pub name: String,
+    /// The cluster it is registered in.
+    pub side: Side,
+    /// The lab host.
+    pub host: Host,
+    /// `wiremesh-agent host`, when running.
+    pub agent: Option<Proc>,
+    _proxy: ApiProxy,
+}
+
+impl BareHost {
+    /// Its address in the mesh.
+    pub fn address(&self) -> Ipv4Addr {
+        self.host.pod_gateway()
+    }
+
+    /// `<address>/32`, as `meshctl host add --address` takes it.
+    pub fn address_cidr(&self) -> String {
+        format!("{}/32", self.address())
+    }
+
+    /// Its WireGuard endpoint on the underlay (port 51820).
+    pub fn endpoint(&self) -> String {
+        format!("{}:51820", self.host.underlay_ip())
+    }
+
+    /// Runs `wiremesh-agent host --bundle <bundle>` in the host to completion (bounded):
+    /// for bundles that must be refused.
+    ///
+    /// # Errors
+    /// When it cannot be run.
+    pub fn run_agent_once(&self, bundle: &Path) -> Result<Output> {
+        let agent = crate::lab::agent_binary()?;
+        let state = self.host.state_dir().to_path_buf();
+        self.host.exec_private_mounts(&[
+            path_str(&agent)?,
+            "host",
+            "--bundle",
+            path_str(bundle)?,
+            "--state-dir",
+            path_str(&state)?,
+        ])
+    }
+
+    /// Starts `wiremesh-agent host --bundle <bundle>` and waits for its UAPI socket.
+    ///
+    /// # Errors
+    /// When it does not come up within 20 s.
+    pub fn start_agent(&mut self, bundle: &Path) -> Result<()> {
+        let state = self.host.state_dir().to_path_buf();
+        let agent = self.host.spawn_agent(
+            &[
+                "host",
+                "--bundle",
+                path_str(bundle)?,
+                "--state-dir",
+                path_str(&state)?,
+            ],
+            &[],
+        )?;
+        let socket = self.host.run_dir().join(format!("{IFACE}.sock"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            if !agent.is_running() || Instant::now() > deadline {
+                bail!(
+                    "the host agent on {} did not come up:\n{}",
+                    self.name,
+                    agent.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.agent = Some(agent);
+        Ok(())
+    }
+}
+
 /// One cluster of the lab.
 pub struct Cluster {
     /// Which one.
@@ -311,6 +393,33 @@ impl TwoClusters {
         let cluster = self.cluster_mut(side);
         cluster.nodes.push(node);
         cluster.nodes.last().context("just pushed")
+    }
+
+    /// Adds bare host number `index` (1..=250) for cluster `side`: lab host `name` at
+    /// 198.18.9.`index` on the underlay with address 10.250.`index`.1 (its pod bridge's
+    /// gateway) and an API proxy to `side`'s API server; no `Node`, no agent, not
+    /// registered in the mesh (that is `meshctl host add`'s job).
+    ///
+    /// # Errors
+    /// When any part fails.
+    pub fn add_bare_host(&self, side: Side, name: &str, index: u8) -> Result<BareHost> {
+        ensure!(
+            (1..=250).contains(&index),
+            "bare host index {index} out of 1..=250"
+        );
+        let host = self.lab.add_host(
+            name,
+            Ipv4Addr::new(198, 18, 9, index),
+            &format!("10.250.{index}.0/30"),
+        )?;
+        let proxy = ApiProxy::start(&host, self.cluster(side).plane.api_port())?;
+        Ok(BareHost {
+            name: name.to_owned(),
+            side,
+            host,
+            agent: None,
+            _proxy: proxy,
+        })
     }
 
     /// Starts the agent of `node` as the DaemonSet would.
