@@ -149,6 +149,10 @@ struct Peer {
     /// inline (about 11 KiB), which 10,000 idle peers should not pay for. Always `None`
     /// while the device has no private key.
     tunn: Option<Box<Tunn>>,
+    /// Send a handshake initiation at the next timer tick: a peer with persistent
+    /// keepalive starts its session at once, as the kernel module does, instead of at its
+    /// first keepalive (a node behind NAT is unreachable until it does).
+    initiate: bool,
     rx_bytes: u64,
     tx_bytes: u64,
     rx_packets: u64,
@@ -367,6 +371,7 @@ impl Device {
             tx_bytes: 0,
             rx_packets: 0,
             tx_packets: 0,
+            initiate: false,
             handshakes: 0,
         };
         let id = match self.free.pop() {
@@ -399,6 +404,7 @@ impl Device {
                 }
                 _ => None,
             };
+            peer.initiate = peer.tunn.is_some();
         }
     }
 
@@ -624,6 +630,18 @@ impl Device {
             let Some(tunn) = peer.tunn.as_mut() else {
                 continue;
             };
+            if peer.initiate
+                && let Some(to) = peer.endpoint
+            {
+                peer.initiate = false;
+                if let TunnResult::WriteToNetwork(datagram) =
+                    tunn.format_handshake_initiation(out, false)
+                {
+                    peer.count_tx(datagram.len());
+                    send(to, datagram);
+                    continue;
+                }
+            }
             match tunn.update_timers(out) {
                 TunnResult::WriteToNetwork(datagram) => {
                     if let Some(to) = peer.endpoint {
@@ -945,6 +963,31 @@ mod tests {
         u.replace_peers = false;
         let _ = p.a.apply(&u).unwrap();
         assert_eq!(p.a.live_tunnels(), 2);
+    }
+
+    #[test]
+    fn a_keepalive_peer_initiates_at_the_next_tick() {
+        let mut p = pair();
+        let mut k = peer(p.b_key, Some(B_ADDR), &["10.0.2.0/24"]);
+        k.persistent_keepalive = Some(25);
+        let mut u = update(&key(1), vec![k]);
+        u.replace_peers = false;
+        let _ = p.a.apply(&u).unwrap();
+        let mut out = vec![0u8; 2048];
+        let mut sent = Vec::new();
+        p.a.update_timers(&mut out, |to, d| sent.push((to, d.to_vec())));
+        assert_eq!(sent.len(), 1, "one initiation at once");
+        let (to, init) = &sent[0];
+        assert_eq!(to.to_string(), B_ADDR);
+        assert_eq!((init.len(), init[0]), (148, 1));
+        // B answers it; no second initiation on the next tick.
+        let (_, replies, dropped) = deliver(&mut p.b, A_ADDR, init);
+        assert_eq!((replies.len(), dropped), (1, None));
+        let (_, _, dropped) = deliver(&mut p.a, B_ADDR, &replies[0]);
+        assert_eq!(dropped, None);
+        sent.clear();
+        p.a.update_timers(&mut out, |to, d| sent.push((to, d.to_vec())));
+        assert!(sent.iter().all(|(_, d)| d[0] != 1), "{sent:?}");
     }
 
     /// A sends one packet to B, completing the handshake; returns the data datagram
