@@ -25,7 +25,7 @@ use wiremesh_proto::uapi::DeviceUpdate;
 use wiremesh_proto::{InterfaceAddress, IpCidr, PublicKey};
 
 use crate::dataplane::InterfaceSpec;
-use crate::kube::{Context, LocalPeers};
+use crate::kube::{Context, LocalPeers, Selection};
 
 /// Key of the cluster's name in the cluster ConfigMap (as `meshctl install` writes it).
 const CLUSTER_NAME_KEY: &str = "clusterName";
@@ -110,10 +110,12 @@ pub async fn run(options: HostOptions) -> Result<()> {
     };
     let context = Context {
         client: client.clone(),
-        own_name: bundle.host_name.clone(),
-        local_peers: LocalPeers::All,
-        own_cidrs,
-        keepalive: options.persistent_keepalive,
+        selection: Selection {
+            own_name: bundle.host_name.clone(),
+            local_peers: LocalPeers::All,
+            own_cidrs,
+            keepalive: options.persistent_keepalive,
+        },
         state_dir: options.state_dir.clone(),
     };
     let cached = crate::kube::load_cache(&options.state_dir);

@@ -123,10 +123,12 @@ pub async fn run(options: KubeOptions) -> Result<()> {
     };
     let context = Context {
         client: client.clone(),
-        own_name: node.name_any(),
-        local_peers: LocalPeers::Hosts,
-        own_cidrs,
-        keepalive: options.persistent_keepalive,
+        selection: Selection {
+            own_name: node.name_any(),
+            local_peers: LocalPeers::Hosts,
+            own_cidrs,
+            keepalive: options.persistent_keepalive,
+        },
         state_dir: options.state_dir.clone(),
     };
     let publisher = publish(client, node, mesh_node);
@@ -249,12 +251,19 @@ pub(crate) enum LocalPeers {
 /// What the tunnel-building tasks of both modes share.
 pub(crate) struct Context {
     pub(crate) client: Client,
+    pub(crate) selection: Selection,
+    pub(crate) state_dir: PathBuf,
+}
+
+/// Which peers this machine gets, from the MeshPeers and this cluster's MeshNodes (pure).
+#[derive(Debug, Clone)]
+pub(crate) struct Selection {
     /// This machine's MeshNode, which gets no tunnel to itself.
     pub(crate) own_name: String,
     pub(crate) local_peers: LocalPeers,
+    /// This machine's own pod CIDRs (or a host's addresses): no peer may claim them.
     pub(crate) own_cidrs: Vec<IpCidr>,
     pub(crate) keepalive: u16,
-    pub(crate) state_dir: PathBuf,
 }
 
 impl Context {
@@ -276,7 +285,7 @@ impl Context {
         let node_gone = tokio::spawn(publisher);
         tokio::spawn(report_status(
             self.client.clone(),
-            self.own_name.clone(),
+            self.selection.own_name.clone(),
             handle.clone(),
             origins.subscribe(),
         ));
@@ -335,7 +344,7 @@ impl Context {
                     if listed != [true; 2] {
                         continue;
                     }
-                    let desired = self.desired(
+                    let desired = self.selection.desired(
                         peers.state().iter().map(AsRef::as_ref),
                         nodes.state().iter().map(AsRef::as_ref),
                     );
@@ -352,7 +361,9 @@ impl Context {
             }
         }
     }
+}
 
+impl Selection {
     fn desired<'a>(
         &self,
         peers: impl Iterator<Item = &'a MeshPeer>,
@@ -366,6 +377,14 @@ impl Context {
         });
         for node in locals {
             let name = node.name_any();
+            // `meshctl host add` registers single addresses; anything wider on a host is
+            // a forged or broken MeshNode that could take traffic meant for others.
+            if node.spec.kind == MeshNodeKind::Host
+                && !node.spec.pod_cidrs.iter().all(|c| is_single_address(c))
+            {
+                warn!(host = %name, cidrs = ?node.spec.pod_cidrs, "host refused: a host has single addresses only");
+                continue;
+            }
             let origin = PeerOrigin {
                 name: name.clone(),
                 cluster: String::new(),
@@ -420,6 +439,12 @@ impl Context {
             Err(e) => warn!(error = %e, "peer refused"),
         }
     }
+}
+
+/// `10.250.0.5/32` or `fd00::5/128`.
+fn is_single_address(text: &str) -> bool {
+    text.parse::<IpCidr>()
+        .is_ok_and(|c| c.prefix_len() == if c.addr().is_ipv4() { 32 } else { 128 })
 }
 
 /// Which watch an event came from.
@@ -703,4 +728,88 @@ pub fn check_node_name(name: &str) -> Result<()> {
         bail!("NODE_NAME is empty: set it from the downward API (spec.nodeName)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use wiremesh_proto::crd::MeshPeerSpec;
+
+    use super::*;
+
+    fn key(seed: u8) -> PublicKey {
+        PublicKey::from([seed; 32])
+    }
+
+    fn mesh_node(name: &str, kind: MeshNodeKind, seed: u8, cidr: &str) -> MeshNode {
+        MeshNode::new(
+            name,
+            MeshNodeSpec {
+                public_key: if seed == 0 {
+                    String::new()
+                } else {
+                    key(seed).to_base64()
+                },
+                endpoints: vec![format!("198.18.1.{seed}:51820")],
+                pod_cidrs: vec![cidr.to_owned()],
+                location: None,
+                kind,
+            },
+        )
+    }
+
+    fn mesh_peer(seed: u8, cidr: &str) -> MeshPeer {
+        MeshPeer::new(
+            "cluster-b.b1",
+            MeshPeerSpec {
+                cluster: "cluster-b".into(),
+                node: "b1".into(),
+                public_key: key(seed).to_base64(),
+                endpoints: vec!["198.18.2.1:51820".into()],
+                pod_cidrs: vec![cidr.into()],
+                location: None,
+                kind: MeshNodeKind::Node,
+            },
+        )
+    }
+
+    fn selection(own: &str, local_peers: LocalPeers, own_cidr: &str) -> Selection {
+        Selection {
+            own_name: own.into(),
+            local_peers,
+            own_cidrs: vec![own_cidr.parse().unwrap()],
+            keepalive: 25,
+        }
+    }
+
+    fn cluster() -> Vec<MeshNode> {
+        vec![
+            mesh_node("a1", MeshNodeKind::Node, 1, "10.1.1.0/24"),
+            mesh_node("a2", MeshNodeKind::Node, 2, "10.1.2.0/24"),
+            mesh_node("db1", MeshNodeKind::Host, 3, "10.250.1.1/32"),
+            // Registered, no agent yet: not ready.
+            mesh_node("db2", MeshNodeKind::Host, 0, "10.250.2.1/32"),
+            // A forged host claiming a network.
+            mesh_node("evil", MeshNodeKind::Host, 4, "10.250.0.0/16"),
+        ]
+    }
+
+    #[test]
+    fn a_node_gets_the_mesh_peers_and_the_clusters_ready_hosts_only() {
+        let peers = [mesh_peer(9, "10.2.1.0/24")];
+        let set = selection("a1", LocalPeers::Hosts, "10.1.1.0/24")
+            .desired(peers.iter(), cluster().iter());
+        let keys: Vec<_> = set.keys().copied().collect();
+        assert_eq!(keys, [key(3), key(9)]);
+        assert_eq!(set[&key(3)].origin.node, "db1");
+        assert_eq!(set[&key(3)].allowed_ips, ["10.250.1.1/32".parse().unwrap()]);
+    }
+
+    #[test]
+    fn a_host_gets_every_node_and_host_but_itself() {
+        let peers = [mesh_peer(9, "10.2.1.0/24")];
+        let set = selection("db1", LocalPeers::All, "10.250.1.1/32")
+            .desired(peers.iter(), cluster().iter());
+        let keys: Vec<_> = set.keys().copied().collect();
+        assert_eq!(keys, [key(1), key(2), key(9)]);
+    }
 }

@@ -222,6 +222,14 @@ fn manifests_apply_for_real_and_rbac_is_least_privilege() -> Result<()> {
         }
     };
     assert!(message.contains("own node"), "{message}");
+    // Not as a host: that would let it claim addresses outside its pod CIDR.
+    let mut as_host = mesh_node("n1");
+    as_host.spec.kind = MeshNodeKind::Host;
+    let message = forbidden(
+        block_on(nodes.patch("n1", &ssa, &Patch::Apply(&as_host))),
+        "agent of n1 marking its MeshNode a Host",
+    );
+    assert!(message.contains("as a Host"), "{message}");
     // Admin creates n2's; the agent of n1 may neither change nor delete it.
     block_on(Api::<MeshNode>::all(admin.clone()).patch(
         "n2",
