@@ -147,6 +147,24 @@ fn hosts_outside_kubernetes_join_both_clusters_and_leave() -> Result<()> {
         println!("{what}: 8 MiB intact ({:.0} Mbit/s)", report.mbit_per_s());
     }
 
+    // The host agent reports its tunnels (a1 and b1) on its MeshNode, as nodes do.
+    wait_for(CONVERGE, || {
+        let node = mesh_node(&lab, Side::A, "db1")?.context("no MeshNode db1")?;
+        let status = node.status.context("no status yet")?;
+        ensure!(
+            status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+                && status.peers.len() == 2,
+            "status: {status:?}"
+        );
+        Ok(())
+    })?;
+    let status = meshctl_ok(&lab, &["--context", "cluster-a", "status"])?;
+    println!("{status}");
+    ensure!(status.contains("db1 (host)"), "{status}");
+
     // (b) stock wireguard-go, registered in cluster-b with its public key.
     let wg1 = lab.add_bare_host(Side::B, "wg1", 2)?;
     let keys = Keypair::generate();

@@ -7,7 +7,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt as _;
 use kube::api::{Api, ListParams};
 use serde::Serialize;
-use wiremesh_proto::crd::{MeshNode, PeerCluster};
+use wiremesh_proto::crd::{MeshNode, MeshNodeKind, PeerCluster};
 
 use super::kubeconfig::{self, Target};
 use super::{KubeArgs, OutputFormat, say, table};
@@ -85,6 +85,10 @@ pub struct ConditionView {
 pub struct NodeView {
     /// The node.
     pub name: String,
+    /// `Node` (a Kubernetes node) or `Host` (outside Kubernetes).
+    pub kind: MeshNodeKind,
+    /// False for a host whose agent has not published its public key yet.
+    pub has_key: bool,
     /// Its pod CIDRs.
     #[serde(rename = "podCIDRs")]
     pub pod_cidrs: Vec<String>,
@@ -165,6 +169,8 @@ impl StatusReport {
                 tunnels.sort_by(|a, b| a.name.cmp(&b.name));
                 NodeView {
                     name: n.name_any(),
+                    kind: n.spec.kind,
+                    has_key: n.spec.has_key(),
                     pod_cidrs: n.spec.pod_cidrs.clone(),
                     endpoints: n.spec.endpoints.clone(),
                     last_update_time: status.last_update_time.as_ref().map(|t| t.0.to_string()),
@@ -256,7 +262,12 @@ impl StatusReport {
         }
         let mut rows = Vec::new();
         for n in &self.nodes {
-            let first = vec![n.name.clone(), n.pod_cidrs.join(",")];
+            let name = match (n.kind, n.has_key) {
+                (MeshNodeKind::Node, _) => n.name.clone(),
+                (MeshNodeKind::Host, true) => format!("{} (host)", n.name),
+                (MeshNodeKind::Host, false) => format!("{} (host, no key yet)", n.name),
+            };
+            let first = vec![name, n.pod_cidrs.join(",")];
             if n.tunnels.is_empty() {
                 rows.push([first.clone(), vec!["-".to_owned()]].concat());
             }
@@ -422,6 +433,26 @@ a2     10.1.2.0/24   -
         );
         assert_eq!(json["nodes"][0]["tunnels"][0]["rxBytes"], 1536);
         assert_eq!(json["nodes"][1]["tunnels"].as_array().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn hosts_are_marked_and_a_host_without_key_says_so() {
+        let info = ClusterInfo {
+            name: "cluster-a".into(),
+            pod_cidrs: vec!["10.1.0.0/16".parse().unwrap()],
+        };
+        let mut db1 = node("db1", "10.250.1.1/32", vec![]);
+        db1.spec.kind = MeshNodeKind::Host;
+        let mut db2 = node("db2", "10.250.2.1/32", vec![]);
+        db2.spec.kind = MeshNodeKind::Host;
+        db2.spec.public_key = String::new();
+        let report = StatusReport::new(&info, &[], &[db1, db2], now());
+        let text = report.render();
+        assert!(text.contains("db1 (host)  "), "{text}");
+        assert!(text.contains("db2 (host, no key yet)"), "{text}");
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["nodes"][1]["kind"], "Host");
+        assert_eq!(json["nodes"][1]["hasKey"], false);
     }
 
     #[test]
