@@ -1,6 +1,7 @@
 //! Kubernetes mode (`wiremesh-agent kube`): publish this node's `MeshNode`, watch the
-//! `MeshPeer`s the controller mirrors from linked clusters, and apply each change to the
-//! data plane incrementally.
+//! `MeshPeer`s the controller mirrors from linked clusters and this cluster's hosts
+//! (`MeshNode`s of kind Host), and apply each change to the data plane incrementally.
+//! Host mode ([`crate::host`]) runs the same peer machinery (`Context`, `Selection`).
 //!
 //! The data plane never waits for the API server: when it is unreachable the tunnels keep
 //! what they have, and the watch catches up when it comes back.

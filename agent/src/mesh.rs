@@ -1,8 +1,8 @@
 //! Turning the mesh's view of remote nodes into incremental device updates.
 //!
-//! Pure: Kubernetes mode (and later the bare-metal host mode) feed it the peers they
-//! learnt; it answers with the smallest [`DeviceUpdate`] that moves the device there, so a
-//! change to one peer never touches the sessions of the others.
+//! Pure: Kubernetes mode and host mode feed it the peers they learnt; it answers with the
+//! smallest [`DeviceUpdate`] that moves the device there, so a change to one peer never
+//! touches the sessions of the others.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -127,7 +127,7 @@ pub enum HostCommand {
         bundle: PathBuf,
     },
     /// Print a wg-quick config for a host that runs stock WireGuard: its Address and a
-    /// [Peer] for every node it can reach. Run it again when nodes come and go.
+    /// Peer section for every node it can reach. Run it again when nodes come and go.
     Config {
         /// The host's name.
         #[arg(value_name = "NAME")]
