@@ -567,7 +567,14 @@ async fn record_transitions(
             reason: reason.to_owned(),
             note: Some(note),
             action: "Handshake".to_owned(),
-            secondary: None,
+            // The MeshPeer is the related object: Events with the same reason on the
+            // same MeshNode are merged into one series unless this differs.
+            secondary: origins.get(key).map(|o| ObjectReference {
+                api_version: Some(MeshPeer::api_version(&()).into_owned()),
+                kind: Some(MeshPeer::kind(&()).into_owned()),
+                name: Some(o.name.clone()),
+                ..ObjectReference::default()
+            }),
         };
         if let Err(e) = recorder.publish(&event, node).await {
             debug!(error = %e, reason, "recording an Event");
