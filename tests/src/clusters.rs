@@ -24,7 +24,7 @@ use wiremesh_proto::crd::{MeshPeer, PeerCluster};
 
 use crate::deploy::{self, Workload};
 use crate::k8s::{self, ApiProxy, ControlPlane, block_on};
-use crate::lab::{Host, Lab, Pod, find_binary};
+use crate::lab::{Host, Lab, Pod, Underlay, find_binary};
 use crate::mesh::IFACE;
 use crate::process::Proc;
 
@@ -290,9 +290,18 @@ pub struct TwoClusters {
     pub b: Cluster,
     /// One kubeconfig with contexts `cluster-a` (current) and `cluster-b`.
     pub kubeconfig: PathBuf,
+    /// When cluster-b is behind NAT: its private underlay and the NAT gateway.
+    pub nat: Option<(Underlay, Host)>,
     /// The lab (dropped last: its namespaces outlive the processes in them).
     pub lab: Lab,
 }
+
+/// cluster-b's private underlay when it is behind NAT.
+const NAT_PRIVATE: &str = "198.19.2.0/24";
+/// The NAT gateway: on the private underlay, and cluster-b's one public address.
+const NAT_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 254);
+/// The NAT gateway's address on the default underlay.
+pub const NAT_PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 254);
 
 impl TwoClusters {
     /// Two control planes, `nodes` nodes each with an agent, a controller per cluster.
@@ -300,7 +309,30 @@ impl TwoClusters {
     /// # Errors
     /// When any part fails to come up.
     pub fn new(nodes: usize) -> Result<Self> {
+        Self::build(nodes, false)
+    }
+
+    /// As [`TwoClusters::new`], with cluster-b's nodes on a private underlay
+    /// (198.19.2.0/24) behind an nftables masquerade gateway that lets no connection in
+    /// ([`Lab::add_nat_gateway`]): their Nodes' addresses, and so their published
+    /// endpoints, are private; cluster-a reaches them only after they initiate.
+    ///
+    /// # Errors
+    /// When any part fails to come up.
+    pub fn with_b_behind_nat(nodes: usize) -> Result<Self> {
+        Self::build(nodes, true)
+    }
+
+    fn build(nodes: usize, b_behind_nat: bool) -> Result<Self> {
         let lab = Lab::new()?;
+        let nat = if b_behind_nat {
+            let private = lab.underlay("natb", NAT_PRIVATE, 1500)?;
+            let gateway =
+                lab.add_nat_gateway(&private, "natgw", NAT_GATEWAY, NAT_PUBLIC, "10.254.0.0/30")?;
+            Some((private, gateway))
+        } else {
+            None
+        };
         let mut planes = ControlPlane::start_all(&["cluster-a", "cluster-b"])?;
         let plane_b = planes.pop().context("plane b")?;
         let plane_a = planes.pop().context("plane a")?;
@@ -319,6 +351,7 @@ impl TwoClusters {
                 controllers: Vec::new(),
             },
             kubeconfig,
+            nat,
             lab,
         };
         for side in [Side::A, Side::B] {
@@ -367,9 +400,19 @@ impl TwoClusters {
     pub fn add_node(&mut self, side: Side) -> Result<&ClusterNode> {
         let index = u8::try_from(self.cluster(side).nodes.len() + 1).context("too many nodes")?;
         let name = format!("{}{index}", &side.name()[8..]);
-        let underlay = Ipv4Addr::new(198, 18, side.octet(), index);
         let pod_cidr = format!("10.{}.{index}.0/24", side.octet());
-        let host = self.lab.add_host(&name, underlay, &pod_cidr)?;
+        let (host, underlay) = match (&self.nat, side) {
+            (Some((private, _)), Side::B) => {
+                let ip = Ipv4Addr::new(198, 19, side.octet(), index);
+                let host = self.lab.add_host_on(private, &name, ip, &pod_cidr)?;
+                host.set_default_route(NAT_GATEWAY)?;
+                (host, ip)
+            }
+            _ => {
+                let ip = Ipv4Addr::new(198, 18, side.octet(), index);
+                (self.lab.add_host(&name, ip, &pod_cidr)?, ip)
+            }
+        };
         let pod = host.add_pod(&format!("{name}-p"))?;
         let cluster = self.cluster(side);
         k8s::create_node(&cluster.client()?, &name, &pod_cidr, underlay)?;

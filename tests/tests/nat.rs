@@ -9,6 +9,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
+use wiremesh_lab::clusters::{INTERFACE, NAT_PUBLIC, TwoClusters};
 use wiremesh_lab::mesh::{Keypair, Node, eventually};
 use wiremesh_lab::{Lab, ping, transfer};
 
@@ -65,5 +66,43 @@ fn a_node_behind_nat_with_no_inbound_reaches_and_is_reached() -> Result<()> {
         there.mbit_per_s(),
         back.mbit_per_s()
     );
+    Ok(())
+}
+
+/// cluster-b's nodes behind NAT in the two-cluster lab: their published endpoints are
+/// private, nothing gets in; pod-to-pod traffic still works both ways after `meshctl join`.
+#[test]
+fn a_cluster_behind_nat_links_both_ways() -> Result<()> {
+    let lab = TwoClusters::with_b_behind_nat(2)?;
+    lab.join()?;
+    let start = Instant::now();
+    for a in &lab.a.nodes {
+        for b in &lab.b.nodes {
+            eventually(Duration::from_secs(45), || ping(&a.pod, b.pod.ip(), 1))?;
+            println!(
+                "{} -> {} (behind NAT) reachable {:?} after join",
+                a.name,
+                b.name,
+                start.elapsed()
+            );
+            let there = transfer(&a.pod, b.pod.ip(), 8 * MIB)?;
+            let back = transfer(&b.pod, a.pod.ip(), 8 * MIB)?;
+            println!(
+                "{} <-> {}: 8 MiB each way intact ({:.0}/{:.0} Mbit/s)",
+                a.name,
+                b.name,
+                there.mbit_per_s(),
+                back.mbit_per_s()
+            );
+        }
+        // a sees cluster-b's nodes at the NAT's public address, not the private ones
+        // they published.
+        let endpoints = a.wg(&["show", INTERFACE, "endpoints"])?;
+        ensure!(
+            endpoints.contains(&format!("{NAT_PUBLIC}:")) && !endpoints.contains("198.19."),
+            "{}: endpoints {endpoints}",
+            a.name
+        );
+    }
     Ok(())
 }
