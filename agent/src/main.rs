@@ -56,11 +56,9 @@ enum Command {
     Host(Box<HostArgs>),
 }
 
+/// Flags the `kube` and `host` modes share.
 #[derive(clap::Args)]
-struct HostArgs {
-    /// The bundle file `meshctl host add` wrote (API server, CA, token, cluster, host).
-    #[arg(long, env = "WIREMESH_BUNDLE")]
-    bundle: PathBuf,
+struct MeshArgs {
     /// The TUN device name.
     #[arg(long, env = "WIREMESH_INTERFACE", default_value = "wm0")]
     interface: String,
@@ -70,10 +68,6 @@ struct HostArgs {
     /// MTU of the TUN device; 0: the underlay's less WireGuard's 60 (IPv4) or 80 (IPv6) bytes.
     #[arg(long, env = "WIREMESH_MTU", default_value_t = wiremesh_agent::dataplane::MTU_FROM_UNDERLAY)]
     mtu: u32,
-    /// Endpoints to publish, most preferred first (default: those of `meshctl host add
-    /// --endpoint`).
-    #[arg(long = "endpoint", env = "WIREMESH_ENDPOINTS", value_delimiter = ',')]
-    endpoints: Vec<SocketAddr>,
     /// Persistent keepalive towards every peer, in seconds (0: off).
     #[arg(long, env = "WIREMESH_PERSISTENT_KEEPALIVE", default_value_t = 25)]
     persistent_keepalive: u16,
@@ -89,7 +83,22 @@ struct HostArgs {
 }
 
 #[derive(clap::Args)]
+struct HostArgs {
+    #[command(flatten)]
+    mesh: MeshArgs,
+    /// The bundle file `meshctl host add` wrote (API server, CA, token, cluster, host).
+    #[arg(long, env = "WIREMESH_BUNDLE")]
+    bundle: PathBuf,
+    /// Endpoints to publish, most preferred first (default: those of `meshctl host add
+    /// --endpoint`).
+    #[arg(long = "endpoint", env = "WIREMESH_ENDPOINTS", value_delimiter = ',')]
+    endpoints: Vec<SocketAddr>,
+}
+
+#[derive(clap::Args)]
 struct KubeArgs {
+    #[command(flatten)]
+    mesh: MeshArgs,
     /// Kubeconfig file (default: in-cluster configuration, or $KUBECONFIG).
     #[arg(long, env = "WIREMESH_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
@@ -99,33 +108,12 @@ struct KubeArgs {
     /// This node's name (the downward API's spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
-    /// The TUN device name.
-    #[arg(long, env = "WIREMESH_INTERFACE", default_value = "wm0")]
-    interface: String,
-    /// The UDP port for WireGuard.
-    #[arg(long, env = "WIREMESH_LISTEN_PORT", default_value_t = 51820)]
-    listen_port: u16,
-    /// MTU of the TUN device; 0: the underlay's less WireGuard's 60 (IPv4) or 80 (IPv6) bytes.
-    #[arg(long, env = "WIREMESH_MTU", default_value_t = wiremesh_agent::dataplane::MTU_FROM_UNDERLAY)]
-    mtu: u32,
     /// An address for the TUN device, e.g. the node's pod gateway (repeatable).
     #[arg(long = "address", env = "WIREMESH_ADDRESSES", value_delimiter = ',')]
     addresses: Vec<wiremesh_proto::InterfaceAddress>,
     /// Endpoints to publish instead of the Node's addresses, most preferred first.
     #[arg(long = "endpoint", env = "WIREMESH_ENDPOINTS", value_delimiter = ',')]
     endpoints: Vec<SocketAddr>,
-    /// Persistent keepalive towards every peer, in seconds (0: off).
-    #[arg(long, env = "WIREMESH_PERSISTENT_KEEPALIVE", default_value_t = 25)]
-    persistent_keepalive: u16,
-    /// Directory for the private key (generated on first start, mode 0600) and state.
-    #[arg(long, env = "WIREMESH_STATE_DIR", default_value = "/var/lib/wiremesh")]
-    state_dir: PathBuf,
-    /// Directory of the UAPI socket that `wg` uses.
-    #[arg(long, env = "WIREMESH_UAPI_DIR", default_value = "/var/run/wireguard")]
-    uapi_dir: PathBuf,
-    /// Serve Prometheus metrics and health checks on this address.
-    #[arg(long, env = "WIREMESH_METRICS_ADDR")]
-    metrics_addr: Option<SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -166,30 +154,30 @@ fn main() -> ExitCode {
                     kubeconfig: args.kubeconfig,
                     context: args.context,
                     node_name: args.node_name,
-                    interface: args.interface,
-                    listen_port: args.listen_port,
-                    mtu: args.mtu,
+                    interface: args.mesh.interface,
+                    listen_port: args.mesh.listen_port,
+                    mtu: args.mesh.mtu,
                     addresses: args.addresses,
-                    key_file: args.state_dir.join("private.key"),
+                    key_file: args.mesh.state_dir.join("private.key"),
                     endpoints: args.endpoints,
-                    persistent_keepalive: args.persistent_keepalive,
-                    uapi_dir: args.uapi_dir,
-                    metrics_addr: args.metrics_addr,
-                    state_dir: args.state_dir,
+                    persistent_keepalive: args.mesh.persistent_keepalive,
+                    uapi_dir: args.mesh.uapi_dir,
+                    metrics_addr: args.mesh.metrics_addr,
+                    state_dir: args.mesh.state_dir,
                 })
                 .await
             }
             Command::Host(args) => {
                 wiremesh_agent::host::run(wiremesh_agent::host::HostOptions {
                     bundle: args.bundle,
-                    interface: args.interface,
-                    listen_port: args.listen_port,
-                    mtu: args.mtu,
+                    interface: args.mesh.interface,
+                    listen_port: args.mesh.listen_port,
+                    mtu: args.mesh.mtu,
                     endpoints: args.endpoints,
-                    persistent_keepalive: args.persistent_keepalive,
-                    state_dir: args.state_dir,
-                    uapi_dir: args.uapi_dir,
-                    metrics_addr: args.metrics_addr,
+                    persistent_keepalive: args.mesh.persistent_keepalive,
+                    state_dir: args.mesh.state_dir,
+                    uapi_dir: args.mesh.uapi_dir,
+                    metrics_addr: args.mesh.metrics_addr,
                 })
                 .await
             }
