@@ -23,7 +23,9 @@ use kube::runtime::{WatchStreamExt as _, reflector};
 use kube::{Api, Client, Resource as _, ResourceExt as _};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
-use wiremesh_proto::crd::{MeshNode, MeshNodeKind, MeshNodeSpec, MeshPeer, TunnelStatus};
+use wiremesh_proto::crd::{
+    GATEWAY_LABEL, MeshNode, MeshNodeKind, MeshNodeSpec, MeshPeer, TunnelStatus,
+};
 use wiremesh_proto::uapi::DeviceUpdate;
 use wiremesh_proto::{InterfaceAddress, IpCidr, PublicKey};
 
@@ -43,6 +45,8 @@ const RETRY: Duration = Duration::from_secs(2);
 /// How often the agent checks that its Node still exists (a deleted Node takes its
 /// MeshNode, and so every remote tunnel to it, with it).
 const NODE_CHECK: Duration = Duration::from_secs(3);
+/// How often the failover groups' members are checked for signs of life.
+const FAILOVER_CHECK: Duration = Duration::from_millis(500);
 
 /// What `wiremesh-agent kube` was asked to do.
 #[derive(Debug, Clone)]
@@ -121,6 +125,7 @@ pub async fn run(options: KubeOptions) -> Result<()> {
         pod_cidrs: own_cidrs.iter().map(ToString::to_string).collect(),
         location: node.labels().get("topology.kubernetes.io/zone").cloned(),
         kind: MeshNodeKind::Node,
+        gateway: is_labelled_gateway(&node),
     };
     let context = Context {
         client: client.clone(),
@@ -204,6 +209,11 @@ async fn wait_for_node(client: &Client, name: &str) -> Result<Node> {
         }
         tokio::time::sleep(RETRY).await;
     }
+}
+
+/// The Node carries `wiremesh.io/gateway=true`.
+fn is_labelled_gateway(node: &Node) -> bool {
+    node.labels().get(GATEWAY_LABEL).map(String::as_str) == Some("true")
 }
 
 fn node_pod_cidrs(node: &Node) -> Vec<IpCidr> {
@@ -333,7 +343,27 @@ impl Context {
         tokio::pin!(stream);
         let mut failing = [false; 2];
         let mut listed = [false; 2];
-        while let Some((source, event)) = stream.next().await {
+        let mut base: Option<Desired> = None;
+        let mut active = mesh::Active::new();
+        let mut failover = tokio::time::interval(FAILOVER_CHECK);
+        failover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let (source, event) = tokio::select! {
+                next = stream.next() => match next {
+                    Some(next) => next,
+                    None => return,
+                },
+                _ = failover.tick() => {
+                    if let Some(base) = base.as_ref().filter(|b| !b.groups.is_empty()) {
+                        let before = applied.clone();
+                        reconcile(&handle, &mut applied, base, &mut active, &origins).await;
+                        if applied != before {
+                            save_cache(&self.state_dir, &applied);
+                        }
+                    }
+                    continue;
+                }
+            };
             let i = source as usize;
             match event {
                 Ok(Some(initial)) => {
@@ -345,11 +375,11 @@ impl Context {
                     if listed != [true; 2] {
                         continue;
                     }
-                    let desired = self.selection.desired(
+                    let desired = base.insert(self.selection.desired(
                         peers.state().iter().map(AsRef::as_ref),
                         nodes.state().iter().map(AsRef::as_ref),
-                    );
-                    apply(&handle, &mut applied, desired, &origins).await;
+                    ));
+                    reconcile(&handle, &mut applied, desired, &mut active, &origins).await;
                     save_cache(&self.state_dir, &applied);
                 }
                 Ok(None) => {}
@@ -364,25 +394,66 @@ impl Context {
     }
 }
 
+/// The peers and failover groups this machine should have.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Desired {
+    pub(crate) peers: PeerSet,
+    pub(crate) groups: mesh::Groups,
+}
+
+/// The failover group of this cluster's own gateways (on a node that is not one).
+const LOCAL_GATEWAYS: &str = "local-gateways";
+
 impl Selection {
+    /// Which peers this machine gets.
+    ///
+    /// - A remote cluster with gateways ([`MeshNodeSpec::is_gateway`], mirrored as
+    ///   `MeshPeer.spec.gateway`) is reached through them: one failover group per such
+    ///   cluster holds the pod CIDRs of all its nodes; its other nodes get no tunnel.
+    ///   Its hosts are still reached directly.
+    /// - When this cluster has gateways, a node that is not one tunnels only to them (one
+    ///   group holding every remote prefix) and to the cluster's hosts. A gateway tunnels
+    ///   to every remote peer and accepts from each node of its cluster that node's pods
+    ///   (the answers come back through the cluster network, so nothing is routed to
+    ///   them); it keeps every tunnel alive with [`mesh::GATEWAY_KEEPALIVE`], which is how
+    ///   the others notice when it dies.
     fn desired<'a>(
         &self,
         peers: impl Iterator<Item = &'a MeshPeer>,
         nodes: impl Iterator<Item = &'a MeshNode>,
-    ) -> PeerSet {
-        let mut set = PeerSet::new();
-        let locals = nodes.filter(|n| {
-            n.name_any() != self.own_name
-                && n.spec.has_key()
-                && (self.local_peers == LocalPeers::All || n.spec.kind == MeshNodeKind::Host)
-        });
-        for node in locals {
+    ) -> Desired {
+        let nodes: Vec<&MeshNode> = nodes.collect();
+        let peers: Vec<&MeshPeer> = peers.collect();
+        let mut out = Desired::default();
+        let on_node = self.local_peers == LocalPeers::Hosts;
+        let is_gateway = |n: &&MeshNode| n.spec.is_gateway();
+        let local_gateways: Vec<&MeshNode> = nodes.iter().copied().filter(is_gateway).collect();
+        let me_gateway = on_node && local_gateways.iter().any(|n| n.name_any() == self.own_name);
+        let behind_gateway = on_node && !me_gateway && !local_gateways.is_empty();
+        let keepalive = if me_gateway {
+            mesh::GATEWAY_KEEPALIVE
+        } else {
+            self.keepalive
+        };
+
+        for node in &nodes {
             let name = node.name_any();
+            if name == self.own_name || !node.spec.has_key() {
+                continue;
+            }
+            let host = node.spec.kind == MeshNodeKind::Host;
+            let role = if host || self.local_peers == LocalPeers::All {
+                Role::Direct
+            } else if behind_gateway && node.spec.is_gateway() {
+                Role::Member(LOCAL_GATEWAYS.to_owned())
+            } else if me_gateway && !node.spec.is_gateway() {
+                Role::AcceptOnly
+            } else {
+                continue;
+            };
             // `meshctl host add` registers single addresses; anything wider on a host is
             // a forged or broken MeshNode that could take traffic meant for others.
-            if node.spec.kind == MeshNodeKind::Host
-                && !node.spec.pod_cidrs.iter().all(|c| is_single_address(c))
-            {
+            if host && !node.spec.pod_cidrs.iter().all(|c| is_single_address(c)) {
                 warn!(host = %name, cidrs = ?node.spec.pod_cidrs, "host refused: a host has single addresses only");
                 continue;
             }
@@ -391,55 +462,125 @@ impl Selection {
                 cluster: String::new(),
                 node: name,
             };
+            let spec = &node.spec;
             self.insert(
-                &mut set,
+                &mut out,
                 origin,
-                &node.spec.public_key,
-                &node.spec.endpoints,
-                &node.spec.pod_cidrs,
+                role,
+                keepalive,
+                &spec.public_key,
+                &spec.endpoints,
+                &spec.pod_cidrs,
             );
         }
+
+        let gateway_clusters: std::collections::BTreeSet<&str> = peers
+            .iter()
+            .filter(|p| p.spec.gateway && p.spec.kind == MeshNodeKind::Node)
+            .map(|p| p.spec.cluster.as_str())
+            .collect();
+        // Sorted by node name within a cluster, as the other side sorts its gateways.
+        let mut peers = peers;
+        peers.sort_by(|a, b| (&a.spec.cluster, &a.spec.node).cmp(&(&b.spec.cluster, &b.spec.node)));
         for peer in peers {
+            let spec = &peer.spec;
+            let behind_remote =
+                spec.kind == MeshNodeKind::Node && gateway_clusters.contains(spec.cluster.as_str());
+            let role = if behind_gateway {
+                Role::Via(LOCAL_GATEWAYS.to_owned())
+            } else if behind_remote && spec.gateway {
+                Role::Member(format!("cluster/{}", spec.cluster))
+            } else if behind_remote {
+                Role::Via(format!("cluster/{}", spec.cluster))
+            } else {
+                Role::Direct
+            };
             let origin = PeerOrigin {
                 name: peer.name_any(),
-                cluster: peer.spec.cluster.clone(),
-                node: peer.spec.node.clone(),
+                cluster: spec.cluster.clone(),
+                node: spec.node.clone(),
             };
             self.insert(
-                &mut set,
+                &mut out,
                 origin,
-                &peer.spec.public_key,
-                &peer.spec.endpoints,
-                &peer.spec.pod_cidrs,
+                role,
+                keepalive,
+                &spec.public_key,
+                &spec.endpoints,
+                &spec.pod_cidrs,
             );
         }
-        set
+        for group in out.groups.values_mut() {
+            group.cidrs.sort();
+            group.cidrs.dedup();
+        }
+        out
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn insert(
         &self,
-        set: &mut PeerSet,
+        out: &mut Desired,
         origin: PeerOrigin,
+        role: Role,
+        keepalive: u16,
         public_key: &str,
         endpoints: &[String],
         pod_cidrs: &[String],
     ) {
-        match mesh::desired_peer(
+        let (key, mut desired) = match mesh::desired_peer(
             &origin,
             public_key,
             endpoints,
             pod_cidrs,
-            self.keepalive,
+            keepalive,
             &self.own_cidrs,
         ) {
-            Ok((key, desired)) => {
-                if let Some(previous) = set.insert(key, desired) {
-                    warn!(peer = %origin.name, other = %previous.origin.name, "two peers with one key; keeping the later");
+            Ok(parsed) => parsed,
+            Err(e) => {
+                warn!(error = %e, "peer refused");
+                return;
+            }
+        };
+        match role {
+            Role::Direct => {}
+            Role::AcceptOnly => desired.accept_ips = std::mem::take(&mut desired.allowed_ips),
+            Role::Member(group) => {
+                let group = out.groups.entry(group).or_default();
+                group.members.push(key);
+                // A local gateway's own pods are reached through the cluster network.
+                if origin.cluster.is_empty() {
+                    desired.allowed_ips.clear();
+                } else {
+                    group.cidrs.append(&mut desired.allowed_ips);
                 }
             }
-            Err(e) => warn!(error = %e, "peer refused"),
+            Role::Via(group) => {
+                out.groups
+                    .entry(group)
+                    .or_default()
+                    .cidrs
+                    .append(&mut desired.allowed_ips);
+                return;
+            }
+        }
+        if let Some(previous) = out.peers.insert(key, desired) {
+            warn!(peer = %origin.name, other = %previous.origin.name, "two peers with one key; keeping the later");
         }
     }
+}
+
+/// How a MeshNode or MeshPeer enters the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Role {
+    /// A tunnel of its own, routed its prefixes.
+    Direct,
+    /// A tunnel whose prefixes are accepted but not routed (a gateway's own cluster).
+    AcceptOnly,
+    /// A member of a failover group; its prefixes join the group's.
+    Member(String),
+    /// No tunnel: its prefixes join the group that reaches it.
+    Via(String),
 }
 
 /// `10.250.0.5/32` or `fd00::5/128`.
@@ -463,6 +604,44 @@ fn changed<K>(event: &Event<K>) -> Option<bool> {
         Event::Apply(_) | Event::Delete(_) => Some(false),
         Event::Init | Event::InitApply(_) => None,
     }
+}
+
+/// Picks each failover group's active member from what the device heard lately, then
+/// applies the result.
+async fn reconcile(
+    handle: &Handle,
+    applied: &mut PeerSet,
+    desired: &Desired,
+    active: &mut mesh::Active,
+    origins: &watch::Sender<Origins>,
+) {
+    let chosen = if desired.groups.is_empty() {
+        mesh::Active::new()
+    } else {
+        let heard = match handle.snapshot().await {
+            Ok(snapshot) => snapshot
+                .peers
+                .iter()
+                .map(|p| (p.public_key, p.since_receive))
+                .collect(),
+            Err(_) => return,
+        };
+        mesh::choose_active(&desired.groups, &heard, active)
+    };
+    for (group, key) in &chosen {
+        if active.get(group) != Some(key) {
+            let via = desired.peers.get(key).map(|p| p.origin.name.as_str());
+            match active.get(group) {
+                Some(_) => {
+                    warn!(group = %group, via, "failover: routing the group through another member")
+                }
+                None => info!(group = %group, via, "routing the group through this member"),
+            }
+        }
+    }
+    *active = chosen;
+    let target = mesh::materialize(&desired.peers, &desired.groups, active);
+    apply(handle, applied, target, origins).await;
 }
 
 /// Moves the device from `applied` to `desired`; on success publishes where each peer came
@@ -509,11 +688,19 @@ async fn publish(client: Client, node: Node, spec: MeshNodeSpec) {
     let mut published = false;
     let mut last_publish: Option<tokio::time::Instant> = None;
     loop {
-        if let Ok(None) = nodes.get_opt(&name).await {
-            if let Err(e) = api.delete(&name, &Default::default()).await {
-                debug!(error = %e, "deleting the MeshNode");
+        match nodes.get_opt(&name).await {
+            Ok(None) => {
+                if let Err(e) = api.delete(&name, &Default::default()).await {
+                    debug!(error = %e, "deleting the MeshNode");
+                }
+                return;
             }
-            return;
+            Ok(Some(node)) if is_labelled_gateway(&node) != object.spec.gateway => {
+                object.spec.gateway = !object.spec.gateway;
+                info!(node = %name, gateway = object.spec.gateway, "the gateway label changed");
+                published = false;
+            }
+            _ => {}
         }
         let due = !published || last_publish.is_none_or(|t| t.elapsed() >= REPUBLISH);
         if due {
@@ -671,6 +858,8 @@ struct CachedPeer {
     node: String,
     endpoint: Option<SocketAddr>,
     allowed_ips: Vec<String>,
+    #[serde(default)]
+    accept_ips: Vec<String>,
     persistent_keepalive: u16,
 }
 
@@ -684,6 +873,7 @@ fn save_cache(dir: &std::path::Path, peers: &PeerSet) {
             node: p.origin.node.clone(),
             endpoint: p.endpoint,
             allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
+            accept_ips: p.accept_ips.iter().map(ToString::to_string).collect(),
             persistent_keepalive: p.persistent_keepalive,
         })
         .collect();
@@ -710,6 +900,11 @@ pub(crate) fn load_cache(dir: &std::path::Path) -> Option<PeerSet> {
             .iter()
             .map(|c| c.parse().ok())
             .collect::<Option<Vec<IpCidr>>>()?;
+        let accept_ips = p
+            .accept_ips
+            .iter()
+            .map(|c| c.parse().ok())
+            .collect::<Option<Vec<IpCidr>>>()?;
         set.insert(
             key,
             mesh::DesiredPeer {
@@ -720,6 +915,7 @@ pub(crate) fn load_cache(dir: &std::path::Path) -> Option<PeerSet> {
                 },
                 endpoint: p.endpoint,
                 allowed_ips,
+                accept_ips,
                 persistent_keepalive: p.persistent_keepalive,
             },
         );
@@ -761,6 +957,7 @@ mod tests {
                 pod_cidrs: vec![cidr.to_owned()],
                 location: None,
                 kind,
+                gateway: false,
             },
         )
     }
@@ -776,6 +973,7 @@ mod tests {
                 pod_cidrs: vec![cidr.into()],
                 location: None,
                 kind: MeshNodeKind::Node,
+                gateway: false,
             },
         )
     }
@@ -806,6 +1004,8 @@ mod tests {
         let peers = [mesh_peer(9, "10.2.1.0/24")];
         let set = selection("a1", LocalPeers::Hosts, "10.1.1.0/24")
             .desired(peers.iter(), cluster().iter());
+        assert!(set.groups.is_empty());
+        let set = set.peers;
         let keys: Vec<_> = set.keys().copied().collect();
         assert_eq!(keys, [key(3), key(9)]);
         assert_eq!(set[&key(3)].origin.node, "db1");
@@ -817,7 +1017,103 @@ mod tests {
         let peers = [mesh_peer(9, "10.2.1.0/24")];
         let set = selection("db1", LocalPeers::All, "10.250.1.1/32")
             .desired(peers.iter(), cluster().iter());
-        let keys: Vec<_> = set.keys().copied().collect();
+        let keys: Vec<_> = set.peers.keys().copied().collect();
         assert_eq!(keys, [key(1), key(2), key(9)]);
+    }
+
+    fn remote(seed: u8, node: &str, cidr: &str, gateway: bool) -> MeshPeer {
+        let mut p = mesh_peer(seed, cidr);
+        p.metadata.name = Some(format!("cluster-b.{node}"));
+        p.spec.node = node.into();
+        p.spec.gateway = gateway;
+        p
+    }
+
+    fn cidrs(list: &[&str]) -> Vec<IpCidr> {
+        list.iter().map(|c| c.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_cluster_with_gateways_is_reached_through_them() {
+        let mut host = remote(14, "h1", "10.250.9.1/32", false);
+        host.spec.kind = MeshNodeKind::Host;
+        let peers = [
+            remote(12, "b2", "10.2.2.0/24", true),
+            remote(11, "b1", "10.2.1.0/24", true),
+            remote(13, "b3", "10.2.3.0/24", false),
+            host,
+        ];
+        let set = selection("a1", LocalPeers::Hosts, "10.1.1.0/24")
+            .desired(peers.iter(), std::iter::empty());
+        let keys: Vec<_> = set.peers.keys().copied().collect();
+        assert_eq!(keys, [key(11), key(12), key(14)], "no tunnel to b3");
+        assert!(set.peers[&key(11)].allowed_ips.is_empty());
+        assert_eq!(set.peers[&key(14)].allowed_ips, cidrs(&["10.250.9.1/32"]));
+        let group = &set.groups["cluster/cluster-b"];
+        assert_eq!(group.members, [key(11), key(12)], "sorted by node name");
+        assert_eq!(
+            group.cidrs,
+            cidrs(&["10.2.1.0/24", "10.2.2.0/24", "10.2.3.0/24"])
+        );
+    }
+
+    fn gateway_cluster() -> Vec<MeshNode> {
+        let mut nodes = vec![
+            mesh_node("b1", MeshNodeKind::Node, 1, "10.2.1.0/24"),
+            mesh_node("b2", MeshNodeKind::Node, 2, "10.2.2.0/24"),
+            mesh_node("b3", MeshNodeKind::Node, 3, "10.2.3.0/24"),
+            mesh_node("db1", MeshNodeKind::Host, 4, "10.250.1.1/32"),
+        ];
+        nodes[0].spec.gateway = true;
+        nodes[1].spec.gateway = true;
+        nodes
+    }
+
+    #[test]
+    fn a_gateway_tunnels_to_the_remote_peers_and_accepts_its_clusters_pods() {
+        let peers = [mesh_peer(9, "10.1.1.0/24")];
+        let set = selection("b1", LocalPeers::Hosts, "10.2.1.0/24")
+            .desired(peers.iter(), gateway_cluster().iter());
+        assert!(set.groups.is_empty());
+        let keys: Vec<_> = set.peers.keys().copied().collect();
+        assert_eq!(
+            keys,
+            [key(3), key(4), key(9)],
+            "b3, the host, the remote node"
+        );
+        let b3 = &set.peers[&key(3)];
+        assert!(
+            b3.allowed_ips.is_empty(),
+            "b3's pods are reached through the cluster"
+        );
+        assert_eq!(b3.accept_ips, cidrs(&["10.2.3.0/24"]));
+        assert!(
+            set.peers
+                .values()
+                .all(|p| p.persistent_keepalive == mesh::GATEWAY_KEEPALIVE)
+        );
+        assert_eq!(set.peers[&key(9)].allowed_ips, cidrs(&["10.1.1.0/24"]));
+    }
+
+    #[test]
+    fn a_node_behind_gateways_tunnels_only_to_them_and_the_hosts() {
+        let peers = [mesh_peer(9, "10.1.1.0/24")];
+        let set = selection("b3", LocalPeers::Hosts, "10.2.3.0/24")
+            .desired(peers.iter(), gateway_cluster().iter());
+        let keys: Vec<_> = set.peers.keys().copied().collect();
+        assert_eq!(keys, [key(1), key(2), key(4)]);
+        assert!(set.peers[&key(1)].allowed_ips.is_empty());
+        assert_eq!(set.peers[&key(1)].persistent_keepalive, 25);
+        let group = &set.groups[LOCAL_GATEWAYS];
+        assert_eq!(group.members, [key(1), key(2)]);
+        assert_eq!(group.cidrs, cidrs(&["10.1.1.0/24"]));
+        // A gateway with no endpoint cannot be reached: it is no gateway.
+        let mut nodes = gateway_cluster();
+        nodes[0].spec.endpoints.clear();
+        nodes[1].spec.endpoints.clear();
+        let set =
+            selection("b3", LocalPeers::Hosts, "10.2.3.0/24").desired(peers.iter(), nodes.iter());
+        assert!(set.groups.is_empty());
+        assert!(set.peers.contains_key(&key(9)), "back to direct tunnels");
     }
 }

@@ -35,6 +35,10 @@ pub struct DesiredPeer {
     pub endpoint: Option<SocketAddr>,
     /// The prefixes routed to it and accepted from it.
     pub allowed_ips: Vec<IpCidr>,
+    /// Further prefixes accepted from it but not routed to it (sorted): a failover
+    /// group's prefixes on every member but the active one, or the pods a gateway
+    /// forwards for a node of its own cluster.
+    pub accept_ips: Vec<IpCidr>,
     /// Persistent keepalive in seconds, 0 for off.
     pub persistent_keepalive: u16,
 }
@@ -115,9 +119,92 @@ pub fn desired_peer(
             origin: origin.clone(),
             endpoint,
             allowed_ips,
+            accept_ips: Vec::new(),
             persistent_keepalive,
         },
     ))
+}
+
+/// Peers that stand in for one another: the gateways of a cluster. The group's prefixes
+/// are routed to one member at a time, the active one, and accepted from all of them (a
+/// gateway that took over may answer before we noticed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Group {
+    /// The members, most preferred first (both sides sort by node name, so they agree).
+    pub members: Vec<PublicKey>,
+    /// The prefixes behind the group, sorted.
+    pub cidrs: Vec<IpCidr>,
+}
+
+/// Failover groups by name.
+pub type Groups = BTreeMap<String, Group>;
+
+/// The active member of each group.
+pub type Active = BTreeMap<String, PublicKey>;
+
+/// Persistent keepalive a gateway sends to every peer, so that the peers that route
+/// through it hear it at least this often and notice within [`DEAD_AFTER`] when it dies.
+pub const GATEWAY_KEEPALIVE: u16 = 1;
+
+/// A member not heard from for this long is taken for dead (three missed keepalives).
+pub const DEAD_AFTER: Duration = Duration::from_secs(3);
+
+/// Picks each group's active member: the most preferred member heard from within
+/// [`DEAD_AFTER`] (so both sides of a link converge on the same gateway, and traffic
+/// returns to a preferred gateway that recovers). When none is alive, the current
+/// member stays (or the first, for a new group): switching among the dead gains nothing.
+///
+/// `since_receive` gives, per peer, the time since it was last heard from.
+pub fn choose_active(
+    groups: &Groups,
+    since_receive: &BTreeMap<PublicKey, Option<Duration>>,
+    current: &Active,
+) -> Active {
+    let alive = |key: &PublicKey| {
+        since_receive
+            .get(key)
+            .copied()
+            .flatten()
+            .is_some_and(|d| d < DEAD_AFTER)
+    };
+    groups
+        .iter()
+        .filter_map(|(name, group)| {
+            let chosen = group
+                .members
+                .iter()
+                .find(|k| alive(k))
+                .or_else(|| current.get(name).filter(|k| group.members.contains(k)))
+                .or_else(|| group.members.first())?;
+            Some((name.clone(), *chosen))
+        })
+        .collect()
+}
+
+/// The peers as the device should have them: each group's prefixes routed to its active
+/// member and accepted from all its members.
+pub fn materialize(peers: &PeerSet, groups: &Groups, active: &Active) -> PeerSet {
+    let mut out = peers.clone();
+    for (name, group) in groups {
+        for key in &group.members {
+            let Some(peer) = out.get_mut(key) else {
+                continue;
+            };
+            if active.get(name) == Some(key) {
+                peer.allowed_ips.extend(&group.cidrs);
+                peer.allowed_ips.sort();
+                peer.allowed_ips.dedup();
+            } else {
+                peer.accept_ips.extend(&group.cidrs);
+            }
+        }
+    }
+    for peer in out.values_mut() {
+        peer.accept_ips.sort();
+        peer.accept_ips.dedup();
+        peer.accept_ips.retain(|c| !peer.allowed_ips.contains(c));
+    }
+    out
 }
 
 /// The update that turns `applied` into `desired`: removes, additions, and changes of
@@ -145,6 +232,9 @@ pub fn diff(applied: &PeerSet, desired: &PeerSet) -> Option<DeviceUpdate> {
         if have.map(|h| &h.allowed_ips) != Some(&want.allowed_ips) {
             update.replace_allowed_ips = true;
             update.allowed_ips = want.allowed_ips.clone();
+        }
+        if have.map(|h| &h.accept_ips) != Some(&want.accept_ips) {
+            update.accept_ips = Some(want.accept_ips.clone());
         }
         if have.map(|h| h.persistent_keepalive) != Some(want.persistent_keepalive) {
             update.persistent_keepalive = Some(want.persistent_keepalive);
@@ -190,6 +280,8 @@ mod tests {
             endpoint: None,
             persistent_keepalive: 0,
             allowed_ips: Vec::new(),
+            accept_ips: Vec::new(),
+            since_receive: None,
             since_handshake: since.map(Duration::from_secs),
             rx_bytes: 0,
             tx_bytes: 0,
@@ -220,8 +312,91 @@ mod tests {
             origin: origin(name),
             endpoint: Some(endpoint.parse().unwrap()),
             allowed_ips: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+            accept_ips: Vec::new(),
             persistent_keepalive: 25,
         }
+    }
+
+    fn gateways() -> (PeerSet, Groups) {
+        let mut set = PeerSet::new();
+        set.insert(key(1), peer("b.gw1", "198.18.2.1:51820", &[]));
+        set.insert(key(2), peer("b.gw2", "198.18.2.2:51820", &[]));
+        set.insert(key(3), peer("b.h1", "198.18.9.1:51820", &["10.250.1.1/32"]));
+        let group = Group {
+            members: vec![key(1), key(2)],
+            cidrs: vec![
+                "10.2.1.0/24".parse().unwrap(),
+                "10.2.3.0/24".parse().unwrap(),
+            ],
+        };
+        (set, Groups::from([("cluster-b".to_owned(), group)]))
+    }
+
+    fn heard(pairs: &[(u8, Option<u64>)]) -> BTreeMap<PublicKey, Option<Duration>> {
+        pairs
+            .iter()
+            .map(|(k, s)| (key(*k), s.map(Duration::from_secs)))
+            .collect()
+    }
+
+    #[test]
+    fn the_most_preferred_live_member_is_active() {
+        let (_, groups) = gateways();
+        let none = Active::new();
+        // Nobody heard yet: the first member.
+        let active = choose_active(&groups, &heard(&[]), &none);
+        assert_eq!(active["cluster-b"], key(1));
+        // The first one died (silent for 5 s); the second is alive.
+        let active = choose_active(&groups, &heard(&[(1, Some(5)), (2, Some(0))]), &active);
+        assert_eq!(active["cluster-b"], key(2));
+        // Both dead: stay where we are rather than flap.
+        let active = choose_active(&groups, &heard(&[(1, Some(9)), (2, Some(9))]), &active);
+        assert_eq!(active["cluster-b"], key(2));
+        // The first came back: back to it, as the other side will.
+        let active = choose_active(&groups, &heard(&[(1, Some(0)), (2, Some(0))]), &active);
+        assert_eq!(active["cluster-b"], key(1));
+        // An empty group has no active member.
+        let empty = Groups::from([("x".to_owned(), Group::default())]);
+        assert!(choose_active(&empty, &heard(&[]), &none).is_empty());
+    }
+
+    #[test]
+    fn the_active_member_is_routed_the_others_only_accept() {
+        let (set, groups) = gateways();
+        let active = Active::from([("cluster-b".to_owned(), key(1))]);
+        let first = materialize(&set, &groups, &active);
+        assert_eq!(first[&key(1)].allowed_ips, groups["cluster-b"].cidrs);
+        assert!(first[&key(1)].accept_ips.is_empty());
+        assert!(first[&key(2)].allowed_ips.is_empty());
+        assert_eq!(first[&key(2)].accept_ips, groups["cluster-b"].cidrs);
+        assert_eq!(
+            first[&key(3)],
+            set[&key(3)],
+            "a host outside the group is untouched"
+        );
+        // Failing over moves the routes and touches only the two members.
+        let active = Active::from([("cluster-b".to_owned(), key(2))]);
+        let second = materialize(&set, &groups, &active);
+        let update = diff(&first, &second).unwrap();
+        assert_eq!(update.peers.len(), 2);
+        let to = update
+            .peers
+            .iter()
+            .find(|p| p.public_key == key(2))
+            .unwrap();
+        assert!(to.replace_allowed_ips && to.allowed_ips == groups["cluster-b"].cidrs);
+        assert_eq!(to.accept_ips, Some(Vec::new()));
+        let from = update
+            .peers
+            .iter()
+            .find(|p| p.public_key == key(1))
+            .unwrap();
+        assert!(from.replace_allowed_ips && from.allowed_ips.is_empty());
+        assert_eq!(
+            from.accept_ips.as_deref(),
+            Some(&groups["cluster-b"].cidrs[..])
+        );
+        assert_eq!(diff(&second, &materialize(&set, &groups, &active)), None);
     }
 
     #[test]

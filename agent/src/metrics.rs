@@ -367,6 +367,8 @@ mod tests {
             endpoint: None,
             persistent_keepalive: 0,
             allowed_ips: Vec::new(),
+            accept_ips: Vec::new(),
+            since_receive: None,
             since_handshake: age,
             rx_bytes: rx,
             tx_bytes: 2 * rx,

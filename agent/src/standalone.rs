@@ -107,6 +107,7 @@ pub fn plan(options: &UpOptions) -> Result<Plan> {
                 persistent_keepalive: peer.persistent_keepalive,
                 replace_allowed_ips: true,
                 allowed_ips: peer.allowed_ips.clone(),
+                accept_ips: None,
             });
         }
     }

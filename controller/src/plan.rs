@@ -505,6 +505,7 @@ impl Candidate {
             pod_cidrs: self.cidrs.iter().map(ToString::to_string).collect(),
             location: node.spec.location.clone(),
             kind: node.spec.kind,
+            gateway: node.spec.is_gateway(),
         })
     }
 }
@@ -1047,6 +1048,33 @@ mod tests {
     }
 
     #[test]
+    fn only_a_labelled_node_with_an_endpoint_is_mirrored_as_a_gateway() {
+        let mut gw = node("b1", 1, &["10.2.1.0/24"]);
+        gw.spec.gateway = true;
+        let mut mute = node("b2", 2, &["10.2.2.0/24"]);
+        mute.spec.gateway = true;
+        mute.spec.endpoints.clear();
+        let mut host_gw = host("h1", 3, &["10.250.0.5/32"]);
+        host_gw.spec.gateway = true;
+        let plan = plan(
+            &peer("cluster-b", &["10.2.0.0/16"]),
+            &[gw, mute, host_gw, node("b4", 4, &["10.2.4.0/24"])],
+            &local(),
+            &[],
+            &[],
+        );
+        let gateways: Vec<(&str, bool)> = plan
+            .apply
+            .iter()
+            .map(|d| (d.spec.node.as_str(), d.spec.gateway))
+            .collect();
+        assert_eq!(
+            gateways,
+            [("b1", true), ("b2", false), ("b4", false), ("h1", false)]
+        );
+    }
+
+    #[test]
     fn a_host_without_a_key_is_not_ready_and_neither_mirrored_nor_refused() {
         let mut h = host("h1", 1, &["10.250.0.5/32"]);
         h.spec.public_key = String::new();
@@ -1226,6 +1254,7 @@ mod tests {
                 pod_cidrs: cidrs.iter().map(|s| (*s).to_owned()).collect(),
                 location: None,
                 kind: Default::default(),
+                gateway: false,
             },
         )
     }

@@ -884,6 +884,7 @@ mod tests {
                 pod_cidrs: vec![cidr.into()],
                 location: None,
                 kind: Default::default(),
+                gateway: false,
             },
         )
     }

@@ -26,6 +26,10 @@ pub const SYSTEM_NAMESPACE: &str = "wiremesh-system";
 pub const CLUSTER_CONFIGMAP: &str = "wiremesh-cluster";
 /// Label on the ServiceAccount, RBAC objects and MeshNode of a host: the host's name.
 pub const HOST_LABEL: &str = "wiremesh.io/host";
+/// Label on a Node: `true` makes it a gateway of its cluster. When any node of a cluster
+/// is a gateway, only the gateways hold tunnels to other clusters; the other nodes reach
+/// them through a gateway, and another gateway takes over when one dies.
+pub const GATEWAY_LABEL: &str = "wiremesh.io/gateway";
 /// Label on MeshPeers and Secrets: the peer cluster they belong to.
 pub const PEER_CLUSTER_LABEL: &str = "wiremesh.io/peer-cluster";
 /// Finalizer the controller puts on PeerClusters so their MeshPeers go with them.
@@ -101,6 +105,10 @@ pub struct MeshNodeSpec {
     /// A Kubernetes node or a host outside Kubernetes.
     #[serde(default)]
     pub kind: MeshNodeKind,
+    /// The node carries the [`GATEWAY_LABEL`]. It counts only for a Node-kind MeshNode
+    /// with a key and an endpoint (see [`MeshNodeSpec::is_gateway`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gateway: bool,
 }
 
 /// What an agent reports about its tunnels.
@@ -266,6 +274,10 @@ pub struct MeshPeerSpec {
     /// A Kubernetes node or a host.
     #[serde(default)]
     pub kind: MeshNodeKind,
+    /// A gateway of its cluster: the cluster's other nodes are reached through the
+    /// gateways (the first that answers, in order of node name).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gateway: bool,
 }
 
 impl MeshNodeSpec {
@@ -273,6 +285,16 @@ impl MeshNodeSpec {
     /// `meshctl host add` has none until its agent starts).
     pub fn has_key(&self) -> bool {
         !self.public_key.is_empty()
+    }
+
+    /// Whether the node serves as a gateway: labelled so, a Kubernetes node (a host is
+    /// outside the cluster network the gateway forwards into), with a key and at least one
+    /// endpoint (the other side must be able to reach it).
+    pub fn is_gateway(&self) -> bool {
+        self.gateway
+            && self.kind == MeshNodeKind::Node
+            && self.has_key()
+            && !self.endpoints.is_empty()
     }
 }
 

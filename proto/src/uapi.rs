@@ -94,6 +94,11 @@ pub struct PeerUpdate {
     /// identical value already exists as part of a prior peer, the allowed IP entry will
     /// be removed from that peer and added to this peer."
     pub allowed_ips: Vec<IpCidr>,
+    /// Not part of the UAPI text protocol (the agent's control loop sets it): when `Some`,
+    /// replaces the prefixes accepted as sources from the peer without being routed to
+    /// it. Failover groups use it: every gateway of a cluster may send from the cluster's
+    /// pod CIDRs, while only the active one is routed to.
+    pub accept_ips: Option<Vec<IpCidr>>,
 }
 
 impl PeerUpdate {
@@ -108,6 +113,7 @@ impl PeerUpdate {
             persistent_keepalive: None,
             replace_allowed_ips: false,
             allowed_ips: Vec::new(),
+            accept_ips: None,
         }
     }
 }
@@ -1109,6 +1115,7 @@ mod tests {
                     persistent_keepalive: keepalive,
                     replace_allowed_ips: replace,
                     allowed_ips: ips,
+                    accept_ips: None,
                 },
             )
     }

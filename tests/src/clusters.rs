@@ -438,6 +438,30 @@ impl TwoClusters {
         cluster.nodes.last().context("just pushed")
     }
 
+    /// Kills node `name` of cluster `side` the hard way: its agent gets SIGKILL, its API
+    /// proxy stops, and its namespaces (the node's and its pod's) are deleted, veths and
+    /// all. Its `Node` and `MeshNode` stay, as when a machine loses power.
+    ///
+    /// # Errors
+    /// When there is no such node or a namespace cannot be deleted.
+    pub fn kill_node(&mut self, side: Side, name: &str) -> Result<()> {
+        let cluster = self.cluster_mut(side);
+        let index = cluster
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+            .with_context(|| format!("no node {name} in {}", side.name()))?;
+        let node = cluster.nodes.remove(index);
+        if let Some(agent) = &node.agent {
+            agent.signal("KILL")?;
+        }
+        let (host, pod) = (node.host.clone(), node.pod.clone());
+        drop(node);
+        self.lab.delete_namespace(&pod)?;
+        self.lab.delete_namespace(&host)?;
+        Ok(())
+    }
+
     /// Adds bare host number `index` (1..=250) for cluster `side`: lab host `name` at
     /// 198.18.9.`index` on the underlay with address 10.250.`index`.1 (its pod bridge's
     /// gateway) and an API proxy to `side`'s API server; no `Node`, no agent, not

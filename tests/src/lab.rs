@@ -273,6 +273,17 @@ impl Lab {
     pub fn namespaces(&self) -> Vec<String> {
         lock(&self.inner.namespaces).clone()
     }
+
+    /// Deletes namespace `ns` now (a machine that dies): its veths go with it. Stop the
+    /// processes in it first; the lab no longer tears it down.
+    ///
+    /// # Errors
+    /// When `ip netns delete` fails.
+    pub fn delete_namespace(&self, ns: &Netns) -> Result<()> {
+        ip(&["netns", "delete", ns.name()])?;
+        lock(&self.inner.namespaces).retain(|n| n != ns.name());
+        Ok(())
+    }
 }
 
 impl fmt::Debug for Lab {

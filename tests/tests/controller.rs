@@ -264,6 +264,7 @@ fn create_mesh_node(api: &Api<MeshNode>, name: &str, cidr: &str, endpoint: &str)
             pod_cidrs: vec![cidr.into()],
             location: None,
             kind: MeshNodeKind::Node,
+            gateway: false,
         },
     );
     block_on(api.create(&PostParams::default(), &node))

@@ -149,6 +149,7 @@ fn mesh_node(name: &str) -> MeshNode {
             pod_cidrs: vec!["10.1.1.0/24".to_owned()],
             location: None,
             kind: MeshNodeKind::Node,
+            gateway: false,
         },
     )
 }

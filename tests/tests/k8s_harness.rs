@@ -175,6 +175,7 @@ fn check_mesh_node_validation(client: &Client) -> Result<()> {
         pod_cidrs: vec!["10.1.1.0/24".into()],
         location: Some("lab".into()),
         kind: MeshNodeKind::Node,
+        gateway: false,
     };
     block_on(api.create(&PostParams::default(), &MeshNode::new("good", good())))
         .context("a well-formed MeshNode was refused")?;

@@ -399,6 +399,7 @@ fn mesh_node_spec(cidr: &str) -> MeshNodeSpec {
         pod_cidrs: vec![cidr.into()],
         location: None,
         kind: MeshNodeKind::Node,
+        gateway: false,
     }
 }
 

@@ -175,6 +175,7 @@ fn a_remote_node_claiming_our_cidr_is_refused_everywhere() -> Result<()> {
             pod_cidrs: vec![stolen.clone()],
             location: None,
             kind: MeshNodeKind::Node,
+            gateway: false,
         },
     );
     block_on(Api::<MeshNode>::all(lab.b.client()?).create(&PostParams::default(), &evil))?;

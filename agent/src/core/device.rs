@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -123,6 +123,11 @@ pub struct PeerView {
     pub persistent_keepalive: u16,
     /// The prefixes it may send from and we route to it.
     pub allowed_ips: Vec<IpCidr>,
+    /// Further prefixes it may send from, not routed to it (failover groups).
+    pub accept_ips: Vec<IpCidr>,
+    /// Time since the last authenticated datagram from it, measured at timer ticks (a
+    /// few times a second); `None` before the first.
+    pub since_receive: Option<Duration>,
     /// Time since the current session's handshake, if there is a session.
     pub since_handshake: Option<Duration>,
     /// Bytes received from it (whole datagrams).
@@ -143,6 +148,13 @@ struct Peer {
     endpoint: Option<SocketAddr>,
     persistent_keepalive: u16,
     allowed_ips: BTreeSet<IpCidr>,
+    /// Sources accepted from the peer besides `allowed_ips`, never routed to it.
+    accept_ips: BTreeSet<IpCidr>,
+    /// When a timer tick last saw `rx_packets` grow (stamped at ticks, not per packet, to
+    /// keep the clock off the hot path).
+    last_receive: Option<Instant>,
+    /// `rx_packets` at that tick.
+    rx_seen: u64,
     /// The noise state machine, created on first use (a packet for the peer, its
     /// handshake initiation, or at once when persistent keepalive is on) and freed when
     /// boringtun declares the connection expired: a `Tunn` holds its eight sessions
@@ -309,6 +321,9 @@ impl Device {
             peer.persistent_keepalive = keepalive;
             rebuild = true;
         }
+        if let Some(accept) = &update.accept_ips {
+            peer.accept_ips = accept.iter().copied().collect();
+        }
         let old_ips = if update.replace_allowed_ips {
             std::mem::take(&mut peer.allowed_ips)
         } else {
@@ -366,6 +381,9 @@ impl Device {
             endpoint: None,
             persistent_keepalive: 0,
             allowed_ips: BTreeSet::new(),
+            accept_ips: BTreeSet::new(),
+            last_receive: None,
+            rx_seen: 0,
             tunn: None,
             rx_bytes: 0,
             tx_bytes: 0,
@@ -596,7 +614,13 @@ impl Device {
         src: IpAddr,
         packet: &'o [u8],
     ) -> DatagramVerdict<'o> {
-        if self.allowed.lookup(src) == Some(id) {
+        let accepted = || {
+            self.slots
+                .get(id.0 as usize)
+                .and_then(Option::as_ref)
+                .is_some_and(|p| p.accept_ips.iter().any(|c| c.contains(src)))
+        };
+        if self.allowed.lookup(src) == Some(id) || accepted() {
             DatagramVerdict::Tunnel { peer: id, packet }
         } else {
             self.drop_datagram(DropReason::BadSource)
@@ -626,7 +650,12 @@ impl Device {
     /// times a second. `send` gets each datagram to transmit.
     pub fn update_timers(&mut self, out: &mut [u8], mut send: impl FnMut(SocketAddr, &[u8])) {
         self.rate_limiter.reset_count();
+        let now = Instant::now();
         for peer in self.slots.iter_mut().flatten() {
+            if peer.rx_packets != peer.rx_seen {
+                peer.rx_seen = peer.rx_packets;
+                peer.last_receive = Some(now);
+            }
             let Some(tunn) = peer.tunn.as_mut() else {
                 continue;
             };
@@ -723,6 +752,8 @@ impl Device {
             endpoint: peer.endpoint,
             persistent_keepalive: peer.persistent_keepalive,
             allowed_ips: peer.allowed_ips.iter().copied().collect(),
+            accept_ips: peer.accept_ips.iter().copied().collect(),
+            since_receive: peer.last_receive.map(|t| t.elapsed()),
             since_handshake: peer
                 .tunn
                 .as_ref()
@@ -1047,6 +1078,47 @@ mod tests {
         assert_eq!(p.a.counters().drops(DropReason::BadSource), 1);
     }
 
+    #[test]
+    fn accept_ips_admit_sources_without_routing_to_the_peer() {
+        let mut p = pair();
+        establish(&mut p);
+        let mut u = peer(p.b_key, None, &[]);
+        u.replace_allowed_ips = false;
+        u.accept_ips = Some(vec!["10.0.9.0/24".parse().unwrap()]);
+        let mut u = update(&key(1), vec![u]);
+        u.replace_peers = false;
+        u.private_key = None;
+        let _ = p.a.apply(&u).unwrap();
+        // B may now send from 10.0.9.0/24 as well as 10.0.2.0/24 ...
+        let from_group = ipv4("10.0.9.9", "10.0.1.5", b"group");
+        let datagram = send(&mut p.b, &from_group).unwrap();
+        let (tun, _, dropped) = deliver(&mut p.a, B_ADDR, &datagram);
+        assert_eq!((tun, dropped), (vec![from_group], None));
+        // ... but nothing is routed to it there, and other sources are still refused.
+        assert_eq!(
+            send(&mut p.a, &ipv4("10.0.1.5", "10.0.9.9", b"x")),
+            Err(Some(DropReason::NoRoute))
+        );
+        assert!(!p.a.routes().iter().any(|c| c.to_string() == "10.0.9.0/24"));
+        let spoofed = send(&mut p.b, &ipv4("10.0.8.8", "10.0.1.5", b"x")).unwrap();
+        let (_, _, dropped) = deliver(&mut p.a, B_ADDR, &spoofed);
+        assert_eq!(dropped, Some(DropReason::BadSource));
+        let view = p.a.peer(p.a.peer_id(&p.b_key).unwrap()).unwrap();
+        assert_eq!(view.accept_ips, vec!["10.0.9.0/24".parse().unwrap()]);
+    }
+
+    #[test]
+    fn since_receive_is_stamped_at_the_tick_after_a_datagram() {
+        let mut p = pair();
+        let id = p.a.peer_id(&p.b_key).unwrap();
+        let mut out = vec![0u8; 2048];
+        p.a.update_timers(&mut out, |_, _| {});
+        assert_eq!(p.a.peer(id).unwrap().since_receive, None);
+        establish(&mut p);
+        p.a.update_timers(&mut out, |_, _| {});
+        let since = p.a.peer(id).unwrap().since_receive.unwrap();
+        assert!(since < Duration::from_secs(1), "{since:?}");
+    }
     #[test]
     fn garbage_truncated_and_replayed_datagrams_are_counted() {
         let mut p = pair();

@@ -536,6 +536,7 @@ pub fn host_mesh_node(request: &AddRequest) -> MeshNode {
             pod_cidrs: vec![request.address.to_string()],
             location: None,
             kind: MeshNodeKind::Host,
+            gateway: false,
         },
     );
     node.metadata.labels = meta(&request.name, None, &request.name).labels;
@@ -662,6 +663,7 @@ mod tests {
                 pod_cidrs: vec![cidr.into()],
                 location: None,
                 kind,
+                gateway: false,
             },
         )
     }
@@ -677,6 +679,7 @@ mod tests {
                 pod_cidrs: vec![cidr.into()],
                 location: None,
                 kind: MeshNodeKind::Node,
+                gateway: false,
             },
         )
     }

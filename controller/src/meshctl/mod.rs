@@ -1,4 +1,5 @@
-//! The library behind `meshctl`: `install`, `join`, `unjoin`, `status` and `host`.
+//! The library behind `meshctl`: `install`, `join`, `unjoin`, `status`, `host` and
+//! `gateway`.
 //!
 //! The decisions are pure functions with unit tests ([`preflight::check_join`],
 //! [`status::StatusReport`], [`table`]); the rest talks to the API servers and prints each
@@ -11,6 +12,7 @@
 //!   `wiremesh-peer-<X>`, and a token for that ServiceAccount from the TokenRequest API;
 //! - in X: Secret `wiremesh-system/peer-<Y>` holding the token, and PeerCluster `<Y>`.
 
+pub mod gateway;
 pub mod host;
 pub mod join;
 pub mod kubeconfig;
@@ -99,6 +101,28 @@ pub enum Command {
     /// Hosts outside Kubernetes: add, print a wg-quick config, remove.
     #[command(subcommand)]
     Host(HostCommand),
+    /// Gateway nodes: when a cluster has any, only they hold tunnels to other clusters
+    /// and its other nodes go through them; another takes over when one dies.
+    #[command(subcommand)]
+    Gateway(GatewayCommand),
+}
+
+/// `meshctl gateway ...`.
+#[derive(Subcommand, Debug)]
+pub enum GatewayCommand {
+    /// Make a node a gateway (label it `wiremesh.io/gateway=true`). Refused, with nothing
+    /// written, for a node without a running agent or without an endpoint.
+    Add {
+        /// The node's name.
+        #[arg(value_name = "NODE")]
+        node: String,
+    },
+    /// Make a node an ordinary node again (remove the label).
+    Remove {
+        /// The node's name.
+        #[arg(value_name = "NODE")]
+        node: String,
+    },
 }
 
 /// `meshctl host ...`.
@@ -198,6 +222,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Host(HostCommand::Config { name }) => host::config(&cli.kube, &name).await,
         Command::Host(HostCommand::Remove { name }) => host::remove(&cli.kube, &name).await,
+        Command::Gateway(GatewayCommand::Add { node }) => gateway::add(&cli.kube, &node).await,
+        Command::Gateway(GatewayCommand::Remove { node }) => {
+            gateway::remove(&cli.kube, &node).await
+        }
     }
 }
 
@@ -206,6 +234,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 pub fn exit_code(error: &anyhow::Error) -> u8 {
     if error.downcast_ref::<preflight::Refusals>().is_some()
         || error.downcast_ref::<host::HostRefusals>().is_some()
+        || error.downcast_ref::<gateway::GatewayRefusals>().is_some()
     {
         3
     } else {

@@ -509,6 +509,7 @@ a2     10.1.2.0/24   -
                 pod_cidrs: vec![cidr.into()],
                 location: None,
                 kind: Default::default(),
+                gateway: false,
             },
         );
         n.status = Some(MeshNodeStatus {
