@@ -399,6 +399,8 @@ impl Context {
 pub(crate) struct Desired {
     pub(crate) peers: PeerSet,
     pub(crate) groups: mesh::Groups,
+    /// The peers reached through a group, with no tunnel of their own (for status).
+    pub(crate) via: Origins,
 }
 
 /// The failover group of this cluster's own gateways (on a node that is not one).
@@ -461,6 +463,7 @@ impl Selection {
                 name: name.clone(),
                 cluster: String::new(),
                 node: name,
+                path: mesh::PeerPath::Direct,
             };
             let spec = &node.spec;
             self.insert(
@@ -499,6 +502,7 @@ impl Selection {
                 name: peer.name_any(),
                 cluster: spec.cluster.clone(),
                 node: spec.node.clone(),
+                path: mesh::PeerPath::Direct,
             };
             self.insert(
                 &mut out,
@@ -544,7 +548,10 @@ impl Selection {
         };
         match role {
             Role::Direct => {}
-            Role::AcceptOnly => desired.accept_ips = std::mem::take(&mut desired.allowed_ips),
+            Role::AcceptOnly => {
+                desired.accept_ips = std::mem::take(&mut desired.allowed_ips);
+                desired.origin.path = mesh::PeerPath::Forwarding;
+            }
             Role::Member(group) => {
                 let group = out.groups.entry(group).or_default();
                 group.members.push(key);
@@ -557,10 +564,15 @@ impl Selection {
             }
             Role::Via(group) => {
                 out.groups
-                    .entry(group)
+                    .entry(group.clone())
                     .or_default()
                     .cidrs
                     .append(&mut desired.allowed_ips);
+                let origin = PeerOrigin {
+                    path: mesh::PeerPath::Via { group },
+                    ..origin
+                };
+                out.via.insert(key, origin);
                 return;
             }
         }
@@ -642,6 +654,16 @@ async fn reconcile(
     *active = chosen;
     let target = mesh::materialize(&desired.peers, &desired.groups, active);
     apply(handle, applied, target, origins).await;
+    // The peers reached through a gateway have no tunnel; status still names them.
+    if !desired.via.is_empty() {
+        origins.send_if_modified(|o| {
+            let before = o.len();
+            for (key, origin) in &desired.via {
+                o.entry(*key).or_insert_with(|| origin.clone());
+            }
+            o.len() != before
+        });
+    }
 }
 
 /// Moves the device from `applied` to `desired`; on success publishes where each peer came
@@ -794,6 +816,7 @@ async fn report_status(
     };
     let mut tunnels: BTreeMap<PublicKey, bool> = BTreeMap::new();
     let mut ready_since: Option<Time> = None;
+    let mut last_error: Option<String> = None;
     loop {
         if let Ok(snapshot) = handle.snapshot().await {
             let now = k8s_openapi::jiff::Timestamp::now();
@@ -815,8 +838,13 @@ async fn report_status(
                     }),
                     rx_bytes: i64::try_from(p.rx_bytes).unwrap_or(i64::MAX),
                     tx_bytes: i64::try_from(p.tx_bytes).unwrap_or(i64::MAX),
+                    path: origins
+                        .get(&p.public_key)
+                        .map(|o| mesh::tunnel_path(&o.path))
+                        .unwrap_or_default(),
                 })
                 .collect();
+            let via_gateway = mesh::via_gateways(&origins);
             let since = ready_since.get_or_insert(Time(now)).clone();
             let status = serde_json::json!({
                 "apiVersion": MeshNode::api_version(&()),
@@ -831,14 +859,23 @@ async fn report_status(
                         observed_generation: None,
                     }],
                     "peers": peers,
+                    "viaGateway": via_gateway,
                     "lastUpdateTime": Time(now),
                 }
             });
-            if let Err(e) = api
+            match api
                 .patch_status(&name, &params, &Patch::Apply(&status))
                 .await
             {
-                debug!(error = %e, "writing the MeshNode status");
+                Ok(_) => last_error = None,
+                // Each new error once: the MeshNode may not exist yet at the first try.
+                Err(e) => {
+                    let text = e.to_string();
+                    if last_error.as_ref() != Some(&text) {
+                        warn!(error = %text, "writing the MeshNode status");
+                    }
+                    last_error = Some(text);
+                }
             }
         }
         tokio::time::sleep(STATUS_INTERVAL).await;
@@ -912,6 +949,7 @@ pub(crate) fn load_cache(dir: &std::path::Path) -> Option<PeerSet> {
                     name: p.name,
                     cluster: p.cluster,
                     node: p.node,
+                    path: mesh::PeerPath::Direct,
                 },
                 endpoint: p.endpoint,
                 allowed_ips,

@@ -20,6 +20,30 @@ pub struct PeerOrigin {
     pub cluster: String,
     /// The node's name in its cluster.
     pub node: String,
+    /// How its tunnel is used (for status only).
+    pub path: PeerPath,
+}
+
+/// How a peer is reached, for status: over a tunnel of its own, or through a gateway.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum PeerPath {
+    /// A tunnel for its own prefixes.
+    #[default]
+    Direct,
+    /// A failover group's member (a gateway): active or standing by.
+    Gateway {
+        /// The group.
+        group: String,
+        /// It carries the group's prefixes now.
+        active: bool,
+    },
+    /// On a gateway: a node of its own cluster whose traffic it forwards.
+    Forwarding,
+    /// No tunnel: reached through this group's active member.
+    Via {
+        /// The group.
+        group: String,
+    },
 }
 
 /// Where each configured peer came from, by public key.
@@ -190,7 +214,12 @@ pub fn materialize(peers: &PeerSet, groups: &Groups, active: &Active) -> PeerSet
             let Some(peer) = out.get_mut(key) else {
                 continue;
             };
-            if active.get(name) == Some(key) {
+            let is_active = active.get(name) == Some(key);
+            peer.origin.path = PeerPath::Gateway {
+                group: name.clone(),
+                active: is_active,
+            };
+            if is_active {
                 peer.allowed_ips.extend(&group.cidrs);
                 peer.allowed_ips.sort();
                 peer.allowed_ips.dedup();
@@ -245,6 +274,43 @@ pub fn diff(applied: &PeerSet, desired: &PeerSet) -> Option<DeviceUpdate> {
         peers,
         ..DeviceUpdate::default()
     })
+}
+
+/// How a tunnel to a peer of this path is used, for status.
+pub fn tunnel_path(path: &PeerPath) -> wiremesh_proto::crd::TunnelPath {
+    use wiremesh_proto::crd::TunnelPath;
+    match path {
+        PeerPath::Direct | PeerPath::Via { .. } => TunnelPath::Direct,
+        PeerPath::Gateway { active: true, .. } => TunnelPath::Gateway,
+        PeerPath::Gateway { active: false, .. } => TunnelPath::Standby,
+        PeerPath::Forwarding => TunnelPath::Forwarding,
+    }
+}
+
+/// The peers reached through a gateway, each with the name of the group's active member.
+pub fn via_gateways(origins: &Origins) -> Vec<wiremesh_proto::crd::ViaGateway> {
+    let active: BTreeMap<&str, &str> = origins
+        .values()
+        .filter_map(|o| match &o.path {
+            PeerPath::Gateway {
+                group,
+                active: true,
+            } => Some((group.as_str(), o.name.as_str())),
+            _ => None,
+        })
+        .collect();
+    let mut out: Vec<_> = origins
+        .values()
+        .filter_map(|o| match &o.path {
+            PeerPath::Via { group } => Some(wiremesh_proto::crd::ViaGateway {
+                name: o.name.clone(),
+                gateway: active.get(group.as_str()).copied().unwrap_or("").to_owned(),
+            }),
+            _ => None,
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
 }
 
 /// A tunnel counts as up while its session is younger than this (WireGuard's
@@ -358,6 +424,31 @@ mod tests {
         // An empty group has no active member.
         let empty = Groups::from([("x".to_owned(), Group::default())]);
         assert!(choose_active(&empty, &heard(&[]), &none).is_empty());
+    }
+
+    #[test]
+    fn status_names_the_gateway_each_peer_goes_through() {
+        let (set, groups) = gateways();
+        let active = Active::from([("cluster-b".to_owned(), key(2))]);
+        let mut origins: Origins = materialize(&set, &groups, &active)
+            .into_iter()
+            .map(|(k, p)| (k, p.origin))
+            .collect();
+        let mut b3 = origin("b.n3");
+        b3.path = PeerPath::Via {
+            group: "cluster-b".to_owned(),
+        };
+        origins.insert(key(9), b3);
+        let via = via_gateways(&origins);
+        assert_eq!(via.len(), 1);
+        assert_eq!(
+            (via[0].name.as_str(), via[0].gateway.as_str()),
+            ("b.n3", "b.gw2")
+        );
+        use wiremesh_proto::crd::TunnelPath;
+        assert_eq!(tunnel_path(&origins[&key(2)].path), TunnelPath::Gateway);
+        assert_eq!(tunnel_path(&origins[&key(1)].path), TunnelPath::Standby);
+        assert_eq!(tunnel_path(&origins[&key(3)].path), TunnelPath::Direct);
     }
 
     #[test]
@@ -492,6 +583,7 @@ mod tests {
             name: name.to_owned(),
             cluster: cluster.to_owned(),
             node: node.to_owned(),
+            path: PeerPath::Direct,
         }
     }
 }

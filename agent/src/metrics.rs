@@ -313,6 +313,7 @@ mod tests {
                 name: "cluster-b.n1".to_owned(),
                 cluster: "cluster-b".to_owned(),
                 node: "n1".to_owned(),
+                path: crate::mesh::PeerPath::Direct,
             },
         );
         let text = render(snapshot, &origins);

@@ -125,6 +125,36 @@ pub struct MeshNodeStatus {
     /// When the agent last wrote this status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_update_time: Option<Time>,
+    /// Remote peers this node reaches through a gateway, with no tunnel of their own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub via_gateway: Vec<ViaGateway>,
+}
+
+/// How a tunnel is used.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+pub enum TunnelPath {
+    /// To the peer itself, for its own pods.
+    #[default]
+    Direct,
+    /// To a gateway that now carries its cluster's traffic (or, on a node behind gateways,
+    /// every remote cluster's).
+    Gateway,
+    /// To a gateway kept ready to take over.
+    Standby,
+    /// On a gateway: to a node of its own cluster whose traffic it forwards.
+    Forwarding,
+}
+
+/// A remote peer reached through a gateway.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ViaGateway {
+    /// The MeshPeer.
+    pub name: String,
+    /// The tunnel (MeshPeer or MeshNode name) of the gateway that carries it now.
+    pub gateway: String,
 }
 
 /// One tunnel as an agent sees it.
@@ -145,6 +175,9 @@ pub struct TunnelStatus {
     /// Bytes sent to the peer.
     #[serde(default)]
     pub tx_bytes: i64,
+    /// How the tunnel is used.
+    #[serde(default)]
+    pub path: TunnelPath,
 }
 
 /// A linked cluster: where its API server is, the read-only credentials for it, and the

@@ -181,6 +181,27 @@ fn gateways_carry_the_cluster_and_another_takes_over_when_one_dies() -> Result<(
         back.mbit_per_s()
     );
 
+    // Status says which path each peer takes.
+    wait_for(CONVERGE, || {
+        let b1 = block_on(Api::<MeshNode>::all(lab.b.client()?).get("b1"))?;
+        let status = b1.status.unwrap_or_default();
+        ensure!(
+            status
+                .via_gateway
+                .iter()
+                .any(|v| v.name == "cluster-a.a1" && v.gateway == "b2"),
+            "b1's status should say cluster-a.a1 goes via b2: {status:?}"
+        );
+        Ok(())
+    })?;
+    let status = lab.meshctl(&["--context", "cluster-a", "status"])?;
+    let text = String::from_utf8_lossy(&status.stdout);
+    println!("{text}");
+    ensure!(
+        text.contains("via gateway cluster-b.b2") && text.contains("gateway (standby)"),
+        "meshctl status should show the paths:\n{text}"
+    );
+
     // The active gateway dies.
     let a1_pod = lab.a.node("a1")?.pod.clone();
     let b1_pod_ns = lab.b.node("b1")?.pod.clone();
@@ -208,9 +229,16 @@ fn gateways_carry_the_cluster_and_another_takes_over_when_one_dies() -> Result<(
         there.mbit_per_s(),
         back.mbit_per_s()
     );
-    let status = lab.meshctl(&["--context", "cluster-b", "status"])?;
-    println!("{}", String::from_utf8_lossy(&status.stdout));
-    ensure!(status.status.success(), "meshctl status failed");
+    wait_for(CONVERGE, || {
+        let out = lab.meshctl(&["--context", "cluster-b", "status"])?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        ensure!(
+            text.contains("cluster-a.a1   via gateway b3"),
+            "b1 should go via b3 now:\n{text}"
+        );
+        println!("{text}");
+        Ok(())
+    })?;
     let _ = lab.b.node("b1").context("b1 is still there")?;
     Ok(())
 }

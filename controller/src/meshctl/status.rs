@@ -7,7 +7,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt as _;
 use kube::api::{Api, ListParams};
 use serde::Serialize;
-use wiremesh_proto::crd::{MeshNode, MeshNodeKind, PeerCluster};
+use wiremesh_proto::crd::{MeshNode, MeshNodeKind, PeerCluster, TunnelPath, ViaGateway};
 
 use super::kubeconfig::{self, Target};
 use super::{KubeArgs, OutputFormat, say, table};
@@ -96,8 +96,12 @@ pub struct NodeView {
     pub endpoints: Vec<String>,
     /// When its agent last wrote its status (RFC 3339).
     pub last_update_time: Option<String>,
+    /// Whether it is a gateway of the cluster.
+    pub gateway: bool,
     /// Its tunnels, by peer name, as its agent reported them.
     pub tunnels: Vec<TunnelView>,
+    /// Remote peers it reaches through a gateway (no tunnel of their own), by name.
+    pub via_gateway: Vec<ViaGateway>,
 }
 
 /// One tunnel of a node.
@@ -116,6 +120,9 @@ pub struct TunnelView {
     pub rx_bytes: i64,
     /// Bytes sent.
     pub tx_bytes: i64,
+    /// `Direct`, `Gateway` (through it now), `Standby` (a gateway ready to take over) or
+    /// `Forwarding` (on a gateway: a node of its cluster it forwards for).
+    pub path: TunnelPath,
 }
 
 impl StatusReport {
@@ -164,6 +171,7 @@ impl StatusReport {
                         latest_handshake_age_seconds: t.latest_handshake_time.as_ref().map(age),
                         rx_bytes: t.rx_bytes,
                         tx_bytes: t.tx_bytes,
+                        path: t.path,
                     })
                     .collect();
                 tunnels.sort_by(|a, b| a.name.cmp(&b.name));
@@ -174,7 +182,9 @@ impl StatusReport {
                     pod_cidrs: n.spec.pod_cidrs.clone(),
                     endpoints: n.spec.endpoints.clone(),
                     last_update_time: status.last_update_time.as_ref().map(|t| t.0.to_string()),
+                    gateway: n.spec.is_gateway(),
                     tunnels,
+                    via_gateway: status.via_gateway.clone(),
                 }
             })
             .collect();
@@ -263,34 +273,47 @@ impl StatusReport {
         let mut rows = Vec::new();
         for n in &self.nodes {
             let name = match (n.kind, n.has_key) {
+                (MeshNodeKind::Node, _) if n.gateway => format!("{} (gateway)", n.name),
                 (MeshNodeKind::Node, _) => n.name.clone(),
                 (MeshNodeKind::Host, true) => format!("{} (host)", n.name),
                 (MeshNodeKind::Host, false) => format!("{} (host, no key yet)", n.name),
             };
             let first = vec![name, n.pod_cidrs.join(",")];
-            if n.tunnels.is_empty() {
+            if n.tunnels.is_empty() && n.via_gateway.is_empty() {
                 rows.push([first.clone(), vec!["-".to_owned()]].concat());
             }
-            for (i, t) in n.tunnels.iter().enumerate() {
+            let vias = n.via_gateway.iter().map(|v| {
+                let gateway = if v.gateway.is_empty() {
+                    "via gateway (none up)".to_owned()
+                } else {
+                    format!("via gateway {}", v.gateway)
+                };
+                vec![v.name.clone(), gateway]
+            });
+            let tunnels = n.tunnels.iter().map(|t| {
+                let path = match t.path {
+                    TunnelPath::Direct => "direct",
+                    TunnelPath::Gateway => "gateway (active)",
+                    TunnelPath::Standby => "gateway (standby)",
+                    TunnelPath::Forwarding => "forwarding",
+                };
+                vec![
+                    t.name.clone(),
+                    path.to_owned(),
+                    t.endpoint.clone().unwrap_or_else(|| "-".to_owned()),
+                    t.latest_handshake_age_seconds
+                        .map_or_else(|| "never".to_owned(), table::ago),
+                    table::bytes(t.rx_bytes),
+                    table::bytes(t.tx_bytes),
+                ]
+            });
+            for (i, cells) in tunnels.chain(vias).enumerate() {
                 let lead = if i == 0 {
                     first.clone()
                 } else {
                     vec![String::new(), String::new()]
                 };
-                rows.push(
-                    [
-                        lead,
-                        vec![
-                            t.name.clone(),
-                            t.endpoint.clone().unwrap_or_else(|| "-".to_owned()),
-                            t.latest_handshake_age_seconds
-                                .map_or_else(|| "never".to_owned(), table::ago),
-                            table::bytes(t.rx_bytes),
-                            table::bytes(t.tx_bytes),
-                        ],
-                    ]
-                    .concat(),
-                );
+                rows.push([lead, cells].concat());
             }
         }
         out.push_str(&table::render(
@@ -298,6 +321,7 @@ impl StatusReport {
                 "NODE",
                 "POD CIDRS",
                 "PEER",
+                "PATH",
                 "ENDPOINT",
                 "HANDSHAKE",
                 "RX",
@@ -407,9 +431,10 @@ cluster-c      False   True    True       1       5m0s ago    10.3.0.0/16   http
   cluster-c Stale=True: ApiServerUnreachable: keeping 1 peers
   cluster-c Conflict=True: CidrOutOfRange: node c9 claims 10.1.0.0/24
 
-NODE   POD CIDRS     PEER           ENDPOINT           HANDSHAKE   RX        TX
-a1     10.1.1.0/24   cluster-b.b1   198.18.0.3:51820   12s ago     1.5 KiB   300 B
-                     cluster-b.b2   -                  never       0 B       0 B
+NODE   POD CIDRS     PEER           PATH                ENDPOINT           HANDSHAKE   RX        TX
+a1     10.1.1.0/24   cluster-b.b1   direct              198.18.0.3:51820   12s ago     1.5 KiB   300 B
+                     cluster-b.b2   gateway (standby)   -                  never       0 B       0 B
+                     cluster-b.b3   via gateway b1
 a2     10.1.2.0/24   -
 ";
         assert_eq!(text, expected, "\n{text}");
@@ -432,6 +457,8 @@ a2     10.1.2.0/24   -
             12
         );
         assert_eq!(json["nodes"][0]["tunnels"][0]["rxBytes"], 1536);
+        assert_eq!(json["nodes"][0]["tunnels"][1]["path"], "Standby");
+        assert_eq!(json["nodes"][0]["viaGateway"][0]["gateway"], "b1");
         assert_eq!(json["nodes"][1]["tunnels"].as_array().unwrap().len(), 0);
     }
 
@@ -572,6 +599,7 @@ a2     10.1.2.0/24   -
                 vec![
                     TunnelStatus {
                         name: "cluster-b.b2".into(),
+                        path: TunnelPath::Standby,
                         ..TunnelStatus::default()
                     },
                     TunnelStatus {
@@ -580,10 +608,18 @@ a2     10.1.2.0/24   -
                         latest_handshake_time: Some(before(12)),
                         rx_bytes: 1536,
                         tx_bytes: 300,
+                        path: TunnelPath::Direct,
                     },
                 ],
             ),
         ];
+        let mut nodes = nodes;
+        if let Some(status) = nodes[1].status.as_mut() {
+            status.via_gateway = vec![ViaGateway {
+                name: "cluster-b.b3".into(),
+                gateway: "b1".into(),
+            }];
+        }
         StatusReport::new(&info, &peers, &nodes, now())
     }
 }
