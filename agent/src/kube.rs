@@ -894,6 +894,8 @@ struct CachedPeer {
     #[serde(default)]
     node: String,
     endpoint: Option<SocketAddr>,
+    #[serde(default)]
+    endpoints: Vec<SocketAddr>,
     allowed_ips: Vec<String>,
     #[serde(default)]
     accept_ips: Vec<String>,
@@ -909,6 +911,7 @@ fn save_cache(dir: &std::path::Path, peers: &PeerSet) {
             cluster: p.origin.cluster.clone(),
             node: p.origin.node.clone(),
             endpoint: p.endpoint,
+            endpoints: p.endpoints.clone(),
             allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
             accept_ips: p.accept_ips.iter().map(ToString::to_string).collect(),
             persistent_keepalive: p.persistent_keepalive,
@@ -952,6 +955,7 @@ pub(crate) fn load_cache(dir: &std::path::Path) -> Option<PeerSet> {
                     path: mesh::PeerPath::Direct,
                 },
                 endpoint: p.endpoint,
+                endpoints: p.endpoints,
                 allowed_ips,
                 accept_ips,
                 persistent_keepalive: p.persistent_keepalive,

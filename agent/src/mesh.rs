@@ -57,6 +57,9 @@ pub struct DesiredPeer {
     pub origin: PeerOrigin,
     /// The endpoint to start from; the device follows the peer if it roams.
     pub endpoint: Option<SocketAddr>,
+    /// Every endpoint it publishes, most preferred first: the device moves to the next
+    /// when a handshake goes unanswered.
+    pub endpoints: Vec<SocketAddr>,
     /// The prefixes routed to it and accepted from it.
     pub allowed_ips: Vec<IpCidr>,
     /// Further prefixes accepted from it but not routed to it (sorted): a failover
@@ -135,13 +138,20 @@ pub fn desired_peer(
     }
     allowed_ips.sort();
     allowed_ips.dedup();
-    // The first endpoint that parses: endpoints are published most preferred first.
-    let endpoint = endpoints.iter().find_map(|e| e.parse::<SocketAddr>().ok());
+    // Endpoints are published most preferred first; the first that parses is tried first.
+    let mut parsed: Vec<SocketAddr> = Vec::with_capacity(endpoints.len());
+    for endpoint in endpoints.iter().filter_map(|e| e.parse().ok()) {
+        if !parsed.contains(&endpoint) {
+            parsed.push(endpoint);
+        }
+    }
+    let endpoint = parsed.first().copied();
     Ok((
         key,
         DesiredPeer {
             origin: origin.clone(),
             endpoint,
+            endpoints: parsed,
             allowed_ips,
             accept_ips: Vec::new(),
             persistent_keepalive,
@@ -257,6 +267,9 @@ pub fn diff(applied: &PeerSet, desired: &PeerSet) -> Option<DeviceUpdate> {
         let mut update = PeerUpdate::new(*key);
         if have.map(|h| h.endpoint) != Some(want.endpoint) {
             update.endpoint = want.endpoint;
+        }
+        if have.map(|h| &h.endpoints) != Some(&want.endpoints) {
+            update.endpoints = Some(want.endpoints.clone());
         }
         if have.map(|h| &h.allowed_ips) != Some(&want.allowed_ips) {
             update.replace_allowed_ips = true;
@@ -377,6 +390,7 @@ mod tests {
         DesiredPeer {
             origin: origin(name),
             endpoint: Some(endpoint.parse().unwrap()),
+            endpoints: vec![endpoint.parse().unwrap()],
             allowed_ips: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
             accept_ips: Vec::new(),
             persistent_keepalive: 25,
@@ -574,6 +588,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.endpoint, Some("198.18.0.2:51820".parse().unwrap()));
+        let all: Vec<SocketAddr> = vec![
+            "198.18.0.2:51820".parse().unwrap(),
+            "[fd00::2]:51820".parse().unwrap(),
+        ];
+        assert_eq!(p.endpoints, all, "every endpoint that parses, in order");
+        // A new fallback list alone is sent without moving the endpoint in use.
+        let mut q = p.clone();
+        q.endpoints.reverse();
+        let (a, b) = (PeerSet::from([(key(1), p)]), PeerSet::from([(key(1), q)]));
+        let update = diff(&a, &b).unwrap();
+        assert_eq!(update.peers[0].endpoint, None);
+        assert_eq!(update.peers[0].endpoints.as_ref().map(Vec::len), Some(2));
     }
 
     /// The origin of MeshPeer `name` (`cluster.node`).

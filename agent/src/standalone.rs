@@ -108,6 +108,7 @@ pub fn plan(options: &UpOptions) -> Result<Plan> {
                 replace_allowed_ips: true,
                 allowed_ips: peer.allowed_ips.clone(),
                 accept_ips: None,
+                endpoints: None,
             });
         }
     }

@@ -99,6 +99,11 @@ pub struct PeerUpdate {
     /// it. Failover groups use it: every gateway of a cluster may send from the cluster's
     /// pod CIDRs, while only the active one is routed to.
     pub accept_ips: Option<Vec<IpCidr>>,
+    /// Not part of the UAPI text protocol: when `Some`, every endpoint the peer publishes,
+    /// most preferred first. A handshake that goes unanswered moves on to the next; the
+    /// first is used unless [`Self::endpoint`] says otherwise or the current endpoint is
+    /// one of them.
+    pub endpoints: Option<Vec<SocketAddr>>,
 }
 
 impl PeerUpdate {
@@ -114,6 +119,7 @@ impl PeerUpdate {
             replace_allowed_ips: false,
             allowed_ips: Vec::new(),
             accept_ips: None,
+            endpoints: None,
         }
     }
 }
@@ -1116,6 +1122,7 @@ mod tests {
                     replace_allowed_ips: replace,
                     allowed_ips: ips,
                     accept_ips: None,
+                    endpoints: None,
                 },
             )
     }

@@ -292,6 +292,9 @@ pub struct TwoClusters {
     pub kubeconfig: PathBuf,
     /// When cluster-b is behind NAT: its private underlay and the NAT gateway.
     pub nat: Option<(Underlay, Host)>,
+    /// Every Node gets an unreachable `ExternalIP` (198.18.1xx.N, where nothing answers)
+    /// before its `InternalIP`, so its most preferred endpoint is dead.
+    dead_external_ips: bool,
     /// The lab (dropped last: its namespaces outlive the processes in them).
     pub lab: Lab,
 }
@@ -309,7 +312,7 @@ impl TwoClusters {
     /// # Errors
     /// When any part fails to come up.
     pub fn new(nodes: usize) -> Result<Self> {
-        Self::build(nodes, false)
+        Self::build(nodes, false, false)
     }
 
     /// As [`TwoClusters::new`], with cluster-b's nodes on a private underlay
@@ -320,10 +323,20 @@ impl TwoClusters {
     /// # Errors
     /// When any part fails to come up.
     pub fn with_b_behind_nat(nodes: usize) -> Result<Self> {
-        Self::build(nodes, true)
+        Self::build(nodes, true, false)
     }
 
-    fn build(nodes: usize, b_behind_nat: bool) -> Result<Self> {
+    /// As [`TwoClusters::new`], with an `ExternalIP` on every Node that nothing answers
+    /// at (198.18.1xx.N): every node's most preferred endpoint is dead and only the
+    /// next (its `InternalIP`) works.
+    ///
+    /// # Errors
+    /// When any part fails to come up.
+    pub fn with_dead_external_ips(nodes: usize) -> Result<Self> {
+        Self::build(nodes, false, true)
+    }
+
+    fn build(nodes: usize, b_behind_nat: bool, dead_external_ips: bool) -> Result<Self> {
         let lab = Lab::new()?;
         let nat = if b_behind_nat {
             let private = lab.underlay("natb", NAT_PRIVATE, 1500)?;
@@ -352,6 +365,7 @@ impl TwoClusters {
             },
             kubeconfig,
             nat,
+            dead_external_ips,
             lab,
         };
         for side in [Side::A, Side::B] {
@@ -416,6 +430,10 @@ impl TwoClusters {
         let pod = host.add_pod(&format!("{name}-p"))?;
         let cluster = self.cluster(side);
         k8s::create_node(&cluster.client()?, &name, &pod_cidr, underlay)?;
+        if self.dead_external_ips {
+            let dead = Ipv4Addr::new(198, 18, 100 + side.octet(), index);
+            k8s::add_external_ip(&cluster.client()?, &name, dead)?;
+        }
         let proxy = ApiProxy::start(&host, cluster.plane.api_port())?;
         let kubeconfig = deploy::pod_kubeconfig(
             &cluster.plane,

@@ -406,6 +406,28 @@ pub fn install(client: &Client, cluster_name: &str, pod_cidrs: &[&str]) -> Resul
     .with_context(|| format!("installing Wiremesh as {cluster_name}"))
 }
 
+/// Puts an `ExternalIP` address first in Node `name`'s status, as a cloud provider does
+/// for a node with a public address.
+///
+/// # Errors
+/// When the API server refuses the patch.
+pub fn add_external_ip(client: &Client, name: &str, ip: impl Into<IpAddr>) -> Result<()> {
+    let api = Api::<Node>::all(client.clone());
+    let node = block_on(api.get_status(name)).with_context(|| format!("reading Node {name}"))?;
+    let mut addresses = node.status.and_then(|s| s.addresses).unwrap_or_default();
+    addresses.insert(
+        0,
+        k8s_openapi::api::core::v1::NodeAddress {
+            type_: "ExternalIP".to_owned(),
+            address: ip.into().to_string(),
+        },
+    );
+    let patch = serde_json::json!({ "status": { "addresses": addresses } });
+    block_on(api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)))
+        .with_context(|| format!("adding an ExternalIP to Node {name}"))?;
+    Ok(())
+}
+
 /// Creates a `Node` as a kubelet and node-IPAM would leave it: `spec.podCIDR(s)`, label
 /// `kubernetes.io/hostname`, and status with an `InternalIP` address and `Ready=True`.
 ///

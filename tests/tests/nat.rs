@@ -8,7 +8,7 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, ensure};
 use wiremesh_lab::clusters::{INTERFACE, NAT_PUBLIC, TwoClusters};
 use wiremesh_lab::mesh::{Keypair, Node, eventually};
 use wiremesh_lab::{Lab, ping, transfer};
@@ -104,5 +104,48 @@ fn a_cluster_behind_nat_links_both_ways() -> Result<()> {
             a.name
         );
     }
+    Ok(())
+}
+
+/// Every node publishes an `ExternalIP` first that nothing answers at, then its
+/// `InternalIP`: neither side's first handshake can complete, and each falls back to the
+/// next endpoint after one unanswered initiation (REKEY_TIMEOUT, 5 s).
+#[test]
+fn an_unreachable_preferred_endpoint_falls_back_to_the_next() -> Result<()> {
+    let lab = TwoClusters::with_dead_external_ips(1)?;
+    let (a1, b1) = (lab.a.node("a1")?, lab.b.node("b1")?);
+    lab.join()?;
+    let start = Instant::now();
+    eventually(Duration::from_secs(45), || ping(&a1.pod, b1.pod.ip(), 1))?;
+    println!(
+        "a1 -> b1 reachable {:?} after join, past the dead endpoint",
+        start.elapsed()
+    );
+    let peers = lab.a.mesh_peers()?;
+    let b1_peer = peers
+        .iter()
+        .find(|p| p.spec.node == "b1")
+        .context("no MeshPeer for b1")?;
+    ensure!(
+        b1_peer.spec.endpoints
+            == [
+                "198.18.102.1:51820".to_owned(),
+                "198.18.2.1:51820".to_owned()
+            ],
+        "b1 should publish the dead ExternalIP first: {:?}",
+        b1_peer.spec.endpoints
+    );
+    let endpoints = a1.wg(&["show", INTERFACE, "endpoints"])?;
+    ensure!(
+        endpoints.contains("198.18.2.1:51820"),
+        "a1 should use b1's second endpoint: {endpoints}"
+    );
+    let there = transfer(&a1.pod, b1.pod.ip(), 8 * MIB)?;
+    let back = transfer(&b1.pod, a1.pod.ip(), 8 * MIB)?;
+    println!(
+        "a1 <-> b1: 8 MiB each way intact ({:.0}/{:.0} Mbit/s)",
+        there.mbit_per_s(),
+        back.mbit_per_s()
+    );
     Ok(())
 }

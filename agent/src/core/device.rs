@@ -27,6 +27,8 @@ const MAX_PEERS: usize = 1 << 24;
 
 /// WireGuard message type of a cookie reply (whitepaper §5.4.7).
 const COOKIE_REPLY: u8 = 3;
+/// Message type of a handshake initiation.
+const HANDSHAKE_INIT: u8 = 1;
 
 /// A peer's slot in the device, stable while the peer exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -146,6 +148,11 @@ struct Peer {
     public_key: PublicKey,
     preshared_key: Option<PresharedKey>,
     endpoint: Option<SocketAddr>,
+    /// Every endpoint it publishes, most preferred first: an unanswered handshake moves
+    /// `endpoint` to the next (empty: only the one endpoint, as in WireGuard).
+    endpoints: Vec<SocketAddr>,
+    /// `rx_packets` when the last handshake initiation was sent.
+    init_rx: Option<u64>,
     persistent_keepalive: u16,
     allowed_ips: BTreeSet<IpCidr>,
     /// Sources accepted from the peer besides `allowed_ips`, never routed to it.
@@ -183,6 +190,34 @@ impl Peer {
     fn count_tx(&mut self, len: usize) {
         self.tx_bytes += len as u64;
         self.tx_packets += 1;
+    }
+
+    /// Counts a datagram sent to the peer; a handshake initiation also starts the wait
+    /// for an answer that [`Peer::next_endpoint`] measures.
+    fn sent(&mut self, datagram: &[u8]) {
+        self.count_tx(datagram.len());
+        if datagram.first() == Some(&HANDSHAKE_INIT) {
+            self.init_rx = Some(self.rx_packets);
+        }
+    }
+
+    /// Before another handshake initiation: when the last one went unanswered (nothing
+    /// authenticated came back since) and the peer has other endpoints, moves on to the
+    /// next one in order of preference. A peer that roamed elsewhere starts again from
+    /// its most preferred endpoint.
+    fn next_endpoint(&mut self) -> Option<SocketAddr> {
+        if self.endpoints.len() < 2 || self.init_rx != Some(self.rx_packets) {
+            return None;
+        }
+        let next = match self
+            .endpoint
+            .and_then(|e| self.endpoints.iter().position(|c| *c == e))
+        {
+            Some(i) => self.endpoints[(i + 1) % self.endpoints.len()],
+            None => self.endpoints[0],
+        };
+        self.endpoint = Some(next);
+        Some(next)
     }
 }
 
@@ -312,6 +347,15 @@ impl Device {
             peer.preshared_key = *psk;
             rebuild = true;
         }
+        if let Some(endpoints) = &update.endpoints {
+            peer.endpoints.clone_from(endpoints);
+            if update.endpoint.is_none()
+                && peer.endpoint.is_none_or(|e| !endpoints.contains(&e))
+                && let Some(first) = endpoints.first()
+            {
+                peer.endpoint = Some(*first);
+            }
+        }
         if let Some(endpoint) = update.endpoint {
             peer.endpoint = Some(endpoint);
         }
@@ -382,6 +426,8 @@ impl Device {
             persistent_keepalive: 0,
             allowed_ips: BTreeSet::new(),
             accept_ips: BTreeSet::new(),
+            endpoints: Vec::new(),
+            init_rx: None,
             last_receive: None,
             rx_seen: 0,
             tunn: None,
@@ -472,7 +518,7 @@ impl Device {
         };
         match tunn.encapsulate(packet, out) {
             TunnResult::WriteToNetwork(datagram) => {
-                peer.count_tx(datagram.len());
+                peer.sent(datagram);
                 TunVerdict::Send {
                     peer: id,
                     to,
@@ -590,7 +636,7 @@ impl Device {
                         datagram: reply,
                     };
                 }
-                peer.count_tx(reply.len());
+                peer.sent(reply);
                 DatagramVerdict::Reply {
                     peer: Some(id),
                     to: from,
@@ -666,15 +712,18 @@ impl Device {
                 if let TunnResult::WriteToNetwork(datagram) =
                     tunn.format_handshake_initiation(out, false)
                 {
-                    peer.count_tx(datagram.len());
+                    peer.sent(datagram);
                     send(to, datagram);
                     continue;
                 }
             }
             match tunn.update_timers(out) {
                 TunnResult::WriteToNetwork(datagram) => {
+                    if datagram.first() == Some(&HANDSHAKE_INIT) {
+                        peer.next_endpoint();
+                    }
                     if let Some(to) = peer.endpoint {
-                        peer.count_tx(datagram.len());
+                        peer.sent(datagram);
                         send(to, datagram);
                     }
                 }
@@ -1076,6 +1125,44 @@ mod tests {
         assert!(tun.is_empty());
         assert_eq!(dropped, Some(DropReason::BadSource));
         assert_eq!(p.a.counters().drops(DropReason::BadSource), 1);
+    }
+
+    #[test]
+    fn an_unanswered_handshake_moves_on_to_the_next_endpoint() {
+        let mut p = pair();
+        let dead: SocketAddr = "198.18.77.2:51820".parse().unwrap();
+        let live: SocketAddr = B_ADDR.parse().unwrap();
+        let mut u = peer(p.b_key, Some("198.18.77.2:51820"), &["10.0.2.0/24"]);
+        u.endpoints = Some(vec![dead, live]);
+        let mut u = update(&key(1), vec![u]);
+        u.replace_peers = false;
+        u.private_key = None;
+        let _ = p.a.apply(&u).unwrap();
+        let id = p.a.peer_id(&p.b_key).unwrap();
+        assert_eq!(
+            p.a.peer(id).unwrap().endpoint,
+            Some(dead),
+            "most preferred first"
+        );
+        // A packet starts a handshake towards the dead endpoint; nothing answers.
+        let init = send(&mut p.a, &ipv4("10.0.1.5", "10.0.2.7", b"x")).unwrap();
+        assert_eq!(init[0], HANDSHAKE_INIT);
+        // boringtun retries after REKEY_TIMEOUT (5 s): the retry goes to the next one.
+        let mut out = vec![0u8; 2048];
+        let mut sent = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(8);
+        while sent.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            p.a.update_timers(&mut out, |to, d| sent.push((to, d.to_vec())));
+        }
+        let (to, retry) = sent.first().expect("a handshake retry within 8 s");
+        assert_eq!((*to, retry[0]), (live, HANDSHAKE_INIT));
+        // B answers there: the endpoint stays.
+        let (_, replies, dropped) = deliver(&mut p.b, A_ADDR, retry);
+        assert_eq!((replies.len(), dropped), (1, None));
+        let (_, _, dropped) = deliver(&mut p.a, B_ADDR, &replies[0]);
+        assert_eq!(dropped, None);
+        assert_eq!(p.a.peer(id).unwrap().endpoint, Some(live));
     }
 
     #[test]
