@@ -126,6 +126,7 @@ pub async fn run(options: KubeOptions) -> Result<()> {
         location: node.labels().get("topology.kubernetes.io/zone").cloned(),
         kind: MeshNodeKind::Node,
         gateway: is_labelled_gateway(&node),
+        relay: false,
     };
     let context = Context {
         client: client.clone(),
@@ -477,6 +478,11 @@ impl Selection {
             );
         }
 
+        let relay_peers: Vec<PublicKey> = peers
+            .iter()
+            .filter(|p| p.spec.relay)
+            .filter_map(|p| p.spec.public_key.parse().ok())
+            .collect();
         let gateway_clusters: std::collections::BTreeSet<&str> = peers
             .iter()
             .filter(|p| p.spec.gateway && p.spec.kind == MeshNodeKind::Node)
@@ -514,11 +520,65 @@ impl Selection {
                 &spec.pod_cidrs,
             );
         }
+        self.add_relay_groups(&mut out, &nodes, &relay_peers);
         for group in out.groups.values_mut() {
             group.cidrs.sort();
             group.cidrs.dedup();
         }
         out
+    }
+
+    /// A remote peer this machine cannot reach directly (both behind NAT, and no hole
+    /// punched) is reached through a relay: each remote peer with a tunnel of its own
+    /// gets a group of itself, then every relay; it is routed through a relay only while
+    /// it has no session and the relay has one. A relay does not relay through others.
+    fn add_relay_groups(&self, out: &mut Desired, nodes: &[&MeshNode], relay_peers: &[PublicKey]) {
+        let me_relay = nodes
+            .iter()
+            .any(|n| n.name_any() == self.own_name && n.spec.is_relay());
+        let mut relays: Vec<(String, PublicKey)> = nodes
+            .iter()
+            .filter(|n| n.spec.is_relay() && n.name_any() != self.own_name)
+            .filter_map(|n| Some((n.name_any(), n.spec.public_key.parse().ok()?)))
+            .collect();
+        relays.extend(
+            relay_peers
+                .iter()
+                .filter_map(|k| Some((out.peers.get(k)?.origin.name.clone(), *k))),
+        );
+        relays.sort();
+        relays.retain(|(_, k)| out.peers.contains_key(k));
+        if me_relay || relays.is_empty() {
+            return;
+        }
+        let relay_keys: Vec<PublicKey> = relays.iter().map(|(_, k)| *k).collect();
+        let candidates: Vec<PublicKey> = out
+            .peers
+            .iter()
+            .filter(|(k, p)| {
+                !p.origin.cluster.is_empty()
+                    && p.origin.path == mesh::PeerPath::Direct
+                    && !relay_keys.contains(k)
+                    && !out.groups.values().any(|g| g.members.contains(k))
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in candidates {
+            let Some(peer) = out.peers.get_mut(&key) else {
+                continue;
+            };
+            let cidrs = std::mem::take(&mut peer.allowed_ips);
+            let mut members = vec![key];
+            members.extend(&relay_keys);
+            out.groups.insert(
+                format!("relay/{}", peer.origin.name),
+                mesh::Group {
+                    members,
+                    cidrs,
+                    liveness: mesh::Liveness::Session,
+                },
+            );
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -634,7 +694,7 @@ async fn reconcile(
             Ok(snapshot) => snapshot
                 .peers
                 .iter()
-                .map(|p| (p.public_key, p.since_receive))
+                .map(|p| (p.public_key, mesh::Seen::of(p)))
                 .collect(),
             Err(_) => return,
         };
@@ -842,6 +902,10 @@ async fn report_status(
                         .get(&p.public_key)
                         .map(|o| mesh::tunnel_path(&o.path))
                         .unwrap_or_default(),
+                    via: origins.get(&p.public_key).and_then(|o| match &o.path {
+                        mesh::PeerPath::Relayed { via } => Some(via.clone()),
+                        _ => None,
+                    }),
                 })
                 .collect();
             let via_gateway = mesh::via_gateways(&origins);
@@ -1000,6 +1064,7 @@ mod tests {
                 location: None,
                 kind,
                 gateway: false,
+                relay: false,
             },
         )
     }
@@ -1016,6 +1081,7 @@ mod tests {
                 location: None,
                 kind: MeshNodeKind::Node,
                 gateway: false,
+                relay: false,
             },
         )
     }

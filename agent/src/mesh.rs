@@ -44,6 +44,13 @@ pub enum PeerPath {
         /// The group.
         group: String,
     },
+    /// A relay.
+    Relay,
+    /// A peer not reached directly: its traffic goes through this relay.
+    Relayed {
+        /// The relay's name.
+        via: String,
+    },
 }
 
 /// Where each configured peer came from, by public key.
@@ -168,6 +175,39 @@ pub struct Group {
     pub members: Vec<PublicKey>,
     /// The prefixes behind the group, sorted.
     pub cidrs: Vec<IpCidr>,
+    /// How a member shows it is alive.
+    pub liveness: Liveness,
+}
+
+/// How a failover group's member shows it is alive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Liveness {
+    /// Heard from within [`DEAD_AFTER`]: gateways, which keep every tunnel busy with
+    /// [`GATEWAY_KEEPALIVE`].
+    #[default]
+    Heard,
+    /// A session is up (a handshake within [`TUNNEL_UP_WITHIN`]): a peer and the relays
+    /// that stand in for it, where the peer is the first member and may never answer.
+    Session,
+}
+
+/// What the device last saw of a peer, for [`choose_active`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Seen {
+    /// Time since the last authenticated datagram.
+    pub since_receive: Option<Duration>,
+    /// Time since the current session's handshake.
+    pub since_handshake: Option<Duration>,
+}
+
+impl Seen {
+    /// What the device says of `peer`.
+    pub fn of(peer: &crate::core::PeerView) -> Self {
+        Self {
+            since_receive: peer.since_receive,
+            since_handshake: peer.since_handshake,
+        }
+    }
 }
 
 /// Failover groups by name.
@@ -188,18 +228,18 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(3);
 /// returns to a preferred gateway that recovers). When none is alive, the current
 /// member stays (or the first, for a new group): switching among the dead gains nothing.
 ///
-/// `since_receive` gives, per peer, the time since it was last heard from.
+/// `seen` gives what the device last saw of each peer.
 pub fn choose_active(
     groups: &Groups,
-    since_receive: &BTreeMap<PublicKey, Option<Duration>>,
+    seen: &BTreeMap<PublicKey, Seen>,
     current: &Active,
 ) -> Active {
-    let alive = |key: &PublicKey| {
-        since_receive
-            .get(key)
-            .copied()
-            .flatten()
-            .is_some_and(|d| d < DEAD_AFTER)
+    let alive = |key: &PublicKey, liveness: Liveness| {
+        let seen = seen.get(key).copied().unwrap_or_default();
+        match liveness {
+            Liveness::Heard => seen.since_receive.is_some_and(|d| d < DEAD_AFTER),
+            Liveness::Session => seen.since_handshake.is_some_and(|d| d < TUNNEL_UP_WITHIN),
+        }
     };
     groups
         .iter()
@@ -207,7 +247,7 @@ pub fn choose_active(
             let chosen = group
                 .members
                 .iter()
-                .find(|k| alive(k))
+                .find(|k| alive(k, group.liveness))
                 .or_else(|| current.get(name).filter(|k| group.members.contains(k)))
                 .or_else(|| group.members.first())?;
             Some((name.clone(), *chosen))
@@ -225,9 +265,21 @@ pub fn materialize(peers: &PeerSet, groups: &Groups, active: &Active) -> PeerSet
                 continue;
             };
             let is_active = active.get(name) == Some(key);
-            peer.origin.path = PeerPath::Gateway {
-                group: name.clone(),
-                active: is_active,
+            peer.origin.path = match group.liveness {
+                Liveness::Heard => PeerPath::Gateway {
+                    group: name.clone(),
+                    active: is_active,
+                },
+                // A relay group: the peer itself, then the relays.
+                Liveness::Session if group.members.first() != Some(key) => PeerPath::Relay,
+                Liveness::Session if is_active => PeerPath::Direct,
+                Liveness::Session => PeerPath::Relayed {
+                    via: active
+                        .get(name)
+                        .and_then(|k| peers.get(k))
+                        .map(|p| p.origin.name.clone())
+                        .unwrap_or_default(),
+                },
             };
             if is_active {
                 peer.allowed_ips.extend(&group.cidrs);
@@ -294,6 +346,8 @@ pub fn tunnel_path(path: &PeerPath) -> wiremesh_proto::crd::TunnelPath {
     use wiremesh_proto::crd::TunnelPath;
     match path {
         PeerPath::Direct | PeerPath::Via { .. } => TunnelPath::Direct,
+        PeerPath::Relay => TunnelPath::Relay,
+        PeerPath::Relayed { .. } => TunnelPath::Relayed,
         PeerPath::Gateway { active: true, .. } => TunnelPath::Gateway,
         PeerPath::Gateway { active: false, .. } => TunnelPath::Standby,
         PeerPath::Forwarding => TunnelPath::Forwarding,
@@ -408,14 +462,21 @@ mod tests {
                 "10.2.1.0/24".parse().unwrap(),
                 "10.2.3.0/24".parse().unwrap(),
             ],
+            liveness: Liveness::Heard,
         };
         (set, Groups::from([("cluster-b".to_owned(), group)]))
     }
 
-    fn heard(pairs: &[(u8, Option<u64>)]) -> BTreeMap<PublicKey, Option<Duration>> {
+    fn heard(pairs: &[(u8, Option<u64>)]) -> BTreeMap<PublicKey, Seen> {
         pairs
             .iter()
-            .map(|(k, s)| (key(*k), s.map(Duration::from_secs)))
+            .map(|(k, s)| {
+                let seen = Seen {
+                    since_receive: s.map(Duration::from_secs),
+                    since_handshake: None,
+                };
+                (key(*k), seen)
+            })
             .collect()
     }
 
@@ -438,6 +499,64 @@ mod tests {
         // An empty group has no active member.
         let empty = Groups::from([("x".to_owned(), Group::default())]);
         assert!(choose_active(&empty, &heard(&[]), &none).is_empty());
+    }
+
+    #[test]
+    fn a_peer_is_relayed_while_it_has_no_session_and_the_relay_has_one() {
+        let mut set = PeerSet::new();
+        set.insert(key(1), peer("b.n1", "198.19.2.1:51820", &[]));
+        set.insert(
+            key(7),
+            peer("relay", "198.18.9.1:51820", &["10.250.9.1/32"]),
+        );
+        let group = Group {
+            members: vec![key(1), key(7)],
+            cidrs: vec!["10.2.1.0/24".parse().unwrap()],
+            liveness: Liveness::Session,
+        };
+        let groups = Groups::from([("relay/b.n1".to_owned(), group)]);
+        let session = |k: u8, s: Option<u64>| {
+            let seen = Seen {
+                since_receive: Some(Duration::ZERO),
+                since_handshake: s.map(Duration::from_secs),
+            };
+            (key(k), seen)
+        };
+        // Nothing up yet: try the peer itself.
+        let active = choose_active(&groups, &BTreeMap::new(), &Active::new());
+        assert_eq!(active["relay/b.n1"], key(1));
+        // Only the relay has a session: relay. Heard-from alone does not count.
+        let seen = BTreeMap::from([session(1, None), session(7, Some(4))]);
+        let active = choose_active(&groups, &seen, &active);
+        assert_eq!(active["relay/b.n1"], key(7));
+        let set2 = materialize(&set, &groups, &active);
+        assert_eq!(
+            set2[&key(1)].origin.path,
+            PeerPath::Relayed {
+                via: "relay".to_owned()
+            }
+        );
+        assert_eq!(set2[&key(7)].origin.path, PeerPath::Relay);
+        assert!(
+            set2[&key(7)]
+                .allowed_ips
+                .contains(&"10.2.1.0/24".parse().unwrap())
+        );
+        assert!(
+            set2[&key(1)]
+                .accept_ips
+                .contains(&"10.2.1.0/24".parse().unwrap())
+        );
+        // The peer answers at last: direct again.
+        let seen = BTreeMap::from([session(1, Some(0)), session(7, Some(4))]);
+        let active = choose_active(&groups, &seen, &active);
+        assert_eq!(active["relay/b.n1"], key(1));
+        let set3 = materialize(&set, &groups, &active);
+        assert_eq!(set3[&key(1)].origin.path, PeerPath::Direct);
+        assert_eq!(
+            set3[&key(1)].allowed_ips,
+            vec!["10.2.1.0/24".parse().unwrap()]
+        );
     }
 
     #[test]

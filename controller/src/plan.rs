@@ -14,14 +14,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt as _;
 use wiremesh_proto::crd::{
-    MeshNode, MeshNodeKind, MeshPeer, MeshPeerSpec, PEER_CLUSTER_LABEL, PeerCluster, mesh_peer_name,
+    MeshNode, MeshNodeKind, MeshNodeStatus, MeshPeer, MeshPeerSpec, PEER_CLUSTER_LABEL,
+    PeerCluster, TunnelStatus, mesh_peer_name,
 };
 use wiremesh_proto::{IpCidr, PublicKey};
 
 /// Longest object name the API server accepts: a DNS subdomain (RFC 1123), 253 characters.
 const MAX_NAME_LEN: usize = 253;
+/// Most endpoints a MeshPeer holds (the CRD's limit): published first, then observed.
+const MAX_ENDPOINTS: usize = 8;
 
 /// What to do for one `PeerCluster`.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -134,6 +138,58 @@ pub enum Owner {
 pub struct Local {
     claims: Index,
     keys: BTreeMap<PublicKey, Owner>,
+    /// Endpoints this cluster's machines observed their peers at, by tunnel (MeshPeer)
+    /// name: see [`observed_endpoints`].
+    observed: BTreeMap<String, Vec<SocketAddr>>,
+}
+
+/// What of a MeshNode's status the controller uses: the tunnels with a completed
+/// handshake, reduced to name and endpoint (sorted), with a fixed handshake time. Status
+/// rewrites that change nothing else (every 10 s per node) then compare equal and cause
+/// no replanning.
+pub fn observations_only(status: Option<MeshNodeStatus>) -> Option<MeshNodeStatus> {
+    let mut peers: Vec<TunnelStatus> = status?
+        .peers
+        .into_iter()
+        .filter(|t| t.latest_handshake_time.is_some() && t.endpoint.is_some())
+        .map(|t| TunnelStatus {
+            name: t.name,
+            endpoint: t.endpoint,
+            latest_handshake_time: Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)),
+            ..TunnelStatus::default()
+        })
+        .collect();
+    peers.sort_by(|a, b| (&a.name, &a.endpoint).cmp(&(&b.name, &b.endpoint)));
+    (!peers.is_empty()).then(|| MeshNodeStatus {
+        peers,
+        ..MeshNodeStatus::default()
+    })
+}
+
+/// Where the machines that reported `nodes`' statuses last heard each of their peers
+/// from, by tunnel name: for a peer behind NAT, its mapped address, learnt by whoever it
+/// reached (a public host, say). Only tunnels with a completed handshake count (their
+/// endpoint is the authenticated source, not a configured guess).
+pub fn observed_endpoints<'a>(
+    nodes: impl IntoIterator<Item = &'a MeshNode>,
+) -> BTreeMap<String, Vec<SocketAddr>> {
+    let mut out: BTreeMap<String, Vec<SocketAddr>> = BTreeMap::new();
+    for node in nodes {
+        let Some(status) = &node.status else { continue };
+        for tunnel in status
+            .peers
+            .iter()
+            .filter(|t| t.latest_handshake_time.is_some())
+        {
+            if let Some(addr) = tunnel.endpoint.as_deref().and_then(|e| e.parse().ok()) {
+                let list = out.entry(tunnel.name.clone()).or_default();
+                if !list.contains(&addr) {
+                    list.push(addr);
+                }
+            }
+        }
+    }
+    out
 }
 
 impl Local {
@@ -145,7 +201,11 @@ impl Local {
         pod_cidrs: &[IpCidr],
         nodes: impl IntoIterator<Item = &'a MeshNode>,
     ) -> Self {
-        let mut local = Self::default();
+        let nodes: Vec<&MeshNode> = nodes.into_iter().collect();
+        let mut local = Self {
+            observed: observed_endpoints(nodes.iter().copied()),
+            ..Self::default()
+        };
         for cidr in pod_cidrs {
             local.claims.insert(
                 *cidr,
@@ -262,6 +322,8 @@ pub fn plan(
     }
 
     let nodes: BTreeMap<String, &MeshNode> = remote.iter().map(|n| (n.name_any(), n)).collect();
+    // Where the remote cluster's own machines, and ours, heard each remote node from.
+    let remote_observed = observed_endpoints(remote);
     let mut conflicts = BTreeSet::new();
     let mut candidates = BTreeMap::new();
     let mut siblings = Index::default();
@@ -271,7 +333,17 @@ pub fn plan(
             // A host registered before its agent published a key: not ready, not refused.
             continue;
         }
-        let candidate = Candidate::parse(cluster, name, node, &mut conflicts);
+        let mut candidate = Candidate::parse(cluster, name, node, &mut conflicts);
+        let observed = remote_observed
+            .get(name)
+            .into_iter()
+            .chain(local.observed.get(&mesh_peer_name(cluster, name)))
+            .flatten();
+        for addr in observed {
+            if candidate.endpoints.len() < MAX_ENDPOINTS && !candidate.endpoints.contains(addr) {
+                candidate.endpoints.push(*addr);
+            }
+        }
         for cidr in &candidate.cidrs {
             siblings.insert(*cidr, Owner::Sibling { node: name.clone() });
         }
@@ -506,6 +578,7 @@ impl Candidate {
             location: node.spec.location.clone(),
             kind: node.spec.kind,
             gateway: node.spec.is_gateway(),
+            relay: node.spec.is_relay(),
         })
     }
 }
@@ -1047,6 +1120,67 @@ mod tests {
         assert_eq!(plan.apply[0].spec.kind, MeshNodeKind::Host);
     }
 
+    fn reporter(name: &str, tunnels: &[(&str, &str, bool)]) -> MeshNode {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        use wiremesh_proto::crd::{MeshNodeStatus, TunnelStatus};
+        let mut n = host(name, 50, &["10.250.0.50/32"]);
+        n.status = Some(MeshNodeStatus {
+            peers: tunnels
+                .iter()
+                .map(|(peer, endpoint, handshake)| TunnelStatus {
+                    name: (*peer).to_owned(),
+                    endpoint: Some((*endpoint).to_owned()),
+                    latest_handshake_time: handshake
+                        .then(|| Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)),
+                    ..TunnelStatus::default()
+                })
+                .collect(),
+            ..MeshNodeStatus::default()
+        });
+        n
+    }
+
+    #[test]
+    fn endpoints_observed_on_either_side_follow_the_published_ones() {
+        // b1 publishes its private address; a public host of cluster-b heard it from
+        // its NAT's address, and a host of ours did too (and from another port).
+        let remote = [
+            node("b1", 1, &["10.2.1.0/24"]),
+            reporter(
+                "relay-b",
+                &[
+                    ("b1", "198.18.2.254:51820", true),
+                    // No handshake: a configured guess, not an observation.
+                    ("b1", "198.18.2.254:4000", false),
+                ],
+            ),
+        ];
+        let ours = reporter(
+            "relay-a",
+            &[
+                ("cluster-b.b1", "198.18.2.254:51820", true),
+                ("cluster-b.b1", "198.18.2.254:51821", true),
+            ],
+        );
+        let local = Local::new("cluster-a", &[cidr("10.1.0.0/16")], [&ours]);
+        let plan = plan(
+            &peer("cluster-b", &["10.2.0.0/16"]),
+            &remote,
+            &local,
+            &[],
+            &[],
+        );
+        let b1 = plan.apply.iter().find(|d| d.spec.node == "b1").unwrap();
+        assert_eq!(
+            b1.spec.endpoints,
+            [
+                "198.18.0.1:51820",
+                "198.18.2.254:51820",
+                "198.18.2.254:51821"
+            ]
+        );
+    }
+
     #[test]
     fn only_a_labelled_node_with_an_endpoint_is_mirrored_as_a_gateway() {
         let mut gw = node("b1", 1, &["10.2.1.0/24"]);
@@ -1255,6 +1389,7 @@ mod tests {
                 location: None,
                 kind: Default::default(),
                 gateway: false,
+                relay: false,
             },
         )
     }

@@ -316,9 +316,20 @@ async fn lead(client: Client, options: &Options, metrics: Arc<Metrics>) -> RunEr
     let mut background = JoinSet::new();
     let (local_tx, local_rx) = watch::channel(LocalState { cluster: None });
     let (mesh_peers, writer) = reflector::store::<MeshPeer>();
-    background.spawn(reflect(Api::all(client.clone()), writer, local_tx.clone()));
+    background.spawn(reflect(
+        Api::all(client.clone()),
+        writer,
+        local_tx.clone(),
+        |_: &MeshPeer| String::new(),
+    ));
     let (mesh_nodes, writer) = reflector::store::<MeshNode>();
-    background.spawn(reflect(Api::all(client.clone()), writer, local_tx.clone()));
+    // The endpoints this cluster's machines observed their peers at feed the plans too.
+    background.spawn(reflect(
+        Api::all(client.clone()),
+        writer,
+        local_tx.clone(),
+        |n: &MeshNode| format!("{:?}", crate::plan::observations_only(n.status.clone())),
+    ));
     background.spawn(poll_cluster_info(
         client.clone(),
         local_tx.clone(),
@@ -595,11 +606,17 @@ async fn sweep(ctx: Arc<Context>) {
 
 /// Feeds a cache from a watch and ticks `local` when an object's generation changes (a spec
 /// change; status updates, such as agents' tunnel reports, do not count) or it goes away.
-async fn reflect<K>(api: Api<K>, writer: Writer<K>, local: watch::Sender<LocalState>)
-where
+/// Mirrors `api` into `writer`; pokes `local` when an object's generation changes, or
+/// what `also` extracts from it (for what lives outside the spec).
+async fn reflect<K>(
+    api: Api<K>,
+    writer: Writer<K>,
+    local: watch::Sender<LocalState>,
+    also: fn(&K) -> String,
+) where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    let mut generations: BTreeMap<String, Option<i64>> = BTreeMap::new();
+    let mut generations: BTreeMap<String, (Option<i64>, String)> = BTreeMap::new();
     let stream = reflector::reflector(
         writer,
         watcher(api, watcher::Config::default()).default_backoff(),
@@ -612,13 +629,13 @@ where
                 false
             }
             Ok(watcher::Event::InitApply(obj)) => {
-                generations.insert(obj.name_any(), obj.meta().generation);
+                generations.insert(obj.name_any(), (obj.meta().generation, also(&obj)));
                 false
             }
             Ok(watcher::Event::InitDone) => true,
             Ok(watcher::Event::Apply(obj)) => {
-                let generation = obj.meta().generation;
-                generations.insert(obj.name_any(), generation) != Some(generation)
+                let seen = (obj.meta().generation, also(&obj));
+                generations.insert(obj.name_any(), seen.clone()) != Some(seen)
             }
             Ok(watcher::Event::Delete(obj)) => generations.remove(&obj.name_any()).is_some(),
             Err(e) => {

@@ -604,7 +604,9 @@ impl RemoteNodes {
     /// Applies one watch event to the remote picture; true when a node's spec changed.
     fn apply(&mut self, event: watcher::Event<MeshNode>) -> bool {
         let event = event.modify(|n| {
-            n.status = None;
+            // Only the endpoints its machines observed matter here (see
+            // plan::observed_endpoints); the rest changes every few seconds.
+            n.status = plan::observations_only(n.status.take());
             n.managed_fields_mut().clear();
             n.annotations_mut().clear();
         });
@@ -638,7 +640,7 @@ impl RemoteNodes {
                 let changed = self
                     .nodes
                     .get(&name)
-                    .is_none_or(|old| old.spec != node.spec);
+                    .is_none_or(|old| old.spec != node.spec || old.status != node.status);
                 self.nodes.insert(name, node);
                 changed
             }
@@ -885,6 +887,7 @@ mod tests {
                 location: None,
                 kind: Default::default(),
                 gateway: false,
+                relay: false,
             },
         )
     }

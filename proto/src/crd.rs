@@ -109,6 +109,12 @@ pub struct MeshNodeSpec {
     /// with a key and an endpoint (see [`MeshNodeSpec::is_gateway`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub gateway: bool,
+    /// A relay (set by `meshctl host add --relay`): a machine with an endpoint every
+    /// cluster reaches, which forwards between peers that cannot reach each other
+    /// directly (both behind NAT). It counts only with a key and an endpoint
+    /// (see [`MeshNodeSpec::is_relay`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub relay: bool,
 }
 
 /// What an agent reports about its tunnels.
@@ -145,6 +151,11 @@ pub enum TunnelPath {
     Standby,
     /// On a gateway: to a node of its own cluster whose traffic it forwards.
     Forwarding,
+    /// To a relay that forwards for peers this node cannot reach directly.
+    Relay,
+    /// To a peer not reached directly (no handshake completes): its traffic goes through
+    /// the relay named in `via`, while handshakes keep being tried.
+    Relayed,
 }
 
 /// A remote peer reached through a gateway.
@@ -178,6 +189,9 @@ pub struct TunnelStatus {
     /// How the tunnel is used.
     #[serde(default)]
     pub path: TunnelPath,
+    /// For a `Relayed` peer: the relay its traffic goes through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
 }
 
 /// A linked cluster: where its API server is, the read-only credentials for it, and the
@@ -311,6 +325,9 @@ pub struct MeshPeerSpec {
     /// gateways (the first that answers, in order of node name).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub gateway: bool,
+    /// A relay: peers that cannot reach a node of this cluster directly go through it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub relay: bool,
 }
 
 impl MeshNodeSpec {
@@ -328,6 +345,11 @@ impl MeshNodeSpec {
             && self.kind == MeshNodeKind::Node
             && self.has_key()
             && !self.endpoints.is_empty()
+    }
+
+    /// Whether the machine serves as a relay: marked so, with a key and an endpoint.
+    pub fn is_relay(&self) -> bool {
+        self.relay && self.has_key() && !self.endpoints.is_empty()
     }
 }
 

@@ -100,9 +100,9 @@ pub struct PeerUpdate {
     /// pod CIDRs, while only the active one is routed to.
     pub accept_ips: Option<Vec<IpCidr>>,
     /// Not part of the UAPI text protocol: when `Some`, every endpoint the peer publishes,
-    /// most preferred first. A handshake that goes unanswered moves on to the next; the
-    /// first is used unless [`Self::endpoint`] says otherwise or the current endpoint is
-    /// one of them.
+    /// most preferred first. A handshake that goes unanswered moves on to the next. The
+    /// endpoint in use is not changed (set [`Self::endpoint`] for that), except that a
+    /// peer with none starts at the first.
     pub endpoints: Option<Vec<SocketAddr>>,
 }
 

@@ -292,6 +292,8 @@ pub struct TwoClusters {
     pub kubeconfig: PathBuf,
     /// When cluster-b is behind NAT: its private underlay and the NAT gateway.
     pub nat: Option<(Underlay, Host)>,
+    /// When cluster-a is behind NAT too: its private underlay and NAT gateway.
+    pub nat_a: Option<(Underlay, Host)>,
     /// Every Node gets an unreachable `ExternalIP` (198.18.1xx.N, where nothing answers)
     /// before its `InternalIP`, so its most preferred endpoint is dead.
     dead_external_ips: bool,
@@ -305,6 +307,12 @@ const NAT_PRIVATE: &str = "198.19.2.0/24";
 const NAT_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 254);
 /// The NAT gateway's address on the default underlay.
 pub const NAT_PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 254);
+/// cluster-a's private underlay when it is behind NAT too.
+const NAT_A_PRIVATE: &str = "198.19.1.0/24";
+/// cluster-a's NAT gateway on its private underlay.
+const NAT_A_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 254);
+/// cluster-a's NAT gateway on the default underlay.
+pub const NAT_A_PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 254);
 
 impl TwoClusters {
     /// Two control planes, `nodes` nodes each with an agent, a controller per cluster.
@@ -324,6 +332,50 @@ impl TwoClusters {
     /// When any part fails to come up.
     pub fn with_b_behind_nat(nodes: usize) -> Result<Self> {
         Self::build(nodes, true, false)
+    }
+
+    /// Both clusters behind NAT with no inbound connections, and no public node: cluster-a
+    /// on 198.19.1.0/24 behind 198.18.1.254, cluster-b on 198.19.2.0/24 behind
+    /// 198.18.2.254. With `b_symmetric`, cluster-b's NAT picks a random port per
+    /// connection ([`Lab::add_symmetric_nat_gateway`]), so no hole can be punched.
+    ///
+    /// # Errors
+    /// When any part fails to come up.
+    pub fn with_both_behind_nat(nodes: usize, b_symmetric: bool) -> Result<Self> {
+        let lab = Lab::new()?;
+        let private_a = lab.underlay("nata", NAT_A_PRIVATE, 1500)?;
+        let gateway_a = lab.add_nat_gateway(
+            &private_a,
+            "natgwa",
+            NAT_A_GATEWAY,
+            NAT_A_PUBLIC,
+            "10.254.1.0/30",
+        )?;
+        let private_b = lab.underlay("natb", NAT_PRIVATE, 1500)?;
+        let gateway_b = if b_symmetric {
+            lab.add_symmetric_nat_gateway(
+                &private_b,
+                "natgw",
+                NAT_GATEWAY,
+                NAT_PUBLIC,
+                "10.254.0.0/30",
+            )?
+        } else {
+            lab.add_nat_gateway(
+                &private_b,
+                "natgw",
+                NAT_GATEWAY,
+                NAT_PUBLIC,
+                "10.254.0.0/30",
+            )?
+        };
+        Self::build_in(
+            lab,
+            nodes,
+            Some((private_a, gateway_a)),
+            Some((private_b, gateway_b)),
+            false,
+        )
     }
 
     /// As [`TwoClusters::new`], with an `ExternalIP` on every Node that nothing answers
@@ -346,6 +398,16 @@ impl TwoClusters {
         } else {
             None
         };
+        Self::build_in(lab, nodes, None, nat, dead_external_ips)
+    }
+
+    fn build_in(
+        lab: Lab,
+        nodes: usize,
+        nat_a: Option<(Underlay, Host)>,
+        nat: Option<(Underlay, Host)>,
+        dead_external_ips: bool,
+    ) -> Result<Self> {
         let mut planes = ControlPlane::start_all(&["cluster-a", "cluster-b"])?;
         let plane_b = planes.pop().context("plane b")?;
         let plane_a = planes.pop().context("plane a")?;
@@ -365,6 +427,7 @@ impl TwoClusters {
             },
             kubeconfig,
             nat,
+            nat_a,
             dead_external_ips,
             lab,
         };
@@ -415,11 +478,17 @@ impl TwoClusters {
         let index = u8::try_from(self.cluster(side).nodes.len() + 1).context("too many nodes")?;
         let name = format!("{}{index}", &side.name()[8..]);
         let pod_cidr = format!("10.{}.{index}.0/24", side.octet());
-        let (host, underlay) = match (&self.nat, side) {
-            (Some((private, _)), Side::B) => {
+        let (host, underlay) = match (&self.nat, &self.nat_a, side) {
+            (Some((private, _)), _, Side::B) => {
                 let ip = Ipv4Addr::new(198, 19, side.octet(), index);
                 let host = self.lab.add_host_on(private, &name, ip, &pod_cidr)?;
                 host.set_default_route(NAT_GATEWAY)?;
+                (host, ip)
+            }
+            (_, Some((private, _)), Side::A) => {
+                let ip = Ipv4Addr::new(198, 19, side.octet(), index);
+                let host = self.lab.add_host_on(private, &name, ip, &pod_cidr)?;
+                host.set_default_route(NAT_A_GATEWAY)?;
                 (host, ip)
             }
             _ => {

@@ -239,13 +239,43 @@ impl Lab {
         public_ip: Ipv4Addr,
         pod_cidr: &str,
     ) -> Result<Host> {
+        self.nat_gateway(private, name, private_ip, public_ip, pod_cidr, false)
+    }
+
+    /// As [`Lab::add_nat_gateway`], but the NAT picks a random source port for every
+    /// connection (`masquerade fully-random`, a "symmetric" NAT): the address a peer
+    /// observes is of no use to anyone else, so no hole can be punched through it.
+    ///
+    /// # Errors
+    /// As [`Lab::add_nat_gateway`].
+    pub fn add_symmetric_nat_gateway(
+        &self,
+        private: &Underlay,
+        name: &str,
+        private_ip: Ipv4Addr,
+        public_ip: Ipv4Addr,
+        pod_cidr: &str,
+    ) -> Result<Host> {
+        self.nat_gateway(private, name, private_ip, public_ip, pod_cidr, true)
+    }
+
+    fn nat_gateway(
+        &self,
+        private: &Underlay,
+        name: &str,
+        private_ip: Ipv4Addr,
+        public_ip: Ipv4Addr,
+        pod_cidr: &str,
+        fully_random: bool,
+    ) -> Result<Host> {
         let router = self.add_host_on(private, name, private_ip, pod_cidr)?;
+        let flags = if fully_random { " fully-random" } else { "" };
         let public = router.attach(&self.underlay, public_ip)?;
         let rules = format!(
             "table ip wmnat {{
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
-    oifname \"{public}\" masquerade
+    oifname \"{public}\" masquerade{flags}
   }}
   chain forward {{
     type filter hook forward priority filter; policy accept;

@@ -265,6 +265,7 @@ fn create_mesh_node(api: &Api<MeshNode>, name: &str, cidr: &str, endpoint: &str)
             location: None,
             kind: MeshNodeKind::Node,
             gateway: false,
+            relay: false,
         },
     );
     block_on(api.create(&PostParams::default(), &node))

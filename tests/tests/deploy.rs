@@ -150,6 +150,7 @@ fn mesh_node(name: &str) -> MeshNode {
             location: None,
             kind: MeshNodeKind::Node,
             gateway: false,
+            relay: false,
         },
     )
 }

@@ -112,6 +112,7 @@ fn gateways_carry_the_cluster_and_another_takes_over_when_one_dies() -> Result<(
             location: None,
             kind: MeshNodeKind::Node,
             gateway: false,
+            relay: false,
         },
     );
     block_on(Api::<MeshNode>::all(client.clone()).create(&PostParams::default(), &mute))?;

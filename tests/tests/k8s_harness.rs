@@ -176,6 +176,7 @@ fn check_mesh_node_validation(client: &Client) -> Result<()> {
         location: Some("lab".into()),
         kind: MeshNodeKind::Node,
         gateway: false,
+        relay: false,
     };
     block_on(api.create(&PostParams::default(), &MeshNode::new("good", good())))
         .context("a well-formed MeshNode was refused")?;

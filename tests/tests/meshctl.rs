@@ -400,6 +400,7 @@ fn mesh_node_spec(cidr: &str) -> MeshNodeSpec {
         location: None,
         kind: MeshNodeKind::Node,
         gateway: false,
+        relay: false,
     }
 }
 

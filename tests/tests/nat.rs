@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
-use wiremesh_lab::clusters::{INTERFACE, NAT_PUBLIC, TwoClusters};
+use wiremesh_lab::clusters::{BareHost, INTERFACE, NAT_PUBLIC, Side, TwoClusters};
 use wiremesh_lab::mesh::{Keypair, Node, eventually};
 use wiremesh_lab::{Lab, ping, transfer};
 
@@ -147,5 +147,135 @@ fn an_unreachable_preferred_endpoint_falls_back_to_the_next() -> Result<()> {
         there.mbit_per_s(),
         back.mbit_per_s()
     );
+    Ok(())
+}
+
+/// Both clusters behind NAT, a relay host with a public endpoint registered in
+/// cluster-a (`meshctl host add --relay`), and the link joined; returns the lab, the
+/// relay and when the join finished.
+fn both_behind_nat(b_symmetric: bool) -> Result<(TwoClusters, BareHost, Instant)> {
+    let lab = TwoClusters::with_both_behind_nat(1, b_symmetric)?;
+    let mut relay = lab.add_bare_host(Side::A, "relay", 9)?;
+    let bundle = lab.lab.dir().join("relay-bundle.json");
+    let (address, endpoint) = (relay.address_cidr(), relay.endpoint());
+    let out = lab.meshctl(&[
+        "--context",
+        "cluster-a",
+        "host",
+        "add",
+        "relay",
+        "--address",
+        &address,
+        "--endpoint",
+        &endpoint,
+        "--relay",
+        "--bundle",
+        bundle.to_str().context("UTF-8 path")?,
+    ])?;
+    ensure!(
+        out.status.success(),
+        "host add --relay: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    relay.start_agent(&bundle)?;
+    lab.join()?;
+    Ok((lab, relay, Instant::now()))
+}
+
+/// Waits until `meshctl status -o json` in cluster-a says a1 reaches cluster-b.b1 by
+/// `path` (through `via`); returns the table form.
+fn status_shows(lab: &TwoClusters, path: &str, via: Option<&str>) -> Result<String> {
+    let mut last = serde_json::Value::Null;
+    let found = eventually(Duration::from_secs(45), || {
+        let out = lab.meshctl(&["--context", "cluster-a", "status", "-o", "json"])?;
+        last = serde_json::from_slice(&out.stdout)?;
+        let tunnel = last["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|n| n["name"] == "a1")
+            .flat_map(|n| n["tunnels"].as_array().into_iter().flatten())
+            .find(|t| t["name"] == "cluster-b.b1")
+            .context("a1 reports no tunnel to cluster-b.b1")?;
+        ensure!(
+            tunnel["path"] == path && tunnel["via"].as_str() == via,
+            "a1 -> cluster-b.b1: {tunnel}"
+        );
+        Ok(())
+    });
+    found.with_context(|| format!("meshctl status -o json:\n{last:#}"))?;
+    let out = lab.meshctl(&["--context", "cluster-a", "status"])?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Both clusters behind NAT: the relay (public) hears every node at its NAT's address and
+/// reports it through the control plane; each side adds it to the other's endpoints and
+/// the handshakes punch through both NATs, so traffic goes direct.
+#[test]
+fn both_clusters_behind_nat_punch_through_with_endpoints_a_relay_observed() -> Result<()> {
+    let (lab, _relay, joined) = both_behind_nat(false)?;
+    let (a1, b1) = (lab.a.node("a1")?, lab.b.node("b1")?);
+    eventually(Duration::from_secs(90), || {
+        let endpoints = a1.wg(&["show", INTERFACE, "endpoints"])?;
+        ensure!(
+            endpoints.contains(&format!("{NAT_PUBLIC}:")),
+            "a1 has not reached b1 at its NAT's address yet: {endpoints}"
+        );
+        ping(&a1.pod, b1.pod.ip(), 1)
+    })?;
+    println!(
+        "a1 -> b1 direct through both NATs {:?} after join",
+        joined.elapsed()
+    );
+    let peers = lab.a.mesh_peers()?;
+    let b1_peer = peers
+        .iter()
+        .find(|p| p.spec.node == "b1")
+        .context("no MeshPeer for b1")?;
+    ensure!(
+        b1_peer
+            .spec
+            .endpoints
+            .iter()
+            .any(|e| e.starts_with(&NAT_PUBLIC.to_string())),
+        "the observed endpoint should be mirrored: {:?}",
+        b1_peer.spec.endpoints
+    );
+    let status = status_shows(&lab, "Direct", None)?;
+    println!("{status}");
+    let there = transfer(&a1.pod, b1.pod.ip(), 8 * MIB)?;
+    let back = transfer(&b1.pod, a1.pod.ip(), 8 * MIB)?;
+    println!(
+        "a1 <-> b1 direct: 8 MiB each way intact ({:.0}/{:.0} Mbit/s)",
+        there.mbit_per_s(),
+        back.mbit_per_s()
+    );
+    Ok(())
+}
+
+/// Both behind NAT and cluster-b's NAT symmetric (a random port per connection): no hole
+/// can be punched, so a1 and b1 reach each other through the relay.
+#[test]
+fn both_clusters_behind_nat_fall_back_to_the_relay_when_punching_fails() -> Result<()> {
+    let (lab, relay, joined) = both_behind_nat(true)?;
+    let (a1, b1) = (lab.a.node("a1")?, lab.b.node("b1")?);
+    eventually(Duration::from_secs(90), || ping(&a1.pod, b1.pod.ip(), 1))?;
+    println!(
+        "a1 -> b1 reachable {:?} after join (both behind NAT, b's symmetric)",
+        joined.elapsed()
+    );
+    let status = status_shows(&lab, "Relayed", Some("relay"))?;
+    println!("{status}");
+    let relay_peers = relay.host.wg(&["show", INTERFACE, "transfer"])?;
+    let there = transfer(&a1.pod, b1.pod.ip(), 8 * MIB)?;
+    let back = transfer(&b1.pod, a1.pod.ip(), 8 * MIB)?;
+    println!(
+        "a1 <-> b1 through the relay: 8 MiB each way intact ({:.0}/{:.0} Mbit/s)",
+        there.mbit_per_s(),
+        back.mbit_per_s()
+    );
+    let after = relay.host.wg(&["show", INTERFACE, "transfer"])?;
+    println!("relay transfer before:\n{relay_peers}\nafter:\n{after}");
+    ensure!(relay_peers != after, "the relay carried nothing");
     Ok(())
 }

@@ -176,6 +176,7 @@ fn a_remote_node_claiming_our_cidr_is_refused_everywhere() -> Result<()> {
             location: None,
             kind: MeshNodeKind::Node,
             gateway: false,
+            relay: false,
         },
     );
     block_on(Api::<MeshNode>::all(lab.b.client()?).create(&PostParams::default(), &evil))?;

@@ -349,8 +349,10 @@ impl Device {
         }
         if let Some(endpoints) = &update.endpoints {
             peer.endpoints.clone_from(endpoints);
+            // The endpoint in use stays (the peer may have roamed there); a new list
+            // only gives a peer without one somewhere to start.
             if update.endpoint.is_none()
-                && peer.endpoint.is_none_or(|e| !endpoints.contains(&e))
+                && peer.endpoint.is_none()
                 && let Some(first) = endpoints.first()
             {
                 peer.endpoint = Some(*first);

@@ -198,6 +198,7 @@ mod tests {
                 location: None,
                 kind,
                 gateway: false,
+                relay: false,
             },
         )
     }

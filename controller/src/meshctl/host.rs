@@ -54,6 +54,8 @@ pub struct AddRequest {
     pub endpoint: Option<SocketAddr>,
     /// Its public key, for a host that runs stock WireGuard.
     pub public_key: Option<PublicKey>,
+    /// It relays for peers that cannot reach each other directly.
+    pub relay: bool,
 }
 
 /// One reason not to add a host.
@@ -95,6 +97,9 @@ pub enum HostRefusal {
         /// Its MeshNode.
         node: String,
     },
+    /// A relay must be reachable by everyone.
+    #[error("a relay needs --endpoint: peers behind NAT must be able to reach it")]
+    RelayWithoutEndpoint,
     /// The address overlaps a linked cluster's pod CIDRs or one of its nodes or hosts.
     #[error("address {address} overlaps {cidr} of {owner} of linked cluster {cluster}")]
     Linked {
@@ -156,6 +161,9 @@ pub fn check_add(
     let single = if address.addr().is_ipv4() { 32 } else { 128 };
     if address.prefix_len() != single {
         refusals.push(HostRefusal::NotSingle(address));
+    }
+    if request.relay && request.endpoint.is_none() {
+        refusals.push(HostRefusal::RelayWithoutEndpoint);
     }
     for cidr in cluster.pod_cidrs.iter().filter(|c| c.overlaps(&address)) {
         refusals.push(HostRefusal::InPodRange {
@@ -537,6 +545,7 @@ pub fn host_mesh_node(request: &AddRequest) -> MeshNode {
             location: None,
             kind: MeshNodeKind::Host,
             gateway: false,
+            relay: request.relay,
         },
     );
     node.metadata.labels = meta(&request.name, None, &request.name).labels;
@@ -647,6 +656,7 @@ mod tests {
             address: cidr(address),
             endpoint: None,
             public_key: None,
+            relay: false,
         }
     }
 
@@ -664,6 +674,7 @@ mod tests {
                 location: None,
                 kind,
                 gateway: false,
+                relay: false,
             },
         )
     }
@@ -680,6 +691,7 @@ mod tests {
                 location: None,
                 kind: MeshNodeKind::Node,
                 gateway: false,
+                relay: false,
             },
         )
     }

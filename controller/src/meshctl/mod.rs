@@ -149,6 +149,11 @@ pub enum HostCommand {
         /// Where to write the bundle (mode 0600; an existing file is not overwritten).
         #[arg(long, value_name = "FILE", default_value = "host-bundle.json")]
         bundle: PathBuf,
+        /// Make the host a relay: peers of every linked cluster that cannot reach each
+        /// other directly (both behind NAT) send their traffic through it. Needs
+        /// --endpoint, an address everyone reaches, and IP forwarding on the host.
+        #[arg(long)]
+        relay: bool,
     },
     /// Print a wg-quick config for a host that runs stock WireGuard: its Address and a
     /// Peer section for every node it can reach. Run it again when nodes come and go.
@@ -211,12 +216,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             endpoint,
             public_key,
             bundle,
+            relay,
         }) => {
             let request = host::AddRequest {
                 name,
                 address,
                 endpoint,
                 public_key,
+                relay,
             };
             host::add(&cli.kube, &request, &bundle).await
         }

@@ -120,9 +120,12 @@ pub struct TunnelView {
     pub rx_bytes: i64,
     /// Bytes sent.
     pub tx_bytes: i64,
-    /// `Direct`, `Gateway` (through it now), `Standby` (a gateway ready to take over) or
-    /// `Forwarding` (on a gateway: a node of its cluster it forwards for).
+    /// `Direct`, `Gateway` (through it now), `Standby` (a gateway ready to take over),
+    /// `Forwarding` (on a gateway: a node of its cluster it forwards for), `Relay` (a relay)
+    /// or `Relayed` (not reached directly: through the relay in `via`).
     pub path: TunnelPath,
+    /// The relay a `Relayed` peer goes through.
+    pub via: Option<String>,
 }
 
 impl StatusReport {
@@ -172,6 +175,7 @@ impl StatusReport {
                         rx_bytes: t.rx_bytes,
                         tx_bytes: t.tx_bytes,
                         path: t.path,
+                        via: t.via.clone(),
                     })
                     .collect();
                 tunnels.sort_by(|a, b| a.name.cmp(&b.name));
@@ -292,14 +296,18 @@ impl StatusReport {
             });
             let tunnels = n.tunnels.iter().map(|t| {
                 let path = match t.path {
-                    TunnelPath::Direct => "direct",
-                    TunnelPath::Gateway => "gateway (active)",
-                    TunnelPath::Standby => "gateway (standby)",
-                    TunnelPath::Forwarding => "forwarding",
+                    TunnelPath::Direct => "direct".to_owned(),
+                    TunnelPath::Gateway => "gateway (active)".to_owned(),
+                    TunnelPath::Standby => "gateway (standby)".to_owned(),
+                    TunnelPath::Forwarding => "forwarding".to_owned(),
+                    TunnelPath::Relay => "relay".to_owned(),
+                    TunnelPath::Relayed => {
+                        format!("relayed via {}", t.via.as_deref().unwrap_or("?"))
+                    }
                 };
                 vec![
                     t.name.clone(),
-                    path.to_owned(),
+                    path,
                     t.endpoint.clone().unwrap_or_else(|| "-".to_owned()),
                     t.latest_handshake_age_seconds
                         .map_or_else(|| "never".to_owned(), table::ago),
@@ -537,6 +545,7 @@ a2     10.1.2.0/24   -
                 location: None,
                 kind: Default::default(),
                 gateway: false,
+                relay: false,
             },
         );
         n.status = Some(MeshNodeStatus {
@@ -609,6 +618,7 @@ a2     10.1.2.0/24   -
                         rx_bytes: 1536,
                         tx_bytes: 300,
                         path: TunnelPath::Direct,
+                        via: None,
                     },
                 ],
             ),
