@@ -1,16 +1,17 @@
 //! An IPv6-only underlay with dual-stack pods (needs root): two standalone agents reach
 //! each other at `[fd18:6::N]:51820`, derive the tunnel MTU as the underlay's less 80, and
-//! carry both IPv6 and IPv4 pod traffic, pings and checksummed TCP, through the same tunnel.
+//! carry both IPv6 and IPv4 pod traffic, pings and checksummed TCP, through the same tunnel;
+//! and peers that know each other only by link-local addresses.
 
 // The test prints what it measured (shown with --nocapture).
 #![allow(clippy::print_stdout)]
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
-use wiremesh_lab::mesh::{IFACE, Node, eventually};
+use wiremesh_lab::mesh::{IFACE, Node, PORT, eventually};
 use wiremesh_lab::{Host, Lab, Netns, ping, transfer};
 
 const MIB: u64 = 1 << 20;
@@ -184,6 +185,67 @@ fn describe(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// Peers that know each other only by link-local underlay addresses: a is told b's
+/// `[fe80::..%ul0]` endpoint, b knows no endpoint for a and answers where a's handshake came
+/// from, which only works if the agent keeps the scope (interface) of that source address.
+#[test]
+fn link_local_endpoints_keep_their_scope() -> Result<()> {
+    let lab = Lab::new()?;
+    let underlay = lab.underlay("ll", "fd18:7::/64", UNDERLAY_MTU)?;
+    let mut a = Node::on_v6(&lab, &underlay, "a", "fd18:7::1".parse()?, 1)?;
+    let mut b = Node::on_v6(&lab, &underlay, "b", "fd18:7::2".parse()?, 2)?;
+    let b_link_local = link_local(&b.host, "ul0")?;
+    let endpoint = SocketAddrV6::new(b_link_local, PORT, 0, link_index(&a.host, "ul0")?);
+    let mut b_as_peer = b.as_peer(false);
+    b_as_peer.endpoint = Some(SocketAddr::V6(endpoint));
+    a.start_with_mtu(&[b_as_peer], None)?;
+    b.start_with_mtu(&[a.as_peer(false)], None)?;
+
+    let start = Instant::now();
+    let b6 = pod_ip6(&b)?;
+    eventually(Duration::from_secs(20), || ping(&a.pod, b6, 1))?;
+    println!("a -> b at {endpoint} after {:?}", start.elapsed());
+    ping(&b.pod, pod_ip6(&a)?, 2)?;
+    ping(&b.pod, a.pod.ip(), 2)?;
+    let seen = b.wg(&["show", IFACE, "endpoints"])?;
+    let a_link_local = link_local(&a.host, "ul0")?;
+    ensure!(
+        seen.contains(&format!("[{a_link_local}%")),
+        "b should see a at its scoped link-local address {a_link_local}, sees: {seen}"
+    );
+    let there = transfer(&a.pod, b6, 4 * MIB)?;
+    let back = transfer(&b.pod, a.pod.ip(), 4 * MIB)?;
+    println!(
+        "b sees a at {}; 4 MiB each way intact ({:.0}/{:.0} Mbit/s)",
+        seen.split_whitespace().nth(1).unwrap_or(""),
+        there.mbit_per_s(),
+        back.mbit_per_s()
+    );
+    Ok(())
+}
+
+/// The link-local IPv6 address of `dev` in `host`.
+fn link_local(host: &Host, dev: &str) -> Result<Ipv6Addr> {
+    let text = host.ip(&["-6", "-o", "addr", "show", "dev", dev, "scope", "link"])?;
+    let cidr = text
+        .split_whitespace()
+        .skip_while(|w| *w != "inet6")
+        .nth(1)
+        .with_context(|| format!("no link-local address on {dev}: {text}"))?;
+    let addr = cidr.split('/').next().unwrap_or(cidr);
+    Ok(addr.parse()?)
+}
+
+/// The interface index of `dev` in `host`.
+fn link_index(host: &Host, dev: &str) -> Result<u32> {
+    let text = host.ip(&["-o", "link", "show", "dev", dev])?;
+    let index = text
+        .split(':')
+        .next()
+        .with_context(|| format!("no index in {text}"))?;
+    Ok(index.trim().parse()?)
 }
 
 fn pod_ip6(node: &Node) -> Result<Ipv6Addr> {

@@ -285,7 +285,8 @@ impl RxRing {
     }
 }
 
-/// A received address as a `SocketAddr`, IPv4-mapped IPv6 as IPv4.
+/// A received address as a `SocketAddr`, IPv4-mapped IPv6 as IPv4. An IPv6 address keeps
+/// its scope (interface index): replies to a link-local peer need it to leave at all.
 fn socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
     if let Some(v4) = addr.as_sockaddr_in() {
         return Some(SocketAddr::from((v4.ip(), v4.port())));
@@ -293,6 +294,44 @@ fn socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
     let v6 = addr.as_sockaddr_in6()?;
     Some(match v6.ip().to_ipv4_mapped() {
         Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
-        None => SocketAddr::new(IpAddr::V6(v6.ip()), v6.port()),
+        None => SocketAddr::V6(SocketAddrV6::new(
+            v6.ip(),
+            v6.port(),
+            v6.flowinfo(),
+            v6.scope_id(),
+        )),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(addr: &str) -> Option<SocketAddr> {
+        let addr: SocketAddr = addr.parse().unwrap();
+        socket_addr(&SockaddrStorage::from(addr))
+    }
+
+    #[test]
+    fn received_addresses_keep_their_family_and_mapped_ones_become_ipv4() {
+        assert_eq!(
+            round_trip("198.18.0.1:51820"),
+            Some("198.18.0.1:51820".parse().unwrap())
+        );
+        assert_eq!(
+            round_trip("[fd18:6::2]:51820"),
+            Some("[fd18:6::2]:51820".parse().unwrap())
+        );
+        assert_eq!(
+            round_trip("[::ffff:198.18.0.2]:51821"),
+            Some("198.18.0.2:51821".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn a_link_local_source_keeps_its_scope() {
+        let from = SocketAddrV6::new("fe80::1".parse().unwrap(), 51820, 0, 7);
+        let seen = socket_addr(&SockaddrStorage::from(SocketAddr::V6(from)));
+        assert_eq!(seen, Some(SocketAddr::V6(from)));
+    }
 }
