@@ -1,7 +1,8 @@
 //! An IPv6-only underlay with dual-stack pods (needs root): two standalone agents reach
 //! each other at `[fd18:6::N]:51820`, derive the tunnel MTU as the underlay's less 80, and
 //! carry both IPv6 and IPv4 pod traffic, pings and checksummed TCP, through the same tunnel;
-//! and peers that know each other only by link-local addresses.
+//! an IPv6 underlay of 1280 bytes, where the tunnel keeps the IPv6 minimum MTU and the
+//! underlay fragments; and peers that know each other only by link-local addresses.
 
 // The test prints what it measured (shown with --nocapture).
 #![allow(clippy::print_stdout)]
@@ -185,6 +186,60 @@ fn describe(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// An IPv6 underlay of 1280 bytes, the IPv6 minimum: 1280 − 80 would be below the IPv6
+/// minimum, and Linux turns IPv6 off on a device that small, so the agents keep wm0 at 1280
+/// (and say so); the encrypted datagrams are then larger than the underlay's MTU and the
+/// kernel fragments them, both for UDP GSO batches and single datagrams.
+#[test]
+fn a_1280_byte_ipv6_underlay_still_carries_ipv6_pods() -> Result<()> {
+    const SMALL: u32 = 1280;
+    let lab = Lab::new()?;
+    let underlay = lab.underlay("small6", "fd18:9::/64", SMALL)?;
+    let mut a = Node::on_v6(&lab, &underlay, "a", "fd18:9::1".parse()?, 1)?;
+    let mut b = Node::on_v6(&lab, &underlay, "b", "fd18:9::2".parse()?, 2)?;
+    a.start_with_mtu(&[b.as_peer(true)], None)?;
+    b.start_with_mtu(&[a.as_peer(true)], None)?;
+    for node in [&a, &b] {
+        let mtu = link_mtu(&node.host, IFACE)?;
+        ensure!(
+            mtu == SMALL,
+            "{} has MTU {mtu} on {IFACE}, wanted the IPv6 minimum {SMALL}",
+            node.host.name()
+        );
+        let log = node.agent.as_ref().context("agent started")?.stderr();
+        ensure!(
+            log.contains("below the IPv6 minimum"),
+            "no warning about the IPv6 minimum in the log of {}:\n{log}",
+            node.host.name()
+        );
+    }
+    let (a6, b6) = (pod_ip6(&a)?, pod_ip6(&b)?);
+    eventually(Duration::from_secs(20), || ping(&a.pod, b6, 1))?;
+    ping(&b.pod, a6, 2)?;
+    for (label, there_to, back_to) in [
+        ("IPv6", IpAddr::V6(b6), IpAddr::V6(a6)),
+        ("IPv4", IpAddr::V4(b.pod.ip()), IpAddr::V4(a.pod.ip())),
+    ] {
+        let there = transfer(&a.pod, there_to, 8 * MIB)?;
+        let back = transfer(&b.pod, back_to, 8 * MIB)?;
+        println!(
+            "{label} pods over a {SMALL}-byte IPv6 underlay, {IFACE} at {SMALL}: 8 MiB each way \
+             intact, fragmented underneath ({:.0}/{:.0} Mbit/s)",
+            there.mbit_per_s(),
+            back.mbit_per_s()
+        );
+    }
+    let snmp6 = a.host.exec_ok(&["cat", "/proc/net/snmp6"])?;
+    let created: u64 = snmp6
+        .lines()
+        .find_map(|l| l.strip_prefix("Ip6FragCreates"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no Ip6FragCreates in /proc/net/snmp6:\n{snmp6}"))?;
+    ensure!(created > 0, "host a fragmented nothing");
+    println!("host a created {created} IPv6 fragments");
+    Ok(())
 }
 
 /// Peers that know each other only by link-local underlay addresses: a is told b's
