@@ -63,7 +63,7 @@ pub struct InterfaceSpec {
     pub name: String,
     /// MTU of the TUN device, or [`MTU_FROM_UNDERLAY`]: the MTU of the routes towards the
     /// peers' endpoints (or of the default route) less WireGuard's 60 bytes (IPv4 underlay)
-    /// or 80 (IPv6).
+    /// or 80 (IPv6), and at least 1280 when an address or allowed IP is IPv6.
     pub mtu: u32,
     /// Addresses to put on it.
     pub addresses: Vec<InterfaceAddress>,
@@ -139,7 +139,12 @@ pub async fn run(
 
     let netlink = Netlink::new().await.context("opening netlink")?;
     let mtu = match spec.mtu {
-        MTU_FROM_UNDERLAY => derive_mtu(&netlink, &device).await,
+        MTU_FROM_UNDERLAY => {
+            // IPv6 inside: an address on the interface, or a peer's allowed IPs.
+            let carries_ipv6 = spec.addresses.iter().any(|a| a.addr.is_ipv6())
+                || device.routes().iter().any(|c| c.addr().is_ipv6());
+            derive_mtu(&netlink, &device, carries_ipv6).await
+        }
         mtu => {
             info!(interface = %spec.name, mtu, "MTU as configured");
             mtu
@@ -683,9 +688,9 @@ fn write_tun(tun: &Tun, packet: &[u8]) {
 }
 
 /// The tunnel MTU from the underlay: the smallest over the routes to the peers' endpoints,
-/// else the default route's, less WireGuard's overhead; [`mtu::DEFAULT_MTU`] when the
-/// underlay tells nothing.
-async fn derive_mtu(netlink: &Netlink, device: &Device) -> u32 {
+/// else the default route's, less WireGuard's overhead, and at least the IPv6 minimum when
+/// the tunnel `carries_ipv6`; [`mtu::DEFAULT_MTU`] when the underlay tells nothing.
+async fn derive_mtu(netlink: &Netlink, device: &Device, carries_ipv6: bool) -> u32 {
     let endpoints: BTreeSet<IpAddr> = device
         .peers()
         .iter()
@@ -714,6 +719,17 @@ async fn derive_mtu(netlink: &Netlink, device: &Device) -> u32 {
     match mtu::tunnel_mtu(paths.iter().copied()) {
         Some(mtu) => {
             let underlay = paths.iter().map(|p| p.mtu).min().unwrap_or(0);
+            let floored = mtu::with_ipv6_floor(mtu, carries_ipv6);
+            if floored != mtu {
+                warn!(
+                    mtu = floored,
+                    underlay,
+                    from,
+                    "MTU derived from the underlay is below the IPv6 minimum; using the \
+                     minimum, and the underlay fragments the encrypted datagrams"
+                );
+                return floored;
+            }
             info!(mtu, underlay, from, "MTU derived from the underlay");
             mtu
         }

@@ -2,9 +2,11 @@
 //! name prefix, processes in per-host mount namespaces, and a [`Drop`] that removes it all.
 //!
 //! Address plan: underlays live in 198.18.0.0/15 (RFC 2544 benchmarking range), pods in
-//! 10.0.0.0/8, and both only inside namespaces the lab created. Nothing is created in the root
-//! network namespace: every veth is made inside a lab namespace with its peer moved straight
-//! into another.
+//! 10.0.0.0/8, and both only inside namespaces the lab created. IPv6 underlays live in
+//! fd18::/16 and IPv6 pod CIDRs in fd10::/16 (unique local addresses, RFC 4193), with
+//! duplicate address detection off so that addresses are usable at once. Nothing is created
+//! in the root network namespace: every veth is made inside a lab namespace with its peer
+//! moved straight into another.
 //!
 //! ```text
 //!  underlay ns "<prefix>u-ul": bridge br0 ── p0 ─┬─ ul0 198.18.0.1/16  host ns "<prefix>h-a"
@@ -15,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, DirBuilder};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Deref;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -47,6 +49,21 @@ const POD_RANGE: Ipv4Net = Ipv4Net {
     network: Ipv4Addr::new(10, 0, 0, 0),
     len: 8,
 };
+
+/// The range IPv6 underlay prefixes must come from: unique local addresses (RFC 4193).
+const UNDERLAY_RANGE6: Ipv6Net = Ipv6Net {
+    network: Ipv6Addr::new(0xfd18, 0, 0, 0, 0, 0, 0, 0),
+    len: 16,
+};
+
+/// The range IPv6 pod CIDRs must come from: unique local addresses (RFC 4193).
+const POD_RANGE6: Ipv6Net = Ipv6Net {
+    network: Ipv6Addr::new(0xfd10, 0, 0, 0, 0, 0, 0, 0),
+    len: 16,
+};
+
+/// The smallest MTU of a link carrying IPv6 (RFC 8200).
+const MIN_MTU6: u32 = 1280;
 
 /// The default underlay of every lab.
 const DEFAULT_UNDERLAY: (&str, &str, u32) = ("ul", "198.18.0.0/16", 1500);
@@ -138,11 +155,12 @@ impl Lab {
     }
 
     /// Creates another underlay: a namespace `<prefix>u-<name>` holding a bridge with `mtu`,
-    /// for hosts to attach to with addresses from `cidr`.
+    /// for hosts to attach to with addresses from `cidr`. An IPv6 `cidr` (inside fd18::/16)
+    /// makes an IPv6-only underlay, for hosts from [`Lab::add_host_v6`].
     ///
     /// # Errors
-    /// When `cidr` does not parse or is not inside 198.18.0.0/15, the MTU is outside
-    /// 576..=9216, or a setup command fails.
+    /// When `cidr` does not parse or is not inside 198.18.0.0/15 (IPv4) or fd18::/16 (IPv6),
+    /// the MTU is outside 576..=9216 (1280..=9216 for IPv6), or a setup command fails.
     pub fn underlay(&self, name: &str, cidr: &str, mtu: u32) -> Result<Underlay> {
         Underlay::create(&self.inner, name, cidr, mtu)
     }
@@ -170,6 +188,17 @@ impl Lab {
         underlay_ip: Ipv4Addr,
         pod_cidr: &str,
     ) -> Result<Host> {
+        self.create_host(underlay, name, IpAddr::V4(underlay_ip), pod_cidr, None)
+    }
+
+    fn create_host(
+        &self,
+        underlay: &Underlay,
+        name: &str,
+        underlay_ip: IpAddr,
+        pod_cidr: &str,
+        pod_net6: Option<Ipv6Net>,
+    ) -> Result<Host> {
         check_name("host", name)?;
         let pod_net: Ipv4Net = pod_cidr.parse()?;
         ensure!(
@@ -193,6 +222,16 @@ impl Lab {
             .add_netns(&format!("{}h-{name}", self.inner.prefix))?;
         ns.exec_ok(&["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
             .context("turning on IPv4 forwarding")?;
+        let ipv6 = pod_net6.is_some() || underlay_ip.is_ipv6();
+        if ipv6 {
+            ns.disable_dad()?;
+            ns.exec_ok(&[
+                "sh",
+                "-c",
+                "echo 1 > /proc/sys/net/ipv6/conf/all/forwarding",
+            ])
+            .context("turning on IPv6 forwarding")?;
+        }
         ns.ip(&["link", "add", POD_BRIDGE, "type", "bridge"])?;
         ns.ip(&[
             "addr",
@@ -201,16 +240,41 @@ impl Lab {
             "dev",
             POD_BRIDGE,
         ])?;
-        ns.ip(&["link", "set", POD_BRIDGE, "up"])?;
         self.inner.register_address(gateway, ns.name());
+        let gateway6 = match pod_net6 {
+            Some(net6) => {
+                let gateway6 = net6
+                    .host(1)
+                    .ok_or_else(|| anyhow!("pod CIDR {net6} has no gateway address"))?;
+                ns.ip(&[
+                    "addr",
+                    "add",
+                    &format!("{gateway6}/{}", net6.len),
+                    "dev",
+                    POD_BRIDGE,
+                    "nodad",
+                ])?;
+                self.inner.register_address(gateway6, ns.name());
+                Some(gateway6)
+            }
+            None => None,
+        };
+        ns.ip(&["link", "set", POD_BRIDGE, "up"])?;
 
+        let (underlay_ip4, underlay_ip6) = match underlay_ip {
+            IpAddr::V4(ip) => (ip, None),
+            IpAddr::V6(ip) => (Ipv4Addr::UNSPECIFIED, Some(ip)),
+        };
         let host = Host {
             inner: Arc::new(HostInner {
                 ns,
                 name: name.to_owned(),
-                underlay_ip,
+                underlay_ip: underlay_ip4,
+                underlay_ip6,
                 pod_net,
                 gateway,
+                pod_net6,
+                gateway6,
                 dir,
                 run_dir,
                 state_dir,
@@ -218,8 +282,43 @@ impl Lab {
                 attachments: AtomicU32::new(0),
             }),
         };
-        host.attach(underlay, underlay_ip)?;
+        host.attach_ip(underlay, underlay_ip)?;
         Ok(host)
+    }
+
+    /// Adds a host on an IPv6-only `underlay` (from [`Lab::underlay`] with an IPv6 prefix)
+    /// with dual-stack pods: as [`Lab::add_host_on`], plus IPv6 forwarding, the first address
+    /// of `pod_cidr6` on `pods0` as the pods' IPv6 gateway, and an IPv6 address and default
+    /// route in every pod. The host has no IPv4 address on the underlay:
+    /// [`Host::underlay_ip`] is 0.0.0.0 and [`Host::underlay_ip6`] holds `underlay_ip6`.
+    ///
+    /// # Errors
+    /// As [`Lab::add_host_on`], or when `underlay` is not an IPv6 underlay, `underlay_ip6`
+    /// is not in its prefix, or `pod_cidr6` is not inside fd10::/16 or longer than /126.
+    pub fn add_host_v6(
+        &self,
+        underlay: &Underlay,
+        name: &str,
+        underlay_ip6: Ipv6Addr,
+        pod_cidr: &str,
+        pod_cidr6: &str,
+    ) -> Result<Host> {
+        let pod_net6: Ipv6Net = pod_cidr6.parse()?;
+        ensure!(
+            pod_net6.within(&POD_RANGE6),
+            "IPv6 pod CIDR {pod_net6} is outside {POD_RANGE6}, the only range pods may use"
+        );
+        ensure!(
+            pod_net6.len <= 126,
+            "IPv6 pod CIDR {pod_net6} has no room for pods"
+        );
+        self.create_host(
+            underlay,
+            name,
+            IpAddr::V6(underlay_ip6),
+            pod_cidr,
+            Some(pod_net6),
+        )
     }
 
     /// A NAT gateway between `private` and the default underlay, like a cloud NAT or a
@@ -401,6 +500,23 @@ impl Netns {
         ip(&full)
     }
 
+    /// Turns IPv6 duplicate address detection off for the namespace's interfaces, present
+    /// and future (`accept_dad` 0 in `all` and `default`), so their addresses, link-local
+    /// ones included, are usable at once.
+    ///
+    /// # Errors
+    /// When the sysctls cannot be written.
+    pub fn disable_dad(&self) -> Result<()> {
+        self.exec_ok(&[
+            "sh",
+            "-c",
+            "echo 0 > /proc/sys/net/ipv6/conf/all/accept_dad && \
+             echo 0 > /proc/sys/net/ipv6/conf/default/accept_dad",
+        ])
+        .context("turning off IPv6 duplicate address detection")?;
+        Ok(())
+    }
+
     fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.name]).args(args);
@@ -424,7 +540,7 @@ pub struct Underlay {
 struct UnderlayInner {
     ns: Netns,
     name: String,
-    net: Ipv4Net,
+    net: UnderlayNet,
     mtu: u32,
     ports: AtomicU32,
 }
@@ -432,11 +548,25 @@ struct UnderlayInner {
 impl Underlay {
     fn create(lab: &Arc<LabInner>, name: &str, cidr: &str, mtu: u32) -> Result<Underlay> {
         check_name("underlay", name)?;
-        let net: Ipv4Net = cidr.parse()?;
-        ensure!(
-            net.within(&UNDERLAY_RANGE),
-            "underlay {net} is outside {UNDERLAY_RANGE} (RFC 2544), the only range the lab may use"
-        );
+        let net = if cidr.contains(':') {
+            let net: Ipv6Net = cidr.parse()?;
+            ensure!(
+                net.within(&UNDERLAY_RANGE6),
+                "underlay {net} is outside {UNDERLAY_RANGE6}, the only IPv6 range the lab may use"
+            );
+            ensure!(
+                mtu >= MIN_MTU6,
+                "underlay MTU {mtu} is below {MIN_MTU6}, the IPv6 minimum"
+            );
+            UnderlayNet::V6(net)
+        } else {
+            let net: Ipv4Net = cidr.parse()?;
+            ensure!(
+                net.within(&UNDERLAY_RANGE),
+                "underlay {net} is outside {UNDERLAY_RANGE} (RFC 2544), the only range the lab may use"
+            );
+            UnderlayNet::V4(net)
+        };
         // 576: the smallest datagram every IPv4 host must accept (RFC 791); 9216: common
         // jumbo-frame maximum.
         ensure!(
@@ -444,8 +574,11 @@ impl Underlay {
             "underlay MTU {mtu} is outside 576..=9216"
         );
         let ns = lab.add_netns(&format!("{}u-{name}", lab.prefix))?;
+        if matches!(net, UnderlayNet::V6(_)) {
+            ns.disable_dad()?;
+        }
         let mtu_s = mtu.to_string();
-        ns.ip(&[
+        let mut bridge = vec![
             "link",
             "add",
             UNDERLAY_BRIDGE,
@@ -455,7 +588,12 @@ impl Underlay {
             "bridge",
             "stp_state",
             "0",
-        ])?;
+        ];
+        if matches!(net, UnderlayNet::V6(_)) {
+            // Neighbour discovery is multicast: flood it rather than rely on MLD snooping.
+            bridge.extend(["mcast_snooping", "0"]);
+        }
+        ns.ip(&bridge)?;
         ns.ip(&["link", "set", UNDERLAY_BRIDGE, "up"])?;
         Ok(Underlay {
             inner: Arc::new(UnderlayInner {
@@ -473,9 +611,14 @@ impl Underlay {
         &self.inner.name
     }
 
-    /// The subnet, such as `198.18.0.0/16`.
+    /// The subnet, such as `198.18.0.0/16` (or `fd18:1::/64` for an IPv6 underlay).
     pub fn cidr(&self) -> String {
         self.inner.net.to_string()
+    }
+
+    /// Whether the underlay is IPv6-only.
+    pub fn is_ipv6(&self) -> bool {
+        matches!(self.inner.net, UnderlayNet::V6(_))
     }
 
     /// The MTU of the bridge and of every veth attached to it.
@@ -518,8 +661,11 @@ struct HostInner {
     ns: Netns,
     name: String,
     underlay_ip: Ipv4Addr,
+    underlay_ip6: Option<Ipv6Addr>,
     pod_net: Ipv4Net,
     gateway: Ipv4Addr,
+    pod_net6: Option<Ipv6Net>,
+    gateway6: Option<Ipv6Addr>,
     dir: PathBuf,
     run_dir: PathBuf,
     state_dir: PathBuf,
@@ -533,9 +679,22 @@ impl Host {
         &self.inner.name
     }
 
-    /// The address on the first underlay.
+    /// The address on the first underlay; 0.0.0.0 for a host from [`Lab::add_host_v6`].
     pub fn underlay_ip(&self) -> Ipv4Addr {
         self.inner.underlay_ip
+    }
+
+    /// The IPv6 address on the first underlay, for a host from [`Lab::add_host_v6`].
+    pub fn underlay_ip6(&self) -> Option<Ipv6Addr> {
+        self.inner.underlay_ip6
+    }
+
+    /// The address on the first underlay, whichever its family.
+    pub fn underlay_addr(&self) -> IpAddr {
+        match self.inner.underlay_ip6 {
+            Some(ip6) => IpAddr::V6(ip6),
+            None => IpAddr::V4(self.inner.underlay_ip),
+        }
     }
 
     /// The pod CIDR, such as `10.1.0.0/24`.
@@ -546,6 +705,16 @@ impl Host {
     /// The pods' gateway: the first address of the pod CIDR, on bridge `pods0`.
     pub fn pod_gateway(&self) -> Ipv4Addr {
         self.inner.gateway
+    }
+
+    /// The IPv6 pod CIDR, such as `fd10:1::/64`, of a host from [`Lab::add_host_v6`].
+    pub fn pod_cidr6(&self) -> Option<String> {
+        self.inner.pod_net6.map(|net| net.to_string())
+    }
+
+    /// The pods' IPv6 gateway: the first address of the IPv6 pod CIDR, on bridge `pods0`.
+    pub fn pod_gateway6(&self) -> Option<Ipv6Addr> {
+        self.inner.gateway6
     }
 
     /// The host's private directory, `<lab dir>/<name>`.
@@ -581,9 +750,13 @@ impl Host {
     /// # Errors
     /// When `ip` is not a host address of `underlay`, or a command fails.
     pub fn attach(&self, underlay: &Underlay, ip: Ipv4Addr) -> Result<String> {
+        self.attach_ip(underlay, IpAddr::V4(ip))
+    }
+
+    fn attach_ip(&self, underlay: &Underlay, ip: IpAddr) -> Result<String> {
         let net = underlay.inner.net;
         ensure!(
-            net.contains(ip) && ip != net.network && ip != net.broadcast(),
+            net.is_host(ip),
             "{ip} is not a host address of underlay {} ({net})",
             underlay.inner.name
         );
@@ -611,7 +784,12 @@ impl Host {
             underlay.name_of_ns(),
         ])?;
         underlay.ip(&["link", "set", &port, "master", UNDERLAY_BRIDGE, "up"])?;
-        ns.ip(&["addr", "add", &format!("{ip}/{}", net.len), "dev", &iface])?;
+        let addr = format!("{ip}/{}", net.len());
+        let mut add = vec!["addr", "add", addr.as_str(), "dev", iface.as_str()];
+        if ip.is_ipv6() {
+            add.push("nodad");
+        }
+        ns.ip(&add)?;
         ns.ip(&["link", "set", &iface, "up"])?;
         ns.lab.register_address(ip, ns.name());
         Ok(iface)
@@ -619,7 +797,8 @@ impl Host {
 
     /// Adds a pod: namespace `<prefix>p-<host>-<pod>`, a veth `eth0` holding the next free
     /// address of the pod CIDR (.2, .3, ...) with a default route via the host's gateway,
-    /// its peer `vpN` on the host's pod bridge.
+    /// its peer `vpN` on the host's pod bridge. On a host with an IPv6 pod CIDR the pod also
+    /// gets the same-numbered address of it and an IPv6 default route via the host.
     ///
     /// # Errors
     /// When the name is bad, the pod CIDR is full, or a command fails.
@@ -631,8 +810,18 @@ impl Host {
             .host(index)
             .filter(|ip| *ip != net.broadcast())
             .ok_or_else(|| anyhow!("pod CIDR {net} of host {} is full", self.inner.name))?;
+        let ip6 =
+            match self.inner.pod_net6 {
+                Some(net6) => Some(net6.host(index).ok_or_else(|| {
+                    anyhow!("pod CIDR {net6} of host {} is full", self.inner.name)
+                })?),
+                None => None,
+            };
         let lab = &self.inner.ns.lab;
         let ns = lab.add_netns(&format!("{}p-{}-{name}", lab.prefix, self.inner.name))?;
+        if ip6.is_some() {
+            ns.disable_dad()?;
+        }
         let host_end = format!("vp{index}");
         self.inner.ns.ip(&[
             "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
@@ -650,12 +839,34 @@ impl Host {
             &self.inner.gateway.to_string(),
         ])?;
         lab.register_address(ip, ns.name());
+        if let (Some(ip6), Some(net6), Some(gateway6)) =
+            (ip6, self.inner.pod_net6, self.inner.gateway6)
+        {
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("{ip6}/{}", net6.len),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            ns.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway6.to_string(),
+            ])?;
+            lab.register_address(ip6, ns.name());
+        }
         Ok(Pod {
             ns,
             name: name.to_owned(),
             host: self.inner.name.clone(),
             ip,
             gateway: self.inner.gateway,
+            ip6,
         })
     }
 
@@ -818,12 +1029,15 @@ impl fmt::Debug for Host {
             .field("name", &self.inner.name)
             .field("netns", &self.inner.ns.name)
             .field("underlay_ip", &self.inner.underlay_ip)
+            .field("underlay_ip6", &self.inner.underlay_ip6)
             .field("pod_cidr", &self.inner.pod_net)
+            .field("pod_cidr6", &self.inner.pod_net6)
             .finish()
     }
 }
 
-/// A pod: a network namespace behind a host, with one address from the host's pod CIDR.
+/// A pod: a network namespace behind a host, with one address from the host's pod CIDR
+/// (and one from its IPv6 pod CIDR, if it has one).
 #[derive(Clone)]
 pub struct Pod {
     ns: Netns,
@@ -831,6 +1045,7 @@ pub struct Pod {
     host: String,
     ip: Ipv4Addr,
     gateway: Ipv4Addr,
+    ip6: Option<Ipv6Addr>,
 }
 
 impl Pod {
@@ -853,6 +1068,11 @@ impl Pod {
     pub fn gateway(&self) -> Ipv4Addr {
         self.gateway
     }
+
+    /// Its IPv6 address, on a host with an IPv6 pod CIDR ([`Lab::add_host_v6`]).
+    pub fn ip6(&self) -> Option<Ipv6Addr> {
+        self.ip6
+    }
 }
 
 impl Deref for Pod {
@@ -869,6 +1089,7 @@ impl fmt::Debug for Pod {
             .field("name", &self.name)
             .field("netns", &self.ns.name)
             .field("ip", &self.ip)
+            .field("ip6", &self.ip6)
             .finish()
     }
 }
@@ -898,7 +1119,8 @@ impl TransferReport {
 ///
 /// # Errors
 /// When no namespace, or more than one, of the lab holds `to_ip`, or as [`transfer_between`].
-pub fn transfer(from: &Netns, to_ip: Ipv4Addr, bytes: u64) -> Result<TransferReport> {
+pub fn transfer(from: &Netns, to_ip: impl Into<IpAddr>, bytes: u64) -> Result<TransferReport> {
+    let to_ip = to_ip.into();
     let to = from.lab.owner_of(to_ip)?;
     transfer_between(from, &to, to_ip, bytes)
 }
@@ -911,17 +1133,18 @@ pub fn transfer(from: &Netns, to_ip: Ipv4Addr, bytes: u64) -> Result<TransferRep
 pub fn transfer_between(
     from: &Netns,
     to: &Netns,
-    to_ip: Ipv4Addr,
+    to_ip: impl Into<IpAddr>,
     bytes: u64,
 ) -> Result<TransferReport> {
+    let to_ip = to_ip.into();
     let xfer = xfer_binary()?;
     let xfer = path_str(&xfer)?;
     let n = from.lab.next_counter();
     // A fresh port per transfer, so a listener never meets the TIME_WAIT of the last one.
-    let port = 40_000 + n % 20_000;
+    let port = u16::try_from(40_000 + n % 20_000).unwrap_or(40_000);
     let seed = u64::from(n) + 1;
     let seed_s = seed.to_string();
-    let listen = format!("{to_ip}:{port}");
+    let listen = SocketAddr::new(to_ip, port).to_string();
     let timeout = TRANSFER_BASE_TIMEOUT + Duration::from_secs(bytes / TRANSFER_FLOOR_BYTES_PER_SEC);
     let secs = timeout.as_secs().to_string();
     let bytes_s = bytes.to_string();
@@ -1014,12 +1237,13 @@ pub fn transfer_between(
     })
 }
 
-/// Pings `to` from `from` until `count` replies came back (0.2 s apart), within
-/// `count + 5` seconds.
+/// Pings `to` (IPv4 or IPv6) from `from` until `count` replies came back (0.2 s apart),
+/// within `count + 5` seconds.
 ///
 /// # Errors
 /// When fewer replies came back in time (with ping's output).
-pub fn ping(from: &Netns, to: Ipv4Addr, count: u32) -> Result<()> {
+pub fn ping(from: &Netns, to: impl Into<IpAddr>, count: u32) -> Result<()> {
+    let to = to.into();
     let count_s = count.to_string();
     let deadline = (count + 5).to_string();
     let target = to.to_string();
@@ -1126,7 +1350,7 @@ pub(crate) struct LabInner {
     dir: PathBuf,
     namespaces: Mutex<Vec<String>>,
     procs: Mutex<Vec<Arc<ProcSlot>>>,
-    addresses: Mutex<BTreeMap<Ipv4Addr, Vec<String>>>,
+    addresses: Mutex<BTreeMap<IpAddr, Vec<String>>>,
     counter: AtomicU32,
     torn_down: AtomicBool,
 }
@@ -1176,14 +1400,14 @@ impl LabInner {
         Ok(proc)
     }
 
-    fn register_address(&self, ip: Ipv4Addr, ns: &str) {
+    fn register_address(&self, ip: impl Into<IpAddr>, ns: &str) {
         lock(&self.addresses)
-            .entry(ip)
+            .entry(ip.into())
             .or_default()
             .push(ns.to_owned());
     }
 
-    fn owner_of(self: &Arc<Self>, ip: Ipv4Addr) -> Result<Netns> {
+    fn owner_of(self: &Arc<Self>, ip: IpAddr) -> Result<Netns> {
         let addresses = lock(&self.addresses);
         match addresses.get(&ip).map(Vec::as_slice) {
             Some([name]) => Ok(Netns {
@@ -1300,6 +1524,98 @@ impl FromStr for Ipv4Net {
 impl fmt::Display for Ipv4Net {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.network, self.len)
+    }
+}
+
+/// An IPv6 prefix with host bits cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Ipv6Net {
+    network: Ipv6Addr,
+    len: u8,
+}
+
+impl Ipv6Net {
+    fn mask(len: u8) -> u128 {
+        u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0)
+    }
+
+    fn contains(&self, ip: Ipv6Addr) -> bool {
+        u128::from(ip) & Self::mask(self.len) == u128::from(self.network)
+    }
+
+    fn within(&self, outer: &Ipv6Net) -> bool {
+        self.len >= outer.len && outer.contains(self.network)
+    }
+
+    /// The `n`th address of the prefix, if inside it.
+    fn host(&self, n: u32) -> Option<Ipv6Addr> {
+        let ip = Ipv6Addr::from(u128::from(self.network).checked_add(u128::from(n))?);
+        self.contains(ip).then_some(ip)
+    }
+}
+
+impl FromStr for Ipv6Net {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let (addr, len) = s
+            .split_once('/')
+            .ok_or_else(|| anyhow!("{s:?} is not an IPv6 CIDR like fd10:1::/64"))?;
+        let addr: Ipv6Addr = addr.parse().with_context(|| format!("address in {s:?}"))?;
+        let len: u8 = len
+            .parse()
+            .with_context(|| format!("prefix length in {s:?}"))?;
+        ensure!(
+            len <= 128,
+            "prefix length {len} in {s:?} is longer than 128"
+        );
+        Ok(Self {
+            network: Ipv6Addr::from(u128::from(addr) & Self::mask(len)),
+            len,
+        })
+    }
+}
+
+impl fmt::Display for Ipv6Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.len)
+    }
+}
+
+/// The prefix of an underlay: IPv4, or IPv6 only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum UnderlayNet {
+    V4(Ipv4Net),
+    V6(Ipv6Net),
+}
+
+impl UnderlayNet {
+    fn len(&self) -> u8 {
+        match self {
+            UnderlayNet::V4(net) => net.len,
+            UnderlayNet::V6(net) => net.len,
+        }
+    }
+
+    /// Whether `ip` may be a host's address: inside the prefix, of its family, and neither
+    /// the network address nor (IPv4) the broadcast address.
+    fn is_host(&self, ip: IpAddr) -> bool {
+        match (self, ip) {
+            (UnderlayNet::V4(net), IpAddr::V4(ip)) => {
+                net.contains(ip) && ip != net.network && ip != net.broadcast()
+            }
+            (UnderlayNet::V6(net), IpAddr::V6(ip)) => net.contains(ip) && ip != net.network,
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for UnderlayNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UnderlayNet::V4(net) => net.fmt(f),
+            UnderlayNet::V6(net) => net.fmt(f),
+        }
     }
 }
 
@@ -1469,6 +1785,37 @@ mod tests {
         assert!("10.0.0.0/33".parse::<Ipv4Net>().is_err());
         assert!("x/8".parse::<Ipv4Net>().is_err());
         assert_eq!("0.0.0.0/0".parse::<Ipv4Net>().unwrap().len, 0);
+    }
+
+    #[test]
+    fn ipv6_prefixes_parse_and_stay_in_their_ranges() {
+        let net: Ipv6Net = "fd10:1::5/64".parse().unwrap();
+        assert_eq!(net.to_string(), "fd10:1::/64");
+        assert_eq!(net.host(1), Some("fd10:1::1".parse().unwrap()));
+        assert!(net.within(&POD_RANGE6));
+        assert!(!net.within(&UNDERLAY_RANGE6));
+        let tiny: Ipv6Net = "fd10:1::/127".parse().unwrap();
+        assert_eq!(tiny.host(2), None);
+        let ul: Ipv6Net = "fd18:1::/64".parse().unwrap();
+        assert!(ul.within(&UNDERLAY_RANGE6));
+        assert!(
+            !"2001:db8::/64"
+                .parse::<Ipv6Net>()
+                .unwrap()
+                .within(&UNDERLAY_RANGE6)
+        );
+        assert!(
+            !"fd00::/8"
+                .parse::<Ipv6Net>()
+                .unwrap()
+                .within(&UNDERLAY_RANGE6)
+        );
+        assert!("fd10::/129".parse::<Ipv6Net>().is_err());
+        assert_eq!("::/0".parse::<Ipv6Net>().unwrap().len, 0);
+        let underlay = UnderlayNet::V6(ul);
+        assert!(underlay.is_host("fd18:1::2".parse().unwrap()));
+        assert!(!underlay.is_host("fd18:1::".parse().unwrap()));
+        assert!(!underlay.is_host("198.18.0.1".parse().unwrap()));
     }
 
     #[test]

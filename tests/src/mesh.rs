@@ -124,17 +124,48 @@ impl Node {
         })
     }
 
-    /// The UDP endpoint of this node on the underlay.
-    pub fn endpoint(&self) -> SocketAddr {
-        SocketAddr::from((self.host.underlay_ip(), PORT))
+    /// A host on the IPv6-only `underlay` at `underlay_ip6`, with dual-stack pod CIDRs
+    /// `10.<index>.0.0/24` and `fd10:<index>::/64`, one pod and fresh keys; no agent yet.
+    ///
+    /// # Errors
+    /// When the lab cannot make the host or pod.
+    pub fn on_v6(
+        lab: &crate::Lab,
+        underlay: &Underlay,
+        name: &str,
+        underlay_ip6: std::net::Ipv6Addr,
+        index: u8,
+    ) -> Result<Self> {
+        let host = lab.add_host_v6(
+            underlay,
+            name,
+            underlay_ip6,
+            &format!("10.{index}.0.0/24"),
+            &format!("fd10:{index:x}::/64"),
+        )?;
+        let pod = host.add_pod(&format!("{name}-p"))?;
+        Ok(Self {
+            host,
+            pod,
+            keys: Keypair::generate(),
+            agent: None,
+        })
     }
 
-    /// This node as a peer of another: its pod CIDR as allowed IPs.
+    /// The UDP endpoint of this node on the underlay (IPv6 on an IPv6-only underlay).
+    pub fn endpoint(&self) -> SocketAddr {
+        SocketAddr::new(self.host.underlay_addr(), PORT)
+    }
+
+    /// This node as a peer of another: its pod CIDRs (IPv4, and IPv6 if it has one) as
+    /// allowed IPs.
     pub fn as_peer(&self, with_endpoint: bool) -> PeerSpec {
+        let mut allowed_ips = vec![self.host.pod_cidr()];
+        allowed_ips.extend(self.host.pod_cidr6());
         PeerSpec {
             public: self.keys.public.clone(),
             endpoint: with_endpoint.then(|| self.endpoint()),
-            allowed_ips: vec![self.host.pod_cidr()],
+            allowed_ips,
         }
     }
 
@@ -198,8 +229,9 @@ impl Node {
     }
 }
 
-/// Writes a wg-quick style config for `host` into its directory; the interface address is
-/// the pod gateway (so the host's own traffic into the mesh has a pod-CIDR source).
+/// Writes a wg-quick style config for `host` into its directory; the interface addresses
+/// are the pod gateways, IPv4 and (if the host has an IPv6 pod CIDR) IPv6, so the host's own
+/// traffic into the mesh has a pod-CIDR source.
 ///
 /// # Errors
 /// When the file cannot be written.
@@ -222,6 +254,9 @@ pub fn write_config_with_mtu(
         keys.private,
         host.pod_gateway()
     );
+    if let Some(gateway6) = host.pod_gateway6() {
+        text.push_str(&format!("Address = {gateway6}/128\n"));
+    }
     if let Some(mtu) = mtu {
         text.push_str(&format!("MTU = {mtu}\n"));
     }

@@ -2,7 +2,8 @@
 //! underlay, and the ICMP error that answers a larger one, so that path MTU discovery
 //! (RFC 1191, RFC 8201) works and no connection stalls in an MTU black hole.
 //!
-//! - [`tunnel_mtu`]: the MTU of the underlay paths less WireGuard's overhead.
+//! - [`tunnel_mtu`]: the MTU of the underlay paths less WireGuard's overhead;
+//!   [`with_ipv6_floor`]: at least the IPv6 minimum on a tunnel that carries IPv6.
 //! - [`MtuGuard`]: the verdict for each packet read from the TUN device; for one that is too
 //!   big and must not be fragmented, an ICMPv4 "fragmentation needed" (RFC 792, RFC 1191)
 //!   or ICMPv6 "packet too big" (RFC 4443 §3.2) to write back into the TUN device, within a
@@ -100,6 +101,18 @@ pub fn tunnel_mtu(paths: impl IntoIterator<Item = UnderlayPath>) -> Option<u32> 
             p.mtu.saturating_sub(overhead).clamp(MIN_MTU_V4, MAX_MTU)
         })
         .min()
+}
+
+/// `mtu` raised to [`MIN_MTU_V6`] when the tunnel carries IPv6: Linux turns IPv6 off on a
+/// device whose MTU is below 1280 bytes (its addresses and routes go), so a smaller tunnel
+/// would carry no IPv6 at all. The outer datagrams of such a tunnel are then fragmented on
+/// the underlay (RFC 8200 §5: a link below the IPv6 minimum must fragment underneath).
+pub fn with_ipv6_floor(mtu: u32, carries_ipv6: bool) -> u32 {
+    if carries_ipv6 {
+        mtu.max(MIN_MTU_V6)
+    } else {
+        mtu
+    }
 }
 
 /// What to do with a packet read from the TUN device, given the tunnel MTU.
@@ -427,6 +440,15 @@ mod tests {
         assert_eq!(tunnel_mtu([v4(9000), v4(1400), v6(1500)]), Some(1340));
         assert_eq!(tunnel_mtu([v4(1500), v6(1460)]), Some(1380));
         assert_eq!(tunnel_mtu([]), None);
+    }
+
+    #[test]
+    fn a_tunnel_carrying_ipv6_keeps_the_ipv6_minimum() {
+        assert_eq!(with_ipv6_floor(1200, true), MIN_MTU_V6);
+        assert_eq!(with_ipv6_floor(1200, false), 1200);
+        assert_eq!(with_ipv6_floor(1220, false), 1220);
+        assert_eq!(with_ipv6_floor(1420, true), 1420);
+        assert_eq!(with_ipv6_floor(MIN_MTU_V4, true), MIN_MTU_V6);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use nix::sys::socket::{
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::core::offload::{Batch, MAX_GSO_SEGMENTS};
 
@@ -38,6 +38,33 @@ pub(super) struct Underlay {
     gso_headers: MultiHeaders<SockaddrStorage>,
     /// For single datagrams: no control message at all.
     plain_headers: MultiHeaders<SockaddrStorage>,
+    /// A GSO batch was already found too big for its path (logged once).
+    too_big_seen: bool,
+}
+
+/// What a refused GSO send (`sendmmsg` with `UDP_SEGMENT`) means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GsoRefusal {
+    /// The kernel cannot segment on this socket or route (`EIO`: no checksum offload on
+    /// the route's device; `EINVAL`: kernels before 6.x also for datagrams larger than the
+    /// MTU): send this batch and every later one datagram by datagram.
+    Unsupported,
+    /// The datagrams are larger than the path MTU (`EMSGSIZE`, what Linux 6.x answers):
+    /// send this batch datagram by datagram, which the kernel fragments; GSO stays on for
+    /// the paths the datagrams fit.
+    TooBig,
+    /// Anything else: the batch is lost.
+    Other,
+}
+
+impl GsoRefusal {
+    fn of(error: &io::Error) -> GsoRefusal {
+        match error.raw_os_error() {
+            Some(libc::EIO | libc::EINVAL) => GsoRefusal::Unsupported,
+            Some(libc::EMSGSIZE) => GsoRefusal::TooBig,
+            _ => GsoRefusal::Other,
+        }
+    }
 }
 
 /// One received message: `len` bytes from `from`, datagrams of `stride` bytes (the last
@@ -107,6 +134,7 @@ impl Underlay {
             max_segments: if gso { MAX_GSO_SEGMENTS } else { 1 },
             gso_headers: MultiHeaders::preallocate(1, Some(nix::cmsg_space!(u16))),
             plain_headers: MultiHeaders::preallocate(1, None),
+            too_big_seen: false,
         })
     }
 
@@ -142,29 +170,48 @@ impl Underlay {
     }
 
     /// Sends a batch in one `sendmmsg` (with `UDP_SEGMENT` when it holds more than one
-    /// datagram), waiting while the send buffer is full. A GSO send the kernel refuses
-    /// (`EIO`: no checksum offload on the route's device; `EINVAL`: datagrams larger than
-    /// its MTU) turns GSO off and goes out datagram by datagram. Other failures are logged.
+    /// datagram), waiting while the send buffer is full. A GSO send the kernel refuses goes
+    /// out datagram by datagram, and turns GSO off when the kernel cannot do it at all
+    /// (see [`GsoRefusal`]). Other failures are logged.
     pub(super) async fn send(&mut self, batch: Batch<'_>) {
         let to = self.wire_address(batch.to);
-        match self
+        let refusal = match self
             .send_raw(to, batch.data, batch.count, batch.segment)
             .await
         {
-            Ok(()) => {}
-            Err(e)
-                if batch.count > 1
-                    && matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL)) =>
-            {
-                info!(error = %e, "UDP GSO refused; sending datagram by datagram from now on");
-                self.max_segments = 1;
-                for datagram in batch.data.chunks(batch.segment.max(1)) {
-                    if let Err(e) = self.send_raw(to, datagram, 1, datagram.len()).await {
-                        debug!(error = %e, to = %batch.to, "sending");
-                    }
+            Ok(()) => return,
+            Err(e) if batch.count > 1 => match GsoRefusal::of(&e) {
+                GsoRefusal::Unsupported => {
+                    info!(error = %e, "UDP GSO refused; sending datagram by datagram from now on");
+                    self.max_segments = 1;
+                    GsoRefusal::Unsupported
                 }
+                GsoRefusal::TooBig => {
+                    if !std::mem::replace(&mut self.too_big_seen, true) {
+                        warn!(
+                            to = %batch.to,
+                            datagram = batch.segment,
+                            "encrypted datagrams are larger than the path MTU: the kernel \
+                             fragments them (is the tunnel MTU too big for the underlay?)"
+                        );
+                    }
+                    GsoRefusal::TooBig
+                }
+                GsoRefusal::Other => {
+                    debug!(error = %e, to = %batch.to, "sending");
+                    return;
+                }
+            },
+            Err(e) => {
+                debug!(error = %e, to = %batch.to, "sending");
+                return;
             }
-            Err(e) => debug!(error = %e, to = %batch.to, "sending"),
+        };
+        debug!(?refusal, to = %batch.to, count = batch.count, "GSO batch sent datagram by datagram");
+        for datagram in batch.data.chunks(batch.segment.max(1)) {
+            if let Err(e) = self.send_raw(to, datagram, 1, datagram.len()).await {
+                debug!(error = %e, to = %batch.to, "sending");
+            }
         }
     }
 
@@ -285,7 +332,8 @@ impl RxRing {
     }
 }
 
-/// A received address as a `SocketAddr`, IPv4-mapped IPv6 as IPv4.
+/// A received address as a `SocketAddr`, IPv4-mapped IPv6 as IPv4. An IPv6 address keeps
+/// its scope (interface index): replies to a link-local peer need it to leave at all.
 fn socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
     if let Some(v4) = addr.as_sockaddr_in() {
         return Some(SocketAddr::from((v4.ip(), v4.port())));
@@ -293,6 +341,54 @@ fn socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
     let v6 = addr.as_sockaddr_in6()?;
     Some(match v6.ip().to_ipv4_mapped() {
         Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
-        None => SocketAddr::new(IpAddr::V6(v6.ip()), v6.port()),
+        None => SocketAddr::V6(SocketAddrV6::new(
+            v6.ip(),
+            v6.port(),
+            v6.flowinfo(),
+            v6.scope_id(),
+        )),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(addr: &str) -> Option<SocketAddr> {
+        let addr: SocketAddr = addr.parse().unwrap();
+        socket_addr(&SockaddrStorage::from(addr))
+    }
+
+    #[test]
+    fn received_addresses_keep_their_family_and_mapped_ones_become_ipv4() {
+        assert_eq!(
+            round_trip("198.18.0.1:51820"),
+            Some("198.18.0.1:51820".parse().unwrap())
+        );
+        assert_eq!(
+            round_trip("[fd18:6::2]:51820"),
+            Some("[fd18:6::2]:51820".parse().unwrap())
+        );
+        assert_eq!(
+            round_trip("[::ffff:198.18.0.2]:51821"),
+            Some("198.18.0.2:51821".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn refused_gso_sends_are_told_apart() {
+        let refusal = |errno| GsoRefusal::of(&io::Error::from_raw_os_error(errno));
+        assert_eq!(refusal(libc::EIO), GsoRefusal::Unsupported);
+        assert_eq!(refusal(libc::EINVAL), GsoRefusal::Unsupported);
+        assert_eq!(refusal(libc::EMSGSIZE), GsoRefusal::TooBig);
+        assert_eq!(refusal(libc::ENETUNREACH), GsoRefusal::Other);
+        assert_eq!(GsoRefusal::of(&io::Error::other("x")), GsoRefusal::Other);
+    }
+
+    #[test]
+    fn a_link_local_source_keeps_its_scope() {
+        let from = SocketAddrV6::new("fe80::1".parse().unwrap(), 51820, 0, 7);
+        let seen = socket_addr(&SockaddrStorage::from(SocketAddr::V6(from)));
+        assert_eq!(seen, Some(SocketAddr::V6(from)));
+    }
 }
