@@ -469,9 +469,11 @@ impl Shell {
 
     async fn tick(&mut self) {
         let mut pending: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
-        self.device.update_timers(&mut self.out, |to, datagram| {
-            pending.push((to, datagram.to_vec()));
-        });
+        let now = Instant::now();
+        self.device
+            .update_timers(now, &mut self.out, |to, datagram| {
+                pending.push((to, datagram.to_vec()));
+            });
         for (to, datagram) in pending {
             self.udp.send_one(to, &datagram).await;
         }

@@ -425,7 +425,10 @@ impl Selection {
         peers: impl Iterator<Item = &'a MeshPeer>,
         nodes: impl Iterator<Item = &'a MeshNode>,
     ) -> Desired {
-        let nodes: Vec<&MeshNode> = nodes.collect();
+        // Sorted by name: a group's members are preferred in this order, as the other
+        // side (which sorts MeshPeers by node name) prefers them.
+        let mut nodes: Vec<&MeshNode> = nodes.collect();
+        nodes.sort_by_key(|n| n.name_any());
         let peers: Vec<&MeshPeer> = peers.collect();
         let mut out = Desired::default();
         let on_node = self.local_peers == LocalPeers::Hosts;
@@ -1206,8 +1209,9 @@ mod tests {
     #[test]
     fn a_node_behind_gateways_tunnels_only_to_them_and_the_hosts() {
         let peers = [mesh_peer(9, "10.1.1.0/24")];
+        // In any order from the store: the members are preferred by node name.
         let set = selection("b3", LocalPeers::Hosts, "10.2.3.0/24")
-            .desired(peers.iter(), gateway_cluster().iter());
+            .desired(peers.iter(), gateway_cluster().iter().rev());
         let keys: Vec<_> = set.peers.keys().copied().collect();
         assert_eq!(keys, [key(1), key(2), key(4)]);
         assert!(set.peers[&key(1)].allowed_ips.is_empty());

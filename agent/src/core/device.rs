@@ -234,6 +234,8 @@ pub struct Device {
     by_key: BTreeMap<PublicKey, PeerId>,
     allowed: AllowedIps<PeerId>,
     counters: Counters,
+    /// The time of the last timer tick (the core reads no clock itself).
+    last_tick: Option<Instant>,
 }
 
 impl Default for Device {
@@ -258,6 +260,7 @@ impl Device {
             by_key: BTreeMap::new(),
             allowed: AllowedIps::new(),
             counters: Counters::default(),
+            last_tick: None,
         }
     }
 
@@ -695,10 +698,15 @@ impl Device {
     }
 
     /// Drives every peer's timers: handshake retries, rekeys, keepalives. Call a few
-    /// times a second. `send` gets each datagram to transmit.
-    pub fn update_timers(&mut self, out: &mut [u8], mut send: impl FnMut(SocketAddr, &[u8])) {
+    /// times a second with the time of the tick. `send` gets each datagram to transmit.
+    pub fn update_timers(
+        &mut self,
+        now: Instant,
+        out: &mut [u8],
+        mut send: impl FnMut(SocketAddr, &[u8]),
+    ) {
         self.rate_limiter.reset_count();
-        let now = Instant::now();
+        self.last_tick = Some(now);
         for peer in self.slots.iter_mut().flatten() {
             if peer.rx_packets != peer.rx_seen {
                 peer.rx_seen = peer.rx_packets;
@@ -804,7 +812,10 @@ impl Device {
             persistent_keepalive: peer.persistent_keepalive,
             allowed_ips: peer.allowed_ips.iter().copied().collect(),
             accept_ips: peer.accept_ips.iter().copied().collect(),
-            since_receive: peer.last_receive.map(|t| t.elapsed()),
+            since_receive: peer
+                .last_receive
+                .zip(self.last_tick)
+                .map(|(heard, tick)| tick.saturating_duration_since(heard)),
             since_handshake: peer
                 .tunn
                 .as_ref()
@@ -1057,7 +1068,9 @@ mod tests {
         let _ = p.a.apply(&u).unwrap();
         let mut out = vec![0u8; 2048];
         let mut sent = Vec::new();
-        p.a.update_timers(&mut out, |to, d| sent.push((to, d.to_vec())));
+        p.a.update_timers(Instant::now(), &mut out, |to, d| {
+            sent.push((to, d.to_vec()))
+        });
         assert_eq!(sent.len(), 1, "one initiation at once");
         let (to, init) = &sent[0];
         assert_eq!(to.to_string(), B_ADDR);
@@ -1068,7 +1081,9 @@ mod tests {
         let (_, _, dropped) = deliver(&mut p.a, B_ADDR, &replies[0]);
         assert_eq!(dropped, None);
         sent.clear();
-        p.a.update_timers(&mut out, |to, d| sent.push((to, d.to_vec())));
+        p.a.update_timers(Instant::now(), &mut out, |to, d| {
+            sent.push((to, d.to_vec()))
+        });
         assert!(sent.iter().all(|(_, d)| d[0] != 1), "{sent:?}");
     }
 
@@ -1155,7 +1170,9 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(8);
         while sent.is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
-            p.a.update_timers(&mut out, |to, d| sent.push((to, d.to_vec())));
+            p.a.update_timers(Instant::now(), &mut out, |to, d| {
+                sent.push((to, d.to_vec()))
+            });
         }
         let (to, retry) = sent.first().expect("a handshake retry within 8 s");
         assert_eq!((*to, retry[0]), (live, HANDSHAKE_INIT));
@@ -1201,13 +1218,20 @@ mod tests {
         let mut p = pair();
         let id = p.a.peer_id(&p.b_key).unwrap();
         let mut out = vec![0u8; 2048];
-        p.a.update_timers(&mut out, |_, _| {});
+        let t0 = Instant::now();
+        p.a.update_timers(t0, &mut out, |_, _| {});
         assert_eq!(p.a.peer(id).unwrap().since_receive, None);
         establish(&mut p);
-        p.a.update_timers(&mut out, |_, _| {});
-        let since = p.a.peer(id).unwrap().since_receive.unwrap();
-        assert!(since < Duration::from_secs(1), "{since:?}");
+        // Stamped at the next tick; measured against the latest tick, not a clock.
+        p.a.update_timers(t0 + Duration::from_secs(1), &mut out, |_, _| {});
+        assert_eq!(p.a.peer(id).unwrap().since_receive, Some(Duration::ZERO));
+        p.a.update_timers(t0 + Duration::from_secs(4), &mut out, |_, _| {});
+        assert_eq!(
+            p.a.peer(id).unwrap().since_receive,
+            Some(Duration::from_secs(3))
+        );
     }
+
     #[test]
     fn garbage_truncated_and_replayed_datagrams_are_counted() {
         let mut p = pair();
