@@ -34,6 +34,8 @@ const RETRY: Duration = Duration::from_secs(2);
 /// How often the public key and endpoint are written again (level-triggered: a
 /// MeshNode edited by hand is put back).
 const REPUBLISH: Duration = Duration::from_secs(30);
+/// How often a host checks that it is still registered (its MeshNode exists).
+const REMOVAL_CHECK: Duration = Duration::from_secs(3);
 
 /// What `wiremesh-agent host` was asked to do.
 #[derive(Debug, Clone)]
@@ -265,15 +267,29 @@ async fn check_cluster(client: &Client, bundle: &HostBundle, path: &Path) -> Res
 }
 
 /// Writes the public key and endpoints into the host's MeshNode now and every
-/// [`REPUBLISH`]; runs until the agent stops. Only those two fields are written: the
-/// addresses and the kind are `meshctl host add`'s.
+/// [`REPUBLISH`]; returns when the host was removed (`meshctl host remove` deletes its
+/// MeshNode and revokes its credential), checked every [`REMOVAL_CHECK`]. Only those two
+/// fields are written: the addresses and the kind are `meshctl host add`'s.
 async fn publish(client: Client, name: String, public: PublicKey, endpoints: Vec<String>) {
     let api: Api<MeshNode> = Api::all(client);
     let patch = serde_json::json!({
         "spec": { "publicKey": public.to_string(), "endpoints": endpoints }
     });
     let mut published = false;
+    let mut last_publish: Option<tokio::time::Instant> = None;
     loop {
+        if published {
+            match api.get_opt(&name).await {
+                Ok(None) => return,
+                // The ServiceAccount and its token go with the host.
+                Err(kube::Error::Api(e)) if e.code == 401 || e.code == 403 => return,
+                _ => {}
+            }
+            if last_publish.is_some_and(|t| t.elapsed() < REPUBLISH) {
+                tokio::time::sleep(REMOVAL_CHECK).await;
+                continue;
+            }
+        }
         match api
             .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -283,6 +299,7 @@ async fn publish(client: Client, name: String, public: PublicKey, endpoints: Vec
                     info!(host = %name, "public key and endpoint published");
                 }
                 published = true;
+                last_publish = Some(tokio::time::Instant::now());
             }
             Err(e) => {
                 if published {
@@ -291,7 +308,7 @@ async fn publish(client: Client, name: String, public: PublicKey, endpoints: Vec
                 published = false;
             }
         }
-        tokio::time::sleep(if published { REPUBLISH } else { RETRY }).await;
+        tokio::time::sleep(if published { REMOVAL_CHECK } else { RETRY }).await;
     }
 }
 

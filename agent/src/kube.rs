@@ -128,6 +128,7 @@ pub async fn run(options: KubeOptions) -> Result<()> {
         gateway: is_labelled_gateway(&node),
         relay: false,
     };
+    warn_unusable_gateway(&mesh_node);
     let context = Context {
         client: client.clone(),
         selection: Selection {
@@ -209,6 +210,15 @@ async fn wait_for_node(client: &Client, name: &str) -> Result<Node> {
             _ => {}
         }
         tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// A gateway label on a node nobody can reach is ignored everywhere; say so here.
+fn warn_unusable_gateway(spec: &MeshNodeSpec) {
+    if spec.gateway && !spec.is_gateway() {
+        warn!(
+            "this node is labelled {GATEWAY_LABEL}=true but publishes no endpoint: no other cluster could reach it, so it is not used as a gateway"
+        );
     }
 }
 
@@ -301,12 +311,26 @@ impl Context {
             handle.clone(),
             origins.subscribe(),
         ));
-        let peers = self.watch_peers(handle, applied, origins);
+        let peers = self.watch_peers(handle.clone(), applied, origins);
         tokio::pin!(peers);
         tokio::select! {
             () = &mut peers => {}
             _ = node_gone => {
-                info!("this machine left the mesh; its MeshNode was removed");
+                // Nobody builds tunnels to us any more: drop ours, and the cache, so a
+                // restart does not bring them back.
+                warn!("this machine left the mesh (its MeshNode was removed): dropping every tunnel");
+                let update = DeviceUpdate {
+                    replace_peers: true,
+                    ..DeviceUpdate::default()
+                };
+                if let Err(e) = handle.apply(update).await {
+                    warn!(error = %e, "dropping the tunnels");
+                }
+                if let Err(e) = std::fs::remove_file(self.state_dir.join(CACHE_FILE))
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    warn!(error = %e, "removing the peer cache");
+                }
             }
         }
     }
@@ -783,6 +807,7 @@ async fn publish(client: Client, node: Node, spec: MeshNodeSpec) {
             Ok(Some(node)) if is_labelled_gateway(&node) != object.spec.gateway => {
                 object.spec.gateway = !object.spec.gateway;
                 info!(node = %name, gateway = object.spec.gateway, "the gateway label changed");
+                warn_unusable_gateway(&object.spec);
                 published = false;
             }
             _ => {}

@@ -273,6 +273,13 @@ fn hosts_outside_kubernetes_join_both_clusters_and_leave() -> Result<()> {
         Ok(())
     })?;
     println!("host db1 removed: both clusters' nodes dropped the tunnel after {took:?}");
+    // The host's own agent notices too, and drops every tunnel of its own.
+    let took = wait_for(CONVERGE, || {
+        let peers = db.host.wg(&["show", INTERFACE, "peers"])?;
+        ensure!(peers.trim().is_empty(), "db1 still has peers: {peers}");
+        Ok(())
+    })?;
+    println!("host db1's agent dropped its own tunnels {took:?} later");
     ensure!(!reachable(&a1.pod, db.address())?, "db1 still reachable");
     ensure!(
         mesh_node(&lab, Side::A, "db1")?.is_none(),
