@@ -75,6 +75,11 @@ pub enum Stack {
     /// Dual-stack pods on an IPv6-only underlay ([`UNDERLAY6`]): the Nodes' only
     /// addresses are IPv6, and so are the endpoints.
     DualStackV6Underlay,
+    /// Dual-stack pods on a small IPv4 underlay ([`SMALL_UNDERLAY`], node N of cluster S
+    /// at 198.19.5.(10S+N), a default route on it), and agents given only their IPv4 pod
+    /// gateway: each derives its MTU from the default route, below the IPv6 minimum, with
+    /// no sign of IPv6 until the other cluster's peers arrive.
+    DualStackSmallUnderlay,
 }
 
 impl Stack {
@@ -86,6 +91,10 @@ impl Stack {
 /// The IPv6-only underlay of [`Stack::DualStackV6Underlay`]; node N of cluster S is
 /// fd18:9::S:N.
 pub const UNDERLAY6: &str = "fd18:9::/64";
+/// The IPv4 underlay of [`Stack::DualStackSmallUnderlay`].
+pub const SMALL_UNDERLAY: &str = "198.19.5.0/24";
+/// The default route of [`Stack::DualStackSmallUnderlay`]'s nodes (nothing answers there).
+const SMALL_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 19, 5, 254);
 
 /// A Kubernetes node of the lab: a host with a pod, a Node object, an agent.
 pub struct ClusterNode {
@@ -332,7 +341,8 @@ pub struct TwoClusters {
     dead_external_ips: bool,
     /// The pods' and the underlay's address families.
     pub stack: Stack,
-    /// The IPv6-only underlay, for [`Stack::DualStackV6Underlay`].
+    /// The IPv6-only underlay, for [`Stack::DualStackV6Underlay`], or the small IPv4 one,
+    /// for [`Stack::DualStackSmallUnderlay`].
     pub underlay6: Option<Underlay>,
     /// The lab (dropped last: its namespaces outlive the processes in them).
     pub lab: Lab,
@@ -454,6 +464,25 @@ impl TwoClusters {
             false,
             Stack::DualStackV6Underlay,
             Some(underlay6),
+        )
+    }
+
+    /// As [`TwoClusters::dual_stack`] on an IPv4 underlay of `mtu` bytes; see
+    /// [`Stack::DualStackSmallUnderlay`].
+    ///
+    /// # Errors
+    /// When any part fails to come up.
+    pub fn dual_stack_small_underlay(nodes: usize, mtu: u32) -> Result<Self> {
+        let lab = Lab::new()?;
+        let small = lab.underlay("small", SMALL_UNDERLAY, mtu)?;
+        Self::build_stack(
+            lab,
+            nodes,
+            None,
+            None,
+            false,
+            Stack::DualStackSmallUnderlay,
+            Some(small),
         )
     }
 
@@ -583,6 +612,15 @@ impl TwoClusters {
                 let host = self
                     .lab
                     .add_host_v6(underlay6, &name, ip, &pod_cidr, &pod_cidr6)?;
+                (host, ip.into())
+            }
+            _ if self.stack == Stack::DualStackSmallUnderlay => {
+                let small = self.underlay6.as_ref().context("no small underlay")?;
+                let ip = Ipv4Addr::new(198, 19, 5, side.octet() * 10 + index);
+                let host =
+                    self.lab
+                        .add_host_dual_stack(small, &name, ip.into(), &pod_cidr, &pod_cidr6)?;
+                host.set_default_route(SMALL_GATEWAY)?;
                 (host, ip.into())
             }
             _ if self.stack == Stack::DualStack => {
@@ -720,7 +758,9 @@ impl TwoClusters {
             path_str(&node.kubeconfig)?.to_owned(),
         ));
         let mut addresses = format!("{}/32", node.host.pod_gateway());
-        if let Some(gateway6) = node.host.pod_gateway6() {
+        if let Some(gateway6) = node.host.pod_gateway6()
+            && self.stack != Stack::DualStackSmallUnderlay
+        {
             addresses.push_str(&format!(",{gateway6}/128"));
         }
         env.push(("WIREMESH_ADDRESSES".to_owned(), addresses));

@@ -2,7 +2,9 @@
 //! IPv4 and an IPv6 pod CIDR, both clusters are installed with both of their ranges, and
 //! after `meshctl join` a1's pod reaches b1's pod over IPv4 and over IPv6, with the nodes
 //! on the IPv4 underlay and, in the second test, on an IPv6-only underlay where every
-//! endpoint is IPv6.
+//! endpoint is IPv6; and on an IPv4 underlay too small for IPv6 (1300 bytes), where the
+//! agents start with a derived MTU below 1280 and raise it to the IPv6 minimum when the
+//! other cluster's IPv6 pod CIDRs arrive.
 
 // The tests print what they measured (shown with --nocapture).
 #![allow(clippy::print_stdout)]
@@ -203,4 +205,36 @@ fn dual_stack_pods_over_an_ipv6_only_underlay() -> Result<()> {
     let v4 = a1.host.ip(&["-4", "-o", "addr", "show", "dev", "ul0"])?;
     ensure!(v4.trim().is_empty(), "a1 has IPv4 on ul0: {v4}");
     explain(&lab, join_and_check(&lab, true))
+}
+
+#[test]
+fn ipv6_peers_arriving_later_raise_a_small_derived_mtu() -> Result<()> {
+    const SMALL: u32 = 1300;
+    let lab = TwoClusters::dual_stack_small_underlay(1, SMALL)?;
+    let a1 = lab.a.node("a1")?;
+    let before = link_mtu(&a1.host)?;
+    ensure!(
+        before == SMALL - 60,
+        "a1's {INTERFACE} starts at MTU {before}, wanted {} (default route {SMALL} - 60)",
+        SMALL - 60
+    );
+    println!("before join: {INTERFACE} MTU {before} (derived from a {SMALL}-byte default route)");
+    explain(&lab, join_and_check(&lab, false))?;
+    let after = link_mtu(&a1.host)?;
+    ensure!(
+        after == 1280,
+        "a1's {INTERFACE} has MTU {after} after join, wanted 1280"
+    );
+    println!("after join: {INTERFACE} MTU {after}");
+    Ok(())
+}
+
+fn link_mtu(host: &wiremesh_lab::Host) -> Result<u32> {
+    let out = host.ip(&["-o", "link", "show", "dev", INTERFACE])?;
+    out.split_whitespace()
+        .skip_while(|w| *w != "mtu")
+        .nth(1)
+        .context("no mtu")?
+        .parse()
+        .context("mtu")
 }
