@@ -138,6 +138,9 @@ pub async fn run(
         .context("the initial configuration was refused")?;
 
     let netlink = Netlink::new().await.context("opening netlink")?;
+    // A derived MTU is raised to the IPv6 minimum when IPv6 routes arrive later; a
+    // configured one is left as it is.
+    let derived = spec.mtu == MTU_FROM_UNDERLAY;
     let mtu = match spec.mtu {
         MTU_FROM_UNDERLAY => {
             // IPv6 inside: an address on the interface, or a peer's allowed IPs.
@@ -179,7 +182,12 @@ pub async fn run(
     );
 
     let (routes_tx, routes_rx) = watch::channel(device.routes());
-    let route_task = tokio::spawn(reconcile_routes(netlink, index, routes_rx));
+    let route_task = tokio::spawn(reconcile_routes(
+        netlink,
+        index,
+        routes_rx,
+        derived.then_some(mtu),
+    ));
 
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let uapi_path = spec.uapi_dir.join(format!("{}.sock", spec.name));
@@ -192,6 +200,7 @@ pub async fn run(
     let parts = Parts {
         name: spec.name.clone(),
         guard: MtuGuard::new(mtu),
+        derived,
         device,
         tun,
         socket,
@@ -235,6 +244,8 @@ pub async fn run(
 struct Parts {
     name: String,
     guard: MtuGuard,
+    /// Whether the MTU was derived, and so follows [`mtu::floor_for_routes`].
+    derived: bool,
     device: Device,
     tun: DetachedTun,
     socket: std::net::UdpSocket,
@@ -299,6 +310,7 @@ fn packet_thread(
             out: vec![0u8; OUT_BUF].into_boxed_slice(),
             gro: Gro::new(),
             guard: parts.guard,
+            derived: parts.derived,
             icmp: vec![0u8; VNET_HDR_LEN + MAX_ICMP_LEN].into_boxed_slice(),
         };
         let result = shell.run(commands, stop).await;
@@ -330,6 +342,9 @@ struct Shell {
     gro: Gro,
     /// The tunnel MTU, and the ICMP errors for packets over it.
     guard: MtuGuard,
+    /// Whether the MTU was derived, and so follows [`mtu::floor_for_routes`] (the route
+    /// task sets the device's MTU the same way).
+    derived: bool,
     /// An ICMP error for the TUN device, behind room for a vnet header.
     icmp: Box<[u8]>,
 }
@@ -543,7 +558,14 @@ impl Shell {
             info!(peer = %key.short(), "peer added");
         }
         if outcome.routes_changed {
-            self.routes.send_replace(self.device.routes());
+            let routes = self.device.routes();
+            if self.derived {
+                let mtu = mtu::floor_for_routes(self.guard.mtu(), &routes);
+                if mtu != self.guard.mtu() {
+                    self.guard.set_mtu(mtu);
+                }
+            }
+            self.routes.send_replace(routes);
         }
         Ok(())
     }
@@ -746,16 +768,36 @@ async fn derive_mtu(netlink: &Netlink, device: &Device, carries_ipv6: bool) -> u
 }
 
 /// Keeps the routes on the interface equal to the device's allowed IPs until the sender
-/// is dropped, then removes them.
+/// is dropped, then removes them. With a `derived_mtu`, the interface's MTU is first raised
+/// to the IPv6 minimum once an IPv6 route is wanted ([`mtu::floor_for_routes`]): below it
+/// Linux turns IPv6 off on the device and refuses its IPv6 routes.
 async fn reconcile_routes(
     netlink: Netlink,
     index: u32,
     mut desired: watch::Receiver<BTreeSet<IpCidr>>,
+    mut derived_mtu: Option<u32>,
 ) -> Result<()> {
     let mut reconciler = RouteReconciler::new(index);
     let mut resync = tokio::time::interval(ROUTE_RESYNC);
     loop {
         let routes = desired.borrow_and_update().clone();
+        if let Some(current) = derived_mtu {
+            let wanted = mtu::floor_for_routes(current, &routes);
+            if wanted != current {
+                match netlink.set_mtu_and_up(index, wanted).await {
+                    Ok(()) => {
+                        warn!(
+                            mtu = wanted,
+                            was = current,
+                            "IPv6 routes arrived: MTU raised to the IPv6 minimum, and the \
+                             underlay fragments the encrypted datagrams"
+                        );
+                        derived_mtu = Some(wanted);
+                    }
+                    Err(e) => warn!(mtu = wanted, error = %e, "raising the MTU for IPv6"),
+                }
+            }
+        }
         match reconciler.reconcile(&netlink, &routes).await {
             Ok(diff) => {
                 for (cidr, e) in &diff.failed {

@@ -13,7 +13,7 @@
 //! would own (`WIREMESH_ADDRESSES`).
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
@@ -57,7 +57,44 @@ impl Side {
     pub fn pod_range(self) -> String {
         format!("10.{}.0.0/16", self.octet())
     }
+
+    /// The cluster's whole IPv6 pod range in a dual-stack lab: fd10:N::/48.
+    pub fn pod_range6(self) -> String {
+        format!("fd10:{}::/48", self.octet())
+    }
 }
+
+/// The address families of a lab: of the pods, and of the underlay the nodes reach each
+/// other on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stack {
+    /// IPv4 pods on the IPv4 underlay.
+    V4,
+    /// Dual-stack pods (10.S.N.0/24 and fd10:S:0:N::/64) on the IPv4 underlay.
+    DualStack,
+    /// Dual-stack pods on an IPv6-only underlay ([`UNDERLAY6`]): the Nodes' only
+    /// addresses are IPv6, and so are the endpoints.
+    DualStackV6Underlay,
+    /// Dual-stack pods on a small IPv4 underlay ([`SMALL_UNDERLAY`], node N of cluster S
+    /// at 198.19.5.(10S+N), a default route on it), and agents given only their IPv4 pod
+    /// gateway: each derives its MTU from the default route, below the IPv6 minimum, with
+    /// no sign of IPv6 until the other cluster's peers arrive.
+    DualStackSmallUnderlay,
+}
+
+impl Stack {
+    fn dual(self) -> bool {
+        self != Self::V4
+    }
+}
+
+/// The IPv6-only underlay of [`Stack::DualStackV6Underlay`]; node N of cluster S is
+/// fd18:9::S:N.
+pub const UNDERLAY6: &str = "fd18:9::/64";
+/// The IPv4 underlay of [`Stack::DualStackSmallUnderlay`].
+pub const SMALL_UNDERLAY: &str = "198.19.5.0/24";
+/// The default route of [`Stack::DualStackSmallUnderlay`]'s nodes (nothing answers there).
+const SMALL_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 19, 5, 254);
 
 /// A Kubernetes node of the lab: a host with a pod, a Node object, an agent.
 pub struct ClusterNode {
@@ -96,6 +133,11 @@ impl ClusterNode {
     /// The pod CIDR of this node.
     pub fn pod_cidr(&self) -> String {
         self.host.pod_cidr()
+    }
+
+    /// The IPv6 pod CIDR of this node, in a dual-stack lab.
+    pub fn pod_cidr6(&self) -> Option<String> {
+        self.host.pod_cidr6()
     }
 }
 
@@ -297,6 +339,11 @@ pub struct TwoClusters {
     /// Every Node gets an unreachable `ExternalIP` (198.18.1xx.N, where nothing answers)
     /// before its `InternalIP`, so its most preferred endpoint is dead.
     dead_external_ips: bool,
+    /// The pods' and the underlay's address families.
+    pub stack: Stack,
+    /// The IPv6-only underlay, for [`Stack::DualStackV6Underlay`], or the small IPv4 one,
+    /// for [`Stack::DualStackSmallUnderlay`].
+    pub underlay6: Option<Underlay>,
     /// The lab (dropped last: its namespaces outlive the processes in them).
     pub lab: Lab,
 }
@@ -388,6 +435,57 @@ impl TwoClusters {
         Self::build(nodes, false, true)
     }
 
+    /// As [`TwoClusters::new`] with dual-stack pods: every Node has pod CIDRs
+    /// 10.S.N.0/24 and fd10:S:0:N::/64, every pod an address of each, and each cluster is
+    /// installed with both of its ranges (10.S.0.0/16 and fd10:S::/48). The nodes stay on
+    /// the IPv4 underlay.
+    ///
+    /// # Errors
+    /// When any part fails to come up.
+    pub fn dual_stack(nodes: usize) -> Result<Self> {
+        let lab = Lab::new()?;
+        Self::build_stack(lab, nodes, None, None, false, Stack::DualStack, None)
+    }
+
+    /// As [`TwoClusters::dual_stack`], with every node on an IPv6-only underlay
+    /// ([`UNDERLAY6`], node N of cluster S at fd18:9::S:N): the Nodes' only addresses are
+    /// IPv6 `InternalIP`s, so every endpoint is `[fd18:9::S:N]:51820`.
+    ///
+    /// # Errors
+    /// When any part fails to come up.
+    pub fn dual_stack_v6_underlay(nodes: usize) -> Result<Self> {
+        let lab = Lab::new()?;
+        let underlay6 = lab.underlay("v6ul", UNDERLAY6, 1500)?;
+        Self::build_stack(
+            lab,
+            nodes,
+            None,
+            None,
+            false,
+            Stack::DualStackV6Underlay,
+            Some(underlay6),
+        )
+    }
+
+    /// As [`TwoClusters::dual_stack`] on an IPv4 underlay of `mtu` bytes; see
+    /// [`Stack::DualStackSmallUnderlay`].
+    ///
+    /// # Errors
+    /// When any part fails to come up.
+    pub fn dual_stack_small_underlay(nodes: usize, mtu: u32) -> Result<Self> {
+        let lab = Lab::new()?;
+        let small = lab.underlay("small", SMALL_UNDERLAY, mtu)?;
+        Self::build_stack(
+            lab,
+            nodes,
+            None,
+            None,
+            false,
+            Stack::DualStackSmallUnderlay,
+            Some(small),
+        )
+    }
+
     fn build(nodes: usize, b_behind_nat: bool, dead_external_ips: bool) -> Result<Self> {
         let lab = Lab::new()?;
         let nat = if b_behind_nat {
@@ -407,6 +505,18 @@ impl TwoClusters {
         nat_a: Option<(Underlay, Host)>,
         nat: Option<(Underlay, Host)>,
         dead_external_ips: bool,
+    ) -> Result<Self> {
+        Self::build_stack(lab, nodes, nat_a, nat, dead_external_ips, Stack::V4, None)
+    }
+
+    fn build_stack(
+        lab: Lab,
+        nodes: usize,
+        nat_a: Option<(Underlay, Host)>,
+        nat: Option<(Underlay, Host)>,
+        dead_external_ips: bool,
+        stack: Stack,
+        underlay6: Option<Underlay>,
     ) -> Result<Self> {
         let mut planes = ControlPlane::start_all(&["cluster-a", "cluster-b"])?;
         let plane_b = planes.pop().context("plane b")?;
@@ -429,18 +539,25 @@ impl TwoClusters {
             nat,
             nat_a,
             dead_external_ips,
+            stack,
+            underlay6,
             lab,
         };
         for side in [Side::A, Side::B] {
-            let out = lab_clusters.meshctl(&[
+            let (range, range6) = (side.pod_range(), side.pod_range6());
+            let mut args = vec![
                 "--context",
                 side.name(),
                 "install",
                 "--cluster-name",
                 side.name(),
                 "--pod-cidr",
-                &side.pod_range(),
-            ])?;
+                &range,
+            ];
+            if stack.dual() {
+                args.extend(["--pod-cidr", &range6]);
+            }
+            let out = lab_clusters.meshctl(&args)?;
             ensure!(
                 out.status.success(),
                 "meshctl install failed:\n{}{}",
@@ -478,27 +595,74 @@ impl TwoClusters {
         let index = u8::try_from(self.cluster(side).nodes.len() + 1).context("too many nodes")?;
         let name = format!("{}{index}", &side.name()[8..]);
         let pod_cidr = format!("10.{}.{index}.0/24", side.octet());
-        let (host, underlay) = match (&self.nat, &self.nat_a, side) {
+        let pod_cidr6 = format!("fd10:{}:0:{index}::/64", side.octet());
+        let (host, underlay): (Host, IpAddr) = match (&self.nat, &self.nat_a, side) {
+            _ if self.stack == Stack::DualStackV6Underlay => {
+                let underlay6 = self.underlay6.as_ref().context("no IPv6 underlay")?;
+                let ip = Ipv6Addr::new(
+                    0xfd18,
+                    9,
+                    0,
+                    0,
+                    0,
+                    0,
+                    u16::from(side.octet()),
+                    u16::from(index),
+                );
+                let host = self
+                    .lab
+                    .add_host_v6(underlay6, &name, ip, &pod_cidr, &pod_cidr6)?;
+                (host, ip.into())
+            }
+            _ if self.stack == Stack::DualStackSmallUnderlay => {
+                let small = self.underlay6.as_ref().context("no small underlay")?;
+                let ip = Ipv4Addr::new(198, 19, 5, side.octet() * 10 + index);
+                let host =
+                    self.lab
+                        .add_host_dual_stack(small, &name, ip.into(), &pod_cidr, &pod_cidr6)?;
+                host.set_default_route(SMALL_GATEWAY)?;
+                (host, ip.into())
+            }
+            _ if self.stack == Stack::DualStack => {
+                let ip = Ipv4Addr::new(198, 18, side.octet(), index);
+                let host = self.lab.add_host_dual_stack(
+                    self.lab.default_underlay(),
+                    &name,
+                    ip.into(),
+                    &pod_cidr,
+                    &pod_cidr6,
+                )?;
+                (host, ip.into())
+            }
             (Some((private, _)), _, Side::B) => {
                 let ip = Ipv4Addr::new(198, 19, side.octet(), index);
                 let host = self.lab.add_host_on(private, &name, ip, &pod_cidr)?;
                 host.set_default_route(NAT_GATEWAY)?;
-                (host, ip)
+                (host, ip.into())
             }
             (_, Some((private, _)), Side::A) => {
                 let ip = Ipv4Addr::new(198, 19, side.octet(), index);
                 let host = self.lab.add_host_on(private, &name, ip, &pod_cidr)?;
                 host.set_default_route(NAT_A_GATEWAY)?;
-                (host, ip)
+                (host, ip.into())
             }
             _ => {
                 let ip = Ipv4Addr::new(198, 18, side.octet(), index);
-                (self.lab.add_host(&name, ip, &pod_cidr)?, ip)
+                (self.lab.add_host(&name, ip, &pod_cidr)?, ip.into())
             }
         };
         let pod = host.add_pod(&format!("{name}-p"))?;
         let cluster = self.cluster(side);
-        k8s::create_node(&cluster.client()?, &name, &pod_cidr, underlay)?;
+        if self.stack.dual() {
+            k8s::create_node_with(
+                &cluster.client()?,
+                &name,
+                &[&pod_cidr, &pod_cidr6],
+                &[underlay],
+            )?;
+        } else {
+            k8s::create_node(&cluster.client()?, &name, &pod_cidr, underlay)?;
+        }
         if self.dead_external_ips {
             let dead = Ipv4Addr::new(198, 18, 100 + side.octet(), index);
             k8s::add_external_ip(&cluster.client()?, &name, dead)?;
@@ -593,10 +757,13 @@ impl TwoClusters {
             "WIREMESH_KUBECONFIG".to_owned(),
             path_str(&node.kubeconfig)?.to_owned(),
         ));
-        env.push((
-            "WIREMESH_ADDRESSES".to_owned(),
-            format!("{}/32", node.host.pod_gateway()),
-        ));
+        let mut addresses = format!("{}/32", node.host.pod_gateway());
+        if let Some(gateway6) = node.host.pod_gateway6()
+            && self.stack != Stack::DualStackSmallUnderlay
+        {
+            addresses.push_str(&format!(",{gateway6}/128"));
+        }
+        env.push(("WIREMESH_ADDRESSES".to_owned(), addresses));
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let args: Vec<&str> = workload.args.iter().map(String::as_str).collect();
         let agent = node.host.spawn_agent(&args, &env)?;

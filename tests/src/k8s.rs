@@ -439,12 +439,31 @@ pub fn create_node(
     pod_cidr: &str,
     internal_ip: impl Into<IpAddr>,
 ) -> Result<Node> {
-    let ip = internal_ip.into().to_string();
+    create_node_with(client, name, &[pod_cidr], &[internal_ip.into()])
+}
+
+/// As [`create_node`], for a dual-stack node: `spec.podCIDRs` holds `pod_cidrs` in order
+/// (`spec.podCIDR` the first, as node-IPAM leaves it), and the status an `InternalIP` for
+/// each of `internal_ips`.
+///
+/// # Errors
+/// When `pod_cidrs` is empty or the API server refuses the Node.
+pub fn create_node_with(
+    client: &Client,
+    name: &str,
+    pod_cidrs: &[&str],
+    internal_ips: &[IpAddr],
+) -> Result<Node> {
+    let first = pod_cidrs
+        .first()
+        .with_context(|| format!("Node {name} needs a pod CIDR"))?;
+    let mut addresses: Vec<serde_json::Value> = internal_ips
+        .iter()
+        .map(|ip| serde_json::json!({ "type": "InternalIP", "address": ip.to_string() }))
+        .collect();
+    addresses.push(serde_json::json!({ "type": "Hostname", "address": name }));
     let status = serde_json::json!({
-        "addresses": [
-            { "type": "InternalIP", "address": ip },
-            { "type": "Hostname", "address": name },
-        ],
+        "addresses": addresses,
         "conditions": [{
             "type": "Ready", "status": "True", "reason": "KubeletReady",
             "message": "a Wiremesh test node (no kubelet)",
@@ -454,7 +473,7 @@ pub fn create_node(
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": { "name": name, "labels": { "kubernetes.io/hostname": name } },
-        "spec": { "podCIDR": pod_cidr, "podCIDRs": [pod_cidr] },
+        "spec": { "podCIDR": first, "podCIDRs": pod_cidrs },
         "status": status,
     }))?;
     let api = Api::<Node>::all(client.clone());

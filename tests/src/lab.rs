@@ -303,6 +303,34 @@ impl Lab {
         pod_cidr: &str,
         pod_cidr6: &str,
     ) -> Result<Host> {
+        ensure!(
+            underlay.is_ipv6(),
+            "underlay {} is not an IPv6 underlay",
+            underlay.name()
+        );
+        self.add_host_dual_stack(
+            underlay,
+            name,
+            IpAddr::V6(underlay_ip6),
+            pod_cidr,
+            pod_cidr6,
+        )
+    }
+
+    /// Adds a host with dual-stack pods on `underlay` of either family: as
+    /// [`Lab::add_host_v6`] when `underlay_ip` is IPv6, and as [`Lab::add_host_on`] plus
+    /// IPv6 forwarding and the IPv6 pod CIDR `pod_cidr6` when it is IPv4.
+    ///
+    /// # Errors
+    /// As [`Lab::add_host_v6`].
+    pub fn add_host_dual_stack(
+        &self,
+        underlay: &Underlay,
+        name: &str,
+        underlay_ip: IpAddr,
+        pod_cidr: &str,
+        pod_cidr6: &str,
+    ) -> Result<Host> {
         let pod_net6: Ipv6Net = pod_cidr6.parse()?;
         ensure!(
             pod_net6.within(&POD_RANGE6),
@@ -312,13 +340,7 @@ impl Lab {
             pod_net6.len <= 126,
             "IPv6 pod CIDR {pod_net6} has no room for pods"
         );
-        self.create_host(
-            underlay,
-            name,
-            IpAddr::V6(underlay_ip6),
-            pod_cidr,
-            Some(pod_net6),
-        )
+        self.create_host(underlay, name, underlay_ip, pod_cidr, Some(pod_net6))
     }
 
     /// A NAT gateway between `private` and the default underlay, like a cloud NAT or a

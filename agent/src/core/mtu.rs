@@ -19,6 +19,8 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Instant;
 
+use wiremesh_proto::IpCidr;
+
 use super::checksum;
 
 /// WireGuard's overhead on an IPv4 underlay: the IPv4 header (20), the UDP header (8), the
@@ -115,6 +117,14 @@ pub fn with_ipv6_floor(mtu: u32, carries_ipv6: bool) -> u32 {
     }
 }
 
+/// The MTU a tunnel of `mtu` bytes needs once it routes `routes`: raised to the IPv6
+/// minimum ([`with_ipv6_floor`]) as soon as one of them is IPv6, so that IPv6 peers that
+/// arrive after the MTU was derived (Kubernetes mode starts with no peer) get their routes.
+/// Never lowered.
+pub fn floor_for_routes<'r>(mtu: u32, routes: impl IntoIterator<Item = &'r IpCidr>) -> u32 {
+    with_ipv6_floor(mtu, routes.into_iter().any(|c| c.addr().is_ipv6()))
+}
+
 /// What to do with a packet read from the TUN device, given the tunnel MTU.
 #[must_use]
 #[derive(Debug, PartialEq, Eq)]
@@ -150,6 +160,11 @@ impl MtuGuard {
     /// The tunnel MTU.
     pub fn mtu(&self) -> u32 {
         self.mtu
+    }
+
+    /// Changes the tunnel MTU (the device's MTU changed).
+    pub fn set_mtu(&mut self, mtu: u32) {
+        self.mtu = mtu;
     }
 
     /// The verdict for one IP packet read from the TUN device (a single packet, never a
@@ -449,6 +464,26 @@ mod tests {
         assert_eq!(with_ipv6_floor(1220, false), 1220);
         assert_eq!(with_ipv6_floor(1420, true), 1420);
         assert_eq!(with_ipv6_floor(MIN_MTU_V4, true), MIN_MTU_V6);
+    }
+
+    #[test]
+    fn ipv6_routes_arriving_later_raise_a_small_mtu_to_the_ipv6_minimum() {
+        let cidrs =
+            |list: &[&str]| -> Vec<IpCidr> { list.iter().map(|c| c.parse().unwrap()).collect() };
+        // No peers yet, or IPv4 pods only: the derived MTU stays.
+        assert_eq!(floor_for_routes(1240, &cidrs(&[])), 1240);
+        assert_eq!(floor_for_routes(1240, &cidrs(&["10.2.1.0/24"])), 1240);
+        // A dual-stack peer arrives: IPv6 needs 1280 on the device.
+        assert_eq!(
+            floor_for_routes(1240, &cidrs(&["10.2.1.0/24", "fd10:2:0:1::/64"])),
+            MIN_MTU_V6
+        );
+        assert_eq!(
+            floor_for_routes(1240, &cidrs(&["fd10:2::1/128"])),
+            MIN_MTU_V6
+        );
+        // Never lowered.
+        assert_eq!(floor_for_routes(1420, &cidrs(&["fd10:2:0:1::/64"])), 1420);
     }
 
     #[test]
