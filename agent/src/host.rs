@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use wiremesh_proto::crd::{
     CLUSTER_CONFIGMAP, HostBundle, MeshNode, MeshNodeKind, SYSTEM_NAMESPACE,
 };
@@ -36,6 +36,9 @@ const RETRY: Duration = Duration::from_secs(2);
 const REPUBLISH: Duration = Duration::from_secs(30);
 /// How often a host checks that it is still registered (its MeshNode exists).
 const REMOVAL_CHECK: Duration = Duration::from_secs(3);
+/// Refusals of the host's credential in a row that mean it was revoked (one could be a
+/// passing failure of token review).
+const REMOVAL_REFUSALS: u32 = 3;
 
 /// What `wiremesh-agent host` was asked to do.
 #[derive(Debug, Clone)]
@@ -275,40 +278,52 @@ async fn publish(client: Client, name: String, public: PublicKey, endpoints: Vec
     let patch = serde_json::json!({
         "spec": { "publicKey": public.to_string(), "endpoints": endpoints }
     });
-    let mut published = false;
+    // Once published, the host is registered; from then on a missing MeshNode, or a
+    // credential refused several times in a row, means `meshctl host remove` ran.
+    let mut registered = false;
+    let mut refusals = 0u32;
     let mut last_publish: Option<tokio::time::Instant> = None;
     loop {
-        if published {
+        if registered {
             match api.get_opt(&name).await {
                 Ok(None) => return,
+                Ok(Some(_)) => refusals = 0,
                 // The ServiceAccount and its token go with the host.
-                Err(kube::Error::Api(e)) if e.code == 401 || e.code == 403 => return,
-                _ => {}
-            }
-            if last_publish.is_some_and(|t| t.elapsed() < REPUBLISH) {
-                tokio::time::sleep(REMOVAL_CHECK).await;
-                continue;
+                Err(kube::Error::Api(e)) if e.code == 401 || e.code == 403 => {
+                    refusals += 1;
+                    if refusals >= REMOVAL_REFUSALS {
+                        return;
+                    }
+                }
+                Err(_) => {}
             }
         }
-        match api
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {
-                if !published {
-                    info!(host = %name, "public key and endpoint published");
+        let due = last_publish.is_none_or(|t| t.elapsed() >= REPUBLISH);
+        if due {
+            match api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    if !registered {
+                        info!(host = %name, "public key and endpoint published");
+                    }
+                    registered = true;
+                    last_publish = Some(tokio::time::Instant::now());
                 }
-                published = true;
-                last_publish = Some(tokio::time::Instant::now());
-            }
-            Err(e) => {
-                if published {
-                    warn!(host = %name, error = %e, "publishing the public key (was the host removed?)");
+                Err(kube::Error::Api(e)) if registered && e.code == 404 => return,
+                Err(e) => {
+                    if registered {
+                        warn!(host = %name, error = %e, "publishing the public key and endpoint");
+                    } else {
+                        debug!(host = %name, error = %e, "publishing the public key and endpoint");
+                    }
+                    last_publish = None;
                 }
-                published = false;
             }
         }
-        tokio::time::sleep(if published { REMOVAL_CHECK } else { RETRY }).await;
+        let pause = if registered { REMOVAL_CHECK } else { RETRY };
+        tokio::time::sleep(pause).await;
     }
 }
 

@@ -45,6 +45,9 @@ const RETRY: Duration = Duration::from_secs(2);
 /// How often the agent checks that its Node still exists (a deleted Node takes its
 /// MeshNode, and so every remote tunnel to it, with it).
 const NODE_CHECK: Duration = Duration::from_secs(3);
+/// Persistent keepalive towards a peer that may be relayed, when none is configured: it
+/// keeps trying the direct path.
+const RELAYED_KEEPALIVE: u16 = 25;
 /// How often the failover groups' members are checked for signs of life.
 const FAILOVER_CHECK: Duration = Duration::from_millis(500);
 
@@ -302,7 +305,7 @@ impl Context {
                 peers = peers.len(),
                 "restoring the last known peers until the API server answers"
             );
-            apply(&handle, &mut applied, peers, &origins).await;
+            apply(&handle, &mut applied, peers, Some(&origins)).await;
         }
         let node_gone = tokio::spawn(publisher);
         tokio::spawn(report_status(
@@ -513,6 +516,20 @@ impl Selection {
         let gateway_clusters: std::collections::BTreeSet<&str> = peers
             .iter()
             .filter(|p| p.spec.gateway && p.spec.kind == MeshNodeKind::Node)
+            // A gateway we would refuse (bad key, our own CIDRs) carries nothing: a
+            // cluster with no usable gateway keeps its direct tunnels.
+            .filter(|p| {
+                let spec = &p.spec;
+                mesh::desired_peer(
+                    &PeerOrigin::default(),
+                    &spec.public_key,
+                    &spec.endpoints,
+                    &spec.pod_cidrs,
+                    0,
+                    &self.own_cidrs,
+                )
+                .is_ok()
+            })
             .map(|p| p.spec.cluster.as_str())
             .collect();
         // Sorted by node name within a cluster, as the other side sorts its gateways.
@@ -553,59 +570,6 @@ impl Selection {
             group.cidrs.dedup();
         }
         out
-    }
-
-    /// A remote peer this machine cannot reach directly (both behind NAT, and no hole
-    /// punched) is reached through a relay: each remote peer with a tunnel of its own
-    /// gets a group of itself, then every relay; it is routed through a relay only while
-    /// it has no session and the relay has one. A relay does not relay through others.
-    fn add_relay_groups(&self, out: &mut Desired, nodes: &[&MeshNode], relay_peers: &[PublicKey]) {
-        let me_relay = nodes
-            .iter()
-            .any(|n| n.name_any() == self.own_name && n.spec.is_relay());
-        let mut relays: Vec<(String, PublicKey)> = nodes
-            .iter()
-            .filter(|n| n.spec.is_relay() && n.name_any() != self.own_name)
-            .filter_map(|n| Some((n.name_any(), n.spec.public_key.parse().ok()?)))
-            .collect();
-        relays.extend(
-            relay_peers
-                .iter()
-                .filter_map(|k| Some((out.peers.get(k)?.origin.name.clone(), *k))),
-        );
-        relays.sort();
-        relays.retain(|(_, k)| out.peers.contains_key(k));
-        if me_relay || relays.is_empty() {
-            return;
-        }
-        let relay_keys: Vec<PublicKey> = relays.iter().map(|(_, k)| *k).collect();
-        let candidates: Vec<PublicKey> = out
-            .peers
-            .iter()
-            .filter(|(k, p)| {
-                !p.origin.cluster.is_empty()
-                    && p.origin.path == mesh::PeerPath::Direct
-                    && !relay_keys.contains(k)
-                    && !out.groups.values().any(|g| g.members.contains(k))
-            })
-            .map(|(k, _)| *k)
-            .collect();
-        for key in candidates {
-            let Some(peer) = out.peers.get_mut(&key) else {
-                continue;
-            };
-            let cidrs = std::mem::take(&mut peer.allowed_ips);
-            let mut members = vec![key];
-            members.extend(&relay_keys);
-            out.groups.insert(
-                format!("relay/{}", peer.origin.name),
-                mesh::Group {
-                    members,
-                    cidrs,
-                    liveness: mesh::Liveness::Session,
-                },
-            );
-        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -665,6 +629,74 @@ impl Selection {
         }
         if let Some(previous) = out.peers.insert(key, desired) {
             warn!(peer = %origin.name, other = %previous.origin.name, "two peers with one key; keeping the later");
+        }
+    }
+
+    /// A remote peer this machine cannot reach directly (both behind NAT, and no hole
+    /// punched) is reached through a relay: each remote peer with a tunnel of its own
+    /// gets a group of itself, then the relays that may stand in for it (this cluster's
+    /// and its own cluster's, never a third cluster's, whose prefixes were not validated
+    /// for it); it is routed through a relay only while it has no session and the relay
+    /// has one. A relay does not relay through others.
+    fn add_relay_groups(&self, out: &mut Desired, nodes: &[&MeshNode], relay_peers: &[PublicKey]) {
+        let me_relay = nodes
+            .iter()
+            .any(|n| n.name_any() == self.own_name && n.spec.is_relay());
+        // (cluster, name, key); "" is this cluster.
+        let mut relays: Vec<(String, String, PublicKey)> = nodes
+            .iter()
+            .filter(|n| n.spec.is_relay() && n.name_any() != self.own_name)
+            .filter_map(|n| Some((String::new(), n.name_any(), n.spec.public_key.parse().ok()?)))
+            .collect();
+        relays.extend(relay_peers.iter().filter_map(|k| {
+            let origin = &out.peers.get(k)?.origin;
+            Some((origin.cluster.clone(), origin.name.clone(), *k))
+        }));
+        relays.sort();
+        relays.retain(|(_, _, k)| out.peers.contains_key(k));
+        if me_relay || relays.is_empty() {
+            return;
+        }
+        let relay_keys: Vec<PublicKey> = relays.iter().map(|(_, _, k)| *k).collect();
+        let candidates: Vec<PublicKey> = out
+            .peers
+            .iter()
+            .filter(|(k, p)| {
+                !p.origin.cluster.is_empty()
+                    && p.origin.path == mesh::PeerPath::Direct
+                    && !relay_keys.contains(k)
+                    && !out.groups.values().any(|g| g.members.contains(k))
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in candidates {
+            let Some(peer) = out.peers.get_mut(&key) else {
+                continue;
+            };
+            let usable: Vec<PublicKey> = relays
+                .iter()
+                .filter(|(cluster, _, _)| cluster.is_empty() || *cluster == peer.origin.cluster)
+                .map(|(_, _, k)| *k)
+                .collect();
+            if usable.is_empty() {
+                continue;
+            }
+            // Handshakes must keep being tried while the peer is relayed (nothing else is
+            // sent to it then), or it would never come back to direct.
+            if peer.persistent_keepalive == 0 {
+                peer.persistent_keepalive = RELAYED_KEEPALIVE;
+            }
+            let cidrs = std::mem::take(&mut peer.allowed_ips);
+            let mut members = vec![key];
+            members.extend(usable);
+            out.groups.insert(
+                format!("relay/{}", peer.origin.name),
+                mesh::Group {
+                    members,
+                    cidrs,
+                    liveness: mesh::Liveness::Session,
+                },
+            );
         }
     }
 }
@@ -740,26 +772,32 @@ async fn reconcile(
     }
     *active = chosen;
     let target = mesh::materialize(&desired.peers, &desired.groups, active);
-    apply(handle, applied, target, origins).await;
-    // The peers reached through a gateway have no tunnel; status still names them.
-    if !desired.via.is_empty() {
-        origins.send_if_modified(|o| {
-            let before = o.len();
-            for (key, origin) in &desired.via {
-                o.entry(*key).or_insert_with(|| origin.clone());
-            }
-            o.len() != before
-        });
+    apply(handle, applied, target, None).await;
+    // One map, sent once: the tunnels' origins, and the peers reached through a gateway
+    // (no tunnel of their own; status still names them).
+    let mut all: Origins = applied
+        .iter()
+        .map(|(k, p)| (*k, p.origin.clone()))
+        .collect();
+    for (key, origin) in &desired.via {
+        all.entry(*key).or_insert_with(|| origin.clone());
     }
+    origins.send_if_modified(|o| {
+        let changed = *o != all;
+        if changed {
+            *o = all;
+        }
+        changed
+    });
 }
 
-/// Moves the device from `applied` to `desired`; on success publishes where each peer came
-/// from (for the status reporter and the metric labels).
+/// Moves the device from `applied` to `desired`; on success publishes, if given
+/// `origins`, where each peer came from (for the status reporter and the metric labels).
 async fn apply(
     handle: &Handle,
     applied: &mut PeerSet,
     desired: PeerSet,
-    origins: &watch::Sender<Origins>,
+    origins: Option<&watch::Sender<Origins>>,
 ) {
     let Some(update) = mesh::diff(applied, &desired) else {
         return;
@@ -767,12 +805,14 @@ async fn apply(
     match handle.apply(update).await {
         Ok(()) => {
             debug!(peers = desired.len(), "peers applied");
-            origins.send_replace(
-                desired
-                    .iter()
-                    .map(|(k, p)| (*k, p.origin.clone()))
-                    .collect(),
-            );
+            if let Some(origins) = origins {
+                origins.send_replace(
+                    desired
+                        .iter()
+                        .map(|(k, p)| (*k, p.origin.clone()))
+                        .collect(),
+                );
+            }
             *applied = desired;
         }
         Err(e) => warn!(error = %e, "the data plane refused the peers"),
@@ -920,6 +960,7 @@ async fn report_status(
                         .get(&p.public_key)
                         .map_or_else(|| p.public_key.to_string(), |o| o.name.clone()),
                     endpoint: p.endpoint.map(|e| e.to_string()),
+                    observed_endpoint: p.observed_endpoint.map(|e| e.to_string()),
                     latest_handshake_time: p.since_handshake.and_then(|d| {
                         let d = k8s_openapi::jiff::SignedDuration::try_from(d).ok()?;
                         now.checked_sub(d).ok().map(Time)
@@ -1191,6 +1232,47 @@ mod tests {
             group.cidrs,
             cidrs(&["10.2.1.0/24", "10.2.2.0/24", "10.2.3.0/24"])
         );
+    }
+
+    #[test]
+    fn a_relay_stands_in_only_for_its_own_clusters_peers() {
+        let mut relay = remote(20, "rb", "10.250.9.1/32", false);
+        relay.spec.kind = MeshNodeKind::Host;
+        relay.spec.relay = true;
+        let mut c1 = remote(30, "c1", "10.3.1.0/24", false);
+        c1.spec.cluster = "cluster-c".into();
+        c1.metadata.name = Some("cluster-c.c1".into());
+        let peers = [remote(11, "b1", "10.2.1.0/24", false), relay, c1];
+        let mut sel = selection("a1", LocalPeers::Hosts, "10.1.1.0/24");
+        sel.keepalive = 0;
+        let set = sel.desired(peers.iter(), std::iter::empty());
+        let group = &set.groups["relay/cluster-b.b1"];
+        assert_eq!(group.members, [key(11), key(20)]);
+        assert_eq!(group.cidrs, cidrs(&["10.2.1.0/24"]));
+        assert_eq!(group.liveness, mesh::Liveness::Session);
+        // A relayed peer keeps trying the direct path even with keepalive off.
+        assert_eq!(set.peers[&key(11)].persistent_keepalive, RELAYED_KEEPALIVE);
+        // cluster-b's relay never carries cluster-c's prefixes.
+        assert!(
+            !set.groups.contains_key("relay/cluster-c.c1"),
+            "{:?}",
+            set.groups
+        );
+        assert_eq!(set.peers[&key(30)].allowed_ips, cidrs(&["10.3.1.0/24"]));
+        assert_eq!(set.peers[&key(30)].persistent_keepalive, 0);
+    }
+
+    #[test]
+    fn a_cluster_whose_gateways_are_all_refused_keeps_its_direct_tunnels() {
+        // The only gateway claims our own CIDR: refused, so no gateway mode.
+        let peers = [
+            remote(11, "b1", "10.1.1.0/24", true),
+            remote(13, "b3", "10.2.3.0/24", false),
+        ];
+        let set = selection("a1", LocalPeers::Hosts, "10.1.1.0/24")
+            .desired(peers.iter(), std::iter::empty());
+        assert!(set.groups.is_empty(), "{:?}", set.groups);
+        assert_eq!(set.peers[&key(13)].allowed_ips, cidrs(&["10.2.3.0/24"]));
     }
 
     fn gateway_cluster() -> Vec<MeshNode> {

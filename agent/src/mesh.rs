@@ -411,6 +411,7 @@ mod tests {
             public_key: PublicKey::from([key; 32]),
             preshared_key: None,
             endpoint: None,
+            observed_endpoint: None,
             persistent_keepalive: 0,
             allowed_ips: Vec::new(),
             accept_ips: Vec::new(),

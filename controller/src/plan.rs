@@ -14,7 +14,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt as _;
 use wiremesh_proto::crd::{
     MeshNode, MeshNodeKind, MeshNodeStatus, MeshPeer, MeshPeerSpec, PEER_CLUSTER_LABEL,
@@ -143,23 +142,23 @@ pub struct Local {
     observed: BTreeMap<String, Vec<SocketAddr>>,
 }
 
-/// What of a MeshNode's status the controller uses: the tunnels with a completed
-/// handshake, reduced to name and endpoint (sorted), with a fixed handshake time. Status
-/// rewrites that change nothing else (every 10 s per node) then compare equal and cause
-/// no replanning.
+/// What of a MeshNode's status the controller uses: per tunnel, where the peer was last
+/// heard from (`observedEndpoint`, an authenticated source), sorted. Status rewrites
+/// that change nothing else (every 10 s per node) then compare equal and cause no
+/// replanning.
 pub fn observations_only(status: Option<MeshNodeStatus>) -> Option<MeshNodeStatus> {
     let mut peers: Vec<TunnelStatus> = status?
         .peers
         .into_iter()
-        .filter(|t| t.latest_handshake_time.is_some() && t.endpoint.is_some())
+        .filter(|t| t.observed_endpoint.is_some())
         .map(|t| TunnelStatus {
             name: t.name,
-            endpoint: t.endpoint,
-            latest_handshake_time: Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)),
+            observed_endpoint: t.observed_endpoint,
             ..TunnelStatus::default()
         })
         .collect();
-    peers.sort_by(|a, b| (&a.name, &a.endpoint).cmp(&(&b.name, &b.endpoint)));
+    peers.sort_by(|a, b| (&a.name, &a.observed_endpoint).cmp(&(&b.name, &b.observed_endpoint)));
+    peers.dedup_by(|a, b| a.name == b.name);
     (!peers.is_empty()).then(|| MeshNodeStatus {
         peers,
         ..MeshNodeStatus::default()
@@ -168,20 +167,28 @@ pub fn observations_only(status: Option<MeshNodeStatus>) -> Option<MeshNodeStatu
 
 /// Where the machines that reported `nodes`' statuses last heard each of their peers
 /// from, by tunnel name: for a peer behind NAT, its mapped address, learnt by whoever it
-/// reached (a public host, say). Only tunnels with a completed handshake count (their
-/// endpoint is the authenticated source, not a configured guess).
+/// reached (a relay, say). Only authenticated sources count (`observedEndpoint`), one per
+/// reporter and peer, and only from Kubernetes nodes and relays: a host's credential
+/// cannot add endpoints to everyone's peers.
 pub fn observed_endpoints<'a>(
     nodes: impl IntoIterator<Item = &'a MeshNode>,
 ) -> BTreeMap<String, Vec<SocketAddr>> {
     let mut out: BTreeMap<String, Vec<SocketAddr>> = BTreeMap::new();
     for node in nodes {
+        if node.spec.kind != MeshNodeKind::Node && !node.spec.is_relay() {
+            continue;
+        }
         let Some(status) = &node.status else { continue };
-        for tunnel in status
-            .peers
-            .iter()
-            .filter(|t| t.latest_handshake_time.is_some())
-        {
-            if let Some(addr) = tunnel.endpoint.as_deref().and_then(|e| e.parse().ok()) {
+        let mut seen = BTreeSet::new();
+        for tunnel in &status.peers {
+            if !seen.insert(tunnel.name.as_str()) {
+                continue;
+            }
+            if let Some(addr) = tunnel
+                .observed_endpoint
+                .as_deref()
+                .and_then(|e| e.parse().ok())
+            {
                 let list = out.entry(tunnel.name.clone()).or_default();
                 if !list.contains(&addr) {
                     list.push(addr);
@@ -1120,18 +1127,18 @@ mod tests {
         assert_eq!(plan.apply[0].spec.kind, MeshNodeKind::Host);
     }
 
+    /// A relay host whose status lists `(peer, endpoint, observed)` tunnels: `observed`
+    /// puts the endpoint in `observedEndpoint`, else only in `endpoint` (a guess).
     fn reporter(name: &str, tunnels: &[(&str, &str, bool)]) -> MeshNode {
-        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-        use wiremesh_proto::crd::{MeshNodeStatus, TunnelStatus};
         let mut n = host(name, 50, &["10.250.0.50/32"]);
+        n.spec.relay = true;
         n.status = Some(MeshNodeStatus {
             peers: tunnels
                 .iter()
-                .map(|(peer, endpoint, handshake)| TunnelStatus {
+                .map(|(peer, endpoint, observed)| TunnelStatus {
                     name: (*peer).to_owned(),
                     endpoint: Some((*endpoint).to_owned()),
-                    latest_handshake_time: handshake
-                        .then(|| Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)),
+                    observed_endpoint: observed.then(|| (*endpoint).to_owned()),
                     ..TunnelStatus::default()
                 })
                 .collect(),
@@ -1142,27 +1149,26 @@ mod tests {
 
     #[test]
     fn endpoints_observed_on_either_side_follow_the_published_ones() {
-        // b1 publishes its private address; a public host of cluster-b heard it from
-        // its NAT's address, and a host of ours did too (and from another port).
+        // b1 publishes its private address; a relay of cluster-b heard it from its NAT's
+        // address, and a relay of ours did too (from another port).
         let remote = [
             node("b1", 1, &["10.2.1.0/24"]),
-            reporter(
-                "relay-b",
-                &[
-                    ("b1", "198.18.2.254:51820", true),
-                    // No handshake: a configured guess, not an observation.
-                    ("b1", "198.18.2.254:4000", false),
-                ],
-            ),
+            reporter("relay-b", &[("b1", "198.18.2.254:51820", true)]),
+            // Only where it sends: a guess, not an observation.
+            reporter("relay-b2", &[("b1", "198.18.2.254:4000", false)]),
         ];
-        let ours = reporter(
-            "relay-a",
+        let ours = reporter("relay-a", &[("cluster-b.b1", "198.18.2.254:51821", true)]);
+        // A host that is no relay adds nothing, nor a second entry for one tunnel.
+        let mut plain = reporter("db1", &[("cluster-b.b1", "198.18.66.6:51820", true)]);
+        plain.spec.relay = false;
+        let twice = reporter(
+            "relay-c",
             &[
-                ("cluster-b.b1", "198.18.2.254:51820", true),
                 ("cluster-b.b1", "198.18.2.254:51821", true),
+                ("cluster-b.b1", "198.18.77.7:51820", true),
             ],
         );
-        let local = Local::new("cluster-a", &[cidr("10.1.0.0/16")], [&ours]);
+        let local = Local::new("cluster-a", &[cidr("10.1.0.0/16")], [&ours, &plain, &twice]);
         let plan = plan(
             &peer("cluster-b", &["10.2.0.0/16"]),
             &remote,

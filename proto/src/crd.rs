@@ -177,6 +177,10 @@ pub struct TunnelStatus {
     /// The peer's endpoint in use (it follows the peer when it roams).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// Where the last authenticated datagram from the peer came from (for a peer behind
+    /// NAT, its mapped address). Controllers offer it to the peer's other peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_endpoint: Option<String>,
     /// When the current session's handshake completed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_handshake_time: Option<Time>,

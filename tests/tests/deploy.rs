@@ -232,6 +232,14 @@ fn manifests_apply_for_real_and_rbac_is_least_privilege() -> Result<()> {
         "agent of n1 marking its MeshNode a Host",
     );
     assert!(message.contains("as a Host"), "{message}");
+    // Nor as a relay: a relay is sent any remote peer's traffic.
+    let mut as_relay = mesh_node("n1");
+    as_relay.spec.relay = true;
+    let message = forbidden(
+        block_on(nodes.patch("n1", &ssa, &Patch::Apply(&as_relay))),
+        "agent of n1 marking its MeshNode a relay",
+    );
+    assert!(message.contains("as a relay"), "{message}");
     // Admin creates n2's; the agent of n1 may neither change nor delete it.
     block_on(Api::<MeshNode>::all(admin.clone()).patch(
         "n2",

@@ -407,6 +407,27 @@ fn check_credential(lab: &TwoClusters, bundle: &str) -> Result<()> {
         Err(kube::Error::Api(status)) if status.code == 403 => {}
         other => anyhow::bail!("the host token could delete its MeshNode: {other:?}"),
     }
+    // Its own MeshNode: it may publish key and endpoints (the other test's host agent
+    // does), but not make itself a relay or a gateway, nor change its kind or addresses
+    // (the admission policy).
+    for (spec, what) in [
+        (serde_json::json!({ "relay": true }), "relay"),
+        (
+            serde_json::json!({ "gateway": true, "kind": "Node" }),
+            "gateway",
+        ),
+        (
+            serde_json::json!({ "podCIDRs": ["10.250.0.0/16"] }),
+            "addresses",
+        ),
+    ] {
+        let patch = Patch::Merge(serde_json::json!({ "spec": spec }));
+        match block_on(nodes.patch("db1", &PatchParams::default(), &patch)) {
+            Err(kube::Error::Api(status))
+                if status.code == 403 && status.message.contains("a host may only publish") => {}
+            other => anyhow::bail!("the host token could change its {what}: {other:?}"),
+        }
+    }
     let accounts: Api<ServiceAccount> = Api::namespaced(client, SYSTEM_NAMESPACE);
     match block_on(accounts.list(&ListParams::default())) {
         Err(kube::Error::Api(status)) if status.code == 403 => {}

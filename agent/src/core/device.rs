@@ -121,6 +121,9 @@ pub struct PeerView {
     pub preshared_key: Option<PresharedKey>,
     /// Where we send to (the last authenticated source, or the configured endpoint).
     pub endpoint: Option<SocketAddr>,
+    /// Where the last authenticated datagram from it came from: an observation, never a
+    /// configured or guessed endpoint.
+    pub observed_endpoint: Option<SocketAddr>,
     /// Persistent keepalive interval in seconds, 0 when off.
     pub persistent_keepalive: u16,
     /// The prefixes it may send from and we route to it.
@@ -153,6 +156,8 @@ struct Peer {
     endpoints: Vec<SocketAddr>,
     /// `rx_packets` when the last handshake initiation was sent.
     init_rx: Option<u64>,
+    /// Source of the last authenticated datagram.
+    observed: Option<SocketAddr>,
     persistent_keepalive: u16,
     allowed_ips: BTreeSet<IpCidr>,
     /// Sources accepted from the peer besides `allowed_ips`, never routed to it.
@@ -433,6 +438,7 @@ impl Device {
             accept_ips: BTreeSet::new(),
             endpoints: Vec::new(),
             init_rx: None,
+            observed: None,
             last_receive: None,
             rx_seen: 0,
             tunn: None,
@@ -620,10 +626,16 @@ impl Device {
         let authenticated = !matches!(result, TunnResult::Err(_)) && !is_cookie;
         if authenticated {
             peer.endpoint = Some(from);
+            peer.observed = Some(from);
             peer.count_rx(datagram.len());
             if is_handshake {
                 peer.handshakes += 1;
             }
+        }
+        // A valid cookie reply answers our initiation from this endpoint (the peer is only
+        // busy): no reason to move on to the next one.
+        if is_cookie && !matches!(result, TunnResult::Err(_)) {
+            peer.init_rx = None;
         }
         match result {
             TunnResult::Done => DatagramVerdict::Done,
@@ -809,6 +821,7 @@ impl Device {
             public_key: peer.public_key,
             preshared_key: peer.preshared_key,
             endpoint: peer.endpoint,
+            observed_endpoint: peer.observed,
             persistent_keepalive: peer.persistent_keepalive,
             allowed_ips: peer.allowed_ips.iter().copied().collect(),
             accept_ips: peer.accept_ips.iter().copied().collect(),

@@ -614,6 +614,7 @@ a2     10.1.2.0/24   -
                     TunnelStatus {
                         name: "cluster-b.b1".into(),
                         endpoint: Some("198.18.0.3:51820".into()),
+                        observed_endpoint: None,
                         latest_handshake_time: Some(before(12)),
                         rx_bytes: 1536,
                         tx_bytes: 300,
