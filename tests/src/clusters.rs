@@ -596,7 +596,15 @@ impl TwoClusters {
         let name = format!("{}{index}", &side.name()[8..]);
         let pod_cidr = format!("10.{}.{index}.0/24", side.octet());
         let pod_cidr6 = format!("fd10:{}:0:{index}::/64", side.octet());
-        let (host, underlay): (Host, IpAddr) = match (&self.nat, &self.nat_a, side) {
+        // This side's private underlay and NAT gateway, when it is behind NAT.
+        let behind_nat = match side {
+            Side::A => self
+                .nat_a
+                .as_ref()
+                .map(|(private, _)| (private, NAT_A_GATEWAY)),
+            Side::B => self.nat.as_ref().map(|(private, _)| (private, NAT_GATEWAY)),
+        };
+        let (host, underlay): (Host, IpAddr) = match behind_nat {
             _ if self.stack == Stack::DualStackV6Underlay => {
                 let underlay6 = self.underlay6.as_ref().context("no IPv6 underlay")?;
                 let ip = Ipv6Addr::new(
@@ -634,16 +642,10 @@ impl TwoClusters {
                 )?;
                 (host, ip.into())
             }
-            (Some((private, _)), _, Side::B) => {
+            Some((private, gateway)) => {
                 let ip = Ipv4Addr::new(198, 19, side.octet(), index);
                 let host = self.lab.add_host_on(private, &name, ip, &pod_cidr)?;
-                host.set_default_route(NAT_GATEWAY)?;
-                (host, ip.into())
-            }
-            (_, Some((private, _)), Side::A) => {
-                let ip = Ipv4Addr::new(198, 19, side.octet(), index);
-                let host = self.lab.add_host_on(private, &name, ip, &pod_cidr)?;
-                host.set_default_route(NAT_A_GATEWAY)?;
+                host.set_default_route(gateway)?;
                 (host, ip.into())
             }
             _ => {

@@ -11,9 +11,21 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, ensure};
 use wiremesh_lab::clusters::{BareHost, INTERFACE, NAT_PUBLIC, Side, TwoClusters};
 use wiremesh_lab::mesh::{Keypair, Node, eventually};
-use wiremesh_lab::{Lab, ping, transfer};
+use wiremesh_lab::{Lab, Pod, ping, transfer};
 
 const MIB: u64 = 1 << 20;
+
+/// 8 MiB from `a` to `b` and back, checksummed; prints the rates under `what`.
+fn each_way(a: &Pod, b: &Pod, what: &str) -> Result<()> {
+    let there = transfer(a, b.ip(), 8 * MIB)?;
+    let back = transfer(b, a.ip(), 8 * MIB)?;
+    println!(
+        "{what}: 8 MiB each way intact ({:.0}/{:.0} Mbit/s)",
+        there.mbit_per_s(),
+        back.mbit_per_s()
+    );
+    Ok(())
+}
 
 #[test]
 fn a_node_behind_nat_with_no_inbound_reaches_and_is_reached() -> Result<()> {
@@ -85,15 +97,7 @@ fn a_cluster_behind_nat_links_both_ways() -> Result<()> {
                 b.name,
                 start.elapsed()
             );
-            let there = transfer(&a.pod, b.pod.ip(), 8 * MIB)?;
-            let back = transfer(&b.pod, a.pod.ip(), 8 * MIB)?;
-            println!(
-                "{} <-> {}: 8 MiB each way intact ({:.0}/{:.0} Mbit/s)",
-                a.name,
-                b.name,
-                there.mbit_per_s(),
-                back.mbit_per_s()
-            );
+            each_way(&a.pod, &b.pod, &format!("{} <-> {}", a.name, b.name))?;
         }
         // a sees cluster-b's nodes at the NAT's public address, not the private ones
         // they published.
@@ -140,13 +144,7 @@ fn an_unreachable_preferred_endpoint_falls_back_to_the_next() -> Result<()> {
         endpoints.contains("198.18.2.1:51820"),
         "a1 should use b1's second endpoint: {endpoints}"
     );
-    let there = transfer(&a1.pod, b1.pod.ip(), 8 * MIB)?;
-    let back = transfer(&b1.pod, a1.pod.ip(), 8 * MIB)?;
-    println!(
-        "a1 <-> b1: 8 MiB each way intact ({:.0}/{:.0} Mbit/s)",
-        there.mbit_per_s(),
-        back.mbit_per_s()
-    );
+    each_way(&a1.pod, &b1.pod, "a1 <-> b1")?;
     Ok(())
 }
 
@@ -243,13 +241,7 @@ fn both_clusters_behind_nat_punch_through_with_endpoints_a_relay_observed() -> R
     );
     let status = status_shows(&lab, "Direct", None)?;
     println!("{status}");
-    let there = transfer(&a1.pod, b1.pod.ip(), 8 * MIB)?;
-    let back = transfer(&b1.pod, a1.pod.ip(), 8 * MIB)?;
-    println!(
-        "a1 <-> b1 direct: 8 MiB each way intact ({:.0}/{:.0} Mbit/s)",
-        there.mbit_per_s(),
-        back.mbit_per_s()
-    );
+    each_way(&a1.pod, &b1.pod, "a1 <-> b1 direct")?;
     Ok(())
 }
 
@@ -267,13 +259,7 @@ fn both_clusters_behind_nat_fall_back_to_the_relay_when_punching_fails() -> Resu
     let status = status_shows(&lab, "Relayed", Some("relay"))?;
     println!("{status}");
     let relay_peers = relay.host.wg(&["show", INTERFACE, "transfer"])?;
-    let there = transfer(&a1.pod, b1.pod.ip(), 8 * MIB)?;
-    let back = transfer(&b1.pod, a1.pod.ip(), 8 * MIB)?;
-    println!(
-        "a1 <-> b1 through the relay: 8 MiB each way intact ({:.0}/{:.0} Mbit/s)",
-        there.mbit_per_s(),
-        back.mbit_per_s()
-    );
+    each_way(&a1.pod, &b1.pod, "a1 <-> b1 through the relay")?;
     let after = relay.host.wg(&["show", INTERFACE, "transfer"])?;
     println!("relay transfer before:\n{relay_peers}\nafter:\n{after}");
     ensure!(relay_peers != after, "the relay carried nothing");
