@@ -24,15 +24,15 @@ use wiremesh_proto::uapi::{DeviceUpdate, GetResponse, Request};
 use wiremesh_proto::{InterfaceAddress, IpCidr, PresharedKey};
 
 use self::udp::{RxRing, Underlay};
-use crate::core::mtu::{self, MAX_ICMP_LEN, MtuGuard, MtuVerdict};
-use crate::core::offload::{
-    BatchPush, Gro, GroPush, GsoBatch, MAX_IP_PACKET, Segmenter, VNET_HDR_LEN,
-};
-use crate::core::{DatagramVerdict, Device, DropReason, TunVerdict};
 use crate::metrics::Snapshot;
 use crate::netlink::{Netlink, RouteReconciler};
 use crate::tun::{DetachedTun, Tun};
 use crate::uapi_server;
+use wiremesh_core::mtu::{self, MAX_ICMP_LEN, MtuGuard, MtuVerdict};
+use wiremesh_core::offload::{
+    BatchPush, Gro, GroPush, GsoBatch, MAX_IP_PACKET, Segmenter, VNET_HDR_LEN,
+};
+use wiremesh_core::{DatagramVerdict, Device, DropReason, TunVerdict};
 
 /// Room for the largest IP packet, plus boringtun's 148-byte handshake initiation that it
 /// may write instead of a data message.

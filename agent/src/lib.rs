@@ -1,11 +1,10 @@
 //! The Wiremesh agent.
 //!
-//! [`core`] is the protocol logic (peers, cryptokey routing, packet verdicts) with no
-//! I/O; [`dataplane`] is the shell that drives it with a TUN device, a UDP socket,
+//! The protocol logic (peers, cryptokey routing, packet verdicts) with no I/O is the
+//! `wiremesh-core` crate; [`dataplane`] is the shell that drives it with a TUN device, a UDP socket,
 //! netlink routes and the UAPI socket; [`standalone`] turns a wg-quick config file into
 //! a running interface.
 
-pub mod core;
 pub mod dataplane;
 pub mod host;
 pub mod keys;

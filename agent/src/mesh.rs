@@ -202,7 +202,7 @@ pub struct Seen {
 
 impl Seen {
     /// What the device says of `peer`.
-    pub fn of(peer: &crate::core::PeerView) -> Self {
+    pub fn of(peer: &wiremesh_core::PeerView) -> Self {
         Self {
             since_receive: peer.since_receive,
             since_handshake: peer.since_handshake,
@@ -388,7 +388,7 @@ pub const TUNNEL_UP_WITHIN: Duration = Duration::from_secs(180);
 /// seen for the first time is reported only when it is up; a removed one is forgotten.
 pub fn tunnel_transitions(
     previous: &BTreeMap<PublicKey, bool>,
-    peers: &[crate::core::PeerView],
+    peers: &[wiremesh_core::PeerView],
 ) -> (Vec<(PublicKey, bool)>, BTreeMap<PublicKey, bool>) {
     let mut changes = Vec::new();
     let mut now = BTreeMap::new();
@@ -406,8 +406,8 @@ pub fn tunnel_transitions(
 mod tests {
     use super::*;
 
-    fn view(key: u8, since: Option<u64>) -> crate::core::PeerView {
-        crate::core::PeerView {
+    fn view(key: u8, since: Option<u64>) -> wiremesh_core::PeerView {
+        wiremesh_core::PeerView {
             public_key: PublicKey::from([key; 32]),
             preshared_key: None,
             endpoint: None,

@@ -1,7 +1,7 @@
 //! The agent's metrics, served with `/healthz` and `/readyz` by the endpoint the controller
 //! shares ([`wiremesh_http`]).
 //!
-//! The counters live in the core's [`Device`](crate::core::Device), owned by the data-plane
+//! The counters live in the core's [`Device`](wiremesh_core::Device), owned by the data-plane
 //! thread with no atomics on the packet path. A scrape asks that thread for a [`Snapshot`]
 //! and encodes it through a prometheus-client [`Collector`], so 10,000 peers cost nothing
 //! between scrapes and no metric family has to follow the peer table.
@@ -24,9 +24,9 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::core::{Counters, PeerView};
 use crate::dataplane::Handle;
 use crate::mesh::Origins;
+use wiremesh_core::{Counters, PeerView};
 
 /// What the device looks like at one instant.
 #[derive(Debug, Clone)]
@@ -287,8 +287,8 @@ mod tests {
     use wiremesh_proto::PublicKey;
 
     use super::*;
-    use crate::core::DropReason;
     use crate::mesh::PeerOrigin;
+    use wiremesh_core::DropReason;
 
     #[test]
     fn peers_are_labelled_with_their_cluster_and_node_when_known() {

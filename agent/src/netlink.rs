@@ -20,7 +20,7 @@ use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 use tokio::task::JoinHandle;
 use wiremesh_proto::{InterfaceAddress, IpCidr};
 
-use crate::core::mtu::UnderlayPath;
+use wiremesh_core::mtu::UnderlayPath;
 
 /// The `rtm_protocol` value on every route Wiremesh installs (`ip route show proto 0x57`).
 ///

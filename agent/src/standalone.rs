@@ -12,7 +12,7 @@ use crate::metrics::AgentMetrics;
 
 /// The MTU when it is neither configured nor found on the underlay: wg-quick's default for
 /// an underlay of 1500 bytes (1500 − 80).
-pub const DEFAULT_MTU: u32 = crate::core::mtu::DEFAULT_MTU;
+pub const DEFAULT_MTU: u32 = wiremesh_core::mtu::DEFAULT_MTU;
 /// Linux interface names: at most 15 bytes (IFNAMSIZ − 1).
 const IFNAMSIZ: usize = 16;
 

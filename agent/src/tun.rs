@@ -2,7 +2,7 @@
 //!
 //! With [`Tun::create_offloaded`], every read and write starts with a `virtio_net_hdr`
 //! (`IFF_VNET_HDR`) and the kernel may hand over TCP super-packets of up to 64 KiB
-//! (`TUNSETOFFLOAD` with TSO) and take them back; see [`crate::core::offload`].
+//! (`TUNSETOFFLOAD` with TSO) and take them back; see [`wiremesh_core::offload`].
 //!
 //! The device is non-persistent: closing the file descriptor (dropping [`Tun`]) removes it.
 //! This is the only module allowed to use `unsafe`, for the `TUNSETIFF` and
@@ -175,7 +175,7 @@ pub struct DetachedTun {
 impl DetachedTun {
     /// Creates the TUN device `name` with a `virtio_net_hdr` before every packet
     /// (`IFF_VNET_HDR`) and TCP (and, from Linux 6.2, UDP) segmentation offload, so that reads
-    /// and writes carry up to 64 KiB; see [`crate::core::offload`].
+    /// and writes carry up to 64 KiB; see [`wiremesh_core::offload`].
     ///
     /// Falls back to what the kernel supports: see [`DetachedTun::offloads`]. Without
     /// `IFF_VNET_HDR` support at all, the device is a plain one as from [`Tun::create`].

@@ -4,7 +4,7 @@
 //!   wireguard-go and boringtun-cli, in one lab, alternating round by round (`make bench`).
 //! - [`scale`]: the agent with thousands of peers, and how soon a peer added through the
 //!   UAPI passes its first packet (`make bench-scale`).
-//! - `benches/packet_path.rs`: criterion micro-benchmarks of the core without I/O.
+//! - `core/benches/packet_path.rs` (in `wiremesh-core`): criterion micro-benchmarks of the core without I/O.
 //!
 //! Everything runs inside the namespace lab of `wiremesh_lab` (underlay 198.18.0.0/16,
 //! pods in 10.0.0.0/8, a per-run name prefix, all removed on exit); it needs root.

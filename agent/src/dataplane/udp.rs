@@ -19,7 +19,7 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 
-use crate::core::offload::{Batch, MAX_GSO_SEGMENTS};
+use wiremesh_core::offload::{Batch, MAX_GSO_SEGMENTS};
 
 /// Messages per [`RxRing::recv`]; with GRO each holds up to 64 datagrams.
 pub(super) const RX_MESSAGES: usize = 8;

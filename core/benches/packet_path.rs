@@ -12,7 +12,7 @@
 //!   peer: the lookup alone, no cryptography.
 //!
 //! The other end of each session is a bare boringtun `Tunn`. Run with
-//! `cargo bench -p wiremesh-bench --bench packet_path`; `make bench` does.
+//! `cargo bench -p wiremesh-core --bench packet_path`; `make bench` does.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -21,7 +21,7 @@ use std::time::Duration;
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519;
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use wiremesh_agent::core::{AllowedIps, DatagramVerdict, Device, TunVerdict};
+use wiremesh_core::{AllowedIps, DatagramVerdict, Device, TunVerdict};
 use wiremesh_proto::uapi::{DeviceUpdate, PeerUpdate};
 use wiremesh_proto::{IpCidr, PrivateKey, PublicKey};
 

@@ -2,8 +2,9 @@
 //!
 //! Nothing in here does I/O: no sockets, no TUN device, no netlink, no async runtime.
 //! Callers hand in bytes and get back what to do with them ([`TunVerdict`],
-//! [`DatagramVerdict`]). `make lint` refuses any async runtime, socket, netlink or
-//! file-system import in this folder.
+//! [`DatagramVerdict`]). This crate's dependencies are `wiremesh-proto` and boringtun's
+//! noise state machine (without its `device` feature) and nothing else, so the compiler
+//! keeps it that way: the agent's `wiremesh-agent` crate is the shell that does the I/O.
 
 pub mod allowed_ips;
 pub mod checksum;
