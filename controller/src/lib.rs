@@ -10,4 +10,5 @@ pub mod metrics;
 pub mod plan;
 pub mod reconcile;
 pub mod remote;
+pub mod shared;
 pub mod status;

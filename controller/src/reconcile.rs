@@ -35,54 +35,11 @@ use wiremesh_proto::crd::{
     MeshNode, MeshPeer, PEER_CLUSTER_FINALIZER, PEER_CLUSTER_LABEL, PeerCluster, SYSTEM_NAMESPACE,
 };
 
-use crate::install::{ClusterInfo, cluster_info};
+use crate::install::cluster_info;
 use crate::leader::Elector;
 use crate::metrics::Metrics;
 use crate::remote::{self, Credentials};
-
-/// The server-side-apply field manager of everything the controller writes.
-pub const FIELD_MANAGER: &str = "wiremesh-controller";
-/// The reporting controller of its Events.
-pub const CONTROLLER_NAME: &str = "wiremesh-controller";
-
-/// The controller's clocks. The defaults suit production and tests alike.
-#[derive(Debug, Clone, Copy)]
-pub struct Timing {
-    /// Quiet time after a change before mirroring, so a burst of changes makes one pass.
-    pub debounce: Duration,
-    /// Every link mirrors and probes its remote this often, changes or not.
-    pub resync: Duration,
-    /// A probe of a remote API server (a one-item list) that takes longer fails.
-    pub probe_timeout: Duration,
-    /// While a remote is unreadable, it is probed this often.
-    pub stale_probe: Duration,
-    /// A failed pass (the local API server refused a write) is retried after this.
-    pub sync_retry: Duration,
-    /// Every PeerCluster is reconciled again after this, changes or not.
-    pub requeue: Duration,
-    /// First delay before restarting a failed remote watch; doubles up to `watch_backoff_max`.
-    pub watch_backoff_min: Duration,
-    /// Longest delay before restarting a failed remote watch.
-    pub watch_backoff_max: Duration,
-    /// The cluster ConfigMap is read this often.
-    pub cluster_info_poll: Duration,
-}
-
-impl Default for Timing {
-    fn default() -> Self {
-        Self {
-            debounce: Duration::from_millis(200),
-            resync: Duration::from_secs(10),
-            probe_timeout: Duration::from_secs(5),
-            stale_probe: Duration::from_secs(2),
-            sync_retry: Duration::from_secs(2),
-            requeue: Duration::from_secs(30),
-            watch_backoff_min: Duration::from_millis(500),
-            watch_backoff_max: Duration::from_secs(5),
-            cluster_info_poll: Duration::from_secs(15),
-        }
-    }
-}
+use crate::shared::{CONTROLLER_NAME, FIELD_MANAGER, LocalState, Shared, Timing};
 
 /// How to run the controller.
 #[derive(Debug, Clone)]
@@ -281,27 +238,6 @@ pub async fn run(
     let _ = elector.await;
     reachability.abort();
     Ok(())
-}
-
-/// What the link tasks share: the local client and caches, the Event recorder, metrics.
-pub(crate) struct Shared {
-    pub(crate) client: Client,
-    pub(crate) peer_clusters: Store<PeerCluster>,
-    pub(crate) mesh_peers: Store<MeshPeer>,
-    pub(crate) mesh_nodes: Store<MeshNode>,
-    /// This cluster's ConfigMap; it also ticks on every local change that matters to plans
-    /// (a spec change of a local MeshNode or MeshPeer).
-    pub(crate) local: watch::Receiver<LocalState>,
-    pub(crate) recorder: Recorder,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) timing: Timing,
-}
-
-/// This cluster as the links see it.
-#[derive(Debug, Clone)]
-pub(crate) struct LocalState {
-    /// The cluster ConfigMap, or why it cannot be used; `None` until it was first read.
-    pub(crate) cluster: Option<Result<ClusterInfo, String>>,
 }
 
 /// The reconciler's context: the shared state and the running links.

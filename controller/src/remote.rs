@@ -40,7 +40,7 @@ use wiremesh_proto::crd::{
 };
 
 use crate::plan::{self, Local, OtherPeer, Plan};
-use crate::reconcile::{FIELD_MANAGER, Shared};
+use crate::shared::{FIELD_MANAGER, Shared};
 use crate::status::{self, Observation, Transition};
 
 /// Key of the bearer token in a PeerCluster's credentials Secret.

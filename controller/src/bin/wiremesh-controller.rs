@@ -14,7 +14,8 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use tracing_subscriber::EnvFilter;
 use wiremesh_controller::leader::DEFAULT_LEASE_DURATION;
-use wiremesh_controller::reconcile::{self, Options, RunError, Timing};
+use wiremesh_controller::reconcile::{self, Options, RunError};
+use wiremesh_controller::shared::Timing;
 
 /// The Wiremesh controller: for every PeerCluster, watches the linked cluster's MeshNodes
 /// and mirrors them, checked, into local MeshPeers. One replica leads (a Lease in
