@@ -21,6 +21,8 @@ use crate::{crdgen, manifest};
 
 /// The server-side-apply field manager of everything `meshctl` writes.
 pub const FIELD_MANAGER: &str = "meshctl";
+/// The label on everything `meshctl` writes.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", FIELD_MANAGER);
 /// Key of the cluster's name (a DNS label) in the cluster ConfigMap.
 pub const CLUSTER_NAME_KEY: &str = "clusterName";
 /// Key of the cluster's pod CIDRs (comma-separated) in the cluster ConfigMap.
@@ -339,8 +341,8 @@ pub fn cluster_configmap(name: &str, pod_cidrs: &[IpCidr]) -> ConfigMap {
             name: Some(CLUSTER_CONFIGMAP.to_owned()),
             namespace: Some(SYSTEM_NAMESPACE.to_owned()),
             labels: Some(BTreeMap::from([(
-                "app.kubernetes.io/managed-by".to_owned(),
-                FIELD_MANAGER.to_owned(),
+                MANAGED_BY.0.to_owned(),
+                MANAGED_BY.1.to_owned(),
             )])),
             ..ObjectMeta::default()
         },

@@ -14,8 +14,8 @@ use kube::{Api, ResourceExt as _};
 use serde_json::json;
 use wiremesh_proto::crd::{GATEWAY_LABEL, MeshNode, MeshNodeKind};
 
-use super::kubeconfig::{self, Target};
-use super::{KubeArgs, say};
+use super::common::say;
+use super::kubeconfig::{self, KubeArgs};
 
 /// Why a node cannot be a gateway.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -108,7 +108,7 @@ pub fn check_add(
 /// # Errors
 /// A [`GatewayRefusals`] when a check fails, or the API error.
 pub async fn add(args: &KubeArgs, node: &str) -> Result<()> {
-    let target = target(args).await?;
+    let target = kubeconfig::current_target(args).await?;
     let nodes: Api<Node> = Api::all(target.client.clone());
     let existing = nodes
         .get_opt(node)
@@ -140,7 +140,7 @@ pub async fn add(args: &KubeArgs, node: &str) -> Result<()> {
 /// # Errors
 /// When the Node does not exist or cannot be patched.
 pub async fn remove(args: &KubeArgs, node: &str) -> Result<()> {
-    let target = target(args).await?;
+    let target = kubeconfig::current_target(args).await?;
     let nodes: Api<Node> = Api::all(target.client.clone());
     let existing = nodes
         .get_opt(node)
@@ -166,12 +166,6 @@ async fn label(nodes: &Api<Node>, node: &str, value: Option<&str>) -> Result<()>
         .await
         .with_context(|| format!("labelling Node {node}"))?;
     Ok(())
-}
-
-async fn target(args: &KubeArgs) -> Result<Target> {
-    let kubeconfig = kubeconfig::load(args)?;
-    let context = kubeconfig::current_context(&kubeconfig, args.context.as_deref())?;
-    kubeconfig::target(&kubeconfig, &context).await
 }
 
 #[cfg(test)]

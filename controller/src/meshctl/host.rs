@@ -10,7 +10,8 @@
 //!   MeshNodes and MeshPeers; patch and update only MeshNode `<name>` and its status;
 //! - Role and RoleBinding `wiremesh-system/wiremesh-host-<name>`: get only the cluster
 //!   ConfigMap (so the host agent can tell it reached the right cluster);
-//! - a token (TokenRequest API, valid [`TOKEN_EXPIRATION`]) in a bundle file (mode 0600).
+//! - a token (TokenRequest API, valid
+//!   [`TOKEN_EXPIRATION`](super::common::TOKEN_EXPIRATION)) in a bundle file (mode 0600).
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
@@ -20,25 +21,21 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
 use anyhow::{Context as _, Result, anyhow};
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt as _;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::Api;
 use wiremesh_proto::crd::{
     CLUSTER_CONFIGMAP, GROUP, HOST_LABEL, HostBundle, MeshNode, MeshNodeKind, MeshNodeSpec,
     MeshPeer, PeerCluster, SYSTEM_NAMESPACE, host_account_name,
 };
 use wiremesh_proto::{IpCidr, PublicKey};
 
-use super::join::{TOKEN_EXPIRATION, apply, delete};
-use super::kubeconfig::{self, Target};
-use super::status::cluster_info;
-use super::{KubeArgs, say};
-use crate::install::{ClusterInfo, FIELD_MANAGER};
+use super::common::{apply, cluster_info, delete, list, meta, mint_token, say};
+use super::kubeconfig::{self, KubeArgs};
+use crate::install::ClusterInfo;
 
 /// Persistent keepalive `host config` puts on every peer: a host is often behind NAT.
 const KEEPALIVE: u16 = 25;
@@ -225,7 +222,7 @@ pub fn check_add(
 
 /// `meshctl host add`.
 pub(crate) async fn add(args: &KubeArgs, request: &AddRequest, bundle: &Path) -> Result<()> {
-    let target = target(args).await?;
+    let target = kubeconfig::current_target(args).await?;
     let info = cluster_info(&target).await?;
     let cluster = info.name.clone();
     let client = &target.client;
@@ -286,7 +283,7 @@ pub(crate) async fn add(args: &KubeArgs, request: &AddRequest, bundle: &Path) ->
             &format!("RoleBinding {SYSTEM_NAMESPACE}/{account}"),
         )
         .await?;
-        mint_token(&target, &cluster, &account).await
+        mint_token(client, &cluster, &account).await
     }
     .await;
     let token = match written {
@@ -324,7 +321,7 @@ pub(crate) async fn add(args: &KubeArgs, request: &AddRequest, bundle: &Path) ->
 
 /// `meshctl host config NAME`: prints a wg-quick config for the host.
 pub(crate) async fn config(args: &KubeArgs, name: &str) -> Result<()> {
-    let target = target(args).await?;
+    let target = kubeconfig::current_target(args).await?;
     let nodes = list::<MeshNode>(&target, "MeshNodes").await?;
     let mesh_peers = list::<MeshPeer>(&target, "MeshPeers").await?;
     let text = wg_quick_config(name, &nodes, &mesh_peers)?;
@@ -334,7 +331,7 @@ pub(crate) async fn config(args: &KubeArgs, name: &str) -> Result<()> {
 
 /// `meshctl host remove NAME`: the MeshNode, ServiceAccount and RBAC; "not found" is done.
 pub(crate) async fn remove(args: &KubeArgs, name: &str) -> Result<()> {
-    let target = target(args).await?;
+    let target = kubeconfig::current_target(args).await?;
     let info = cluster_info(&target).await?;
     let cluster = &info.name;
     let client = &target.client;
@@ -456,23 +453,6 @@ pub fn wg_quick_config(name: &str, nodes: &[MeshNode], mesh_peers: &[MeshPeer]) 
     Ok(out)
 }
 
-async fn target(args: &KubeArgs) -> Result<Target> {
-    let kubeconfig = kubeconfig::load(args)?;
-    let context = kubeconfig::current_context(&kubeconfig, args.context.as_deref())?;
-    kubeconfig::target(&kubeconfig, &context).await
-}
-
-async fn list<K>(target: &Target, what: &str) -> Result<Vec<K>>
-where
-    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + fmt::Debug,
-{
-    Ok(Api::<K>::all(target.client.clone())
-        .list(&ListParams::default())
-        .await
-        .with_context(|| format!("listing {what} in context {}", target.context))?
-        .items)
-}
-
 fn parsed(cidrs: &[String]) -> impl Iterator<Item = IpCidr> + '_ {
     cidrs.iter().filter_map(|c| c.parse().ok())
 }
@@ -485,50 +465,6 @@ fn create_private(path: &Path) -> Result<std::fs::File> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("creating the bundle file {}", path.display()))
-}
-
-async fn mint_token(target: &Target, cluster: &str, account: &str) -> Result<String> {
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            expiration_seconds: Some(i64::try_from(TOKEN_EXPIRATION.as_secs()).unwrap_or(i64::MAX)),
-            ..TokenRequestSpec::default()
-        },
-        ..TokenRequest::default()
-    };
-    let response = Api::<ServiceAccount>::namespaced(target.client.clone(), SYSTEM_NAMESPACE)
-        .create_token_request(account, &PostParams::default(), &request)
-        .await
-        .with_context(|| {
-            format!("{cluster}: requesting a token for ServiceAccount {SYSTEM_NAMESPACE}/{account}")
-        })?;
-    let status = response
-        .status
-        .filter(|s| !s.token.is_empty())
-        .ok_or_else(|| {
-            anyhow!(
-                "{cluster}: the TokenRequest for {SYSTEM_NAMESPACE}/{account} returned no token"
-            )
-        })?;
-    say(format!(
-        "{cluster}: token for ServiceAccount {SYSTEM_NAMESPACE}/{account} minted (valid until {})",
-        status.expiration_timestamp.0
-    ));
-    Ok(status.token)
-}
-
-fn meta(name: &str, namespace: Option<&str>, host: &str) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.to_owned()),
-        namespace: namespace.map(str::to_owned),
-        labels: Some(BTreeMap::from([
-            (
-                "app.kubernetes.io/managed-by".to_owned(),
-                FIELD_MANAGER.to_owned(),
-            ),
-            (HOST_LABEL.to_owned(), host.to_owned()),
-        ])),
-        ..ObjectMeta::default()
-    }
 }
 
 /// The host's MeshNode: its address as its only pod CIDR.
@@ -548,14 +484,18 @@ pub fn host_mesh_node(request: &AddRequest) -> MeshNode {
             relay: request.relay,
         },
     );
-    node.metadata.labels = meta(&request.name, None, &request.name).labels;
+    node.metadata.labels = meta(&request.name, None, Some((HOST_LABEL, &request.name))).labels;
     node
 }
 
 /// The host's ServiceAccount.
 pub fn host_service_account(host: &str) -> ServiceAccount {
     ServiceAccount {
-        metadata: meta(&host_account_name(host), Some(SYSTEM_NAMESPACE), host),
+        metadata: meta(
+            &host_account_name(host),
+            Some(SYSTEM_NAMESPACE),
+            Some((HOST_LABEL, host)),
+        ),
         ..ServiceAccount::default()
     }
 }
@@ -571,7 +511,7 @@ pub fn host_role(host: &str) -> ClusterRole {
         ..PolicyRule::default()
     };
     ClusterRole {
-        metadata: meta(&host_account_name(host), None, host),
+        metadata: meta(&host_account_name(host), None, Some((HOST_LABEL, host))),
         rules: Some(vec![
             rule(&["meshnodes", "meshpeers"], &["get", "list", "watch"], None),
             rule(
@@ -596,7 +536,7 @@ fn subject(host: &str) -> Subject {
 /// The binding of [`host_service_account`] to [`host_role`].
 pub fn host_binding(host: &str) -> ClusterRoleBinding {
     ClusterRoleBinding {
-        metadata: meta(&host_account_name(host), None, host),
+        metadata: meta(&host_account_name(host), None, Some((HOST_LABEL, host))),
         role_ref: RoleRef {
             api_group: "rbac.authorization.k8s.io".to_owned(),
             kind: "ClusterRole".to_owned(),
@@ -609,7 +549,11 @@ pub fn host_binding(host: &str) -> ClusterRoleBinding {
 /// Get on the cluster ConfigMap only.
 pub fn host_configmap_role(host: &str) -> Role {
     Role {
-        metadata: meta(&host_account_name(host), Some(SYSTEM_NAMESPACE), host),
+        metadata: meta(
+            &host_account_name(host),
+            Some(SYSTEM_NAMESPACE),
+            Some((HOST_LABEL, host)),
+        ),
         rules: Some(vec![PolicyRule {
             api_groups: Some(vec![String::new()]),
             resources: Some(vec!["configmaps".to_owned()]),
@@ -623,7 +567,11 @@ pub fn host_configmap_role(host: &str) -> Role {
 /// The binding of [`host_service_account`] to [`host_configmap_role`].
 pub fn host_configmap_binding(host: &str) -> RoleBinding {
     RoleBinding {
-        metadata: meta(&host_account_name(host), Some(SYSTEM_NAMESPACE), host),
+        metadata: meta(
+            &host_account_name(host),
+            Some(SYSTEM_NAMESPACE),
+            Some((HOST_LABEL, host)),
+        ),
         role_ref: RoleRef {
             api_group: "rbac.authorization.k8s.io".to_owned(),
             kind: "Role".to_owned(),

@@ -1,40 +1,28 @@
 //! `meshctl install`, `join` and `unjoin`: the writes, each printed as a step.
 
 use std::collections::BTreeMap;
-use std::fmt::Debug;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Resource, ResourceExt as _};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use kube::ResourceExt as _;
+use kube::api::{Api, ListParams};
 use wiremesh_proto::IpCidr;
 use wiremesh_proto::crd::{
     GROUP, MeshNode, PEER_CLUSTER_LABEL, PeerCluster, PeerClusterSpec, SYSTEM_NAMESPACE,
 };
 
-use super::kubeconfig::{self, Target};
+use super::common::{apply, cluster_info, comma_list, delete, meta, mint_token, say};
+use super::kubeconfig::{self, KubeArgs, Target};
 use super::preflight::{self, JoinSide};
-use super::status::cluster_info;
-use super::{KubeArgs, say};
-use crate::install::{self, ClusterInfo, FIELD_MANAGER};
+use crate::install::{self, ClusterInfo};
 
 /// The ClusterRole that lets a peer cluster read this cluster's MeshNodes, and nothing else.
 pub const PEER_READER_ROLE: &str = "wiremesh-peer-reader";
-/// How long a minted peer token is valid: one year. Tokens come from the TokenRequest API
-/// (legacy ServiceAccount token Secrets need kube-controller-manager to be filled); rerun
-/// `meshctl join` to re-mint one that expired or was revoked.
-pub const TOKEN_EXPIRATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 /// Bound for the first request to each API server.
 const REACH_TIMEOUT: Duration = Duration::from_secs(15);
-/// Label on everything `meshctl` creates.
-const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", FIELD_MANAGER);
 
 /// The ServiceAccount (in `wiremesh-system`) and ClusterRoleBinding through which cluster
 /// `reader` reads this cluster.
@@ -59,9 +47,8 @@ pub(crate) async fn install(
 ) -> Result<()> {
     install::check_cluster_name(cluster_name)?;
     let objects = components.map(install::components).transpose()?;
-    let kubeconfig = kubeconfig::load(args)?;
-    let context = kubeconfig::current_context(&kubeconfig, args.context.as_deref())?;
-    let target = kubeconfig::target(&kubeconfig, &context).await?;
+    let target = kubeconfig::current_target(args).await?;
+    let context = &target.context;
     reachable(&target).await?;
     install::install(&target.client, cluster_name, pod_cidrs)
         .await
@@ -78,7 +65,7 @@ pub(crate) async fn install(
     say(format!(
         "{context}: ConfigMap {SYSTEM_NAMESPACE}/{} applied: clusterName={cluster_name} podCIDRs={}",
         wiremesh_proto::crd::CLUSTER_CONFIGMAP,
-        join_cidrs(pod_cidrs)
+        comma_list(pod_cidrs)
     ));
     if let Some(objects) = objects {
         let applied = install::apply_components(&target.client, &objects)
@@ -106,8 +93,7 @@ impl Side {
 
 /// `meshctl join OTHER_CONTEXT`.
 pub(crate) async fn join(args: &KubeArgs, other_context: &str) -> Result<()> {
-    let kubeconfig = kubeconfig::load(args)?;
-    let context = kubeconfig::current_context(&kubeconfig, args.context.as_deref())?;
+    let (kubeconfig, context) = kubeconfig::load_with_context(args)?;
     ensure!(
         context != other_context,
         "cannot join context {context} with itself"
@@ -124,9 +110,9 @@ pub(crate) async fn join(args: &KubeArgs, other_context: &str) -> Result<()> {
     say(format!(
         "checks passed: {} ({}) and {} ({}) are reachable, installed, distinctly named and their pod CIDRs are disjoint",
         local.name(),
-        join_cidrs(&local.info.pod_cidrs),
+        comma_list(&local.info.pod_cidrs),
         remote.name(),
-        join_cidrs(&remote.info.pod_cidrs)
+        comma_list(&remote.info.pod_cidrs)
     ));
 
     grant_and_store(&local, &remote).await?;
@@ -185,7 +171,7 @@ async fn grant_and_store(reader: &Side, target: &Side) -> Result<()> {
                     "{r}: the token in Secret {SYSTEM_NAMESPACE}/{secret} no longer works against {t}; minting a new one"
                 ));
             }
-            mint_token(target, &account).await?
+            mint_token(&target.target.client, t, &account).await?
         }
     };
     apply(
@@ -209,8 +195,7 @@ async fn grant_and_store(reader: &Side, target: &Side) -> Result<()> {
 /// to go), the Secret, the ServiceAccount and ClusterRoleBinding of the other side, and the
 /// reader ClusterRole once no peer uses it. "Not found" counts as done.
 pub(crate) async fn unjoin(args: &KubeArgs, other_context: &str, timeout: Duration) -> Result<()> {
-    let kubeconfig = kubeconfig::load(args)?;
-    let context = kubeconfig::current_context(&kubeconfig, args.context.as_deref())?;
+    let (kubeconfig, context) = kubeconfig::load_with_context(args)?;
     ensure!(
         context != other_context,
         "cannot unjoin context {context} from itself"
@@ -414,79 +399,6 @@ async fn token_works(target: &Target, token: &str) -> bool {
     )
 }
 
-/// A token for ServiceAccount `account` of `target` from the TokenRequest API.
-async fn mint_token(target: &Side, account: &str) -> Result<String> {
-    let t = target.name();
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            expiration_seconds: Some(i64::try_from(TOKEN_EXPIRATION.as_secs()).unwrap_or(i64::MAX)),
-            ..TokenRequestSpec::default()
-        },
-        ..TokenRequest::default()
-    };
-    let response =
-        Api::<ServiceAccount>::namespaced(target.target.client.clone(), SYSTEM_NAMESPACE)
-            .create_token_request(account, &PostParams::default(), &request)
-            .await
-            .with_context(|| {
-                format!("{t}: requesting a token for ServiceAccount {SYSTEM_NAMESPACE}/{account}")
-            })?;
-    let status = response
-        .status
-        .filter(|s| !s.token.is_empty())
-        .ok_or_else(|| {
-            anyhow!("{t}: the TokenRequest for {SYSTEM_NAMESPACE}/{account} returned no token")
-        })?;
-    say(format!(
-        "{t}: token for ServiceAccount {SYSTEM_NAMESPACE}/{account} minted (TokenRequest API, valid until {})",
-        status.expiration_timestamp.0
-    ));
-    Ok(status.token)
-}
-
-/// Server-side applies `object` and prints whether it was created, updated or unchanged
-/// (by its resourceVersion before and after).
-pub(super) async fn apply<K>(api: &Api<K>, object: &K, cluster: &str, what: &str) -> Result<()>
-where
-    K: Resource + Clone + DeserializeOwned + Serialize + Debug,
-{
-    let name = object.name_any();
-    let before = api
-        .get_opt(&name)
-        .await
-        .with_context(|| format!("{cluster}: reading {what}"))?;
-    let after = api
-        .patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(object),
-        )
-        .await
-        .with_context(|| format!("{cluster}: applying {what}"))?;
-    let outcome = match before {
-        None => "created",
-        Some(before) if before.resource_version() == after.resource_version() => "unchanged",
-        Some(_) => "updated",
-    };
-    say(format!("{cluster}: {what} {outcome}"));
-    Ok(())
-}
-
-/// Deletes `name`; "not found" is success.
-pub(super) async fn delete<K>(api: &Api<K>, name: &str, cluster: &str, what: &str) -> Result<()>
-where
-    K: Resource + Clone + DeserializeOwned + Debug,
-{
-    match api.delete(name, &DeleteParams::default()).await {
-        Ok(_) => say(format!("{cluster}: {what} deleted")),
-        Err(kube::Error::Api(status)) if status.is_not_found() => {
-            say(format!("{cluster}: {what} not found (nothing to delete)"));
-        }
-        Err(e) => return Err(e).with_context(|| format!("{cluster}: deleting {what}")),
-    }
-    Ok(())
-}
-
 /// Waits up to `timeout` for PeerCluster `name` to disappear.
 async fn wait_gone(
     api: Api<PeerCluster>,
@@ -521,19 +433,6 @@ async fn wait_gone(
     }
 }
 
-fn meta(name: &str, namespace: Option<&str>, peer: Option<&str>) -> ObjectMeta {
-    let mut labels = BTreeMap::from([(MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned())]);
-    if let Some(peer) = peer {
-        labels.insert(PEER_CLUSTER_LABEL.to_owned(), peer.to_owned());
-    }
-    ObjectMeta {
-        name: Some(name.to_owned()),
-        namespace: namespace.map(str::to_owned),
-        labels: Some(labels),
-        ..ObjectMeta::default()
-    }
-}
-
 /// The ClusterRole [`PEER_READER_ROLE`]: get, list and watch MeshNodes, nothing else.
 pub fn reader_role() -> ClusterRole {
     ClusterRole {
@@ -551,7 +450,11 @@ pub fn reader_role() -> ClusterRole {
 /// The ServiceAccount cluster `reader` reads through.
 pub fn reader_service_account(reader: &str) -> ServiceAccount {
     ServiceAccount {
-        metadata: meta(&reader_name(reader), Some(SYSTEM_NAMESPACE), Some(reader)),
+        metadata: meta(
+            &reader_name(reader),
+            Some(SYSTEM_NAMESPACE),
+            Some((PEER_CLUSTER_LABEL, reader)),
+        ),
         ..ServiceAccount::default()
     }
 }
@@ -559,7 +462,11 @@ pub fn reader_service_account(reader: &str) -> ServiceAccount {
 /// The binding of [`reader_service_account`] to [`reader_role`].
 pub fn reader_binding(reader: &str) -> ClusterRoleBinding {
     ClusterRoleBinding {
-        metadata: meta(&reader_name(reader), None, Some(reader)),
+        metadata: meta(
+            &reader_name(reader),
+            None,
+            Some((PEER_CLUSTER_LABEL, reader)),
+        ),
         role_ref: RoleRef {
             api_group: "rbac.authorization.k8s.io".to_owned(),
             kind: "ClusterRole".to_owned(),
@@ -577,7 +484,11 @@ pub fn reader_binding(reader: &str) -> ClusterRoleBinding {
 /// The Secret holding the token for peer cluster `peer`.
 pub fn peer_secret(peer: &str, token: &str) -> Secret {
     Secret {
-        metadata: meta(&secret_name(peer), Some(SYSTEM_NAMESPACE), Some(peer)),
+        metadata: meta(
+            &secret_name(peer),
+            Some(SYSTEM_NAMESPACE),
+            Some((PEER_CLUSTER_LABEL, peer)),
+        ),
         type_: Some("Opaque".to_owned()),
         data: Some(BTreeMap::from([(
             "token".to_owned(),
@@ -601,14 +512,6 @@ pub fn peer_cluster(info: &ClusterInfo, target: &Target) -> PeerCluster {
     );
     peer.metadata.labels = meta(&info.name, None, None).labels;
     peer
-}
-
-fn join_cidrs(cidrs: &[IpCidr]) -> String {
-    cidrs
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 #[cfg(test)]

@@ -1,20 +1,31 @@
 //! Kubeconfig handling as kubectl does it: `--kubeconfig`, else the files in `KUBECONFIG`,
 //! else `~/.kube/config`; `--context`, else `current-context`.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use clap::Args;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
-
-use super::KubeArgs;
 
 /// Bound for establishing a connection to an API server.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound for one response; meshctl makes no watches, and its lists are small.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// kubectl's `--kubeconfig` and `--context`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct KubeArgs {
+    /// The kubeconfig file [default: the files in $KUBECONFIG, else ~/.kube/config].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context of this cluster [default: the current context].
+    #[arg(long, global = true, value_name = "CONTEXT")]
+    pub context: Option<String>,
+}
 
 /// One cluster as a kubeconfig context names it.
 #[derive(Clone)]
@@ -52,6 +63,25 @@ pub fn load(args: &KubeArgs) -> Result<Kubeconfig> {
             Kubeconfig::read().context("reading the kubeconfig ($KUBECONFIG or ~/.kube/config)")
         }
     }
+}
+
+/// The kubeconfig ([`load`]) and the context to use in it ([`current_context`]).
+///
+/// # Errors
+/// When the kubeconfig cannot be read or no context is chosen.
+pub fn load_with_context(args: &KubeArgs) -> Result<(Kubeconfig, String)> {
+    let kubeconfig = load(args)?;
+    let context = current_context(&kubeconfig, args.context.as_deref())?;
+    Ok((kubeconfig, context))
+}
+
+/// The cluster of the context to use: `--context`, else the kubeconfig's `current-context`.
+///
+/// # Errors
+/// As [`load_with_context`] and [`target`].
+pub async fn current_target(args: &KubeArgs) -> Result<Target> {
+    let (kubeconfig, context) = load_with_context(args)?;
+    target(&kubeconfig, &context).await
 }
 
 /// The context to use: the flag's, else the kubeconfig's `current-context`.

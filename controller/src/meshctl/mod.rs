@@ -12,6 +12,7 @@
 //!   `wiremesh-peer-<X>`, and a token for that ServiceAccount from the TokenRequest API;
 //! - in X: Secret `wiremesh-system/peer-<Y>` holding the token, and PeerCluster `<Y>`.
 
+pub mod common;
 pub mod gateway;
 pub mod host;
 pub mod join;
@@ -20,13 +21,14 @@ pub mod preflight;
 pub mod status;
 pub mod table;
 
-use std::fmt::Display;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use wiremesh_proto::{IpCidr, PublicKey};
+
+use self::kubeconfig::KubeArgs;
 
 /// Link Kubernetes clusters into one Wiremesh network.
 #[derive(Parser, Debug)]
@@ -38,17 +40,6 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// kubectl's `--kubeconfig` and `--context`.
-#[derive(Args, Debug, Clone, Default)]
-pub struct KubeArgs {
-    /// The kubeconfig file [default: the files in $KUBECONFIG, else ~/.kube/config].
-    #[arg(long, global = true, value_name = "FILE")]
-    pub kubeconfig: Option<PathBuf>,
-    /// The kubeconfig context of this cluster [default: the current context].
-    #[arg(long, global = true, value_name = "CONTEXT")]
-    pub context: Option<String>,
 }
 
 /// The subcommands.
@@ -247,12 +238,6 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
     } else {
         1
     }
-}
-
-/// Prints one line of the command's report on stdout.
-#[allow(clippy::print_stdout)] // meshctl is a CLI: its report goes to stdout
-pub(crate) fn say(line: impl Display) {
-    println!("{line}");
 }
 
 /// `30s`, `2m`, `1h` or plain seconds.

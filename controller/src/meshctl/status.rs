@@ -9,9 +9,10 @@ use kube::api::{Api, ListParams};
 use serde::Serialize;
 use wiremesh_proto::crd::{MeshNode, MeshNodeKind, PeerCluster, TunnelPath, ViaGateway};
 
-use super::kubeconfig::{self, Target};
-use super::{KubeArgs, OutputFormat, say, table};
-use crate::install::{self, ClusterInfo};
+use super::common::{cluster_info, say};
+use super::kubeconfig::{self, KubeArgs, Target};
+use super::{OutputFormat, table};
+use crate::install::ClusterInfo;
 
 /// Everything `status` shows. Its JSON form is what `status -o json` prints.
 #[derive(Serialize, Debug, Clone, PartialEq)]
@@ -343,9 +344,7 @@ impl StatusReport {
 
 /// `meshctl status`.
 pub(crate) async fn status(args: &KubeArgs, output: OutputFormat) -> Result<()> {
-    let kubeconfig = kubeconfig::load(args)?;
-    let context = kubeconfig::current_context(&kubeconfig, args.context.as_deref())?;
-    let target = kubeconfig::target(&kubeconfig, &context).await?;
+    let target = kubeconfig::current_target(args).await?;
     let report = gather(&target).await?;
     match output {
         OutputFormat::Table => say(report.render().trim_end()),
@@ -380,24 +379,6 @@ pub async fn gather(target: &Target) -> Result<StatusReport> {
         &nodes.items,
         Timestamp::now(),
     ))
-}
-
-/// [`install::cluster_info`] with the context in the message.
-///
-/// # Errors
-/// "Wiremesh is not installed in context X: …", or the API server could not be read.
-pub async fn cluster_info(target: &Target) -> Result<ClusterInfo> {
-    install::cluster_info(&target.client).await.map_err(|e| {
-        let what = if e.is_not_installed() {
-            format!("Wiremesh is not installed in context {}", target.context)
-        } else {
-            format!(
-                "cannot read the cluster of context {} ({})",
-                target.context, target.server
-            )
-        };
-        anyhow::Error::new(e).context(what)
-    })
 }
 
 fn condition(conditions: &[Condition], kind: &str) -> Option<ConditionView> {
