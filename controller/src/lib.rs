@@ -12,3 +12,5 @@ pub mod reconcile;
 pub mod remote;
 pub mod shared;
 pub mod status;
+#[cfg(test)]
+mod testing;

@@ -662,9 +662,10 @@ impl Index {
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
     use proptest::prelude::*;
-    use wiremesh_proto::crd::{MeshNodeSpec, PeerClusterSpec};
+    use wiremesh_proto::crd::PeerClusterSpec;
 
     use super::*;
+    use crate::testing::{key, mesh_node};
 
     #[test]
     fn valid_nodes_are_mirrored() {
@@ -1358,10 +1359,6 @@ mod tests {
         text.parse().unwrap()
     }
 
-    fn key(seed: u8) -> String {
-        PublicKey::from([seed; 32]).to_base64()
-    }
-
     fn local() -> Local {
         Local::new("cluster-a", &[cidr("10.1.0.0/16")], std::iter::empty())
     }
@@ -1386,18 +1383,8 @@ mod tests {
     }
 
     fn node(name: &str, key_seed: u8, cidrs: &[&str]) -> MeshNode {
-        MeshNode::new(
-            name,
-            MeshNodeSpec {
-                public_key: key(key_seed),
-                endpoints: vec![format!("198.18.0.{key_seed}:51820")],
-                pod_cidrs: cidrs.iter().map(|s| (*s).to_owned()).collect(),
-                location: None,
-                kind: Default::default(),
-                gateway: false,
-                relay: false,
-            },
-        )
+        let endpoint = format!("198.18.0.{key_seed}:51820");
+        mesh_node(name, key_seed, Some(&endpoint), cidrs)
     }
 
     fn host(name: &str, key_seed: u8, cidrs: &[&str]) -> MeshNode {

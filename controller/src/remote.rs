@@ -878,18 +878,7 @@ mod tests {
     }
 
     fn node(name: &str, cidr: &str) -> MeshNode {
-        MeshNode::new(
-            name,
-            wiremesh_proto::crd::MeshNodeSpec {
-                public_key: wiremesh_proto::PublicKey::from([1; 32]).to_base64(),
-                endpoints: vec![],
-                pod_cidrs: vec![cidr.into()],
-                location: None,
-                kind: Default::default(),
-                gateway: false,
-                relay: false,
-            },
-        )
+        crate::testing::mesh_node(name, 1, None, &[cidr])
     }
 
     fn secret(token: &[u8]) -> Secret {

@@ -170,31 +170,18 @@ async fn label(nodes: &Api<Node>, node: &str, value: Option<&str>) -> Result<()>
 
 #[cfg(test)]
 mod tests {
-    use wiremesh_proto::crd::MeshNodeSpec;
 
     use super::*;
 
     fn mesh_node(kind: MeshNodeKind, key: bool, endpoint: bool) -> MeshNode {
-        MeshNode::new(
+        let mut node = crate::testing::mesh_node(
             "b1",
-            MeshNodeSpec {
-                public_key: if key {
-                    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAE=".into()
-                } else {
-                    String::new()
-                },
-                endpoints: if endpoint {
-                    vec!["198.18.2.1:51820".into()]
-                } else {
-                    Vec::new()
-                },
-                pod_cidrs: vec!["10.2.1.0/24".into()],
-                location: None,
-                kind,
-                gateway: false,
-                relay: false,
-            },
-        )
+            u8::from(key),
+            endpoint.then_some("198.18.2.1:51820"),
+            &["10.2.1.0/24"],
+        );
+        node.spec.kind = kind;
+        node
     }
 
     #[test]

@@ -609,22 +609,10 @@ mod tests {
     }
 
     fn node(name: &str, kind: MeshNodeKind, cidr: &str, key: u8) -> MeshNode {
-        MeshNode::new(
-            name,
-            MeshNodeSpec {
-                public_key: if key == 0 {
-                    String::new()
-                } else {
-                    PublicKey::from([key; 32]).to_base64()
-                },
-                endpoints: vec![format!("198.18.1.{key}:51820")],
-                pod_cidrs: vec![cidr.into()],
-                location: None,
-                kind,
-                gateway: false,
-                relay: false,
-            },
-        )
+        let endpoint = format!("198.18.1.{key}:51820");
+        let mut node = crate::testing::mesh_node(name, key, Some(&endpoint), &[cidr]);
+        node.spec.kind = kind;
+        node
     }
 
     fn mesh_peer(cluster: &str, node: &str, cidr: &str, key: u8) -> MeshPeer {

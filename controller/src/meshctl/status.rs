@@ -399,9 +399,7 @@ fn cell(condition: Option<&ConditionView>) -> String {
 
 #[cfg(test)]
 mod tests {
-    use wiremesh_proto::crd::{
-        MeshNodeSpec, MeshNodeStatus, PeerClusterSpec, PeerClusterStatus, TunnelStatus,
-    };
+    use wiremesh_proto::crd::{MeshNodeStatus, PeerClusterSpec, PeerClusterStatus, TunnelStatus};
 
     use super::*;
 
@@ -517,18 +515,7 @@ a2     10.1.2.0/24   -
     }
 
     fn node(name: &str, cidr: &str, tunnels: Vec<TunnelStatus>) -> MeshNode {
-        let mut n = MeshNode::new(
-            name,
-            MeshNodeSpec {
-                public_key: "x".into(),
-                endpoints: vec![],
-                pod_cidrs: vec![cidr.into()],
-                location: None,
-                kind: Default::default(),
-                gateway: false,
-                relay: false,
-            },
-        );
+        let mut n = crate::testing::mesh_node(name, 1, None, &[cidr]);
         n.status = Some(MeshNodeStatus {
             peers: tunnels,
             ..MeshNodeStatus::default()
