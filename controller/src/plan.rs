@@ -669,16 +669,10 @@ mod tests {
 
     #[test]
     fn valid_nodes_are_mirrored() {
-        let plan = plan(
-            &peer("cluster-b", &["10.2.0.0/16"]),
-            &[
-                node("b1", 1, &["10.2.1.0/24"]),
-                node("b2", 2, &["10.2.2.0/24"]),
-            ],
-            &local(),
-            &[],
-            &[],
-        );
+        let plan = plan_b(&[
+            node("b1", 1, &["10.2.1.0/24"]),
+            node("b2", 2, &["10.2.2.0/24"]),
+        ]);
         assert!(plan.conflicts.is_empty(), "{:?}", plan.conflicts);
         assert_eq!(names(&plan.apply), ["cluster-b.b1", "cluster-b.b2"]);
         assert!(plan.delete.is_empty());
@@ -757,16 +751,10 @@ mod tests {
 
     #[test]
     fn peer_outside_its_allowed_cidrs_is_refused() {
-        let plan = plan(
-            &peer("cluster-b", &["10.2.0.0/16"]),
-            &[
-                node("evil", 1, &["10.2.1.0/24", "10.9.0.0/24"]),
-                node("b2", 2, &["10.2.2.0/24"]),
-            ],
-            &local(),
-            &[],
-            &[],
-        );
+        let plan = plan_b(&[
+            node("evil", 1, &["10.2.1.0/24", "10.9.0.0/24"]),
+            node("b2", 2, &["10.2.2.0/24"]),
+        ]);
         assert_eq!(names(&plan.apply), ["cluster-b.b2"]);
         assert_eq!(plan.conflicts.len(), 1);
         let c = &plan.conflicts[0];
@@ -799,13 +787,7 @@ mod tests {
 
     #[test]
     fn overlap_with_this_cluster_is_named_before_the_allowed_range() {
-        let plan = plan(
-            &peer("cluster-b", &["10.2.0.0/16"]),
-            &[node("evil", 1, &["10.1.5.0/24"])],
-            &local(),
-            &[],
-            &[],
-        );
+        let plan = plan_b(&[node("evil", 1, &["10.1.5.0/24"])]);
         assert_eq!(
             plan.conflicts[0].reason,
             Reason::Overlaps {
@@ -936,17 +918,11 @@ mod tests {
 
     #[test]
     fn overlapping_siblings_are_both_refused() {
-        let plan = plan(
-            &peer("cluster-b", &["10.2.0.0/16"]),
-            &[
-                node("b1", 1, &["10.2.1.0/24"]),
-                node("b2", 2, &["10.2.1.128/25"]),
-                node("b3", 3, &["10.2.3.0/24"]),
-            ],
-            &local(),
-            &[],
-            &[],
-        );
+        let plan = plan_b(&[
+            node("b1", 1, &["10.2.1.0/24"]),
+            node("b2", 2, &["10.2.1.128/25"]),
+            node("b3", 3, &["10.2.3.0/24"]),
+        ]);
         assert_eq!(names(&plan.apply), ["cluster-b.b3"]);
         let refused: Vec<_> = plan.conflicts.iter().map(|c| c.node.as_str()).collect();
         assert_eq!(refused, ["b1", "b2"]);
@@ -956,13 +932,7 @@ mod tests {
 
     #[test]
     fn a_node_may_list_nested_cidrs_of_its_own() {
-        let plan = plan(
-            &peer("cluster-b", &["10.2.0.0/16"]),
-            &[node("b1", 1, &["10.2.0.0/23", "10.2.1.0/24"])],
-            &local(),
-            &[],
-            &[],
-        );
+        let plan = plan_b(&[node("b1", 1, &["10.2.0.0/23", "10.2.1.0/24"])]);
         assert!(plan.conflicts.is_empty(), "{:?}", plan.conflicts);
     }
 
@@ -991,13 +961,7 @@ mod tests {
         bad.spec.public_key = "not-a-key".into();
         let mut zero = node("b2", 1, &["10.2.2.0/24"]);
         zero.spec.public_key = PublicKey::from([0; 32]).to_base64();
-        let plan = plan(
-            &peer("cluster-b", &["10.2.0.0/16"]),
-            &[bad, zero],
-            &local(),
-            &[],
-            &[],
-        );
+        let plan = plan_b(&[bad, zero]);
         assert!(plan.apply.is_empty());
         assert!(
             plan.conflicts
@@ -1009,17 +973,11 @@ mod tests {
 
     #[test]
     fn bad_or_unmasked_cidr_is_refused() {
-        let plan = plan(
-            &peer("cluster-b", &["10.2.0.0/16"]),
-            &[
-                node("b1", 1, &["10.2.1.0/33"]),
-                node("b2", 2, &["10.2.2.7/24"]),
-                node("b3", 3, &["fd00:0::/64"]),
-            ],
-            &local(),
-            &[],
-            &[],
-        );
+        let plan = plan_b(&[
+            node("b1", 1, &["10.2.1.0/33"]),
+            node("b2", 2, &["10.2.2.7/24"]),
+            node("b3", 3, &["fd00:0::/64"]),
+        ]);
         let refused: Vec<_> = plan
             .conflicts
             .iter()
@@ -1053,13 +1011,7 @@ mod tests {
     fn bad_endpoint_is_refused() {
         let mut n = node("b1", 1, &["10.2.1.0/24"]);
         n.spec.endpoints = vec!["999.1.1.1:51820".into()];
-        let plan = plan(
-            &peer("cluster-b", &["10.2.0.0/16"]),
-            &[n],
-            &local(),
-            &[],
-            &[],
-        );
+        let plan = plan_b(&[n]);
         assert!(plan.apply.is_empty());
         assert!(plan.conflicts[0].to_string().contains("999.1.1.1:51820"));
     }
@@ -1088,25 +1040,13 @@ mod tests {
     #[test]
     fn overlong_name_is_refused() {
         let long = "n".repeat(250);
-        let plan = plan(
-            &peer("cluster-b", &["10.2.0.0/16"]),
-            &[node(&long, 1, &["10.2.1.0/24"])],
-            &local(),
-            &[],
-            &[],
-        );
+        let plan = plan_b(&[node(&long, 1, &["10.2.1.0/24"])]);
         assert_eq!(plan.conflicts[0].reason, Reason::NameTooLong);
     }
 
     #[test]
     fn node_without_cidrs_is_mirrored() {
-        let plan = plan(
-            &peer("cluster-b", &["10.2.0.0/16"]),
-            &[node("b1", 1, &[])],
-            &local(),
-            &[],
-            &[],
-        );
+        let plan = plan_b(&[node("b1", 1, &[])]);
         assert_eq!(plan.mirrored, 1);
         assert!(plan.apply[0].spec.pod_cidrs.is_empty());
     }
@@ -1116,13 +1056,7 @@ mod tests {
         let mut n = node("h1", 1, &["10.2.9.0/24"]);
         n.spec.location = Some("fra1".into());
         n.spec.kind = MeshNodeKind::Host;
-        let plan = plan(
-            &peer("cluster-b", &["10.2.0.0/16"]),
-            &[n],
-            &local(),
-            &[],
-            &[],
-        );
+        let plan = plan_b(&[n]);
         assert_eq!(plan.apply[0].name, "cluster-b.h1");
         assert_eq!(plan.apply[0].spec.location.as_deref(), Some("fra1"));
         assert_eq!(plan.apply[0].spec.kind, MeshNodeKind::Host);
@@ -1197,13 +1131,7 @@ mod tests {
         mute.spec.endpoints.clear();
         let mut host_gw = host("h1", 3, &["10.250.0.5/32"]);
         host_gw.spec.gateway = true;
-        let plan = plan(
-            &peer("cluster-b", &["10.2.0.0/16"]),
-            &[gw, mute, host_gw, node("b4", 4, &["10.2.4.0/24"])],
-            &local(),
-            &[],
-            &[],
-        );
+        let plan = plan_b(&[gw, mute, host_gw, node("b4", 4, &["10.2.4.0/24"])]);
         let gateways: Vec<(&str, bool)> = plan
             .apply
             .iter()
@@ -1219,30 +1147,18 @@ mod tests {
     fn a_host_without_a_key_is_not_ready_and_neither_mirrored_nor_refused() {
         let mut h = host("h1", 1, &["10.250.0.5/32"]);
         h.spec.public_key = String::new();
-        let plan = plan(
-            &peer("cluster-b", &["10.2.0.0/16"]),
-            &[h, node("b1", 2, &["10.2.1.0/24"])],
-            &local(),
-            &[],
-            &[],
-        );
+        let plan = plan_b(&[h, node("b1", 2, &["10.2.1.0/24"])]);
         assert_eq!(names(&plan.apply), ["cluster-b.b1"]);
         assert!(plan.conflicts.is_empty(), "{:?}", plan.conflicts);
     }
 
     #[test]
     fn a_host_address_outside_the_allowed_range_is_mirrored_but_not_a_whole_network() {
-        let plan = plan(
-            &peer("cluster-b", &["10.2.0.0/16"]),
-            &[
-                host("h1", 1, &["10.250.0.5/32"]),
-                host("h2", 2, &["10.250.1.0/24"]),
-                node("b1", 3, &["10.250.2.5/32"]),
-            ],
-            &local(),
-            &[],
-            &[],
-        );
+        let plan = plan_b(&[
+            host("h1", 1, &["10.250.0.5/32"]),
+            host("h2", 2, &["10.250.1.0/24"]),
+            node("b1", 3, &["10.250.2.5/32"]),
+        ]);
         assert_eq!(names(&plan.apply), ["cluster-b.h1"]);
         let refused: Vec<_> = plan.conflicts.iter().map(|c| c.node.as_str()).collect();
         assert_eq!(refused, ["b1", "h2"]);
@@ -1292,15 +1208,7 @@ mod tests {
         fn mirrored_nodes_are_disjoint_allowed_and_not_local(
             nodes in prop::collection::vec(prop::collection::vec(arb_cidr(), 0..3), 0..10),
         ) {
-            let remote: Vec<MeshNode> = nodes
-                .iter()
-                .enumerate()
-                .map(|(i, cidrs)| {
-                    let texts: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
-                    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-                    node(&format!("n{i}"), i as u8 + 1, &texts)
-                })
-                .collect();
+            let remote = numbered_nodes(&nodes);
             let pc = peer("cluster-b", &["10.2.0.0/16"]);
             let plan = plan(&pc, &remote, &local(), &[], &[]);
             let allowed = cidr("10.2.0.0/16");
@@ -1329,15 +1237,7 @@ mod tests {
         fn replanning_an_applied_plan_changes_nothing(
             nodes in prop::collection::vec(prop::collection::vec(arb_cidr(), 0..3), 0..8),
         ) {
-            let remote: Vec<MeshNode> = nodes
-                .iter()
-                .enumerate()
-                .map(|(i, cidrs)| {
-                    let texts: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
-                    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-                    node(&format!("n{i}"), i as u8 + 1, &texts)
-                })
-                .collect();
+            let remote = numbered_nodes(&nodes);
             let pc = peer("cluster-b", &["10.2.0.0/16"]);
             let first = plan(&pc, &remote, &local(), &[], &[]);
             let second = plan(&pc, &remote, &local(), &[], &applied(&pc, &first));
@@ -1345,6 +1245,19 @@ mod tests {
             prop_assert!(second.delete.is_empty());
             prop_assert_eq!(second.conflicts, first.conflicts);
         }
+    }
+
+    /// Nodes `n0`, `n1`, … claiming `cidrs[0]`, `cidrs[1]`, …, with keys 1, 2, ….
+    fn numbered_nodes(cidrs: &[Vec<IpCidr>]) -> Vec<MeshNode> {
+        cidrs
+            .iter()
+            .enumerate()
+            .map(|(i, cidrs)| {
+                let texts: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
+                let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+                node(&format!("n{i}"), i as u8 + 1, &texts)
+            })
+            .collect()
     }
 
     fn arb_cidr() -> impl Strategy<Value = IpCidr> {
@@ -1361,6 +1274,18 @@ mod tests {
 
     fn local() -> Local {
         Local::new("cluster-a", &[cidr("10.1.0.0/16")], std::iter::empty())
+    }
+
+    /// The plan for `remote` as the nodes of cluster-b (allowed 10.2.0.0/16), seen from
+    /// [`local`], with no other peer and no MeshPeer yet.
+    fn plan_b(remote: &[MeshNode]) -> Plan {
+        plan(
+            &peer("cluster-b", &["10.2.0.0/16"]),
+            remote,
+            &local(),
+            &[],
+            &[],
+        )
     }
 
     fn names(apply: &[Desired]) -> Vec<&str> {
