@@ -7,11 +7,12 @@
 
 pub mod dataplane;
 pub mod host;
+pub mod k8s;
 pub mod keys;
-pub mod kube;
 pub mod mesh;
 pub mod metrics;
 pub mod netlink;
+pub mod peers;
 pub mod standalone;
 pub mod tun;
 pub mod uapi_server;
