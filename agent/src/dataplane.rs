@@ -24,7 +24,7 @@ use wiremesh_proto::uapi::{DeviceUpdate, GetResponse, Request};
 use wiremesh_proto::{InterfaceAddress, IpCidr, PresharedKey};
 
 use self::udp::{RxRing, Underlay};
-use crate::metrics::Snapshot;
+use crate::control::{Command, Handle, Snapshot};
 use crate::netlink::{Netlink, RouteReconciler};
 use crate::tun::{DetachedTun, Tun};
 use crate::uapi_server;
@@ -69,53 +69,6 @@ pub struct InterfaceSpec {
     pub addresses: Vec<InterfaceAddress>,
     /// Where the UAPI socket goes (normally `/var/run/wireguard`).
     pub uapi_dir: PathBuf,
-}
-
-/// A request to the task that owns the device.
-#[derive(Debug)]
-pub enum Command {
-    /// A parsed UAPI request; the reply is the full response text.
-    Uapi(Request, oneshot::Sender<String>),
-    /// Apply an update (Kubernetes mode); the reply says whether it was accepted.
-    Apply(DeviceUpdate, oneshot::Sender<Result<(), String>>),
-    /// A snapshot of the peers and counters.
-    Snapshot(oneshot::Sender<Snapshot>),
-}
-
-/// A handle for other tasks to reach the device.
-#[derive(Debug, Clone)]
-pub struct Handle {
-    commands: mpsc::Sender<Command>,
-}
-
-impl Handle {
-    /// Applies an update and waits for the verdict.
-    ///
-    /// # Errors
-    /// When the data plane has stopped or refused the update.
-    pub async fn apply(&self, update: DeviceUpdate) -> Result<()> {
-        let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Apply(update, tx))
-            .await
-            .context("data plane stopped")?;
-        rx.await
-            .context("data plane stopped")?
-            .map_err(anyhow::Error::msg)
-    }
-
-    /// A snapshot of the peers and counters.
-    ///
-    /// # Errors
-    /// When the data plane has stopped.
-    pub async fn snapshot(&self) -> Result<Snapshot> {
-        let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Snapshot(tx))
-            .await
-            .context("data plane stopped")?;
-        rx.await.context("data plane stopped")
-    }
 }
 
 /// Brings the interface up with `initial` applied, serves until `shutdown` completes,
@@ -193,7 +146,7 @@ pub async fn run(
     let uapi_path = spec.uapi_dir.join(format!("{}.sock", spec.name));
     let uapi = uapi_server::serve(&uapi_path, cmd_tx.clone())
         .with_context(|| format!("serving the UAPI socket {}", uapi_path.display()))?;
-    ready(Handle { commands: cmd_tx });
+    ready(Handle::new(cmd_tx));
 
     let (stop_tx, stop_rx) = oneshot::channel();
     let (done_tx, done_rx) = oneshot::channel();

@@ -5,6 +5,7 @@
 //! netlink routes and the UAPI socket; [`standalone`] turns a wg-quick config file into
 //! a running interface.
 
+pub mod control;
 pub mod dataplane;
 pub mod host;
 pub mod k8s;

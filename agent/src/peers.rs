@@ -25,7 +25,8 @@ use wiremesh_proto::crd::{MeshNode, MeshPeer, TunnelStatus};
 use wiremesh_proto::uapi::DeviceUpdate;
 use wiremesh_proto::{IpCidr, PublicKey};
 
-use crate::dataplane::{self, Handle, InterfaceSpec};
+use crate::control::Handle;
+use crate::dataplane::{self, InterfaceSpec};
 use crate::mesh::select::{Desired, Selection};
 use crate::mesh::{self, Origins, PeerOrigin, PeerSet};
 use crate::metrics::AgentMetrics;
