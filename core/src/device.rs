@@ -1421,29 +1421,14 @@ mod tests {
     fn a_derived_mtu_rises_to_the_ipv6_minimum_when_an_ipv6_route_arrives() {
         let mut d = Device::new();
         d.set_mtu(1220, true);
-        let v4 = d
-            .apply(&update(
-                &key(1),
-                vec![peer(public(&key(2)), None, &["10.0.2.0/24"])],
-            ))
-            .unwrap();
+        let v4 = route_to(&mut d, "10.0.2.0/24");
         assert!(!v4.mtu_changed);
         assert_eq!(d.mtu(), 1220);
-        let v6 = d
-            .apply(&update(
-                &key(1),
-                vec![peer(public(&key(2)), None, &["fd00:2::/64"])],
-            ))
-            .unwrap();
+        let v6 = route_to(&mut d, "fd00:2::/64");
         assert!(v6.mtu_changed);
         assert_eq!(d.mtu(), mtu::MIN_MTU_V6);
         // Never lowered again.
-        let back = d
-            .apply(&update(
-                &key(1),
-                vec![peer(public(&key(2)), None, &["10.0.2.0/24"])],
-            ))
-            .unwrap();
+        let back = route_to(&mut d, "10.0.2.0/24");
         assert!(!back.mtu_changed);
         assert_eq!(d.mtu(), mtu::MIN_MTU_V6);
     }
@@ -1452,12 +1437,7 @@ mod tests {
     fn a_configured_mtu_stays_as_it_is() {
         let mut d = Device::new();
         d.set_mtu(1220, false);
-        let outcome = d
-            .apply(&update(
-                &key(1),
-                vec![peer(public(&key(2)), None, &["fd00:2::/64"])],
-            ))
-            .unwrap();
+        let outcome = route_to(&mut d, "fd00:2::/64");
         assert!(!outcome.mtu_changed);
         assert_eq!(d.mtu(), 1220);
     }
@@ -1477,5 +1457,11 @@ mod tests {
             MtuVerdict::TooBig(_)
         ));
         assert_eq!(d.counters().drops(DropReason::TooBig), 1);
+    }
+
+    /// Applies one peer owning `cidr` to `d`, as its only peer.
+    fn route_to(d: &mut Device, cidr: &str) -> ApplyOutcome {
+        d.apply(&update(&key(1), vec![peer(public(&key(2)), None, &[cidr])]))
+            .unwrap()
     }
 }
