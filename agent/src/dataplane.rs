@@ -24,11 +24,11 @@ use wiremesh_proto::uapi::{DeviceUpdate, GetResponse, Request};
 use wiremesh_proto::{InterfaceAddress, IpCidr, PresharedKey};
 
 use self::udp::{RxRing, Underlay};
-use crate::metrics::Snapshot;
+use crate::control::{Command, Handle, Snapshot};
 use crate::netlink::{Netlink, RouteReconciler};
 use crate::tun::{DetachedTun, Tun};
 use crate::uapi_server;
-use wiremesh_core::mtu::{self, MAX_ICMP_LEN, MtuGuard, MtuVerdict};
+use wiremesh_core::mtu::{self, MAX_ICMP_LEN, MtuVerdict};
 use wiremesh_core::offload::{
     BatchPush, Gro, GroPush, GsoBatch, MAX_IP_PACKET, Segmenter, VNET_HDR_LEN,
 };
@@ -71,53 +71,6 @@ pub struct InterfaceSpec {
     pub uapi_dir: PathBuf,
 }
 
-/// A request to the task that owns the device.
-#[derive(Debug)]
-pub enum Command {
-    /// A parsed UAPI request; the reply is the full response text.
-    Uapi(Request, oneshot::Sender<String>),
-    /// Apply an update (Kubernetes mode); the reply says whether it was accepted.
-    Apply(DeviceUpdate, oneshot::Sender<Result<(), String>>),
-    /// A snapshot of the peers and counters.
-    Snapshot(oneshot::Sender<Snapshot>),
-}
-
-/// A handle for other tasks to reach the device.
-#[derive(Debug, Clone)]
-pub struct Handle {
-    commands: mpsc::Sender<Command>,
-}
-
-impl Handle {
-    /// Applies an update and waits for the verdict.
-    ///
-    /// # Errors
-    /// When the data plane has stopped or refused the update.
-    pub async fn apply(&self, update: DeviceUpdate) -> Result<()> {
-        let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Apply(update, tx))
-            .await
-            .context("data plane stopped")?;
-        rx.await
-            .context("data plane stopped")?
-            .map_err(anyhow::Error::msg)
-    }
-
-    /// A snapshot of the peers and counters.
-    ///
-    /// # Errors
-    /// When the data plane has stopped.
-    pub async fn snapshot(&self) -> Result<Snapshot> {
-        let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Snapshot(tx))
-            .await
-            .context("data plane stopped")?;
-        rx.await.context("data plane stopped")
-    }
-}
-
 /// Brings the interface up with `initial` applied, serves until `shutdown` completes,
 /// then removes routes, socket and device.
 ///
@@ -138,8 +91,8 @@ pub async fn run(
         .context("the initial configuration was refused")?;
 
     let netlink = Netlink::new().await.context("opening netlink")?;
-    // A derived MTU is raised to the IPv6 minimum when IPv6 routes arrive later; a
-    // configured one is left as it is.
+    // From here on the device decides the MTU: a derived one is raised to the IPv6 minimum
+    // when IPv6 routes arrive later, a configured one is left as it is.
     let derived = spec.mtu == MTU_FROM_UNDERLAY;
     let mtu = match spec.mtu {
         MTU_FROM_UNDERLAY => {
@@ -153,6 +106,8 @@ pub async fn run(
             mtu
         }
     };
+    device.set_mtu(mtu, derived);
+    let mtu = device.mtu();
     let tun = DetachedTun::create_offloaded(&spec.name)
         .with_context(|| format!("creating TUN device {}", spec.name))?;
     let index = netlink
@@ -181,30 +136,23 @@ pub async fn run(
         "interface up"
     );
 
-    let (routes_tx, routes_rx) = watch::channel(device.routes());
-    let route_task = tokio::spawn(reconcile_routes(
-        netlink,
-        index,
-        routes_rx,
-        derived.then_some(mtu),
-    ));
+    let (link_tx, link_rx) = watch::channel(Link::of(&device));
+    let route_task = tokio::spawn(reconcile_link(netlink, index, link_rx, mtu));
 
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let uapi_path = spec.uapi_dir.join(format!("{}.sock", spec.name));
     let uapi = uapi_server::serve(&uapi_path, cmd_tx.clone())
         .with_context(|| format!("serving the UAPI socket {}", uapi_path.display()))?;
-    ready(Handle { commands: cmd_tx });
+    ready(Handle::new(cmd_tx));
 
     let (stop_tx, stop_rx) = oneshot::channel();
     let (done_tx, done_rx) = oneshot::channel();
     let parts = Parts {
         name: spec.name.clone(),
-        guard: MtuGuard::new(mtu),
-        derived,
         device,
         tun,
         socket,
-        routes: routes_tx,
+        link: link_tx,
     };
     std::thread::Builder::new()
         .name("wm-dataplane".into())
@@ -243,13 +191,10 @@ pub async fn run(
 /// What the packet loop starts from.
 struct Parts {
     name: String,
-    guard: MtuGuard,
-    /// Whether the MTU was derived, and so follows [`mtu::floor_for_routes`].
-    derived: bool,
     device: Device,
     tun: DetachedTun,
     socket: std::net::UdpSocket,
-    routes: watch::Sender<BTreeSet<IpCidr>>,
+    link: watch::Sender<Link>,
 }
 
 /// How the packet loop ended: the TUN device outlives it until the routes are gone.
@@ -305,17 +250,15 @@ fn packet_thread(
             vnet,
             udp,
             rx: RxRing::new(),
-            routes: parts.routes,
+            link: parts.link,
             tun_buf: vec![0u8; TUN_BUF].into_boxed_slice(),
             out: vec![0u8; OUT_BUF].into_boxed_slice(),
             gro: Gro::new(),
-            guard: parts.guard,
-            derived: parts.derived,
             icmp: vec![0u8; VNET_HDR_LEN + MAX_ICMP_LEN].into_boxed_slice(),
         };
         let result = shell.run(commands, stop).await;
-        let Shell { tun, routes, .. } = shell;
-        drop(routes);
+        let Shell { tun, link, .. } = shell;
+        drop(link);
         Exit {
             result,
             tun: Some(tun.detach()),
@@ -331,7 +274,8 @@ struct Shell {
     vnet: bool,
     udp: Underlay,
     rx: RxRing,
-    routes: watch::Sender<BTreeSet<IpCidr>>,
+    /// What the route task makes of the interface.
+    link: watch::Sender<Link>,
     /// One TUN read.
     tun_buf: Box<[u8]>,
     /// Encrypted datagrams waiting for one GSO send.
@@ -340,11 +284,6 @@ struct Shell {
     out: Box<[u8]>,
     /// Decrypted packets waiting to be written to the TUN device.
     gro: Gro,
-    /// The tunnel MTU, and the ICMP errors for packets over it.
-    guard: MtuGuard,
-    /// Whether the MTU was derived, and so follows [`mtu::floor_for_routes`] (the route
-    /// task sets the device's MTU the same way).
-    derived: bool,
     /// An ICMP error for the TUN device, behind room for a vnet header.
     icmp: Box<[u8]>,
 }
@@ -383,7 +322,6 @@ impl Shell {
             udp,
             tun_buf,
             tx,
-            guard,
             icmp,
             ..
         } = self;
@@ -404,7 +342,7 @@ impl Shell {
                 continue;
             };
             if !*vnet {
-                if fits(device, guard, tun, false, read, now, icmp) {
+                if fits(device, tun, false, read, now, icmp) {
                     encrypt(device, tx, udp, read).await;
                 }
                 continue;
@@ -415,7 +353,7 @@ impl Shell {
                     // kernel from the device's MTU. Only a single packet can be too big.
                     let single = !segments.is_gso();
                     while let Some(packet) = segments.next_segment() {
-                        if !single || fits(device, guard, tun, true, packet, now, icmp) {
+                        if !single || fits(device, tun, true, packet, now, icmp) {
                             encrypt(device, tx, udp, packet).await;
                         }
                     }
@@ -557,15 +495,8 @@ impl Shell {
         for key in &outcome.added {
             info!(peer = %key.short(), "peer added");
         }
-        if outcome.routes_changed {
-            let routes = self.device.routes();
-            if self.derived {
-                let mtu = mtu::floor_for_routes(self.guard.mtu(), &routes);
-                if mtu != self.guard.mtu() {
-                    self.guard.set_mtu(mtu);
-                }
-            }
-            self.routes.send_replace(routes);
+        if outcome.routes_changed || outcome.mtu_changed {
+            self.link.send_replace(Link::of(&self.device));
         }
         Ok(())
     }
@@ -621,7 +552,6 @@ fn trace_drop(reason: DropReason) {
 /// [`DropReason::TooBig`]) and answered with an ICMP error written into the TUN device.
 fn fits(
     device: &mut Device,
-    guard: &mut MtuGuard,
     tun: &Tun,
     vnet: bool,
     packet: &[u8],
@@ -629,23 +559,21 @@ fn fits(
     icmp: &mut [u8],
 ) -> bool {
     let (header, out) = icmp.split_at_mut(VNET_HDR_LEN);
-    let len = match guard.check(packet, now, out) {
+    let len = match device.check_mtu(packet, now, out) {
         MtuVerdict::Fits => return true,
         MtuVerdict::TooBig(answer) => answer.len(),
         MtuVerdict::TooBigSilently => {
-            device.count_drop(DropReason::TooBig);
             trace!(
                 len = packet.len(),
-                mtu = guard.mtu(),
+                mtu = device.mtu(),
                 "too big, not answered"
             );
             return false;
         }
     };
-    device.count_drop(DropReason::TooBig);
     trace!(
         len = packet.len(),
-        mtu = guard.mtu(),
+        mtu = device.mtu(),
         "too big, ICMP error sent"
     );
     // A vnet header of zeros: no GSO, checksums complete.
@@ -767,35 +695,51 @@ async fn derive_mtu(netlink: &Netlink, device: &Device, carries_ipv6: bool) -> u
     }
 }
 
-/// Keeps the routes on the interface equal to the device's allowed IPs until the sender
-/// is dropped, then removes them. With a `derived_mtu`, the interface's MTU is first raised
-/// to the IPv6 minimum once an IPv6 route is wanted ([`mtu::floor_for_routes`]): below it
-/// Linux turns IPv6 off on the device and refuses its IPv6 routes.
-async fn reconcile_routes(
+/// What the interface should have: the device's allowed IPs as routes, and its MTU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Link {
+    routes: BTreeSet<IpCidr>,
+    mtu: u32,
+}
+
+impl Link {
+    fn of(device: &Device) -> Self {
+        Self {
+            routes: device.routes(),
+            mtu: device.mtu(),
+        }
+    }
+}
+
+/// Keeps the interface's routes and MTU equal to what `desired` says until the sender is
+/// dropped, then removes the routes. The MTU is set first: it only changes when the device
+/// raises a derived MTU to the IPv6 minimum for an IPv6 route ([`Device::set_mtu`]), and
+/// below that minimum Linux turns IPv6 off on the device and refuses its IPv6 routes.
+async fn reconcile_link(
     netlink: Netlink,
     index: u32,
-    mut desired: watch::Receiver<BTreeSet<IpCidr>>,
-    mut derived_mtu: Option<u32>,
+    mut desired: watch::Receiver<Link>,
+    mut mtu: u32,
 ) -> Result<()> {
     let mut reconciler = RouteReconciler::new(index);
     let mut resync = tokio::time::interval(ROUTE_RESYNC);
     loop {
-        let routes = desired.borrow_and_update().clone();
-        if let Some(current) = derived_mtu {
-            let wanted = mtu::floor_for_routes(current, &routes);
-            if wanted != current {
-                match netlink.set_mtu_and_up(index, wanted).await {
-                    Ok(()) => {
-                        warn!(
-                            mtu = wanted,
-                            was = current,
-                            "IPv6 routes arrived: MTU raised to the IPv6 minimum, and the \
-                             underlay fragments the encrypted datagrams"
-                        );
-                        derived_mtu = Some(wanted);
-                    }
-                    Err(e) => warn!(mtu = wanted, error = %e, "raising the MTU for IPv6"),
+        let Link {
+            routes,
+            mtu: wanted,
+        } = desired.borrow_and_update().clone();
+        if wanted != mtu {
+            match netlink.set_mtu_and_up(index, wanted).await {
+                Ok(()) => {
+                    warn!(
+                        mtu = wanted,
+                        was = mtu,
+                        "IPv6 routes arrived: MTU raised to the IPv6 minimum, and the \
+                         underlay fragments the encrypted datagrams"
+                    );
+                    mtu = wanted;
                 }
+                Err(e) => warn!(mtu = wanted, error = %e, "raising the MTU for IPv6"),
             }
         }
         match reconciler.reconcile(&netlink, &routes).await {

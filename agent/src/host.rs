@@ -4,7 +4,7 @@
 //! The bundle holds the API server, its CA and a token that can only update the host's
 //! own `MeshNode` and read MeshNodes and MeshPeers. The agent generates its key locally
 //! (it never leaves the host), publishes the public key and endpoint on its MeshNode, and
-//! then builds tunnels like a node does ([`crate::kube`]): to every node and host of its
+//! then builds tunnels like a node does ([`crate::k8s`], [`crate::peers`]): to every node and host of its
 //! cluster and to every MeshPeer (the nodes of the linked clusters), with routes to their
 //! pod CIDRs.
 
@@ -25,7 +25,8 @@ use wiremesh_proto::uapi::DeviceUpdate;
 use wiremesh_proto::{InterfaceAddress, IpCidr, PublicKey};
 
 use crate::dataplane::InterfaceSpec;
-use crate::kube::{Context, LocalPeers, Selection};
+use crate::mesh::select::{LocalPeers, Selection};
+use crate::peers::{Context, load_cache, run_data_plane};
 
 /// Key of the cluster's name in the cluster ConfigMap (as `meshctl install` writes it).
 const CLUSTER_NAME_KEY: &str = "clusterName";
@@ -123,9 +124,9 @@ pub async fn run(options: HostOptions) -> Result<()> {
         },
         state_dir: options.state_dir.clone(),
     };
-    let cached = crate::kube::load_cache(&options.state_dir);
+    let cached = load_cache(&options.state_dir);
     let publisher = publish(client, bundle.host_name.clone(), public, endpoints);
-    crate::kube::run_data_plane(
+    run_data_plane(
         spec,
         initial,
         options.metrics_addr,

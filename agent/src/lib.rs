@@ -5,13 +5,15 @@
 //! netlink routes and the UAPI socket; [`standalone`] turns a wg-quick config file into
 //! a running interface.
 
+pub mod control;
 pub mod dataplane;
 pub mod host;
+pub mod k8s;
 pub mod keys;
-pub mod kube;
 pub mod mesh;
 pub mod metrics;
 pub mod netlink;
+pub mod peers;
 pub mod standalone;
 pub mod tun;
 pub mod uapi_server;

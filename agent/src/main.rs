@@ -149,8 +149,8 @@ fn main() -> ExitCode {
                 .await
             }
             Command::Kube(args) => {
-                wiremesh_agent::kube::check_node_name(&args.node_name)?;
-                wiremesh_agent::kube::run(wiremesh_agent::kube::KubeOptions {
+                wiremesh_agent::k8s::check_node_name(&args.node_name)?;
+                wiremesh_agent::k8s::run(wiremesh_agent::k8s::KubeOptions {
                     kubeconfig: args.kubeconfig,
                     context: args.context,
                     node_name: args.node_name,

@@ -24,22 +24,9 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::dataplane::Handle;
+use crate::control::{Handle, Snapshot};
 use crate::mesh::Origins;
-use wiremesh_core::{Counters, PeerView};
-
-/// What the device looks like at one instant.
-#[derive(Debug, Clone)]
-pub struct Snapshot {
-    /// The interface name.
-    pub interface: String,
-    /// The peers, ordered by public key.
-    pub peers: Vec<PeerView>,
-    /// Drop and cookie counters.
-    pub counters: Counters,
-    /// Peers that hold noise state right now.
-    pub live_tunnels: usize,
-}
+use wiremesh_core::PeerView;
 
 /// What the endpoint serves for the agent.
 #[derive(Debug)]
@@ -288,7 +275,7 @@ mod tests {
 
     use super::*;
     use crate::mesh::PeerOrigin;
-    use wiremesh_core::DropReason;
+    use wiremesh_core::{Counters, DropReason};
 
     #[test]
     fn peers_are_labelled_with_their_cluster_and_node_when_known() {

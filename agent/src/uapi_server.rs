@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 use wiremesh_proto::uapi::{Request, parse_request};
 
-use crate::dataplane::Command;
+use crate::control::Command;
 
 /// Largest request we read. `wg setconf` with 10,000 peers is about 2 MiB.
 const MAX_REQUEST: usize = 64 << 20;

@@ -14,6 +14,7 @@ use wiremesh_proto::uapi::{DeviceUpdate, PeerUpdate};
 use wiremesh_proto::{IpCidr, PresharedKey, PrivateKey, PublicKey};
 
 use super::allowed_ips::AllowedIps;
+use super::mtu::{self, MtuGuard, MtuVerdict};
 use super::{Counters, DropReason};
 
 /// Handshake messages per second the whole device takes before it asks for cookies.
@@ -106,6 +107,8 @@ pub struct ApplyOutcome {
     pub fwmark_changed: bool,
     /// The set of allowed IPs changed: reconcile routes.
     pub routes_changed: bool,
+    /// The tunnel MTU changed ([`Device::mtu`]): set it on the TUN device before the routes.
+    pub mtu_changed: bool,
     /// Peers added.
     pub added: Vec<PublicKey>,
     /// Peers removed.
@@ -241,6 +244,11 @@ pub struct Device {
     counters: Counters,
     /// The time of the last timer tick (the core reads no clock itself).
     last_tick: Option<Instant>,
+    /// The tunnel MTU, and the ICMP errors for packets over it.
+    mtu: MtuGuard,
+    /// The MTU was derived from the underlay, so it follows [`mtu::floor_for_routes`]; a
+    /// configured one is left as it is.
+    mtu_follows_routes: bool,
 }
 
 impl Default for Device {
@@ -250,7 +258,7 @@ impl Default for Device {
 }
 
 impl Device {
-    /// A device with no key and no peers.
+    /// A device with no key and no peers, and a tunnel MTU of [`mtu::DEFAULT_MTU`].
     pub fn new() -> Self {
         Self {
             private_key: None,
@@ -266,6 +274,8 @@ impl Device {
             allowed: AllowedIps::new(),
             counters: Counters::default(),
             last_tick: None,
+            mtu: MtuGuard::new(mtu::DEFAULT_MTU),
+            mtu_follows_routes: false,
         }
     }
 
@@ -320,7 +330,55 @@ impl Device {
         for peer in &update.peers {
             self.apply_peer(peer, &mut outcome);
         }
+        if outcome.routes_changed && self.mtu_follows_routes {
+            outcome.mtu_changed = self.floor_mtu();
+        }
         Ok(outcome)
+    }
+
+    /// Sets the tunnel MTU. One `derived` from the underlay follows the routes
+    /// ([`mtu::floor_for_routes`]): it is raised to the IPv6 minimum as soon as a route is
+    /// IPv6, now or in a later [`apply`](Self::apply) (which then says
+    /// [`ApplyOutcome::mtu_changed`]); a configured one is left as it is.
+    pub fn set_mtu(&mut self, mtu: u32, derived: bool) {
+        self.mtu.set_mtu(mtu);
+        self.mtu_follows_routes = derived;
+        if derived {
+            let _ = self.floor_mtu();
+        }
+    }
+
+    /// The tunnel MTU: the TUN device's, and what [`check_mtu`](Self::check_mtu) holds
+    /// packets to.
+    pub fn mtu(&self) -> u32 {
+        self.mtu.mtu()
+    }
+
+    /// Raises the MTU to what the routes need; whether it changed.
+    fn floor_mtu(&mut self) -> bool {
+        let current = self.mtu.mtu();
+        let wanted = mtu::floor_for_routes(current, &self.routes());
+        self.mtu.set_mtu(wanted);
+        wanted != current
+    }
+
+    /// The verdict for one packet read from the TUN device against the tunnel MTU, at time
+    /// `now`, before [`handle_tun_packet`](Self::handle_tun_packet): a single packet, never
+    /// a GSO super-packet (the kernel sized its segments). One too big that must not be
+    /// fragmented is dropped and counted ([`DropReason::TooBig`]), and answered with an
+    /// ICMP error built in `out` (which needs [`mtu::MAX_ICMP_LEN`] bytes) unless the rate
+    /// limit is spent ([`MtuGuard::check`]).
+    pub fn check_mtu<'o>(
+        &mut self,
+        packet: &[u8],
+        now: Instant,
+        out: &'o mut [u8],
+    ) -> MtuVerdict<'o> {
+        let verdict = self.mtu.check(packet, now, out);
+        if verdict != MtuVerdict::Fits {
+            self.counters.drop(DropReason::TooBig);
+        }
+        verdict
     }
 
     fn apply_peer(&mut self, update: &PeerUpdate, outcome: &mut ApplyOutcome) {
@@ -1357,5 +1415,53 @@ mod tests {
             .apply(&update(&k, vec![peer(public(&k), None, &["10.0.0.0/8"])]))
             .unwrap();
         assert_eq!(d.peer_count(), 0);
+    }
+
+    #[test]
+    fn a_derived_mtu_rises_to_the_ipv6_minimum_when_an_ipv6_route_arrives() {
+        let mut d = Device::new();
+        d.set_mtu(1220, true);
+        let v4 = route_to(&mut d, "10.0.2.0/24");
+        assert!(!v4.mtu_changed);
+        assert_eq!(d.mtu(), 1220);
+        let v6 = route_to(&mut d, "fd00:2::/64");
+        assert!(v6.mtu_changed);
+        assert_eq!(d.mtu(), mtu::MIN_MTU_V6);
+        // Never lowered again.
+        let back = route_to(&mut d, "10.0.2.0/24");
+        assert!(!back.mtu_changed);
+        assert_eq!(d.mtu(), mtu::MIN_MTU_V6);
+    }
+
+    #[test]
+    fn a_configured_mtu_stays_as_it_is() {
+        let mut d = Device::new();
+        d.set_mtu(1220, false);
+        let outcome = route_to(&mut d, "fd00:2::/64");
+        assert!(!outcome.mtu_changed);
+        assert_eq!(d.mtu(), 1220);
+    }
+
+    #[test]
+    fn a_packet_too_big_that_must_not_be_fragmented_is_counted_and_answered() {
+        let mut d = Device::new();
+        d.set_mtu(1000, false);
+        let mut out = vec![0u8; mtu::MAX_ICMP_LEN];
+        let now = Instant::now();
+        let small = ipv4("10.0.1.1", "10.0.2.1", &[0; 100]);
+        assert_eq!(d.check_mtu(&small, now, &mut out), MtuVerdict::Fits);
+        let mut big = ipv4("10.0.1.1", "10.0.2.1", &[0; 1100]);
+        big[6] = 0x40; // don't fragment
+        assert!(matches!(
+            d.check_mtu(&big, now, &mut out),
+            MtuVerdict::TooBig(_)
+        ));
+        assert_eq!(d.counters().drops(DropReason::TooBig), 1);
+    }
+
+    /// Applies one peer owning `cidr` to `d`, as its only peer.
+    fn route_to(d: &mut Device, cidr: &str) -> ApplyOutcome {
+        d.apply(&update(&key(1), vec![peer(public(&key(2)), None, &[cidr])]))
+            .unwrap()
     }
 }

@@ -11,6 +11,8 @@ use std::time::Duration;
 use wiremesh_proto::uapi::{DeviceUpdate, PeerUpdate};
 use wiremesh_proto::{IpCidr, PublicKey};
 
+pub(crate) mod select;
+
 /// Which remote node a peer is, for logs, status and metric labels.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeerOrigin {

@@ -1,0 +1,288 @@
+//! Kubernetes mode (`wiremesh-agent kube`): publish this node's `MeshNode`, poll its Node,
+//! and build the tunnels with the peer machinery host mode shares ([`crate::peers`]): to
+//! the `MeshPeer`s the controller mirrors from linked clusters and to this cluster's hosts
+//! (`MeshNode`s of kind Host).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, ResourceExt as _};
+use tracing::{debug, info, warn};
+use wiremesh_proto::crd::{GATEWAY_LABEL, MeshNode, MeshNodeKind, MeshNodeSpec};
+use wiremesh_proto::uapi::DeviceUpdate;
+use wiremesh_proto::{InterfaceAddress, IpCidr, PublicKey};
+
+use crate::dataplane::InterfaceSpec;
+use crate::mesh::select::{LocalPeers, Selection};
+use crate::peers::{Context, MANAGER, load_cache, run_data_plane};
+
+/// How often the MeshNode is applied again even without a change (level-triggered), and
+/// the tunnel status refreshed.
+const REPUBLISH: Duration = Duration::from_secs(30);
+/// Retry pause while the API server cannot be reached at start-up.
+const RETRY: Duration = Duration::from_secs(2);
+/// How often the agent checks that its Node still exists (a deleted Node takes its
+/// MeshNode, and so every remote tunnel to it, with it).
+const NODE_CHECK: Duration = Duration::from_secs(3);
+
+/// What `wiremesh-agent kube` was asked to do.
+#[derive(Debug, Clone)]
+pub struct KubeOptions {
+    /// Kubeconfig file; in-cluster configuration when absent.
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context.
+    pub context: Option<String>,
+    /// This node's name (from the downward API).
+    pub node_name: String,
+    /// The TUN device name.
+    pub interface: String,
+    /// The UDP port.
+    pub listen_port: u16,
+    /// The TUN device's MTU.
+    pub mtu: u32,
+    /// Addresses to put on the TUN device (so the node's own traffic has a source).
+    pub addresses: Vec<InterfaceAddress>,
+    /// The private key file (generated on first start, mode 0600).
+    pub key_file: PathBuf,
+    /// Endpoints to publish instead of the Node's addresses.
+    pub endpoints: Vec<SocketAddr>,
+    /// Persistent keepalive towards every peer, seconds (0: off).
+    pub persistent_keepalive: u16,
+    /// UAPI socket directory.
+    pub uapi_dir: PathBuf,
+    /// Where to serve metrics and health.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Where the last known peers are kept, to come up with them when the API server is
+    /// unreachable at start.
+    pub state_dir: PathBuf,
+}
+
+/// Runs the agent in Kubernetes mode until SIGINT/SIGTERM.
+///
+/// # Errors
+/// When the key, the client or the data plane cannot be set up.
+pub async fn run(options: KubeOptions) -> Result<()> {
+    crate::preflight()?;
+    // The key directory is a hostPath the kubelet creates 0755; it is ours alone.
+    crate::keys::private_dir(&options.state_dir)?;
+    let key = crate::keys::load_or_generate(&options.key_file)?;
+    let client = client(&options).await?;
+    let node = wait_for_node(&client, &options.node_name).await?;
+    let own_cidrs = node_pod_cidrs(&node);
+    let endpoints = if options.endpoints.is_empty() {
+        node_endpoints(&node, options.listen_port)
+    } else {
+        options.endpoints.clone()
+    };
+    if endpoints.is_empty() {
+        warn!(node = %options.node_name, "the Node has no address; publishing no endpoint (peers must reach us first)");
+    }
+    let public = {
+        let secret = boringtun::x25519::StaticSecret::from(*key.as_bytes());
+        PublicKey::from(*boringtun::x25519::PublicKey::from(&secret).as_bytes())
+    };
+    info!(node = %options.node_name, public_key = %public, pod_cidrs = ?own_cidrs, ?endpoints, "starting in Kubernetes mode");
+
+    let cached = load_cache(&options.state_dir);
+    let initial = DeviceUpdate {
+        private_key: Some(Some(key)),
+        listen_port: Some(options.listen_port),
+        replace_peers: true,
+        ..DeviceUpdate::default()
+    };
+    let spec = InterfaceSpec {
+        name: options.interface.clone(),
+        mtu: options.mtu,
+        addresses: options.addresses.clone(),
+        uapi_dir: options.uapi_dir.clone(),
+    };
+    let mesh_node = MeshNodeSpec {
+        public_key: public.to_string(),
+        endpoints: endpoints.iter().map(ToString::to_string).collect(),
+        pod_cidrs: own_cidrs.iter().map(ToString::to_string).collect(),
+        location: node.labels().get("topology.kubernetes.io/zone").cloned(),
+        kind: MeshNodeKind::Node,
+        gateway: is_labelled_gateway(&node),
+        relay: false,
+    };
+    warn_unusable_gateway(&mesh_node);
+    let context = Context {
+        client: client.clone(),
+        selection: Selection {
+            own_name: node.name_any(),
+            local_peers: LocalPeers::Hosts,
+            own_cidrs,
+            keepalive: options.persistent_keepalive,
+        },
+        state_dir: options.state_dir.clone(),
+    };
+    let publisher = publish(client, node, mesh_node);
+    run_data_plane(
+        spec,
+        initial,
+        options.metrics_addr,
+        context,
+        cached,
+        publisher,
+    )
+    .await
+}
+
+async fn client(options: &KubeOptions) -> Result<Client> {
+    let config = match &options.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &KubeConfigOptions {
+                    context: options.context.clone(),
+                    ..KubeConfigOptions::default()
+                },
+            )
+            .await
+            .context("loading the kubeconfig")?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig given and no in-cluster configuration")?,
+    };
+    Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// The Node object; waits while the API server is unreachable or the Node not there yet.
+async fn wait_for_node(client: &Client, name: &str) -> Result<Node> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut logged = false;
+    loop {
+        match nodes.get_opt(name).await {
+            Ok(Some(node)) => return Ok(node),
+            Ok(None) if !logged => {
+                warn!(node = name, "waiting for the Node object to exist");
+                logged = true;
+            }
+            Err(e) if !logged => {
+                warn!(node = name, error = %e, "waiting for the API server");
+                logged = true;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// A gateway label on a node nobody can reach is ignored everywhere; say so here.
+fn warn_unusable_gateway(spec: &MeshNodeSpec) {
+    if spec.gateway && !spec.is_gateway() {
+        warn!(
+            "this node is labelled {GATEWAY_LABEL}=true but publishes no endpoint: no other cluster could reach it, so it is not used as a gateway"
+        );
+    }
+}
+
+/// The Node carries `wiremesh.io/gateway=true`.
+fn is_labelled_gateway(node: &Node) -> bool {
+    node.labels().get(GATEWAY_LABEL).map(String::as_str) == Some("true")
+}
+
+fn node_pod_cidrs(node: &Node) -> Vec<IpCidr> {
+    let spec = node.spec.clone().unwrap_or_default();
+    let mut texts = spec.pod_cidrs.unwrap_or_default();
+    if texts.is_empty()
+        && let Some(c) = spec.pod_cidr
+    {
+        texts.push(c);
+    }
+    texts.iter().filter_map(|c| c.parse().ok()).collect()
+}
+
+/// ExternalIPs first, then InternalIPs: the most widely reachable address is preferred.
+fn node_endpoints(node: &Node, port: u16) -> Vec<SocketAddr> {
+    let addresses = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.clone())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for kind in ["ExternalIP", "InternalIP"] {
+        for a in addresses.iter().filter(|a| a.type_ == kind) {
+            if let Ok(ip) = a.address.parse::<IpAddr>() {
+                let endpoint = SocketAddr::new(ip, port);
+                if !out.contains(&endpoint) {
+                    out.push(endpoint);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Applies this node's MeshNode (owned by its Node) now and every [`REPUBLISH`]; returns
+/// when the Node is gone, after deleting the MeshNode.
+async fn publish(client: Client, node: Node, spec: MeshNodeSpec) {
+    let name = node.name_any();
+    let api: Api<MeshNode> = Api::all(client.clone());
+    let nodes: Api<Node> = Api::all(client);
+    let mut object = MeshNode::new(&name, spec);
+    object.metadata.owner_references = Some(vec![OwnerReference {
+        api_version: "v1".to_owned(),
+        kind: "Node".to_owned(),
+        name: name.clone(),
+        uid: node.uid().unwrap_or_default(),
+        ..OwnerReference::default()
+    }]);
+    let params = PatchParams::apply(MANAGER).force();
+    let mut published = false;
+    let mut last_publish: Option<tokio::time::Instant> = None;
+    loop {
+        match nodes.get_opt(&name).await {
+            Ok(None) => {
+                if let Err(e) = api.delete(&name, &Default::default()).await {
+                    debug!(error = %e, "deleting the MeshNode");
+                }
+                return;
+            }
+            Ok(Some(node)) if is_labelled_gateway(&node) != object.spec.gateway => {
+                object.spec.gateway = !object.spec.gateway;
+                info!(node = %name, gateway = object.spec.gateway, "the gateway label changed");
+                warn_unusable_gateway(&object.spec);
+                published = false;
+            }
+            _ => {}
+        }
+        let due = !published || last_publish.is_none_or(|t| t.elapsed() >= REPUBLISH);
+        if due {
+            match api.patch(&name, &params, &Patch::Apply(&object)).await {
+                Ok(_) => {
+                    if !published {
+                        info!(node = %name, "MeshNode published");
+                    }
+                    published = true;
+                    last_publish = Some(tokio::time::Instant::now());
+                }
+                Err(e) => {
+                    published = false;
+                    warn!(node = %name, error = %e, "publishing the MeshNode");
+                }
+            }
+        }
+        tokio::time::sleep(if published { NODE_CHECK } else { RETRY }).await;
+    }
+}
+
+/// Checks `NODE_NAME` was given.
+///
+/// # Errors
+/// When it is empty.
+pub fn check_node_name(name: &str) -> Result<()> {
+    if name.is_empty() {
+        bail!("NODE_NAME is empty: set it from the downward API (spec.nodeName)");
+    }
+    Ok(())
+}

@@ -1,0 +1,521 @@
+//! The peer machinery Kubernetes mode and host mode share: watch the MeshPeers and this
+//! cluster's MeshNodes, apply what [`Selection`] picks to the data plane incrementally, keep
+//! the last known peers on disk, and report the tunnels in the MeshNode status.
+//!
+//! The data plane never waits for the API server: when it is unreachable the tunnels keep
+//! what they have, and the watch catches up when it comes back.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::{WatchStreamExt as _, reflector};
+use kube::{Api, Client, Resource as _};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+use wiremesh_proto::crd::{MeshNode, MeshPeer, TunnelStatus};
+use wiremesh_proto::uapi::DeviceUpdate;
+use wiremesh_proto::{IpCidr, PublicKey};
+
+use crate::control::Handle;
+use crate::dataplane::{self, InterfaceSpec};
+use crate::mesh::select::{Desired, Selection};
+use crate::mesh::{self, Origins, PeerOrigin, PeerSet};
+use crate::metrics::AgentMetrics;
+
+/// Field manager of everything the agent writes.
+pub(crate) const MANAGER: &str = "wiremesh-agent";
+/// How often tunnel statistics are written to the MeshNode status.
+const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the failover groups' members are checked for signs of life.
+const FAILOVER_CHECK: Duration = Duration::from_millis(500);
+
+/// Brings the data plane up and, once it answers, runs `context` (with `publisher`,
+/// which ends when this machine leaves the mesh) until SIGINT/SIGTERM.
+pub(crate) async fn run_data_plane(
+    spec: InterfaceSpec,
+    initial: DeviceUpdate,
+    metrics_addr: Option<SocketAddr>,
+    context: Context,
+    cached: Option<PeerSet>,
+    publisher: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let metrics = crate::metrics::bind(metrics_addr).await?;
+    let (origins_tx, origins_rx) = watch::channel(Origins::new());
+    let ready = move |handle: Handle| {
+        crate::metrics::spawn(metrics, AgentMetrics::new(handle.clone(), origins_rx));
+        tokio::spawn(context.run(handle, cached, origins_tx, publisher));
+    };
+    dataplane::run(spec, initial, ready, crate::shutdown_signal()).await
+}
+
+/// What the tunnel-building tasks of both modes share.
+pub(crate) struct Context {
+    pub(crate) client: Client,
+    pub(crate) selection: Selection,
+    pub(crate) state_dir: PathBuf,
+}
+
+impl Context {
+    async fn run(
+        self,
+        handle: Handle,
+        cached: Option<PeerSet>,
+        origins: watch::Sender<Origins>,
+        publisher: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let mut applied = PeerSet::new();
+        if let Some(peers) = cached {
+            info!(
+                peers = peers.len(),
+                "restoring the last known peers until the API server answers"
+            );
+            apply(&handle, &mut applied, peers, Some(&origins)).await;
+        }
+        let node_gone = tokio::spawn(publisher);
+        tokio::spawn(report_status(
+            self.client.clone(),
+            self.selection.own_name.clone(),
+            handle.clone(),
+            origins.subscribe(),
+        ));
+        let peers = self.watch_peers(handle.clone(), applied, origins);
+        tokio::pin!(peers);
+        tokio::select! {
+            () = &mut peers => {}
+            _ = node_gone => {
+                // Nobody builds tunnels to us any more: drop ours, and the cache, so a
+                // restart does not bring them back.
+                warn!("this machine left the mesh (its MeshNode was removed): dropping every tunnel");
+                let update = DeviceUpdate {
+                    replace_peers: true,
+                    ..DeviceUpdate::default()
+                };
+                if let Err(e) = handle.apply(update).await {
+                    warn!(error = %e, "dropping the tunnels");
+                }
+                if let Err(e) = std::fs::remove_file(self.state_dir.join(CACHE_FILE))
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    warn!(error = %e, "removing the peer cache");
+                }
+            }
+        }
+    }
+
+    /// Mirrors MeshPeers and this cluster's MeshNodes (those [`LocalPeers`] selects) into
+    /// the device until the task ends. Nothing changes until both lists were read once,
+    /// so a restart never drops the tunnels of the list that answers second.
+    async fn watch_peers(
+        &self,
+        handle: Handle,
+        mut applied: PeerSet,
+        origins: watch::Sender<Origins>,
+    ) {
+        let (peers, peers_writer) = reflector::store();
+        let peer_events = reflector(
+            peers_writer,
+            watcher::watcher(
+                Api::<MeshPeer>::all(self.client.clone()),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff()
+        .map(|e| (Source::MeshPeers, e.map(|e| changed(&e))));
+        let (nodes, nodes_writer) = reflector::store();
+        let node_events = reflector(
+            nodes_writer,
+            watcher::watcher(
+                Api::<MeshNode>::all(self.client.clone()),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff()
+        .map(|e| (Source::MeshNodes, e.map(|e| changed(&e))));
+        let stream = futures::stream::select(peer_events, node_events);
+        tokio::pin!(stream);
+        let mut failing = [false; 2];
+        let mut listed = [false; 2];
+        let mut base: Option<Desired> = None;
+        let mut active = mesh::Active::new();
+        let mut failover = tokio::time::interval(FAILOVER_CHECK);
+        failover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let (source, event) = tokio::select! {
+                next = stream.next() => match next {
+                    Some(next) => next,
+                    None => return,
+                },
+                _ = failover.tick() => {
+                    if let Some(base) = base.as_ref().filter(|b| !b.groups.is_empty()) {
+                        let before = applied.clone();
+                        reconcile(&handle, &mut applied, base, &mut active, &origins).await;
+                        if applied != before {
+                            save_cache(&self.state_dir, &applied);
+                        }
+                    }
+                    continue;
+                }
+            };
+            let i = source as usize;
+            match event {
+                Ok(Some(initial)) => {
+                    if failing[i] {
+                        info!(watch = ?source, "watch restored");
+                        failing[i] = false;
+                    }
+                    listed[i] |= initial;
+                    if listed != [true; 2] {
+                        continue;
+                    }
+                    let desired = base.insert(self.selection.desired(
+                        peers.state().iter().map(AsRef::as_ref),
+                        nodes.state().iter().map(AsRef::as_ref),
+                    ));
+                    reconcile(&handle, &mut applied, desired, &mut active, &origins).await;
+                    save_cache(&self.state_dir, &applied);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    if !failing[i] {
+                        warn!(watch = ?source, error = %e, "watch failed; keeping the current tunnels");
+                        failing[i] = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Which watch an event came from.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    MeshPeers = 0,
+    MeshNodes = 1,
+}
+
+/// `Some(true)` when the event completes a (re)list, `Some(false)` for another change,
+/// `None` while a relist is still streaming in.
+fn changed<K>(event: &Event<K>) -> Option<bool> {
+    match event {
+        Event::InitDone => Some(true),
+        Event::Apply(_) | Event::Delete(_) => Some(false),
+        Event::Init | Event::InitApply(_) => None,
+    }
+}
+
+/// Picks each failover group's active member from what the device heard lately, then
+/// applies the result.
+async fn reconcile(
+    handle: &Handle,
+    applied: &mut PeerSet,
+    desired: &Desired,
+    active: &mut mesh::Active,
+    origins: &watch::Sender<Origins>,
+) {
+    let chosen = if desired.groups.is_empty() {
+        mesh::Active::new()
+    } else {
+        let heard = match handle.snapshot().await {
+            Ok(snapshot) => snapshot
+                .peers
+                .iter()
+                .map(|p| (p.public_key, mesh::Seen::of(p)))
+                .collect(),
+            Err(_) => return,
+        };
+        mesh::choose_active(&desired.groups, &heard, active)
+    };
+    for (group, key) in &chosen {
+        if active.get(group) != Some(key) {
+            let via = desired.peers.get(key).map(|p| p.origin.name.as_str());
+            match active.get(group) {
+                Some(_) => {
+                    warn!(group = %group, via, "failover: routing the group through another member")
+                }
+                None => info!(group = %group, via, "routing the group through this member"),
+            }
+        }
+    }
+    *active = chosen;
+    let target = mesh::materialize(&desired.peers, &desired.groups, active);
+    apply(handle, applied, target, None).await;
+    // One map, sent once: the tunnels' origins, and the peers reached through a gateway
+    // (no tunnel of their own; status still names them).
+    let mut all: Origins = applied
+        .iter()
+        .map(|(k, p)| (*k, p.origin.clone()))
+        .collect();
+    for (key, origin) in &desired.via {
+        all.entry(*key).or_insert_with(|| origin.clone());
+    }
+    origins.send_if_modified(|o| {
+        let changed = *o != all;
+        if changed {
+            *o = all;
+        }
+        changed
+    });
+}
+
+/// Moves the device from `applied` to `desired`; on success publishes, if given
+/// `origins`, where each peer came from (for the status reporter and the metric labels).
+async fn apply(
+    handle: &Handle,
+    applied: &mut PeerSet,
+    desired: PeerSet,
+    origins: Option<&watch::Sender<Origins>>,
+) {
+    let Some(update) = mesh::diff(applied, &desired) else {
+        return;
+    };
+    match handle.apply(update).await {
+        Ok(()) => {
+            debug!(peers = desired.len(), "peers applied");
+            if let Some(origins) = origins {
+                origins.send_replace(
+                    desired
+                        .iter()
+                        .map(|(k, p)| (*k, p.origin.clone()))
+                        .collect(),
+                );
+            }
+            *applied = desired;
+        }
+        Err(e) => warn!(error = %e, "the data plane refused the peers"),
+    }
+}
+
+/// Records an Event on this node's MeshNode for each tunnel that went up or down.
+async fn record_transitions(
+    recorder: &Recorder,
+    node: &ObjectReference,
+    changes: &[(PublicKey, bool)],
+    origins: &Origins,
+) {
+    for (key, up) in changes {
+        let peer = origins
+            .get(key)
+            .map_or_else(|| key.to_string(), |o| format!("{}/{}", o.cluster, o.node));
+        let (type_, reason, note) = if *up {
+            (
+                EventType::Normal,
+                "TunnelUp",
+                format!("tunnel to {peer} is up (handshake completed)"),
+            )
+        } else {
+            (
+                EventType::Warning,
+                "TunnelDown",
+                format!(
+                    "tunnel to {peer} is down: no handshake for {}s",
+                    mesh::TUNNEL_UP_WITHIN.as_secs()
+                ),
+            )
+        };
+        let event = KubeEvent {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: "Handshake".to_owned(),
+            // The MeshPeer is the related object: Events with the same reason on the
+            // same MeshNode are merged into one series unless this differs.
+            secondary: origins.get(key).map(|o| ObjectReference {
+                api_version: Some(MeshPeer::api_version(&()).into_owned()),
+                kind: Some(MeshPeer::kind(&()).into_owned()),
+                name: Some(o.name.clone()),
+                ..ObjectReference::default()
+            }),
+        };
+        if let Err(e) = recorder.publish(&event, node).await {
+            debug!(error = %e, reason, "recording an Event");
+        }
+    }
+}
+
+/// Writes the tunnels' state into the MeshNode status every [`STATUS_INTERVAL`], and
+/// records an Event on it when a tunnel goes up or down.
+async fn report_status(
+    client: Client,
+    name: String,
+    handle: Handle,
+    origins: watch::Receiver<Origins>,
+) {
+    let api: Api<MeshNode> = Api::all(client.clone());
+    let params = PatchParams::apply(MANAGER).force();
+    let recorder = Recorder::new(
+        client,
+        Reporter {
+            controller: MANAGER.to_owned(),
+            instance: Some(name.clone()),
+        },
+    );
+    let reference = ObjectReference {
+        api_version: Some(MeshNode::api_version(&()).into_owned()),
+        kind: Some(MeshNode::kind(&()).into_owned()),
+        name: Some(name.clone()),
+        ..ObjectReference::default()
+    };
+    let mut tunnels: BTreeMap<PublicKey, bool> = BTreeMap::new();
+    let mut ready_since: Option<Time> = None;
+    let mut last_error: Option<String> = None;
+    loop {
+        if let Ok(snapshot) = handle.snapshot().await {
+            let now = k8s_openapi::jiff::Timestamp::now();
+            let origins = origins.borrow().clone();
+            let (changes, state) = mesh::tunnel_transitions(&tunnels, &snapshot.peers);
+            tunnels = state;
+            record_transitions(&recorder, &reference, &changes, &origins).await;
+            let peers: Vec<TunnelStatus> = snapshot
+                .peers
+                .iter()
+                .map(|p| TunnelStatus {
+                    name: origins
+                        .get(&p.public_key)
+                        .map_or_else(|| p.public_key.to_string(), |o| o.name.clone()),
+                    endpoint: p.endpoint.map(|e| e.to_string()),
+                    observed_endpoint: p.observed_endpoint.map(|e| e.to_string()),
+                    latest_handshake_time: p.since_handshake.and_then(|d| {
+                        let d = k8s_openapi::jiff::SignedDuration::try_from(d).ok()?;
+                        now.checked_sub(d).ok().map(Time)
+                    }),
+                    rx_bytes: i64::try_from(p.rx_bytes).unwrap_or(i64::MAX),
+                    tx_bytes: i64::try_from(p.tx_bytes).unwrap_or(i64::MAX),
+                    path: origins
+                        .get(&p.public_key)
+                        .map(|o| mesh::tunnel_path(&o.path))
+                        .unwrap_or_default(),
+                    via: origins.get(&p.public_key).and_then(|o| match &o.path {
+                        mesh::PeerPath::Relayed { via } => Some(via.clone()),
+                        _ => None,
+                    }),
+                })
+                .collect();
+            let via_gateway = mesh::via_gateways(&origins);
+            let since = ready_since.get_or_insert(Time(now)).clone();
+            let status = serde_json::json!({
+                "apiVersion": MeshNode::api_version(&()),
+                "kind": MeshNode::kind(&()),
+                "status": {
+                    "conditions": [Condition {
+                        type_: "Ready".to_owned(),
+                        status: "True".to_owned(),
+                        reason: "DataPlaneConfigured".to_owned(),
+                        message: format!("{} tunnels configured", peers.len()),
+                        last_transition_time: since,
+                        observed_generation: None,
+                    }],
+                    "peers": peers,
+                    "viaGateway": via_gateway,
+                    "lastUpdateTime": Time(now),
+                }
+            });
+            match api
+                .patch_status(&name, &params, &Patch::Apply(&status))
+                .await
+            {
+                Ok(_) => last_error = None,
+                // Each new error once: the MeshNode may not exist yet at the first try.
+                Err(e) => {
+                    let text = e.to_string();
+                    if last_error.as_ref() != Some(&text) {
+                        warn!(error = %text, "writing the MeshNode status");
+                    }
+                    last_error = Some(text);
+                }
+            }
+        }
+        tokio::time::sleep(STATUS_INTERVAL).await;
+    }
+}
+
+const CACHE_FILE: &str = "peers.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CachedPeer {
+    public_key: String,
+    name: String,
+    /// Absent in caches written before peers carried their origin.
+    #[serde(default)]
+    cluster: String,
+    #[serde(default)]
+    node: String,
+    endpoint: Option<SocketAddr>,
+    #[serde(default)]
+    endpoints: Vec<SocketAddr>,
+    allowed_ips: Vec<String>,
+    #[serde(default)]
+    accept_ips: Vec<String>,
+    persistent_keepalive: u16,
+}
+
+fn save_cache(dir: &std::path::Path, peers: &PeerSet) {
+    let list: Vec<CachedPeer> = peers
+        .iter()
+        .map(|(k, p)| CachedPeer {
+            public_key: k.to_string(),
+            name: p.origin.name.clone(),
+            cluster: p.origin.cluster.clone(),
+            node: p.origin.node.clone(),
+            endpoint: p.endpoint,
+            endpoints: p.endpoints.clone(),
+            allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
+            accept_ips: p.accept_ips.iter().map(ToString::to_string).collect(),
+            persistent_keepalive: p.persistent_keepalive,
+        })
+        .collect();
+    let write = || -> Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!("{CACHE_FILE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec(&list)?)?;
+        std::fs::rename(tmp, dir.join(CACHE_FILE))?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        debug!(error = %e, "saving the peer cache");
+    }
+}
+
+pub(crate) fn load_cache(dir: &std::path::Path) -> Option<PeerSet> {
+    let text = std::fs::read(dir.join(CACHE_FILE)).ok()?;
+    let list: Vec<CachedPeer> = serde_json::from_slice(&text).ok()?;
+    let mut set = PeerSet::new();
+    for p in list {
+        let key: PublicKey = p.public_key.parse().ok()?;
+        let allowed_ips = p
+            .allowed_ips
+            .iter()
+            .map(|c| c.parse().ok())
+            .collect::<Option<Vec<IpCidr>>>()?;
+        let accept_ips = p
+            .accept_ips
+            .iter()
+            .map(|c| c.parse().ok())
+            .collect::<Option<Vec<IpCidr>>>()?;
+        set.insert(
+            key,
+            mesh::DesiredPeer {
+                origin: PeerOrigin {
+                    name: p.name,
+                    cluster: p.cluster,
+                    node: p.node,
+                    path: mesh::PeerPath::Direct,
+                },
+                endpoint: p.endpoint,
+                endpoints: p.endpoints,
+                allowed_ips,
+                accept_ips,
+                persistent_keepalive: p.persistent_keepalive,
+            },
+        );
+    }
+    Some(set)
+}
