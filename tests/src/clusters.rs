@@ -24,9 +24,9 @@ use wiremesh_proto::crd::{MeshPeer, PeerCluster};
 
 use crate::deploy::{self, Workload};
 use crate::k8s::{self, ApiProxy, ControlPlane, block_on};
+use crate::lab::Proc;
 use crate::lab::{Host, Lab, Pod, Underlay, find_binary};
 use crate::mesh::IFACE;
-use crate::process::Proc;
 
 /// Which of the two clusters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
