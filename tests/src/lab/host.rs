@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, Result, anyhow, ensure};
 
-use super::net::{Ipv4Net, Ipv6Net, POD_RANGE, POD_RANGE6};
+use wiremesh_proto::IpCidr;
+
+use super::net::{LabPrefix, parse_v4, parse_v6, pod_range, pod_range6};
 use super::underlay::UNDERLAY_BRIDGE;
 use super::{Lab, Netns, Underlay, check_name};
 
@@ -51,17 +53,21 @@ impl Lab {
         name: &str,
         underlay_ip: IpAddr,
         pod_cidr: &str,
-        pod_net6: Option<Ipv6Net>,
+        pod_net6: Option<IpCidr>,
     ) -> Result<Host> {
         check_name("host", name)?;
-        let pod_net: Ipv4Net = pod_cidr.parse()?;
+        let pod_net = parse_v4(pod_cidr)?;
         ensure!(
-            pod_net.within(&POD_RANGE),
-            "pod CIDR {pod_net} is outside {POD_RANGE}, the only range pods may use"
+            pod_net.within(&pod_range()),
+            "pod CIDR {pod_net} is outside {}, the only range pods may use",
+            pod_range()
         );
-        ensure!(pod_net.len <= 30, "pod CIDR {pod_net} has no room for pods");
+        ensure!(
+            pod_net.prefix_len() <= 30,
+            "pod CIDR {pod_net} has no room for pods"
+        );
         let gateway = pod_net
-            .host(1)
+            .nth_v4(1)
             .ok_or_else(|| anyhow!("pod CIDR {pod_net} has no gateway address"))?;
 
         let dir = self.inner.dir.join(name);
@@ -90,7 +96,7 @@ impl Lab {
         ns.ip(&[
             "addr",
             "add",
-            &format!("{gateway}/{}", pod_net.len),
+            &format!("{gateway}/{}", pod_net.prefix_len()),
             "dev",
             POD_BRIDGE,
         ])?;
@@ -98,12 +104,12 @@ impl Lab {
         let gateway6 = match pod_net6 {
             Some(net6) => {
                 let gateway6 = net6
-                    .host(1)
+                    .nth_v6(1)
                     .ok_or_else(|| anyhow!("pod CIDR {net6} has no gateway address"))?;
                 ns.ip(&[
                     "addr",
                     "add",
-                    &format!("{gateway6}/{}", net6.len),
+                    &format!("{gateway6}/{}", net6.prefix_len()),
                     "dev",
                     POD_BRIDGE,
                     "nodad",
@@ -185,13 +191,14 @@ impl Lab {
         pod_cidr: &str,
         pod_cidr6: &str,
     ) -> Result<Host> {
-        let pod_net6: Ipv6Net = pod_cidr6.parse()?;
+        let pod_net6 = parse_v6(pod_cidr6)?;
         ensure!(
-            pod_net6.within(&POD_RANGE6),
-            "IPv6 pod CIDR {pod_net6} is outside {POD_RANGE6}, the only range pods may use"
+            pod_net6.within(&pod_range6()),
+            "IPv6 pod CIDR {pod_net6} is outside {}, the only range pods may use",
+            pod_range6()
         );
         ensure!(
-            pod_net6.len <= 126,
+            pod_net6.prefix_len() <= 126,
             "IPv6 pod CIDR {pod_net6} has no room for pods"
         );
         self.create_host(underlay, name, underlay_ip, pod_cidr, Some(pod_net6))
@@ -210,9 +217,9 @@ pub(super) struct HostInner {
     pub(super) name: String,
     pub(super) underlay_ip: Ipv4Addr,
     pub(super) underlay_ip6: Option<Ipv6Addr>,
-    pub(super) pod_net: Ipv4Net,
+    pub(super) pod_net: IpCidr,
     pub(super) gateway: Ipv4Addr,
-    pub(super) pod_net6: Option<Ipv6Net>,
+    pub(super) pod_net6: Option<IpCidr>,
     pub(super) gateway6: Option<Ipv6Addr>,
     pub(super) dir: PathBuf,
     pub(super) run_dir: PathBuf,
@@ -332,7 +339,7 @@ impl Host {
             underlay.name_of_ns(),
         ])?;
         underlay.ip(&["link", "set", &port, "master", UNDERLAY_BRIDGE, "up"])?;
-        let addr = format!("{ip}/{}", net.len());
+        let addr = format!("{ip}/{}", net.prefix_len());
         let mut add = vec!["addr", "add", addr.as_str(), "dev", iface.as_str()];
         if ip.is_ipv6() {
             add.push("nodad");

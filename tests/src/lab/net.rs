@@ -1,182 +1,123 @@
 //! The lab's address plan (the ranges underlays and pods must come from) and the prefix
-//! arithmetic it needs.
+//! arithmetic it needs on top of `proto`'s [`IpCidr`].
 
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::str::FromStr;
 
-use anyhow::{Context, Result, anyhow, ensure};
+use anyhow::{Context, Result, ensure};
+use wiremesh_proto::IpCidr;
 
 /// The range underlay addresses must come from: RFC 2544's benchmarking block.
-pub(super) const UNDERLAY_RANGE: Ipv4Net = Ipv4Net {
-    network: Ipv4Addr::new(198, 18, 0, 0),
-    len: 15,
-};
+pub(super) fn underlay_range() -> IpCidr {
+    prefix(Ipv4Addr::new(198, 18, 0, 0), 15)
+}
 
 /// The range pod CIDRs must come from (RFC 1918), used only inside lab namespaces.
-pub(super) const POD_RANGE: Ipv4Net = Ipv4Net {
-    network: Ipv4Addr::new(10, 0, 0, 0),
-    len: 8,
-};
+pub(super) fn pod_range() -> IpCidr {
+    prefix(Ipv4Addr::new(10, 0, 0, 0), 8)
+}
 
 /// The range IPv6 underlay prefixes must come from: unique local addresses (RFC 4193).
-pub(super) const UNDERLAY_RANGE6: Ipv6Net = Ipv6Net {
-    network: Ipv6Addr::new(0xfd18, 0, 0, 0, 0, 0, 0, 0),
-    len: 16,
-};
+pub(super) fn underlay_range6() -> IpCidr {
+    prefix(Ipv6Addr::new(0xfd18, 0, 0, 0, 0, 0, 0, 0), 16)
+}
 
 /// The range IPv6 pod CIDRs must come from: unique local addresses (RFC 4193).
-pub(super) const POD_RANGE6: Ipv6Net = Ipv6Net {
-    network: Ipv6Addr::new(0xfd10, 0, 0, 0, 0, 0, 0, 0),
-    len: 16,
-};
-
-/// An IPv4 prefix with host bits cleared.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Ipv4Net {
-    pub(super) network: Ipv4Addr,
-    pub(super) len: u8,
+pub(super) fn pod_range6() -> IpCidr {
+    prefix(Ipv6Addr::new(0xfd10, 0, 0, 0, 0, 0, 0, 0), 16)
 }
 
-impl Ipv4Net {
-    fn mask(len: u8) -> u32 {
-        u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)
-    }
-
-    pub(super) fn contains(&self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & Self::mask(self.len) == u32::from(self.network)
-    }
-
-    pub(super) fn within(&self, outer: &Ipv4Net) -> bool {
-        self.len >= outer.len && outer.contains(self.network)
-    }
-
-    pub(super) fn broadcast(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.network) | !Self::mask(self.len))
-    }
-
-    /// The `n`th address of the prefix, if inside it.
-    pub(super) fn host(&self, n: u32) -> Option<Ipv4Addr> {
-        let ip = Ipv4Addr::from(u32::from(self.network).checked_add(n)?);
-        self.contains(ip).then_some(ip)
-    }
+/// Parses an IPv4 prefix written with its length, such as `10.1.0.0/24`; host bits are
+/// cleared.
+///
+/// # Errors
+/// When `text` has no `/`, is not IPv4, or does not parse.
+pub(super) fn parse_v4(text: &str) -> Result<IpCidr> {
+    parse(text, false, "an IPv4 CIDR like 10.1.0.0/24")
 }
 
-impl FromStr for Ipv4Net {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        let (addr, len) = s
-            .split_once('/')
-            .ok_or_else(|| anyhow!("{s:?} is not an IPv4 CIDR like 10.1.0.0/24"))?;
-        let addr: Ipv4Addr = addr.parse().with_context(|| format!("address in {s:?}"))?;
-        let len: u8 = len
-            .parse()
-            .with_context(|| format!("prefix length in {s:?}"))?;
-        ensure!(len <= 32, "prefix length {len} in {s:?} is longer than 32");
-        Ok(Self {
-            network: Ipv4Addr::from(u32::from(addr) & Self::mask(len)),
-            len,
-        })
-    }
+/// Parses an IPv6 prefix written with its length, such as `fd10:1::/64`; host bits are
+/// cleared.
+///
+/// # Errors
+/// When `text` has no `/`, is not IPv6, or does not parse.
+pub(super) fn parse_v6(text: &str) -> Result<IpCidr> {
+    parse(text, true, "an IPv6 CIDR like fd10:1::/64")
 }
 
-impl fmt::Display for Ipv4Net {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.network, self.len)
-    }
-}
+/// What the lab asks of a prefix beyond [`IpCidr`]'s own methods.
+pub(super) trait LabPrefix {
+    /// Whether every address of this prefix is inside `outer`.
+    fn within(&self, outer: &IpCidr) -> bool;
 
-/// An IPv6 prefix with host bits cleared.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Ipv6Net {
-    pub(super) network: Ipv6Addr,
-    pub(super) len: u8,
-}
+    /// The `n`th address of an IPv4 prefix (the network address is the 0th), if inside it.
+    fn nth_v4(&self, n: u32) -> Option<Ipv4Addr>;
 
-impl Ipv6Net {
-    fn mask(len: u8) -> u128 {
-        u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0)
-    }
+    /// The `n`th address of an IPv6 prefix (the network address is the 0th), if inside it.
+    fn nth_v6(&self, n: u32) -> Option<Ipv6Addr>;
 
-    pub(super) fn contains(&self, ip: Ipv6Addr) -> bool {
-        u128::from(ip) & Self::mask(self.len) == u128::from(self.network)
-    }
-
-    pub(super) fn within(&self, outer: &Ipv6Net) -> bool {
-        self.len >= outer.len && outer.contains(self.network)
-    }
-
-    /// The `n`th address of the prefix, if inside it.
-    pub(super) fn host(&self, n: u32) -> Option<Ipv6Addr> {
-        let ip = Ipv6Addr::from(u128::from(self.network).checked_add(u128::from(n))?);
-        self.contains(ip).then_some(ip)
-    }
-}
-
-impl FromStr for Ipv6Net {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        let (addr, len) = s
-            .split_once('/')
-            .ok_or_else(|| anyhow!("{s:?} is not an IPv6 CIDR like fd10:1::/64"))?;
-        let addr: Ipv6Addr = addr.parse().with_context(|| format!("address in {s:?}"))?;
-        let len: u8 = len
-            .parse()
-            .with_context(|| format!("prefix length in {s:?}"))?;
-        ensure!(
-            len <= 128,
-            "prefix length {len} in {s:?} is longer than 128"
-        );
-        Ok(Self {
-            network: Ipv6Addr::from(u128::from(addr) & Self::mask(len)),
-            len,
-        })
-    }
-}
-
-impl fmt::Display for Ipv6Net {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.network, self.len)
-    }
-}
-
-/// The prefix of an underlay: IPv4, or IPv6 only.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum UnderlayNet {
-    V4(Ipv4Net),
-    V6(Ipv6Net),
-}
-
-impl UnderlayNet {
-    pub(super) fn len(&self) -> u8 {
-        match self {
-            UnderlayNet::V4(net) => net.len,
-            UnderlayNet::V6(net) => net.len,
-        }
-    }
+    /// The last address of the prefix: for IPv4, its broadcast address.
+    fn last(&self) -> IpAddr;
 
     /// Whether `ip` may be a host's address: inside the prefix, of its family, and neither
     /// the network address nor (IPv4) the broadcast address.
-    pub(super) fn is_host(&self, ip: IpAddr) -> bool {
-        match (self, ip) {
-            (UnderlayNet::V4(net), IpAddr::V4(ip)) => {
-                net.contains(ip) && ip != net.network && ip != net.broadcast()
+    fn is_host(&self, ip: IpAddr) -> bool;
+}
+
+impl LabPrefix for IpCidr {
+    fn within(&self, outer: &IpCidr) -> bool {
+        outer.covers(self)
+    }
+
+    fn nth_v4(&self, n: u32) -> Option<Ipv4Addr> {
+        let IpAddr::V4(network) = self.addr() else {
+            return None;
+        };
+        let ip = Ipv4Addr::from(u32::from(network).checked_add(n)?);
+        self.contains(IpAddr::V4(ip)).then_some(ip)
+    }
+
+    fn nth_v6(&self, n: u32) -> Option<Ipv6Addr> {
+        let IpAddr::V6(network) = self.addr() else {
+            return None;
+        };
+        let ip = Ipv6Addr::from(u128::from(network).checked_add(u128::from(n))?);
+        self.contains(IpAddr::V6(ip)).then_some(ip)
+    }
+
+    fn last(&self) -> IpAddr {
+        let len = u32::from(self.prefix_len());
+        match self.addr() {
+            IpAddr::V4(network) => {
+                let hosts = u32::MAX.checked_shr(len).unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(network) | hosts))
             }
-            (UnderlayNet::V6(net), IpAddr::V6(ip)) => net.contains(ip) && ip != net.network,
-            _ => false,
+            IpAddr::V6(network) => {
+                let hosts = u128::MAX.checked_shr(len).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(network) | hosts))
+            }
         }
+    }
+
+    fn is_host(&self, ip: IpAddr) -> bool {
+        self.contains(ip) && ip != self.addr() && (ip.is_ipv6() || ip != self.last())
     }
 }
 
-impl fmt::Display for UnderlayNet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            UnderlayNet::V4(net) => net.fmt(f),
-            UnderlayNet::V6(net) => net.fmt(f),
-        }
-    }
+fn parse(text: &str, ipv6: bool, example: &str) -> Result<IpCidr> {
+    ensure!(
+        text.contains('/') && text.trim() == text,
+        "{text:?} is not {example}"
+    );
+    let net: IpCidr = text
+        .parse()
+        .with_context(|| format!("{text:?} is not {example}"))?;
+    ensure!(net.addr().is_ipv6() == ipv6, "{text:?} is not {example}");
+    Ok(net)
+}
+
+fn prefix(network: impl Into<IpAddr>, len: u8) -> IpCidr {
+    // Only called above, with lengths that fit the family.
+    IpCidr::new(network.into(), len).expect("a prefix length within the family's bits")
 }
 
 #[cfg(test)]
@@ -185,59 +126,64 @@ mod tests {
 
     #[test]
     fn cidr_parsing_clears_host_bits() {
-        let net: Ipv4Net = "10.1.2.3/24".parse().unwrap();
+        let net = parse_v4("10.1.2.3/24").unwrap();
         assert_eq!(net.to_string(), "10.1.2.0/24");
-        assert_eq!(net.broadcast(), Ipv4Addr::new(10, 1, 2, 255));
-        assert_eq!(net.host(1), Some(Ipv4Addr::new(10, 1, 2, 1)));
-        assert_eq!(net.host(256), None);
+        assert_eq!(net.last(), Ipv4Addr::new(10, 1, 2, 255));
+        assert_eq!(net.nth_v4(1), Some(Ipv4Addr::new(10, 1, 2, 1)));
+        assert_eq!(net.nth_v4(256), None);
     }
 
     #[test]
     fn only_benchmarking_range_is_an_underlay() {
-        let ok: Ipv4Net = "198.19.4.0/24".parse().unwrap();
-        let bad: Ipv4Net = "192.168.0.0/16".parse().unwrap();
-        let too_wide: Ipv4Net = "198.16.0.0/12".parse().unwrap();
-        assert!(ok.within(&UNDERLAY_RANGE));
-        assert!(!bad.within(&UNDERLAY_RANGE));
-        assert!(!too_wide.within(&UNDERLAY_RANGE));
+        let ok = parse_v4("198.19.4.0/24").unwrap();
+        let bad = parse_v4("192.168.0.0/16").unwrap();
+        let too_wide = parse_v4("198.16.0.0/12").unwrap();
+        assert!(ok.within(&underlay_range()));
+        assert!(!bad.within(&underlay_range()));
+        assert!(!too_wide.within(&underlay_range()));
     }
 
     #[test]
     fn bad_cidrs_are_refused() {
-        assert!("10.0.0.0".parse::<Ipv4Net>().is_err());
-        assert!("10.0.0.0/33".parse::<Ipv4Net>().is_err());
-        assert!("x/8".parse::<Ipv4Net>().is_err());
-        assert_eq!("0.0.0.0/0".parse::<Ipv4Net>().unwrap().len, 0);
+        assert!(parse_v4("10.0.0.0").is_err());
+        assert!(parse_v4("10.0.0.0/33").is_err());
+        assert!(parse_v4("x/8").is_err());
+        assert_eq!(parse_v4("0.0.0.0/0").unwrap().prefix_len(), 0);
     }
 
     #[test]
     fn ipv6_prefixes_parse_and_stay_in_their_ranges() {
-        let net: Ipv6Net = "fd10:1::5/64".parse().unwrap();
+        let net = parse_v6("fd10:1::5/64").unwrap();
         assert_eq!(net.to_string(), "fd10:1::/64");
-        assert_eq!(net.host(1), Some("fd10:1::1".parse().unwrap()));
-        assert!(net.within(&POD_RANGE6));
-        assert!(!net.within(&UNDERLAY_RANGE6));
-        let tiny: Ipv6Net = "fd10:1::/127".parse().unwrap();
-        assert_eq!(tiny.host(2), None);
-        let ul: Ipv6Net = "fd18:1::/64".parse().unwrap();
-        assert!(ul.within(&UNDERLAY_RANGE6));
+        assert_eq!(net.nth_v6(1), Some("fd10:1::1".parse().unwrap()));
+        assert!(net.within(&pod_range6()));
+        assert!(!net.within(&underlay_range6()));
+        let tiny = parse_v6("fd10:1::/127").unwrap();
+        assert_eq!(tiny.nth_v6(2), None);
+        let ul = parse_v6("fd18:1::/64").unwrap();
+        assert!(ul.within(&underlay_range6()));
         assert!(
-            !"2001:db8::/64"
-                .parse::<Ipv6Net>()
+            !parse_v6("2001:db8::/64")
                 .unwrap()
-                .within(&UNDERLAY_RANGE6)
+                .within(&underlay_range6())
         );
-        assert!(
-            !"fd00::/8"
-                .parse::<Ipv6Net>()
-                .unwrap()
-                .within(&UNDERLAY_RANGE6)
-        );
-        assert!("fd10::/129".parse::<Ipv6Net>().is_err());
-        assert_eq!("::/0".parse::<Ipv6Net>().unwrap().len, 0);
-        let underlay = UnderlayNet::V6(ul);
-        assert!(underlay.is_host("fd18:1::2".parse().unwrap()));
-        assert!(!underlay.is_host("fd18:1::".parse().unwrap()));
-        assert!(!underlay.is_host("198.18.0.1".parse().unwrap()));
+        assert!(!parse_v6("fd00::/8").unwrap().within(&underlay_range6()));
+        assert!(parse_v6("fd10::/129").is_err());
+        assert_eq!(parse_v6("::/0").unwrap().prefix_len(), 0);
+        assert!(ul.is_host("fd18:1::2".parse().unwrap()));
+        assert!(!ul.is_host("fd18:1::".parse().unwrap()));
+        assert!(!ul.is_host("198.18.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn families_do_not_mix() {
+        assert!(parse_v4("fd10::/64").is_err());
+        assert!(parse_v6("10.0.0.0/8").is_err());
+        assert!(parse_v4(" 10.0.0.0/8").is_err());
+        let v4 = parse_v4("198.18.0.0/16").unwrap();
+        assert!(v4.is_host("198.18.0.1".parse().unwrap()));
+        assert!(!v4.is_host("198.18.255.255".parse().unwrap()));
+        assert!(!v4.is_host("198.18.0.0".parse().unwrap()));
+        assert_eq!(v4.nth_v6(1), None);
     }
 }

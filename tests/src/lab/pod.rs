@@ -1,13 +1,14 @@
 //! Pods: a namespace behind a host, with addresses from the host's pod CIDRs.
 
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Deref;
 use std::sync::atomic::Ordering;
 
 use anyhow::{Result, anyhow};
 
 use super::host::POD_BRIDGE;
+use super::net::LabPrefix;
 use super::{Host, Netns, check_name};
 
 impl Host {
@@ -23,12 +24,12 @@ impl Host {
         let index = self.inner.next_pod.fetch_add(1, Ordering::Relaxed);
         let net = self.inner.pod_net;
         let ip = net
-            .host(index)
-            .filter(|ip| *ip != net.broadcast())
+            .nth_v4(index)
+            .filter(|ip| IpAddr::V4(*ip) != net.last())
             .ok_or_else(|| anyhow!("pod CIDR {net} of host {} is full", self.inner.name))?;
         let ip6 =
             match self.inner.pod_net6 {
-                Some(net6) => Some(net6.host(index).ok_or_else(|| {
+                Some(net6) => Some(net6.nth_v6(index).ok_or_else(|| {
                     anyhow!("pod CIDR {net6} of host {} is full", self.inner.name)
                 })?),
                 None => None,
@@ -45,7 +46,13 @@ impl Host {
         self.inner
             .ns
             .ip(&["link", "set", &host_end, "master", POD_BRIDGE, "up"])?;
-        ns.ip(&["addr", "add", &format!("{ip}/{}", net.len), "dev", "eth0"])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{ip}/{}", net.prefix_len()),
+            "dev",
+            "eth0",
+        ])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&[
             "route",
@@ -61,7 +68,7 @@ impl Host {
             ns.ip(&[
                 "addr",
                 "add",
-                &format!("{ip6}/{}", net6.len),
+                &format!("{ip6}/{}", net6.prefix_len()),
                 "dev",
                 "eth0",
                 "nodad",

@@ -7,7 +7,9 @@ use std::sync::atomic::AtomicU32;
 
 use anyhow::{Result, ensure};
 
-use super::net::{Ipv4Net, Ipv6Net, UNDERLAY_RANGE, UNDERLAY_RANGE6, UnderlayNet};
+use wiremesh_proto::IpCidr;
+
+use super::net::{LabPrefix, parse_v4, parse_v6, underlay_range, underlay_range6};
 use super::{LabInner, Netns, check_name};
 
 /// The smallest MTU of a link carrying IPv6 (RFC 8200).
@@ -25,7 +27,7 @@ pub struct Underlay {
 pub(super) struct UnderlayInner {
     pub(super) ns: Netns,
     pub(super) name: String,
-    pub(super) net: UnderlayNet,
+    pub(super) net: IpCidr,
     pub(super) mtu: u32,
     pub(super) ports: AtomicU32,
 }
@@ -39,23 +41,25 @@ impl Underlay {
     ) -> Result<Underlay> {
         check_name("underlay", name)?;
         let net = if cidr.contains(':') {
-            let net: Ipv6Net = cidr.parse()?;
+            let net = parse_v6(cidr)?;
             ensure!(
-                net.within(&UNDERLAY_RANGE6),
-                "underlay {net} is outside {UNDERLAY_RANGE6}, the only IPv6 range the lab may use"
+                net.within(&underlay_range6()),
+                "underlay {net} is outside {}, the only IPv6 range the lab may use",
+                underlay_range6()
             );
             ensure!(
                 mtu >= MIN_MTU6,
                 "underlay MTU {mtu} is below {MIN_MTU6}, the IPv6 minimum"
             );
-            UnderlayNet::V6(net)
+            net
         } else {
-            let net: Ipv4Net = cidr.parse()?;
+            let net = parse_v4(cidr)?;
             ensure!(
-                net.within(&UNDERLAY_RANGE),
-                "underlay {net} is outside {UNDERLAY_RANGE} (RFC 2544), the only range the lab may use"
+                net.within(&underlay_range()),
+                "underlay {net} is outside {} (RFC 2544), the only range the lab may use",
+                underlay_range()
             );
-            UnderlayNet::V4(net)
+            net
         };
         // 576: the smallest datagram every IPv4 host must accept (RFC 791); 9216: common
         // jumbo-frame maximum.
@@ -64,7 +68,7 @@ impl Underlay {
             "underlay MTU {mtu} is outside 576..=9216"
         );
         let ns = lab.add_netns(&format!("{}u-{name}", lab.prefix))?;
-        if matches!(net, UnderlayNet::V6(_)) {
+        if net.addr().is_ipv6() {
             ns.disable_dad()?;
         }
         let mtu_s = mtu.to_string();
@@ -79,7 +83,7 @@ impl Underlay {
             "stp_state",
             "0",
         ];
-        if matches!(net, UnderlayNet::V6(_)) {
+        if net.addr().is_ipv6() {
             // Neighbour discovery is multicast: flood it rather than rely on MLD snooping.
             bridge.extend(["mcast_snooping", "0"]);
         }
@@ -108,7 +112,7 @@ impl Underlay {
 
     /// Whether the underlay is IPv6-only.
     pub fn is_ipv6(&self) -> bool {
-        matches!(self.inner.net, UnderlayNet::V6(_))
+        self.inner.net.addr().is_ipv6()
     }
 
     /// The MTU of the bridge and of every veth attached to it.
