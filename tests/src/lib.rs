@@ -4,6 +4,7 @@
 
 pub mod clusters;
 pub mod deploy;
+pub mod fixtures;
 pub mod k8s;
 pub mod lab;
 pub mod mesh;
