@@ -16,8 +16,8 @@
 //!
 //! Here: the [`Lab`] itself and its teardown. `net` holds the address plan, `netns`,
 //! `underlay`, `host`, `pod` and `nat` what their names say, `mounts` the per-host
-//! `/var/run/wireguard`, `process` the processes the lab started, `transfer` traffic
-//! checks, and `tools` what the lab needs from the machine.
+//! `/var/run/wireguard`, `process` the processes the lab started, `stats` interface
+//! counters, `transfer` traffic checks, and `tools` what the lab needs from the machine.
 
 mod host;
 mod mounts;
@@ -26,6 +26,7 @@ mod net;
 mod netns;
 mod pod;
 mod process;
+mod stats;
 mod tools;
 mod transfer;
 mod underlay;
@@ -49,6 +50,7 @@ pub use self::netns::Netns;
 pub use self::pod::Pod;
 pub use self::process::{Proc, STOP_GRACE};
 pub(crate) use self::process::{describe, run_with_timeout};
+pub use self::stats::{Counters, LinkStats};
 pub(crate) use self::tools::find_binary;
 pub use self::tools::{agent_binary, require_root, require_tool, require_tools, xfer_binary};
 pub use self::transfer::{TransferReport, ping, transfer, transfer_between};
