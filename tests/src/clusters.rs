@@ -24,9 +24,9 @@ use wiremesh_proto::crd::{MeshPeer, PeerCluster};
 
 use crate::deploy::{self, Workload};
 use crate::k8s::{self, ApiProxy, ControlPlane, block_on};
+use crate::lab::Proc;
 use crate::lab::{Host, Lab, Pod, Underlay, find_binary};
 use crate::mesh::IFACE;
-use crate::process::Proc;
 
 /// Which of the two clusters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,9 +66,10 @@ impl Side {
 
 /// The address families of a lab: of the pods, and of the underlay the nodes reach each
 /// other on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Stack {
     /// IPv4 pods on the IPv4 underlay.
+    #[default]
     V4,
     /// Dual-stack pods (10.S.N.0/24 and fd10:S:0:N::/64) on the IPv4 underlay.
     DualStack,
@@ -235,18 +236,8 @@ impl BareHost {
             ],
             &[],
         )?;
-        let socket = self.host.run_dir().join(format!("{IFACE}.sock"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !socket.exists() {
-            if !agent.is_running() || Instant::now() > deadline {
-                bail!(
-                    "the host agent on {} did not come up:\n{}",
-                    self.name,
-                    agent.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_uapi_socket(&self.host, &agent, Duration::from_secs(20))
+            .with_context(|| format!("the host agent on {} did not come up", self.name))?;
         self.agent = Some(agent);
         Ok(())
     }
@@ -348,6 +339,61 @@ pub struct TwoClusters {
     pub lab: Lab,
 }
 
+/// How [`TwoClusters`] lays out its lab beyond the defaults: both clusters on the default
+/// underlay, no NAT, IPv4 only.
+#[derive(Default)]
+struct BuildOptions {
+    /// cluster-a's private underlay and NAT gateway, when it is behind NAT.
+    nat_a: Option<(Underlay, Host)>,
+    /// cluster-b's private underlay and NAT gateway, when it is behind NAT.
+    nat_b: Option<(Underlay, Host)>,
+    /// See [`TwoClusters`]'s field of that name.
+    dead_external_ips: bool,
+    /// The pods' and the underlay's address families.
+    stack: Stack,
+    /// The nodes' own underlay, for [`Stack::DualStackV6Underlay`] and
+    /// [`Stack::DualStackSmallUnderlay`].
+    underlay6: Option<Underlay>,
+}
+
+/// Waits until `agent` has made its UAPI socket in `host`'s `/var/run/wireguard`: the
+/// sign it is up.
+fn wait_for_uapi_socket(host: &Host, agent: &Proc, timeout: Duration) -> Result<()> {
+    let socket = host.run_dir().join(format!("{IFACE}.sock"));
+    let deadline = Instant::now() + timeout;
+    while !socket.exists() {
+        if !agent.is_running() || Instant::now() > deadline {
+            bail!(
+                "no {} after {timeout:?}:\n{}",
+                socket.display(),
+                agent.stderr()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// cluster-b's private underlay and the NAT gateway in front of it; a symmetric NAT picks
+/// a fresh port per connection.
+fn nat_b(lab: &Lab, symmetric: bool) -> Result<(Underlay, Host)> {
+    let private = lab.underlay("natb", NAT_PRIVATE, 1500)?;
+    let add_gateway = if symmetric {
+        Lab::add_symmetric_nat_gateway
+    } else {
+        Lab::add_nat_gateway
+    };
+    let gateway = add_gateway(
+        lab,
+        &private,
+        "natgw",
+        NAT_GATEWAY,
+        NAT_PUBLIC,
+        "10.254.0.0/30",
+    )?;
+    Ok((private, gateway))
+}
+
 /// cluster-b's private underlay when it is behind NAT.
 const NAT_PRIVATE: &str = "198.19.2.0/24";
 /// The NAT gateway: on the private underlay, and cluster-b's one public address.
@@ -367,7 +413,7 @@ impl TwoClusters {
     /// # Errors
     /// When any part fails to come up.
     pub fn new(nodes: usize) -> Result<Self> {
-        Self::build(nodes, false, false)
+        Self::build(Lab::new()?, nodes, BuildOptions::default())
     }
 
     /// As [`TwoClusters::new`], with cluster-b's nodes on a private underlay
@@ -378,7 +424,12 @@ impl TwoClusters {
     /// # Errors
     /// When any part fails to come up.
     pub fn with_b_behind_nat(nodes: usize) -> Result<Self> {
-        Self::build(nodes, true, false)
+        let lab = Lab::new()?;
+        let options = BuildOptions {
+            nat_b: Some(nat_b(&lab, false)?),
+            ..BuildOptions::default()
+        };
+        Self::build(lab, nodes, options)
     }
 
     /// Both clusters behind NAT with no inbound connections, and no public node: cluster-a
@@ -398,31 +449,12 @@ impl TwoClusters {
             NAT_A_PUBLIC,
             "10.254.1.0/30",
         )?;
-        let private_b = lab.underlay("natb", NAT_PRIVATE, 1500)?;
-        let gateway_b = if b_symmetric {
-            lab.add_symmetric_nat_gateway(
-                &private_b,
-                "natgw",
-                NAT_GATEWAY,
-                NAT_PUBLIC,
-                "10.254.0.0/30",
-            )?
-        } else {
-            lab.add_nat_gateway(
-                &private_b,
-                "natgw",
-                NAT_GATEWAY,
-                NAT_PUBLIC,
-                "10.254.0.0/30",
-            )?
+        let options = BuildOptions {
+            nat_a: Some((private_a, gateway_a)),
+            nat_b: Some(nat_b(&lab, b_symmetric)?),
+            ..BuildOptions::default()
         };
-        Self::build_in(
-            lab,
-            nodes,
-            Some((private_a, gateway_a)),
-            Some((private_b, gateway_b)),
-            false,
-        )
+        Self::build(lab, nodes, options)
     }
 
     /// As [`TwoClusters::new`], with an `ExternalIP` on every Node that nothing answers
@@ -432,7 +464,11 @@ impl TwoClusters {
     /// # Errors
     /// When any part fails to come up.
     pub fn with_dead_external_ips(nodes: usize) -> Result<Self> {
-        Self::build(nodes, false, true)
+        let options = BuildOptions {
+            dead_external_ips: true,
+            ..BuildOptions::default()
+        };
+        Self::build(Lab::new()?, nodes, options)
     }
 
     /// As [`TwoClusters::new`] with dual-stack pods: every Node has pod CIDRs
@@ -443,8 +479,11 @@ impl TwoClusters {
     /// # Errors
     /// When any part fails to come up.
     pub fn dual_stack(nodes: usize) -> Result<Self> {
-        let lab = Lab::new()?;
-        Self::build_stack(lab, nodes, None, None, false, Stack::DualStack, None)
+        let options = BuildOptions {
+            stack: Stack::DualStack,
+            ..BuildOptions::default()
+        };
+        Self::build(Lab::new()?, nodes, options)
     }
 
     /// As [`TwoClusters::dual_stack`], with every node on an IPv6-only underlay
@@ -456,15 +495,12 @@ impl TwoClusters {
     pub fn dual_stack_v6_underlay(nodes: usize) -> Result<Self> {
         let lab = Lab::new()?;
         let underlay6 = lab.underlay("v6ul", UNDERLAY6, 1500)?;
-        Self::build_stack(
-            lab,
-            nodes,
-            None,
-            None,
-            false,
-            Stack::DualStackV6Underlay,
-            Some(underlay6),
-        )
+        let options = BuildOptions {
+            stack: Stack::DualStackV6Underlay,
+            underlay6: Some(underlay6),
+            ..BuildOptions::default()
+        };
+        Self::build(lab, nodes, options)
     }
 
     /// As [`TwoClusters::dual_stack`] on an IPv4 underlay of `mtu` bytes; see
@@ -475,49 +511,24 @@ impl TwoClusters {
     pub fn dual_stack_small_underlay(nodes: usize, mtu: u32) -> Result<Self> {
         let lab = Lab::new()?;
         let small = lab.underlay("small", SMALL_UNDERLAY, mtu)?;
-        Self::build_stack(
-            lab,
-            nodes,
-            None,
-            None,
-            false,
-            Stack::DualStackSmallUnderlay,
-            Some(small),
-        )
-    }
-
-    fn build(nodes: usize, b_behind_nat: bool, dead_external_ips: bool) -> Result<Self> {
-        let lab = Lab::new()?;
-        let nat = if b_behind_nat {
-            let private = lab.underlay("natb", NAT_PRIVATE, 1500)?;
-            let gateway =
-                lab.add_nat_gateway(&private, "natgw", NAT_GATEWAY, NAT_PUBLIC, "10.254.0.0/30")?;
-            Some((private, gateway))
-        } else {
-            None
+        let options = BuildOptions {
+            stack: Stack::DualStackSmallUnderlay,
+            underlay6: Some(small),
+            ..BuildOptions::default()
         };
-        Self::build_in(lab, nodes, None, nat, dead_external_ips)
+        Self::build(lab, nodes, options)
     }
 
-    fn build_in(
-        lab: Lab,
-        nodes: usize,
-        nat_a: Option<(Underlay, Host)>,
-        nat: Option<(Underlay, Host)>,
-        dead_external_ips: bool,
-    ) -> Result<Self> {
-        Self::build_stack(lab, nodes, nat_a, nat, dead_external_ips, Stack::V4, None)
-    }
-
-    fn build_stack(
-        lab: Lab,
-        nodes: usize,
-        nat_a: Option<(Underlay, Host)>,
-        nat: Option<(Underlay, Host)>,
-        dead_external_ips: bool,
-        stack: Stack,
-        underlay6: Option<Underlay>,
-    ) -> Result<Self> {
+    /// Both control planes, Wiremesh installed in each, `nodes` nodes per cluster on `lab`
+    /// laid out as `options` says, and a controller per cluster.
+    fn build(lab: Lab, nodes: usize, options: BuildOptions) -> Result<Self> {
+        let BuildOptions {
+            nat_a,
+            nat_b,
+            dead_external_ips,
+            stack,
+            underlay6,
+        } = options;
         let mut planes = ControlPlane::start_all(&["cluster-a", "cluster-b"])?;
         let plane_b = planes.pop().context("plane b")?;
         let plane_a = planes.pop().context("plane a")?;
@@ -536,7 +547,7 @@ impl TwoClusters {
                 controllers: Vec::new(),
             },
             kubeconfig,
-            nat,
+            nat: nat_b,
             nat_a,
             dead_external_ips,
             stack,
@@ -769,18 +780,8 @@ impl TwoClusters {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let args: Vec<&str> = workload.args.iter().map(String::as_str).collect();
         let agent = node.host.spawn_agent(&args, &env)?;
-        let socket = node.host.run_dir().join(format!("{IFACE}.sock"));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            if !agent.is_running() || Instant::now() > deadline {
-                bail!(
-                    "the agent on {} did not come up:\n{}",
-                    node.name,
-                    agent.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_uapi_socket(&node.host, &agent, Duration::from_secs(10))
+            .with_context(|| format!("the agent on {} did not come up", node.name))?;
         Ok(agent)
     }
 

@@ -35,7 +35,7 @@ use nix::sched::{CloneFlags, setns};
 use rand_core::{OsRng, RngCore};
 
 use crate::lab::Netns;
-use crate::process::{describe, run_with_timeout};
+use crate::lab::{describe, run_with_timeout};
 
 /// Bound for `controlplane.sh start`: normally seconds, but the first run on a machine
 /// builds kube-apiserver and etcd (about 7 minutes on 2 cores, tests/k8s/README.md).

@@ -4,15 +4,14 @@
 
 pub mod clusters;
 pub mod deploy;
+pub mod fixtures;
 pub mod k8s;
 pub mod lab;
 pub mod mesh;
 pub mod metrics;
-mod process;
 pub mod xfer;
 
 pub use lab::{
-    EXEC_TIMEOUT, Host, Lab, Netns, Pod, TransferReport, Underlay, agent_binary, ping,
-    require_root, require_tool, require_tools, transfer, transfer_between, xfer_binary,
+    EXEC_TIMEOUT, Host, Lab, Netns, Pod, Proc, STOP_GRACE, TransferReport, Underlay, agent_binary,
+    ping, require_root, require_tool, require_tools, transfer, transfer_between, xfer_binary,
 };
-pub use process::{Proc, STOP_GRACE};

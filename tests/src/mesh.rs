@@ -14,9 +14,9 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use nix::sched::{CloneFlags, setns};
 use rand_core::OsRng;
 
+use crate::lab::Proc;
 use crate::lab::{Host, Netns, Pod, Underlay};
 use crate::metrics::Exposition;
-use crate::process::Proc;
 
 /// The interface name the lab's agents use.
 pub const IFACE: &str = "wm0";

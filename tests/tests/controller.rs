@@ -23,11 +23,10 @@ use kube::ResourceExt as _;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use wiremesh_lab::clusters::wait_for;
+use wiremesh_lab::fixtures::mesh_node;
 use wiremesh_lab::k8s::{ControlPlane, block_on, meshctl, write_kubeconfig};
-use wiremesh_lab::mesh::Keypair;
 use wiremesh_proto::crd::{
-    MeshNode, MeshNodeKind, MeshNodeSpec, MeshPeer, PEER_CLUSTER_FINALIZER, PEER_CLUSTER_LABEL,
-    PeerCluster, SYSTEM_NAMESPACE,
+    MeshNode, MeshPeer, PEER_CLUSTER_FINALIZER, PEER_CLUSTER_LABEL, PeerCluster, SYSTEM_NAMESPACE,
 };
 
 /// Short, so failover is quick: a standby takes over about this long after the leader died.
@@ -256,18 +255,7 @@ fn scenario(
 }
 
 fn create_mesh_node(api: &Api<MeshNode>, name: &str, cidr: &str, endpoint: &str) -> Result<()> {
-    let node = MeshNode::new(
-        name,
-        MeshNodeSpec {
-            public_key: Keypair::generate().public,
-            endpoints: vec![endpoint.into()],
-            pod_cidrs: vec![cidr.into()],
-            location: None,
-            kind: MeshNodeKind::Node,
-            gateway: false,
-            relay: false,
-        },
-    );
+    let node = mesh_node(name).endpoint(endpoint).pod_cidr(cidr).build();
     block_on(api.create(&PostParams::default(), &node))
         .with_context(|| format!("creating MeshNode {name}"))?;
     Ok(())

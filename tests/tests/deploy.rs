@@ -18,10 +18,9 @@ use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, ResourceExt as _};
 use wiremesh_controller::manifest;
 use wiremesh_lab::deploy::{self, Workload, helm};
+use wiremesh_lab::fixtures::{self, MeshNodeBuilder};
 use wiremesh_lab::k8s::{ControlPlane, block_on, block_on_timeout, client_for, create_node};
-use wiremesh_proto::crd::{
-    MeshNode, MeshNodeKind, MeshNodeSpec, MeshPeer, PeerCluster, PeerClusterSpec,
-};
+use wiremesh_proto::crd::{MeshNode, MeshNodeKind, MeshPeer, PeerCluster, PeerClusterSpec};
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/helm/wiremesh");
 const HELM_TIMEOUT: Duration = Duration::from_secs(120);
@@ -140,19 +139,11 @@ fn forbidden<T: std::fmt::Debug>(result: Result<T, kube::Error>, what: &str) -> 
     }
 }
 
-fn mesh_node(name: &str) -> MeshNode {
-    MeshNode::new(
-        name,
-        MeshNodeSpec {
-            public_key: "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=".to_owned(),
-            endpoints: vec!["198.18.1.1:51820".to_owned()],
-            pod_cidrs: vec!["10.1.1.0/24".to_owned()],
-            location: None,
-            kind: MeshNodeKind::Node,
-            gateway: false,
-            relay: false,
-        },
-    )
+fn mesh_node(name: &str) -> MeshNodeBuilder {
+    fixtures::mesh_node(name)
+        .key("xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=")
+        .endpoint("198.18.1.1:51820")
+        .pod_cidr("10.1.1.0/24")
 }
 
 #[test]
@@ -203,7 +194,7 @@ fn manifests_apply_for_real_and_rbac_is_least_privilege() -> Result<()> {
     let ssa = PatchParams::apply("wiremesh-agent").force();
 
     // Its own MeshNode: create, update, status, delete.
-    block_on(nodes.patch("n1", &ssa, &Patch::Apply(&mesh_node("n1"))))
+    block_on(nodes.patch("n1", &ssa, &Patch::Apply(&mesh_node("n1").build())))
         .context("the agent writing its own MeshNode")?;
     block_on(nodes.patch_status(
         "n1",
@@ -215,7 +206,7 @@ fn manifests_apply_for_real_and_rbac_is_least_privilege() -> Result<()> {
     // new policy within a second or so; until then the write may pass.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let message = loop {
-        match block_on(nodes.patch("n2", &ssa, &Patch::Apply(&mesh_node("n2")))) {
+        match block_on(nodes.patch("n2", &ssa, &Patch::Apply(&mesh_node("n2").build()))) {
             Err(kube::Error::Api(status)) if status.code == 403 => break status.message,
             other if std::time::Instant::now() > deadline => {
                 panic!("agent of n1 writing MeshNode n2: expected 403 Forbidden, got {other:?}")
@@ -225,16 +216,14 @@ fn manifests_apply_for_real_and_rbac_is_least_privilege() -> Result<()> {
     };
     assert!(message.contains("own node"), "{message}");
     // Not as a host: that would let it claim addresses outside its pod CIDR.
-    let mut as_host = mesh_node("n1");
-    as_host.spec.kind = MeshNodeKind::Host;
+    let as_host = mesh_node("n1").kind(MeshNodeKind::Host).build();
     let message = forbidden(
         block_on(nodes.patch("n1", &ssa, &Patch::Apply(&as_host))),
         "agent of n1 marking its MeshNode a Host",
     );
     assert!(message.contains("as a Host"), "{message}");
     // Nor as a relay: a relay is sent any remote peer's traffic.
-    let mut as_relay = mesh_node("n1");
-    as_relay.spec.relay = true;
+    let as_relay = mesh_node("n1").relay(true).build();
     let message = forbidden(
         block_on(nodes.patch("n1", &ssa, &Patch::Apply(&as_relay))),
         "agent of n1 marking its MeshNode a relay",
@@ -244,7 +233,7 @@ fn manifests_apply_for_real_and_rbac_is_least_privilege() -> Result<()> {
     block_on(Api::<MeshNode>::all(admin.clone()).patch(
         "n2",
         &PatchParams::apply("admin").force(),
-        &Patch::Apply(&mesh_node("n2")),
+        &Patch::Apply(&mesh_node("n2").build()),
     ))?;
     forbidden(
         block_on(nodes.patch_status(
@@ -285,7 +274,11 @@ fn manifests_apply_for_real_and_rbac_is_least_privilege() -> Result<()> {
     let unbound = a.token_kubeconfig("wiremesh-system", "wiremesh-agent")?;
     let unbound = block_on(client_for(&unbound, None))?;
     forbidden(
-        block_on(Api::<MeshNode>::all(unbound).patch("n1", &ssa, &Patch::Apply(&mesh_node("n1")))),
+        block_on(Api::<MeshNode>::all(unbound).patch(
+            "n1",
+            &ssa,
+            &Patch::Apply(&mesh_node("n1").build()),
+        )),
         "an unbound agent token writing MeshNode n1",
     );
     // The controller's account writes no MeshNode either.
@@ -295,7 +288,7 @@ fn manifests_apply_for_real_and_rbac_is_least_privilege() -> Result<()> {
         block_on(Api::<MeshNode>::all(controller).patch(
             "n1",
             &ssa,
-            &Patch::Apply(&mesh_node("n1")),
+            &Patch::Apply(&mesh_node("n1").build()),
         )),
         "the controller writing a MeshNode",
     );

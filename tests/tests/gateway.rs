@@ -14,9 +14,10 @@ use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use kube::api::PostParams;
 use wiremesh_lab::clusters::{INTERFACE, Side, TwoClusters, wait_for};
+use wiremesh_lab::fixtures::mesh_node;
 use wiremesh_lab::k8s::{self, block_on};
 use wiremesh_lab::{Netns, transfer};
-use wiremesh_proto::crd::{GATEWAY_LABEL, MeshNode, MeshNodeKind, MeshNodeSpec};
+use wiremesh_proto::crd::{GATEWAY_LABEL, MeshNode};
 
 const MIB: u64 = 1 << 20;
 /// How long mirroring may take: watch, plan, apply, agent watch, handshake.
@@ -103,18 +104,7 @@ fn gateways_carry_the_cluster_and_another_takes_over_when_one_dies() -> Result<(
         "10.2.200.0/24",
         Ipv4Addr::new(198, 18, 2, 200),
     )?;
-    let mute = MeshNode::new(
-        "mute",
-        MeshNodeSpec {
-            public_key: wiremesh_lab::mesh::Keypair::generate().public,
-            endpoints: Vec::new(),
-            pod_cidrs: vec!["10.2.200.0/24".to_owned()],
-            location: None,
-            kind: MeshNodeKind::Node,
-            gateway: false,
-            relay: false,
-        },
-    );
+    let mute = mesh_node("mute").pod_cidr("10.2.200.0/24").build();
     block_on(Api::<MeshNode>::all(client.clone()).create(&PostParams::default(), &mute))?;
     let (ok, text) = meshctl_b(&lab, &["gateway", "add", "mute"])?;
     ensure!(

@@ -85,12 +85,12 @@ fn an_ipv6_underlay_carries_ipv6_and_ipv4_pods() -> Result<()> {
         ("IPv6", IpAddr::V6(b6), IpAddr::V6(a6)),
         ("IPv4", IpAddr::V4(b.pod.ip()), IpAddr::V4(a.pod.ip())),
     ] {
-        let (a_before, ul_before) = (link_stats(&a.host, IFACE)?, link_stats(&a.host, "ul0")?);
-        let b_before = link_stats(&b.host, IFACE)?;
+        let (a_before, ul_before) = (a.host.link_stats(IFACE)?, a.host.link_stats("ul0")?);
+        let b_before = b.host.link_stats(IFACE)?;
         let there = transfer(&a.pod, there_to, 16 * MIB)?;
-        let sent = link_stats(&a.host, IFACE)?.tx.since(&a_before.tx);
-        let on_wire = link_stats(&a.host, "ul0")?.tx.since(&ul_before.tx);
-        let written = link_stats(&b.host, IFACE)?.rx.since(&b_before.rx);
+        let sent = a.host.link_stats(IFACE)?.tx.since(&a_before.tx);
+        let on_wire = a.host.link_stats("ul0")?.tx.since(&ul_before.tx);
+        let written = b.host.link_stats(IFACE)?.rx.since(&b_before.rx);
         let back = transfer(&b.pod, back_to, 16 * MIB)?;
         println!(
             "{label} pods, 16 MiB each way over the IPv6 underlay intact: \
@@ -318,57 +318,4 @@ fn link_mtu(ns: &Netns, name: &str) -> Result<u32> {
         .nth(1)
         .with_context(|| format!("no mtu in {text}"))?;
     Ok(mtu.parse()?)
-}
-
-/// Byte and packet counters of one direction of a link.
-#[derive(Debug, Clone, Copy, Default)]
-struct Counters {
-    bytes: u64,
-    packets: u64,
-}
-
-impl Counters {
-    fn since(&self, earlier: &Counters) -> Counters {
-        Counters {
-            bytes: self.bytes.saturating_sub(earlier.bytes),
-            packets: self.packets.saturating_sub(earlier.packets),
-        }
-    }
-
-    fn average(&self) -> u64 {
-        self.bytes / self.packets.max(1)
-    }
-}
-
-struct LinkStats {
-    rx: Counters,
-    tx: Counters,
-}
-
-/// The RX and TX counters of `dev` in `host`, from `ip -s link show`.
-fn link_stats(host: &Host, dev: &str) -> Result<LinkStats> {
-    let text = host.ip(&["-s", "link", "show", "dev", dev])?;
-    let numbers_after = |label: &str| -> Result<Counters> {
-        let mut lines = text.lines();
-        lines
-            .by_ref()
-            .find(|l| l.trim_start().starts_with(label))
-            .with_context(|| format!("no {label} in {text}"))?;
-        let values: Vec<u64> = lines
-            .next()
-            .with_context(|| format!("no counters after {label} in {text}"))?
-            .split_whitespace()
-            .map(str::parse)
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("counters after {label} in {text}"))?;
-        ensure!(values.len() >= 2, "short counters in {text}");
-        Ok(Counters {
-            bytes: values[0],
-            packets: values[1],
-        })
-    };
-    Ok(LinkStats {
-        rx: numbers_after("RX:")?,
-        tx: numbers_after("TX:")?,
-    })
 }

@@ -14,12 +14,13 @@ use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, ResourceExt as _};
 use wiremesh_lab::Lab;
+use wiremesh_lab::fixtures::mesh_node;
 use wiremesh_lab::k8s::{
     ApiProxy, ControlPlane, block_on, block_on_timeout, client_for, create_node, delete_node,
     write_kubeconfig,
 };
-use wiremesh_lab::mesh::{Keypair, eventually, in_netns};
-use wiremesh_proto::crd::{MeshNode, MeshNodeKind, MeshNodeSpec, SYSTEM_NAMESPACE};
+use wiremesh_lab::mesh::{eventually, in_netns};
+use wiremesh_proto::crd::{MeshNode, SYSTEM_NAMESPACE};
 
 #[test]
 fn two_planes_install_refuse_bad_mesh_nodes_and_survive_an_outage() -> Result<()> {
@@ -169,41 +170,27 @@ fn apply_crd_files(client: &Client) -> Result<()> {
 
 fn check_mesh_node_validation(client: &Client) -> Result<()> {
     let api = Api::<MeshNode>::all(client.clone());
-    let good = || MeshNodeSpec {
-        public_key: Keypair::generate().public,
-        endpoints: vec!["198.18.0.1:51820".into(), "[fd00::1]:51820".into()],
-        pod_cidrs: vec!["10.1.1.0/24".into()],
-        location: Some("lab".into()),
-        kind: MeshNodeKind::Node,
-        gateway: false,
-        relay: false,
+    let good = |name: &str| {
+        mesh_node(name)
+            .endpoint("198.18.0.1:51820")
+            .endpoint("[fd00::1]:51820")
+            .pod_cidr("10.1.1.0/24")
+            .location("lab")
     };
-    block_on(api.create(&PostParams::default(), &MeshNode::new("good", good())))
+    block_on(api.create(&PostParams::default(), &good("good").build()))
         .context("a well-formed MeshNode was refused")?;
 
-    let bad_key = MeshNodeSpec {
-        public_key: "not-a-key".into(),
-        ..good()
-    };
-    let host_bits = MeshNodeSpec {
-        pod_cidrs: vec!["10.1.0.1/24".into()],
-        ..good()
-    };
-    let not_a_cidr = MeshNodeSpec {
-        pod_cidrs: vec!["10.1.0.0".into()],
-        ..good()
-    };
-    let bad_endpoint = MeshNodeSpec {
-        endpoints: vec!["198.18.0.1".into()],
-        ..good()
-    };
-    for (name, spec, field) in [
+    let bad_key = good("bad-key").key("not-a-key");
+    let host_bits = good("host-bits").pod_cidrs(["10.1.0.1/24"]);
+    let not_a_cidr = good("not-a-cidr").pod_cidrs(["10.1.0.0"]);
+    let bad_endpoint = good("bad-endpoint").endpoints(["198.18.0.1"]);
+    for (name, node, field) in [
         ("bad-key", bad_key, "spec.publicKey"),
         ("host-bits", host_bits, "spec.podCIDRs"),
         ("not-a-cidr", not_a_cidr, "spec.podCIDRs"),
         ("bad-endpoint", bad_endpoint, "spec.endpoints"),
     ] {
-        match block_on(api.create(&PostParams::default(), &MeshNode::new(name, spec))) {
+        match block_on(api.create(&PostParams::default(), &node.build())) {
             Err(kube::Error::Api(status)) => {
                 ensure!(
                     status.code == 422 && status.message.contains(field),

@@ -16,11 +16,10 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt as _};
 use serde::de::DeserializeOwned;
 use serde_json::json;
+use wiremesh_lab::fixtures::mesh_node;
 use wiremesh_lab::k8s::{ControlPlane, block_on, meshctl, write_kubeconfig};
-use wiremesh_lab::mesh::Keypair;
 use wiremesh_proto::crd::{
-    MeshNode, MeshNodeKind, MeshNodeSpec, PEER_CLUSTER_FINALIZER, PEER_CLUSTER_LABEL, PeerCluster,
-    SYSTEM_NAMESPACE,
+    MeshNode, PEER_CLUSTER_FINALIZER, PEER_CLUSTER_LABEL, PeerCluster, SYSTEM_NAMESPACE,
 };
 
 #[test]
@@ -269,7 +268,10 @@ fn check_token(holder: &ControlPlane, peer: &ControlPlane) -> Result<()> {
     let client = peer.token_client(std::str::from_utf8(&token.0)?)?;
     let nodes = Api::<MeshNode>::all(client.clone());
     block_on(nodes.list(&ListParams::default())).context("the peer token cannot list MeshNodes")?;
-    let node = MeshNode::new("intruder", mesh_node_spec("10.9.0.0/24"));
+    let node = mesh_node("intruder")
+        .endpoint("198.18.0.1:51820")
+        .pod_cidr("10.9.0.0/24")
+        .build();
     expect_forbidden(
         block_on(nodes.create(&PostParams::default(), &node)),
         "create a MeshNode",
@@ -284,10 +286,15 @@ fn check_token(holder: &ControlPlane, peer: &ControlPlane) -> Result<()> {
 fn check_status(a: &ControlPlane, b: &ControlPlane, merged: &Path) -> Result<()> {
     let client = a.client()?;
     let api = Api::<MeshNode>::all(client);
-    block_on(api.create(
-        &PostParams::default(),
-        &MeshNode::new("a1", mesh_node_spec("10.1.1.0/24")),
-    ))?;
+    block_on(
+        api.create(
+            &PostParams::default(),
+            &mesh_node("a1")
+                .endpoint("198.18.0.1:51820")
+                .pod_cidr("10.1.1.0/24")
+                .build(),
+        ),
+    )?;
     let handshake = k8s_openapi::jiff::Timestamp::now()
         .checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(12))?;
     block_on(api.patch_status(
@@ -390,18 +397,6 @@ where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
 {
     Ok(version(api, name)?.is_some())
-}
-
-fn mesh_node_spec(cidr: &str) -> MeshNodeSpec {
-    MeshNodeSpec {
-        public_key: Keypair::generate().public,
-        endpoints: vec!["198.18.0.1:51820".into()],
-        pod_cidrs: vec![cidr.into()],
-        location: None,
-        kind: MeshNodeKind::Node,
-        gateway: false,
-        relay: false,
-    }
 }
 
 fn expect_forbidden<T: std::fmt::Debug>(result: kube::Result<T>, what: &str) -> Result<()> {

@@ -7,7 +7,7 @@
 
 use anyhow::{Context as _, Result, ensure};
 use wiremesh_lab::mesh::{IFACE, Node};
-use wiremesh_lab::{Host, Lab, ping, transfer};
+use wiremesh_lab::{Lab, ping, transfer};
 
 const MIB: u64 = 1 << 20;
 
@@ -32,12 +32,12 @@ fn a_gibibyte_crosses_the_offload_path_intact_as_super_packets() -> Result<()> {
         );
     }
 
-    let a_before = link_stats(&a.host)?;
-    let b_before = link_stats(&b.host)?;
+    let a_before = a.host.link_stats(IFACE)?;
+    let b_before = b.host.link_stats(IFACE)?;
     let there = transfer(&a.pod, b.pod.ip(), 1024 * MIB)?;
     let back = transfer(&b.pod, a.pod.ip(), 256 * MIB)?;
-    let a_after = link_stats(&a.host)?;
-    let b_after = link_stats(&b.host)?;
+    let a_after = a.host.link_stats(IFACE)?;
+    let b_after = b.host.link_stats(IFACE)?;
 
     // What the kernel handed agent a to send (TSO), and what agent b wrote (GRO).
     let sent = a_after.tx.since(&a_before.tx);
@@ -66,57 +66,4 @@ fn a_gibibyte_crosses_the_offload_path_intact_as_super_packets() -> Result<()> {
     );
     ping(&b.pod, a.pod.ip(), 1)?;
     Ok(())
-}
-
-/// Byte and packet counters of one direction of a link.
-#[derive(Debug, Clone, Copy, Default)]
-struct Counters {
-    bytes: u64,
-    packets: u64,
-}
-
-impl Counters {
-    fn since(&self, earlier: &Counters) -> Counters {
-        Counters {
-            bytes: self.bytes.saturating_sub(earlier.bytes),
-            packets: self.packets.saturating_sub(earlier.packets),
-        }
-    }
-
-    fn average(&self) -> u64 {
-        self.bytes / self.packets.max(1)
-    }
-}
-
-struct LinkStats {
-    rx: Counters,
-    tx: Counters,
-}
-
-/// The RX and TX counters of `wm0` in `host`, from `ip -s link show`.
-fn link_stats(host: &Host) -> Result<LinkStats> {
-    let text = host.ip(&["-s", "link", "show", "dev", IFACE])?;
-    let numbers_after = |label: &str| -> Result<Counters> {
-        let mut lines = text.lines();
-        lines
-            .by_ref()
-            .find(|l| l.trim_start().starts_with(label))
-            .with_context(|| format!("no {label} in {text}"))?;
-        let values: Vec<u64> = lines
-            .next()
-            .with_context(|| format!("no counters after {label} in {text}"))?
-            .split_whitespace()
-            .map(str::parse)
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("counters after {label} in {text}"))?;
-        ensure!(values.len() >= 2, "short counters in {text}");
-        Ok(Counters {
-            bytes: values[0],
-            packets: values[1],
-        })
-    };
-    Ok(LinkStats {
-        rx: numbers_after("RX:")?,
-        tx: numbers_after("TX:")?,
-    })
 }

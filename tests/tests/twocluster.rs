@@ -12,9 +12,10 @@ use k8s_openapi::api::events::v1::Event;
 use kube::Api;
 use kube::api::PostParams;
 use wiremesh_lab::clusters::{INTERFACE, Side, TwoClusters, wait_for};
+use wiremesh_lab::fixtures::mesh_node;
 use wiremesh_lab::k8s::{self, block_on};
 use wiremesh_lab::{Netns, ping, transfer};
-use wiremesh_proto::crd::{MeshNode, MeshNodeKind, MeshNodeSpec};
+use wiremesh_proto::crd::MeshNode;
 
 const MIB: u64 = 1 << 20;
 /// How long mirroring may take: watch, plan, apply, agent watch, handshake.
@@ -167,18 +168,11 @@ fn a_remote_node_claiming_our_cidr_is_refused_everywhere() -> Result<()> {
     let a1 = lab.a.node("a1")?;
     let stolen = a1.pod_cidr();
     let evil_key = wiremesh_lab::mesh::Keypair::generate().public;
-    let evil = MeshNode::new(
-        "evil",
-        MeshNodeSpec {
-            public_key: evil_key.clone(),
-            endpoints: vec!["198.18.2.99:51820".to_owned()],
-            pod_cidrs: vec![stolen.clone()],
-            location: None,
-            kind: MeshNodeKind::Node,
-            gateway: false,
-            relay: false,
-        },
-    );
+    let evil = mesh_node("evil")
+        .key(evil_key.clone())
+        .endpoint("198.18.2.99:51820")
+        .pod_cidr(stolen.clone())
+        .build();
     block_on(Api::<MeshNode>::all(lab.b.client()?).create(&PostParams::default(), &evil))?;
     wait_for(CONVERGE, || {
         let (status, message) = lab.a.condition("cluster-b", "Conflict")?;

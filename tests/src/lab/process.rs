@@ -382,3 +382,28 @@ fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+/// SIGTERM to every live process at once, one shared grace period, then SIGKILL.
+pub(super) fn stop_all(procs: &[Arc<ProcSlot>]) {
+    let running: Vec<_> = procs.iter().filter(|p| p.send_term()).collect();
+    let deadline = Instant::now() + STOP_GRACE;
+    while Instant::now() < deadline && running.iter().any(|p| !p.has_exited()) {
+        thread::sleep(Duration::from_millis(10));
+    }
+    for p in procs {
+        if let Err(e) = p.kill_and_reap() {
+            eprintln!("lab: stopping {} (pid {}): {e:#}", p.label(), p.pid());
+        }
+    }
+}
+
+pub(super) fn dump_logs(procs: &[Arc<ProcSlot>]) {
+    for p in procs {
+        eprintln!(
+            "---- {} (pid {}) stdout, last lines ----\n{}\n---- stderr ----\n{}",
+            p.label(),
+            p.pid(),
+            p.stdout_tail(30),
+            p.stderr_tail(60)
+        );
+    }
+}
