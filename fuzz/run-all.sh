@@ -6,10 +6,10 @@
 set -eu
 cd "$(dirname "$0")"
 seconds=${FUZZ_SECONDS:-300}
-cargo install --locked --quiet cargo-fuzz 2>/dev/null || cargo install --quiet cargo-fuzz
+cargo fuzz --version >/dev/null 2>&1 || cargo install --locked cargo-fuzz
 for target in ${FUZZ_TARGETS:-inner_packet datagram uapi wgconf plan}; do
-    mkdir -p "target/corpus/$target" "corpus/$target"
+    mkdir -p "target/corpus/$target" "corpus/$target" "regressions/$target"
     echo "fuzz: $target for ${seconds}s"
-    cargo +nightly fuzz run -a "$target" "target/corpus/$target" "corpus/$target" -- \
+    cargo +nightly fuzz run -a "$target" "target/corpus/$target" "corpus/$target" "regressions/$target" -- \
         -max_total_time="$seconds" -max_len=70000 -timeout=10 -print_final_stats=1
 done
