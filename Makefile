@@ -6,7 +6,7 @@ CARGO ?= cargo
 CARGO_FLAGS ?=
 export KEEP
 
-.PHONY: all build deps demo test lint unit e2e fmt clean-lab bench bench-scale manifests image
+.PHONY: all build deps demo test lint unit e2e fmt clean-lab bench bench-scale manifests image fuzz
 
 all: build
 
@@ -32,6 +32,12 @@ e2e: deps build
 
 test: deps lint build
 	$(CARGO) test $(CARGO_FLAGS) --workspace -- --test-threads=1
+
+# Coverage-guided fuzzing (nightly, cargo-fuzz installed if missing): every target of
+# fuzz/ for FUZZ_SECONDS each. `cargo test` replays fuzz/corpus and fuzz/regressions.
+FUZZ_SECONDS ?= 300
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run-all.sh
 
 # Benchmarks (root; see bench/README.md). `bench` installs the peers (bench/install.sh),
 # runs the core's criterion micro-benchmarks, then compares Wiremesh with veth, wireguard-go and

@@ -119,6 +119,10 @@ impl<T: Copy> AllowedIps<T> {
 }
 
 /// The map for prefix length `len`, created in longest-first order if missing.
+#[allow(
+    clippy::indexing_slicing,
+    reason = "positions come from a binary search of the same vector; no packet data"
+)]
 fn level<K, T>(levels: &mut Vec<(u8, FastMap<K, T>)>, len: u8) -> &mut FastMap<K, T> {
     let pos = match levels.binary_search_by(|(l, _)| len.cmp(l)) {
         Ok(pos) => pos,
@@ -130,6 +134,10 @@ fn level<K, T>(levels: &mut Vec<(u8, FastMap<K, T>)>, len: u8) -> &mut FastMap<K
     &mut levels[pos].1
 }
 
+#[allow(
+    clippy::indexing_slicing,
+    reason = "positions come from a binary search of the same vector; no packet data"
+)]
 fn unlevel<K: std::hash::Hash + Eq, T>(levels: &mut Vec<(u8, FastMap<K, T>)>, len: u8, key: &K) {
     if let Ok(pos) = levels.binary_search_by(|(l, _)| len.cmp(l)) {
         levels[pos].1.remove(key);

@@ -221,8 +221,8 @@ impl Peer {
             .endpoint
             .and_then(|e| self.endpoints.iter().position(|c| *c == e))
         {
-            Some(i) => self.endpoints[(i + 1) % self.endpoints.len()],
-            None => self.endpoints[0],
+            Some(i) => *self.endpoints.get((i + 1) % self.endpoints.len())?,
+            None => *self.endpoints.first()?,
         };
         self.endpoint = Some(next);
         Some(next)
@@ -509,7 +509,10 @@ impl Device {
         };
         let id = match self.free.pop() {
             Some(slot) => {
-                self.slots[slot as usize] = Some(peer);
+                // A freed slot is one of `slots`, emptied by remove_peer.
+                if let Some(entry) = self.slots.get_mut(slot as usize) {
+                    *entry = Some(peer);
+                }
                 PeerId(slot)
             }
             None => {
@@ -636,13 +639,15 @@ impl Device {
         {
             Ok(packet) => packet,
             Err(TunnResult::WriteToNetwork(reply)) => {
-                let len = reply.len();
-                out[..len].copy_from_slice(reply);
+                let Some(answer) = out.get_mut(..reply.len()) else {
+                    return self.drop_datagram(DropReason::Internal);
+                };
+                answer.copy_from_slice(reply);
                 self.counters.cookies_sent += 1;
                 return DatagramVerdict::Reply {
                     peer: None,
                     to: from,
-                    datagram: &out[..len],
+                    datagram: answer,
                 };
             }
             Err(TunnResult::Err(e)) => return self.drop_datagram(reason_for(&e)),

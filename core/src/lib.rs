@@ -5,6 +5,11 @@
 //! [`DatagramVerdict`]). This crate's dependencies are `wiremesh-proto` and boringtun's
 //! noise state machine (without its `device` feature) and nothing else, so the compiler
 //! keeps it that way: the agent's `wiremesh-agent` crate is the shell that does the I/O.
+//!
+//! Nothing here may panic on bytes from outside (a peer, a pod, the kernel): no indexing
+//! or slicing that is not checked. Tests index freely.
+#![deny(clippy::indexing_slicing)]
+#![cfg_attr(test, allow(clippy::indexing_slicing))]
 
 pub mod allowed_ips;
 pub mod checksum;
@@ -116,16 +121,18 @@ pub struct Counters {
 impl Counters {
     /// Counts one dropped packet.
     pub fn drop(&mut self, reason: DropReason) {
-        self.drops[reason.index()] += 1;
+        if let Some(count) = self.drops.get_mut(reason.index()) {
+            *count += 1;
+        }
     }
 
     /// How many packets were dropped for `reason`.
     pub fn drops(&self, reason: DropReason) -> u64 {
-        self.drops[reason.index()]
+        self.drops.get(reason.index()).copied().unwrap_or(0)
     }
 
     /// Every reason with its count, in a stable order.
     pub fn all_drops(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
-        DropReason::ALL.iter().map(|r| (*r, self.drops[r.index()]))
+        DropReason::ALL.iter().map(|r| (*r, self.drops(*r)))
     }
 }
