@@ -5,7 +5,7 @@
 //! single-threaded runtime: it reads TCP super-packets of up to 64 KiB from the TUN device
 //! (TSO, `IFF_VNET_HDR`), splits them in place, encrypts each segment straight into a UDP
 //! GSO batch and sends the batch in one `sendmmsg`; the other way it takes up to 64
-//! datagrams per message (UDP GRO) and eight messages per `recvmmsg`, decrypts them and
+//! datagrams per `recvmsg` (UDP GRO; see `dataplane/udp.rs` for why not `recvmmsg`), decrypts them and
 //! coalesces TCP segments into super-packets for the TUN device. Buffers are allocated
 //! once. The UAPI server and the route reconciler are tasks of the calling runtime that
 //! talk to the loop over bounded channels.
@@ -43,7 +43,7 @@ const TUN_BUF: usize = VNET_HDR_LEN + MAX_IP_PACKET + 1;
 /// that ACKs coming the other way are not held back for long. Fewer wakeups pay: in the
 /// lab, 32 carried single-flow TCP some 10% faster than 8, and 64 or 128 no faster.
 const TUN_READS: usize = 32;
-/// `recvmmsg` calls (each up to eight 64 KiB GRO messages) before the loop looks at the
+/// Rounds of UDP receive calls (`recvmsg` with UDP GRO, see `dataplane/udp.rs`) before the loop looks at the
 /// other sources.
 const UDP_READS: usize = 2;
 /// boringtun's timers have one-second resolution for keepalives; a quarter second keeps
