@@ -295,6 +295,17 @@ impl OtherPeer {
     }
 }
 
+/// The pod CIDRs `peer` was allowed at join time (`spec.allowedPodCIDRs`); entries that do
+/// not parse allow nothing.
+#[must_use]
+pub fn allowed_cidrs(peer: &PeerCluster) -> Vec<IpCidr> {
+    peer.spec
+        .allowed_pod_cidrs
+        .iter()
+        .filter_map(|c| c.parse().ok())
+        .collect()
+}
+
 /// Computes what to do for `peer`, given its remote nodes, this cluster's own claims, the
 /// other peer clusters and the `MeshPeer`s that exist for `peer` now (those labelled
 /// [`PEER_CLUSTER_LABEL`]`=<peer name>`).
@@ -310,12 +321,7 @@ pub fn plan(
 ) -> Plan {
     let peer_name = peer.name_any();
     let cluster = peer.spec.cluster_name.as_str();
-    let allowed: Vec<IpCidr> = peer
-        .spec
-        .allowed_pod_cidrs
-        .iter()
-        .filter_map(|c| c.parse().ok())
-        .collect();
+    let allowed = allowed_cidrs(peer);
 
     let mut foreign = local.claims.clone();
     let mut foreign_keys = local.keys.clone();

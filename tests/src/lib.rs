@@ -13,5 +13,6 @@ pub mod xfer;
 
 pub use lab::{
     EXEC_TIMEOUT, Host, Lab, Netns, Pod, Proc, STOP_GRACE, TransferReport, Underlay, agent_binary,
-    ping, require_root, require_tool, require_tools, transfer, transfer_between, xfer_binary,
+    df_ping, output_text, ping, require_root, require_tool, require_tools, transfer,
+    transfer_between, xfer_binary,
 };

@@ -8,12 +8,11 @@
 #![allow(clippy::print_stdout)]
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use wiremesh_lab::mesh::{IFACE, Node, PORT, eventually};
-use wiremesh_lab::{Host, Lab, Netns, ping, transfer};
+use wiremesh_lab::{Host, Lab, Netns, df_ping, output_text, ping, transfer};
 
 const MIB: u64 = 1 << 20;
 /// The underlay's MTU.
@@ -123,8 +122,8 @@ fn an_ipv6_underlay_carries_ipv6_and_ipv4_pods() -> Result<()> {
 
     // A 1460-byte IPv6 ping does not fit the tunnel: the host answers "packet too big"
     // for its MTU instead of letting it vanish.
-    let out = df_ping6(&a.pod, b6, BIG_PAYLOAD)?;
-    let text = describe(&out);
+    let out = df_ping(&a.pod, b6, BIG_PAYLOAD, 2)?;
+    let text = output_text(&out);
     let learned = ["mtu=", "mtu: ", "mtu = "]
         .iter()
         .any(|m| text.contains(&format!("{m}{TUNNEL_MTU}")));
@@ -136,8 +135,8 @@ fn an_ipv6_underlay_carries_ipv6_and_ipv4_pods() -> Result<()> {
         "1460-byte IPv6 ping, {IFACE} at {TUNNEL_MTU}: {}",
         text.lines().find(|l| l.contains("mtu")).unwrap_or("")
     );
-    let out = df_ping6(&a.pod, b6, FITTING_PAYLOAD)?;
-    ensure!(out.status.success(), "{}", describe(&out));
+    let out = df_ping(&a.pod, b6, FITTING_PAYLOAD, 2)?;
+    ensure!(out.status.success(), "{}", output_text(&out));
 
     // The agent's own answer: with wm0's MTU raised behind its back, the host forwards the
     // 1460-byte packet into the tunnel; the agent drops it, counts it and writes back an
@@ -147,8 +146,8 @@ fn an_ipv6_underlay_carries_ipv6_and_ipv4_pods() -> Result<()> {
     let fresh = a.host.add_pod("a-q")?;
     let too_big = [("interface", IFACE), ("reason", "too_big")];
     let before = a.metric("wiremesh_drops_total", &too_big)?;
-    let out = df_ping6(&fresh, b6, BIG_PAYLOAD)?;
-    let text = describe(&out);
+    let out = df_ping(&fresh, b6, BIG_PAYLOAD, 2)?;
+    let text = output_text(&out);
     let after = a.metric("wiremesh_drops_total", &too_big)?;
     ensure!(
         !out.status.success(),
@@ -163,29 +162,9 @@ fn an_ipv6_underlay_carries_ipv6_and_ipv4_pods() -> Result<()> {
     println!(
         "1460-byte IPv6 ping, {IFACE} at 1500, too_big drops {before} -> {after}: {from_agent}"
     );
-    let out = df_ping6(&fresh, b6, FITTING_PAYLOAD)?;
-    ensure!(out.status.success(), "{}", describe(&out));
+    let out = df_ping(&fresh, b6, FITTING_PAYLOAD, 2)?;
+    ensure!(out.status.success(), "{}", output_text(&out));
     Ok(())
-}
-
-/// `ping -M do -s <payload> -c 2` from `from` to `to`: never fragmented locally.
-fn df_ping6(from: &Netns, to: Ipv6Addr, payload: u32) -> Result<Output> {
-    let payload = payload.to_string();
-    let to = to.to_string();
-    from.exec_timeout(
-        &[
-            "ping", "-n", "-M", "do", "-s", &payload, "-c", "2", "-i", "0.2", "-W", "1", &to,
-        ],
-        Duration::from_secs(15),
-    )
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// An IPv6 underlay of 1280 bytes, the IPv6 minimum: 1280 − 80 would be below the IPv6

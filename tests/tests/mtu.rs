@@ -6,12 +6,10 @@
 #![allow(clippy::print_stdout)]
 
 use std::net::Ipv4Addr;
-use std::process::Output;
-use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use wiremesh_lab::mesh::{IFACE, Node};
-use wiremesh_lab::{Lab, Netns, ping, transfer};
+use wiremesh_lab::{Lab, Netns, df_ping, output_text, ping, transfer};
 
 const MIB: u64 = 1 << 20;
 /// The underlay's MTU: the IPv6 minimum, common on tunnels-over-tunnels and some clouds.
@@ -54,8 +52,8 @@ fn a_1280_byte_underlay_gives_a_1220_byte_tunnel_tcp_and_frag_needed() -> Result
     // MTU from an ICMP "fragmentation needed"; here the host's kernel sends it, as wm0's MTU
     // is the tunnel's. A ping that fits goes through.
     let frag_needed = format!("Frag needed and DF set (mtu = {TUNNEL_MTU})");
-    let out = df_ping(&a.pod, b.pod.ip(), BIG_PAYLOAD)?;
-    let text = describe(&out);
+    let out = df_ping(&a.pod, b.pod.ip(), BIG_PAYLOAD, 3)?;
+    let text = output_text(&out);
     ensure!(
         !out.status.success(),
         "a 1400-byte DF ping was answered:\n{text}"
@@ -65,8 +63,8 @@ fn a_1280_byte_underlay_gives_a_1220_byte_tunnel_tcp_and_frag_needed() -> Result
         "no {frag_needed:?} in:\n{text}"
     );
     println!("1400-byte DF ping, wm0 at {TUNNEL_MTU}:\n{text}");
-    let out = df_ping(&a.pod, b.pod.ip(), FITTING_PAYLOAD)?;
-    ensure!(out.status.success(), "{}", describe(&out));
+    let out = df_ping(&a.pod, b.pod.ip(), FITTING_PAYLOAD, 3)?;
+    ensure!(out.status.success(), "{}", output_text(&out));
 
     // TCP between pods finds the tunnel's MTU and comes through intact.
     let there = transfer(&a.pod, b.pod.ip(), 64 * MIB)?;
@@ -87,8 +85,8 @@ fn a_1280_byte_underlay_gives_a_1220_byte_tunnel_tcp_and_frag_needed() -> Result
     let fresh = a.host.add_pod("a-q")?;
     let too_big = [("interface", IFACE), ("reason", "too_big")];
     let before = a.metric("wiremesh_drops_total", &too_big)?;
-    let out = df_ping(&fresh, b.pod.ip(), BIG_PAYLOAD)?;
-    let text = describe(&out);
+    let out = df_ping(&fresh, b.pod.ip(), BIG_PAYLOAD, 3)?;
+    let text = output_text(&out);
     let after = a.metric("wiremesh_drops_total", &too_big)?;
     ensure!(
         !out.status.success(),
@@ -101,22 +99,10 @@ fn a_1280_byte_underlay_gives_a_1220_byte_tunnel_tcp_and_frag_needed() -> Result
         "no {from_agent:?} in (too_big drops {before} -> {after}):\n{text}"
     );
     println!("1400-byte DF ping, wm0 at 1500, too_big drops {before} -> {after}:\n{text}");
-    let out = df_ping(&fresh, b.pod.ip(), FITTING_PAYLOAD)?;
-    ensure!(out.status.success(), "{}", describe(&out));
+    let out = df_ping(&fresh, b.pod.ip(), FITTING_PAYLOAD, 3)?;
+    ensure!(out.status.success(), "{}", output_text(&out));
     ping(&fresh, b.pod.ip(), 2)?;
     Ok(())
-}
-
-/// `ping -M do -s <payload> -c 3` from `from` to `to`: DF set, never fragmented locally.
-fn df_ping(from: &Netns, to: Ipv4Addr, payload: u32) -> Result<Output> {
-    let payload = payload.to_string();
-    let to = to.to_string();
-    from.exec_timeout(
-        &[
-            "ping", "-n", "-M", "do", "-s", &payload, "-c", "3", "-i", "0.2", "-W", "1", &to,
-        ],
-        Duration::from_secs(15),
-    )
 }
 
 /// The MTU of interface `name` in `ns`.
@@ -146,12 +132,4 @@ fn strip_ansi(text: &str) -> String {
         }
     }
     plain
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use arbitrary::{Result, Unstructured};
-use wiremesh_controller::plan::{Local, OtherPeer, Plan, plan as plan_of};
+use wiremesh_controller::plan::{Local, OtherPeer, Plan, allowed_cidrs, plan as plan_of};
 use wiremesh_proto::crd::{
     MeshNode, MeshNodeKind, MeshNodeSpec, MeshNodeStatus, MeshPeer, PEER_CLUSTER_LABEL,
     PeerCluster, PeerClusterSpec, TunnelStatus,
@@ -98,12 +98,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
 /// What a mirrored node claims stays inside what its cluster was allowed (hosts' single
 /// addresses aside) and off this cluster's own CIDRs.
 fn check_claims(peer: &PeerCluster, remote: &[MeshNode], local: &[IpCidr], plan: &Plan) {
-    let allowed: Vec<IpCidr> = peer
-        .spec
-        .allowed_pod_cidrs
-        .iter()
-        .filter_map(|c| c.parse().ok())
-        .collect();
+    let allowed = allowed_cidrs(peer);
     for desired in &plan.apply {
         let host = remote.iter().any(|n| {
             n.spec.kind == MeshNodeKind::Host

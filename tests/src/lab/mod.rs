@@ -53,7 +53,7 @@ pub(crate) use self::process::{describe, run_with_timeout};
 pub use self::stats::{Counters, LinkStats};
 pub(crate) use self::tools::find_binary;
 pub use self::tools::{agent_binary, require_root, require_tool, require_tools, xfer_binary};
-pub use self::transfer::{TransferReport, ping, transfer, transfer_between};
+pub use self::transfer::{TransferReport, df_ping, output_text, ping, transfer, transfer_between};
 pub use self::underlay::Underlay;
 
 use self::process::{ProcSlot, dump_logs, stop_all};

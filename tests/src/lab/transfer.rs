@@ -182,3 +182,31 @@ pub fn ping(from: &Netns, to: impl Into<IpAddr>, count: u32) -> Result<()> {
     );
     Ok(())
 }
+
+/// `ping -M do -s <payload> -c <count>` from `from` to `to` (0.2 s apart, 1 s wait each,
+/// at most 15 s): the Don't-Fragment bit set (IPv4) and never fragmented locally. The
+/// output is returned whatever the outcome: a failure is what MTU tests look for.
+///
+/// # Errors
+/// When ping could not be run.
+pub fn df_ping(from: &Netns, to: impl Into<IpAddr>, payload: u32, count: u32) -> Result<Output> {
+    let payload = payload.to_string();
+    let count = count.to_string();
+    let to = to.into().to_string();
+    from.exec_timeout(
+        &[
+            "ping", "-n", "-M", "do", "-s", &payload, "-c", &count, "-i", "0.2", "-W", "1", &to,
+        ],
+        Duration::from_secs(15),
+    )
+}
+
+/// A command's stdout followed by its stderr, as text.
+#[must_use]
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
