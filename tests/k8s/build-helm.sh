@@ -20,9 +20,6 @@ set -euo pipefail
 
 HELM_VERSION=v3.22.0  # helm.sh/helm/v3 (needs Go >= 1.26.0)
 
-log() { printf '[helm-build] %s\n' "$*" >&2; }
-die() { printf '[helm-build] ERROR: %s\n' "$*" >&2; exit 1; }
-
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$SCRIPT_DIR/../.." && pwd)"
 BIN_ROOT="${WIREMESH_K8S_BIN:-$REPO_ROOT/target/k8s-bin}"
@@ -30,18 +27,9 @@ OUT="$BIN_ROOT/helm-$HELM_VERSION"
 HELM_MOD="$SCRIPT_DIR/helm"
 HELM_MODULE=helm.sh/helm/v3
 
-command -v go >/dev/null 2>&1 || die "'go' not found in PATH. Install Go >= 1.26 (the machine's /usr/local/go/bin/go) or add it to PATH; nothing is downloaded by this script."
-
-# Deterministic Go environment: never download a toolchain, static binaries,
-# no workspace files from parent directories, and ignore the caller's GOFLAGS.
-export GOTOOLCHAIN=local CGO_ENABLED=0 GOWORK=off GOFLAGS=
-GO_VERSION="$(go env GOVERSION)"
-case "$GO_VERSION" in
-  go1.2[6-9]* | go1.[3-9][0-9]*) ;;
-  *) die "found $GO_VERSION at $(command -v go); helm $HELM_VERSION needs Go >= 1.26.0 (GOTOOLCHAIN=local, no download)" ;;
-esac
-
-fmt_secs() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
+LOG_TAG=helm-build NEEDS="helm $HELM_VERSION"
+# shellcheck source=tests/k8s/lib.sh
+. "$SCRIPT_DIR/lib.sh"
 
 # `helm version --short` is exactly the pin (no git commit is stamped, so no
 # "+g<sha>" suffix). HELM_* settings of the caller must not matter here.
@@ -60,27 +48,7 @@ if version_ok "$OUT/helm"; then
 fi
 
 mkdir -p "$OUT"
-# Serialise with tests/k8s/build.sh and other runs sharing this cache
-# directory (one big Go build at a time on a small machine).
-exec 9>"$BIN_ROOT/.build.lock"
-if ! flock -n 9; then
-  log "another build holds $BIN_ROOT/.build.lock; waiting"
-  flock 9
-fi
-
-# go.mod requires MODULE at exactly VERSION, and go.sum exists.
-helper_pinned() { # DIR MODULE VERSION
-  [ -f "$1/go.mod" ] && [ -f "$1/go.sum" ] &&
-    grep -Eq "^[[:space:]]*(require[[:space:]]+)?${2//./\\.}[[:space:]]+${3//./\\.}([[:space:]]|$)" "$1/go.mod"
-}
-
-# Path of the cached upstream go.mod of MODULE@VERSION (fetches only the .mod).
-upstream_gomod() {
-  local f
-  f="$(go list -m -json "$1@$2" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
-  [ -n "$f" ] && [ -f "$f" ] || die "could not fetch go.mod of $1@$2 from $(go env GOPROXY)"
-  printf '%s\n' "$f"
-}
+take_build_lock
 
 # The replace directives of a go.mod, one "OLD[ VER] => NEW[ VER]" per line
 # (single-line and block form). Replaces apply only to the main module, so a
@@ -129,17 +97,6 @@ $(grep -E '=>[[:space:]]*(\.{1,2}/|/)' <<<"$reps")"
   log "  go get -tool $HELM_MODULE/cmd/helm@$HELM_VERSION"
   (cd "$HELM_MOD" && go get -tool "$HELM_MODULE/cmd/helm@$HELM_VERSION")
   log "  regenerated $HELM_MOD/go.mod and go.sum: commit them"
-}
-
-# go_build MODULE_DIR PACKAGE OUTPUT LDFLAGS
-go_build() {
-  local tmp="$3.tmp.$$"
-  rm -f "$tmp"
-  if ! (cd "$1" && go build -mod=readonly -trimpath -buildvcs=false -ldflags "$4" -o "$tmp" "$2"); then
-    rm -f "$tmp"
-    die "go build of $2 failed (module $1). If go.sum is missing entries, delete $1/go.mod and rerun to regenerate it."
-  fi
-  mv -f "$tmp" "$3"
 }
 
 build_helm() {

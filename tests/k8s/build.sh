@@ -22,9 +22,6 @@ set -euo pipefail
 K8S_VERSION=v1.34.4   # k8s.io/kubernetes (staging modules: v0.34.4)
 ETCD_VERSION=v3.6.16  # go.etcd.io/etcd/server/v3
 
-log() { printf '[k8s-build] %s\n' "$*" >&2; }
-die() { printf '[k8s-build] ERROR: %s\n' "$*" >&2; exit 1; }
-
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$SCRIPT_DIR/../.." && pwd)"
 BIN_ROOT="${WIREMESH_K8S_BIN:-$REPO_ROOT/target/k8s-bin}"
@@ -32,26 +29,11 @@ OUT="$BIN_ROOT/$K8S_VERSION"
 APISERVER_MOD="$SCRIPT_DIR/kube-apiserver"
 ETCD_MOD="$SCRIPT_DIR/etcd"
 
-command -v go >/dev/null 2>&1 || die "'go' not found in PATH. Install Go >= 1.26 (the machine's /usr/local/go/bin/go) or add it to PATH; nothing is downloaded by this script."
-
-# Deterministic Go environment: never download a toolchain, static binaries,
-# no workspace files from parent directories, and ignore the caller's GOFLAGS.
-export GOTOOLCHAIN=local CGO_ENABLED=0 GOWORK=off GOFLAGS=
-GO_VERSION="$(go env GOVERSION)"
-case "$GO_VERSION" in
-  go1.2[6-9]* | go1.[3-9][0-9]*) ;;
-  *) die "found $GO_VERSION at $(command -v go); etcd $ETCD_VERSION needs Go >= 1.26.0 (GOTOOLCHAIN=local, no download)" ;;
-esac
-
+LOG_TAG=k8s-build NEEDS="etcd $ETCD_VERSION"
+# shellcheck source=tests/k8s/lib.sh
+. "$SCRIPT_DIR/lib.sh"
 mkdir -p "$OUT"
-# Serialise concurrent runs that share a cache directory.
-exec 9>"$BIN_ROOT/.build.lock"
-if ! flock -n 9; then
-  log "another build holds $BIN_ROOT/.build.lock; waiting"
-  flock 9
-fi
-
-fmt_secs() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
+take_build_lock
 
 # version_ok BINARY EXPECTED_SUBSTRING
 version_ok() {
@@ -59,20 +41,6 @@ version_ok() {
   local v
   v="$(timeout 20 "$1" --version 2>/dev/null)" || return 1
   grep -qF -- "$2" <<<"$v"
-}
-
-# go.mod requires MODULE at exactly VERSION, and go.sum exists.
-helper_pinned() { # DIR MODULE VERSION
-  [ -f "$1/go.mod" ] && [ -f "$1/go.sum" ] &&
-    grep -Eq "^[[:space:]]*(require[[:space:]]+)?${2//./\\.}[[:space:]]+${3//./\\.}([[:space:]]|$)" "$1/go.mod"
-}
-
-# Path of the cached upstream go.mod of MODULE@VERSION (fetches only the .mod).
-upstream_gomod() {
-  local f
-  f="$(go list -m -json "$1@$2" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
-  [ -n "$f" ] && [ -f "$f" ] || die "could not fetch go.mod of $1@$2 from $(go env GOPROXY)"
-  printf '%s\n' "$f"
 }
 
 # Bootstrap tests/k8s/kube-apiserver/go.{mod,sum} for K8S_VERSION (doc §1.3/§1.6):
@@ -120,17 +88,6 @@ bootstrap_etcd_module() {
   log "  go get -tool go.etcd.io/etcd/server/v3@$ETCD_VERSION"
   (cd "$ETCD_MOD" && go get -tool "go.etcd.io/etcd/server/v3@$ETCD_VERSION")
   log "  regenerated $ETCD_MOD/go.mod and go.sum: commit them"
-}
-
-# go_build MODULE_DIR PACKAGE OUTPUT LDFLAGS
-go_build() {
-  local tmp="$3.tmp.$$"
-  rm -f "$tmp"
-  if ! (cd "$1" && go build -mod=readonly -trimpath -buildvcs=false -ldflags "$4" -o "$tmp" "$2"); then
-    rm -f "$tmp"
-    die "go build of $2 failed (module $1). If go.sum is missing entries, delete $1/go.mod and rerun to regenerate it."
-  fi
-  mv -f "$tmp" "$3"
 }
 
 build_apiserver() {
