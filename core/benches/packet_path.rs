@@ -219,13 +219,7 @@ impl Link {
         peers.push(peer(remote_public, Some(remote()), remote_net));
         let mut device = Device::new();
         let _ = device
-            .apply(&DeviceUpdate {
-                private_key: Some(Some(device_key)),
-                listen_port: Some(51820),
-                fwmark: None,
-                replace_peers: true,
-                peers,
-            })
+            .apply(&DeviceUpdate::replace_all(device_key, 51820, peers))
             .expect("the peers fit");
         let remote = Tunn::new(remote_secret, device_public, None, None, 1, None);
         let mut link = Self {

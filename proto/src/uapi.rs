@@ -106,6 +106,20 @@ pub struct PeerUpdate {
     pub endpoints: Option<Vec<SocketAddr>>,
 }
 
+impl DeviceUpdate {
+    /// A whole configuration: `private_key`, `listen_port` and exactly `peers`, replacing
+    /// any there were (`fwmark` unchanged).
+    pub fn replace_all(private_key: PrivateKey, listen_port: u16, peers: Vec<PeerUpdate>) -> Self {
+        Self {
+            private_key: Some(Some(private_key)),
+            listen_port: Some(listen_port),
+            fwmark: None,
+            replace_peers: true,
+            peers,
+        }
+    }
+}
+
 impl PeerUpdate {
     /// An entry for `public_key` that changes nothing yet.
     pub fn new(public_key: PublicKey) -> Self {

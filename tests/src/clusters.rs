@@ -25,7 +25,7 @@ use wiremesh_proto::crd::{MeshPeer, PeerCluster};
 use crate::deploy::{self, Workload};
 use crate::k8s::{self, ApiProxy, ControlPlane, block_on};
 use crate::lab::Proc;
-use crate::lab::{Host, Lab, Pod, Underlay, find_binary};
+use crate::lab::{Host, Lab, NatMapping, Pod, Underlay, find_binary};
 use crate::mesh::IFACE;
 
 /// Which of the two clusters.
@@ -312,6 +312,17 @@ impl Cluster {
         let api: Api<MeshPeer> = Api::all(self.client()?);
         Ok(block_on(api.list(&Default::default()))?.items)
     }
+
+    /// This cluster's MeshPeer for the remote node `node`.
+    ///
+    /// # Errors
+    /// As [`Cluster::mesh_peers`], or when there is none for `node`.
+    pub fn mesh_peer(&self, node: &str) -> Result<MeshPeer> {
+        self.mesh_peers()?
+            .into_iter()
+            .find(|p| p.spec.node == node)
+            .with_context(|| format!("no MeshPeer for {node}"))
+    }
 }
 
 /// Both clusters on one underlay, Wiremesh installed, agents and a controller running,
@@ -378,18 +389,18 @@ fn wait_for_uapi_socket(host: &Host, agent: &Proc, timeout: Duration) -> Result<
 /// a fresh port per connection.
 fn nat_b(lab: &Lab, symmetric: bool) -> Result<(Underlay, Host)> {
     let private = lab.underlay("natb", NAT_PRIVATE, 1500)?;
-    let add_gateway = if symmetric {
-        Lab::add_symmetric_nat_gateway
+    let mapping = if symmetric {
+        NatMapping::Symmetric
     } else {
-        Lab::add_nat_gateway
+        NatMapping::PortPreserving
     };
-    let gateway = add_gateway(
-        lab,
+    let gateway = lab.add_nat_gateway(
         &private,
         "natgw",
         NAT_GATEWAY,
         NAT_PUBLIC,
         "10.254.0.0/30",
+        mapping,
     )?;
     Ok((private, gateway))
 }
@@ -435,7 +446,7 @@ impl TwoClusters {
     /// Both clusters behind NAT with no inbound connections, and no public node: cluster-a
     /// on 198.19.1.0/24 behind 198.18.1.254, cluster-b on 198.19.2.0/24 behind
     /// 198.18.2.254. With `b_symmetric`, cluster-b's NAT picks a random port per
-    /// connection ([`Lab::add_symmetric_nat_gateway`]), so no hole can be punched.
+    /// connection ([`NatMapping::Symmetric`]), so no hole can be punched.
     ///
     /// # Errors
     /// When any part fails to come up.
@@ -448,6 +459,7 @@ impl TwoClusters {
             NAT_A_GATEWAY,
             NAT_A_PUBLIC,
             "10.254.1.0/30",
+            NatMapping::PortPreserving,
         )?;
         let options = BuildOptions {
             nat_a: Some((private_a, gateway_a)),
@@ -886,6 +898,9 @@ pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> Result<()>) -> Res
 
 /// The interface the agents use.
 pub const INTERFACE: &str = IFACE;
+
+/// How long mirroring may take in the lab: watch, plan, apply, agent watch, handshake.
+pub const CONVERGE: Duration = Duration::from_secs(45);
 
 fn path_str(path: &Path) -> Result<&str> {
     path.to_str()

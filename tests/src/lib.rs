@@ -12,7 +12,7 @@ pub mod metrics;
 pub mod xfer;
 
 pub use lab::{
-    EXEC_TIMEOUT, Host, Lab, Netns, Pod, Proc, STOP_GRACE, TransferReport, Underlay, agent_binary,
-    df_ping, output_text, ping, require_root, require_tool, require_tools, transfer,
-    transfer_between, xfer_binary,
+    EXEC_TIMEOUT, Host, Lab, MIB, Netns, Pod, Proc, STOP_GRACE, TransferReport, Underlay,
+    agent_binary, df_ping, output_text, ping, reachable, require_root, require_tool, require_tools,
+    transfer, transfer_between, xfer_binary,
 };

@@ -9,9 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result, bail, ensure};
 use boringtun::noise::{Tunn, TunnResult};
 use wiremesh_lab::mesh::{IFACE, Keypair, Node, PORT, eventually, in_netns};
-use wiremesh_lab::{Lab, Netns, agent_binary, ping, transfer};
-
-const MIB: u64 = 1 << 20;
+use wiremesh_lab::{Lab, MIB, Netns, agent_binary, ping, reachable, transfer};
 
 /// Two hosts, a pod behind each, agents that know each other.
 fn pair(lab: &Lab) -> Result<(Node, Node)> {
@@ -20,12 +18,6 @@ fn pair(lab: &Lab) -> Result<(Node, Node)> {
     a.start(&[b.as_peer(true)])?;
     b.start(&[a.as_peer(true)])?;
     Ok((a, b))
-}
-
-/// True when one ping from `from` to `to` gets an answer within a second.
-fn reachable(from: &Netns, to: Ipv4Addr) -> Result<bool> {
-    let out = from.exec(&["ping", "-n", "-c", "1", "-W", "1", &to.to_string()])?;
-    Ok(out.status.success())
 }
 
 /// Our routes (protocol 0x57) in a host's main table.

@@ -10,22 +10,14 @@
 #![allow(clippy::print_stdout)]
 
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context as _, Result, ensure};
-use wiremesh_lab::clusters::{INTERFACE, Stack, TwoClusters, wait_for};
-use wiremesh_lab::{Netns, ping, transfer};
+use wiremesh_lab::clusters::{CONVERGE, INTERFACE, Stack, TwoClusters, wait_for};
+use wiremesh_lab::{MIB, ping, reachable, transfer};
 
-const MIB: u64 = 1 << 20;
-/// How long mirroring may take: watch, plan, apply, agent watch, handshake.
-const CONVERGE: Duration = Duration::from_secs(45);
 /// Bytes each way per family.
 const BYTES: u64 = 8 * MIB;
-
-fn reachable(from: &Netns, to: IpAddr) -> Result<bool> {
-    let out = from.exec(&["ping", "-n", "-c", "1", "-W", "1", &to.to_string()])?;
-    Ok(out.status.success())
-}
 
 /// Joins the clusters and checks, for a1 and b1: the MeshPeers carry both pod CIDRs of
 /// the other side's nodes, a1 has routes for b1's IPv4 and IPv6 pod CIDRs, the peers' endpoints
@@ -36,7 +28,7 @@ fn join_and_check(lab: &TwoClusters, endpoint_v6: bool) -> Result<()> {
     let a6 = a1.pod.ip6().context("a1's pod has no IPv6 address")?;
     let b6 = b1.pod.ip6().context("b1's pod has no IPv6 address")?;
     ensure!(
-        !reachable(&a1.pod, b6.into())?,
+        !reachable(&a1.pod, b6)?,
         "b1's pod reachable over IPv6 before join"
     );
 
@@ -145,17 +137,7 @@ fn join_and_check(lab: &TwoClusters, endpoint_v6: bool) -> Result<()> {
     ] {
         let there = transfer(&a1.pod, there_to, BYTES)?;
         let back = transfer(&b1.pod, back_to, BYTES)?;
-        println!(
-            "{label} pods, {} MiB each way intact: a1->b1 {:.0} ms {:.0} Mbit/s (sha256 {}), \
-             b1->a1 {:.0} ms {:.0} Mbit/s (sha256 {})",
-            BYTES / MIB,
-            there.elapsed.as_secs_f64() * 1e3,
-            there.mbit_per_s(),
-            there.sha256,
-            back.elapsed.as_secs_f64() * 1e3,
-            back.mbit_per_s(),
-            back.sha256
-        );
+        println!("{label} pods, intact: a1->b1 {there}; b1->a1 {back}");
     }
     Ok(())
 }
@@ -212,7 +194,7 @@ fn ipv6_peers_arriving_later_raise_a_small_derived_mtu() -> Result<()> {
     const SMALL: u32 = 1300;
     let lab = TwoClusters::dual_stack_small_underlay(1, SMALL)?;
     let a1 = lab.a.node("a1")?;
-    let before = link_mtu(&a1.host)?;
+    let before = a1.host.link_mtu(INTERFACE)?;
     ensure!(
         before == SMALL - 60,
         "a1's {INTERFACE} starts at MTU {before}, wanted {} (default route {SMALL} - 60)",
@@ -220,21 +202,11 @@ fn ipv6_peers_arriving_later_raise_a_small_derived_mtu() -> Result<()> {
     );
     println!("before join: {INTERFACE} MTU {before} (derived from a {SMALL}-byte default route)");
     explain(&lab, join_and_check(&lab, false))?;
-    let after = link_mtu(&a1.host)?;
+    let after = a1.host.link_mtu(INTERFACE)?;
     ensure!(
         after == 1280,
         "a1's {INTERFACE} has MTU {after} after join, wanted 1280"
     );
     println!("after join: {INTERFACE} MTU {after}");
     Ok(())
-}
-
-fn link_mtu(host: &wiremesh_lab::Host) -> Result<u32> {
-    let out = host.ip(&["-o", "link", "show", "dev", INTERFACE])?;
-    out.split_whitespace()
-        .skip_while(|w| *w != "mtu")
-        .nth(1)
-        .context("no mtu")?
-        .parse()
-        .context("mtu")
 }

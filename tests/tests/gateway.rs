@@ -13,20 +13,11 @@ use anyhow::{Context as _, Result, ensure};
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use kube::api::PostParams;
-use wiremesh_lab::clusters::{INTERFACE, Side, TwoClusters, wait_for};
+use wiremesh_lab::clusters::{CONVERGE, INTERFACE, Side, TwoClusters, wait_for};
 use wiremesh_lab::fixtures::mesh_node;
 use wiremesh_lab::k8s::{self, block_on};
-use wiremesh_lab::{Netns, transfer};
+use wiremesh_lab::{MIB, Netns, reachable, transfer};
 use wiremesh_proto::crd::{GATEWAY_LABEL, MeshNode};
-
-const MIB: u64 = 1 << 20;
-/// How long mirroring may take: watch, plan, apply, agent watch, handshake.
-const CONVERGE: Duration = Duration::from_secs(45);
-
-fn reachable(from: &Netns, to: Ipv4Addr) -> Result<bool> {
-    let out = from.exec(&["ping", "-n", "-c", "1", "-W", "1", &to.to_string()])?;
-    Ok(out.status.success())
-}
 
 /// Polls `from -> to` every 100 ms until a ping answers; the time since `since`.
 fn resumed(from: &Netns, to: Ipv4Addr, since: Instant) -> Result<Duration> {

@@ -18,18 +18,12 @@ use kube::api::{ListParams, Patch, PatchParams};
 use wiremesh_lab::clusters::{BareHost, INTERFACE, Side, TwoClusters, wait_for};
 use wiremesh_lab::k8s::block_on;
 use wiremesh_lab::mesh::Keypair;
-use wiremesh_lab::{Netns, transfer};
+use wiremesh_lab::{MIB, Netns, reachable, transfer};
 use wiremesh_proto::crd::{HostBundle, MeshPeer};
 use wiremesh_proto::crd::{MeshNode, SYSTEM_NAMESPACE, host_account_name};
 
-const MIB: u64 = 1 << 20;
 /// Mirroring, agent watches and a handshake, on a busy 2-core machine.
 const CONVERGE: Duration = Duration::from_secs(60);
-
-fn reachable(from: &Netns, to: Ipv4Addr) -> Result<bool> {
-    let out = from.exec(&["ping", "-n", "-c", "1", "-W", "1", &to.to_string()])?;
-    Ok(out.status.success())
-}
 
 fn wait_reachable(from: &Netns, to: Ipv4Addr, what: &str) -> Result<Duration> {
     wait_for(CONVERGE, || {

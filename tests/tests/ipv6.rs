@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use wiremesh_lab::mesh::{IFACE, Node, PORT, eventually};
-use wiremesh_lab::{Host, Lab, Netns, df_ping, output_text, ping, transfer};
+use wiremesh_lab::{Lab, MIB, df_ping, output_text, ping, transfer};
 
-const MIB: u64 = 1 << 20;
 /// The underlay's MTU.
 const UNDERLAY_MTU: u32 = 1500;
 /// What the agent must derive: 1500 less WireGuard's 80 bytes over IPv6.
@@ -49,7 +48,7 @@ fn an_ipv6_underlay_carries_ipv6_and_ipv4_pods() -> Result<()> {
     a.start_with_mtu(&[b.as_peer(true)], None)?;
     b.start_with_mtu(&[a.as_peer(true)], None)?;
     for (node, peer) in [(&a, &b), (&b, &a)] {
-        let mtu = link_mtu(&node.host, IFACE)?;
+        let mtu = node.host.link_mtu(IFACE)?;
         ensure!(
             mtu == TUNNEL_MTU,
             "{} has MTU {mtu} on {IFACE}, wanted {TUNNEL_MTU} ({UNDERLAY_MTU} - 80)",
@@ -91,16 +90,7 @@ fn an_ipv6_underlay_carries_ipv6_and_ipv4_pods() -> Result<()> {
         let on_wire = a.host.link_stats("ul0")?.tx.since(&ul_before.tx);
         let written = b.host.link_stats(IFACE)?.rx.since(&b_before.rx);
         let back = transfer(&b.pod, back_to, 16 * MIB)?;
-        println!(
-            "{label} pods, 16 MiB each way over the IPv6 underlay intact: \
-             a->b {:.0} ms {:.0} Mbit/s (sha256 {}), b->a {:.0} ms {:.0} Mbit/s (sha256 {})",
-            there.elapsed.as_secs_f64() * 1e3,
-            there.mbit_per_s(),
-            there.sha256,
-            back.elapsed.as_secs_f64() * 1e3,
-            back.mbit_per_s(),
-            back.sha256
-        );
+        println!("{label} pods over the IPv6 underlay, intact: a->b {there}; b->a {back}");
         println!(
             "  a->b: agent a read {} packets of {} bytes on average from {IFACE}, sent {} of \
              {} on ul0; agent b wrote {} of {} to {IFACE}",
@@ -181,7 +171,7 @@ fn a_1280_byte_ipv6_underlay_still_carries_ipv6_pods() -> Result<()> {
     a.start_with_mtu(&[b.as_peer(true)], None)?;
     b.start_with_mtu(&[a.as_peer(true)], None)?;
     for node in [&a, &b] {
-        let mtu = link_mtu(&node.host, IFACE)?;
+        let mtu = node.host.link_mtu(IFACE)?;
         ensure!(
             mtu == SMALL,
             "{} has MTU {mtu} on {IFACE}, wanted the IPv6 minimum {SMALL}",
@@ -230,8 +220,8 @@ fn link_local_endpoints_keep_their_scope() -> Result<()> {
     let underlay = lab.underlay("ll", "fd18:7::/64", UNDERLAY_MTU)?;
     let mut a = Node::on_v6(&lab, &underlay, "a", "fd18:7::1".parse()?, 1)?;
     let mut b = Node::on_v6(&lab, &underlay, "b", "fd18:7::2".parse()?, 2)?;
-    let b_link_local = link_local(&b.host, "ul0")?;
-    let endpoint = SocketAddrV6::new(b_link_local, PORT, 0, link_index(&a.host, "ul0")?);
+    let b_link_local = b.host.link_local("ul0")?;
+    let endpoint = SocketAddrV6::new(b_link_local, PORT, 0, a.host.link_index("ul0")?);
     let mut b_as_peer = b.as_peer(false);
     b_as_peer.endpoint = Some(SocketAddr::V6(endpoint));
     a.start_with_mtu(&[b_as_peer], None)?;
@@ -244,7 +234,7 @@ fn link_local_endpoints_keep_their_scope() -> Result<()> {
     ping(&b.pod, pod_ip6(&a)?, 2)?;
     ping(&b.pod, a.pod.ip(), 2)?;
     let seen = b.wg(&["show", IFACE, "endpoints"])?;
-    let a_link_local = link_local(&a.host, "ul0")?;
+    let a_link_local = a.host.link_local("ul0")?;
     ensure!(
         seen.contains(&format!("[{a_link_local}%")),
         "b should see a at its scoped link-local address {a_link_local}, sees: {seen}"
@@ -260,41 +250,8 @@ fn link_local_endpoints_keep_their_scope() -> Result<()> {
     Ok(())
 }
 
-/// The link-local IPv6 address of `dev` in `host`.
-fn link_local(host: &Host, dev: &str) -> Result<Ipv6Addr> {
-    let text = host.ip(&["-6", "-o", "addr", "show", "dev", dev, "scope", "link"])?;
-    let cidr = text
-        .split_whitespace()
-        .skip_while(|w| *w != "inet6")
-        .nth(1)
-        .with_context(|| format!("no link-local address on {dev}: {text}"))?;
-    let addr = cidr.split('/').next().unwrap_or(cidr);
-    Ok(addr.parse()?)
-}
-
-/// The interface index of `dev` in `host`.
-fn link_index(host: &Host, dev: &str) -> Result<u32> {
-    let text = host.ip(&["-o", "link", "show", "dev", dev])?;
-    let index = text
-        .split(':')
-        .next()
-        .with_context(|| format!("no index in {text}"))?;
-    Ok(index.trim().parse()?)
-}
-
 fn pod_ip6(node: &Node) -> Result<Ipv6Addr> {
     node.pod
         .ip6()
         .with_context(|| format!("pod of {} has no IPv6 address", node.host.name()))
-}
-
-/// The MTU of interface `name` in `ns`.
-fn link_mtu(ns: &Netns, name: &str) -> Result<u32> {
-    let text = ns.ip(&["-o", "link", "show", name])?;
-    let mtu = text
-        .split_whitespace()
-        .skip_while(|w| *w != "mtu")
-        .nth(1)
-        .with_context(|| format!("no mtu in {text}"))?;
-    Ok(mtu.parse()?)
 }

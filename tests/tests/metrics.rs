@@ -16,9 +16,8 @@ use anyhow::{Context as _, Result, ensure};
 use wiremesh_lab::clusters::{TwoClusters, wait_for};
 use wiremesh_lab::mesh::{METRICS, Node, eventually, http_get, http_response, in_netns};
 use wiremesh_lab::metrics::Exposition;
-use wiremesh_lab::{Lab, Netns, ping, transfer};
+use wiremesh_lab::{Lab, MIB, Netns, ping, transfer};
 
-const MIB: u64 = 1 << 20;
 /// What the transfers move: a few MiB, checksummed by wm-xfer.
 const SIZE: u64 = 8 * MIB;
 /// The lab's MTU: one WireGuard datagram carries at most this many bytes of the transfer,

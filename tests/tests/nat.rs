@@ -10,10 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use wiremesh_lab::clusters::{BareHost, INTERFACE, NAT_PUBLIC, Side, TwoClusters};
+use wiremesh_lab::lab::NatMapping;
 use wiremesh_lab::mesh::{Keypair, Node, eventually};
-use wiremesh_lab::{Lab, Pod, ping, transfer};
-
-const MIB: u64 = 1 << 20;
+use wiremesh_lab::{Lab, MIB, Pod, ping, transfer};
 
 /// 8 MiB from `a` to `b` and back, checksummed; prints the rates under `what`.
 fn each_way(a: &Pod, b: &Pod, what: &str) -> Result<()> {
@@ -33,7 +32,14 @@ fn a_node_behind_nat_with_no_inbound_reaches_and_is_reached() -> Result<()> {
     let private = lab.underlay("natb", "198.19.2.0/24", 1500)?;
     let gateway = Ipv4Addr::new(198, 19, 2, 254);
     let public = Ipv4Addr::new(198, 18, 2, 254);
-    let _nat = lab.add_nat_gateway(&private, "gw", gateway, public, "10.254.0.0/30")?;
+    let _nat = lab.add_nat_gateway(
+        &private,
+        "gw",
+        gateway,
+        public,
+        "10.254.0.0/30",
+        NatMapping::PortPreserving,
+    )?;
 
     let mut a = Node::new(&lab, "a", 1)?;
     let host_b = lab.add_host_on(&private, "b", Ipv4Addr::new(198, 19, 2, 1), "10.2.0.0/24")?;
@@ -125,11 +131,7 @@ fn an_unreachable_preferred_endpoint_falls_back_to_the_next() -> Result<()> {
         "a1 -> b1 reachable {:?} after join, past the dead endpoint",
         start.elapsed()
     );
-    let peers = lab.a.mesh_peers()?;
-    let b1_peer = peers
-        .iter()
-        .find(|p| p.spec.node == "b1")
-        .context("no MeshPeer for b1")?;
+    let b1_peer = lab.a.mesh_peer("b1")?;
     ensure!(
         b1_peer.spec.endpoints
             == [
@@ -225,11 +227,7 @@ fn both_clusters_behind_nat_punch_through_with_endpoints_a_relay_observed() -> R
         "a1 -> b1 direct through both NATs {:?} after join",
         joined.elapsed()
     );
-    let peers = lab.a.mesh_peers()?;
-    let b1_peer = peers
-        .iter()
-        .find(|p| p.spec.node == "b1")
-        .context("no MeshPeer for b1")?;
+    let b1_peer = lab.a.mesh_peer("b1")?;
     ensure!(
         b1_peer
             .spec

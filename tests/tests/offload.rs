@@ -7,9 +7,7 @@
 
 use anyhow::{Context as _, Result, ensure};
 use wiremesh_lab::mesh::{IFACE, Node};
-use wiremesh_lab::{Lab, ping, transfer};
-
-const MIB: u64 = 1 << 20;
+use wiremesh_lab::{Lab, MIB, ping, transfer};
 
 /// The lab's tunnel MTU (`mesh::write_config`): without offloads no packet on `wm0` is
 /// longer.

@@ -4,27 +4,17 @@
 // The tests print what they measured (shown with --nocapture).
 #![allow(clippy::print_stdout)]
 
-use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use k8s_openapi::api::events::v1::Event;
 use kube::Api;
 use kube::api::PostParams;
-use wiremesh_lab::clusters::{INTERFACE, Side, TwoClusters, wait_for};
+use wiremesh_lab::clusters::{CONVERGE, INTERFACE, Side, TwoClusters, wait_for};
 use wiremesh_lab::fixtures::mesh_node;
 use wiremesh_lab::k8s::{self, block_on};
-use wiremesh_lab::{Netns, ping, transfer};
+use wiremesh_lab::{MIB, ping, reachable, transfer};
 use wiremesh_proto::crd::MeshNode;
-
-const MIB: u64 = 1 << 20;
-/// How long mirroring may take: watch, plan, apply, agent watch, handshake.
-const CONVERGE: Duration = Duration::from_secs(45);
-
-fn reachable(from: &Netns, to: Ipv4Addr) -> Result<bool> {
-    let out = from.exec(&["ping", "-n", "-c", "1", "-W", "1", &to.to_string()])?;
-    Ok(out.status.success())
-}
 
 /// Joined, and every pod of a reaches every pod of b.
 fn joined(nodes: usize) -> Result<TwoClusters> {

@@ -57,13 +57,7 @@ impl Session {
         let mut device = Device::new();
         // A fresh device with one peer: far below any limit.
         let _ = device
-            .apply(&DeviceUpdate {
-                private_key: Some(Some(device_key)),
-                listen_port: Some(51820),
-                fwmark: None,
-                replace_peers: true,
-                peers: vec![peer],
-            })
+            .apply(&DeviceUpdate::replace_all(device_key, 51820, vec![peer]))
             .expect("one peer fits");
         let peer = device.peer_id(&remote_public).expect("the peer was added");
         let remote = Tunn::new(remote_secret, device_public, None, None, 7, None);

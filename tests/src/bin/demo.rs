@@ -10,9 +10,8 @@ use anyhow::{Context as _, Result, ensure};
 use nix::sys::signal::{SigSet, Signal};
 use wiremesh_lab::clusters::{TwoClusters, wait_for};
 use wiremesh_lab::mesh::{IFACE, capture_during};
-use wiremesh_lab::{ping, transfer};
+use wiremesh_lab::{MIB, ping, transfer};
 
-const MIB: u64 = 1 << 20;
 /// What `ping -p` repeats in each echo payload; it must never be seen on the underlay.
 const MARKER_HEX: &str = "57495245204d455348";
 const MARKER: &[u8] = b"WIRE MESH";

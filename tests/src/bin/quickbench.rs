@@ -165,7 +165,9 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
-fn one(imp: &Impl, secs: u32, flows: u32) -> Result<Run> {
+/// Two nodes `a` and `b` in a fresh lab, tunnelled by `imp`: the lab, the nodes and the
+/// two tunnel processes (dropping the lab stops everything).
+fn pair(imp: &Impl) -> Result<(Lab, Node, Node, [Proc; 2])> {
     let lab = Lab::new()?;
     let a = Node::new(&lab, "a", 1)?;
     let b = Node::new(&lab, "b", 2)?;
@@ -173,6 +175,11 @@ fn one(imp: &Impl, secs: u32, flows: u32) -> Result<Run> {
         Kind::Wiremesh => [start_wiremesh(imp, &a, &b)?, start_wiremesh(imp, &b, &a)?],
         Kind::WireguardGo => [start_wggo(imp, &a, &b)?, start_wggo(imp, &b, &a)?],
     };
+    Ok((lab, a, b, procs))
+}
+
+fn one(imp: &Impl, secs: u32, flows: u32) -> Result<Run> {
+    let (_lab, a, b, procs) = pair(imp)?;
     ping(&a.pod, b.pod.ip(), 2)?;
     let rtt = rtt_p50(&a, &b)?;
 
@@ -211,13 +218,7 @@ fn one(imp: &Impl, secs: u32, flows: u32) -> Result<Run> {
 }
 
 fn hold(imp: &Impl, secs: u64) -> Result<()> {
-    let lab = Lab::new()?;
-    let a = Node::new(&lab, "a", 1)?;
-    let b = Node::new(&lab, "b", 2)?;
-    let procs = match imp.kind {
-        Kind::Wiremesh => [start_wiremesh(imp, &a, &b)?, start_wiremesh(imp, &b, &a)?],
-        Kind::WireguardGo => [start_wggo(imp, &a, &b)?, start_wggo(imp, &b, &a)?],
-    };
+    let (_lab, a, b, procs) = pair(imp)?;
     println!(
         "host a {} pod a {} ({}), host b {} pod b {} ({}), pids {} {}",
         a.host.name(),

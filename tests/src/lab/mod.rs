@@ -46,6 +46,7 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use rand_core::{OsRng, RngCore};
 
 pub use self::host::Host;
+pub use self::nat::NatMapping;
 pub use self::netns::Netns;
 pub use self::pod::Pod;
 pub use self::process::{Proc, STOP_GRACE};
@@ -53,7 +54,9 @@ pub(crate) use self::process::{describe, run_with_timeout};
 pub use self::stats::{Counters, LinkStats};
 pub(crate) use self::tools::find_binary;
 pub use self::tools::{agent_binary, require_root, require_tool, require_tools, xfer_binary};
-pub use self::transfer::{TransferReport, df_ping, output_text, ping, transfer, transfer_between};
+pub use self::transfer::{
+    MIB, TransferReport, df_ping, output_text, ping, reachable, transfer, transfer_between,
+};
 pub use self::underlay::Underlay;
 
 use self::process::{ProcSlot, dump_logs, stop_all};

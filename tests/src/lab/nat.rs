@@ -7,6 +7,16 @@ use anyhow::{Context, Result};
 
 use super::{Host, Lab, Underlay};
 
+/// How a NAT gateway maps the source ports of connections from behind it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatMapping {
+    /// Keeps a connection's source port where it can (plain `masquerade`), as most cloud
+    /// NATs and home routers do: hole punching works.
+    PortPreserving,
+    /// A random source port for every connection (`masquerade fully-random`).
+    Symmetric,
+}
+
 impl Lab {
     /// A NAT gateway between `private` and the default underlay, like a cloud NAT or a
     /// home router: a host `name` with `private_ip` on `private` and `public_ip` on the
@@ -14,6 +24,10 @@ impl Lab {
     /// side (nftables), and dropping every connection that starts on the public side. Hosts
     /// behind it get it as their default route with [`Host::set_default_route`].
     /// `pod_cidr` is the (unused) pod CIDR every lab host has.
+    ///
+    /// With [`NatMapping::Symmetric`] the NAT picks a random source port for every
+    /// connection (`masquerade fully-random`): the address a peer observes is of no use to
+    /// anyone else, so no hole can be punched through it.
     ///
     /// # Errors
     /// As [`Lab::add_host_on`] and [`Host::attach`], or when `nft` fails.
@@ -24,38 +38,13 @@ impl Lab {
         private_ip: Ipv4Addr,
         public_ip: Ipv4Addr,
         pod_cidr: &str,
-    ) -> Result<Host> {
-        self.nat_gateway(private, name, private_ip, public_ip, pod_cidr, false)
-    }
-
-    /// As [`Lab::add_nat_gateway`], but the NAT picks a random source port for every
-    /// connection (`masquerade fully-random`, a "symmetric" NAT): the address a peer
-    /// observes is of no use to anyone else, so no hole can be punched through it.
-    ///
-    /// # Errors
-    /// As [`Lab::add_nat_gateway`].
-    pub fn add_symmetric_nat_gateway(
-        &self,
-        private: &Underlay,
-        name: &str,
-        private_ip: Ipv4Addr,
-        public_ip: Ipv4Addr,
-        pod_cidr: &str,
-    ) -> Result<Host> {
-        self.nat_gateway(private, name, private_ip, public_ip, pod_cidr, true)
-    }
-
-    fn nat_gateway(
-        &self,
-        private: &Underlay,
-        name: &str,
-        private_ip: Ipv4Addr,
-        public_ip: Ipv4Addr,
-        pod_cidr: &str,
-        fully_random: bool,
+        mapping: NatMapping,
     ) -> Result<Host> {
         let router = self.add_host_on(private, name, private_ip, pod_cidr)?;
-        let flags = if fully_random { " fully-random" } else { "" };
+        let flags = match mapping {
+            NatMapping::PortPreserving => "",
+            NatMapping::Symmetric => " fully-random",
+        };
         let public = router.attach(&self.underlay, public_ip)?;
         let rules = format!(
             "table ip wmnat {{

@@ -62,6 +62,12 @@ impl Proc {
         read_lossy(&self.slot.stderr_path)
     }
 
+    /// What the process wrote to stderr so far, without terminal colour sequences
+    /// (`ESC [ ... m`), as tracing writes them: for matching log lines.
+    pub fn stderr_plain(&self) -> String {
+        strip_ansi(&self.stderr())
+    }
+
     /// Waits up to `timeout` for the process to exit by itself and returns its status and
     /// output. On timeout the process keeps running (and is still stopped on drop).
     ///
@@ -406,4 +412,22 @@ pub(super) fn dump_logs(procs: &[Arc<ProcSlot>]) {
             p.stderr_tail(60)
         );
     }
+}
+
+/// `text` without terminal colour sequences (`ESC [ ... m`).
+fn strip_ansi(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
 }

@@ -1,4 +1,6 @@
-//! Interface counters, as `ip -s link show` prints them.
+//! Interface counters, MTU, index and link-local address, as `ip` prints them.
+
+use std::net::Ipv6Addr;
 
 use anyhow::{Context, Result, ensure};
 
@@ -44,6 +46,52 @@ impl Netns {
     /// When `ip` fails or its output has no counters.
     pub fn link_stats(&self, dev: &str) -> Result<LinkStats> {
         parse_link_stats(&self.ip(&["-s", "link", "show", "dev", dev])?)
+    }
+
+    /// The MTU of `dev` in this namespace.
+    ///
+    /// # Errors
+    /// When `ip` fails or its output has no MTU.
+    pub fn link_mtu(&self, dev: &str) -> Result<u32> {
+        let text = self.ip(&["-o", "link", "show", "dev", dev])?;
+        let mtu = text
+            .split_whitespace()
+            .skip_while(|w| *w != "mtu")
+            .nth(1)
+            .with_context(|| format!("no mtu in {text}"))?;
+        mtu.parse().with_context(|| format!("mtu {mtu:?} of {dev}"))
+    }
+
+    /// The interface index of `dev` in this namespace.
+    ///
+    /// # Errors
+    /// When `ip` fails or its output has no index.
+    pub fn link_index(&self, dev: &str) -> Result<u32> {
+        let text = self.ip(&["-o", "link", "show", "dev", dev])?;
+        let index = text
+            .split(':')
+            .next()
+            .with_context(|| format!("no index in {text}"))?;
+        index
+            .trim()
+            .parse()
+            .with_context(|| format!("index {index:?} of {dev}"))
+    }
+
+    /// The link-local IPv6 address of `dev` in this namespace.
+    ///
+    /// # Errors
+    /// When `ip` fails or `dev` has no link-local address.
+    pub fn link_local(&self, dev: &str) -> Result<Ipv6Addr> {
+        let text = self.ip(&["-6", "-o", "addr", "show", "dev", dev, "scope", "link"])?;
+        let cidr = text
+            .split_whitespace()
+            .skip_while(|w| *w != "inet6")
+            .nth(1)
+            .with_context(|| format!("no link-local address on {dev}: {text}"))?;
+        let addr = cidr.split('/').next().unwrap_or(cidr);
+        addr.parse()
+            .with_context(|| format!("link-local address {addr:?} of {dev}"))
     }
 }
 

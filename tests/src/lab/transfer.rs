@@ -10,9 +10,12 @@ use super::process::describe;
 use super::{Netns, path_str, xfer_binary};
 use crate::xfer::Summary;
 
+/// A mebibyte, the unit of the tests' transfer sizes.
+pub const MIB: u64 = 1 << 20;
+
 /// The lower bound assumed for transfer throughput when choosing a timeout: 1 MiB/s is slower
 /// than any working tunnel, debug builds included.
-const TRANSFER_FLOOR_BYTES_PER_SEC: u64 = 1024 * 1024;
+const TRANSFER_FLOOR_BYTES_PER_SEC: u64 = MIB;
 
 /// Fixed part of a transfer timeout: process start, handshake, connect retries.
 const TRANSFER_BASE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -34,6 +37,20 @@ impl TransferReport {
     /// Goodput in Mbit/s.
     pub fn mbit_per_s(&self) -> f64 {
         self.bytes as f64 * 8.0 / self.elapsed.as_secs_f64().max(1e-9) / 1e6
+    }
+}
+
+/// `<N> MiB in <ms> ms, <rate> Mbit/s (sha256 <hash>)`.
+impl std::fmt::Display for TransferReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} MiB in {:.0} ms, {:.0} Mbit/s (sha256 {})",
+            self.bytes / MIB,
+            self.elapsed.as_secs_f64() * 1e3,
+            self.mbit_per_s(),
+            self.sha256
+        )
     }
 }
 
@@ -158,6 +175,16 @@ pub fn transfer_between(
         seed,
         elapsed,
     })
+}
+
+/// Whether one ping from `from` to `to` (IPv4 or IPv6) is answered within a second.
+///
+/// # Errors
+/// When ping could not be run.
+pub fn reachable(from: &Netns, to: impl Into<IpAddr>) -> Result<bool> {
+    let to = to.into().to_string();
+    let out = from.exec(&["ping", "-n", "-c", "1", "-W", "1", &to])?;
+    Ok(out.status.success())
 }
 
 /// Pings `to` (IPv4 or IPv6) from `from` until `count` replies came back (0.2 s apart),
