@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod netlink;
 pub mod peers;
 pub mod standalone;
+pub mod state;
 pub mod tun;
 pub mod uapi_server;
 

@@ -473,10 +473,7 @@ fn save_cache(dir: &std::path::Path, peers: &PeerSet) {
         })
         .collect();
     let write = || -> Result<()> {
-        std::fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!("{CACHE_FILE}.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec(&list)?)?;
-        std::fs::rename(tmp, dir.join(CACHE_FILE))?;
+        crate::state::write_atomic(&dir.join(CACHE_FILE), &serde_json::to_vec(&list)?)?;
         Ok(())
     };
     if let Err(e) = write() {
