@@ -107,6 +107,7 @@ pub async fn run(options: HostOptions) -> Result<()> {
         mtu: options.mtu,
         addresses,
         uapi_dir: options.uapi_dir.clone(),
+        fail_closed: Some(options.state_dir.clone()),
     };
     let initial = DeviceUpdate {
         private_key: Some(Some(key)),

@@ -101,6 +101,7 @@ pub async fn run(options: KubeOptions) -> Result<()> {
         mtu: options.mtu,
         addresses: options.addresses.clone(),
         uapi_dir: options.uapi_dir.clone(),
+        fail_closed: Some(options.state_dir.clone()),
     };
     let mesh_node = MeshNodeSpec {
         public_key: public.to_string(),

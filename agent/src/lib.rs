@@ -7,6 +7,7 @@
 
 pub mod control;
 pub mod dataplane;
+pub mod failclosed;
 pub mod host;
 pub mod k8s;
 pub mod keys;
