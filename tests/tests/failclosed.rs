@@ -1,7 +1,8 @@
 //! The mesh fails closed (issue 12 §2): whatever state an agent is in (stopped, crashed,
-//! restarting, a peer removed by policy), no packet for a linked cluster's pods crosses the
-//! underlay in plaintext; a restart in the middle of a transfer costs a short gap and no
-//! byte; an agent restarted while its API server is down has its tunnels from the cache.
+//! restarting, a rolling update, a peer removed by policy), no packet for a linked
+//! cluster's pods crosses the underlay in plaintext; a restart in the middle of a transfer
+//! costs a short gap and no byte; an agent restarted while its API server is down has its
+//! tunnels from the cache.
 //! Needs root.
 
 // The test prints what it measured (shown with --nocapture).
@@ -153,7 +154,53 @@ fn the_mesh_fails_closed_and_a_restart_loses_nothing() -> Result<()> {
         );
     }
 
-    // 3. A restart while the API server is down: the tunnels come from the cache.
+    // 3. A DaemonSet rolling update: each node's agent stopped and the new one started,
+    // one node at a time, under a long transfer; b1's default route leads onto the
+    // underlay too, so that its replies would show there.
+    let a1_underlay = lab.a.node("a1")?.host.underlay_ip();
+    lab.b.node("b1")?.host.set_default_route(a1_underlay)?;
+    let (capture, report) = capture_during(&underlay, MARKER, || {
+        let pings = lab.a.node("a1")?.pod.spawn(&[
+            "ping",
+            "-n",
+            "-q",
+            "-i",
+            "0.01",
+            "-c",
+            "700",
+            "-p",
+            MARKER_HEX,
+            &b1_ip.to_string(),
+        ])?;
+        let result = thread::scope(|scope| -> Result<_> {
+            let a1_pod = lab.a.node("a1")?.pod.clone();
+            let sending = scope.spawn(move || transfer(&a1_pod, b1_ip, 2 * TRANSFER));
+            for (side, name) in [(Side::A, "a1"), (Side::B, "b1")] {
+                thread::sleep(Duration::from_millis(1500));
+                lab.stop_agent(side, name, "TERM")?;
+                lab.restart_agent(side, name)?;
+            }
+            sending
+                .join()
+                .map_err(|_| anyhow::anyhow!("the transfer panicked"))?
+        });
+        let _ = pings.wait_with_timeout(Duration::from_secs(20));
+        result
+    })?;
+    println!(
+        "rolling update (a1 then b1) during a {} MiB transfer: intact (SHA-256 {}); {} WireGuard data frames, plaintext seen {} times",
+        report.bytes / MIB,
+        report.sha256,
+        capture.wireguard_data,
+        capture.marker_hits
+    );
+    ensure!(
+        capture.marker_hits == 0,
+        "rolling update: plaintext crossed the underlay {} times",
+        capture.marker_hits
+    );
+
+    // 4. A restart while the API server is down: the tunnels come from the cache.
     lab.a.plane.pause()?;
     let outage = (|| -> Result<Duration> {
         lab.stop_agent(Side::A, "a1", "TERM")?;
@@ -175,7 +222,7 @@ fn the_mesh_fails_closed_and_a_restart_loses_nothing() -> Result<()> {
     );
     wait_for(CONVERGE, || ping(&lab.a.node("a1")?.pod, b1_ip, 1))?;
 
-    // 4. The peer removed by policy: b1's Node is deleted, so its MeshNode, and cluster-a's
+    // 5. The peer removed by policy: b1's Node is deleted, so its MeshNode, and cluster-a's
     // MeshPeer for it, go; a1 drops the tunnel and its route.
     k8s::delete_node(&lab.b.client()?, "b1")?;
     wait_for(CONVERGE, || {
@@ -196,7 +243,7 @@ fn the_mesh_fails_closed_and_a_restart_loses_nothing() -> Result<()> {
         capture.marker_hits
     );
 
-    // 5. `wiremesh-agent cleanup`, the user's explicit choice, removes them.
+    // 6. `wiremesh-agent cleanup`, the user's explicit choice, removes them.
     lab.stop_agent(Side::A, "a1", "TERM")?;
     let a1 = lab.a.node("a1")?;
     let state = a1.host.state_dir().to_path_buf();
