@@ -25,6 +25,7 @@ use wiremesh_proto::{InterfaceAddress, IpCidr, PresharedKey};
 
 use self::udp::{RxRing, Underlay};
 use crate::control::{Command, Handle, Snapshot};
+use crate::failclosed::{self, FailClosed};
 use crate::netlink::{Netlink, RouteReconciler};
 use crate::tun::{DetachedTun, Tun};
 use crate::uapi_server;
@@ -69,6 +70,9 @@ pub struct InterfaceSpec {
     pub addresses: Vec<InterfaceAddress>,
     /// Where the UAPI socket goes (normally `/var/run/wireguard`).
     pub uapi_dir: PathBuf,
+    /// The state directory that keeps the fail-closed ranges ([`crate::failclosed`]), in
+    /// the mesh modes; `None` in standalone mode, where routes follow the config file.
+    pub fail_closed: Option<PathBuf>,
 }
 
 /// Brings the interface up with `initial` applied, serves until `shutdown` completes,
@@ -91,6 +95,21 @@ pub async fn run(
         .context("the initial configuration was refused")?;
 
     let netlink = Netlink::new().await.context("opening netlink")?;
+    // Before the TUN device exists: the ranges routed before a restart, a crash or a
+    // reboot are closed again first.
+    let fail_closed = spec.fail_closed.as_ref().map(|dir| {
+        let set = FailClosed::new(failclosed::load(dir));
+        (dir.clone(), set)
+    });
+    if let Some((_, set)) = &fail_closed {
+        match failclosed::install(&netlink, set).await {
+            Ok(added) => info!(
+                ranges = set.ranges().len(),
+                added, "fail-closed routes in place"
+            ),
+            Err(e) => warn!(error = %e, "installing the fail-closed routes"),
+        }
+    }
     // From here on the device decides the MTU: a derived one is raised to the IPv6 minimum
     // when IPv6 routes arrive later, a configured one is left as it is.
     let derived = spec.mtu == MTU_FROM_UNDERLAY;
@@ -137,7 +156,7 @@ pub async fn run(
     );
 
     let (link_tx, link_rx) = watch::channel(Link::of(&device));
-    let route_task = tokio::spawn(reconcile_link(netlink, index, link_rx, mtu));
+    let route_task = tokio::spawn(reconcile_link(netlink, index, link_rx, mtu, fail_closed));
 
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let uapi_path = spec.uapi_dir.join(format!("{}.sock", spec.name));
@@ -715,11 +734,16 @@ impl Link {
 /// dropped, then removes the routes. The MTU is set first: it only changes when the device
 /// raises a derived MTU to the IPv6 minimum for an IPv6 route ([`Device::set_mtu`]), and
 /// below that minimum Linux turns IPv6 off on the device and refuses its IPv6 routes.
+///
+/// With `fail_closed` (a state directory and the set read from it), every routed range is
+/// added to the set, persisted, and gets its fail-closed route before its tunnel route;
+/// those stay when the task ends.
 async fn reconcile_link(
     netlink: Netlink,
     index: u32,
     mut desired: watch::Receiver<Link>,
     mut mtu: u32,
+    mut fail_closed: Option<(PathBuf, FailClosed)>,
 ) -> Result<()> {
     let mut reconciler = RouteReconciler::new(index);
     let mut resync = tokio::time::interval(ROUTE_RESYNC);
@@ -741,6 +765,9 @@ async fn reconcile_link(
                 }
                 Err(e) => warn!(mtu = wanted, error = %e, "raising the MTU for IPv6"),
             }
+        }
+        if let Some((dir, set)) = &mut fail_closed {
+            close_ranges(&netlink, dir, set, &routes).await;
         }
         match reconciler.reconcile(&netlink, &routes).await {
             Ok(diff) => {
@@ -764,4 +791,31 @@ async fn reconcile_link(
         .await
         .context("removing routes")?;
     Ok(())
+}
+
+/// Adds the `routed` ranges to the fail-closed set, persists it when it grew, and
+/// installs the missing fail-closed routes (also those someone deleted). A set whose file
+/// is gone was removed by the user (`wiremesh-agent cleanup`): it starts again from the
+/// ranges routed now.
+async fn close_ranges(
+    netlink: &Netlink,
+    dir: &std::path::Path,
+    set: &mut FailClosed,
+    routed: &BTreeSet<IpCidr>,
+) {
+    let grew = if failclosed::persisted(dir) {
+        set.extend(routed)
+    } else {
+        if !set.ranges().is_empty() {
+            info!("the fail-closed ranges were removed: starting again from the routed ones");
+        }
+        set.reset(routed);
+        true
+    };
+    if grew && let Err(e) = failclosed::save(dir, set.ranges()) {
+        warn!(error = %e, dir = %dir.display(), "saving the fail-closed ranges");
+    }
+    if let Err(e) = failclosed::install(netlink, set).await {
+        warn!(error = %e, "installing the fail-closed routes");
+    }
 }

@@ -107,6 +107,7 @@ pub async fn run(options: HostOptions) -> Result<()> {
         mtu: options.mtu,
         addresses,
         uapi_dir: options.uapi_dir.clone(),
+        fail_closed: Some(options.state_dir.clone()),
     };
     let initial = DeviceUpdate {
         private_key: Some(Some(key)),
@@ -126,14 +127,9 @@ pub async fn run(options: HostOptions) -> Result<()> {
     };
     let cached = load_cache(&options.state_dir);
     let publisher = publish(client, bundle.host_name.clone(), public, endpoints);
-    run_data_plane(
-        spec,
-        initial,
-        options.metrics_addr,
-        context,
-        cached,
-        publisher,
-    )
+    run_data_plane(spec, initial, options.metrics_addr, cached, async move {
+        (context, publisher)
+    })
     .await
 }
 

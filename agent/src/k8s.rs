@@ -72,22 +72,14 @@ pub async fn run(options: KubeOptions) -> Result<()> {
     // The key directory is a hostPath the kubelet creates 0755; it is ours alone.
     crate::keys::private_dir(&options.state_dir)?;
     let key = crate::keys::load_or_generate(&options.key_file)?;
+    // Building the client reads the configuration only; nothing is asked of the API
+    // server before the data plane is up with the cached peers.
     let client = client(&options).await?;
-    let node = wait_for_node(&client, &options.node_name).await?;
-    let own_cidrs = node_pod_cidrs(&node);
-    let endpoints = if options.endpoints.is_empty() {
-        node_endpoints(&node, options.listen_port)
-    } else {
-        options.endpoints.clone()
-    };
-    if endpoints.is_empty() {
-        warn!(node = %options.node_name, "the Node has no address; publishing no endpoint (peers must reach us first)");
-    }
     let public = {
         let secret = boringtun::x25519::StaticSecret::from(*key.as_bytes());
         PublicKey::from(*boringtun::x25519::PublicKey::from(&secret).as_bytes())
     };
-    info!(node = %options.node_name, public_key = %public, pod_cidrs = ?own_cidrs, ?endpoints, "starting in Kubernetes mode");
+    info!(node = %options.node_name, public_key = %public, "starting in Kubernetes mode");
 
     let cached = load_cache(&options.state_dir);
     let initial = DeviceUpdate {
@@ -101,7 +93,37 @@ pub async fn run(options: KubeOptions) -> Result<()> {
         mtu: options.mtu,
         addresses: options.addresses.clone(),
         uapi_dir: options.uapi_dir.clone(),
+        fail_closed: Some(options.state_dir.clone()),
     };
+    let metrics_addr = options.metrics_addr;
+    run_data_plane(
+        spec,
+        initial,
+        metrics_addr,
+        cached,
+        setup(client, options, public),
+    )
+    .await
+}
+
+/// What needs the API server: the Node (pod CIDRs, addresses, zone, gateway label), then
+/// the peer machinery's [`Context`] and the MeshNode publisher.
+async fn setup(
+    client: Client,
+    options: KubeOptions,
+    public: PublicKey,
+) -> (Context, impl Future<Output = ()> + Send + 'static) {
+    let node = wait_for_node(&client, &options.node_name).await;
+    let own_cidrs = node_pod_cidrs(&node);
+    let endpoints = if options.endpoints.is_empty() {
+        node_endpoints(&node, options.listen_port)
+    } else {
+        options.endpoints.clone()
+    };
+    if endpoints.is_empty() {
+        warn!(node = %options.node_name, "the Node has no address; publishing no endpoint (peers must reach us first)");
+    }
+    info!(node = %options.node_name, pod_cidrs = ?own_cidrs, ?endpoints, "Node read");
     let mesh_node = MeshNodeSpec {
         public_key: public.to_string(),
         endpoints: endpoints.iter().map(ToString::to_string).collect(),
@@ -122,16 +144,7 @@ pub async fn run(options: KubeOptions) -> Result<()> {
         },
         state_dir: options.state_dir.clone(),
     };
-    let publisher = publish(client, node, mesh_node);
-    run_data_plane(
-        spec,
-        initial,
-        options.metrics_addr,
-        context,
-        cached,
-        publisher,
-    )
-    .await
+    (context, publish(client, node, mesh_node))
 }
 
 async fn client(options: &KubeOptions) -> Result<Client> {
@@ -156,13 +169,14 @@ async fn client(options: &KubeOptions) -> Result<Client> {
     Client::try_from(config).context("building the Kubernetes client")
 }
 
-/// The Node object; waits while the API server is unreachable or the Node not there yet.
-async fn wait_for_node(client: &Client, name: &str) -> Result<Node> {
+/// The Node object; waits while the API server is unreachable or the Node not there yet
+/// (the data plane runs meanwhile, with the cached peers).
+async fn wait_for_node(client: &Client, name: &str) -> Node {
     let nodes: Api<Node> = Api::all(client.clone());
     let mut logged = false;
     loop {
         match nodes.get_opt(name).await {
-            Ok(Some(node)) => return Ok(node),
+            Ok(Some(node)) => return node,
             Ok(None) if !logged => {
                 warn!(node = name, "waiting for the Node object to exist");
                 logged = true;

@@ -7,6 +7,7 @@
 
 pub mod control;
 pub mod dataplane;
+pub mod failclosed;
 pub mod host;
 pub mod k8s;
 pub mod keys;
@@ -15,6 +16,7 @@ pub mod metrics;
 pub mod netlink;
 pub mod peers;
 pub mod standalone;
+pub mod state;
 pub mod tun;
 pub mod uapi_server;
 

@@ -54,6 +54,15 @@ enum Command {
     /// host's public key and endpoint, build a tunnel to every node of its cluster and of
     /// the linked clusters.
     Host(Box<HostArgs>),
+    /// Remove the fail-closed routes (`unreachable ... proto 0x58`) that keep the linked
+    /// clusters' ranges off the underlay while no tunnel carries them, and the list of
+    /// them in the state directory. Run it on each machine when uninstalling Wiremesh or
+    /// after unlinking a cluster: until then, traffic to those ranges is refused.
+    Cleanup {
+        /// The agent's state directory.
+        #[arg(long, env = "WIREMESH_STATE_DIR", default_value = "/var/lib/wiremesh")]
+        state_dir: PathBuf,
+    },
 }
 
 /// Flags the `kube` and `host` modes share.
@@ -167,6 +176,11 @@ fn main() -> ExitCode {
                 })
                 .await
             }
+            Command::Cleanup { state_dir } => wiremesh_agent::failclosed::run_cleanup(&state_dir)
+                .await
+                .map(|removed| {
+                    tracing::info!(removed, "fail-closed routes removed");
+                }),
             Command::Host(args) => {
                 wiremesh_agent::host::run(wiremesh_agent::host::HostOptions {
                     bundle: args.bundle,

@@ -28,6 +28,23 @@ use wiremesh_core::mtu::UnderlayPath;
 /// `rt_protos`; RTPROT_STATIC (4) would collide with routes NetworkManager and admins add.
 pub const ROUTE_PROTOCOL: u8 = 0x57;
 
+/// The `rtm_protocol` value on the fail-closed routes (`ip route show proto 0x58`), see
+/// [`crate::failclosed`].
+///
+/// Distinct from [`ROUTE_PROTOCOL`] so that the tunnel routes' reconciler, and its cleanup
+/// on shutdown, never see them. 0x58 (ASCII `X`, next to ours) is not assigned in
+/// `<linux/rtnetlink.h>` nor in iproute2's `rt_protos` either.
+pub const FAIL_CLOSED_PROTOCOL: u8 = 0x58;
+
+/// The metric of the fail-closed routes: the largest a route can have, less our 0x57 to
+/// recognise it.
+///
+/// The tunnel routes have metric 0 (IPv4) or 1024 (IPv6: the kernel's default when none is
+/// given), and the route with the lowest metric for a prefix wins: while a tunnel route
+/// exists it carries the traffic; when it is gone (agent stopped, crashed, TUN device
+/// deleted by the kernel, peer removed) the fail-closed route for the same prefix is next.
+pub const FAIL_CLOSED_METRIC: u32 = u32::MAX - 0x57;
+
 /// A connection to the kernel's routing netlink socket.
 ///
 /// The connection task runs on the runtime that called [`Netlink::new`] and stops when this
@@ -308,6 +325,67 @@ impl Netlink {
         Ok(routes)
     }
 
+    /// Adds the fail-closed `unreachable` route for `dst` (main table, protocol
+    /// [`FAIL_CLOSED_PROTOCOL`], metric [`FAIL_CLOSED_METRIC`], no interface). A route
+    /// already there counts as success.
+    ///
+    /// # Errors
+    /// [`NetlinkError::AddFailClosed`] when the kernel refuses.
+    pub async fn add_fail_closed(&self, dst: IpCidr) -> Result<(), NetlinkError> {
+        match self
+            .handle
+            .route()
+            .add(fail_closed_message(dst))
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
+            Err(source) => Err(NetlinkError::AddFailClosed { dst, source }),
+        }
+    }
+
+    /// Deletes the fail-closed route for `dst`; a route already gone counts as success.
+    /// Only a route with our protocol, type and metric is matched.
+    ///
+    /// # Errors
+    /// [`NetlinkError::DelFailClosed`] when the kernel refuses.
+    pub async fn del_fail_closed(&self, dst: IpCidr) -> Result<(), NetlinkError> {
+        match self
+            .handle
+            .route()
+            .del(fail_closed_message(dst))
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(errno(&e), Some(libc::ESRCH | libc::ENOENT)) => Ok(()),
+            Err(source) => Err(NetlinkError::DelFailClosed { dst, source }),
+        }
+    }
+
+    /// The destinations of the fail-closed routes in the main table, IPv4 and IPv6.
+    ///
+    /// # Errors
+    /// [`NetlinkError::ListRoutes`] when a dump fails.
+    pub async fn fail_closed_routes(&self) -> Result<BTreeSet<IpCidr>, NetlinkError> {
+        let list = |source| NetlinkError::ListRoutes { index: 0, source };
+        let mut routes = BTreeSet::new();
+        let dumps = [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ];
+        for request in dumps {
+            let mut stream = self.handle.route().get(request).execute();
+            while let Some(route) = stream.try_next().await.map_err(list)? {
+                if let Some(dst) = fail_closed_destination(&route) {
+                    routes.insert(dst);
+                }
+            }
+        }
+        Ok(routes)
+    }
+
     /// Deletes interface `index`; an interface already gone counts as success.
     ///
     /// # Errors
@@ -566,6 +644,24 @@ pub enum NetlinkError {
         #[source]
         source: Option<rtnetlink::Error>,
     },
+    /// Adding a fail-closed route failed.
+    #[error("cannot add the fail-closed route unreachable {dst}")]
+    AddFailClosed {
+        /// The destination.
+        dst: IpCidr,
+        /// The netlink error.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// Deleting a fail-closed route failed.
+    #[error("cannot delete the fail-closed route unreachable {dst}")]
+    DelFailClosed {
+        /// The destination.
+        dst: IpCidr,
+        /// The netlink error.
+        #[source]
+        source: rtnetlink::Error,
+    },
     /// Deleting an interface failed.
     #[error("cannot delete interface {index}")]
     DelLink {
@@ -597,6 +693,58 @@ fn route_message(index: u32, dst: IpCidr) -> RouteMessage {
     message.header.kind = RouteType::Unicast;
     message.attributes.push(RouteAttribute::Oif(index));
     message
+}
+
+/// The message that adds, or deletes, the fail-closed route for `dst`: `unreachable`, so
+/// that a sender gets an ICMP error (or `EHOSTUNREACH`) at once instead of waiting for a
+/// timeout, with no output interface (the kernel puts it on `lo`), so it outlives the TUN
+/// device.
+fn fail_closed_message(dst: IpCidr) -> RouteMessage {
+    let mut message = match dst.addr() {
+        IpAddr::V4(addr) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(addr, dst.prefix_len())
+            .build(),
+        IpAddr::V6(addr) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(addr, dst.prefix_len())
+            .build(),
+    };
+    message.header.table = RouteHeader::RT_TABLE_MAIN;
+    message.header.protocol = RouteProtocol::from(FAIL_CLOSED_PROTOCOL);
+    message.header.kind = RouteType::Unreachable;
+    message.header.scope = RouteScope::Universe;
+    message
+        .attributes
+        .push(RouteAttribute::Priority(FAIL_CLOSED_METRIC));
+    message
+}
+
+/// The destination of `route` when it is a fail-closed route: main table, protocol
+/// [`FAIL_CLOSED_PROTOCOL`], unreachable.
+fn fail_closed_destination(route: &RouteMessage) -> Option<IpCidr> {
+    let header = &route.header;
+    if u8::from(header.protocol) != FAIL_CLOSED_PROTOCOL || header.kind != RouteType::Unreachable {
+        return None;
+    }
+    let mut table = u32::from(header.table);
+    let mut dst = None;
+    for attr in &route.attributes {
+        match attr {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(IpAddr::V4(*a)),
+            RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = Some(IpAddr::V6(*a)),
+            _ => {}
+        }
+    }
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
+        return None;
+    }
+    let addr = match (dst, header.address_family) {
+        (Some(addr), _) => addr,
+        (None, AddressFamily::Inet) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        (None, AddressFamily::Inet6) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        (None, _) => return None,
+    };
+    IpCidr::new(addr, header.destination_prefix_length).ok()
 }
 
 /// The destination of `route` when it is one of ours: main table, our protocol, unicast,
@@ -770,6 +918,22 @@ mod tests {
         assert_eq!(route_mtu(&route), Some(1280));
         let specific = route_message(3, "10.0.0.0/8".parse().unwrap());
         assert!(!is_main_default(&specific));
+    }
+
+    #[test]
+    fn fail_closed_routes_are_told_apart_from_tunnel_routes() {
+        for text in ["10.2.1.0/24", "fd10:2:0:1::/64", "0.0.0.0/0"] {
+            let dst: IpCidr = text.parse().unwrap();
+            let fail_closed = fail_closed_message(dst);
+            assert_eq!(fail_closed_destination(&fail_closed), Some(dst));
+            assert_eq!(our_route_destination(&fail_closed, 0), None);
+            assert_eq!(route_priority(&fail_closed), FAIL_CLOSED_METRIC);
+            let tunnel = route_message(7, dst);
+            assert_eq!(fail_closed_destination(&tunnel), None);
+        }
+        let mut other = fail_closed_message("10.0.0.0/8".parse().unwrap());
+        other.header.protocol = RouteProtocol::Static;
+        assert_eq!(fail_closed_destination(&other), None);
     }
 
     fn cidrs(texts: &[&str]) -> Vec<IpCidr> {

@@ -38,21 +38,39 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the failover groups' members are checked for signs of life.
 const FAILOVER_CHECK: Duration = Duration::from_millis(500);
 
-/// Brings the data plane up and, once it answers, runs `context` (with `publisher`,
-/// which ends when this machine leaves the mesh) until SIGINT/SIGTERM.
-pub(crate) async fn run_data_plane(
+/// Brings the data plane up with the `cached` peers (the last known ones), before
+/// anything is asked of the API server; then waits for `setup` (which may wait for the
+/// API server) and runs the [`Context`] it gives (with its publisher, which ends when
+/// this machine leaves the mesh) until SIGINT/SIGTERM.
+///
+/// An agent restarted during an API server outage so has its tunnels, from the cache,
+/// for the whole outage.
+pub(crate) async fn run_data_plane<P>(
     spec: InterfaceSpec,
     initial: DeviceUpdate,
     metrics_addr: Option<SocketAddr>,
-    context: Context,
     cached: Option<PeerSet>,
-    publisher: impl Future<Output = ()> + Send + 'static,
-) -> Result<()> {
+    setup: impl Future<Output = (Context, P)> + Send + 'static,
+) -> Result<()>
+where
+    P: Future<Output = ()> + Send + 'static,
+{
     let metrics = crate::metrics::bind(metrics_addr).await?;
     let (origins_tx, origins_rx) = watch::channel(Origins::new());
     let ready = move |handle: Handle| {
         crate::metrics::spawn(metrics, AgentMetrics::new(handle.clone(), origins_rx));
-        tokio::spawn(context.run(handle, cached, origins_tx, publisher));
+        tokio::spawn(async move {
+            let mut applied = PeerSet::new();
+            if let Some(peers) = cached {
+                info!(
+                    peers = peers.len(),
+                    "restoring the last known peers until the API server answers"
+                );
+                apply(&handle, &mut applied, peers, Some(&origins_tx)).await;
+            }
+            let (context, publisher) = setup.await;
+            context.run(handle, applied, origins_tx, publisher).await;
+        });
     };
     dataplane::run(spec, initial, ready, crate::shutdown_signal()).await
 }
@@ -68,18 +86,10 @@ impl Context {
     async fn run(
         self,
         handle: Handle,
-        cached: Option<PeerSet>,
+        applied: PeerSet,
         origins: watch::Sender<Origins>,
         publisher: impl Future<Output = ()> + Send + 'static,
     ) {
-        let mut applied = PeerSet::new();
-        if let Some(peers) = cached {
-            info!(
-                peers = peers.len(),
-                "restoring the last known peers until the API server answers"
-            );
-            apply(&handle, &mut applied, peers, Some(&origins)).await;
-        }
         let node_gone = tokio::spawn(publisher);
         tokio::spawn(report_status(
             self.client.clone(),
@@ -473,10 +483,7 @@ fn save_cache(dir: &std::path::Path, peers: &PeerSet) {
         })
         .collect();
     let write = || -> Result<()> {
-        std::fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!("{CACHE_FILE}.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec(&list)?)?;
-        std::fs::rename(tmp, dir.join(CACHE_FILE))?;
+        crate::state::write_atomic(&dir.join(CACHE_FILE), &serde_json::to_vec(&list)?)?;
         Ok(())
     };
     if let Err(e) = write() {

@@ -74,6 +74,7 @@ pub fn plan(options: &UpOptions) -> Result<Plan> {
         mtu: MTU_FROM_UNDERLAY,
         addresses: Vec::new(),
         uapi_dir: options.uapi_dir.clone(),
+        fail_closed: None,
     };
     let key = match config.as_ref().and_then(|c| c.interface.private_key) {
         Some(key) => Some(key),

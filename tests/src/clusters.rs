@@ -738,6 +738,59 @@ impl TwoClusters {
         Ok(())
     }
 
+    /// Stops the agent of node `name` of cluster `side` with `signal` (`TERM`: a shutdown,
+    /// as the kubelet does; `KILL`: a crash) and returns the moment its process had exited
+    /// (polled every millisecond), with its log.
+    ///
+    /// # Errors
+    /// When there is no such node or agent, or it does not exit within 10 s.
+    pub fn stop_agent(
+        &mut self,
+        side: Side,
+        name: &str,
+        signal: &str,
+    ) -> Result<(Instant, String)> {
+        let node = self.node_mut(side, name)?;
+        let agent = node
+            .agent
+            .take()
+            .with_context(|| format!("no agent running on {name}"))?;
+        agent.signal(signal)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while agent.is_running() {
+            ensure!(
+                Instant::now() < deadline,
+                "the agent on {name} still runs 10 s after SIG{signal}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let exited = Instant::now();
+        Ok((exited, agent.stderr()))
+    }
+
+    /// Starts the agent of node `name` of cluster `side` again, as the DaemonSet's next pod
+    /// would (same state directory), and waits for its UAPI socket.
+    ///
+    /// # Errors
+    /// When there is no such node, an agent already runs there, or it does not come up.
+    pub fn restart_agent(&mut self, side: Side, name: &str) -> Result<()> {
+        let agent = {
+            let node = self.cluster(side).node(name)?;
+            ensure!(node.agent.is_none(), "an agent already runs on {name}");
+            self.start_agent(node)?
+        };
+        self.node_mut(side, name)?.agent = Some(agent);
+        Ok(())
+    }
+
+    fn node_mut(&mut self, side: Side, name: &str) -> Result<&mut ClusterNode> {
+        self.cluster_mut(side)
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .with_context(|| format!("no node {name} in {}", side.name()))
+    }
+
     /// Adds bare host number `index` (1..=250) for cluster `side`: lab host `name` at
     /// 198.18.9.`index` on the underlay with address 10.250.`index`.1 (its pod bridge's
     /// gateway) and an API proxy to `side`'s API server; no `Node`, no agent, not

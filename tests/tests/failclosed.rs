@@ -1,0 +1,317 @@
+//! The mesh fails closed (issue 12 §2): whatever state an agent is in (stopped, crashed,
+//! restarting, a rolling update, a peer removed by policy), no packet for a linked
+//! cluster's pods crosses the underlay in plaintext; a restart in the middle of a transfer
+//! costs a short gap and no byte; an agent restarted while its API server is down has its
+//! tunnels from the cache.
+//! Needs root.
+
+// The test prints what it measured (shown with --nocapture).
+#![allow(clippy::print_stdout)]
+
+use std::net::IpAddr;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, ensure};
+use wiremesh_lab::clusters::{Side, TwoClusters, wait_for};
+use wiremesh_lab::k8s;
+use wiremesh_lab::mesh::{IFACE, capture_during};
+use wiremesh_lab::{Netns, ping, transfer};
+
+/// What the marked pings carry; `ping -p` repeats it through the payload.
+const MARKER: &[u8] = b"FAILCLOSED";
+/// [`MARKER`] in hex, for `ping -p`.
+const MARKER_HEX: &str = "4641494c434c4f534544";
+/// How long mirroring may take: watch, plan, apply, agent watch, handshake.
+const CONVERGE: Duration = Duration::from_secs(45);
+const MIB: u64 = 1 << 20;
+/// The pods' rate during the transfers that outlive a restart: 40 MiB at 100 Mbit/s
+/// last some 3.5 s, time to restart the agent in the middle.
+const RATE: &str = "100mbit";
+const TRANSFER: u64 = 40 * MIB;
+
+#[test]
+fn the_mesh_fails_closed_and_a_restart_loses_nothing() -> Result<()> {
+    let started = Instant::now();
+    let mut lab = TwoClusters::dual_stack(1)?;
+    println!("{}", lab.join()?);
+    let underlay = lab.lab.default_underlay().clone();
+    let (b1_ip, b1_ip6, b1_cidr, b1_cidr6, b1_underlay) = {
+        let b1 = lab.b.node("b1")?;
+        (
+            b1.pod.ip(),
+            b1.pod.ip6().context("b1's pod has no IPv6 address")?,
+            b1.pod_cidr(),
+            b1.pod_cidr6().context("b1 has no IPv6 pod CIDR")?,
+            b1.host.underlay_ip(),
+        )
+    };
+    let took = wait_for(CONVERGE, || ping(&lab.a.node("a1")?.pod, b1_ip, 1))?;
+    println!("a1 -> b1 reachable {took:?} after the join");
+
+    {
+        let a1 = lab.a.node("a1")?;
+        // a1's default route leads onto the underlay, to b1's underlay address, as a cloud
+        // VM's leads to its VPC router: without a route of Wiremesh's, b1's pods are
+        // reachable that way, in plaintext.
+        a1.host.set_default_route(b1_underlay)?;
+        let closed = a1.host.ip(&["route", "show", "proto", "0x58"])?;
+        ensure!(closed.contains(&b1_cidr), "no fail-closed route: {closed}");
+        let closed6 = a1.host.ip(&["-6", "route", "show", "proto", "0x58"])?;
+        ensure!(
+            closed6.contains(&b1_cidr6),
+            "no IPv6 fail-closed route: {closed6}"
+        );
+        ping(&a1.pod, b1_ip6, 1)?;
+        // Both clusters' pods limited, so that a transfer lasts a few seconds.
+        for pod in [&a1.pod, &lab.b.node("b1")?.pod] {
+            pod.exec_ok(&[
+                "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", RATE, "burst",
+                "64kb", "latency", "50ms",
+            ])?;
+        }
+    }
+
+    // 1. The agent stopped (SIGTERM: it removes its routes and its device), then crashed
+    // (SIGKILL: the kernel removes them): marked pings to b1's pod while it is down.
+    for signal in ["TERM", "KILL"] {
+        let (capture, ()) = capture_during(&underlay, MARKER, || {
+            lab.stop_agent(Side::A, "a1", signal)?;
+            let a1 = lab.a.node("a1")?;
+            marked_pings(&a1.pod, b1_ip.into(), 100)?;
+            marked_pings(&a1.pod, b1_ip6.into(), 20)?;
+            // The unreachable route answers the lookup itself.
+            let lookup = a1
+                .host
+                .exec(&["ip", "-6", "route", "get", &b1_ip6.to_string()])?;
+            let said = String::from_utf8_lossy(&lookup.stderr);
+            ensure!(
+                !lookup.status.success() && said.contains("No route to host"),
+                "IPv6 route to b1's pod with the agent down: {}{said}",
+                String::from_utf8_lossy(&lookup.stdout)
+            );
+            Ok(())
+        })?;
+        println!(
+            "SIG{signal}, agent down, 120 marked pings: {} frames on the underlay, plaintext seen {} times",
+            capture.frames, capture.marker_hits
+        );
+        ensure!(
+            capture.marker_hits == 0,
+            "SIG{signal}: plaintext for b1's pod crossed the underlay {} times",
+            capture.marker_hits
+        );
+        lab.restart_agent(Side::A, "a1")?;
+        wait_for(CONVERGE, || ping(&lab.a.node("a1")?.pod, b1_ip, 1))?;
+    }
+
+    // 2. Restarts in the middle of a transfer, with marked pings all along.
+    for signal in ["TERM", "KILL"] {
+        let (capture, (report, gap)) = capture_during(&underlay, MARKER, || {
+            let pings = lab.a.node("a1")?.pod.spawn(&[
+                "ping",
+                "-n",
+                "-q",
+                "-i",
+                "0.01",
+                "-c",
+                "500",
+                "-p",
+                MARKER_HEX,
+                &b1_ip.to_string(),
+            ])?;
+            let result = thread::scope(|scope| -> Result<_> {
+                let a1_pod = lab.a.node("a1")?.pod.clone();
+                let sending = scope.spawn(move || transfer(&a1_pod, b1_ip, TRANSFER));
+                thread::sleep(Duration::from_millis(1500));
+                let host = lab.a.node("a1")?.host.clone();
+                let old = link_index(&host);
+                let (exited, _) = lab.stop_agent(Side::A, "a1", signal)?;
+                let first = scope.spawn(move || first_packet_through(&host, old, exited));
+                lab.restart_agent(Side::A, "a1")?;
+                let gap = first
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the packet watch panicked"))??;
+                let report = sending
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the transfer panicked"))??;
+                Ok((report, gap))
+            });
+            let _ = pings.wait_with_timeout(Duration::from_secs(20));
+            result
+        })?;
+        println!(
+            "SIG{signal} then start during a {} MiB transfer: intact (SHA-256 {}), gap from the old agent's exit to the first packet through the new one: {:.0} ms; plaintext seen {} times",
+            report.bytes / MIB,
+            report.sha256,
+            gap.as_secs_f64() * 1000.0,
+            capture.marker_hits
+        );
+        ensure!(
+            capture.marker_hits == 0,
+            "restart after SIG{signal}: plaintext crossed the underlay {} times",
+            capture.marker_hits
+        );
+    }
+
+    // 3. A DaemonSet rolling update: each node's agent stopped and the new one started,
+    // one node at a time, under a long transfer; b1's default route leads onto the
+    // underlay too, so that its replies would show there.
+    let a1_underlay = lab.a.node("a1")?.host.underlay_ip();
+    lab.b.node("b1")?.host.set_default_route(a1_underlay)?;
+    let (capture, report) = capture_during(&underlay, MARKER, || {
+        let pings = lab.a.node("a1")?.pod.spawn(&[
+            "ping",
+            "-n",
+            "-q",
+            "-i",
+            "0.01",
+            "-c",
+            "700",
+            "-p",
+            MARKER_HEX,
+            &b1_ip.to_string(),
+        ])?;
+        let result = thread::scope(|scope| -> Result<_> {
+            let a1_pod = lab.a.node("a1")?.pod.clone();
+            let sending = scope.spawn(move || transfer(&a1_pod, b1_ip, 2 * TRANSFER));
+            for (side, name) in [(Side::A, "a1"), (Side::B, "b1")] {
+                thread::sleep(Duration::from_millis(1500));
+                lab.stop_agent(side, name, "TERM")?;
+                lab.restart_agent(side, name)?;
+            }
+            sending
+                .join()
+                .map_err(|_| anyhow::anyhow!("the transfer panicked"))?
+        });
+        let _ = pings.wait_with_timeout(Duration::from_secs(20));
+        result
+    })?;
+    println!(
+        "rolling update (a1 then b1) during a {} MiB transfer: intact (SHA-256 {}); {} WireGuard data frames, plaintext seen {} times",
+        report.bytes / MIB,
+        report.sha256,
+        capture.wireguard_data,
+        capture.marker_hits
+    );
+    ensure!(
+        capture.marker_hits == 0,
+        "rolling update: plaintext crossed the underlay {} times",
+        capture.marker_hits
+    );
+
+    // 4. A restart while the API server is down: the tunnels come from the cache.
+    lab.a.plane.pause()?;
+    let outage = (|| -> Result<Duration> {
+        lab.stop_agent(Side::A, "a1", "TERM")?;
+        let restarted = Instant::now();
+        lab.restart_agent(Side::A, "a1")?;
+        wait_for(Duration::from_secs(20), || {
+            ping(&lab.a.node("a1")?.pod, b1_ip, 1)
+        })?;
+        let took = restarted.elapsed();
+        let a1 = lab.a.node("a1")?;
+        let report = transfer(&a1.pod, b1_ip, 4 * MIB)?;
+        ensure!(report.bytes == 4 * MIB);
+        Ok(took)
+    })();
+    lab.a.plane.resume()?;
+    let took = outage?;
+    println!(
+        "agent restarted with cluster-a's API server down: b1's pod reachable {took:?} after the start, from the cached peers"
+    );
+    wait_for(CONVERGE, || ping(&lab.a.node("a1")?.pod, b1_ip, 1))?;
+
+    // 5. The peer removed by policy: b1's Node is deleted, so its MeshNode, and cluster-a's
+    // MeshPeer for it, go; a1 drops the tunnel and its route.
+    k8s::delete_node(&lab.b.client()?, "b1")?;
+    wait_for(CONVERGE, || {
+        let routes = lab.a.node("a1")?.routes()?;
+        ensure!(!routes.contains(&b1_cidr), "route still there: {routes}");
+        Ok(())
+    })?;
+    let (capture, ()) = capture_during(&underlay, MARKER, || {
+        marked_pings(&lab.a.node("a1")?.pod, b1_ip.into(), 100)
+    })?;
+    println!(
+        "MeshPeer b1 deleted: 100 marked pings, plaintext seen {} times",
+        capture.marker_hits
+    );
+    ensure!(
+        capture.marker_hits == 0,
+        "peer removed: plaintext crossed the underlay {} times",
+        capture.marker_hits
+    );
+
+    // 6. `wiremesh-agent cleanup`, the user's explicit choice, removes them.
+    lab.stop_agent(Side::A, "a1", "TERM")?;
+    let a1 = lab.a.node("a1")?;
+    let state = a1.host.state_dir().to_path_buf();
+    ensure!(state.join("fail-closed").exists(), "no fail-closed file");
+    let state_arg = state.to_str().context("state dir")?;
+    let cleanup = a1
+        .host
+        .spawn_agent(&["cleanup", "--state-dir", state_arg], &[])?
+        .wait_with_timeout(Duration::from_secs(10))?;
+    ensure!(
+        cleanup.status.success(),
+        "cleanup failed: {}",
+        String::from_utf8_lossy(&cleanup.stderr)
+    );
+    let left = a1.host.ip(&["route", "show", "proto", "0x58"])?
+        + &a1.host.ip(&["-6", "route", "show", "proto", "0x58"])?;
+    ensure!(left.trim().is_empty(), "fail-closed routes left: {left}");
+    ensure!(!state.join("fail-closed").exists(), "the file is left");
+    println!("whole test: {:?}", started.elapsed());
+    Ok(())
+}
+
+/// Sends `count` marked pings 10 ms apart, each waited for at most 0.2 s; none need
+/// answer.
+fn marked_pings(from: &Netns, to: IpAddr, count: u32) -> Result<()> {
+    from.exec_timeout(
+        &[
+            "ping",
+            "-n",
+            "-q",
+            "-i",
+            "0.01",
+            "-W",
+            "0.2",
+            "-c",
+            &count.to_string(),
+            "-p",
+            MARKER_HEX,
+            &to.to_string(),
+        ],
+        Duration::from_secs(30),
+    )?;
+    Ok(())
+}
+
+/// How long after `exited` the new TUN device (another index than `old`) first handed
+/// the kernel a packet from the tunnel (its RX counter starts at 0 with the device);
+/// polled every 10 ms for 20 s.
+fn first_packet_through(host: &Netns, old: Option<u32>, exited: Instant) -> Result<Duration> {
+    let deadline = exited + Duration::from_secs(20);
+    loop {
+        if let Some(index) = link_index(host)
+            && Some(index) != old
+            && let Ok(stats) = host.link_stats(IFACE)
+            && stats.rx.packets > 0
+        {
+            return Ok(exited.elapsed());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no packet through the new agent 20 s after the old one exited"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The TUN device's interface index, if it exists (`ip -o link` prints `N: wm0: ...`).
+fn link_index(host: &Netns) -> Option<u32> {
+    let line = host.ip(&["-o", "link", "show", "dev", IFACE]).ok()?;
+    line.split(':').next()?.trim().parse().ok()
+}
