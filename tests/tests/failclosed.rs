@@ -13,18 +13,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
-use wiremesh_lab::clusters::{Side, TwoClusters, wait_for};
+use wiremesh_lab::clusters::{CONVERGE, Side, TwoClusters, wait_for};
 use wiremesh_lab::k8s;
 use wiremesh_lab::mesh::{IFACE, capture_during};
-use wiremesh_lab::{Netns, ping, transfer};
+use wiremesh_lab::{MIB, Netns, ping, transfer};
 
 /// What the marked pings carry; `ping -p` repeats it through the payload.
 const MARKER: &[u8] = b"FAILCLOSED";
 /// [`MARKER`] in hex, for `ping -p`.
 const MARKER_HEX: &str = "4641494c434c4f534544";
-/// How long mirroring may take: watch, plan, apply, agent watch, handshake.
-const CONVERGE: Duration = Duration::from_secs(45);
-const MIB: u64 = 1 << 20;
 /// The pods' rate during the transfers that outlive a restart: 40 MiB at 100 Mbit/s
 /// last some 3.5 s, time to restart the agent in the middle.
 const RATE: &str = "100mbit";
