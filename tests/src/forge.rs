@@ -102,7 +102,7 @@ impl Forger {
     }
 
     /// The cookie in `reply`, a cookie reply to `initiation` (whose mac1 it is sealed
-    /// with), or `None` when it is not one.
+    /// with; any forger for the same responder opens it), or `None` when it is not one.
     pub fn open_cookie(&self, reply: &[u8], initiation: &[u8; INITIATION_LEN]) -> Option<[u8; 16]> {
         if reply.len() != COOKIE_REPLY_LEN || reply.first() != Some(&3) {
             return None;
