@@ -332,6 +332,7 @@ mod tests {
             ),
             "wiremesh_drops_total{interface=\"wm0\",reason=\"bad_packet\"} 2".to_owned(),
             "wiremesh_drops_total{interface=\"wm0\",reason=\"under_load\"} 0".to_owned(),
+            "wiremesh_drops_total{interface=\"wm0\",reason=\"rate_limited\"} 0".to_owned(),
             "wiremesh_cookie_replies_total{interface=\"wm0\"} 4".to_owned(),
             "wiremesh_peers{interface=\"wm0\"} 2".to_owned(),
             "wiremesh_live_tunnels{interface=\"wm0\"} 1".to_owned(),

@@ -14,6 +14,7 @@ use wiremesh_proto::uapi::{DeviceUpdate, PeerUpdate};
 use wiremesh_proto::{IpCidr, PresharedKey, PrivateKey, PublicKey};
 
 use super::allowed_ips::AllowedIps;
+use super::handshake_limiter::HandshakeLimiter;
 use super::mtu::{self, MtuGuard, MtuVerdict};
 use super::{Counters, DropReason};
 
@@ -28,8 +29,14 @@ const MAX_PEERS: usize = 1 << 24;
 
 /// WireGuard message type of a cookie reply (whitepaper §5.4.7).
 const COOKIE_REPLY: u8 = 3;
-/// Message type of a handshake initiation.
+/// Message type of a handshake initiation (§5.4.2).
 const HANDSHAKE_INIT: u8 = 1;
+/// Message type of a handshake response (§5.4.3).
+const HANDSHAKE_RESPONSE: u8 = 2;
+/// Message type of a transport data message, keepalives included (§5.4.6).
+const DATA: u8 = 4;
+/// The mac2 field closes every handshake message (§5.4.4).
+const MAC2_LEN: usize = 16;
 
 /// A peer's slot in the device, stable while the peer exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -242,6 +249,8 @@ pub struct Device {
     by_key: BTreeMap<PublicKey, PeerId>,
     allowed: AllowedIps<PeerId>,
     counters: Counters,
+    /// Handshake work per source address, after the cookie.
+    handshake_limiter: HandshakeLimiter,
     /// The time of the last timer tick (the core reads no clock itself).
     last_tick: Option<Instant>,
     /// The tunnel MTU, and the ICMP errors for packets over it.
@@ -273,6 +282,7 @@ impl Device {
             by_key: BTreeMap::new(),
             allowed: AllowedIps::new(),
             counters: Counters::default(),
+            handshake_limiter: HandshakeLimiter::new(),
             last_tick: None,
             mtu: MtuGuard::new(mtu::DEFAULT_MTU),
             mtu_follows_routes: false,
@@ -653,6 +663,16 @@ impl Device {
             Err(TunnResult::Err(e)) => return self.drop_datagram(reason_for(&e)),
             Err(_) => return self.drop_datagram(DropReason::Internal),
         };
+        // A handshake that carries a cookie (which boringtun checked if we are under
+        // load) still costs its source one of its tokens before any Diffie-Hellman: a
+        // sender that answers cookies gets no more than its share of handshake work.
+        // Before the first tick there is no time to count with (the loop ticks at once).
+        if carries_cookie(datagram)
+            && let Some(now) = self.last_tick
+            && !self.handshake_limiter.allow(from.ip(), now)
+        {
+            return self.drop_datagram(DropReason::RateLimited);
+        }
         // Step 2: which peer. An initiation names its sender only inside the encrypted
         // static key; everything else carries our receiver index.
         let id = match &parsed {
@@ -664,10 +684,6 @@ impl Device {
             Packet::PacketCookieReply(p) => Some(PeerId(p.receiver_idx >> 8)),
             Packet::PacketData(p) => Some(PeerId(p.receiver_idx >> 8)),
         };
-        let is_handshake = matches!(
-            parsed,
-            Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)
-        );
         let is_cookie = matches!(parsed, Packet::PacketCookieReply(_));
         let Some(id) = id else {
             return self.drop_datagram(DropReason::UnknownPeer);
@@ -683,21 +699,22 @@ impl Device {
         let Some(tunn) = peer.tunn.as_mut() else {
             return self.drop_datagram(DropReason::UnknownPeer);
         };
-        // Step 3: decrypt. Anything but an error here was authenticated, so the peer's
-        // endpoint follows the datagram's source (roaming, whitepaper §2.1).
+        // Step 3: decrypt. Only what proves the peer's key moves its endpoint (roaming,
+        // whitepaper §2.1), becomes its observed endpoint and counts as heard from it.
         let result = tunn.decapsulate(Some(from.ip()), datagram, out);
-        let authenticated = !matches!(result, TunnResult::Err(_)) && !is_cookie;
-        if authenticated {
+        let proof = proof_of(datagram, &result);
+        if proof != Proof::None {
             peer.endpoint = Some(from);
             peer.observed = Some(from);
             peer.count_rx(datagram.len());
-            if is_handshake {
+            if proof == Proof::Handshake {
                 peer.handshakes += 1;
             }
         }
-        // A valid cookie reply answers our initiation from this endpoint (the peer is only
-        // busy): no reason to move on to the next one.
-        if is_cookie && !matches!(result, TunnResult::Err(_)) {
+        // A valid cookie reply from the endpoint we sent our initiation to answers it
+        // (the peer is only busy): no reason to move on to the next one. It proves no
+        // key, so nothing else changes.
+        if is_cookie && peer.endpoint == Some(from) && !matches!(result, TunnResult::Err(_)) {
             peer.init_rx = None;
         }
         match result {
@@ -781,6 +798,7 @@ impl Device {
         mut send: impl FnMut(SocketAddr, &[u8]),
     ) {
         self.rate_limiter.reset_count();
+        self.handshake_limiter.forget_idle(now);
         self.last_tick = Some(now);
         for peer in self.slots.iter_mut().flatten() {
             if peer.rx_packets != peer.rx_seen {
@@ -926,7 +944,63 @@ impl Device {
     }
 }
 
-/// Each boringtun error is one drop reason.
+/// What a received datagram proved about its sender, judged from its message type and
+/// from what boringtun's `Tunn::decapsulate` made of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proof {
+    /// Nothing: an error, a cookie reply we send (the initiation was not even looked
+    /// at: all it needs is our public key), or one we received (which proves only that
+    /// someone saw our initiation).
+    None,
+    /// A handshake completed: an initiation we answer with a response (§5.4.2, the
+    /// sender knew the peer's static key and a timestamp newer than any before), or a
+    /// response we consumed (§5.4.3).
+    Handshake,
+    /// A transport message that decrypted under a session key (§5.4.6): data or a
+    /// keepalive.
+    Data,
+}
+
+/// Decides what `datagram` proved from what `Tunn::decapsulate` returned for it
+/// (boringtun 0.7.1): an initiation gives a response (type 2) or, under load, a cookie
+/// reply (type 3); a response gives the keepalive that confirms the session (type 4)
+/// or a cookie reply; a data message gives an inner packet, or `Done` for a keepalive;
+/// a cookie reply gives `Done`.
+fn proof_of(datagram: &[u8], result: &TunnResult<'_>) -> Proof {
+    let sent = |reply: &[u8]| reply.first().copied();
+    match (datagram.first().copied(), result) {
+        (Some(HANDSHAKE_INIT), TunnResult::WriteToNetwork(reply))
+            if sent(reply) == Some(HANDSHAKE_RESPONSE) =>
+        {
+            Proof::Handshake
+        }
+        (Some(HANDSHAKE_RESPONSE), TunnResult::WriteToNetwork(reply))
+            if sent(reply) == Some(DATA) =>
+        {
+            Proof::Handshake
+        }
+        (
+            Some(DATA),
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) | TunnResult::Done,
+        ) => Proof::Data,
+        _ => Proof::None,
+    }
+}
+
+/// Whether a handshake message carries a mac2 (a cookie we gave its source): under load
+/// boringtun lets no handshake through without a valid one, and an initiator sends one
+/// only for a while after our cookie reply (§5.4.4).
+fn carries_cookie(datagram: &[u8]) -> bool {
+    matches!(
+        datagram.first(),
+        Some(&HANDSHAKE_INIT | &HANDSHAKE_RESPONSE)
+    ) && datagram
+        .len()
+        .checked_sub(MAC2_LEN)
+        .and_then(|at| datagram.get(at..))
+        .is_some_and(|mac2| mac2.iter().any(|b| *b != 0))
+}
+
 /// A `Tunn` for `peer` at slot `id`; boringtun puts the slot in the top 24 bits of
 /// each session's receiver index, which is how datagrams find their peer.
 fn new_tunn(
@@ -946,6 +1020,7 @@ fn new_tunn(
     ))
 }
 
+/// Each boringtun error is one drop reason.
 fn reason_for(e: &WireGuardError) -> DropReason {
     match e {
         WireGuardError::InvalidPacket
@@ -1166,6 +1241,11 @@ mod tests {
     /// A sends one packet to B, completing the handshake; returns the data datagram
     /// B received.
     fn establish(p: &mut Pair) -> Vec<u8> {
+        establish_keeping_init(p).1
+    }
+
+    /// [`establish`], also returning A's handshake initiation.
+    fn establish_keeping_init(p: &mut Pair) -> (Vec<u8>, Vec<u8>) {
         let packet = ipv4("10.0.1.5", "10.0.2.7", b"hello");
         let init = send(&mut p.a, &packet).unwrap();
         assert_eq!(init[0], 1, "first datagram is a handshake initiation");
@@ -1183,7 +1263,7 @@ mod tests {
             received.extend(tun);
         }
         assert_eq!(received, vec![packet]);
-        data[1].clone()
+        (init, data[1].clone())
     }
 
     #[test]
@@ -1353,6 +1433,189 @@ mod tests {
     }
 
     #[test]
+    fn only_completed_handshakes_and_decrypted_messages_prove_the_peer() {
+        let check = |datagram: &[u8], result: TunnResult<'_>, proof: Proof| {
+            assert_eq!(
+                proof_of(datagram, &result),
+                proof,
+                "{datagram:?} {result:?}"
+            );
+        };
+        let (init, response, cookie, data) = ([1u8, 0, 0, 0], [2u8, 0, 0, 0], [3u8; 4], [4u8; 4]);
+        let sent = |first: u8| vec![first, 0, 0, 0];
+        check(
+            &init,
+            TunnResult::WriteToNetwork(&mut sent(2)),
+            Proof::Handshake,
+        );
+        check(&init, TunnResult::WriteToNetwork(&mut sent(3)), Proof::None);
+        check(
+            &init,
+            TunnResult::Err(WireGuardError::WrongTai64nTimestamp),
+            Proof::None,
+        );
+        check(
+            &init,
+            TunnResult::Err(WireGuardError::UnderLoad),
+            Proof::None,
+        );
+        check(
+            &response,
+            TunnResult::WriteToNetwork(&mut sent(4)),
+            Proof::Handshake,
+        );
+        check(
+            &response,
+            TunnResult::WriteToNetwork(&mut sent(3)),
+            Proof::None,
+        );
+        check(&response, TunnResult::Done, Proof::None);
+        let mut inner = ipv4("10.0.2.7", "10.0.1.5", b"x");
+        let src = [10, 0, 2, 7].into();
+        check(
+            &data,
+            TunnResult::WriteToTunnelV4(&mut inner, src),
+            Proof::Data,
+        );
+        check(&data, TunnResult::Done, Proof::Data);
+        check(&data, TunnResult::WriteToNetwork(&mut sent(3)), Proof::None);
+        check(
+            &data,
+            TunnResult::Err(WireGuardError::InvalidAeadTag),
+            Proof::None,
+        );
+        check(&cookie, TunnResult::Done, Proof::None);
+        check(&[], TunnResult::Done, Proof::None);
+        check(&[9, 0, 0, 0], TunnResult::Done, Proof::None);
+    }
+
+    #[test]
+    fn an_initiation_answered_with_a_cookie_steers_nothing() {
+        // boringtun's limiter counts each handshake twice here (the device's check, then
+        // the Tunn's); depending on the count, the one that trips it is the device's or
+        // the Tunn's. Three paddings put the replay at each position once.
+        for padding in 0..3 {
+            let mut p = pair();
+            let (init, _) = establish_keeping_init(&mut p);
+            let id = p.b.peer_id(&public(&key(1))).unwrap();
+            let mut out = vec![0u8; 2048];
+            let t0 = Instant::now();
+            p.b.update_timers(t0, &mut out, |_, _| {});
+            let before = p.b.peer(id).unwrap();
+            // Valid mac1 (it needs only B's public key), a static key B does not know.
+            let mut stranger = stranger_to(&p.b);
+            let unknown = initiation(&mut stranger);
+            for _ in 0..padding {
+                let _ = deliver(&mut p.b, ATTACKER, &unknown);
+            }
+            // A's initiation, replayed from elsewhere: it names A and its MACs verify.
+            for _ in 0..150 {
+                let (tun, _, dropped) = deliver(&mut p.b, ATTACKER, &init);
+                assert!(tun.is_empty() && dropped != Some(DropReason::Internal));
+                let _ = deliver(&mut p.b, ATTACKER, &unknown);
+            }
+            assert!(p.b.counters().cookies_sent > 0, "B is under load");
+            p.b.update_timers(t0 + Duration::from_secs(1), &mut out, |_, _| {});
+            let after = p.b.peer(id).unwrap();
+            let a_addr = Some(A_ADDR.parse().unwrap());
+            assert_eq!((after.endpoint, after.observed_endpoint), (a_addr, a_addr));
+            assert_eq!(
+                (after.rx_packets, after.rx_bytes, after.handshakes),
+                (before.rx_packets, before.rx_bytes, before.handshakes),
+                "padding {padding}"
+            );
+            assert_eq!(
+                after.since_receive,
+                Some(Duration::from_secs(1)),
+                "not heard"
+            );
+            // The session still carries A's packets, and B's go to A.
+            let packet = ipv4("10.0.1.5", "10.0.2.7", b"still A");
+            let datagram = send(&mut p.a, &packet).unwrap();
+            assert_eq!(deliver(&mut p.b, A_ADDR, &datagram).0, vec![packet]);
+            let mut out = vec![0u8; 2048];
+            match p
+                .b
+                .handle_tun_packet(&ipv4("10.0.2.7", "10.0.1.5", b"to A"), &mut out)
+            {
+                TunVerdict::Send { to, .. } => assert_eq!(Some(to), a_addr),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_completed_handshake_from_a_new_address_roams_even_under_load() {
+        let mut p = pair();
+        let mut out = vec![0u8; 2048];
+        p.b.update_timers(Instant::now(), &mut out, |_, _| {});
+        load(&mut p.b);
+        let id = p.b.peer_id(&public(&key(1))).unwrap();
+        // A (its key, from a new address) is asked for a cookie: nothing moves yet.
+        let moved = "198.18.5.5:40000";
+        let mut a = Tunn::new(
+            x25519::StaticSecret::from(*key(1).as_bytes()),
+            x25519::PublicKey::from(*p.b.public_key().unwrap().as_bytes()),
+            None,
+            None,
+            0x77,
+            None,
+        );
+        let (_, replies, _) = deliver(&mut p.b, moved, &initiation(&mut a));
+        assert_eq!(replies.len(), 1);
+        assert_eq!(replies[0][0], COOKIE_REPLY);
+        let view = p.b.peer(id).unwrap();
+        assert_eq!(
+            (view.endpoint, view.observed_endpoint, view.rx_packets),
+            (None, None, 0)
+        );
+        // With the cookie, the handshake completes there, and B's endpoint follows.
+        assert!(matches!(
+            a.decapsulate(None, &replies[0], &mut out),
+            TunnResult::Done
+        ));
+        let (_, replies, dropped) = deliver(&mut p.b, moved, &initiation(&mut a));
+        assert_eq!((replies.len(), dropped), (1, None));
+        assert_eq!(replies[0][0], HANDSHAKE_RESPONSE);
+        let view = p.b.peer(id).unwrap();
+        let moved = Some(moved.parse().unwrap());
+        assert_eq!((view.endpoint, view.observed_endpoint), (moved, moved));
+        assert_eq!((view.rx_packets, view.handshakes), (1, 1));
+    }
+
+    #[test]
+    fn a_source_that_answers_cookies_gets_only_its_share_of_handshakes() {
+        let mut p = pair();
+        let mut out = vec![0u8; 2048];
+        let t0 = Instant::now();
+        p.b.update_timers(t0, &mut out, |_, _| {});
+        load(&mut p.b);
+        let mut stranger = stranger_to(&p.b);
+        let (_, replies, _) = deliver(&mut p.b, ATTACKER, &initiation(&mut stranger));
+        assert_eq!(replies[0][0], COOKIE_REPLY);
+        assert!(matches!(
+            stranger.decapsulate(None, &replies[0], &mut out),
+            TunnResult::Done
+        ));
+        // Each initiation now carries a valid mac2 and costs B a Diffie-Hellman ...
+        for i in 0..crate::handshake_limiter::PACKETS_BURST {
+            let (_, _, dropped) = deliver(&mut p.b, ATTACKER, &initiation(&mut stranger));
+            assert_eq!(dropped, Some(DropReason::UnknownPeer), "initiation {i}");
+        }
+        // ... until the source has had its share for now.
+        let (_, _, dropped) = deliver(&mut p.b, ATTACKER, &initiation(&mut stranger));
+        assert_eq!(dropped, Some(DropReason::RateLimited));
+        assert_eq!(p.b.counters().drops(DropReason::RateLimited), 1);
+        // Other sources are not held back; and this one gets more as time passes.
+        let mut other = stranger_to(&p.b);
+        let (_, replies, _) = deliver(&mut p.b, "198.18.66.7:1", &initiation(&mut other));
+        assert_eq!(replies[0][0], COOKIE_REPLY);
+        p.b.update_timers(t0 + Duration::from_secs(1), &mut out, |_, _| {});
+        let (_, _, dropped) = deliver(&mut p.b, ATTACKER, &initiation(&mut stranger));
+        assert_eq!(dropped, Some(DropReason::UnknownPeer));
+    }
+
+    #[test]
     fn packets_without_a_route_are_dropped() {
         let mut p = pair();
         assert_eq!(
@@ -1465,6 +1728,40 @@ mod tests {
     }
 
     /// Applies one peer owning `cidr` to `d`, as its only peer.
+    /// An address no peer of the tests uses.
+    const ATTACKER: &str = "198.18.66.6:4444";
+
+    /// A `Tunn` with a key `dev` does not know, for `dev`.
+    fn stranger_to(dev: &Device) -> Tunn {
+        Tunn::new(
+            x25519::StaticSecret::from([0x66; 32]),
+            x25519::PublicKey::from(*dev.public_key().unwrap().as_bytes()),
+            None,
+            None,
+            0x66,
+            None,
+        )
+    }
+
+    /// A new handshake initiation from `tunn` (with mac2 once it has a cookie).
+    fn initiation(tunn: &mut Tunn) -> Vec<u8> {
+        let mut out = vec![0u8; 2048];
+        match tunn.format_handshake_initiation(&mut out, true) {
+            TunnResult::WriteToNetwork(init) => init.to_vec(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Puts `dev` under load: more handshakes than its limit within a second.
+    fn load(dev: &mut Device) {
+        let mut stranger = stranger_to(dev);
+        let unknown = initiation(&mut stranger);
+        for _ in 0..=HANDSHAKE_RATE_LIMIT {
+            let _ = deliver(dev, "198.18.66.99:1", &unknown);
+        }
+        assert!(dev.counters().cookies_sent > 0);
+    }
+
     fn route_to(d: &mut Device, cidr: &str) -> ApplyOutcome {
         d.apply(&update(&key(1), vec![peer(public(&key(2)), None, &[cidr])]))
             .unwrap()

@@ -14,6 +14,7 @@
 pub mod allowed_ips;
 pub mod checksum;
 mod device;
+pub mod handshake_limiter;
 pub mod mtu;
 pub mod offload;
 
@@ -21,6 +22,7 @@ pub use allowed_ips::AllowedIps;
 pub use device::{
     ApplyOutcome, DatagramVerdict, Device, DeviceError, PeerId, PeerView, TunVerdict,
 };
+pub use handshake_limiter::HandshakeLimiter;
 
 use std::fmt;
 
@@ -58,11 +60,14 @@ pub enum DropReason {
     /// (IPv4 with DF, IPv6); answered with an ICMP "fragmentation needed" or "packet too
     /// big" unless the rate limit is spent.
     TooBig,
+    /// A handshake message from a source address that has had its share of handshake
+    /// work this second ([`handshake_limiter`]), although it answered our cookie.
+    RateLimited,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 15] = [
         Self::NoRoute,
         Self::NoEndpoint,
         Self::BadTunPacket,
@@ -77,6 +82,7 @@ impl DropReason {
         Self::NoPrivateKey,
         Self::Internal,
         Self::TooBig,
+        Self::RateLimited,
     ];
 
     /// A short snake_case name, used as metric label and in logs.
@@ -96,6 +102,7 @@ impl DropReason {
             Self::NoPrivateKey => "no_private_key",
             Self::Internal => "internal",
             Self::TooBig => "too_big",
+            Self::RateLimited => "rate_limited",
         }
     }
 

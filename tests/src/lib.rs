@@ -5,6 +5,7 @@
 pub mod clusters;
 pub mod deploy;
 pub mod fixtures;
+pub mod forge;
 pub mod k8s;
 pub mod lab;
 pub mod mesh;
