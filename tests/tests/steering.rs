@@ -19,9 +19,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, ensure};
 use wiremesh_lab::forge::{Forger, INITIATION_LEN};
 use wiremesh_lab::mesh::{IFACE, Keypair, Node, in_netns};
-use wiremesh_lab::{Lab, Netns, ping, transfer};
+use wiremesh_lab::{Lab, MIB, Netns, ping, transfer};
 
-const MIB: u64 = 1 << 20;
 /// Source addresses of the second flood (a /16 underlay; A resolves each of them to
 /// send its cookie, so stay under the default neighbour table limit of 1,024).
 const SOURCES: u32 = 1_000;
