@@ -476,7 +476,7 @@ impl Shell {
             _ => None,
         };
         let outcome = self.device.apply(update).map_err(|e| ApplyError {
-            errno: 28, // ENOSPC
+            errno: e.errno(),
             message: e.to_string(),
         })?;
         if let Some(socket) = new_socket {

@@ -14,6 +14,7 @@
 pub mod allowed_ips;
 pub mod checksum;
 mod device;
+pub mod keys;
 pub mod mtu;
 pub mod offload;
 

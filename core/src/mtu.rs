@@ -25,7 +25,8 @@ use super::checksum;
 
 /// WireGuard's overhead on an IPv4 underlay: the IPv4 header (20), the UDP header (8), the
 /// data message header (16: type, reserved, receiver index, counter; whitepaper §5.4.6) and
-/// the Poly1305 tag (16). boringtun does not pad, so nothing else is added.
+/// the Poly1305 tag (16). The padding to a multiple of 16 never takes a packet past the
+/// tunnel MTU, so nothing else is added.
 pub const OVERHEAD_V4: u32 = 60;
 /// WireGuard's overhead on an IPv6 underlay: as [`OVERHEAD_V4`] with a 40-byte IP header.
 pub const OVERHEAD_V6: u32 = 80;
