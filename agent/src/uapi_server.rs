@@ -281,7 +281,10 @@ mod tests {
         let reply = tokio::time::timeout(Duration::from_secs(10), read_all)
             .await
             .expect("the server answers and closes within 10 s");
-        assert_eq!(String::from_utf8_lossy(&reply), format!("errno={ENOMEM}\n\n"));
+        assert_eq!(
+            String::from_utf8_lossy(&reply),
+            format!("errno={ENOMEM}\n\n")
+        );
         let sent = writer.await.unwrap();
         assert!(
             sent < 256 << 20,
