@@ -273,7 +273,7 @@ mod tests {
                 match read.read(&mut buf).await {
                     Ok(0) => return reply,
                     Ok(n) => reply.extend_from_slice(&buf[..n]),
-                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return reply,
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return reply,
                     Err(e) => panic!("reading the reply: {e}"),
                 }
             }
