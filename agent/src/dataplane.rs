@@ -495,7 +495,7 @@ impl Shell {
             _ => None,
         };
         let outcome = self.device.apply(update).map_err(|e| ApplyError {
-            errno: 28, // ENOSPC
+            errno: e.errno(),
             message: e.to_string(),
         })?;
         if let Some(socket) = new_socket {
@@ -577,7 +577,9 @@ fn fits(
     now: Instant,
     icmp: &mut [u8],
 ) -> bool {
-    let (header, out) = icmp.split_at_mut(VNET_HDR_LEN);
+    let Some((header, out)) = icmp.split_at_mut_checked(VNET_HDR_LEN) else {
+        return true;
+    };
     let len = match device.check_mtu(packet, now, out) {
         MtuVerdict::Fits => return true,
         MtuVerdict::TooBig(answer) => answer.len(),
@@ -598,7 +600,9 @@ fn fits(
     // A vnet header of zeros: no GSO, checksums complete.
     header.fill(0);
     let start = if vnet { 0 } else { VNET_HDR_LEN };
-    write_tun(tun, &icmp[start..VNET_HDR_LEN + len]);
+    if let Some(answer) = icmp.get(start..VNET_HDR_LEN + len) {
+        write_tun(tun, answer);
+    }
     false
 }
 

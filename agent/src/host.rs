@@ -136,10 +136,11 @@ pub async fn run(options: HostOptions) -> Result<()> {
 /// Reads and checks the bundle.
 ///
 /// # Errors
-/// When the file cannot be read, is truncated or malformed (naming the line and column),
-/// lacks a field, or holds an empty one.
+/// When the file cannot be read, group or others may access it (it holds a token), it is
+/// truncated or malformed (naming the line and column), lacks a field, or holds an empty
+/// one.
 pub fn read_bundle(path: &Path) -> Result<HostBundle> {
-    let text = std::fs::read_to_string(path)
+    let text = crate::keys::read_private(path)
         .with_context(|| format!("reading the bundle {}", path.display()))?;
     parse_bundle(&text).with_context(|| format!("bundle {}", path.display()))
 }
@@ -336,6 +337,21 @@ mod tests {
         assert_eq!(b.host_name, "db-1");
         assert_eq!(b.cluster_name, "cluster-a");
         assert!(!format!("{b:?}").contains("\"t\""), "the token is redacted");
+    }
+
+    #[test]
+    fn a_bundle_group_or_others_may_read_is_refused_naming_the_file() {
+        use std::os::unix::fs::PermissionsExt as _;
+
+        let path = std::env::temp_dir().join(format!("wm-bundle-{}.json", std::process::id()));
+        std::fs::write(&path, GOOD).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = format!("{:#}", read_bundle(&path).unwrap_err());
+        assert!(err.contains(&*path.to_string_lossy()), "{err}");
+        assert!(err.contains("mode 644"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_bundle(&path).unwrap().host_name, "db-1");
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

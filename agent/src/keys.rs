@@ -1,13 +1,15 @@
 //! The node's private key on disk: generated once from the OS RNG, kept at mode 0600.
+//! Files that hold a secret (the key, a host bundle's token) are refused when group or
+//! others may access them ([`read_private`]).
 
 use std::fs::{self, OpenOptions};
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use boringtun::x25519::StaticSecret;
 use rand_core::OsRng;
-use tracing::{info, warn};
+use tracing::info;
 use wiremesh_proto::PrivateKey;
 
 /// Why the key file could not be used.
@@ -20,6 +22,16 @@ pub enum KeyFileError {
         path: PathBuf,
         /// The I/O error.
         source: std::io::Error,
+    },
+    /// The file holds a secret but group or others may access it.
+    #[error(
+        "{path}: mode {mode:o} lets group or others access it, and it holds a secret; chmod 600 it"
+    )]
+    Loose {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
     },
     /// The file exists but does not hold a base64 key.
     #[error("{path}: does not hold a WireGuard private key (44 characters of base64)")]
@@ -53,16 +65,14 @@ pub fn load_or_generate(path: &Path) -> Result<PrivateKey, KeyFileError> {
         path: path.to_owned(),
         source,
     };
-    match fs::read_to_string(path) {
-        Ok(text) => {
-            warn_if_loose(path);
-            text.trim()
-                .parse::<PrivateKey>()
-                .map_err(|_| KeyFileError::Malformed {
-                    path: path.to_owned(),
-                })
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    match read_private(path) {
+        Ok(text) => text
+            .trim()
+            .parse::<PrivateKey>()
+            .map_err(|_| KeyFileError::Malformed {
+                path: path.to_owned(),
+            }),
+        Err(KeyFileError::Io { source: e, .. }) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent()
                 && !dir.as_os_str().is_empty()
                 && !dir.exists()
@@ -83,20 +93,32 @@ pub fn load_or_generate(path: &Path) -> Result<PrivateKey, KeyFileError> {
             info!(path = %path.display(), "generated a new private key");
             Ok(key)
         }
-        Err(e) => Err(io(e)),
+        Err(e) => Err(e),
     }
 }
 
-fn warn_if_loose(path: &Path) {
-    if let Ok(meta) = fs::metadata(path)
-        && meta.permissions().mode() & 0o077 != 0
-    {
-        warn!(
-            path = %path.display(),
-            mode = format!("{:o}", meta.permissions().mode() & 0o777),
-            "private key file is readable by others; chmod 600 it"
-        );
+/// Reads a file that holds a secret, refusing it when its mode gives group or others any
+/// access (`mode & 0o077`): the mode is read from the opened file, so it is the file read.
+///
+/// # Errors
+/// [`KeyFileError::Loose`] for such a mode, [`KeyFileError::Io`] when it cannot be read
+/// (not UTF-8 included).
+pub fn read_private(path: &Path) -> Result<String, KeyFileError> {
+    let io = |source| KeyFileError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = fs::File::open(path).map_err(io)?;
+    let mode = file.metadata().map_err(io)?.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(KeyFileError::Loose {
+            path: path.to_owned(),
+            mode,
+        });
     }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(io)?;
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -134,6 +156,31 @@ mod tests {
             load_or_generate(&path),
             Err(KeyFileError::Malformed { .. })
         ));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_key_file_group_or_others_may_access_is_refused_naming_it() {
+        let dir = std::env::temp_dir().join(format!("wm-keyloose-{}", std::process::id()));
+        let path = dir.join("wm0.key");
+        let key = load_or_generate(&path).unwrap();
+        for mode in [0o640, 0o604, 0o644, 0o660, 0o602] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            let error = load_or_generate(&path).unwrap_err();
+            assert!(
+                matches!(error, KeyFileError::Loose { mode: m, .. } if m == mode),
+                "{mode:o}: {error}"
+            );
+            assert!(
+                error.to_string().contains(&*path.to_string_lossy()),
+                "{error}"
+            );
+            // Not replaced by a new key either.
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+            assert_eq!(load_or_generate(&path).unwrap(), key);
+        }
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
+        assert_eq!(load_or_generate(&path).unwrap(), key);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -4,7 +4,9 @@
 //! The counters live in the core's [`Device`](wiremesh_core::Device), owned by the data-plane
 //! thread with no atomics on the packet path. A scrape asks that thread for a [`Snapshot`]
 //! and encodes it through a prometheus-client [`Collector`], so 10,000 peers cost nothing
-//! between scrapes and no metric family has to follow the peer table.
+//! between scrapes and no metric family has to follow the peer table. Scrapes and probes
+//! within [`SNAPSHOT_MAX_AGE`] of a snapshot share it, so however often they come the
+//! data-plane thread takes at most one snapshot a second.
 //!
 //! Every sample carries `interface`; per-peer samples also `peer` (the public key in
 //! base64), `peer_cluster` and `peer_node` (the MeshPeer's `spec.cluster` and `spec.node` in
@@ -13,6 +15,7 @@
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use prometheus_client::collector::Collector;
@@ -22,24 +25,40 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Mutex, watch};
 
 use crate::control::{Handle, Snapshot};
 use crate::mesh::Origins;
 use wiremesh_core::PeerView;
+
+/// How long a snapshot serves later scrapes and probes: Prometheus scrapes every 15 s or
+/// more, so only a flood of requests ever shares one.
+pub const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(1);
 
 /// What the endpoint serves for the agent.
 #[derive(Debug)]
 pub struct AgentMetrics {
     handle: Handle,
     origins: watch::Receiver<Origins>,
+    cache: SnapshotCache<Snapshot>,
 }
 
 impl AgentMetrics {
     /// Metrics of the data plane behind `handle`, with the peer cluster and node of each peer
     /// looked up in `origins` (which Kubernetes mode keeps current).
     pub fn new(handle: Handle, origins: watch::Receiver<Origins>) -> Self {
-        Self { handle, origins }
+        Self {
+            handle,
+            origins,
+            cache: SnapshotCache::default(),
+        }
+    }
+
+    /// A snapshot at most [`SNAPSHOT_MAX_AGE`] old.
+    async fn snapshot(&self) -> Result<Snapshot> {
+        self.cache
+            .get(Instant::now(), || self.handle.snapshot())
+            .await
     }
 
     /// Metrics of a data plane whose peers have no origin (standalone mode).
@@ -50,17 +69,50 @@ impl AgentMetrics {
 
 impl wiremesh_http::Source for AgentMetrics {
     async fn metrics(&self) -> Result<String, String> {
-        let snapshot = self.handle.snapshot().await.map_err(|e| format!("{e:#}"))?;
+        let snapshot = self.snapshot().await.map_err(|e| format!("{e:#}"))?;
         Ok(render(snapshot, &self.origins.borrow()))
     }
 
     /// Ready while the data plane, configured before the endpoint starts, answers.
     async fn ready(&self) -> Result<(), String> {
-        self.handle
-            .snapshot()
+        self.snapshot()
             .await
             .map(|_| ())
             .map_err(|e| format!("{e:#}"))
+    }
+}
+
+/// The last value fetched and when: a request within [`SNAPSHOT_MAX_AGE`] of it gets a
+/// copy instead of a new fetch. Requests that come while a fetch is under way wait for it
+/// and share it. Failures are not kept.
+#[derive(Debug)]
+struct SnapshotCache<T> {
+    last: Mutex<Option<(Instant, T)>>,
+}
+
+impl<T> Default for SnapshotCache<T> {
+    fn default() -> Self {
+        Self {
+            last: Mutex::new(None),
+        }
+    }
+}
+
+impl<T: Clone> SnapshotCache<T> {
+    /// The value for a request made at `now`: the kept one if it is fresh, else `fetch`'s.
+    async fn get<F, E>(&self, now: Instant, fetch: impl FnOnce() -> F) -> Result<T, E>
+    where
+        F: Future<Output = Result<T, E>>,
+    {
+        let mut last = self.last.lock().await;
+        if let Some((at, value)) = &*last
+            && now.saturating_duration_since(*at) < SNAPSHOT_MAX_AGE
+        {
+            return Ok(value.clone());
+        }
+        let value = fetch().await?;
+        *last = Some((now, value.clone()));
+        Ok(value)
     }
 }
 
@@ -276,6 +328,35 @@ mod tests {
     use super::*;
     use crate::mesh::PeerOrigin;
     use wiremesh_core::{Counters, DropReason};
+
+    #[tokio::test]
+    async fn scrapes_share_one_snapshot_a_second_however_often_they_come() {
+        let cache = SnapshotCache::default();
+        let fetched = std::sync::atomic::AtomicU64::new(0);
+        let fetches = &fetched;
+        let fetch = move || async move {
+            let n = fetches.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            Ok::<_, String>(n)
+        };
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // A thousand scrapes in the first second, some of them at once.
+        for i in 0..1000u64 {
+            assert_eq!(cache.get(t0 + ms(i), fetch).await, Ok(1));
+        }
+        let at_once = futures::future::join_all((0..100).map(|_| cache.get(t0 + ms(999), fetch)));
+        assert!(at_once.await.iter().all(|r| *r == Ok(1)));
+        assert_eq!(cache.get(t0 + ms(1000), fetch).await, Ok(2));
+        assert_eq!(cache.get(t0 + ms(1999), fetch).await, Ok(2));
+        // A clock that goes back reuses the kept snapshot.
+        assert_eq!(cache.get(t0, fetch).await, Ok(2));
+        assert_eq!(cache.get(t0 + ms(5000), fetch).await, Ok(3));
+        assert_eq!(fetched.load(std::sync::atomic::Ordering::Relaxed), 3);
+        // A failure is not kept: the next request asks again.
+        let failing = SnapshotCache::<u64>::default();
+        assert_eq!(failing.get(t0, || async { Err("down") }).await, Err("down"));
+        assert_eq!(failing.get(t0, || async { Ok(7) }).await, Ok::<_, &str>(7));
+    }
 
     #[test]
     fn peers_are_labelled_with_their_cluster_and_node_when_known() {

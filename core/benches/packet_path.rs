@@ -10,6 +10,10 @@
 //!   message with no payload) among that many peers: index lookup plus the AEAD tag;
 //! - `peer_lookup/unknown_index/<peers>`: a data message whose receiver index names no
 //!   peer: the lookup alone, no cryptography.
+//! - `offload/segment_64k`: `Segmenter` splitting a 64 KB TCP/IPv4 TSO read into 1,400-byte
+//!   segments (headers, lengths, TCP checksum of each);
+//! - `offload/gro_47`: `Gro` coalescing those 47 segments back into one super-packet and
+//!   draining it.
 //!
 //! The other end of each session is a bare boringtun `Tunn`. Run with
 //! `cargo bench -p wiremesh-core --bench packet_path`; `make bench` does.
@@ -21,6 +25,7 @@ use std::time::Duration;
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519;
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use wiremesh_core::offload::{Gro, GroPush, Segmenter};
 use wiremesh_core::{AllowedIps, DatagramVerdict, Device, TunVerdict};
 use wiremesh_proto::uapi::{DeviceUpdate, PeerUpdate};
 use wiremesh_proto::{IpCidr, PrivateKey, PublicKey};
@@ -40,7 +45,7 @@ criterion_group! {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(2))
         .sample_size(30);
-    targets = encapsulate, decapsulate, allowed_ips_lookup, peer_lookup
+    targets = encapsulate, decapsulate, allowed_ips_lookup, peer_lookup, offload
 }
 criterion_main!(benches);
 
@@ -334,6 +339,72 @@ fn peer(key: PublicKey, endpoint: Option<SocketAddr>, cidr: IpCidr) -> PeerUpdat
     p.endpoint = endpoint;
     p.replace_allowed_ips = true;
     p.allowed_ips = vec![cidr];
+    p
+}
+
+fn offload(c: &mut Criterion) {
+    const MSS: u16 = 1400;
+    let mut group = c.benchmark_group("offload");
+    let read = tso_read(65_000, MSS);
+    let mut work = read.clone();
+    group.throughput(Throughput::Bytes(read.len() as u64));
+    group.bench_function("segment_64k", |b| {
+        b.iter(|| {
+            work.copy_from_slice(&read);
+            let mut segmenter = Segmenter::new(&mut work).expect("a valid TSO read");
+            let mut bytes = 0;
+            while let Some(segment) = segmenter.next_segment() {
+                bytes += segment.len();
+            }
+            black_box(bytes)
+        });
+    });
+    let mut segments = Vec::new();
+    let mut split = read.clone();
+    let mut segmenter = Segmenter::new(&mut split).expect("a valid TSO read");
+    while let Some(segment) = segmenter.next_segment() {
+        segments.push(segment.to_vec());
+    }
+    let mut gro = Gro::new();
+    group.bench_function(format!("gro_{}", segments.len()), |b| {
+        b.iter(|| {
+            for segment in &segments {
+                assert_eq!(gro.push(segment), GroPush::Added);
+            }
+            let mut bytes = 0;
+            gro.drain(|p| bytes += p.len());
+            black_box(bytes)
+        });
+    });
+    group.finish();
+}
+
+/// A read from a vnet-header TUN device: a TCP/IPv4 TSO super-packet of `payload` bytes to
+/// be cut into `mss`-byte segments, its checksum left partial as the kernel leaves it.
+fn tso_read(payload: usize, mss: u16) -> Vec<u8> {
+    let total = 40 + payload;
+    // virtio_net_hdr: NEEDS_CSUM, GSO_TCPV4, hdr_len, gso_size, csum_start, csum_offset.
+    let mut p = vec![0u8; 10 + total];
+    p[0] = 0x01;
+    p[1] = 0x01;
+    p[2..4].copy_from_slice(&40u16.to_ne_bytes());
+    p[4..6].copy_from_slice(&mss.to_ne_bytes());
+    p[6..8].copy_from_slice(&20u16.to_ne_bytes());
+    p[8..10].copy_from_slice(&16u16.to_ne_bytes());
+    let ip = &mut p[10..];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&(total.min(0xffff) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&[10, 1, 0, 2]);
+    ip[16..20].copy_from_slice(&[10, 2, 0, 2]);
+    ip[20..22].copy_from_slice(&40_000u16.to_be_bytes());
+    ip[22..24].copy_from_slice(&5201u16.to_be_bytes());
+    ip[32] = 5 << 4;
+    ip[33] = 0x10;
+    for (i, b) in ip[40..].iter_mut().enumerate() {
+        *b = i as u8;
+    }
     p
 }
 

@@ -15,6 +15,7 @@ use wiremesh_proto::{IpCidr, PresharedKey, PrivateKey, PublicKey};
 
 use super::allowed_ips::AllowedIps;
 use super::handshake_limiter::HandshakeLimiter;
+use super::keys;
 use super::mtu::{self, MtuGuard, MtuVerdict};
 use super::{Counters, DropReason};
 
@@ -37,6 +38,10 @@ const HANDSHAKE_RESPONSE: u8 = 2;
 const DATA: u8 = 4;
 /// The mac2 field closes every handshake message (§5.4.4).
 const MAC2_LEN: usize = 16;
+
+/// Inner packets are zero-padded to a multiple of this before encryption (whitepaper
+/// §5.4.6), never past the tunnel MTU, so the outer size does not tell the exact inner one.
+const PADDING_MULTIPLE: usize = 16;
 
 /// A peer's slot in the device, stable while the peer exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -102,6 +107,21 @@ pub enum DeviceError {
     /// The device cannot hold more peers.
     #[error("too many peers (the limit is {MAX_PEERS})")]
     TooManyPeers,
+    /// A peer's public key is a point of small order: every shared secret with it is zero
+    /// ([`keys::is_low_order`]).
+    #[error("peer public key {0} is a low-order point (every shared secret with it is zero)")]
+    LowOrderKey(PublicKey),
+}
+
+impl DeviceError {
+    /// The errno a UAPI `set` answers with: `ENOSPC` for too many peers, `EINVAL` for a
+    /// key that is refused.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Self::TooManyPeers => 28,
+            Self::LowOrderKey(_) => 22,
+        }
+    }
 }
 
 /// What an applied update changed, for the I/O shell to act on.
@@ -258,6 +278,8 @@ pub struct Device {
     /// The MTU was derived from the underlay, so it follows [`mtu::floor_for_routes`]; a
     /// configured one is left as it is.
     mtu_follows_routes: bool,
+    /// Where a packet is zero-padded before encryption ([`padded`]).
+    pad: Vec<u8>,
 }
 
 impl Default for Device {
@@ -286,6 +308,7 @@ impl Device {
             last_tick: None,
             mtu: MtuGuard::new(mtu::DEFAULT_MTU),
             mtu_follows_routes: false,
+            pad: Vec::new(),
         }
     }
 
@@ -295,8 +318,17 @@ impl Device {
     /// peer, as in the kernel module.
     ///
     /// # Errors
-    /// [`DeviceError::TooManyPeers`] when the new peers do not fit; nothing is changed.
+    /// [`DeviceError::TooManyPeers`] when the new peers do not fit,
+    /// [`DeviceError::LowOrderKey`] for a peer (added or changed) whose key is a low-order
+    /// point; nothing is changed.
     pub fn apply(&mut self, update: &DeviceUpdate) -> Result<ApplyOutcome, DeviceError> {
+        if let Some(peer) = update
+            .peers
+            .iter()
+            .find(|p| !p.remove && keys::is_low_order(&p.public_key))
+        {
+            return Err(DeviceError::LowOrderKey(peer.public_key));
+        }
         let existing = if update.replace_peers {
             0
         } else {
@@ -473,10 +505,13 @@ impl Device {
     }
 
     fn set_private_key(&mut self, key: Option<&PrivateKey>) {
+        // Kept clamped, as the kernel and wireguard-go keep it: the same scalar.
+        let key = key.map(keys::clamp);
         // The same key again keeps every session, as in wireguard-go.
-        if self.private_key().as_ref() == key {
+        if self.private_key() == key {
             return;
         }
+        let key = key.as_ref();
         self.private_key = key.map(|k| {
             let secret = x25519::StaticSecret::from(*k.as_bytes());
             let public = x25519::PublicKey::from(&secret);
@@ -573,9 +608,11 @@ impl Device {
         self.slots.get_mut(id.0 as usize).and_then(Option::as_mut)
     }
 
-    /// Encrypts a packet read from the TUN device for the peer that owns its destination.
+    /// Encrypts a packet read from the TUN device for the peer that owns its destination,
+    /// zero-padded to a multiple of 16 bytes within the tunnel MTU (whitepaper §5.4.6).
     ///
-    /// `out` must be at least `packet.len() + 32` and at least 148 bytes long.
+    /// `out` must be at least `packet.len() + 47` (the padding and 32 bytes of header and
+    /// tag) and at least 148 bytes long.
     pub fn handle_tun_packet<'o>(&mut self, packet: &[u8], out: &'o mut [u8]) -> TunVerdict<'o> {
         let Some(dst) = Tunn::dst_address(packet) else {
             return self.drop_tun(DropReason::BadTunPacket);
@@ -598,6 +635,7 @@ impl Device {
         let Some(tunn) = peer.tunn.as_mut() else {
             return self.drop_tun(DropReason::Internal);
         };
+        let packet = padded(packet, self.mtu.mtu(), &mut self.pad);
         match tunn.encapsulate(packet, out) {
             TunnResult::WriteToNetwork(datagram) => {
                 peer.sent(datagram);
@@ -850,7 +888,8 @@ impl Device {
             .map(|(_, public)| PublicKey::from(*public.as_bytes()))
     }
 
-    /// Our private key, for the UAPI `get` (which hands it to a root-only socket).
+    /// Our private key, clamped ([`keys::clamp`]) as `wg` prints it, for the UAPI `get`
+    /// (which hands it to a root-only socket).
     pub fn private_key(&self) -> Option<PrivateKey> {
         self.private_key
             .as_ref()
@@ -1003,6 +1042,23 @@ fn carries_cookie(datagram: &[u8]) -> bool {
 
 /// A `Tunn` for `peer` at slot `id`; boringtun puts the slot in the top 24 bits of
 /// each session's receiver index, which is how datagrams find their peer.
+/// `packet` zero-padded to a multiple of [`PADDING_MULTIPLE`] but not past `mtu`, copied
+/// into `scratch` when it needs padding (whitepaper §5.4.6; the kernel's
+/// `calculate_skb_padding`). A packet over the MTU (an IPv4 packet the underlay may
+/// fragment) is not padded. Receivers cut a packet to its IP length field.
+fn padded<'p>(packet: &'p [u8], mtu: u32, scratch: &'p mut Vec<u8>) -> &'p [u8] {
+    let len = packet.len();
+    let mtu = usize::try_from(mtu).unwrap_or(usize::MAX);
+    let target = len.next_multiple_of(PADDING_MULTIPLE).min(mtu.max(len));
+    if target == len {
+        return packet;
+    }
+    scratch.clear();
+    scratch.extend_from_slice(packet);
+    scratch.resize(target, 0);
+    scratch
+}
+
 fn new_tunn(
     secret: &x25519::StaticSecret,
     limiter: &Arc<RateLimiter>,
@@ -1725,6 +1781,99 @@ mod tests {
             MtuVerdict::TooBig(_)
         ));
         assert_eq!(d.counters().drops(DropReason::TooBig), 1);
+    }
+
+    #[test]
+    fn an_84_byte_ping_is_padded_to_96_bytes_and_arrives_as_84() {
+        let mut p = pair();
+        establish(&mut p);
+        // 20 (IPv4) + 8 (ICMP echo header) + 56 bytes of data, as `ping` sends by default.
+        let ping = ipv4("10.0.1.5", "10.0.2.7", &[0xab; 84 - 28]);
+        assert_eq!(ping.len(), 84);
+        let datagram = send(&mut p.a, &ping).unwrap();
+        // Type, reserved, index, counter (16), then 96 padded bytes, then the tag (16).
+        assert_eq!(datagram.len(), 16 + 96 + 16);
+        let (tun, _, dropped) = deliver(&mut p.b, A_ADDR, &datagram);
+        assert_eq!(dropped, None);
+        assert_eq!(
+            tun,
+            vec![ping.clone()],
+            "the receiver cuts it to its IP length"
+        );
+        // A multiple of 16 already: nothing added.
+        let even = ipv4("10.0.1.5", "10.0.2.7", &[1; 96 - 28]);
+        assert_eq!(send(&mut p.a, &even).unwrap().len(), 96 + 32);
+        // Never past the tunnel MTU.
+        p.a.set_mtu(90, false);
+        let datagram = send(&mut p.a, &ping).unwrap();
+        assert_eq!(datagram.len(), 90 + 32);
+        let (tun, _, _) = deliver(&mut p.b, A_ADDR, &datagram);
+        assert_eq!(tun, vec![ping.clone()]);
+        // A packet over the MTU (fragmentable) is not padded.
+        p.a.set_mtu(80, false);
+        assert_eq!(send(&mut p.a, &ping).unwrap().len(), 84 + 32);
+    }
+
+    #[test]
+    fn low_order_peer_keys_are_refused_naming_the_key_and_nothing_changes() {
+        let mut d = Device::new();
+        let _ = route_to(&mut d, "10.0.2.0/24");
+        let mut order_8 = [0u8; 32];
+        order_8[..8].copy_from_slice(&[0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae]);
+        order_8[8..16].copy_from_slice(&[0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4, 0x6a]);
+        order_8[16..24].copy_from_slice(&[0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd]);
+        order_8[24..].copy_from_slice(&[0x86, 0x62, 0x05, 0x16, 0x5f, 0x49, 0xb8, 0x00]);
+        let mut one = [0u8; 32];
+        one[0] = 1;
+        for bad in [[0u8; 32], one, order_8] {
+            let bad = PublicKey::from(bad);
+            let mut u = update(
+                &key(1),
+                vec![peer(public(&key(3)), Some(B_ADDR), &["10.0.3.0/24"])],
+            );
+            u.replace_peers = false;
+            u.peers.push(peer(bad, Some(B_ADDR), &["10.0.4.0/24"]));
+            let error = d.apply(&u).unwrap_err();
+            assert_eq!(error, DeviceError::LowOrderKey(bad));
+            assert_eq!(error.errno(), 22);
+            assert!(error.to_string().contains(&bad.to_base64()), "{error}");
+            // All or nothing: the good peer in the same update was not added either.
+            assert_eq!(d.peer_count(), 1);
+            // No route, so no initiation is ever sent to it.
+            let packet = ipv4("10.0.1.5", "10.0.4.7", b"x");
+            assert_eq!(send(&mut d, &packet), Err(Some(DropReason::NoRoute)));
+        }
+        // Removing such a key is fine (it was never there).
+        let mut remove = PeerUpdate::new(PublicKey::from([0u8; 32]));
+        remove.remove = true;
+        let u = DeviceUpdate {
+            peers: vec![remove],
+            ..DeviceUpdate::default()
+        };
+        assert!(d.apply(&u).is_ok());
+    }
+
+    #[test]
+    fn the_private_key_reads_back_clamped_and_setting_it_again_keeps_the_session() {
+        let mut p = pair();
+        establish(&mut p);
+        let unclamped = key(1);
+        let clamped = p.a.private_key().unwrap();
+        assert_eq!(clamped, keys::clamp(&unclamped));
+        assert_ne!(clamped, unclamped);
+        let public_before = p.a.public_key();
+        // Set again, unclamped or clamped: the same key, the session stays.
+        for again in [unclamped, clamped] {
+            let u = DeviceUpdate {
+                private_key: Some(Some(again)),
+                ..DeviceUpdate::default()
+            };
+            let _ = p.a.apply(&u).unwrap();
+            assert_eq!(p.a.public_key(), public_before);
+            let packet = ipv4("10.0.1.5", "10.0.2.7", b"still up");
+            let datagram = send(&mut p.a, &packet).unwrap();
+            assert_eq!(datagram[0], 4, "a data message, not a new initiation");
+        }
     }
 
     /// Applies one peer owning `cidr` to `d`, as its only peer.

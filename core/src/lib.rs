@@ -15,6 +15,7 @@ pub mod allowed_ips;
 pub mod checksum;
 mod device;
 pub mod handshake_limiter;
+pub mod keys;
 pub mod mtu;
 pub mod offload;
 

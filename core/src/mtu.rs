@@ -16,10 +16,6 @@
 //! local socket. The sender matches the error to its socket by the quoted headers, whatever
 //! its source.
 
-// Not yet converted to checked access (issue 12); the `inner_packet` fuzz target covers
-// this module (`make fuzz`).
-#![allow(clippy::indexing_slicing)]
-
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Instant;
 
@@ -29,7 +25,8 @@ use super::checksum;
 
 /// WireGuard's overhead on an IPv4 underlay: the IPv4 header (20), the UDP header (8), the
 /// data message header (16: type, reserved, receiver index, counter; whitepaper §5.4.6) and
-/// the Poly1305 tag (16). boringtun does not pad, so nothing else is added.
+/// the Poly1305 tag (16). The padding to a multiple of 16 never takes a packet past the
+/// tunnel MTU, so nothing else is added.
 pub const OVERHEAD_V4: u32 = 60;
 /// WireGuard's overhead on an IPv6 underlay: as [`OVERHEAD_V4`] with a 40-byte IP header.
 pub const OVERHEAD_V6: u32 = 80;
@@ -206,8 +203,8 @@ impl MtuGuard {
             }
             _ => return MtuVerdict::Fits,
         };
-        match built.flatten() {
-            Some(len) => MtuVerdict::TooBig(&out[..len]),
+        match built.flatten().and_then(|len| out.get(..len)) {
+            Some(icmp) => MtuVerdict::TooBig(icmp),
             None => MtuVerdict::TooBigSilently,
         }
     }
@@ -274,7 +271,7 @@ enum Refusal<T> {
 /// Reads an IPv4 packet over the MTU: `Answer(header length)` when it has DF set and may be
 /// answered.
 fn too_big_v4(packet: &[u8]) -> Refusal<usize> {
-    let Some(header) = packet.get(..20) else {
+    let Some(header) = packet.first_chunk::<20>() else {
         return Refusal::Fits;
     };
     let ihl = usize::from(header[0] & 0x0f) * 4;
@@ -308,7 +305,7 @@ fn too_big_v4(packet: &[u8]) -> Refusal<usize> {
 /// Reads an IPv6 packet over the MTU: it may always be answered unless RFC 4443 §2.4 (e)
 /// says otherwise.
 fn too_big_v6(packet: &[u8]) -> Refusal<()> {
-    let Some(header) = packet.get(..40) else {
+    let Some(header) = packet.first_chunk::<40>() else {
         return Refusal::Fits;
     };
     let src = ipv6_at(header, 8);
@@ -336,16 +333,16 @@ fn upper_layer_v6(packet: &[u8]) -> Option<(u8, usize)> {
     for _ in 0..MAX_EXT_HEADERS {
         match next {
             EXT_HOP_BY_HOP | EXT_ROUTING | EXT_DEST_OPTS => {
-                let ext = packet.get(at..at + 2)?;
-                next = ext[0];
-                at += (usize::from(ext[1]) + 1) * 8;
+                let [ext_next, ext_len] = *packet.get(at..)?.first_chunk::<2>()?;
+                next = ext_next;
+                at += (usize::from(ext_len) + 1) * 8;
             }
             EXT_FRAGMENT => {
-                let ext = packet.get(at..at + 4)?;
-                if u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8 != 0 {
+                let [ext_next, _, o0, o1] = *packet.get(at..)?.first_chunk::<4>()?;
+                if u16::from_be_bytes([o0, o1]) & 0xfff8 != 0 {
                     return None;
                 }
-                next = ext[0];
+                next = ext_next;
                 at += 8;
             }
             protocol => return Some((protocol, at)),
@@ -359,14 +356,15 @@ fn upper_layer_v6(packet: &[u8]) -> Option<(u8, usize)> {
 /// packet's destination to its source, quoting the packet's IP header and first 8 bytes of
 /// payload (RFC 792). Returns its length, or `None` when `out` is too short.
 pub fn fragmentation_needed(packet: &[u8], ihl: usize, mtu: u16, out: &mut [u8]) -> Option<usize> {
-    let header = packet.get(..20)?;
+    let header = packet.first_chunk::<20>()?;
     let quote = packet.get(..(ihl + 8).min(packet.len()))?;
     let len = V4_HEADERS + quote.len();
     let out = out.get_mut(..len)?;
-    let dst = &header[12..16];
-    let src = &header[16..20];
-    let (ip, icmp) = out.split_at_mut(20);
-    ip.copy_from_slice(&[
+    // The error goes back: from the packet's destination to its source.
+    let [.., d0, d1, d2, d3, s0, s1, s2, s3] = *header;
+    let (ip, icmp) = out.split_first_chunk_mut::<20>()?;
+    let (icmp_header, icmp_quote) = icmp.split_first_chunk_mut::<8>()?;
+    *ip = [
         0x45,
         TOS_INTERNETWORK_CONTROL,
         0,
@@ -379,23 +377,23 @@ pub fn fragmentation_needed(packet: &[u8], ihl: usize, mtu: u16, out: &mut [u8])
         PROTO_ICMP,
         0,
         0,
-        src[0],
-        src[1],
-        src[2],
-        src[3],
-        dst[0],
-        dst[1],
-        dst[2],
-        dst[3],
-    ]);
+        s0,
+        s1,
+        s2,
+        s3,
+        d0,
+        d1,
+        d2,
+        d3,
+    ];
     ip[2..4].copy_from_slice(&(len as u16).to_be_bytes());
     let c = checksum::finish(checksum::sum(ip));
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     let [m0, m1] = mtu.to_be_bytes();
-    icmp[..8].copy_from_slice(&[ICMP_UNREACHABLE, ICMP_FRAG_NEEDED, 0, 0, 0, 0, m0, m1]);
-    icmp[8..].copy_from_slice(quote);
+    *icmp_header = [ICMP_UNREACHABLE, ICMP_FRAG_NEEDED, 0, 0, 0, 0, m0, m1];
+    icmp_quote.copy_from_slice(quote);
     let c = checksum::finish(checksum::sum(icmp));
-    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    icmp.get_mut(2..4)?.copy_from_slice(&c.to_be_bytes());
     Some(len)
 }
 
@@ -404,24 +402,26 @@ pub fn fragmentation_needed(packet: &[u8], ihl: usize, mtu: u16, out: &mut [u8])
 /// keeps the answer within the IPv6 minimum MTU (RFC 4443 §3.2). Returns its length, or
 /// `None` when `out` is too short or the destination cannot be a source (multicast).
 pub fn packet_too_big(packet: &[u8], mtu: u32, out: &mut [u8]) -> Option<usize> {
-    let header = packet.get(..40)?;
+    let header = packet.first_chunk::<40>()?;
     let dst = ipv6_at(header, 8);
     let src = Some(ipv6_at(header, 24)).filter(|a| !a.is_multicast())?;
-    let quote = &packet[..packet.len().min(MAX_ICMP_LEN - V6_HEADERS)];
+    let quote = packet.get(..packet.len().min(MAX_ICMP_LEN - V6_HEADERS))?;
     let len = V6_HEADERS + quote.len();
     let out = out.get_mut(..len)?;
-    let (ip, icmp) = out.split_at_mut(40);
+    let (ip, icmp) = out.split_first_chunk_mut::<40>()?;
     let payload = (len - 40) as u16;
     ip[..8].copy_from_slice(&[0x60, 0, 0, 0, 0, 0, PROTO_ICMPV6, TTL]);
     ip[4..6].copy_from_slice(&payload.to_be_bytes());
     ip[8..24].copy_from_slice(&src.octets());
     ip[24..40].copy_from_slice(&dst.octets());
-    icmp[..4].copy_from_slice(&[ICMPV6_PACKET_TOO_BIG, 0, 0, 0]);
-    icmp[4..8].copy_from_slice(&mtu.to_be_bytes());
-    icmp[8..].copy_from_slice(quote);
+    let (icmp_header, icmp_quote) = icmp.split_first_chunk_mut::<8>()?;
+    let [m0, m1, m2, m3] = mtu.to_be_bytes();
+    *icmp_header = [ICMPV6_PACKET_TOO_BIG, 0, 0, 0, m0, m1, m2, m3];
+    icmp_quote.copy_from_slice(quote);
     let acc = checksum::pseudo_header(src.into(), dst.into(), PROTO_ICMPV6, icmp.len())
         + checksum::sum(icmp);
-    icmp[2..4].copy_from_slice(&checksum::finish(acc).to_be_bytes());
+    icmp.get_mut(2..4)?
+        .copy_from_slice(&checksum::finish(acc).to_be_bytes());
     Some(len)
 }
 
@@ -433,10 +433,13 @@ fn is_single_host_v4(addr: Ipv4Addr) -> bool {
         || addr.octets()[0] >= 240)
 }
 
-/// The IPv6 address at `at` in `header` (which holds at least `at + 16` bytes).
-fn ipv6_at(header: &[u8], at: usize) -> Ipv6Addr {
-    let mut octets = [0u8; 16];
-    octets.copy_from_slice(&header[at..at + 16]);
+/// The IPv6 address at `at` (8: source, 24: destination) in an IPv6 header.
+fn ipv6_at(header: &[u8; 40], at: usize) -> Ipv6Addr {
+    let octets = header
+        .get(at..)
+        .and_then(|b| b.first_chunk::<16>())
+        .copied()
+        .unwrap_or_default();
     Ipv6Addr::from(octets)
 }
 
@@ -820,8 +823,9 @@ mod tests {
     /// The ICMPv6 checksum sum of a whole IPv6 packet carrying an ICMPv6 message (no
     /// extension headers): pseudo-header plus message, checksum included.
     fn icmpv6_sum(packet: &[u8]) -> u64 {
-        let src = ipv6_at(packet, 8);
-        let dst = ipv6_at(packet, 24);
+        let header = packet.first_chunk().unwrap();
+        let src = ipv6_at(header, 8);
+        let dst = ipv6_at(header, 24);
         checksum::pseudo_header(src.into(), dst.into(), PROTO_ICMPV6, packet.len() - 40)
             + checksum::sum(&packet[40..])
     }

@@ -15,10 +15,6 @@
 //! only joins the newest super-packet of its flow, and super-packets are written in the
 //! order they were started.
 
-// Not yet converted to checked access (issue 12); the `inner_packet` fuzz target covers
-// this module (`make fuzz`).
-#![allow(clippy::indexing_slicing)]
-
 use std::net::SocketAddr;
 
 use super::checksum;
@@ -115,26 +111,24 @@ pub struct VnetHdr {
 impl VnetHdr {
     /// Reads the header at the start of `b`.
     pub fn parse(b: &[u8]) -> Option<VnetHdr> {
-        let b: &[u8; VNET_HDR_LEN] = b.get(..VNET_HDR_LEN)?.try_into().ok()?;
-        let u16_at = |i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+        let [flags, gso_type, h0, h1, g0, g1, s0, s1, o0, o1] = *b.first_chunk::<VNET_HDR_LEN>()?;
         Some(VnetHdr {
-            flags: b[0],
-            gso_type: b[1],
-            hdr_len: u16_at(2),
-            gso_size: u16_at(4),
-            csum_start: u16_at(6),
-            csum_offset: u16_at(8),
+            flags,
+            gso_type,
+            hdr_len: u16::from_ne_bytes([h0, h1]),
+            gso_size: u16::from_ne_bytes([g0, g1]),
+            csum_start: u16::from_ne_bytes([s0, s1]),
+            csum_offset: u16::from_ne_bytes([o0, o1]),
         })
     }
 
     /// Writes the header into `b`.
     pub fn write(&self, b: &mut [u8; VNET_HDR_LEN]) {
-        b[0] = self.flags;
-        b[1] = self.gso_type;
-        b[2..4].copy_from_slice(&self.hdr_len.to_ne_bytes());
-        b[4..6].copy_from_slice(&self.gso_size.to_ne_bytes());
-        b[6..8].copy_from_slice(&self.csum_start.to_ne_bytes());
-        b[8..10].copy_from_slice(&self.csum_offset.to_ne_bytes());
+        let [h0, h1] = self.hdr_len.to_ne_bytes();
+        let [g0, g1] = self.gso_size.to_ne_bytes();
+        let [s0, s1] = self.csum_start.to_ne_bytes();
+        let [o0, o1] = self.csum_offset.to_ne_bytes();
+        *b = [self.flags, self.gso_type, h0, h1, g0, g1, s0, s1, o0, o1];
     }
 }
 
@@ -184,7 +178,7 @@ impl<'a> Segmenter<'a> {
     /// When the header is malformed or does not fit the packet; nothing is yielded then.
     pub fn new(buf: &'a mut [u8]) -> Result<Segmenter<'a>, OffloadError> {
         let hdr = VnetHdr::parse(buf).ok_or(OffloadError::Truncated)?;
-        let buf = &mut buf[VNET_HDR_LEN..];
+        let buf = buf.get_mut(VNET_HDR_LEN..).ok_or(OffloadError::Truncated)?;
         let gso_type = hdr.gso_type & !GSO_ECN;
         if gso_type == GSO_NONE {
             if hdr.flags & F_NEEDS_CSUM != 0 {
@@ -232,21 +226,20 @@ impl<'a> Segmenter<'a> {
             return Err(OffloadError::Bounds);
         }
         let mut template = [0u8; MAX_HEADERS];
-        template[..len].copy_from_slice(&buf[..len]);
+        let headers = buf.get(..len).ok_or(OffloadError::Bounds)?;
+        template
+            .get_mut(..len)
+            .ok_or(OffloadError::Bounds)?
+            .copy_from_slice(headers);
         let first_seq = if tcp {
-            u32::from_be_bytes([
-                buf[ip_len + 4],
-                buf[ip_len + 5],
-                buf[ip_len + 6],
-                buf[ip_len + 7],
-            ])
+            be32(buf, ip_len + 4).ok_or(OffloadError::Bounds)?
         } else {
             0
         };
         let first_id = if v6 {
             0
         } else {
-            u16::from_be_bytes([buf[4], buf[5]])
+            be16(buf, 4).ok_or(OffloadError::Bounds)?
         };
         Ok(Segmenter {
             buf,
@@ -285,8 +278,8 @@ impl<'a> Segmenter<'a> {
                 let payload_end = (payload_at + g.mss).min(self.buf.len());
                 let last = payload_end == self.buf.len();
                 let start = payload_at - g.len;
-                let seg = &mut self.buf[start..payload_end];
-                g.write_headers(seg, i, last);
+                let seg = self.buf.get_mut(start..payload_end)?;
+                g.write_headers(seg, i, last)?;
                 Some(&*seg)
             }
         }
@@ -294,21 +287,22 @@ impl<'a> Segmenter<'a> {
 }
 
 impl Gso {
-    /// Writes the headers of segment `i` at the start of `seg` (headers then payload).
-    fn write_headers(&self, seg: &mut [u8], i: usize, last: bool) {
+    /// Writes the headers of segment `i` at the start of `seg` (headers then payload);
+    /// `None` when `seg` is shorter than the headers ([`Segmenter::new`] ruled that out).
+    fn write_headers(&self, seg: &mut [u8], i: usize, last: bool) -> Option<()> {
         let total = seg.len();
-        seg[..self.len].copy_from_slice(&self.template[..self.len]);
+        put(seg, 0, self.template.get(..self.len)?)?;
         if self.v6 {
             // Payload length: everything after the fixed 40-byte header.
-            seg[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+            put(seg, 4, &((total - 40) as u16).to_be_bytes())?;
         } else {
-            seg[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+            put(seg, 2, &(total as u16).to_be_bytes())?;
             // The IP ids of the segments count up from the super-packet's, as the kernel's
             // software GSO does.
-            seg[4..6].copy_from_slice(&self.first_id.wrapping_add(i as u16).to_be_bytes());
-            seg[10..12].fill(0);
-            let c = checksum::finish(checksum::sum(&seg[..self.ip_len]));
-            seg[10..12].copy_from_slice(&c.to_be_bytes());
+            put(seg, 4, &self.first_id.wrapping_add(i as u16).to_be_bytes())?;
+            put(seg, 10, &[0, 0])?;
+            let c = checksum::finish(checksum::sum(seg.get(..self.ip_len)?));
+            put(seg, 10, &c.to_be_bytes())?;
         }
         let t = self.ip_len;
         let csum_at;
@@ -317,23 +311,25 @@ impl Gso {
             let seq = self
                 .first_seq
                 .wrapping_add((i as u32).wrapping_mul(self.mss as u32));
-            seg[t + 4..t + 8].copy_from_slice(&seq.to_be_bytes());
+            put(seg, t + 4, &seq.to_be_bytes())?;
+            let flags = seg.get_mut(t + 13)?;
             if !last {
-                seg[t + 13] &= !(TCP_FIN | TCP_PSH);
+                *flags &= !(TCP_FIN | TCP_PSH);
             }
             if self.ecn && i > 0 {
-                seg[t + 13] &= !TCP_CWR;
+                *flags &= !TCP_CWR;
             }
             csum_at = t + usize::from(TCP_CSUM_OFFSET);
             protocol = PROTO_TCP;
         } else {
-            seg[t + 4..t + 6].copy_from_slice(&((total - t) as u16).to_be_bytes());
+            put(seg, t + 4, &((total - t) as u16).to_be_bytes())?;
             csum_at = t + usize::from(UDP_CSUM_OFFSET);
             protocol = PROTO_UDP;
         }
-        seg[csum_at..csum_at + 2].fill(0);
-        let acc = checksum::pseudo_header_of(seg, protocol, total - t) + checksum::sum(&seg[t..]);
-        seg[csum_at..csum_at + 2].copy_from_slice(&checksum::finish(acc).to_be_bytes());
+        put(seg, csum_at, &[0, 0])?;
+        let acc =
+            checksum::pseudo_header_of(seg, protocol, total - t) + checksum::sum(seg.get(t..)?);
+        put(seg, csum_at, &checksum::finish(acc).to_be_bytes())
     }
 }
 
@@ -344,9 +340,31 @@ fn complete_checksum(packet: &mut [u8], start: usize, offset: usize) -> Result<(
     if at + 2 > packet.len() {
         return Err(OffloadError::Bounds);
     }
-    let c = checksum::finish(checksum::sum(&packet[start..]));
-    packet[at..at + 2].copy_from_slice(&c.to_be_bytes());
-    Ok(())
+    let c = checksum::finish(checksum::sum(
+        packet.get(start..).ok_or(OffloadError::Bounds)?,
+    ));
+    put(packet, at, &c.to_be_bytes()).ok_or(OffloadError::Bounds)
+}
+
+/// The big-endian `u16` at `at` in `p`.
+#[inline]
+fn be16(p: &[u8], at: usize) -> Option<u16> {
+    p.get(at..)?.first_chunk().copied().map(u16::from_be_bytes)
+}
+
+/// The big-endian `u32` at `at` in `p`.
+#[inline]
+fn be32(p: &[u8], at: usize) -> Option<u32> {
+    p.get(at..)?.first_chunk().copied().map(u32::from_be_bytes)
+}
+
+/// Copies `bytes` into `p` at `at`; `None`, with `p` unchanged, when they do not fit.
+#[inline]
+fn put(p: &mut [u8], at: usize, bytes: &[u8]) -> Option<()> {
+    p.get_mut(at..)?
+        .get_mut(..bytes.len())?
+        .copy_from_slice(bytes);
+    Some(())
 }
 
 /// What [`Gro::push`] did.
@@ -427,7 +445,7 @@ impl Gro {
             return GroPush::Refused;
         }
         let meta = TcpMeta::parse(packet);
-        let flow = meta.map(|m| m.flow(packet));
+        let flow = meta.and_then(|m| m.flow(packet));
         if let (Some(m), Some(flow)) = (meta.filter(|m| m.mergeable), flow)
             && let Some(index) = self
                 .items
@@ -441,7 +459,9 @@ impl Gro {
             return GroPush::Full;
         }
         let slot = self.items.len() * SLOT + VNET_HDR_LEN;
-        self.buf[slot..slot + packet.len()].copy_from_slice(packet);
+        let Some(()) = put(&mut self.buf, slot, packet) else {
+            return GroPush::Refused;
+        };
         self.items.push(Item {
             len: packet.len(),
             tcp: meta.zip(flow).map(|(meta, flow)| TcpItem {
@@ -456,14 +476,20 @@ impl Gro {
         GroPush::Added
     }
 
+    /// Appends `packet`'s payload to item `index` if it is the next segment of its
+    /// super-packet.
     fn try_merge(&mut self, index: usize, m: &TcpMeta, packet: &[u8]) -> bool {
-        let item = self.items[index];
-        let Some(mut t) = item.tcp else {
-            return false;
-        };
+        self.merge(index, m, packet).is_some()
+    }
+
+    /// [`Gro::try_merge`]; `None` when the packet does not join, before anything changed.
+    fn merge(&mut self, index: usize, m: &TcpMeta, packet: &[u8]) -> Option<()> {
+        let item = *self.items.get(index)?;
+        let mut t = item.tcp?;
         let slot = index * SLOT + VNET_HDR_LEN;
-        let head = &self.buf[slot..slot + item.len];
+        let head = self.buf.get(slot..slot + item.len)?;
         let headers = m.ip_len + m.tcp_len;
+        let options = m.ip_len + 20..headers;
         let fits = !t.closed
             && m.seq == t.next_seq
             && m.payload_len <= t.gso_size
@@ -473,14 +499,15 @@ impl Gro {
             && m.tcp_len == t.meta.tcp_len
             && ip_headers_match(head, packet, m.v6)
             // Options (timestamps) must be equal, as in the kernel's tcp_gro_receive.
-            && head[m.ip_len + 20..headers] == packet[m.ip_len + 20..headers];
+            && head.get(options.clone()).is_some_and(|o| packet.get(options) == Some(o));
         if !fits {
-            return false;
+            return None;
         }
-        let end = slot + item.len;
-        self.buf[end..end + m.payload_len].copy_from_slice(&packet[headers..]);
+        put(&mut self.buf, slot + item.len, packet.get(headers..)?)?;
         if m.flags & TCP_PSH != 0 {
-            self.buf[slot + m.ip_len + 13] |= TCP_PSH;
+            if let Some(flags) = self.buf.get_mut(slot + m.ip_len + 13) {
+                *flags |= TCP_PSH;
+            }
             t.closed = true;
         }
         if m.payload_len < t.gso_size {
@@ -488,23 +515,30 @@ impl Gro {
         }
         t.segments += 1;
         t.next_seq = t.next_seq.wrapping_add(m.payload_len as u32);
-        self.items[index] = Item {
+        *self.items.get_mut(index)? = Item {
             len: item.len + m.payload_len,
             tcp: Some(t),
         };
-        true
+        Some(())
     }
 
     /// Finishes every packet (vnet header, lengths, checksums) and hands each, vnet header
     /// first, to `write` in the order they were started; then empties the coalescer.
     pub fn drain(&mut self, mut write: impl FnMut(&[u8])) {
         for (index, item) in self.items.iter().enumerate() {
-            let slot = &mut self.buf[index * SLOT..index * SLOT + VNET_HDR_LEN + item.len];
-            let (hdr, packet) = slot.split_at_mut(VNET_HDR_LEN);
-            let vnet = match &item.tcp {
-                Some(t) => finish_tcp(packet, t),
-                None => VnetHdr::default(),
+            let Some(slot) = self
+                .buf
+                .get_mut(index * SLOT..index * SLOT + VNET_HDR_LEN + item.len)
+            else {
+                continue;
             };
+            let Some((hdr, packet)) = slot.split_at_mut_checked(VNET_HDR_LEN) else {
+                continue;
+            };
+            let vnet = item
+                .tcp
+                .and_then(|t| finish_tcp(packet, &t))
+                .unwrap_or_default();
             if let Ok(hdr) = <&mut [u8; VNET_HDR_LEN]>::try_from(hdr) {
                 vnet.write(hdr);
             }
@@ -514,44 +548,52 @@ impl Gro {
     }
 }
 
-/// Sets lengths and checksums of a finished TCP item and returns its vnet header.
-fn finish_tcp(packet: &mut [u8], t: &TcpItem) -> VnetHdr {
+/// Sets lengths and checksums of a finished TCP item and returns its vnet header; `None`
+/// when the packet is shorter than the headers its item recorded (never: they were parsed
+/// from it).
+fn finish_tcp(packet: &mut [u8], t: &TcpItem) -> Option<VnetHdr> {
     let m = &t.meta;
     let total = packet.len();
     if t.segments > 1 {
         if m.v6 {
-            packet[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+            put(packet, 4, &((total - 40) as u16).to_be_bytes())?;
         } else {
-            packet[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-            packet[10..12].fill(0);
-            let c = checksum::finish(checksum::sum(&packet[..m.ip_len]));
-            packet[10..12].copy_from_slice(&c.to_be_bytes());
+            put(packet, 2, &(total as u16).to_be_bytes())?;
+            put(packet, 10, &[0, 0])?;
+            let c = checksum::finish(checksum::sum(packet.get(..m.ip_len)?));
+            put(packet, 10, &c.to_be_bytes())?;
         }
     }
     // CHECKSUM_PARTIAL: the field holds the pseudo-header sum, the kernel does the rest
     // only if the packet leaves through a device that cannot.
     let l4 = total - m.ip_len;
     let pseudo = checksum::fold(checksum::pseudo_header_of(packet, PROTO_TCP, l4));
-    let at = m.ip_len + usize::from(TCP_CSUM_OFFSET);
-    packet[at..at + 2].copy_from_slice(&pseudo.to_be_bytes());
+    put(
+        packet,
+        m.ip_len + usize::from(TCP_CSUM_OFFSET),
+        &pseudo.to_be_bytes(),
+    )?;
     let (gso_type, gso_size) = match (t.segments > 1, m.v6) {
         (false, _) => (GSO_NONE, 0),
         (true, false) => (GSO_TCPV4, t.gso_size as u16),
         (true, true) => (GSO_TCPV6, t.gso_size as u16),
     };
-    VnetHdr {
+    Some(VnetHdr {
         flags: F_NEEDS_CSUM,
         gso_type,
         hdr_len: (m.ip_len + m.tcp_len) as u16,
         gso_size,
         csum_start: m.ip_len as u16,
         csum_offset: TCP_CSUM_OFFSET,
-    }
+    })
 }
 
 /// IP header fields that must be equal for two segments to merge (wireguard-go's
 /// `ipHeadersCanCoalesce`, the kernel's `inet_gro_receive`/`ipv6_gro_receive`).
 fn ip_headers_match(a: &[u8], b: &[u8], v6: bool) -> bool {
+    let (Some(a), Some(b)) = (a.first_chunk::<9>(), b.first_chunk::<9>()) else {
+        return false;
+    };
     if v6 {
         // Version, traffic class, flow label; hop limit.
         a[..4] == b[..4] && a[7] == b[7]
@@ -613,7 +655,7 @@ impl TcpMeta {
         if tcp_len < 20 || ip_len + tcp_len > p.len() {
             return None;
         }
-        let t = &p[ip_len..];
+        let t: &[u8; 20] = p.get(ip_len..)?.first_chunk()?;
         let flags = t[13];
         let payload_len = p.len() - ip_len - tcp_len;
         Some(TcpMeta {
@@ -630,19 +672,20 @@ impl TcpMeta {
         })
     }
 
-    fn flow(&self, p: &[u8]) -> Flow {
+    /// The flow of `p`, the packet this was parsed from (`None` for any other shorter
+    /// one).
+    fn flow(&self, p: &[u8]) -> Option<Flow> {
         let mut addrs = [0u8; 32];
         if self.v6 {
-            addrs.copy_from_slice(&p[8..40]);
+            addrs.copy_from_slice(p.get(8..40)?);
         } else {
-            addrs[..8].copy_from_slice(&p[12..20]);
+            put(&mut addrs, 0, p.get(12..20)?)?;
         }
-        let t = self.ip_len;
-        Flow {
+        Some(Flow {
             v6: self.v6,
             addrs,
-            ports: [p[t], p[t + 1], p[t + 2], p[t + 3]],
-        }
+            ports: *p.get(self.ip_len..)?.first_chunk()?,
+        })
     }
 }
 
@@ -710,7 +753,8 @@ impl GsoBatch {
 
     /// Where to write the next datagram: room for the largest one.
     pub fn space(&mut self) -> &mut [u8] {
-        &mut self.buf[self.len..]
+        // `len` stays within the buffer: at most `MAX_GSO_BYTES` plus one datagram.
+        self.buf.get_mut(self.len..).unwrap_or_default()
     }
 
     /// Takes the `len`-byte datagram just written at [`GsoBatch::space`], for `to`.
@@ -752,7 +796,7 @@ impl GsoBatch {
     pub fn pending(&self) -> Option<Batch<'_>> {
         Some(Batch {
             to: self.to?,
-            data: &self.buf[..self.len],
+            data: self.buf.get(..self.len)?,
             segment: self.segment,
             count: self.count,
         })

@@ -19,6 +19,9 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 const MAX_REQUEST: usize = 8 << 10;
 /// A client that sends nothing for this long is dropped.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; later ones wait in the listen backlog until one ends (at
+/// most [`READ_TIMEOUT`] for an idle one). Prometheus and the kubelet hold one or two.
+pub const MAX_CONNECTIONS: usize = 32;
 
 /// What the endpoint asks the component it serves.
 pub trait Source: Send + Sync + 'static {
@@ -31,15 +34,24 @@ pub trait Source: Send + Sync + 'static {
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` from `source` on `listener` until the task
-/// is dropped, one task per connection.
+/// is dropped, one task per connection and at most [`MAX_CONNECTIONS`] at once.
 pub async fn serve<S: Source>(listener: TcpListener, source: Arc<S>) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "metrics and health endpoint listening");
     }
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // Never closed, so this cannot fail.
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(respond(stream, Arc::clone(&source)));
+                let source = Arc::clone(&source);
+                tokio::spawn(async move {
+                    respond(stream, source).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 warn!(error = %e, "accepting a metrics connection");
@@ -209,6 +221,32 @@ mod tests {
                 .starts_with("HTTP/1.1 200 OK\r\n")
         );
         assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404 "));
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_bound_wait_until_one_ends() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let fake = Arc::new(Fake {
+            ready: AtomicBool::new(true),
+        });
+        let server = tokio::spawn(serve(listener, fake));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // Let the server accept them all.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let waiting = tokio::spawn(get(addr, "/healthz"));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!waiting.is_finished(), "served past the bound");
+        drop(idle.pop());
+        let answer = tokio::time::timeout(Duration::from_secs(3), waiting)
+            .await
+            .expect("served once a connection ended")
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
         server.abort();
     }
 

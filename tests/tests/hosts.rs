@@ -364,6 +364,10 @@ fn bad_host_input_is_refused_and_changes_nothing() -> Result<()> {
     std::fs::write(&truncated, &good[..good.len() / 2])?;
     let other = lab.lab.dir().join("other-cluster.json");
     std::fs::write(&other, good.replace("\"cluster-a\"", "\"cluster-b\""))?;
+    // Bundles hold a token: the agent refuses one that group or others may read.
+    for file in [&truncated, &other] {
+        std::fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    }
     for (file, want) in [
         (&truncated, "truncated"),
         (&other, "is for cluster \"cluster-b\", but the API server"),

@@ -93,6 +93,15 @@ pub enum PeerError {
         /// The offending value.
         key: String,
     },
+    /// The key is a low-order point: every shared secret with it is zero, so a handshake
+    /// with it would be keyed by a constant.
+    #[error("{name}: public key {key} is a low-order point (every shared secret with it is zero)")]
+    LowOrderKey {
+        /// The MeshPeer.
+        name: String,
+        /// The offending key.
+        key: PublicKey,
+    },
     /// A CIDR does not parse.
     #[error("{name}: pod CIDR {cidr:?} does not parse")]
     Cidr {
@@ -130,6 +139,12 @@ pub fn desired_peer(
         name: name.to_owned(),
         key: public_key.to_owned(),
     })?;
+    if wiremesh_core::keys::is_low_order(&key) {
+        return Err(PeerError::LowOrderKey {
+            name: name.to_owned(),
+            key,
+        });
+    }
     let mut allowed_ips = Vec::with_capacity(pod_cidrs.len());
     for text in pod_cidrs {
         let cidr: IpCidr = text.parse().map_err(|_| PeerError::Cidr {
@@ -692,6 +707,32 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn a_peer_with_a_low_order_key_is_refused_naming_it() {
+        let mut one = [0u8; 32];
+        one[0] = 1;
+        for bad in [PublicKey::from([0; 32]), PublicKey::from(one)] {
+            let err = desired_peer(
+                &origin("b.evil"),
+                &bad.to_base64(),
+                &["198.18.0.9:51820".to_owned()],
+                &["10.9.0.0/24".to_owned()],
+                25,
+                &[],
+            )
+            .unwrap_err();
+            assert!(
+                matches!(err, PeerError::LowOrderKey { key, .. } if key == bad),
+                "{err}"
+            );
+            let said = err.to_string();
+            assert!(
+                said.contains("b.evil") && said.contains(&bad.to_base64()),
+                "{said}"
+            );
+        }
     }
 
     #[test]
