@@ -27,9 +27,8 @@ use nix::sys::socket::{
     SockaddrLike as _, sendto, socket,
 };
 use wiremesh_lab::mesh::{IFACE, Node, PORT, eventually, in_netns};
-use wiremesh_lab::{Lab, ping, transfer};
+use wiremesh_lab::{Lab, MIB, ping, transfer};
 
-const MIB: u64 = 1 << 20;
 /// Malformed packets b's TUN device takes, per kind.
 const PER_KIND: usize = 400;
 /// Malformed packets the pod sends.
