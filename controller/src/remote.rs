@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::{DefaultHasher, Hash as _, Hasher as _};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -35,11 +36,13 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tracing::{Instrument as _, debug, info, info_span, warn};
+use wiremesh_proto::IpCidr;
 use wiremesh_proto::crd::{
     MeshNode, MeshPeer, PEER_CLUSTER_LABEL, PeerCluster, PeerClusterStatus, SYSTEM_NAMESPACE,
 };
 
-use crate::plan::{self, Local, OtherPeer, Plan};
+use crate::install::ClusterInfo;
+use crate::plan::{self, Local, OtherPeer, Plan, Reserved};
 use crate::shared::{FIELD_MANAGER, Shared};
 use crate::status::{self, Observation, Transition};
 
@@ -426,7 +429,10 @@ impl Mirror {
             (Some(outage), _) => Seen::Stale(outage.clone()),
             (None, false) => return Ok(()),
             (None, true) => {
-                let cluster = self.shared.local.borrow().cluster.clone();
+                let (cluster, api_servers) = {
+                    let local = self.shared.local.borrow();
+                    (local.cluster.clone(), local.api_servers.clone())
+                };
                 match cluster {
                     // Planning against a partial view of this cluster could delete good
                     // peers or miss a conflict: wait (a local change wakes us).
@@ -437,7 +443,7 @@ impl Mirror {
                         message,
                     }),
                     Some(Ok(info)) => {
-                        let plan = self.plan(&pc, &info.name, &info.pod_cidrs);
+                        let plan = self.plan(&pc, &info, &api_servers);
                         self.apply(&pc, &plan).await?;
                         Seen::Synced(plan)
                     }
@@ -498,9 +504,19 @@ impl Mirror {
         Ok(())
     }
 
-    fn plan(&self, pc: &PeerCluster, cluster: &str, pod_cidrs: &[wiremesh_proto::IpCidr]) -> Plan {
+    fn plan(&self, pc: &PeerCluster, info: &ClusterInfo, api_servers: &[IpAddr]) -> Plan {
         let local_nodes = self.shared.mesh_nodes.state();
-        let local = Local::new(cluster, pod_cidrs, local_nodes.iter().map(|n| &**n));
+        let mut local = Local::new(
+            &info.name,
+            &info.pod_cidrs,
+            local_nodes.iter().map(|n| &**n),
+        );
+        for cidr in &info.service_cidrs {
+            local.reserve(*cidr, Reserved::ServiceCidr);
+        }
+        for ip in api_servers {
+            local.reserve(IpCidr::host(*ip), Reserved::ApiServer);
+        }
         let mut by_peer: BTreeMap<String, Vec<MeshPeer>> = BTreeMap::new();
         for mp in self.shared.mesh_peers.state() {
             if let Some(peer) = mp.labels().get(PEER_CLUSTER_LABEL) {
@@ -871,6 +887,7 @@ mod tests {
                 ca_data: None,
                 credentials_secret: "cluster-b-token".into(),
                 allowed_pod_cidrs: vec!["10.2.0.0/16".into()],
+                allowed_host_cidrs: Vec::new(),
             },
         );
         pc.metadata.uid = Some("uid".into());

@@ -4,6 +4,7 @@
 //! The reconciler starts the links and the links read this, never the reconciler, so the
 //! controller's modules import one another without a loop.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,4 +80,7 @@ pub(crate) struct Shared {
 pub(crate) struct LocalState {
     /// The cluster ConfigMap, or why it cannot be used; `None` until it was first read.
     pub(crate) cluster: Option<Result<ClusterInfo, String>>,
+    /// This cluster's API server addresses (the `kubernetes` Service and its
+    /// EndpointSlice), as far as they could be read: no peer may claim them.
+    pub(crate) api_servers: Vec<IpAddr>,
 }
