@@ -319,19 +319,18 @@ async fn lead(client: Client, options: &Options, metrics: Arc<Metrics>) -> RunEr
         }
     });
 
+    let reporter = Reporter {
+        controller: CONTROLLER_NAME.to_owned(),
+        instance: Some(options.identity.clone()),
+    };
     let shared = Arc::new(Shared {
         client: client.clone(),
         peer_clusters,
         mesh_peers,
         mesh_nodes,
         local: local_rx,
-        recorder: Recorder::new(
-            client,
-            Reporter {
-                controller: CONTROLLER_NAME.to_owned(),
-                instance: Some(options.identity.clone()),
-            },
-        ),
+        recorder: Recorder::new(client, reporter.clone()),
+        reporter,
         metrics,
         timing,
     });

@@ -28,7 +28,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::events::{Event as K8sEvent, EventType};
+use kube::runtime::events::{Event as K8sEvent, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Config, Resource as _, ResourceExt as _};
@@ -592,12 +592,16 @@ impl Mirror {
             action: "Mirror".to_owned(),
             secondary: None,
         };
-        if let Err(e) = self
-            .shared
-            .recorder
-            .publish(&event, &pc.object_ref(&()))
-            .await
-        {
+        // The recorder folds Events of one reason on one object into a series that keeps
+        // the first note: a new set of refused nodes must be an Event of its own.
+        let fresh;
+        let recorder = if matches!(transition, Transition::Conflict { .. }) {
+            fresh = Recorder::new(self.shared.client.clone(), self.shared.reporter.clone());
+            &fresh
+        } else {
+            &self.shared.recorder
+        };
+        if let Err(e) = recorder.publish(&event, &pc.object_ref(&())).await {
             warn!(error = %e, reason, "recording an Event");
         }
     }

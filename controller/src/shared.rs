@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kube::Client;
-use kube::runtime::events::Recorder;
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use tokio::sync::watch;
 use wiremesh_proto::crd::{MeshNode, MeshPeer, PeerCluster};
@@ -71,6 +71,8 @@ pub(crate) struct Shared {
     /// (a spec change of a local MeshNode or MeshPeer).
     pub(crate) local: watch::Receiver<LocalState>,
     pub(crate) recorder: Recorder,
+    /// Who records the Events (for Events that must not join an earlier one's series).
+    pub(crate) reporter: Reporter,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) timing: Timing,
 }
