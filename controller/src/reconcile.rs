@@ -274,6 +274,7 @@ async fn lead(client: Client, options: &Options, metrics: Arc<Metrics>) -> RunEr
         local_tx.clone(),
         |n: &MeshNode| format!("{:?}", crate::plan::observations_only(n.status.clone())),
     ));
+    background.spawn(crate::nodes::derive(client.clone(), mesh_nodes.clone()));
     background.spawn(poll_cluster_info(
         client.clone(),
         local_tx.clone(),
