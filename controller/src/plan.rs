@@ -117,6 +117,11 @@ pub enum Reason {
     },
     /// `<cluster>.<node>` is too long for an object name.
     NameTooLong,
+    /// The peer cluster has more nodes than are mirrored from one peer cluster.
+    TooManyNodes {
+        /// The cap (the controller's `--max-nodes-per-peer`).
+        max: usize,
+    },
 }
 
 /// Who holds a CIDR or key that a remote node also claims.
@@ -419,6 +424,20 @@ pub fn allowed_host_cidrs(peer: &PeerCluster) -> Vec<IpCidr> {
         .collect()
 }
 
+/// Keeps the first `max` of `remote` (by name) and refuses the others.
+pub fn cap_nodes(remote: &mut Vec<MeshNode>, max: usize) -> Vec<Conflict> {
+    remote.sort_by_key(|n| n.name_any());
+    remote
+        .split_off(max.min(remote.len()))
+        .iter()
+        .map(|n| Conflict {
+            node: n.name_any(),
+            cidr: None,
+            reason: Reason::TooManyNodes { max },
+        })
+        .collect()
+}
+
 /// Computes what to do for `peer`, given its remote nodes, this cluster's own claims, the
 /// other peer clusters and the `MeshPeer`s that exist for `peer` now (those labelled
 /// [`PEER_CLUSTER_LABEL`]`=<peer name>`).
@@ -659,6 +678,10 @@ impl fmt::Display for Conflict {
             Reason::InvalidEndpoint { endpoint } => {
                 write!(f, "node {node}: endpoint {endpoint:?} is not IP:port")
             }
+            Reason::TooManyNodes { max } => write!(
+                f,
+                "node {node}: its cluster has more than {max} nodes, the most mirrored from one peer cluster (--max-nodes-per-peer)"
+            ),
             Reason::NameTooLong => write!(
                 f,
                 "node {node}: its MeshPeer name would be longer than {MAX_NAME_LEN} characters"
@@ -1522,6 +1545,21 @@ mod tests {
             &[],
         );
         assert!(plan.conflicts.is_empty(), "{:?}", plan.conflicts);
+    }
+
+    #[test]
+    fn nodes_past_the_cap_are_refused() {
+        let mut remote = vec![
+            node("b3", 3, &["10.2.3.0/24"]),
+            node("b1", 1, &["10.2.1.0/24"]),
+            node("b2", 2, &["10.2.2.0/24"]),
+        ];
+        let refused = cap_nodes(&mut remote, 2);
+        let kept: Vec<String> = remote.iter().map(|n| n.name_any()).collect();
+        assert_eq!(kept, ["b1", "b2"]);
+        assert_eq!(refused.len(), 1);
+        assert!(refused[0].to_string().contains("node b3"), "{}", refused[0]);
+        assert!(cap_nodes(&mut remote, 5).is_empty());
     }
 
     proptest! {

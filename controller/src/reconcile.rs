@@ -57,6 +57,8 @@ pub struct Options {
     pub metrics_addr: Option<SocketAddr>,
     /// The clocks.
     pub timing: Timing,
+    /// Most nodes mirrored from one peer cluster; the rest are refused (a Conflict).
+    pub max_nodes_per_peer: usize,
 }
 
 /// Why the controller stopped.
@@ -334,6 +336,7 @@ async fn lead(client: Client, options: &Options, metrics: Arc<Metrics>) -> RunEr
         reporter,
         metrics,
         timing,
+        max_nodes_per_peer: options.max_nodes_per_peer,
     });
     let ctx = Arc::new(Context {
         shared,

@@ -217,11 +217,16 @@ pub(crate) async fn mirror(
     nudges: mpsc::Receiver<()>,
 ) {
     let span = info_span!("peer", peer = %name);
+    // One more than are mirrored, so that the cap shows as a Conflict.
+    let limit = shared.max_nodes_per_peer.saturating_add(1);
     Mirror {
         shared,
         name,
         nudges,
-        remote: RemoteNodes::default(),
+        remote: RemoteNodes {
+            limit,
+            ..RemoteNodes::default()
+        },
         outage: None,
         last_status: None,
     }
@@ -534,24 +539,46 @@ impl Mirror {
             })
             .collect();
         let existing = by_peer.remove(&self.name).unwrap_or_default();
-        let remote: Vec<MeshNode> = self.remote.nodes.values().cloned().collect();
-        plan::plan(pc, &remote, &local, &others, &existing)
+        let mut remote: Vec<MeshNode> = self.remote.nodes.values().cloned().collect();
+        let refused = plan::cap_nodes(&mut remote, self.shared.max_nodes_per_peer);
+        let mut plan = plan::plan(pc, &remote, &local, &others, &existing);
+        if !refused.is_empty() || self.remote.dropped > 0 {
+            warn!(
+                mirrored = remote.len(),
+                dropped = self.remote.dropped,
+                "peer cluster has more nodes than --max-nodes-per-peer"
+            );
+        }
+        plan.conflicts.extend(refused);
+        plan
     }
 
+    /// Applies every write of `plan`; one the API server refuses does not stop the others.
+    /// Returns the first failure (each is logged).
     async fn apply(&self, pc: &PeerCluster, plan: &Plan) -> Result<(), SyncError> {
         let api: Api<MeshPeer> = Api::all(self.shared.client.clone());
         let params = PatchParams::apply(FIELD_MANAGER).force();
+        let mut first: Option<SyncError> = None;
+        let mut failed = |error: SyncError| {
+            warn!(
+                error = error_text(&error),
+                "mirroring one MeshPeer failed; going on with the others"
+            );
+            first.get_or_insert(error);
+        };
         for desired in &plan.apply {
             let mut mp = MeshPeer::new(&desired.name, desired.spec.clone());
             mp.metadata.labels = Some([(PEER_CLUSTER_LABEL.to_owned(), pc.name_any())].into());
             mp.metadata.owner_references = Some(vec![owner_reference(pc)]);
-            api.patch(&desired.name, &params, &Patch::Apply(&mp))
-                .await
-                .map_err(|source| SyncError::Apply {
+            match api.patch(&desired.name, &params, &Patch::Apply(&mp)).await {
+                Ok(_) => {
+                    info!(mesh_peer = %desired.name, node = %desired.spec.node, pod_cidrs = ?desired.spec.pod_cidrs, "mirrored remote node");
+                }
+                Err(source) => failed(SyncError::Apply {
                     name: desired.name.clone(),
                     source,
-                })?;
-            info!(mesh_peer = %desired.name, node = %desired.spec.node, pod_cidrs = ?desired.spec.pod_cidrs, "mirrored remote node");
+                }),
+            }
         }
         for name in &plan.delete {
             match api.delete(name, &DeleteParams::default()).await {
@@ -559,15 +586,13 @@ impl Mirror {
                     info!(mesh_peer = %name, "deleted MeshPeer: its remote node is gone or refused")
                 }
                 Err(kube::Error::Api(s)) if s.is_not_found() => {}
-                Err(source) => {
-                    return Err(SyncError::Delete {
-                        name: name.clone(),
-                        source,
-                    });
-                }
+                Err(source) => failed(SyncError::Delete {
+                    name: name.clone(),
+                    source,
+                }),
             }
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 
     /// Logs a transition and records it as a Kubernetes Event on the PeerCluster.
@@ -608,7 +633,7 @@ impl Mirror {
 }
 
 /// The remote nodes as the watch reports them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct RemoteNodes {
     /// As last known (name and spec only).
     nodes: BTreeMap<String, MeshNode>,
@@ -618,6 +643,24 @@ struct RemoteNodes {
     synced: bool,
     /// Watch failures since the last complete list.
     failures: u32,
+    /// Most nodes kept: past it, new names are dropped (and counted), so a peer with
+    /// millions of MeshNodes cannot exhaust our memory.
+    limit: usize,
+    /// New nodes dropped because of `limit`, since the last complete list.
+    dropped: usize,
+}
+
+impl Default for RemoteNodes {
+    fn default() -> Self {
+        Self {
+            nodes: BTreeMap::new(),
+            buffer: None,
+            synced: false,
+            failures: 0,
+            limit: usize::MAX,
+            dropped: 0,
+        }
+    }
 }
 
 impl RemoteNodes {
@@ -633,11 +676,16 @@ impl RemoteNodes {
         match event {
             watcher::Event::Init => {
                 self.buffer = Some(BTreeMap::new());
+                self.dropped = 0;
                 false
             }
             watcher::Event::InitApply(node) => {
                 if let Some(buffer) = &mut self.buffer {
-                    buffer.insert(node.name_any(), node);
+                    if buffer.len() < self.limit {
+                        buffer.insert(node.name_any(), node);
+                    } else {
+                        self.dropped += 1;
+                    }
                 }
                 false
             }
@@ -661,6 +709,10 @@ impl RemoteNodes {
                     .nodes
                     .get(&name)
                     .is_none_or(|old| old.spec != node.spec || old.status != node.status);
+                if !self.nodes.contains_key(&name) && self.nodes.len() >= self.limit {
+                    self.dropped += 1;
+                    return false;
+                }
                 self.nodes.insert(name, node);
                 changed
             }
@@ -672,6 +724,14 @@ impl RemoteNodes {
 enum Seen {
     Synced(Plan),
     Stale(Outage),
+}
+
+/// `error` and its source, as one line.
+fn error_text(error: &SyncError) -> String {
+    match std::error::Error::source(error) {
+        Some(source) => format!("{error}: {source}"),
+        None => error.to_string(),
+    }
 }
 
 /// The owner reference from a MeshPeer to its PeerCluster. The controller deletes MeshPeers
@@ -864,6 +924,26 @@ mod tests {
         assert!(remote.apply(watcher::Event::Delete(node("b1", "10.2.2.0/24"))));
         assert!(!remote.apply(watcher::Event::Delete(node("b1", "10.2.2.0/24"))));
         assert!(remote.nodes.is_empty());
+    }
+
+    #[test]
+    fn no_more_nodes_are_kept_than_the_limit() {
+        let mut remote = RemoteNodes {
+            limit: 2,
+            ..RemoteNodes::default()
+        };
+        remote.apply(watcher::Event::Init);
+        for name in ["b1", "b2", "b3"] {
+            remote.apply(watcher::Event::InitApply(node(name, "10.2.1.0/24")));
+        }
+        remote.apply(watcher::Event::InitDone);
+        assert_eq!(remote.nodes.len(), 2);
+        assert_eq!(remote.dropped, 1);
+        assert!(!remote.apply(watcher::Event::Apply(node("b4", "10.2.4.0/24"))));
+        assert_eq!(remote.nodes.len(), 2);
+        // A known node still follows its updates.
+        let known = remote.nodes.keys().next().cloned().unwrap();
+        assert!(remote.apply(watcher::Event::Apply(node(&known, "10.2.9.0/24"))));
     }
 
     #[test]

@@ -75,6 +75,8 @@ pub(crate) struct Shared {
     pub(crate) reporter: Reporter,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) timing: Timing,
+    /// Most nodes mirrored from one peer cluster.
+    pub(crate) max_nodes_per_peer: usize,
 }
 
 /// This cluster as the links see it.
