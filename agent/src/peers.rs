@@ -21,7 +21,7 @@ use kube::runtime::{WatchStreamExt as _, reflector};
 use kube::{Api, Client, Resource as _};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
-use wiremesh_proto::crd::{MeshNode, MeshPeer, TunnelStatus};
+use wiremesh_proto::crd::{MeshNode, MeshPeer, SYSTEM_NAMESPACE, TunnelStatus};
 use wiremesh_proto::uapi::DeviceUpdate;
 use wiremesh_proto::{IpCidr, PublicKey};
 
@@ -374,6 +374,9 @@ async fn report_status(
         api_version: Some(MeshNode::api_version(&()).into_owned()),
         kind: Some(MeshNode::kind(&()).into_owned()),
         name: Some(name.clone()),
+        // Events go to the agent's own namespace (its RBAC allows no other), not to
+        // `default`, where a cluster-scoped object's Events would land otherwise.
+        namespace: Some(SYSTEM_NAMESPACE.to_owned()),
         ..ObjectReference::default()
     };
     let mut tunnels: BTreeMap<PublicKey, bool> = BTreeMap::new();

@@ -15,7 +15,7 @@ use wiremesh_lab::clusters::{INTERFACE, Side, TwoClusters, wait_for};
 use wiremesh_lab::fixtures::mesh_node;
 use wiremesh_lab::k8s::{self, block_on};
 use wiremesh_lab::{Netns, ping, transfer};
-use wiremesh_proto::crd::MeshNode;
+use wiremesh_proto::crd::{MeshNode, SYSTEM_NAMESPACE};
 
 const MIB: u64 = 1 << 20;
 /// How long mirroring may take: watch, plan, apply, agent watch, handshake.
@@ -82,7 +82,7 @@ fn join_links_every_pod_pair_across_the_clusters() -> Result<()> {
 
     // a1's agent recorded the tunnel to b2 coming up as an Event on its MeshNode (with
     // the pod-bound token and the RBAC of deploy/wiremesh.yaml).
-    let events: Api<Event> = Api::namespaced(lab.a.client()?, "default");
+    let events: Api<Event> = Api::namespaced(lab.a.client()?, SYSTEM_NAMESPACE);
     wait_for(Duration::from_secs(30), || {
         let list = block_on(events.list(&Default::default()))?;
         ensure!(
