@@ -272,7 +272,10 @@ async fn publish(client: Client, node: Node, spec: MeshNodeSpec) {
         }
         let due = !published || last_publish.is_none_or(|t| t.elapsed() >= REPUBLISH);
         if due {
-            match api.patch(&name, &params, &Patch::Apply(&object)).await {
+            match api
+                .patch(&name, &params, &Patch::Apply(&without_node_fields(&object)))
+                .await
+            {
                 Ok(_) => {
                     if !published {
                         info!(node = %name, "MeshNode published");
@@ -288,6 +291,20 @@ async fn publish(client: Client, node: Node, spec: MeshNodeSpec) {
         }
         tokio::time::sleep(if published { NODE_CHECK } else { RETRY }).await;
     }
+}
+
+/// The MeshNode as the agent applies it: without the pod CIDRs and the gateway flag, which
+/// the controller sets from the Node (the admission policy refuses them from the agent).
+fn without_node_fields(object: &MeshNode) -> serde_json::Value {
+    let mut value = serde_json::to_value(object).unwrap_or_default();
+    if let Some(spec) = value
+        .get_mut("spec")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        spec.remove("podCIDRs");
+        spec.remove("gateway");
+    }
+    value
 }
 
 /// Checks `NODE_NAME` was given.

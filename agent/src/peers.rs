@@ -21,7 +21,7 @@ use kube::runtime::{WatchStreamExt as _, reflector};
 use kube::{Api, Client, Resource as _};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
-use wiremesh_proto::crd::{MeshNode, MeshPeer, TunnelStatus};
+use wiremesh_proto::crd::{MeshNode, MeshPeer, SYSTEM_NAMESPACE, TunnelStatus};
 use wiremesh_proto::uapi::DeviceUpdate;
 use wiremesh_proto::{IpCidr, PublicKey};
 
@@ -33,8 +33,19 @@ use crate::metrics::AgentMetrics;
 
 /// Field manager of everything the agent writes.
 pub(crate) const MANAGER: &str = "wiremesh-agent";
-/// How often tunnel statistics are written to the MeshNode status.
+/// How often the tunnels are looked at for a change worth a status write.
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// The status is written at once when what it says changes (a tunnel's endpoints, path or
+/// connection, the set of tunnels), else only this often, to refresh its counters:
+/// counters belong in metrics, and a status rewritten every few seconds on every node is
+/// load on the API server and on every controller that watches MeshNodes.
+const STATUS_REFRESH: Duration = Duration::from_secs(300);
+/// A tunnel whose last handshake is older than this counts as not connected: a session
+/// is rejected after 180 s (Reject-After-Time, whitepaper §6.1).
+const CONNECTED_WITHIN: Duration = Duration::from_secs(180);
+/// Most tunnels listed in the status, so the object stays far below the API server's
+/// limits (etcd's 1.5 MiB) however many peers there are.
+const MAX_STATUS_PEERS: usize = 1024;
 /// How often the failover groups' members are checked for signs of life.
 const FAILOVER_CHECK: Duration = Duration::from_millis(500);
 
@@ -351,8 +362,9 @@ async fn record_transitions(
     }
 }
 
-/// Writes the tunnels' state into the MeshNode status every [`STATUS_INTERVAL`], and
-/// records an Event on it when a tunnel goes up or down.
+/// Writes the tunnels' state into the MeshNode status when it changes (at most every
+/// [`STATUS_INTERVAL`], at least every [`STATUS_REFRESH`]), and records an Event on it
+/// when a tunnel goes up or down.
 async fn report_status(
     client: Client,
     name: String,
@@ -372,11 +384,15 @@ async fn report_status(
         api_version: Some(MeshNode::api_version(&()).into_owned()),
         kind: Some(MeshNode::kind(&()).into_owned()),
         name: Some(name.clone()),
+        // Events go to the agent's own namespace (its RBAC allows no other), not to
+        // `default`, where a cluster-scoped object's Events would land otherwise.
+        namespace: Some(SYSTEM_NAMESPACE.to_owned()),
         ..ObjectReference::default()
     };
     let mut tunnels: BTreeMap<PublicKey, bool> = BTreeMap::new();
     let mut ready_since: Option<Time> = None;
     let mut last_error: Option<String> = None;
+    let mut written: Option<(serde_json::Value, tokio::time::Instant)> = None;
     loop {
         if let Ok(snapshot) = handle.snapshot().await {
             let now = k8s_openapi::jiff::Timestamp::now();
@@ -384,9 +400,16 @@ async fn report_status(
             let (changes, state) = mesh::tunnel_transitions(&tunnels, &snapshot.peers);
             tunnels = state;
             record_transitions(&recorder, &reference, &changes, &origins).await;
+            let connected: Vec<bool> = snapshot
+                .peers
+                .iter()
+                .take(MAX_STATUS_PEERS)
+                .map(|p| p.since_handshake.is_some_and(|d| d < CONNECTED_WITHIN))
+                .collect();
             let peers: Vec<TunnelStatus> = snapshot
                 .peers
                 .iter()
+                .take(MAX_STATUS_PEERS)
                 .map(|p| TunnelStatus {
                     name: origins
                         .get(&p.public_key)
@@ -410,6 +433,15 @@ async fn report_status(
                 })
                 .collect();
             let via_gateway = mesh::via_gateways(&origins);
+            let key = status_key(&peers, &connected, &serde_json::json!(via_gateway));
+            let due = last_error.is_some()
+                || written
+                    .as_ref()
+                    .is_none_or(|(k, at)| *k != key || at.elapsed() >= STATUS_REFRESH);
+            if !due {
+                tokio::time::sleep(STATUS_INTERVAL).await;
+                continue;
+            }
             let since = ready_since.get_or_insert(Time(now)).clone();
             let status = serde_json::json!({
                 "apiVersion": MeshNode::api_version(&()),
@@ -419,7 +451,7 @@ async fn report_status(
                         type_: "Ready".to_owned(),
                         status: "True".to_owned(),
                         reason: "DataPlaneConfigured".to_owned(),
-                        message: format!("{} tunnels configured", peers.len()),
+                        message: format!("{} tunnels configured", snapshot.peers.len()),
                         last_transition_time: since,
                         observed_generation: None,
                     }],
@@ -432,7 +464,10 @@ async fn report_status(
                 .patch_status(&name, &params, &Patch::Apply(&status))
                 .await
             {
-                Ok(_) => last_error = None,
+                Ok(_) => {
+                    last_error = None;
+                    written = Some((key, tokio::time::Instant::now()));
+                }
                 // Each new error once: the MeshNode may not exist yet at the first try.
                 Err(e) => {
                     let text = e.to_string();
@@ -445,6 +480,24 @@ async fn report_status(
         }
         tokio::time::sleep(STATUS_INTERVAL).await;
     }
+}
+
+/// What of a status counts as a change: per tunnel its name, endpoints, path, relay and
+/// whether it is connected (not its counters or the exact handshake time), and the peers
+/// reached through gateways.
+fn status_key(
+    peers: &[TunnelStatus],
+    connected: &[bool],
+    via_gateway: &serde_json::Value,
+) -> serde_json::Value {
+    let tunnels: Vec<serde_json::Value> = peers
+        .iter()
+        .zip(connected.iter().chain(std::iter::repeat(&false)))
+        .map(|(t, up)| {
+            serde_json::json!([t.name, t.endpoint, t.observed_endpoint, t.path, t.via, up])
+        })
+        .collect();
+    serde_json::json!([tunnels, via_gateway])
 }
 
 const CACHE_FILE: &str = "peers.json";
@@ -525,4 +578,33 @@ pub(crate) fn load_cache(dir: &std::path::Path) -> Option<PeerSet> {
         );
     }
     Some(set)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_handshake_times_are_no_status_change() {
+        let tunnel = TunnelStatus {
+            name: "cluster-b.b1".into(),
+            endpoint: Some("198.18.2.1:51820".into()),
+            ..TunnelStatus::default()
+        };
+        let via = serde_json::json!([]);
+        let key = status_key(std::slice::from_ref(&tunnel), &[true], &via);
+        let busier = TunnelStatus {
+            rx_bytes: 1 << 20,
+            tx_bytes: 7,
+            latest_handshake_time: Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)),
+            ..tunnel.clone()
+        };
+        assert_eq!(status_key(&[busier], &[true], &via), key);
+        let moved = TunnelStatus {
+            endpoint: Some("198.18.2.9:51820".into()),
+            ..tunnel.clone()
+        };
+        assert_ne!(status_key(&[moved], &[true], &via), key);
+        assert_ne!(status_key(&[tunnel], &[false], &via), key);
+    }
 }

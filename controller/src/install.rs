@@ -27,17 +27,27 @@ pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", FIELD_MANA
 pub const CLUSTER_NAME_KEY: &str = "clusterName";
 /// Key of the cluster's pod CIDRs (comma-separated) in the cluster ConfigMap.
 pub const POD_CIDRS_KEY: &str = "podCIDRs";
+/// Key of the range this cluster's hosts take their addresses from (comma-separated,
+/// optional) in the cluster ConfigMap: what `meshctl join` grants this cluster's hosts.
+pub const HOST_CIDRS_KEY: &str = "hostCIDRs";
+/// Key of the cluster's service CIDRs (comma-separated, optional) in the cluster
+/// ConfigMap: no peer may claim an address in them.
+pub const SERVICE_CIDRS_KEY: &str = "serviceCIDRs";
 /// How long a CRD may take to become Established. The API server does it within a second or
 /// two; a 2-core CI machine busy compiling gets ten times that.
 pub const CRD_ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A cluster as Wiremesh knows it: the contents of its cluster ConfigMap.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClusterInfo {
     /// The cluster's name, unique in the mesh (a DNS label).
     pub name: String,
     /// The cluster's whole pod range.
     pub pod_cidrs: Vec<IpCidr>,
+    /// Where this cluster's hosts take their addresses from (may be empty).
+    pub host_cidrs: Vec<IpCidr>,
+    /// The cluster's service CIDRs (may be empty).
+    pub service_cidrs: Vec<IpCidr>,
 }
 
 /// Why [`install`] failed.
@@ -110,11 +120,13 @@ pub enum ClusterInfoError {
     /// `clusterName` is not a DNS label.
     #[error("ConfigMap {SYSTEM_NAMESPACE}/{CLUSTER_CONFIGMAP}: field {CLUSTER_NAME_KEY}: {0}")]
     BadClusterName(#[source] ClusterNameError),
-    /// An entry of `podCIDRs` is not a CIDR.
+    /// An entry of `podCIDRs`, `hostCIDRs` or `serviceCIDRs` is not a CIDR.
     #[error(
-        "ConfigMap {SYSTEM_NAMESPACE}/{CLUSTER_CONFIGMAP}: field {POD_CIDRS_KEY}: {value:?} is not a CIDR"
+        "ConfigMap {SYSTEM_NAMESPACE}/{CLUSTER_CONFIGMAP}: field {field}: {value:?} is not a CIDR"
     )]
-    BadPodCidr {
+    BadCidr {
+        /// The key.
+        field: &'static str,
         /// The offending entry.
         value: String,
         /// Why it did not parse.
@@ -173,8 +185,22 @@ pub async fn install(
     cluster_name: &str,
     pod_cidrs: &[IpCidr],
 ) -> Result<(), InstallError> {
+    let info = ClusterInfo {
+        name: cluster_name.to_owned(),
+        pod_cidrs: pod_cidrs.to_vec(),
+        ..ClusterInfo::default()
+    };
+    install_cluster(client, &info).await
+}
+
+/// [`install`] with the optional ranges of `info` too (host and service CIDRs).
+///
+/// # Errors
+/// As [`install`].
+pub async fn install_cluster(client: &Client, info: &ClusterInfo) -> Result<(), InstallError> {
+    let cluster_name = info.name.as_str();
     check_cluster_name(cluster_name)?;
-    if pod_cidrs.is_empty() {
+    if info.pod_cidrs.is_empty() {
         return Err(InstallError::NoPodCidrs);
     }
     let params = PatchParams::apply(FIELD_MANAGER).force();
@@ -237,7 +263,7 @@ pub async fn install(
             source,
         })?;
 
-    let configmap = cluster_configmap(cluster_name, pod_cidrs);
+    let configmap = cluster_configmap(info);
     configmaps
         .patch(CLUSTER_CONFIGMAP, &params, &Patch::Apply(&configmap))
         .await
@@ -306,36 +332,57 @@ pub fn parse_cluster_configmap(
     };
     let name = field(CLUSTER_NAME_KEY)?;
     check_cluster_name(name).map_err(ClusterInfoError::BadClusterName)?;
-    let pod_cidrs = field(POD_CIDRS_KEY)?
-        .split(',')
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-        .map(|c| {
-            c.parse::<IpCidr>()
-                .map_err(|source| ClusterInfoError::BadPodCidr {
-                    value: c.to_owned(),
-                    source,
-                })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let cidrs = |field: &'static str, text: &str| {
+        text.split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(|c| {
+                c.parse::<IpCidr>()
+                    .map_err(|source| ClusterInfoError::BadCidr {
+                        field,
+                        value: c.to_owned(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let pod_cidrs = cidrs(POD_CIDRS_KEY, field(POD_CIDRS_KEY)?)?;
     if pod_cidrs.is_empty() {
         return Err(ClusterInfoError::MissingField {
             field: POD_CIDRS_KEY,
         });
     }
+    let optional = |key: &'static str| cidrs(key, data.get(key).map_or("", String::as_str));
     Ok(ClusterInfo {
         name: name.to_owned(),
         pod_cidrs,
+        host_cidrs: optional(HOST_CIDRS_KEY)?,
+        service_cidrs: optional(SERVICE_CIDRS_KEY)?,
     })
 }
 
-/// The cluster ConfigMap for `name` and `pod_cidrs` (written in canonical form).
-pub fn cluster_configmap(name: &str, pod_cidrs: &[IpCidr]) -> ConfigMap {
-    let cidrs = pod_cidrs
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
+/// The cluster ConfigMap for `info` (CIDRs written in canonical form; the optional keys
+/// only when set).
+pub fn cluster_configmap(info: &ClusterInfo) -> ConfigMap {
+    let join = |cidrs: &[IpCidr]| {
+        cidrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut data = BTreeMap::from([
+        (CLUSTER_NAME_KEY.to_owned(), info.name.clone()),
+        (POD_CIDRS_KEY.to_owned(), join(&info.pod_cidrs)),
+    ]);
+    for (key, cidrs) in [
+        (HOST_CIDRS_KEY, &info.host_cidrs),
+        (SERVICE_CIDRS_KEY, &info.service_cidrs),
+    ] {
+        if !cidrs.is_empty() {
+            data.insert(key.to_owned(), join(cidrs));
+        }
+    }
     ConfigMap {
         metadata: ObjectMeta {
             name: Some(CLUSTER_CONFIGMAP.to_owned()),
@@ -346,10 +393,7 @@ pub fn cluster_configmap(name: &str, pod_cidrs: &[IpCidr]) -> ConfigMap {
             )])),
             ..ObjectMeta::default()
         },
-        data: Some(BTreeMap::from([
-            (CLUSTER_NAME_KEY.to_owned(), name.to_owned()),
-            (POD_CIDRS_KEY.to_owned(), cidrs),
-        ])),
+        data: Some(data),
         ..ConfigMap::default()
     }
 }
@@ -374,12 +418,27 @@ mod tests {
             "10.1.0.0/16".parse().unwrap(),
             "fd00:1::/48".parse().unwrap(),
         ];
-        let cm = cluster_configmap("cluster-a", &cidrs);
+        let cm = cluster_configmap(&ClusterInfo {
+            name: "cluster-a".into(),
+            pod_cidrs: cidrs.clone(),
+            ..ClusterInfo::default()
+        });
         let data = cm.data.unwrap();
         assert_eq!(data[POD_CIDRS_KEY], "10.1.0.0/16,fd00:1::/48");
+        assert!(!data.contains_key(HOST_CIDRS_KEY));
         let info = parse_cluster_configmap(&data).unwrap();
         assert_eq!(info.name, "cluster-a");
         assert_eq!(info.pod_cidrs, cidrs);
+        assert!(info.host_cidrs.is_empty() && info.service_cidrs.is_empty());
+        let full = ClusterInfo {
+            name: "cluster-a".into(),
+            pod_cidrs: cidrs,
+            host_cidrs: vec!["10.250.0.0/24".parse().unwrap()],
+            service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+        };
+        let data = cluster_configmap(&full).data.unwrap();
+        assert_eq!(data[HOST_CIDRS_KEY], "10.250.0.0/24");
+        assert_eq!(parse_cluster_configmap(&data).unwrap(), full);
     }
 
     #[test]
@@ -397,6 +456,10 @@ mod tests {
         assert!(err.to_string().contains("field clusterName"), "{err}");
         let err = parse_cluster_configmap(&data("a", " , ")).unwrap_err();
         assert!(err.to_string().contains("field podCIDRs"), "{err}");
+        let mut bad_hosts = data("a", "10.1.0.0/16");
+        bad_hosts.insert(HOST_CIDRS_KEY.to_owned(), "10.250.0.0/33".to_owned());
+        let err = parse_cluster_configmap(&bad_hosts).unwrap_err();
+        assert!(err.to_string().contains("field hostCIDRs"), "{err}");
         let err = parse_cluster_configmap(&BTreeMap::new()).unwrap_err();
         assert!(err.to_string().contains("field clusterName"), "{err}");
         assert!(err.is_not_installed());

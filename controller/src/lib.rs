@@ -7,6 +7,7 @@ pub mod leader;
 pub mod manifest;
 pub mod meshctl;
 pub mod metrics;
+pub mod nodes;
 pub mod plan;
 pub mod reconcile;
 pub mod remote;

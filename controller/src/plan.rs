@@ -8,6 +8,11 @@
 //! and none overlaps this cluster's own CIDRs (the cluster's pod CIDRs and those of local
 //! `MeshNode`s), another peer cluster's allowed CIDRs or `MeshPeer`s, or another node of the
 //! same remote cluster (then both are refused: neither claim can be told from the other).
+//! A host (kind `Host`) may also claim single addresses inside the host range its cluster
+//! was granted at join time. No remote node may claim a reserved address ([`Reserved`]):
+//! loopback, link-local (the cloud metadata address), multicast, unspecified, this
+//! cluster's service CIDRs and API server; nor may a host claim an endpoint of a node here
+//! or of a peer (a route into a tunnel for a tunnel's own endpoint loops).
 //! A refused node that was mirrored before loses its `MeshPeer`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -83,6 +88,21 @@ pub enum Reason {
         /// What it was allowed.
         allowed: Vec<IpCidr>,
     },
+    /// A host's address is neither inside the cluster's allowed pod CIDRs nor inside the
+    /// host range it was granted at join time.
+    OutsideHostRange {
+        /// The peer cluster.
+        cluster: String,
+        /// The host range it was granted (empty: none).
+        allowed: Vec<IpCidr>,
+    },
+    /// The CIDR overlaps an address no peer may claim.
+    Reserved {
+        /// The reserved range.
+        other: IpCidr,
+        /// What it is.
+        what: Reserved,
+    },
     /// The pod CIDR overlaps one claimed by someone else.
     Overlaps {
         /// The other CIDR.
@@ -97,6 +117,11 @@ pub enum Reason {
     },
     /// `<cluster>.<node>` is too long for an object name.
     NameTooLong,
+    /// The peer cluster has more nodes than are mirrored from one peer cluster.
+    TooManyNodes {
+        /// The cap (the controller's `--max-nodes-per-peer`).
+        max: usize,
+    },
 }
 
 /// Who holds a CIDR or key that a remote node also claims.
@@ -131,11 +156,64 @@ pub enum Owner {
     },
 }
 
+/// An address range that no remote node may claim, whatever its cluster was allowed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reserved {
+    /// Loopback (`127.0.0.0/8`, `::1`).
+    Loopback,
+    /// Link-local (`169.254.0.0/16`, the cloud metadata address included; `fe80::/10`).
+    LinkLocal,
+    /// Multicast or broadcast (`224.0.0.0/4`, `255.255.255.255`, `ff00::/8`).
+    Multicast,
+    /// Unspecified, "this network" or IPv4-mapped (`0.0.0.0/8`, `::`, `::ffff:0:0/96`).
+    Unspecified,
+    /// This cluster's service CIDR.
+    ServiceCidr,
+    /// This cluster's API server.
+    ApiServer,
+    /// An endpoint of a node (or host) of this cluster.
+    LocalEndpoint {
+        /// The node.
+        node: String,
+    },
+    /// An endpoint of a peer cluster's node: a route into a tunnel for it would loop.
+    PeerEndpoint {
+        /// The peer cluster.
+        cluster: String,
+        /// The node.
+        node: String,
+    },
+}
+
+impl Reserved {
+    /// Whether the range binds pod CIDRs too, and not only hosts' addresses. Endpoints do
+    /// not: a pod range was granted explicitly at join time, and the endpoints are written
+    /// by nodes and peers, which must not be able to cut a granted range off.
+    fn binds_pod_cidrs(&self) -> bool {
+        !matches!(self, Self::LocalEndpoint { .. } | Self::PeerEndpoint { .. })
+    }
+}
+
+/// The ranges reserved everywhere: (CIDR, what).
+const SPECIAL: [(&str, Reserved); 10] = [
+    ("127.0.0.0/8", Reserved::Loopback),
+    ("::1/128", Reserved::Loopback),
+    ("169.254.0.0/16", Reserved::LinkLocal),
+    ("fe80::/10", Reserved::LinkLocal),
+    ("224.0.0.0/4", Reserved::Multicast),
+    ("255.255.255.255/32", Reserved::Multicast),
+    ("ff00::/8", Reserved::Multicast),
+    ("0.0.0.0/8", Reserved::Unspecified),
+    ("::/128", Reserved::Unspecified),
+    ("::ffff:0:0/96", Reserved::Unspecified),
+];
+
 /// What this cluster holds itself: its pod CIDRs, and the pod CIDRs and keys of its own
-/// `MeshNode`s.
+/// `MeshNode`s, and the ranges no peer may claim.
 #[derive(Debug, Clone, Default)]
 pub struct Local {
     claims: Index,
+    reserved: Index<Reserved>,
     keys: BTreeMap<PublicKey, Owner>,
     /// Endpoints this cluster's machines observed their peers at, by tunnel (MeshPeer)
     /// name: see [`observed_endpoints`].
@@ -213,6 +291,11 @@ impl Local {
             observed: observed_endpoints(nodes.iter().copied()),
             ..Self::default()
         };
+        for (text, what) in SPECIAL {
+            if let Ok(cidr) = text.parse() {
+                local.reserved.insert(cidr, what);
+            }
+        }
         for cidr in pod_cidrs {
             local.claims.insert(
                 *cidr,
@@ -244,8 +327,22 @@ impl Local {
             if let Ok(key) = node.spec.public_key.parse::<PublicKey>() {
                 local.keys.entry(key).or_insert(owner);
             }
+            for addr in endpoint_addresses(&node.spec.endpoints) {
+                local.reserved.insert(
+                    addr,
+                    Reserved::LocalEndpoint {
+                        node: node.name_any(),
+                    },
+                );
+            }
         }
         local
+    }
+
+    /// Reserves `cidr` as `what` (this cluster's service CIDR, its API server's address):
+    /// no remote node may claim an address in it.
+    pub fn reserve(&mut self, cidr: IpCidr, what: Reserved) {
+        self.reserved.insert(cidr, what);
     }
 }
 
@@ -255,6 +352,7 @@ pub struct OtherPeer {
     allowed: Vec<(IpCidr, Owner)>,
     nodes: Vec<(IpCidr, Owner)>,
     keys: Vec<(PublicKey, Owner)>,
+    endpoints: Vec<(IpCidr, Reserved)>,
 }
 
 impl OtherPeer {
@@ -290,6 +388,15 @@ impl OtherPeer {
             if let Ok(key) = mp.spec.public_key.parse::<PublicKey>() {
                 other.keys.push((key, owner));
             }
+            for addr in endpoint_addresses(&mp.spec.endpoints) {
+                other.endpoints.push((
+                    addr,
+                    Reserved::PeerEndpoint {
+                        cluster: cluster.clone(),
+                        node: mp.spec.node.clone(),
+                    },
+                ));
+            }
         }
         other
     }
@@ -303,6 +410,31 @@ pub fn allowed_cidrs(peer: &PeerCluster) -> Vec<IpCidr> {
         .allowed_pod_cidrs
         .iter()
         .filter_map(|c| c.parse().ok())
+        .collect()
+}
+
+/// The host range `peer` was granted at join time (`spec.allowedHostCIDRs`); entries that
+/// do not parse allow nothing.
+#[must_use]
+pub fn allowed_host_cidrs(peer: &PeerCluster) -> Vec<IpCidr> {
+    peer.spec
+        .allowed_host_cidrs
+        .iter()
+        .filter_map(|c| c.parse().ok())
+        .collect()
+}
+
+/// Keeps the first `max` of `remote` (by name) and refuses the others.
+pub fn cap_nodes(remote: &mut Vec<MeshNode>, max: usize) -> Vec<Conflict> {
+    remote.sort_by_key(|n| n.name_any());
+    remote
+        .split_off(max.min(remote.len()))
+        .iter()
+        .map(|n| Conflict {
+            node: n.name_any(),
+            cidr: None,
+            reason: Reason::TooManyNodes { max },
+        })
         .collect()
 }
 
@@ -322,12 +454,17 @@ pub fn plan(
     let peer_name = peer.name_any();
     let cluster = peer.spec.cluster_name.as_str();
     let allowed = allowed_cidrs(peer);
+    let host_allowed = allowed_host_cidrs(peer);
 
     let mut foreign = local.claims.clone();
     let mut foreign_keys = local.keys.clone();
+    let mut reserved = local.reserved.clone();
     for other in others {
         for (cidr, owner) in other.allowed.iter().chain(&other.nodes) {
             foreign.insert(*cidr, owner.clone());
+        }
+        for (cidr, what) in &other.endpoints {
+            reserved.insert(*cidr, what.clone());
         }
         for (key, owner) in &other.keys {
             foreign_keys.entry(*key).or_insert_with(|| owner.clone());
@@ -335,6 +472,17 @@ pub fn plan(
     }
 
     let nodes: BTreeMap<String, &MeshNode> = remote.iter().map(|n| (n.name_any(), n)).collect();
+    for (name, node) in &nodes {
+        for addr in endpoint_addresses(&node.spec.endpoints) {
+            reserved.insert(
+                addr,
+                Reserved::PeerEndpoint {
+                    cluster: peer_name.clone(),
+                    node: name.clone(),
+                },
+            );
+        }
+    }
     // Where the remote cluster's own machines, and ours, heard each remote node from.
     let remote_observed = observed_endpoints(remote);
     let mut conflicts = BTreeSet::new();
@@ -387,6 +535,9 @@ pub fn plan(
     }
 
     for (name, candidate) in &candidates {
+        let is_host = nodes
+            .get(name)
+            .is_some_and(|n| n.spec.kind == MeshNodeKind::Host);
         for cidr in &candidate.cidrs {
             // Taking someone else's addresses is the gravest reason: it is named first.
             let reason = if let Some((other, owner)) = foreign.find_overlap(cidr, |_| true) {
@@ -394,14 +545,27 @@ pub fn plan(
                     other,
                     owner: owner.clone(),
                 })
-            } else if !allowed.iter().any(|a| a.covers(cidr))
-                && !is_host_address(nodes.get(name).copied(), cidr)
+            } else if let Some((other, what)) =
+                reserved.find_overlap(cidr, |r| is_host || r.binds_pod_cidrs())
             {
+                Some(Reason::Reserved {
+                    other,
+                    what: what.clone(),
+                })
+            } else if allowed.iter().any(|a| a.covers(cidr)) {
+                None
+            } else if is_host && is_single_address(cidr) {
+                (!host_allowed.iter().any(|a| a.covers(cidr))).then(|| Reason::OutsideHostRange {
+                    cluster: peer_name.clone(),
+                    allowed: host_allowed.clone(),
+                })
+            } else {
                 Some(Reason::OutsideAllowed {
                     cluster: peer_name.clone(),
                     allowed: allowed.clone(),
                 })
-            } else {
+            };
+            let reason = reason.or_else(|| {
                 siblings
                     .find_overlap(
                         cidr,
@@ -411,7 +575,7 @@ pub fn plan(
                         other,
                         owner: owner.clone(),
                     })
-            };
+            });
             if let Some(reason) = reason {
                 conflicts.insert(Conflict {
                     node: name.clone(),
@@ -487,15 +651,37 @@ impl fmt::Display for Conflict {
                     }
                 )
             }
+            Reason::OutsideHostRange { cluster, allowed } => {
+                let allowed: Vec<String> = allowed.iter().map(ToString::to_string).collect();
+                write!(
+                    f,
+                    "node {node}: host address {cidr} is outside the host range {cluster} was granted ({})",
+                    if allowed.is_empty() {
+                        "none: grant one with `meshctl join --host-cidr`".to_owned()
+                    } else {
+                        allowed.join(", ")
+                    }
+                )
+            }
             Reason::Overlaps { other, owner } => {
                 write!(
                     f,
                     "node {node}: pod CIDR {cidr} overlaps {other} of {owner}"
                 )
             }
+            Reason::Reserved { other, what } => {
+                write!(
+                    f,
+                    "node {node}: address {cidr} overlaps {other}, {what}, which no peer may claim"
+                )
+            }
             Reason::InvalidEndpoint { endpoint } => {
                 write!(f, "node {node}: endpoint {endpoint:?} is not IP:port")
             }
+            Reason::TooManyNodes { max } => write!(
+                f,
+                "node {node}: its cluster has more than {max} nodes, the most mirrored from one peer cluster (--max-nodes-per-peer)"
+            ),
             Reason::NameTooLong => write!(
                 f,
                 "node {node}: its MeshPeer name would be longer than {MAX_NAME_LEN} characters"
@@ -514,6 +700,23 @@ impl fmt::Display for Owner {
                 write!(f, "node {node} of peer cluster {cluster}")
             }
             Owner::Sibling { node } => write!(f, "node {node} of the same cluster"),
+        }
+    }
+}
+
+impl fmt::Display for Reserved {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reserved::Loopback => write!(f, "loopback"),
+            Reserved::LinkLocal => write!(f, "link-local (cloud metadata included)"),
+            Reserved::Multicast => write!(f, "multicast or broadcast"),
+            Reserved::Unspecified => write!(f, "unspecified or IPv4-mapped"),
+            Reserved::ServiceCidr => write!(f, "this cluster's service CIDR"),
+            Reserved::ApiServer => write!(f, "this cluster's API server"),
+            Reserved::LocalEndpoint { node } => write!(f, "the endpoint of local node {node}"),
+            Reserved::PeerEndpoint { cluster, node } => {
+                write!(f, "the endpoint of node {node} of peer cluster {cluster}")
+            }
         }
     }
 }
@@ -596,12 +799,19 @@ impl Candidate {
     }
 }
 
-/// A host's addresses lie outside its cluster's pod range by design, so the allowance
-/// of the join does not cover them; a host may claim single addresses only, and those
-/// still must not overlap anything claimed here or by another peer.
-fn is_host_address(node: Option<&MeshNode>, cidr: &IpCidr) -> bool {
-    let single = if cidr.addr().is_ipv4() { 32 } else { 128 };
-    node.is_some_and(|n| n.spec.kind == MeshNodeKind::Host) && cidr.prefix_len() == single
+/// A host's addresses lie outside its cluster's pod range by design, so the pod allowance
+/// of the join does not cover them: a host may claim single addresses (`/32`, `/128`)
+/// inside its cluster's granted host range.
+fn is_single_address(cidr: &IpCidr) -> bool {
+    cidr.prefix_len() == if cidr.addr().is_ipv4() { 32 } else { 128 }
+}
+
+/// The addresses of `endpoints` that parse, each as a single-address CIDR.
+fn endpoint_addresses(endpoints: &[String]) -> impl Iterator<Item = IpCidr> + '_ {
+    endpoints
+        .iter()
+        .filter_map(|e| e.parse::<SocketAddr>().ok())
+        .map(|a| IpCidr::host(a.ip()))
 }
 
 /// True when `text` names exactly `cidr` (no host bits), allowing other spellings of the
@@ -622,13 +832,21 @@ fn is_current(mp: &MeshPeer, spec: &MeshPeerSpec, peer: &str, owner_uid: Option<
 }
 
 /// CIDRs and who claims them, for overlap queries in O(prefix length × log n).
-#[derive(Debug, Clone, Default)]
-struct Index {
-    entries: BTreeMap<IpCidr, Vec<Owner>>,
+#[derive(Debug, Clone)]
+struct Index<T = Owner> {
+    entries: BTreeMap<IpCidr, Vec<T>>,
 }
 
-impl Index {
-    fn insert(&mut self, cidr: IpCidr, owner: Owner) {
+impl<T> Default for Index<T> {
+    fn default() -> Self {
+        Self {
+            entries: BTreeMap::new(),
+        }
+    }
+}
+
+impl<T: PartialEq> Index<T> {
+    fn insert(&mut self, cidr: IpCidr, owner: T) {
         let owners = self.entries.entry(cidr).or_default();
         if !owners.contains(&owner) {
             owners.push(owner);
@@ -640,11 +858,7 @@ impl Index {
     /// Overlapping prefixes nest: either an entry contains `cidr` (it is `cidr` shortened
     /// to one of the lengths 0..=len) or `cidr` contains it (it sorts at or after `cidr`
     /// and before the end of `cidr`'s range).
-    fn find_overlap(
-        &self,
-        cidr: &IpCidr,
-        keep: impl Fn(&Owner) -> bool,
-    ) -> Option<(IpCidr, &Owner)> {
+    fn find_overlap(&self, cidr: &IpCidr, keep: impl Fn(&T) -> bool) -> Option<(IpCidr, &T)> {
         for len in 0..=cidr.prefix_len() {
             let Ok(outer) = IpCidr::new(cidr.addr(), len) else {
                 continue;
@@ -1192,6 +1406,162 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_host_outside_the_granted_host_range_is_refused() {
+        let mut pc = peer("cluster-b", &["10.2.0.0/16"]);
+        pc.spec.allowed_host_cidrs.clear();
+        let remote = [host("h1", 1, &["10.250.0.5/32"])];
+        let refused = plan(&pc, &remote, &local(), &[], &[]);
+        assert!(refused.apply.is_empty());
+        assert!(matches!(
+            refused.conflicts[0].reason,
+            Reason::OutsideHostRange { .. }
+        ));
+        let text = refused.conflicts[0].to_string();
+        assert!(
+            text.contains("h1") && text.contains("10.250.0.5/32") && text.contains("--host-cidr"),
+            "{text}"
+        );
+        pc.spec.allowed_host_cidrs = vec!["10.251.0.0/24".into()];
+        let refused = plan(&pc, &remote, &local(), &[], &[]);
+        assert!(refused.apply.is_empty());
+        assert!(refused.conflicts[0].to_string().contains("10.251.0.0/24"));
+        pc.spec.allowed_host_cidrs = vec!["10.250.0.0/24".into()];
+        assert_eq!(
+            names(&plan(&pc, &remote, &local(), &[], &[]).apply),
+            ["cluster-b.h1"]
+        );
+    }
+
+    #[test]
+    fn no_host_claims_a_reserved_address_even_inside_its_granted_range() {
+        let mut pc = peer("cluster-b", &["10.2.0.0/16"]);
+        pc.spec.allowed_host_cidrs = vec!["0.0.0.0/0".into(), "::/0".into()];
+        let mut local = Local::new(
+            "cluster-a",
+            &[cidr("10.1.0.0/16")],
+            [&node("a1", 9, &["10.1.1.0/24"])],
+        );
+        local.reserve(cidr("10.96.0.0/12"), Reserved::ServiceCidr);
+        local.reserve(cidr("192.0.2.10/32"), Reserved::ApiServer);
+        let pc_c = peer("cluster-c", &["10.3.0.0/16"]);
+        let c_peers = applied(
+            &pc_c,
+            &plan(&pc_c, &[node("c1", 5, &["10.3.1.0/24"])], &local, &[], &[]),
+        );
+        let c = OtherPeer::new(&pc_c, &c_peers);
+        let peer_endpoint = |cluster: &str, node: &str| Reserved::PeerEndpoint {
+            cluster: cluster.into(),
+            node: node.into(),
+        };
+        let cases = [
+            ("127.0.0.1/32", Reserved::Loopback),
+            ("::1/128", Reserved::Loopback),
+            ("169.254.169.254/32", Reserved::LinkLocal),
+            ("fe80::1/128", Reserved::LinkLocal),
+            ("224.0.0.251/32", Reserved::Multicast),
+            ("255.255.255.255/32", Reserved::Multicast),
+            ("ff02::1/128", Reserved::Multicast),
+            ("0.0.0.0/32", Reserved::Unspecified),
+            ("::/128", Reserved::Unspecified),
+            ("::ffff:127.0.0.1/128", Reserved::Unspecified),
+            ("10.96.0.10/32", Reserved::ServiceCidr),
+            ("192.0.2.10/32", Reserved::ApiServer),
+            (
+                "198.18.0.9/32",
+                Reserved::LocalEndpoint { node: "a1".into() },
+            ),
+            ("198.18.0.5/32", peer_endpoint("cluster-c", "c1")),
+            ("198.18.0.3/32", peer_endpoint("cluster-b", "b3")),
+        ];
+        let mut remote = vec![node("b3", 3, &["10.2.3.0/24"])];
+        for (i, (address, _)) in cases.iter().enumerate() {
+            remote.push(host(&format!("h{i:02}"), 10 + i as u8, &[address]));
+        }
+        let plan = plan(&pc, &remote, &local, &[c], &[]);
+        assert_eq!(names(&plan.apply), ["cluster-b.b3"]);
+        assert_eq!(plan.conflicts.len(), cases.len(), "{:?}", plan.conflicts);
+        for (conflict, (address, what)) in plan.conflicts.iter().zip(&cases) {
+            assert_eq!(conflict.cidr.as_deref(), Some(*address));
+            assert!(
+                matches!(&conflict.reason, Reason::Reserved { what: w, .. } if w == what),
+                "{address}: {conflict}"
+            );
+            let text = conflict.to_string();
+            assert!(
+                text.contains(&conflict.node) && text.contains(address),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_granted_pod_range_still_may_not_cover_reserved_ranges() {
+        let mut local = local();
+        local.reserve(cidr("10.96.0.0/12"), Reserved::ServiceCidr);
+        let plan = plan(
+            &peer("cluster-b", &["0.0.0.0/0"]),
+            &[
+                node("b1", 1, &["10.96.0.0/16"]),
+                node("b2", 2, &["169.254.0.0/24"]),
+                node("b3", 3, &["127.0.0.0/8"]),
+                node("b4", 4, &["10.2.4.0/24"]),
+            ],
+            &local,
+            &[],
+            &[],
+        );
+        assert_eq!(names(&plan.apply), ["cluster-b.b4"]);
+        let whats: Vec<_> = plan
+            .conflicts
+            .iter()
+            .map(|c| match &c.reason {
+                Reason::Reserved { what, .. } => what.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            whats,
+            [
+                Reserved::ServiceCidr,
+                Reserved::LinkLocal,
+                Reserved::Loopback
+            ]
+        );
+    }
+
+    #[test]
+    fn endpoints_do_not_cut_a_granted_pod_range_off() {
+        // A local node (written by its own credential) publishes an endpoint inside the
+        // remote's granted range: the remote node stays.
+        let mut forged = node("forged", 9, &[]);
+        forged.spec.endpoints = vec!["10.2.1.5:51820".into()];
+        let local = Local::new("cluster-a", &[cidr("10.1.0.0/16")], [&forged]);
+        let plan = plan(
+            &peer("cluster-b", &["10.2.0.0/16"]),
+            &[node("b1", 1, &["10.2.1.0/24"])],
+            &local,
+            &[],
+            &[],
+        );
+        assert!(plan.conflicts.is_empty(), "{:?}", plan.conflicts);
+    }
+
+    #[test]
+    fn nodes_past_the_cap_are_refused() {
+        let mut remote = vec![
+            node("b3", 3, &["10.2.3.0/24"]),
+            node("b1", 1, &["10.2.1.0/24"]),
+            node("b2", 2, &["10.2.2.0/24"]),
+        ];
+        let refused = cap_nodes(&mut remote, 2);
+        let kept: Vec<String> = remote.iter().map(|n| n.name_any()).collect();
+        assert_eq!(kept, ["b1", "b2"]);
+        assert_eq!(refused.len(), 1);
+        assert!(refused[0].to_string().contains("node b3"), "{}", refused[0]);
+        assert!(cap_nodes(&mut remote, 5).is_empty());
+    }
+
     proptest! {
         #[test]
         fn index_agrees_with_a_linear_scan(
@@ -1307,6 +1677,7 @@ mod tests {
                 ca_data: None,
                 credentials_secret: format!("{name}-credentials"),
                 allowed_pod_cidrs: allowed.iter().map(|s| (*s).to_owned()).collect(),
+                allowed_host_cidrs: vec!["10.250.0.0/16".into()],
             },
         );
         pc.metadata.uid = Some(format!("uid-{name}"));

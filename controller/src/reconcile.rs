@@ -13,13 +13,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
@@ -41,6 +42,10 @@ use crate::metrics::Metrics;
 use crate::remote::{self, Credentials};
 use crate::shared::{CONTROLLER_NAME, FIELD_MANAGER, LocalState, Shared, Timing};
 
+/// Namespace and name of the Service (and its EndpointSlice) of the API server.
+const API_SERVER_NAMESPACE: &str = "default";
+const API_SERVER_SERVICE: &str = "kubernetes";
+
 /// How to run the controller.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -52,6 +57,8 @@ pub struct Options {
     pub metrics_addr: Option<SocketAddr>,
     /// The clocks.
     pub timing: Timing,
+    /// Most nodes mirrored from one peer cluster; the rest are refused (a Conflict).
+    pub max_nodes_per_peer: usize,
 }
 
 /// Why the controller stopped.
@@ -250,7 +257,10 @@ struct Context {
 async fn lead(client: Client, options: &Options, metrics: Arc<Metrics>) -> RunError {
     let timing = options.timing;
     let mut background = JoinSet::new();
-    let (local_tx, local_rx) = watch::channel(LocalState { cluster: None });
+    let (local_tx, local_rx) = watch::channel(LocalState {
+        cluster: None,
+        api_servers: Vec::new(),
+    });
     let (mesh_peers, writer) = reflector::store::<MeshPeer>();
     background.spawn(reflect(
         Api::all(client.clone()),
@@ -266,6 +276,7 @@ async fn lead(client: Client, options: &Options, metrics: Arc<Metrics>) -> RunEr
         local_tx.clone(),
         |n: &MeshNode| format!("{:?}", crate::plan::observations_only(n.status.clone())),
     ));
+    background.spawn(crate::nodes::derive(client.clone(), mesh_nodes.clone()));
     background.spawn(poll_cluster_info(
         client.clone(),
         local_tx.clone(),
@@ -311,21 +322,21 @@ async fn lead(client: Client, options: &Options, metrics: Arc<Metrics>) -> RunEr
         }
     });
 
+    let reporter = Reporter {
+        controller: CONTROLLER_NAME.to_owned(),
+        instance: Some(options.identity.clone()),
+    };
     let shared = Arc::new(Shared {
         client: client.clone(),
         peer_clusters,
         mesh_peers,
         mesh_nodes,
         local: local_rx,
-        recorder: Recorder::new(
-            client,
-            Reporter {
-                controller: CONTROLLER_NAME.to_owned(),
-                instance: Some(options.identity.clone()),
-            },
-        ),
+        recorder: Recorder::new(client, reporter.clone()),
+        reporter,
         metrics,
         timing,
+        max_nodes_per_peer: options.max_nodes_per_peer,
     });
     let ctx = Arc::new(Context {
         shared,
@@ -617,6 +628,15 @@ async fn poll_cluster_info(client: Client, local: watch::Sender<LocalState>, per
             }
             Err(_) => None,
         };
+        let api_servers = api_server_addresses(&client).await;
+        local.send_if_modified(|s| {
+            if s.api_servers == api_servers {
+                return false;
+            }
+            info!(?api_servers, "this cluster's API server addresses");
+            s.api_servers = api_servers;
+            true
+        });
         if let Some(cluster) = cluster {
             local.send_if_modified(|s| {
                 if s.cluster.as_ref() == Some(&cluster) {
@@ -634,6 +654,41 @@ async fn poll_cluster_info(client: Client, local: watch::Sender<LocalState>, per
         }
         tokio::time::sleep(period).await;
     }
+}
+
+/// This cluster's API server addresses: the cluster IPs of Service `default/kubernetes`
+/// and the addresses of its EndpointSlice. What cannot be read (no such object, no
+/// permission) adds nothing.
+async fn api_server_addresses(client: &Client) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let services: Api<Service> = Api::namespaced(client.clone(), API_SERVER_NAMESPACE);
+    match services.get_opt(API_SERVER_SERVICE).await {
+        Ok(Some(service)) => out.extend(
+            service
+                .spec
+                .and_then(|s| s.cluster_ips)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|ip| ip.parse::<IpAddr>().ok()),
+        ),
+        Ok(None) => {}
+        Err(e) => debug!(error = %e, "reading Service default/kubernetes"),
+    }
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), API_SERVER_NAMESPACE);
+    match slices.get_opt(API_SERVER_SERVICE).await {
+        Ok(Some(slice)) => out.extend(
+            slice
+                .endpoints
+                .iter()
+                .flat_map(|e| &e.addresses)
+                .filter_map(|ip| ip.parse::<IpAddr>().ok()),
+        ),
+        Ok(None) => {}
+        Err(e) => debug!(error = %e, "reading EndpointSlice default/kubernetes"),
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// The running link tasks, by PeerCluster name.

@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::{DefaultHasher, Hash as _, Hasher as _};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -27,7 +28,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::events::{Event as K8sEvent, EventType};
+use kube::runtime::events::{Event as K8sEvent, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Config, Resource as _, ResourceExt as _};
@@ -35,11 +36,13 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tracing::{Instrument as _, debug, info, info_span, warn};
+use wiremesh_proto::IpCidr;
 use wiremesh_proto::crd::{
     MeshNode, MeshPeer, PEER_CLUSTER_LABEL, PeerCluster, PeerClusterStatus, SYSTEM_NAMESPACE,
 };
 
-use crate::plan::{self, Local, OtherPeer, Plan};
+use crate::install::ClusterInfo;
+use crate::plan::{self, Local, OtherPeer, Plan, Reserved};
 use crate::shared::{FIELD_MANAGER, Shared};
 use crate::status::{self, Observation, Transition};
 
@@ -214,11 +217,16 @@ pub(crate) async fn mirror(
     nudges: mpsc::Receiver<()>,
 ) {
     let span = info_span!("peer", peer = %name);
+    // One more than are mirrored, so that the cap shows as a Conflict.
+    let limit = shared.max_nodes_per_peer.saturating_add(1);
     Mirror {
         shared,
         name,
         nudges,
-        remote: RemoteNodes::default(),
+        remote: RemoteNodes {
+            limit,
+            ..RemoteNodes::default()
+        },
         outage: None,
         last_status: None,
     }
@@ -426,7 +434,10 @@ impl Mirror {
             (Some(outage), _) => Seen::Stale(outage.clone()),
             (None, false) => return Ok(()),
             (None, true) => {
-                let cluster = self.shared.local.borrow().cluster.clone();
+                let (cluster, api_servers) = {
+                    let local = self.shared.local.borrow();
+                    (local.cluster.clone(), local.api_servers.clone())
+                };
                 match cluster {
                     // Planning against a partial view of this cluster could delete good
                     // peers or miss a conflict: wait (a local change wakes us).
@@ -437,7 +448,7 @@ impl Mirror {
                         message,
                     }),
                     Some(Ok(info)) => {
-                        let plan = self.plan(&pc, &info.name, &info.pod_cidrs);
+                        let plan = self.plan(&pc, &info, &api_servers);
                         self.apply(&pc, &plan).await?;
                         Seen::Synced(plan)
                     }
@@ -498,9 +509,19 @@ impl Mirror {
         Ok(())
     }
 
-    fn plan(&self, pc: &PeerCluster, cluster: &str, pod_cidrs: &[wiremesh_proto::IpCidr]) -> Plan {
+    fn plan(&self, pc: &PeerCluster, info: &ClusterInfo, api_servers: &[IpAddr]) -> Plan {
         let local_nodes = self.shared.mesh_nodes.state();
-        let local = Local::new(cluster, pod_cidrs, local_nodes.iter().map(|n| &**n));
+        let mut local = Local::new(
+            &info.name,
+            &info.pod_cidrs,
+            local_nodes.iter().map(|n| &**n),
+        );
+        for cidr in &info.service_cidrs {
+            local.reserve(*cidr, Reserved::ServiceCidr);
+        }
+        for ip in api_servers {
+            local.reserve(IpCidr::host(*ip), Reserved::ApiServer);
+        }
         let mut by_peer: BTreeMap<String, Vec<MeshPeer>> = BTreeMap::new();
         for mp in self.shared.mesh_peers.state() {
             if let Some(peer) = mp.labels().get(PEER_CLUSTER_LABEL) {
@@ -518,24 +539,46 @@ impl Mirror {
             })
             .collect();
         let existing = by_peer.remove(&self.name).unwrap_or_default();
-        let remote: Vec<MeshNode> = self.remote.nodes.values().cloned().collect();
-        plan::plan(pc, &remote, &local, &others, &existing)
+        let mut remote: Vec<MeshNode> = self.remote.nodes.values().cloned().collect();
+        let refused = plan::cap_nodes(&mut remote, self.shared.max_nodes_per_peer);
+        let mut plan = plan::plan(pc, &remote, &local, &others, &existing);
+        if !refused.is_empty() || self.remote.dropped > 0 {
+            warn!(
+                mirrored = remote.len(),
+                dropped = self.remote.dropped,
+                "peer cluster has more nodes than --max-nodes-per-peer"
+            );
+        }
+        plan.conflicts.extend(refused);
+        plan
     }
 
+    /// Applies every write of `plan`; one the API server refuses does not stop the others.
+    /// Returns the first failure (each is logged).
     async fn apply(&self, pc: &PeerCluster, plan: &Plan) -> Result<(), SyncError> {
         let api: Api<MeshPeer> = Api::all(self.shared.client.clone());
         let params = PatchParams::apply(FIELD_MANAGER).force();
+        let mut first: Option<SyncError> = None;
+        let mut failed = |error: SyncError| {
+            warn!(
+                error = error_text(&error),
+                "mirroring one MeshPeer failed; going on with the others"
+            );
+            first.get_or_insert(error);
+        };
         for desired in &plan.apply {
             let mut mp = MeshPeer::new(&desired.name, desired.spec.clone());
             mp.metadata.labels = Some([(PEER_CLUSTER_LABEL.to_owned(), pc.name_any())].into());
             mp.metadata.owner_references = Some(vec![owner_reference(pc)]);
-            api.patch(&desired.name, &params, &Patch::Apply(&mp))
-                .await
-                .map_err(|source| SyncError::Apply {
+            match api.patch(&desired.name, &params, &Patch::Apply(&mp)).await {
+                Ok(_) => {
+                    info!(mesh_peer = %desired.name, node = %desired.spec.node, pod_cidrs = ?desired.spec.pod_cidrs, "mirrored remote node");
+                }
+                Err(source) => failed(SyncError::Apply {
                     name: desired.name.clone(),
                     source,
-                })?;
-            info!(mesh_peer = %desired.name, node = %desired.spec.node, pod_cidrs = ?desired.spec.pod_cidrs, "mirrored remote node");
+                }),
+            }
         }
         for name in &plan.delete {
             match api.delete(name, &DeleteParams::default()).await {
@@ -543,15 +586,13 @@ impl Mirror {
                     info!(mesh_peer = %name, "deleted MeshPeer: its remote node is gone or refused")
                 }
                 Err(kube::Error::Api(s)) if s.is_not_found() => {}
-                Err(source) => {
-                    return Err(SyncError::Delete {
-                        name: name.clone(),
-                        source,
-                    });
-                }
+                Err(source) => failed(SyncError::Delete {
+                    name: name.clone(),
+                    source,
+                }),
             }
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 
     /// Logs a transition and records it as a Kubernetes Event on the PeerCluster.
@@ -576,19 +617,23 @@ impl Mirror {
             action: "Mirror".to_owned(),
             secondary: None,
         };
-        if let Err(e) = self
-            .shared
-            .recorder
-            .publish(&event, &pc.object_ref(&()))
-            .await
-        {
+        // The recorder folds Events of one reason on one object into a series that keeps
+        // the first note: a new set of refused nodes must be an Event of its own.
+        let fresh;
+        let recorder = if matches!(transition, Transition::Conflict { .. }) {
+            fresh = Recorder::new(self.shared.client.clone(), self.shared.reporter.clone());
+            &fresh
+        } else {
+            &self.shared.recorder
+        };
+        if let Err(e) = recorder.publish(&event, &pc.object_ref(&())).await {
             warn!(error = %e, reason, "recording an Event");
         }
     }
 }
 
 /// The remote nodes as the watch reports them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct RemoteNodes {
     /// As last known (name and spec only).
     nodes: BTreeMap<String, MeshNode>,
@@ -598,6 +643,24 @@ struct RemoteNodes {
     synced: bool,
     /// Watch failures since the last complete list.
     failures: u32,
+    /// Most nodes kept: past it, new names are dropped (and counted), so a peer with
+    /// millions of MeshNodes cannot exhaust our memory.
+    limit: usize,
+    /// New nodes dropped because of `limit`, since the last complete list.
+    dropped: usize,
+}
+
+impl Default for RemoteNodes {
+    fn default() -> Self {
+        Self {
+            nodes: BTreeMap::new(),
+            buffer: None,
+            synced: false,
+            failures: 0,
+            limit: usize::MAX,
+            dropped: 0,
+        }
+    }
 }
 
 impl RemoteNodes {
@@ -613,11 +676,16 @@ impl RemoteNodes {
         match event {
             watcher::Event::Init => {
                 self.buffer = Some(BTreeMap::new());
+                self.dropped = 0;
                 false
             }
             watcher::Event::InitApply(node) => {
                 if let Some(buffer) = &mut self.buffer {
-                    buffer.insert(node.name_any(), node);
+                    if buffer.len() < self.limit {
+                        buffer.insert(node.name_any(), node);
+                    } else {
+                        self.dropped += 1;
+                    }
                 }
                 false
             }
@@ -641,6 +709,10 @@ impl RemoteNodes {
                     .nodes
                     .get(&name)
                     .is_none_or(|old| old.spec != node.spec || old.status != node.status);
+                if !self.nodes.contains_key(&name) && self.nodes.len() >= self.limit {
+                    self.dropped += 1;
+                    return false;
+                }
                 self.nodes.insert(name, node);
                 changed
             }
@@ -652,6 +724,14 @@ impl RemoteNodes {
 enum Seen {
     Synced(Plan),
     Stale(Outage),
+}
+
+/// `error` and its source, as one line.
+fn error_text(error: &SyncError) -> String {
+    match std::error::Error::source(error) {
+        Some(source) => format!("{error}: {source}"),
+        None => error.to_string(),
+    }
 }
 
 /// The owner reference from a MeshPeer to its PeerCluster. The controller deletes MeshPeers
@@ -847,6 +927,26 @@ mod tests {
     }
 
     #[test]
+    fn no_more_nodes_are_kept_than_the_limit() {
+        let mut remote = RemoteNodes {
+            limit: 2,
+            ..RemoteNodes::default()
+        };
+        remote.apply(watcher::Event::Init);
+        for name in ["b1", "b2", "b3"] {
+            remote.apply(watcher::Event::InitApply(node(name, "10.2.1.0/24")));
+        }
+        remote.apply(watcher::Event::InitDone);
+        assert_eq!(remote.nodes.len(), 2);
+        assert_eq!(remote.dropped, 1);
+        assert!(!remote.apply(watcher::Event::Apply(node("b4", "10.2.4.0/24"))));
+        assert_eq!(remote.nodes.len(), 2);
+        // A known node still follows its updates.
+        let known = remote.nodes.keys().next().cloned().unwrap();
+        assert!(remote.apply(watcher::Event::Apply(node(&known, "10.2.9.0/24"))));
+    }
+
+    #[test]
     fn backoff_doubles_and_resets() {
         let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(2));
         let delays: Vec<_> = (0..4).map(|_| b.next_delay()).collect();
@@ -871,6 +971,7 @@ mod tests {
                 ca_data: None,
                 credentials_secret: "cluster-b-token".into(),
                 allowed_pod_cidrs: vec!["10.2.0.0/16".into()],
+                allowed_host_cidrs: Vec::new(),
             },
         );
         pc.metadata.uid = Some("uid".into());

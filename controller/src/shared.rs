@@ -4,11 +4,12 @@
 //! The reconciler starts the links and the links read this, never the reconciler, so the
 //! controller's modules import one another without a loop.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use kube::Client;
-use kube::runtime::events::Recorder;
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use tokio::sync::watch;
 use wiremesh_proto::crd::{MeshNode, MeshPeer, PeerCluster};
@@ -70,8 +71,12 @@ pub(crate) struct Shared {
     /// (a spec change of a local MeshNode or MeshPeer).
     pub(crate) local: watch::Receiver<LocalState>,
     pub(crate) recorder: Recorder,
+    /// Who records the Events (for Events that must not join an earlier one's series).
+    pub(crate) reporter: Reporter,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) timing: Timing,
+    /// Most nodes mirrored from one peer cluster.
+    pub(crate) max_nodes_per_peer: usize,
 }
 
 /// This cluster as the links see it.
@@ -79,4 +84,7 @@ pub(crate) struct Shared {
 pub(crate) struct LocalState {
     /// The cluster ConfigMap, or why it cannot be used; `None` until it was first read.
     pub(crate) cluster: Option<Result<ClusterInfo, String>>,
+    /// This cluster's API server addresses (the `kubernetes` Service and its
+    /// EndpointSlice), as far as they could be read: no peer may claim them.
+    pub(crate) api_servers: Vec<IpAddr>,
 }

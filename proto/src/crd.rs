@@ -225,6 +225,11 @@ pub struct TunnelStatus {
         json_path = ".status.conditions[?(@.type==\"Conflict\")].status"
     ),
     printcolumn(name = "Nodes", type_ = "integer", json_path = ".status.nodeCount"),
+    printcolumn(
+        name = "HostCIDRs",
+        type_ = "string",
+        json_path = ".spec.allowedHostCIDRs"
+    ),
     printcolumn(name = "LastSync", type_ = "date", json_path = ".status.lastSyncTime"),
     printcolumn(
         name = "APIServer",
@@ -259,6 +264,18 @@ pub struct PeerClusterSpec {
     #[schemars(length(min = 1, max = 64), inner(length(max = 43)))]
     #[x_kube(validation = Rule::new("self.all(c, isCIDR(c) && cidr(c) == cidr(c).masked())").message("each entry must be a CIDR with no host bits set"))]
     pub allowed_pod_cidrs: Vec<String>,
+    /// The range the remote cluster's hosts (MeshNodes of kind `Host`) may take their
+    /// addresses from, granted at join time (`meshctl join --host-cidr`, by default the
+    /// remote cluster's own configured host range). A remote host whose address lies
+    /// outside it is not mirrored; empty: no host is.
+    #[serde(
+        rename = "allowedHostCIDRs",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    #[schemars(length(max = 64), inner(length(max = 43)))]
+    #[x_kube(validation = Rule::new("self.all(c, isCIDR(c) && cidr(c) == cidr(c).masked())").message("each entry must be a CIDR with no host bits set"))]
+    pub allowed_host_cidrs: Vec<String>,
 }
 
 /// How the link with a peer cluster is doing.

@@ -405,6 +405,8 @@ fn nat_b(lab: &Lab, symmetric: bool) -> Result<(Underlay, Host)> {
     Ok((private, gateway))
 }
 
+/// Where bare hosts of either cluster take their addresses: each cluster's host range.
+pub const HOST_RANGE: &str = "10.250.0.0/16";
 /// cluster-b's private underlay when it is behind NAT.
 const NAT_PRIVATE: &str = "198.19.2.0/24";
 /// The NAT gateway: on the private underlay, and cluster-b's one public address.
@@ -576,6 +578,9 @@ impl TwoClusters {
                 side.name(),
                 "--pod-cidr",
                 &range,
+                // Bare hosts take 10.250.N.1 (see add_bare_host); join grants the range.
+                "--host-cidr",
+                HOST_RANGE,
             ];
             if stack.dual() {
                 args.extend(["--pod-cidr", &range6]);

@@ -1,7 +1,9 @@
 //! `wiremesh-controller` as real processes against two real control planes (no agents):
 //! cluster-b's MeshNodes, written here as its agents would, are mirrored into cluster-a's
 //! MeshPeers and follow updates and deletions; a node claiming a CIDR of cluster-a is
-//! refused with a Conflict condition and an Event naming node and CIDR; a token the remote
+//! refused with a Conflict condition and an Event naming node and CIDR, and so are hosts
+//! claiming the metadata address, the API server's address, or an address outside the
+//! granted host range; a token the remote
 //! refuses, or cluster-b's API server stopped, leaves the MeshPeers in place (also across a
 //! controller restart) and the PeerCluster Stale, and fixing it makes it Ready; when the
 //! leading replica is killed the standby takes the Lease and mirrors a later change; a
@@ -26,7 +28,8 @@ use wiremesh_lab::clusters::wait_for;
 use wiremesh_lab::fixtures::mesh_node;
 use wiremesh_lab::k8s::{ControlPlane, block_on, meshctl, write_kubeconfig};
 use wiremesh_proto::crd::{
-    MeshNode, MeshPeer, PEER_CLUSTER_FINALIZER, PEER_CLUSTER_LABEL, PeerCluster, SYSTEM_NAMESPACE,
+    MeshNode, MeshNodeKind, MeshPeer, PEER_CLUSTER_FINALIZER, PEER_CLUSTER_LABEL, PeerCluster,
+    SYSTEM_NAMESPACE,
 };
 
 /// Short, so failover is quick: a standby takes over about this long after the leader died.
@@ -34,6 +37,9 @@ const LEASE_SECONDS: u64 = 4;
 /// Mirroring is debounced by 200 ms and resynced every 10 s; a 2-core CI machine that is
 /// also compiling needs slack on top.
 const MIRROR: Duration = Duration::from_secs(30);
+/// The `kubernetes` Service's cluster IP: the first of the control planes'
+/// `--service-cluster-ip-range` (tests/k8s/controlplane.sh).
+const API_SERVER_SERVICE_IP: &str = "10.0.0.1/32";
 /// Stale needs the API server to stop (up to 20 s before SIGKILL) and a probe to fail.
 const STALE: Duration = Duration::from_secs(60);
 
@@ -160,6 +166,60 @@ fn scenario(
         Ok(())
     })?;
     block_on(nodes_b.delete("evil", &DeleteParams::default()))?;
+    wait_for(MIRROR, || expect_condition(&pcs_a, "Conflict", "False"))?;
+
+    // Hosts of cluster-b claiming single addresses: the cloud metadata address, cluster-a's
+    // API server (the `kubernetes` Service's cluster IP), and one outside any granted host
+    // range (cluster-b was installed without one). None is mirrored.
+    let hosts = [
+        ("meta", "169.254.169.254/32", "link-local"),
+        ("apisvc", API_SERVER_SERVICE_IP, "API server"),
+        ("stray", "10.250.9.9/32", "host range"),
+    ];
+    for (i, (name, address, _)) in hosts.iter().enumerate() {
+        let host = mesh_node(name)
+            .kind(MeshNodeKind::Host)
+            .endpoint(format!("198.18.2.{}:51820", 70 + i))
+            .pod_cidr(*address)
+            .build();
+        block_on(nodes_b.create(&PostParams::default(), &host))
+            .with_context(|| format!("creating MeshNode {name}"))?;
+    }
+    wait_for(MIRROR, || {
+        let (status, message) = condition(&pcs_a, "Conflict")?;
+        ensure!(status == "True", "Conflict is {status}: {message}");
+        for (name, address, why) in hosts {
+            ensure!(
+                message.contains(&format!("node {name}: "))
+                    && message.contains(address)
+                    && message.contains(why),
+                "the message does not refuse {name} ({address}, {why}): {message}"
+            );
+        }
+        Ok(())
+    })?;
+    expect_peers(&peers_a, &["cluster-b.b1"])?;
+    wait_for(MIRROR, || {
+        let events: Api<Event> = Api::namespaced(ca.clone(), "default");
+        let notes: Vec<String> = block_on(events.list(&ListParams::default()))?
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("Conflict"))
+            .filter_map(|e| e.note)
+            .collect();
+        for (name, address, _) in hosts {
+            ensure!(
+                notes
+                    .iter()
+                    .any(|n| n.contains(&format!("node {name}: ")) && n.contains(address)),
+                "no Conflict Event names {name} and {address}: {notes:?}"
+            );
+        }
+        Ok(())
+    })?;
+    for (name, _, _) in hosts {
+        block_on(nodes_b.delete(name, &DeleteParams::default()))?;
+    }
     wait_for(MIRROR, || expect_condition(&pcs_a, "Conflict", "False"))?;
 
     // A token the remote refuses: Stale, MeshPeers kept; the right one again: Ready.

@@ -140,10 +140,15 @@ fn forbidden<T: std::fmt::Debug>(result: Result<T, kube::Error>, what: &str) -> 
 }
 
 fn mesh_node(name: &str) -> MeshNodeBuilder {
+    own(name).pod_cidr("10.1.1.0/24")
+}
+
+/// A MeshNode as an agent writes it: key and endpoint only (the controller sets the pod
+/// CIDRs and the gateway flag from the Node).
+fn own(name: &str) -> MeshNodeBuilder {
     fixtures::mesh_node(name)
         .key("xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=")
         .endpoint("198.18.1.1:51820")
-        .pod_cidr("10.1.1.0/24")
 }
 
 #[test]
@@ -194,7 +199,7 @@ fn manifests_apply_for_real_and_rbac_is_least_privilege() -> Result<()> {
     let ssa = PatchParams::apply("wiremesh-agent").force();
 
     // Its own MeshNode: create, update, status, delete.
-    block_on(nodes.patch("n1", &ssa, &Patch::Apply(&mesh_node("n1").build())))
+    block_on(nodes.patch("n1", &ssa, &Patch::Apply(&own("n1").build())))
         .context("the agent writing its own MeshNode")?;
     block_on(nodes.patch_status(
         "n1",
@@ -216,19 +221,34 @@ fn manifests_apply_for_real_and_rbac_is_least_privilege() -> Result<()> {
     };
     assert!(message.contains("own node"), "{message}");
     // Not as a host: that would let it claim addresses outside its pod CIDR.
-    let as_host = mesh_node("n1").kind(MeshNodeKind::Host).build();
+    let as_host = own("n1").kind(MeshNodeKind::Host).build();
     let message = forbidden(
         block_on(nodes.patch("n1", &ssa, &Patch::Apply(&as_host))),
         "agent of n1 marking its MeshNode a Host",
     );
     assert!(message.contains("as a Host"), "{message}");
     // Nor as a relay: a relay is sent any remote peer's traffic.
-    let as_relay = mesh_node("n1").relay(true).build();
+    let as_relay = own("n1").relay(true).build();
     let message = forbidden(
         block_on(nodes.patch("n1", &ssa, &Patch::Apply(&as_relay))),
         "agent of n1 marking its MeshNode a relay",
     );
     assert!(message.contains("as a relay"), "{message}");
+    // Nor its pod CIDRs (a sibling's here) or gateway flag: they come from its Node.
+    for (what, forged) in [
+        ("pod CIDRs", own("n1").pod_cidr("10.1.2.0/24").build()),
+        ("gateway flag", {
+            let mut n = own("n1").build();
+            n.spec.gateway = true;
+            n
+        }),
+    ] {
+        let message = forbidden(
+            block_on(nodes.patch("n1", &ssa, &Patch::Apply(&forged))),
+            &format!("agent of n1 setting its MeshNode's {what}"),
+        );
+        assert!(message.contains("pod CIDRs"), "{what}: {message}");
+    }
     // Admin creates n2's; the agent of n1 may neither change nor delete it.
     block_on(Api::<MeshNode>::all(admin.clone()).patch(
         "n2",
@@ -256,6 +276,7 @@ fn manifests_apply_for_real_and_rbac_is_least_privilege() -> Result<()> {
             ca_data: None,
             credentials_secret: "peer-evil".to_owned(),
             allowed_pod_cidrs: Vec::new(),
+            allowed_host_cidrs: Vec::new(),
         },
     );
     forbidden(
@@ -269,6 +290,12 @@ fn manifests_apply_for_real_and_rbac_is_least_privilege() -> Result<()> {
     // Reading MeshPeers is what it is for.
     block_on(Api::<MeshPeer>::all(agent.clone()).list(&ListParams::default()))?;
     block_on(nodes.delete("n1", &Default::default())).context("deleting its own MeshNode")?;
+    // Nor by deleting and creating it again.
+    let message = forbidden(
+        block_on(nodes.create(&PostParams::default(), &mesh_node("n1").build())),
+        "agent of n1 creating its MeshNode with pod CIDRs",
+    );
+    assert!(message.contains("pod CIDRs"), "{message}");
 
     // A token of the agent's account not bound to a pod on a node writes no MeshNode.
     let unbound = a.token_kubeconfig("wiremesh-system", "wiremesh-agent")?;

@@ -14,7 +14,7 @@ use wiremesh_lab::clusters::{CONVERGE, INTERFACE, Side, TwoClusters, wait_for};
 use wiremesh_lab::fixtures::mesh_node;
 use wiremesh_lab::k8s::{self, block_on};
 use wiremesh_lab::{MIB, ping, reachable, transfer};
-use wiremesh_proto::crd::MeshNode;
+use wiremesh_proto::crd::{MeshNode, SYSTEM_NAMESPACE};
 
 /// Joined, and every pod of a reaches every pod of b.
 fn joined(nodes: usize) -> Result<TwoClusters> {
@@ -72,7 +72,7 @@ fn join_links_every_pod_pair_across_the_clusters() -> Result<()> {
 
     // a1's agent recorded the tunnel to b2 coming up as an Event on its MeshNode (with
     // the pod-bound token and the RBAC of deploy/wiremesh.yaml).
-    let events: Api<Event> = Api::namespaced(lab.a.client()?, "default");
+    let events: Api<Event> = Api::namespaced(lab.a.client()?, SYSTEM_NAMESPACE);
     wait_for(Duration::from_secs(30), || {
         let list = block_on(events.list(&Default::default()))?;
         ensure!(

@@ -39,6 +39,10 @@ struct Cli {
     /// Serve Prometheus metrics, /healthz and /readyz on this address (e.g. 0.0.0.0:9587).
     #[arg(long, env = "WIREMESH_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
+    /// Most nodes mirrored from one peer cluster: its other nodes are refused, with a
+    /// Conflict condition on its PeerCluster, and not kept in memory.
+    #[arg(long, env = "WIREMESH_MAX_NODES_PER_PEER", default_value_t = 5_000)]
+    max_nodes_per_peer: usize,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, env = "WIREMESH_LOG_FORMAT")]
     log_format: LogFormat,
@@ -84,6 +88,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         lease_duration: Duration::from_secs(cli.lease_duration_seconds),
         metrics_addr: cli.metrics_addr,
         timing: Timing::default(),
+        max_nodes_per_peer: cli.max_nodes_per_peer,
     };
     reconcile::run(client, options, shutdown_signal()).await?;
     Ok(())

@@ -595,6 +595,7 @@ mod tests {
         ClusterInfo {
             name: "cluster-a".into(),
             pod_cidrs: vec![cidr("10.1.0.0/16")],
+            ..ClusterInfo::default()
         }
     }
 
@@ -681,6 +682,7 @@ mod tests {
                 ca_data: None,
                 credentials_secret: "peer-cluster-b".into(),
                 allowed_pod_cidrs: vec!["10.2.0.0/16".into()],
+                allowed_host_cidrs: Vec::new(),
             },
         );
         pc.metadata.uid = Some("u".into());

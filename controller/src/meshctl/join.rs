@@ -41,16 +41,16 @@ pub fn secret_name(peer: &str) -> String {
 /// deploy/wiremesh.yaml's components too, with `image` if given.
 pub(crate) async fn install(
     args: &KubeArgs,
-    cluster_name: &str,
-    pod_cidrs: &[IpCidr],
+    info: &ClusterInfo,
     components: Option<Option<&str>>,
 ) -> Result<()> {
+    let (cluster_name, pod_cidrs) = (info.name.as_str(), &info.pod_cidrs);
     install::check_cluster_name(cluster_name)?;
     let objects = components.map(install::components).transpose()?;
     let target = kubeconfig::current_target(args).await?;
     let context = &target.context;
     reachable(&target).await?;
-    install::install(&target.client, cluster_name, pod_cidrs)
+    install::install_cluster(&target.client, info)
         .await
         .with_context(|| {
             format!(
@@ -63,9 +63,11 @@ pub(crate) async fn install(
     ));
     say(format!("{context}: Namespace {SYSTEM_NAMESPACE} applied"));
     say(format!(
-        "{context}: ConfigMap {SYSTEM_NAMESPACE}/{} applied: clusterName={cluster_name} podCIDRs={}",
+        "{context}: ConfigMap {SYSTEM_NAMESPACE}/{} applied: clusterName={cluster_name} podCIDRs={} hostCIDRs={} serviceCIDRs={}",
         wiremesh_proto::crd::CLUSTER_CONFIGMAP,
-        comma_list(pod_cidrs)
+        comma_list(pod_cidrs),
+        comma_list(&info.host_cidrs),
+        comma_list(&info.service_cidrs),
     ));
     if let Some(objects) = objects {
         let applied = install::apply_components(&target.client, &objects)
@@ -91,8 +93,13 @@ impl Side {
     }
 }
 
-/// `meshctl join OTHER_CONTEXT`.
-pub(crate) async fn join(args: &KubeArgs, other_context: &str) -> Result<()> {
+/// `meshctl join OTHER_CONTEXT`; `host_cidrs`, when given, replace the other cluster's
+/// own host range as what its hosts are granted here.
+pub(crate) async fn join(
+    args: &KubeArgs,
+    other_context: &str,
+    host_cidrs: &[IpCidr],
+) -> Result<()> {
     let (kubeconfig, context) = kubeconfig::load_with_context(args)?;
     ensure!(
         context != other_context,
@@ -105,7 +112,10 @@ pub(crate) async fn join(args: &KubeArgs, other_context: &str) -> Result<()> {
     let (a, b) = tokio::join!(reachable(&local), reachable(&remote));
     both(a, b)?;
     let (a, b) = tokio::join!(read_side(local), read_side(remote));
-    let (local, remote) = both(a, b)?;
+    let (local, mut remote) = both(a, b)?;
+    if !host_cidrs.is_empty() {
+        remote.info.host_cidrs = host_cidrs.to_vec();
+    }
     preflight::check_join(&join_side(&local), &join_side(&remote))?;
     say(format!(
         "checks passed: {} ({}) and {} ({}) are reachable, installed, distinctly named and their pod CIDRs are disjoint",
@@ -115,6 +125,18 @@ pub(crate) async fn join(args: &KubeArgs, other_context: &str) -> Result<()> {
         comma_list(&remote.info.pod_cidrs)
     ));
 
+    for (reader, target) in [(&local, &remote), (&remote, &local)] {
+        let granted = if target.info.host_cidrs.is_empty() {
+            "none (no host of it is accepted)".to_owned()
+        } else {
+            comma_list(&target.info.host_cidrs)
+        };
+        say(format!(
+            "{}: hosts of {} accepted from {granted}",
+            reader.name(),
+            target.name()
+        ));
+    }
     grant_and_store(&local, &remote).await?;
     grant_and_store(&remote, &local).await?;
     say(format!("joined {} and {}", local.name(), remote.name()));
@@ -508,6 +530,7 @@ pub fn peer_cluster(info: &ClusterInfo, target: &Target) -> PeerCluster {
             ca_data: target.ca_data.clone(),
             credentials_secret: secret_name(&info.name),
             allowed_pod_cidrs: info.pod_cidrs.iter().map(ToString::to_string).collect(),
+            allowed_host_cidrs: info.host_cidrs.iter().map(ToString::to_string).collect(),
         },
     );
     peer.metadata.labels = meta(&info.name, None, None).labels;

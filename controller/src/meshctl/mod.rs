@@ -55,6 +55,14 @@ pub enum Command {
         /// The cluster's whole pod range; repeat for several (e.g. IPv4 and IPv6).
         #[arg(long = "pod-cidr", value_name = "CIDR", required = true)]
         pod_cidrs: Vec<IpCidr>,
+        /// The range this cluster's hosts (`meshctl host add`) take their addresses from;
+        /// `meshctl join` grants it to them in linked clusters. Repeat for several.
+        #[arg(long = "host-cidr", value_name = "CIDR")]
+        host_cidrs: Vec<IpCidr>,
+        /// The cluster's service CIDRs: no linked cluster may claim an address in them.
+        /// Repeat for several.
+        #[arg(long = "service-cidr", value_name = "CIDR")]
+        service_cidrs: Vec<IpCidr>,
         /// The container image of the agent and controller (default: the manifest's).
         #[arg(long, value_name = "IMAGE")]
         image: Option<String>,
@@ -72,6 +80,11 @@ pub enum Command {
         /// The kubeconfig context of the other cluster.
         #[arg(value_name = "OTHER_CONTEXT")]
         other_context: String,
+        /// The range the other cluster's hosts may take addresses from, as this cluster
+        /// accepts them (default: the other cluster's own `--host-cidr` range; none: no
+        /// host of it is accepted). Repeat for several.
+        #[arg(long = "host-cidr", value_name = "CIDR")]
+        host_cidrs: Vec<IpCidr>,
     },
     /// Remove the link with the cluster of another kubeconfig context, on both sides.
     Unjoin {
@@ -189,13 +202,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Install {
             cluster_name,
             pod_cidrs,
+            host_cidrs,
+            service_cidrs,
             image,
             crds_only,
         } => {
             let components = (!crds_only).then_some(image.as_deref());
-            join::install(&cli.kube, &cluster_name, &pod_cidrs, components).await
+            let info = crate::install::ClusterInfo {
+                name: cluster_name,
+                pod_cidrs,
+                host_cidrs,
+                service_cidrs,
+            };
+            join::install(&cli.kube, &info, components).await
         }
-        Command::Join { other_context } => join::join(&cli.kube, &other_context).await,
+        Command::Join {
+            other_context,
+            host_cidrs,
+        } => join::join(&cli.kube, &other_context, &host_cidrs).await,
         Command::Unjoin {
             other_context,
             timeout,
@@ -296,7 +320,7 @@ mod tests {
         .unwrap();
         assert_eq!(cli.kube.context.as_deref(), Some("cluster-a"));
         assert!(
-            matches!(cli.command, Command::Join { ref other_context } if other_context == "cluster-b")
+            matches!(cli.command, Command::Join { ref other_context, .. } if other_context == "cluster-b")
         );
         let cli = Cli::try_parse_from(["meshctl", "install", "--cluster-name", "a"]);
         assert!(cli.is_err(), "--pod-cidr is required");

@@ -432,6 +432,7 @@ mod tests {
             info: ClusterInfo {
                 name: name.to_owned(),
                 pod_cidrs: cidrs.iter().map(|c| cidr(c)).collect(),
+                ..ClusterInfo::default()
             },
             api_server: url(name),
             peers: peers.to_vec(),
@@ -451,6 +452,7 @@ mod tests {
                 ca_data: None,
                 credentials_secret: format!("peer-{name}"),
                 allowed_pod_cidrs: cidrs.iter().map(|c| (*c).to_owned()).collect(),
+                allowed_host_cidrs: Vec::new(),
             },
         )
     }

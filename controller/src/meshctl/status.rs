@@ -50,6 +50,9 @@ pub struct PeerClusterView {
     /// The pod CIDRs it was allowed at join time.
     #[serde(rename = "allowedPodCIDRs")]
     pub allowed_pod_cidrs: Vec<String>,
+    /// The range its hosts were granted at join time (empty: no host is accepted).
+    #[serde(rename = "allowedHostCIDRs")]
+    pub allowed_host_cidrs: Vec<String>,
     /// The `Ready` condition, if the controller has set it.
     pub ready: Option<ConditionView>,
     /// The `Stale` condition.
@@ -147,6 +150,7 @@ impl StatusReport {
                     cluster_name: p.spec.cluster_name.clone(),
                     api_server: p.spec.api_server.clone(),
                     allowed_pod_cidrs: p.spec.allowed_pod_cidrs.clone(),
+                    allowed_host_cidrs: p.spec.allowed_host_cidrs.clone(),
                     ready: condition(&status.conditions, "Ready"),
                     stale: condition(&status.conditions, "Stale"),
                     conflict: condition(&status.conditions, "Conflict"),
@@ -231,6 +235,11 @@ impl StatusReport {
                         p.last_sync_age_seconds
                             .map_or_else(|| "never".to_owned(), table::ago),
                         p.allowed_pod_cidrs.join(","),
+                        if p.allowed_host_cidrs.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            p.allowed_host_cidrs.join(",")
+                        },
                         p.api_server.clone(),
                     ]
                 })
@@ -244,6 +253,7 @@ impl StatusReport {
                     "NODES",
                     "LAST SYNC",
                     "POD CIDRS",
+                    "HOST CIDRS",
                     "API SERVER",
                 ],
                 &rows,
@@ -411,9 +421,9 @@ mod tests {
 CLUSTER     POD CIDRS
 cluster-a   10.1.0.0/16
 
-PEER CLUSTER   READY   STALE   CONFLICT   NODES   LAST SYNC   POD CIDRS     API SERVER
-cluster-b      True    False   False      2       3s ago      10.2.0.0/16   https://b.example:6443
-cluster-c      False   True    True       1       5m0s ago    10.3.0.0/16   https://c.example:6443
+PEER CLUSTER   READY   STALE   CONFLICT   NODES   LAST SYNC   POD CIDRS     HOST CIDRS   API SERVER
+cluster-b      True    False   False      2       3s ago      10.2.0.0/16   none         https://b.example:6443
+cluster-c      False   True    True       1       5m0s ago    10.3.0.0/16   none         https://c.example:6443
   cluster-c Ready=False: ApiServerUnreachable: connection refused
   cluster-c Stale=True: ApiServerUnreachable: keeping 1 peers
   cluster-c Conflict=True: CidrOutOfRange: node c9 claims 10.1.0.0/24
@@ -433,6 +443,10 @@ a2     10.1.2.0/24   -
         assert_eq!(json["cluster"]["name"], "cluster-a");
         assert_eq!(json["cluster"]["podCIDRs"][0], "10.1.0.0/16");
         assert_eq!(json["peerClusters"][0]["name"], "cluster-b");
+        assert_eq!(
+            json["peerClusters"][0]["allowedHostCIDRs"],
+            serde_json::json!([])
+        );
         assert_eq!(json["peerClusters"][0]["ready"]["status"], "True");
         assert_eq!(
             json["peerClusters"][1]["conflict"]["reason"],
@@ -454,6 +468,7 @@ a2     10.1.2.0/24   -
         let info = ClusterInfo {
             name: "cluster-a".into(),
             pod_cidrs: vec!["10.1.0.0/16".parse().unwrap()],
+            ..ClusterInfo::default()
         };
         let mut db1 = node("db1", "10.250.1.1/32", vec![]);
         db1.spec.kind = MeshNodeKind::Host;
@@ -474,6 +489,7 @@ a2     10.1.2.0/24   -
         let info = ClusterInfo {
             name: "cluster-a".into(),
             pod_cidrs: vec!["10.1.0.0/16".parse().unwrap()],
+            ..ClusterInfo::default()
         };
         let text = StatusReport::new(&info, &[], &[], now()).render();
         assert!(text.contains("meshctl join OTHER_CONTEXT"), "{text}");
@@ -508,6 +524,7 @@ a2     10.1.2.0/24   -
                 ca_data: None,
                 credentials_secret: format!("peer-{name}"),
                 allowed_pod_cidrs: vec![cidr.into()],
+                allowed_host_cidrs: Vec::new(),
             },
         );
         p.status = Some(status);
@@ -527,6 +544,7 @@ a2     10.1.2.0/24   -
         let info = ClusterInfo {
             name: "cluster-a".into(),
             pod_cidrs: vec!["10.1.0.0/16".parse().unwrap()],
+            ..ClusterInfo::default()
         };
         let peers = [
             peer(

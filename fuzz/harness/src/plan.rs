@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use arbitrary::{Result, Unstructured};
-use wiremesh_controller::plan::{Local, OtherPeer, Plan, allowed_cidrs, plan as plan_of};
+use wiremesh_controller::plan::{
+    Local, OtherPeer, Plan, allowed_cidrs, allowed_host_cidrs, plan as plan_of,
+};
 use wiremesh_proto::crd::{
     MeshNode, MeshNodeKind, MeshNodeSpec, MeshNodeStatus, MeshPeer, PEER_CLUSTER_LABEL,
     PeerCluster, PeerClusterSpec, TunnelStatus,
@@ -43,6 +45,9 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     let allowed = (0..u.int_in_range(0..=3)?)
         .map(|_| cidr_text(u))
         .collect::<Result<Vec<_>>>()?;
+    let allowed_hosts = (0..u.int_in_range(0..=2)?)
+        .map(|_| cidr_text(u))
+        .collect::<Result<Vec<_>>>()?;
     let peer = PeerCluster::new(
         "peer-b",
         PeerClusterSpec {
@@ -51,6 +56,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
             ca_data: None,
             credentials_secret: "peer-b-credentials".into(),
             allowed_pod_cidrs: allowed,
+            allowed_host_cidrs: allowed_hosts,
         },
     );
     let local_cidrs: Vec<IpCidr> = LOCAL.iter().filter_map(|c| c.parse().ok()).collect();
@@ -66,6 +72,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
             ca_data: None,
             credentials_secret: "peer-c-credentials".into(),
             allowed_pod_cidrs: vec!["10.3.0.0/16".into()],
+            allowed_host_cidrs: Vec::new(),
         },
     );
     let others = [OtherPeer::new(&other, [])];
@@ -96,9 +103,15 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
 }
 
 /// What a mirrored node claims stays inside what its cluster was allowed (hosts' single
-/// addresses aside) and off this cluster's own CIDRs.
+/// addresses: inside its granted host range), off this cluster's own CIDRs and off
+/// loopback and link-local addresses.
 fn check_claims(peer: &PeerCluster, remote: &[MeshNode], local: &[IpCidr], plan: &Plan) {
     let allowed = allowed_cidrs(peer);
+    let host_allowed = allowed_host_cidrs(peer);
+    let reserved: Vec<IpCidr> = ["127.0.0.0/8", "169.254.0.0/16", "::1/128", "fe80::/10"]
+        .iter()
+        .filter_map(|c| c.parse().ok())
+        .collect();
     for desired in &plan.apply {
         let host = remote.iter().any(|n| {
             n.spec.kind == MeshNodeKind::Host
@@ -108,9 +121,16 @@ fn check_claims(peer: &PeerCluster, remote: &[MeshNode], local: &[IpCidr], plan:
             let cidr: IpCidr = text.parse().unwrap_or_else(|e| {
                 panic!("{}: pod CIDR {text:?} does not parse: {e}", desired.name)
             });
+            let single = cidr.prefix_len() == if cidr.addr().is_ipv4() { 32 } else { 128 };
             assert!(
-                host || allowed.iter().any(|a| a.covers(&cidr)),
-                "{}: {cidr} outside {allowed:?}",
+                allowed.iter().any(|a| a.covers(&cidr))
+                    || (host && single && host_allowed.iter().any(|a| a.covers(&cidr))),
+                "{}: {cidr} outside {allowed:?} and host range {host_allowed:?}",
+                desired.name
+            );
+            assert!(
+                !reserved.iter().any(|r| r.overlaps(&cidr)),
+                "{}: {cidr} is reserved",
                 desired.name
             );
             assert!(
