@@ -25,7 +25,7 @@ use wiremesh_proto::{InterfaceAddress, IpCidr, PresharedKey};
 
 use self::udp::{RxRing, Underlay};
 use crate::control::{Command, Handle, Snapshot};
-use crate::failclosed::{self, FailClosed};
+use crate::failclosed::{self, Attribution, FailClosed};
 use crate::netlink::{Netlink, RouteReconciler};
 use crate::tun::{DetachedTun, Tun};
 use crate::uapi_server;
@@ -73,6 +73,10 @@ pub struct InterfaceSpec {
     /// The state directory that keeps the fail-closed ranges ([`crate::failclosed`]), in
     /// the mesh modes; `None` in standalone mode, where routes follow the config file.
     pub fail_closed: Option<PathBuf>,
+    /// Whose each routed range is and which clusters are linked, from the peer machinery
+    /// ([`crate::failclosed::Attribution`]); without it every range is of an unknown owner
+    /// and none is ever removed.
+    pub attribution: Option<watch::Receiver<Attribution>>,
 }
 
 /// Brings the interface up with `initial` applied, serves until `shutdown` completes,
@@ -156,6 +160,11 @@ pub async fn run(
     );
 
     let (link_tx, link_rx) = watch::channel(Link::of(&device));
+    let fail_closed = fail_closed.map(|(dir, set)| Closing {
+        dir,
+        set,
+        attribution: spec.attribution.clone(),
+    });
     let route_task = tokio::spawn(reconcile_link(netlink, index, link_rx, mtu, fail_closed));
 
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
@@ -741,13 +750,14 @@ impl Link {
 ///
 /// With `fail_closed` (a state directory and the set read from it), every routed range is
 /// added to the set, persisted, and gets its fail-closed route before its tunnel route;
-/// those stay when the task ends.
+/// those stay when the task ends. Those of a cluster no longer linked go once its tunnel
+/// routes are gone.
 async fn reconcile_link(
     netlink: Netlink,
     index: u32,
     mut desired: watch::Receiver<Link>,
     mut mtu: u32,
-    mut fail_closed: Option<(PathBuf, FailClosed)>,
+    mut fail_closed: Option<Closing>,
 ) -> Result<()> {
     let mut reconciler = RouteReconciler::new(index);
     let mut resync = tokio::time::interval(ROUTE_RESYNC);
@@ -770,8 +780,8 @@ async fn reconcile_link(
                 Err(e) => warn!(mtu = wanted, error = %e, "raising the MTU for IPv6"),
             }
         }
-        if let Some((dir, set)) = &mut fail_closed {
-            close_ranges(&netlink, dir, set, &routes).await;
+        if let Some(closing) = &mut fail_closed {
+            closing.close_ranges(&netlink, &routes).await;
         }
         match reconciler.reconcile(&netlink, &routes).await {
             Ok(diff) => {
@@ -788,6 +798,7 @@ async fn reconcile_link(
                 }
             }
             _ = resync.tick() => {}
+            () = attribution_changed(fail_closed.as_mut()) => {}
         }
     }
     reconciler
@@ -797,29 +808,60 @@ async fn reconcile_link(
     Ok(())
 }
 
-/// Adds the `routed` ranges to the fail-closed set, persists it when it grew, and
-/// installs the missing fail-closed routes (also those someone deleted). A set whose file
-/// is gone was removed by the user (`wiremesh-agent cleanup`): it starts again from the
-/// ranges routed now.
-async fn close_ranges(
-    netlink: &Netlink,
-    dir: &std::path::Path,
-    set: &mut FailClosed,
-    routed: &BTreeSet<IpCidr>,
-) {
-    let grew = if failclosed::persisted(dir) {
-        set.extend(routed)
-    } else {
-        if !set.ranges().is_empty() {
-            info!("the fail-closed ranges were removed: starting again from the routed ones");
+/// The fail-closed set the route task keeps: where it is persisted, and what the peer
+/// machinery says about whose ranges they are.
+struct Closing {
+    dir: PathBuf,
+    set: FailClosed,
+    attribution: Option<watch::Receiver<Attribution>>,
+}
+
+impl Closing {
+    /// Adds the `routed` ranges to the fail-closed set with their owners, forgets (and
+    /// deletes the routes of) those of clusters no longer linked, persists the set when it
+    /// changed, and installs the missing fail-closed routes (also those someone deleted).
+    /// A set whose file is gone was removed by the user (`wiremesh-agent cleanup`): it
+    /// starts again from the ranges routed now.
+    async fn close_ranges(&mut self, netlink: &Netlink, routed: &BTreeSet<IpCidr>) {
+        let Attribution { owners, linked } = self
+            .attribution
+            .as_mut()
+            .map(|a| a.borrow_and_update().clone())
+            .unwrap_or_default();
+        let set = &mut self.set;
+        let dir = self.dir.as_path();
+        let mut changed = if failclosed::persisted(dir) {
+            set.extend(routed, &owners)
+        } else {
+            if !set.ranges().is_empty() {
+                info!("the fail-closed ranges were removed: starting again from the routed ones");
+            }
+            set.reset(routed, &owners);
+            true
+        };
+        if let Some(linked) = &linked {
+            let unlinked = set.unlinked(linked, routed);
+            if !unlinked.is_empty() {
+                let removed = failclosed::remove(netlink, &unlinked).await;
+                changed |= set.forget(&removed);
+            }
         }
-        set.reset(routed);
-        true
-    };
-    if grew && let Err(e) = failclosed::save(dir, set.ranges()) {
-        warn!(error = %e, dir = %dir.display(), "saving the fail-closed ranges");
+        if changed && let Err(e) = failclosed::save(dir, set.ranges()) {
+            warn!(error = %e, dir = %dir.display(), "saving the fail-closed ranges");
+        }
+        if let Err(e) = failclosed::install(netlink, set).await {
+            warn!(error = %e, "installing the fail-closed routes");
+        }
     }
-    if let Err(e) = failclosed::install(netlink, set).await {
-        warn!(error = %e, "installing the fail-closed routes");
+}
+
+/// Completes when the attribution changed; never when there is none (or its sender is
+/// gone: the agent is stopping).
+async fn attribution_changed(closing: Option<&mut Closing>) {
+    if let Some(attribution) = closing.and_then(|c| c.attribution.as_mut())
+        && attribution.changed().await.is_ok()
+    {
+        return;
     }
+    std::future::pending().await
 }

@@ -11,9 +11,11 @@
 //! tunnel route wins while it exists, the unreachable route catches the traffic when it
 //! does not. These routes are not on the TUN device, carry a protocol of their own
 //! ([`FAIL_CLOSED_PROTOCOL`](crate::netlink::FAIL_CLOSED_PROTOCOL)) that the tunnel
-//! routes' reconciler ignores, and the agent never deletes them. The set is kept in the
-//! state directory ([`FILE`]), and installed again first thing at start, before the TUN
-//! device exists, so a reboot or a new node image is covered as soon as the agent starts.
+//! routes' reconciler ignores, and the agent never deletes them while the range's cluster
+//! is linked: a peer removed by policy stays refused. The set is kept in the state
+//! directory ([`FILE`]), each range with its [`Owner`], and installed again first thing at
+//! start, before the TUN device exists, so a reboot or a new node image is covered as soon
+//! as the agent starts.
 //!
 //! Why routes and not a persistent TUN device or an nftables drop: a device outlives a
 //! SIGTERM but not a crash of the process that holds its file descriptor; a drop rule
@@ -21,15 +23,19 @@
 //! one more kernel object of the kind the agent already reconciles, works the same for
 //! IPv4 and IPv6, and gives senders an immediate error instead of a timeout.
 //!
-//! They are removed only on the user's explicit choice: `wiremesh-agent cleanup` (what
-//! uninstalling, or unlinking a cluster, runs on each machine) deletes every such route
-//! and the file. A running agent that finds the file gone starts the set again from the
-//! ranges it routes now.
+//! They are removed only on the user's explicit choice. `meshctl unjoin` deletes the
+//! cluster's PeerCluster; a node's agent, which watches PeerClusters, then deletes the
+//! routes of that cluster's ranges once their tunnel routes are gone ([`FailClosed::unlinked`]).
+//! It never does so because the API server does not answer: only a successful list or
+//! watch tells it which clusters are linked ([`Attribution::linked`]). Ranges of this
+//! cluster's own machines and of unknown owners stay; `wiremesh-agent cleanup` (what
+//! uninstalling runs on each machine) deletes every such route and the file. A running
+//! agent that finds the file gone starts the set again from the ranges it routes now.
 //!
-//! The decisions are pure functions ([`FailClosed`], [`parse`], [`print`]); [`load`],
+//! The decisions are pure functions ([`FailClosed`], [`parse`], [`print`]); [`load`], [`remove`],
 //! [`save`], [`install`] and [`cleanup`] are the shell.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use tracing::{debug, info, warn};
@@ -37,52 +43,141 @@ use wiremesh_proto::IpCidr;
 
 use crate::netlink::{Netlink, NetlinkError};
 
-/// The file in the state directory that lists the fail-closed ranges, one per line.
+/// The file in the state directory that lists the fail-closed ranges, one per line with
+/// its owner.
 pub const FILE: &str = "fail-closed";
 
-/// The ranges that must never leave the node unencrypted: every range routed into the
-/// tunnel since the set was last reset.
+/// Whose range it is: what decides when its fail-closed route may go.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Owner {
+    /// Not known: read from a file written before ranges had owners, or routed before
+    /// the agent knew which peer it was for. Removed only by `wiremesh-agent cleanup`.
+    Unknown,
+    /// This cluster's own machines (its hosts; on a host, the cluster's nodes): no link
+    /// to undo. Removed only by `wiremesh-agent cleanup`.
+    Local,
+    /// A linked cluster, by name: removed when the cluster is no longer linked
+    /// (`meshctl unjoin` deleted its PeerCluster).
+    Cluster(String),
+}
+
+impl Owner {
+    /// The owner of a peer of `cluster` (a peer's origin; empty for this cluster's own).
+    pub fn of_cluster(cluster: &str) -> Self {
+        if cluster.is_empty() {
+            Self::Local
+        } else {
+            Self::Cluster(cluster.to_owned())
+        }
+    }
+}
+
+/// What the peer machinery tells the route task about the ranges it routes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attribution {
+    /// Whose each routed range is (from the peers applied to the device).
+    pub owners: BTreeMap<IpCidr, Owner>,
+    /// The clusters linked now, from the last successful list or watch of PeerClusters;
+    /// `None` while that is not known (before the API server answered, or in a mode that
+    /// does not read PeerClusters): then nothing is ever removed.
+    pub linked: Option<BTreeSet<String>>,
+}
+
+/// The ranges that must never leave the node unencrypted, each with its owner: every
+/// range routed into the tunnel since the set was last reset, less those of clusters that
+/// were unlinked.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FailClosed {
-    ranges: BTreeSet<IpCidr>,
+    ranges: BTreeMap<IpCidr, Owner>,
 }
 
 impl FailClosed {
     /// A set starting from what was persisted.
-    pub fn new(ranges: BTreeSet<IpCidr>) -> Self {
+    pub fn new(ranges: BTreeMap<IpCidr, Owner>) -> Self {
         Self { ranges }
     }
 
-    /// The ranges.
-    pub fn ranges(&self) -> &BTreeSet<IpCidr> {
+    /// The ranges and their owners.
+    pub fn ranges(&self) -> &BTreeMap<IpCidr, Owner> {
         &self.ranges
     }
 
-    /// Adds the ranges routed into the tunnel now; a range is never removed because it is
-    /// no longer routed (a peer removed by policy, a tunnel torn down). True when the set
-    /// grew (and must be persisted).
+    /// Adds the ranges routed into the tunnel now, with the owner `owners` gives them
+    /// ([`Owner::Unknown`] when it gives none); a known owner replaces the one recorded
+    /// (a range read from an old file, or routed before its peer was known, gets its
+    /// cluster), an unknown one never does. A range is never removed because it is no
+    /// longer routed (a peer removed by policy, a tunnel torn down). True when the set
+    /// changed (and must be persisted).
     #[must_use]
-    pub fn extend(&mut self, routed: &BTreeSet<IpCidr>) -> bool {
-        let before = self.ranges.len();
-        self.ranges.extend(routed.iter().copied());
-        self.ranges.len() != before
+    pub fn extend(&mut self, routed: &BTreeSet<IpCidr>, owners: &BTreeMap<IpCidr, Owner>) -> bool {
+        let mut changed = false;
+        for cidr in routed {
+            match (owners.get(cidr), self.ranges.get_mut(cidr)) {
+                (None | Some(Owner::Unknown), Some(_)) => {}
+                (Some(owner), Some(recorded)) => {
+                    if recorded != owner {
+                        *recorded = owner.clone();
+                        changed = true;
+                    }
+                }
+                (owner, None) => {
+                    self.ranges
+                        .insert(*cidr, owner.cloned().unwrap_or(Owner::Unknown));
+                    changed = true;
+                }
+            }
+        }
+        changed
     }
 
     /// Starts again from the ranges routed now: the user removed the persisted set.
-    pub fn reset(&mut self, routed: &BTreeSet<IpCidr>) {
-        self.ranges = routed.clone();
+    pub fn reset(&mut self, routed: &BTreeSet<IpCidr>, owners: &BTreeMap<IpCidr, Owner>) {
+        self.ranges.clear();
+        let _ = self.extend(routed, owners);
+    }
+
+    /// The ranges of the clusters that are no longer `linked`: their fail-closed routes
+    /// are to be deleted, then the ranges forgotten ([`Self::forget`]). `linked` must come
+    /// from a successful list or watch of PeerClusters: an API server that does not answer
+    /// tells nothing. A range still `routed` into the tunnel stays until its tunnel route
+    /// is gone (the controller removes the cluster's MeshPeers as it unlinks it); ranges
+    /// of this cluster's own machines and of unknown owners always stay.
+    pub fn unlinked(&self, linked: &BTreeSet<String>, routed: &BTreeSet<IpCidr>) -> Vec<IpCidr> {
+        self.ranges
+            .iter()
+            .filter(|(cidr, owner)| match owner {
+                Owner::Cluster(name) => !linked.contains(name) && !routed.contains(cidr),
+                Owner::Unknown | Owner::Local => false,
+            })
+            .map(|(cidr, _)| *cidr)
+            .collect()
+    }
+
+    /// Forgets `ranges` (whose fail-closed routes were deleted). True when the set
+    /// changed.
+    #[must_use]
+    pub fn forget(&mut self, ranges: &[IpCidr]) -> bool {
+        let before = self.ranges.len();
+        for cidr in ranges {
+            self.ranges.remove(cidr);
+        }
+        self.ranges.len() != before
     }
 
     /// The fail-closed routes to add, given those installed: the missing ones. Nothing is
     /// ever removed here; installed routes outside the set stay too.
     pub fn missing(&self, installed: &BTreeSet<IpCidr>) -> Vec<IpCidr> {
-        self.ranges.difference(installed).copied().collect()
+        self.ranges
+            .keys()
+            .filter(|cidr| !installed.contains(cidr))
+            .copied()
+            .collect()
     }
 }
 
-/// A line of the fail-closed file that is not a CIDR.
+/// A line of the fail-closed file that is not a CIDR and an owner.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("line {line}: {text:?} is not a CIDR: {reason}")]
+#[error("line {line}: {text:?}: {reason}")]
 pub struct ParseError {
     /// The line number, from 1.
     pub line: usize,
@@ -92,39 +187,94 @@ pub struct ParseError {
     pub reason: String,
 }
 
-/// Parses the fail-closed file: one CIDR per line; blank lines and `#` comments skipped.
-/// Bad lines are returned as errors beside the valid ranges: failing closed means keeping
-/// every range that can still be read.
-pub fn parse(text: &str) -> (BTreeSet<IpCidr>, Vec<ParseError>) {
-    let mut ranges = BTreeSet::new();
+/// The owner field of a line for a linked cluster: `cluster=<name>`.
+const CLUSTER_PREFIX: &str = "cluster=";
+/// The owner field of a line for this cluster's own machines.
+const LOCAL: &str = "local";
+
+/// Parses the fail-closed file: one range per line, `<cidr> [local|cluster=<name>]`; a
+/// line with a CIDR alone (the format before owners) is [`Owner::Unknown`]. Blank lines
+/// and `#` comments skipped. Bad lines are returned as errors beside the valid ranges:
+/// failing closed means keeping every range that can still be read, so a line whose CIDR
+/// parses but whose owner does not keeps its range, as unknown.
+pub fn parse(text: &str) -> (BTreeMap<IpCidr, Owner>, Vec<ParseError>) {
+    let mut ranges = BTreeMap::new();
     let mut errors = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        match line.parse::<IpCidr>() {
-            Ok(cidr) => {
-                ranges.insert(cidr);
+        let error = |reason: String| ParseError {
+            line: i + 1,
+            text: line.chars().take(64).collect(),
+            reason,
+        };
+        let mut fields = line.split_whitespace();
+        let cidr = match fields.next().unwrap_or_default().parse::<IpCidr>() {
+            Ok(cidr) => cidr,
+            Err(e) => {
+                errors.push(error(format!("not a CIDR: {e}")));
+                continue;
             }
-            Err(e) => errors.push(ParseError {
-                line: i + 1,
-                text: line.chars().take(64).collect(),
-                reason: e.to_string(),
-            }),
-        }
+        };
+        let owner = match (fields.next(), fields.next()) {
+            (None, _) => Owner::Unknown,
+            (Some(LOCAL), None) => Owner::Local,
+            (Some(field), None) => match field.strip_prefix(CLUSTER_PREFIX) {
+                Some(name) if is_cluster_name(name) => Owner::Cluster(name.to_owned()),
+                _ => {
+                    errors.push(error(format!(
+                        "owner {:?} is neither {LOCAL:?} nor {CLUSTER_PREFIX}<cluster name>; kept as unknown",
+                        field.chars().take(64).collect::<String>()
+                    )));
+                    Owner::Unknown
+                }
+            },
+            (Some(_), Some(_)) => {
+                errors.push(error(
+                    "more than a CIDR and an owner; kept as unknown".to_owned(),
+                ));
+                Owner::Unknown
+            }
+        };
+        ranges.insert(cidr, owner);
     }
     (ranges, errors)
 }
 
+/// A cluster name as a PeerCluster's `clusterName` allows: a DNS label.
+fn is_cluster_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
 /// The fail-closed file's text for `ranges`.
-pub fn print(ranges: &BTreeSet<IpCidr>) -> String {
+pub fn print(ranges: &BTreeMap<IpCidr, Owner>) -> String {
     let mut text = String::from(
         "# Wiremesh fail-closed ranges: unreachable routes (proto 0x58) keep them off the\n\
-         # underlay while no tunnel route exists. `wiremesh-agent cleanup` removes them.\n",
+         # underlay while no tunnel route exists. `<cidr> [local|cluster=<name>]`; a\n\
+         # cluster's go when it is unlinked, `wiremesh-agent cleanup` removes them all.\n",
     );
-    for range in ranges {
+    for (range, owner) in ranges {
         text.push_str(&range.to_string());
+        match owner {
+            Owner::Unknown => {}
+            Owner::Local => {
+                text.push(' ');
+                text.push_str(LOCAL);
+            }
+            Owner::Cluster(name) => {
+                text.push(' ');
+                text.push_str(CLUSTER_PREFIX);
+                text.push_str(name);
+            }
+        }
         text.push('\n');
     }
     text
@@ -132,19 +282,19 @@ pub fn print(ranges: &BTreeSet<IpCidr>) -> String {
 
 /// Reads the persisted set from `state_dir`: empty when there is none; bad lines are
 /// logged (naming the line) and skipped.
-pub fn load(state_dir: &Path) -> BTreeSet<IpCidr> {
+pub fn load(state_dir: &Path) -> BTreeMap<IpCidr, Owner> {
     let path = state_dir.join(FILE);
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeSet::new(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeMap::new(),
         Err(e) => {
             warn!(path = %path.display(), error = %e, "cannot read the fail-closed ranges");
-            return BTreeSet::new();
+            return BTreeMap::new();
         }
     };
     let (ranges, errors) = parse(&text);
     for e in errors {
-        warn!(path = %path.display(), error = %e, "skipping a fail-closed range");
+        warn!(path = %path.display(), error = %e, "a bad line in the fail-closed file");
     }
     ranges
 }
@@ -153,7 +303,7 @@ pub fn load(state_dir: &Path) -> BTreeSet<IpCidr> {
 ///
 /// # Errors
 /// When the file cannot be written.
-pub fn save(state_dir: &Path, ranges: &BTreeSet<IpCidr>) -> std::io::Result<()> {
+pub fn save(state_dir: &Path, ranges: &BTreeMap<IpCidr, Owner>) -> std::io::Result<()> {
     crate::state::write_atomic(&state_dir.join(FILE), print(ranges).as_bytes())
 }
 
@@ -180,6 +330,25 @@ pub async fn install(nl: &Netlink, set: &FailClosed) -> Result<usize, NetlinkErr
         }
     }
     Ok(added)
+}
+
+/// Deletes the fail-closed routes of `ranges` (those of an unlinked cluster) and returns
+/// those deleted (or already gone); one the kernel refuses is logged and left, to be
+/// tried again next time.
+pub async fn remove(nl: &Netlink, ranges: &[IpCidr]) -> Vec<IpCidr> {
+    let mut removed = Vec::new();
+    for &dst in ranges {
+        match nl.del_fail_closed(dst).await {
+            Ok(()) => {
+                info!(%dst, "fail-closed route removed: its cluster is no longer linked");
+                removed.push(dst);
+            }
+            Err(e) => {
+                warn!(%dst, error = %e, "fail-closed route of an unlinked cluster not removed")
+            }
+        }
+    }
+    removed
 }
 
 /// `wiremesh-agent cleanup`: removes the persisted set, then every fail-closed route.
@@ -228,66 +397,159 @@ mod tests {
     #[test]
     fn a_range_stays_when_it_is_no_longer_routed() {
         let mut set = FailClosed::default();
-        assert!(set.extend(&cidrs(&["10.2.1.0/24", "10.2.2.0/24"])));
+        let owners = owned("b", &["10.2.1.0/24", "10.2.2.0/24"]);
+        assert!(set.extend(&cidrs(&["10.2.1.0/24", "10.2.2.0/24"]), &owners));
         // The peer behind 10.2.2.0/24 was removed by policy: its range stays.
-        assert!(!set.extend(&cidrs(&["10.2.1.0/24"])));
-        assert_eq!(set.ranges(), &cidrs(&["10.2.1.0/24", "10.2.2.0/24"]));
+        assert!(!set.extend(&cidrs(&["10.2.1.0/24"]), &owned("b", &["10.2.1.0/24"])));
+        assert_eq!(set.ranges(), &owners);
+        // Its cluster is still linked: nothing is to be removed.
+        assert!(
+            set.unlinked(&names(&["b"]), &cidrs(&["10.2.1.0/24"]))
+                .is_empty()
+        );
         // A new range joins the set.
-        assert!(set.extend(&cidrs(&["fd10:2:0:3::/64"])));
+        assert!(set.extend(&cidrs(&["fd10:2:0:3::/64"]), &BTreeMap::new()));
         assert_eq!(set.ranges().len(), 3);
     }
 
     #[test]
+    fn an_unlinked_clusters_ranges_go_once_no_longer_routed() {
+        let mut set = FailClosed::default();
+        let mut owners = owned("b", &["10.2.1.0/24", "10.2.2.0/24"]);
+        owners.extend(owned("c", &["10.3.1.0/24"]));
+        owners.insert("10.250.0.5/32".parse().unwrap(), Owner::Local);
+        let all = owners.keys().copied().collect();
+        assert!(set.extend(&all, &owners));
+        set.ranges
+            .insert("10.9.0.0/16".parse().unwrap(), Owner::Unknown);
+        // `meshctl unjoin b`: its PeerCluster is gone, its MeshPeers not yet.
+        let linked = names(&["c"]);
+        assert!(set.unlinked(&linked, &all).is_empty());
+        // The controller removed b's MeshPeers: b's ranges, and only those, go.
+        let routed = cidrs(&["10.3.1.0/24", "10.250.0.5/32"]);
+        let gone = set.unlinked(&linked, &routed);
+        assert_eq!(gone, vec![cidr("10.2.1.0/24"), cidr("10.2.2.0/24")]);
+        assert!(set.forget(&gone));
+        assert_eq!(
+            set.ranges().keys().copied().collect::<BTreeSet<_>>(),
+            cidrs(&["10.250.0.5/32", "10.3.1.0/24", "10.9.0.0/16"])
+        );
+        // No cluster linked at all: this cluster's hosts and the unknown ones still stay.
+        let gone = set.unlinked(&BTreeSet::new(), &BTreeSet::new());
+        assert_eq!(gone, vec![cidr("10.3.1.0/24")]);
+        assert!(set.forget(&gone));
+        assert!(!set.forget(&gone));
+        assert_eq!(set.ranges().len(), 2);
+    }
+
+    #[test]
+    fn a_known_owner_replaces_an_unknown_one_never_the_reverse() {
+        // An old file: a CIDR a line, owner unknown.
+        let (persisted, errors) = parse("10.2.1.0/24\n10.2.2.0/24\n");
+        assert!(errors.is_empty());
+        assert!(persisted.values().all(|o| *o == Owner::Unknown));
+        let mut set = FailClosed::new(persisted);
+        // The restored peers say whose 10.2.1.0/24 is.
+        assert!(set.extend(&cidrs(&["10.2.1.0/24"]), &owned("b", &["10.2.1.0/24"])));
+        assert_eq!(
+            set.ranges()[&cidr("10.2.1.0/24")],
+            Owner::Cluster("b".into())
+        );
+        // Routed again before the owners caught up: the owner stays.
+        assert!(!set.extend(&cidrs(&["10.2.1.0/24"]), &BTreeMap::new()));
+        assert_eq!(
+            set.ranges()[&cidr("10.2.1.0/24")],
+            Owner::Cluster("b".into())
+        );
+        // Written back in the new format, read back the same.
+        let text = print(set.ranges());
+        assert!(text.contains("\n10.2.1.0/24 cluster=b\n"), "{text}");
+        assert!(text.contains("\n10.2.2.0/24\n"), "{text}");
+        assert_eq!(parse(&text), (set.ranges().clone(), Vec::new()));
+        // Nobody claims 10.2.2.0/24: unlinking every cluster leaves it.
+        assert_eq!(
+            set.unlinked(&BTreeSet::new(), &BTreeSet::new()),
+            vec![cidr("10.2.1.0/24")]
+        );
+    }
+
+    #[test]
     fn a_restart_starts_from_the_persisted_set() {
-        let (persisted, errors) = parse(&print(&cidrs(&["10.2.1.0/24", "fd10:2::/64"])));
+        let (persisted, errors) = parse(&print(&owned("b", &["10.2.1.0/24", "fd10:2::/64"])));
         assert!(errors.is_empty());
         let mut set = FailClosed::new(persisted);
         // No route yet at start: the persisted ranges are all to be installed.
         assert_eq!(
             set.missing(&BTreeSet::new()),
-            vec![
-                "10.2.1.0/24".parse::<IpCidr>().unwrap(),
-                "fd10:2::/64".parse().unwrap()
-            ]
+            vec![cidr("10.2.1.0/24"), cidr("fd10:2::/64")]
         );
-        assert!(!set.extend(&cidrs(&["10.2.1.0/24"])));
+        assert!(!set.extend(&cidrs(&["10.2.1.0/24"]), &owned("b", &["10.2.1.0/24"])));
     }
 
     #[test]
     fn only_missing_routes_are_added_and_none_removed() {
-        let set = FailClosed::new(cidrs(&["10.2.1.0/24", "10.2.2.0/24"]));
+        let set = FailClosed::new(owned("b", &["10.2.1.0/24", "10.2.2.0/24"]));
         let installed = cidrs(&["10.2.1.0/24", "10.9.0.0/16"]);
-        assert_eq!(
-            set.missing(&installed),
-            vec!["10.2.2.0/24".parse::<IpCidr>().unwrap()]
-        );
+        assert_eq!(set.missing(&installed), vec![cidr("10.2.2.0/24")]);
     }
 
     #[test]
     fn a_reset_keeps_only_what_is_routed_now() {
-        let mut set = FailClosed::new(cidrs(&["10.2.1.0/24", "10.2.2.0/24"]));
-        set.reset(&cidrs(&["10.2.1.0/24"]));
-        assert_eq!(set.ranges(), &cidrs(&["10.2.1.0/24"]));
+        let mut set = FailClosed::new(owned("b", &["10.2.1.0/24", "10.2.2.0/24"]));
+        set.reset(&cidrs(&["10.2.1.0/24"]), &owned("c", &["10.2.1.0/24"]));
+        assert_eq!(set.ranges(), &owned("c", &["10.2.1.0/24"]));
     }
 
     #[test]
     fn bad_lines_are_named_and_the_rest_kept() {
-        let (ranges, errors) = parse("# comment\n10.2.1.0/24\n\nnot-a-cidr\n10.2.0.0/33\n::/0\n");
-        assert_eq!(ranges, cidrs(&["10.2.1.0/24", "::/0"]));
-        assert_eq!(errors.len(), 2);
-        assert_eq!(errors[0].line, 4);
+        let (ranges, errors) = parse(
+            "# comment\n10.2.1.0/24 cluster=b\n\nnot-a-cidr\n10.2.0.0/33\n::/0 local\n\
+             10.4.0.0/16 cluster=Bad_Name\n10.5.0.0/16 cluster=e extra\n10.6.0.0/16 cluster=\n",
+        );
+        assert_eq!(ranges.len(), 5);
+        assert_eq!(ranges[&cidr("10.2.1.0/24")], Owner::Cluster("b".into()));
+        assert_eq!(ranges[&cidr("::/0")], Owner::Local);
+        // A CIDR with a bad owner is kept, as unknown: failing closed.
+        assert_eq!(ranges[&cidr("10.4.0.0/16")], Owner::Unknown);
+        assert_eq!(ranges[&cidr("10.5.0.0/16")], Owner::Unknown);
+        assert_eq!(ranges[&cidr("10.6.0.0/16")], Owner::Unknown);
+        let lines: Vec<usize> = errors.iter().map(|e| e.line).collect();
+        assert_eq!(lines, vec![4, 5, 7, 8, 9]);
         assert_eq!(errors[0].text, "not-a-cidr");
-        assert_eq!(errors[1].line, 5);
         assert!(errors[1].to_string().starts_with("line 5: \"10.2.0.0/33\""));
+        assert!(errors[2].to_string().contains("Bad_Name"), "{}", errors[2]);
     }
 
     #[test]
     fn print_then_parse_is_the_identity() {
-        let ranges = cidrs(&["0.0.0.0/0", "10.2.1.0/24", "::/0", "fd10:2:0:1::/64"]);
+        let mut ranges = owned("b", &["0.0.0.0/0", "10.2.1.0/24"]);
+        ranges.insert(cidr("::/0"), Owner::Unknown);
+        ranges.insert(cidr("fd10:2:0:1::/64"), Owner::Local);
         assert_eq!(parse(&print(&ranges)), (ranges, Vec::new()));
     }
 
+    #[test]
+    fn an_owner_is_local_for_this_clusters_own_machines() {
+        assert_eq!(Owner::of_cluster(""), Owner::Local);
+        assert_eq!(Owner::of_cluster("b"), Owner::Cluster("b".into()));
+    }
+
+    fn cidr(text: &str) -> IpCidr {
+        text.parse().unwrap()
+    }
+
     fn cidrs(texts: &[&str]) -> BTreeSet<IpCidr> {
-        texts.iter().map(|t| t.parse().unwrap()).collect()
+        texts.iter().map(|t| cidr(t)).collect()
+    }
+
+    fn owned(cluster: &str, texts: &[&str]) -> BTreeMap<IpCidr, Owner> {
+        texts
+            .iter()
+            .map(|t| (cidr(t), Owner::of_cluster(cluster)))
+            .collect()
+    }
+
+    fn names(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| (*n).to_owned()).collect()
     }
 }

@@ -108,6 +108,7 @@ pub async fn run(options: HostOptions) -> Result<()> {
         addresses,
         uapi_dir: options.uapi_dir.clone(),
         fail_closed: Some(options.state_dir.clone()),
+        attribution: None,
     };
     let initial = DeviceUpdate {
         private_key: Some(Some(key)),
@@ -124,6 +125,7 @@ pub async fn run(options: HostOptions) -> Result<()> {
             keepalive: options.persistent_keepalive,
         },
         state_dir: options.state_dir.clone(),
+        watch_linked: false,
     };
     let cached = load_cache(&options.state_dir);
     let publisher = publish(client, bundle.host_name.clone(), public, endpoints);

@@ -94,6 +94,7 @@ pub async fn run(options: KubeOptions) -> Result<()> {
         addresses: options.addresses.clone(),
         uapi_dir: options.uapi_dir.clone(),
         fail_closed: Some(options.state_dir.clone()),
+        attribution: None,
     };
     let metrics_addr = options.metrics_addr;
     run_data_plane(
@@ -143,6 +144,7 @@ async fn setup(
             keepalive: options.persistent_keepalive,
         },
         state_dir: options.state_dir.clone(),
+        watch_linked: true,
     };
     (context, publish(client, node, mesh_node))
 }

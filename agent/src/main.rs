@@ -56,8 +56,10 @@ enum Command {
     Host(Box<HostArgs>),
     /// Remove the fail-closed routes (`unreachable ... proto 0x58`) that keep the linked
     /// clusters' ranges off the underlay while no tunnel carries them, and the list of
-    /// them in the state directory. Run it on each machine when uninstalling Wiremesh or
-    /// after unlinking a cluster: until then, traffic to those ranges is refused.
+    /// them in the state directory. A node's agent removes a cluster's own when it is
+    /// unlinked (`meshctl unjoin`); run this on each machine when uninstalling Wiremesh
+    /// (after unjoining), and on hosts after unlinking a cluster: until then, traffic to
+    /// those ranges is refused.
     Cleanup {
         /// The agent's state directory.
         #[arg(long, env = "WIREMESH_STATE_DIR", default_value = "/var/lib/wiremesh")]

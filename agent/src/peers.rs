@@ -5,7 +5,7 @@
 //! The data plane never waits for the API server: when it is unreachable the tunnels keep
 //! what they have, and the watch catches up when it comes back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -21,12 +21,13 @@ use kube::runtime::{WatchStreamExt as _, reflector};
 use kube::{Api, Client, Resource as _};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
-use wiremesh_proto::crd::{MeshNode, MeshPeer, SYSTEM_NAMESPACE, TunnelStatus};
+use wiremesh_proto::crd::{MeshNode, MeshPeer, PeerCluster, SYSTEM_NAMESPACE, TunnelStatus};
 use wiremesh_proto::uapi::DeviceUpdate;
 use wiremesh_proto::{IpCidr, PublicKey};
 
 use crate::control::Handle;
 use crate::dataplane::{self, InterfaceSpec};
+use crate::failclosed::{Attribution, Owner};
 use crate::mesh::select::{Desired, Selection};
 use crate::mesh::{self, Origins, PeerOrigin, PeerSet};
 use crate::metrics::AgentMetrics;
@@ -57,7 +58,7 @@ const FAILOVER_CHECK: Duration = Duration::from_millis(500);
 /// An agent restarted during an API server outage so has its tunnels, from the cache,
 /// for the whole outage.
 pub(crate) async fn run_data_plane<P>(
-    spec: InterfaceSpec,
+    mut spec: InterfaceSpec,
     initial: DeviceUpdate,
     metrics_addr: Option<SocketAddr>,
     cached: Option<PeerSet>,
@@ -68,6 +69,8 @@ where
 {
     let metrics = crate::metrics::bind(metrics_addr).await?;
     let (origins_tx, origins_rx) = watch::channel(Origins::new());
+    let (attribution_tx, attribution_rx) = watch::channel(Attribution::default());
+    spec.attribution = Some(attribution_rx);
     let ready = move |handle: Handle| {
         crate::metrics::spawn(metrics, AgentMetrics::new(handle.clone(), origins_rx));
         tokio::spawn(async move {
@@ -78,9 +81,12 @@ where
                     "restoring the last known peers until the API server answers"
                 );
                 apply(&handle, &mut applied, peers, Some(&origins_tx)).await;
+                attribute(&applied, &attribution_tx);
             }
             let (context, publisher) = setup.await;
-            context.run(handle, applied, origins_tx, publisher).await;
+            context
+                .run(handle, applied, origins_tx, attribution_tx, publisher)
+                .await;
         });
     };
     dataplane::run(spec, initial, ready, crate::shutdown_signal()).await
@@ -91,6 +97,11 @@ pub(crate) struct Context {
     pub(crate) client: Client,
     pub(crate) selection: Selection,
     pub(crate) state_dir: PathBuf,
+    /// Whether to watch PeerClusters, to learn which clusters are linked and so remove the
+    /// fail-closed routes of one that was unlinked ([`crate::failclosed`]). A node's agent
+    /// does; a host's credential cannot read PeerClusters, so a host keeps every range
+    /// until `wiremesh-agent cleanup`.
+    pub(crate) watch_linked: bool,
 }
 
 impl Context {
@@ -99,16 +110,20 @@ impl Context {
         handle: Handle,
         applied: PeerSet,
         origins: watch::Sender<Origins>,
+        attribution: watch::Sender<Attribution>,
         publisher: impl Future<Output = ()> + Send + 'static,
     ) {
         let node_gone = tokio::spawn(publisher);
+        if self.watch_linked {
+            tokio::spawn(watch_linked(self.client.clone(), attribution.clone()));
+        }
         tokio::spawn(report_status(
             self.client.clone(),
             self.selection.own_name.clone(),
             handle.clone(),
             origins.subscribe(),
         ));
-        let peers = self.watch_peers(handle.clone(), applied, origins);
+        let peers = self.watch_peers(handle.clone(), applied, origins, attribution);
         tokio::pin!(peers);
         tokio::select! {
             () = &mut peers => {}
@@ -140,6 +155,7 @@ impl Context {
         handle: Handle,
         mut applied: PeerSet,
         origins: watch::Sender<Origins>,
+        attribution: watch::Sender<Attribution>,
     ) {
         let (peers, peers_writer) = reflector::store();
         let peer_events = reflector(
@@ -179,6 +195,7 @@ impl Context {
                     if let Some(base) = base.as_ref().filter(|b| !b.groups.is_empty()) {
                         let before = applied.clone();
                         reconcile(&handle, &mut applied, base, &mut active, &origins).await;
+                        attribute(&applied, &attribution);
                         if applied != before {
                             save_cache(&self.state_dir, &applied);
                         }
@@ -202,6 +219,7 @@ impl Context {
                         nodes.state().iter().map(AsRef::as_ref),
                     ));
                     reconcile(&handle, &mut applied, desired, &mut active, &origins).await;
+                    attribute(&applied, &attribution);
                     save_cache(&self.state_dir, &applied);
                 }
                 Ok(None) => {}
@@ -214,6 +232,82 @@ impl Context {
             }
         }
     }
+}
+
+/// Tells the route task whose each routed range is: the cluster of the peer it is routed
+/// to (this cluster's own machines have none).
+fn attribute(applied: &PeerSet, attribution: &watch::Sender<Attribution>) {
+    let owners: BTreeMap<IpCidr, Owner> = applied
+        .values()
+        .flat_map(|p| {
+            let owner = Owner::of_cluster(&p.origin.cluster);
+            p.allowed_ips.iter().map(move |c| (*c, owner.clone()))
+        })
+        .collect();
+    attribution.send_if_modified(|a| {
+        let changed = a.owners != owners;
+        if changed {
+            a.owners = owners;
+        }
+        changed
+    });
+}
+
+/// Watches PeerClusters and tells the route task which clusters are linked, after each
+/// successful (re)list and each change after it. While the watch fails (the API server is
+/// unreachable, or the agent may not read PeerClusters) it tells nothing new: the route
+/// task keeps every range.
+async fn watch_linked(client: Client, attribution: watch::Sender<Attribution>) {
+    let (store, writer) = reflector::store();
+    let events = reflector(
+        writer,
+        watcher::watcher(Api::<PeerCluster>::all(client), watcher::Config::default()),
+    )
+    .default_backoff()
+    .map(|e| e.map(|e| changed(&e)));
+    tokio::pin!(events);
+    let mut listed = false;
+    let mut failing = false;
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(Some(initial)) => {
+                if failing {
+                    info!("PeerCluster watch restored");
+                    failing = false;
+                }
+                listed |= initial;
+                if !listed {
+                    continue;
+                }
+                let linked = linked_clusters(store.state().iter().map(AsRef::as_ref));
+                attribution.send_if_modified(|a| {
+                    let changed = a.linked.as_ref() != Some(&linked);
+                    if changed {
+                        info!(clusters = ?linked, "linked clusters");
+                        a.linked = Some(linked);
+                    }
+                    changed
+                });
+            }
+            Ok(None) => {}
+            Err(e) => {
+                if !failing {
+                    warn!(error = %e, "PeerCluster watch failed; keeping every fail-closed range");
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
+/// The clusters linked: those with a PeerCluster that is not being deleted (`meshctl
+/// unjoin` deletes it; the controller's finalizer holds it while it removes the
+/// cluster's MeshPeers).
+fn linked_clusters<'a>(peer_clusters: impl Iterator<Item = &'a PeerCluster>) -> BTreeSet<String> {
+    peer_clusters
+        .filter(|pc| pc.metadata.deletion_timestamp.is_none())
+        .map(|pc| pc.spec.cluster_name.clone())
+        .collect()
 }
 
 /// Which watch an event came from.
@@ -582,7 +676,37 @@ pub(crate) fn load_cache(dir: &std::path::Path) -> Option<PeerSet> {
 
 #[cfg(test)]
 mod tests {
+    use kube::api::ObjectMeta;
+    use wiremesh_proto::crd::PeerClusterSpec;
+
     use super::*;
+
+    #[test]
+    fn a_cluster_whose_peer_cluster_is_being_deleted_is_no_longer_linked() {
+        let pc = |name: &str, deleting: bool| PeerCluster {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                deletion_timestamp: deleting
+                    .then_some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)),
+                ..ObjectMeta::default()
+            },
+            spec: PeerClusterSpec {
+                cluster_name: name.to_owned(),
+                api_server: "https://198.18.0.1:6443".to_owned(),
+                ca_data: None,
+                credentials_secret: format!("wiremesh-peer-{name}"),
+                allowed_pod_cidrs: vec!["10.2.0.0/16".to_owned()],
+                allowed_host_cidrs: Vec::new(),
+            },
+            status: None,
+        };
+        let all = [pc("cluster-b", false), pc("cluster-c", true)];
+        assert_eq!(
+            linked_clusters(all.iter()),
+            BTreeSet::from(["cluster-b".to_owned()])
+        );
+        assert!(linked_clusters([].iter()).is_empty());
+    }
 
     #[test]
     fn counters_and_handshake_times_are_no_status_change() {

@@ -75,6 +75,7 @@ pub fn plan(options: &UpOptions) -> Result<Plan> {
         addresses: Vec::new(),
         uapi_dir: options.uapi_dir.clone(),
         fail_closed: None,
+        attribution: None,
     };
     let key = match config.as_ref().and_then(|c| c.interface.private_key) {
         Some(key) => Some(key),

@@ -131,6 +131,12 @@ impl ClusterNode {
         self.host.ip(&["route", "show", "proto", "0x57"])
     }
 
+    /// The fail-closed routes on this node (`unreachable ... proto 0x58`), IPv4 then IPv6.
+    pub fn fail_closed_routes(&self) -> Result<String> {
+        Ok(self.host.ip(&["route", "show", "proto", "0x58"])?
+            + &self.host.ip(&["-6", "route", "show", "proto", "0x58"])?)
+    }
+
     /// The pod CIDR of this node.
     pub fn pod_cidr(&self) -> String {
         self.host.pod_cidr()

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, ensure};
 use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
@@ -283,10 +284,31 @@ fn manifests_apply_for_real_and_rbac_is_least_privilege() -> Result<()> {
         block_on(Api::<PeerCluster>::all(agent.clone()).create(&PostParams::default(), &peer)),
         "agent creating a PeerCluster",
     );
+    // It reads them (which clusters are linked: an unlinked cluster's fail-closed routes
+    // go), but a PeerCluster only names its credentials' Secret, which the agent may not
+    // read, nor change a PeerCluster.
+    block_on(Api::<PeerCluster>::all(agent.clone()).list(&ListParams::default()))
+        .context("the agent listing PeerClusters")?;
+    let mut valid = peer.clone();
+    valid.spec.allowed_pod_cidrs = vec!["10.9.0.0/16".to_owned()];
+    block_on(Api::<PeerCluster>::all(admin.clone()).create(&PostParams::default(), &valid))
+        .context("admin creating PeerCluster evil")?;
     forbidden(
-        block_on(Api::<PeerCluster>::all(agent.clone()).list(&ListParams::default())),
-        "agent listing PeerClusters",
+        block_on(Api::<PeerCluster>::all(agent.clone()).delete("evil", &Default::default())),
+        "agent deleting a PeerCluster",
     );
+    forbidden(
+        block_on(Api::<Secret>::namespaced(agent.clone(), "wiremesh-system").get("peer-evil")),
+        "agent reading a peer cluster's credentials Secret",
+    );
+    forbidden(
+        block_on(
+            Api::<Secret>::namespaced(agent.clone(), "wiremesh-system")
+                .list(&ListParams::default()),
+        ),
+        "agent listing Secrets",
+    );
+    block_on(Api::<PeerCluster>::all(admin.clone()).delete("evil", &Default::default()))?;
     // Reading MeshPeers is what it is for.
     block_on(Api::<MeshPeer>::all(agent.clone()).list(&ListParams::default()))?;
     block_on(nodes.delete("n1", &Default::default())).context("deleting its own MeshNode")?;

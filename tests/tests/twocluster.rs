@@ -200,6 +200,22 @@ fn a_remote_node_claiming_our_cidr_is_refused_everywhere() -> Result<()> {
 #[test]
 fn unjoin_leaves_no_route_or_peer_on_any_node() -> Result<()> {
     let lab = joined(2)?;
+    // Each node refuses the other cluster's pod CIDRs when their tunnels are gone (fail
+    // closed, issue 12 §2)...
+    for (near, far) in [(&lab.a, &lab.b), (&lab.b, &lab.a)] {
+        for node in &near.nodes {
+            let closed = node.fail_closed_routes()?;
+            for remote in &far.nodes {
+                ensure!(
+                    closed.contains(&remote.pod_cidr()),
+                    "{}: no fail-closed route for {}'s {}: {closed}",
+                    node.name,
+                    remote.name,
+                    remote.pod_cidr()
+                );
+            }
+        }
+    }
     let out = lab.meshctl(&["--context", "cluster-a", "unjoin", "cluster-b"])?;
     ensure!(
         out.status.success(),
@@ -219,6 +235,13 @@ fn unjoin_leaves_no_route_or_peer_on_any_node() -> Result<()> {
             ensure!(
                 peers.trim().is_empty(),
                 "{}: peers left: {peers}",
+                node.name
+            );
+            // ...until the link is undone: then nothing of the other cluster is refused.
+            let closed = node.fail_closed_routes()?;
+            ensure!(
+                closed.trim().is_empty(),
+                "{}: fail-closed routes left: {closed}",
                 node.name
             );
         }
