@@ -432,20 +432,13 @@ mod tests {
 
     fn peer(key: PublicKey, rx: u64, packets: u64, age: Option<Duration>) -> PeerView {
         PeerView {
-            public_key: key,
-            preshared_key: None,
-            endpoint: None,
-            observed_endpoint: None,
-            persistent_keepalive: 0,
-            allowed_ips: Vec::new(),
-            accept_ips: Vec::new(),
-            since_receive: None,
             since_handshake: age,
             rx_bytes: rx,
             tx_bytes: 2 * rx,
             rx_packets: packets,
             tx_packets: 2 * packets,
             handshakes: if age.is_some() { 3 } else { 0 },
+            ..PeerView::configured(key)
         }
     }
 }

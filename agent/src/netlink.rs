@@ -308,6 +308,17 @@ impl Netlink {
     /// # Errors
     /// [`NetlinkError::ListRoutes`] when a dump fails.
     pub async fn routes_on(&self, index: u32) -> Result<BTreeSet<IpCidr>, NetlinkError> {
+        self.route_destinations(index, |route| our_route_destination(route, index))
+            .await
+    }
+
+    /// What `pick` returns for each route of the IPv4 and IPv6 dumps; `index` names the
+    /// interface in the error.
+    async fn route_destinations(
+        &self,
+        index: u32,
+        pick: impl Fn(&RouteMessage) -> Option<IpCidr>,
+    ) -> Result<BTreeSet<IpCidr>, NetlinkError> {
         let list = |source| NetlinkError::ListRoutes { index, source };
         let mut routes = BTreeSet::new();
         let dumps = [
@@ -317,9 +328,7 @@ impl Netlink {
         for request in dumps {
             let mut stream = self.handle.route().get(request).execute();
             while let Some(route) = stream.try_next().await.map_err(list)? {
-                if let Some(dst) = our_route_destination(&route, index) {
-                    routes.insert(dst);
-                }
+                routes.extend(pick(&route));
             }
         }
         Ok(routes)
@@ -369,21 +378,7 @@ impl Netlink {
     /// # Errors
     /// [`NetlinkError::ListRoutes`] when a dump fails.
     pub async fn fail_closed_routes(&self) -> Result<BTreeSet<IpCidr>, NetlinkError> {
-        let list = |source| NetlinkError::ListRoutes { index: 0, source };
-        let mut routes = BTreeSet::new();
-        let dumps = [
-            RouteMessageBuilder::<Ipv4Addr>::new().build(),
-            RouteMessageBuilder::<Ipv6Addr>::new().build(),
-        ];
-        for request in dumps {
-            let mut stream = self.handle.route().get(request).execute();
-            while let Some(route) = stream.try_next().await.map_err(list)? {
-                if let Some(dst) = fail_closed_destination(&route) {
-                    routes.insert(dst);
-                }
-            }
-        }
-        Ok(routes)
+        self.route_destinations(0, fail_closed_destination).await
     }
 
     /// Deletes interface `index`; an interface already gone counts as success.
@@ -673,22 +668,30 @@ pub enum NetlinkError {
     },
 }
 
-/// The message that adds, or deletes, our device route for `dst` through `index`.
-///
-/// Add and delete use the same message so that deletion matches exactly our route: the
-/// kernel compares protocol, scope (IPv4) and output interface when they are set.
-fn route_message(index: u32, dst: IpCidr) -> RouteMessage {
+/// A route message for `dst` in the main table, the rest left to the caller.
+fn main_table_message(dst: IpCidr) -> RouteMessage {
     let mut message = match dst.addr() {
         IpAddr::V4(addr) => RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(addr, dst.prefix_len())
-            .scope(RouteScope::Link)
             .build(),
-        // IPv6 has no route scopes; the kernel reports every route as universe.
         IpAddr::V6(addr) => RouteMessageBuilder::<Ipv6Addr>::new()
             .destination_prefix(addr, dst.prefix_len())
             .build(),
     };
     message.header.table = RouteHeader::RT_TABLE_MAIN;
+    message
+}
+
+/// The message that adds, or deletes, our device route for `dst` through `index`.
+///
+/// Add and delete use the same message so that deletion matches exactly our route: the
+/// kernel compares protocol, scope (IPv4) and output interface when they are set.
+fn route_message(index: u32, dst: IpCidr) -> RouteMessage {
+    let mut message = main_table_message(dst);
+    // IPv6 has no route scopes; the kernel reports every route as universe.
+    if dst.addr().is_ipv4() {
+        message.header.scope = RouteScope::Link;
+    }
     message.header.protocol = RouteProtocol::from(ROUTE_PROTOCOL);
     message.header.kind = RouteType::Unicast;
     message.attributes.push(RouteAttribute::Oif(index));
@@ -700,15 +703,7 @@ fn route_message(index: u32, dst: IpCidr) -> RouteMessage {
 /// timeout, with no output interface (the kernel puts it on `lo`), so it outlives the TUN
 /// device.
 fn fail_closed_message(dst: IpCidr) -> RouteMessage {
-    let mut message = match dst.addr() {
-        IpAddr::V4(addr) => RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(addr, dst.prefix_len())
-            .build(),
-        IpAddr::V6(addr) => RouteMessageBuilder::<Ipv6Addr>::new()
-            .destination_prefix(addr, dst.prefix_len())
-            .build(),
-    };
-    message.header.table = RouteHeader::RT_TABLE_MAIN;
+    let mut message = main_table_message(dst);
     message.header.protocol = RouteProtocol::from(FAIL_CLOSED_PROTOCOL);
     message.header.kind = RouteType::Unreachable;
     message.header.scope = RouteScope::Universe;
@@ -725,26 +720,7 @@ fn fail_closed_destination(route: &RouteMessage) -> Option<IpCidr> {
     if u8::from(header.protocol) != FAIL_CLOSED_PROTOCOL || header.kind != RouteType::Unreachable {
         return None;
     }
-    let mut table = u32::from(header.table);
-    let mut dst = None;
-    for attr in &route.attributes {
-        match attr {
-            RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(IpAddr::V4(*a)),
-            RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = Some(IpAddr::V6(*a)),
-            _ => {}
-        }
-    }
-    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
-        return None;
-    }
-    let addr = match (dst, header.address_family) {
-        (Some(addr), _) => addr,
-        (None, AddressFamily::Inet) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        (None, AddressFamily::Inet6) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        (None, _) => return None,
-    };
-    IpCidr::new(addr, header.destination_prefix_length).ok()
+    main_table_destination(route).map(|(dst, _)| dst)
 }
 
 /// The destination of `route` when it is one of ours: main table, our protocol, unicast,
@@ -754,6 +730,15 @@ fn our_route_destination(route: &RouteMessage, index: u32) -> Option<IpCidr> {
     if u8::from(header.protocol) != ROUTE_PROTOCOL || header.kind != RouteType::Unicast {
         return None;
     }
+    match main_table_destination(route)? {
+        (dst, Some(oif)) if oif == index => Some(dst),
+        _ => None,
+    }
+}
+
+/// The destination and output interface of `route` when it is in the main table.
+fn main_table_destination(route: &RouteMessage) -> Option<(IpCidr, Option<u32>)> {
+    let header = &route.header;
     let mut table = u32::from(header.table);
     let mut oif = None;
     let mut dst = None;
@@ -766,7 +751,7 @@ fn our_route_destination(route: &RouteMessage, index: u32) -> Option<IpCidr> {
             _ => {}
         }
     }
-    if table != u32::from(RouteHeader::RT_TABLE_MAIN) || oif != Some(index) {
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
         return None;
     }
     // A default route carries no destination attribute.
@@ -776,7 +761,8 @@ fn our_route_destination(route: &RouteMessage, index: u32) -> Option<IpCidr> {
         (None, AddressFamily::Inet6) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         (None, _) => return None,
     };
-    IpCidr::new(addr, header.destination_prefix_length).ok()
+    let dst = IpCidr::new(addr, header.destination_prefix_length).ok()?;
+    Some((dst, oif))
 }
 
 /// The `mtu` metric of a route (`RTAX_MTU`: configured, or a learned path MTU), if set.

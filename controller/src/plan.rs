@@ -639,30 +639,16 @@ impl fmt::Display for Conflict {
                 )
             }
             Reason::InvalidCidr => write!(f, "node {node}: pod CIDR {cidr:?} is not a CIDR"),
-            Reason::OutsideAllowed { cluster, allowed } => {
-                let allowed: Vec<String> = allowed.iter().map(ToString::to_string).collect();
-                write!(
-                    f,
-                    "node {node}: pod CIDR {cidr} is outside what {cluster} was allowed ({})",
-                    if allowed.is_empty() {
-                        "nothing".to_owned()
-                    } else {
-                        allowed.join(", ")
-                    }
-                )
-            }
-            Reason::OutsideHostRange { cluster, allowed } => {
-                let allowed: Vec<String> = allowed.iter().map(ToString::to_string).collect();
-                write!(
-                    f,
-                    "node {node}: host address {cidr} is outside the host range {cluster} was granted ({})",
-                    if allowed.is_empty() {
-                        "none: grant one with `meshctl join --host-cidr`".to_owned()
-                    } else {
-                        allowed.join(", ")
-                    }
-                )
-            }
+            Reason::OutsideAllowed { cluster, allowed } => write!(
+                f,
+                "node {node}: pod CIDR {cidr} is outside what {cluster} was allowed ({})",
+                listed(allowed, "nothing")
+            ),
+            Reason::OutsideHostRange { cluster, allowed } => write!(
+                f,
+                "node {node}: host address {cidr} is outside the host range {cluster} was granted ({})",
+                listed(allowed, "none: grant one with `meshctl join --host-cidr`")
+            ),
             Reason::Overlaps { other, owner } => {
                 write!(
                     f,
@@ -688,6 +674,15 @@ impl fmt::Display for Conflict {
             ),
         }
     }
+}
+
+/// `cidrs` comma-separated, or `none` when there are none.
+fn listed(cidrs: &[IpCidr], none: &str) -> String {
+    if cidrs.is_empty() {
+        return none.to_owned();
+    }
+    let cidrs: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
+    cidrs.join(", ")
 }
 
 impl fmt::Display for Owner {

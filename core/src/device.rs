@@ -177,6 +177,28 @@ pub struct PeerView {
     pub handshakes: u64,
 }
 
+impl PeerView {
+    /// A peer that is only configured: no endpoint, no allowed IPs, no traffic, no session.
+    pub fn configured(public_key: PublicKey) -> Self {
+        Self {
+            public_key,
+            preshared_key: None,
+            endpoint: None,
+            observed_endpoint: None,
+            persistent_keepalive: 0,
+            allowed_ips: Vec::new(),
+            accept_ips: Vec::new(),
+            since_receive: None,
+            since_handshake: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            rx_packets: 0,
+            tx_packets: 0,
+            handshakes: 0,
+        }
+    }
+}
+
 struct Peer {
     public_key: PublicKey,
     preshared_key: Option<PresharedKey>,

@@ -242,7 +242,8 @@ impl BareHost {
             ],
             &[],
         )?;
-        wait_for_uapi_socket(&self.host, &agent, Duration::from_secs(20))
+        self.host
+            .wait_for_uapi_socket(IFACE, &agent, Duration::from_secs(20))
             .with_context(|| format!("the host agent on {} did not come up", self.name))?;
         self.agent = Some(agent);
         Ok(())
@@ -371,24 +372,6 @@ struct BuildOptions {
     /// The nodes' own underlay, for [`Stack::DualStackV6Underlay`] and
     /// [`Stack::DualStackSmallUnderlay`].
     underlay6: Option<Underlay>,
-}
-
-/// Waits until `agent` has made its UAPI socket in `host`'s `/var/run/wireguard`: the
-/// sign it is up.
-fn wait_for_uapi_socket(host: &Host, agent: &Proc, timeout: Duration) -> Result<()> {
-    let socket = host.run_dir().join(format!("{IFACE}.sock"));
-    let deadline = Instant::now() + timeout;
-    while !socket.exists() {
-        if !agent.is_running() || Instant::now() > deadline {
-            bail!(
-                "no {} after {timeout:?}:\n{}",
-                socket.display(),
-                agent.stderr()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
 }
 
 /// cluster-b's private underlay and the NAT gateway in front of it; a symmetric NAT picks
@@ -856,7 +839,8 @@ impl TwoClusters {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let args: Vec<&str> = workload.args.iter().map(String::as_str).collect();
         let agent = node.host.spawn_agent(&args, &env)?;
-        wait_for_uapi_socket(&node.host, &agent, Duration::from_secs(10))
+        node.host
+            .wait_for_uapi_socket(IFACE, &agent, Duration::from_secs(10))
             .with_context(|| format!("the agent on {} did not come up", node.name))?;
         Ok(agent)
     }

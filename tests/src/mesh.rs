@@ -115,7 +115,12 @@ impl Node {
         index: u8,
     ) -> Result<Self> {
         let host = lab.add_host_on(underlay, name, underlay_ip, &format!("10.{index}.0.0/24"))?;
-        let pod = host.add_pod(&format!("{name}-p"))?;
+        Self::with_pod(host)
+    }
+
+    /// A node on `host`, with a fresh pod `<host>-p` and fresh keys; no agent yet.
+    fn with_pod(host: Host) -> Result<Self> {
+        let pod = host.add_pod(&format!("{}-p", host.name()))?;
         Ok(Self {
             host,
             pod,
@@ -143,13 +148,7 @@ impl Node {
             &format!("10.{index}.0.0/24"),
             &format!("fd10:{index:x}::/64"),
         )?;
-        let pod = host.add_pod(&format!("{name}-p"))?;
-        Ok(Self {
-            host,
-            pod,
-            keys: Keypair::generate(),
-            agent: None,
-        })
+        Self::with_pod(host)
     }
 
     /// The UDP endpoint of this node on the underlay (IPv6 on an IPv6-only underlay).
@@ -191,6 +190,41 @@ impl Node {
         )?;
         self.agent = Some(agent);
         Ok(())
+    }
+
+    /// Runs `command` (a `wireguard-go` binary and its arguments; `-f wm0` at the end)
+    /// with `env` as this node's WireGuard instead of the agent, configured with `wg` for
+    /// `peer` (its pod CIDR as allowed IPs; its endpoint only when `with_endpoint`), with
+    /// the pod gateway's address, MTU 1420 and a route to `peer`'s pods on the device.
+    ///
+    /// # Errors
+    /// When it does not come up or `wg`/`ip` fail.
+    pub fn start_wireguard_go(
+        &self,
+        command: &[&str],
+        env: &[(&str, &str)],
+        peer: &Node,
+        with_endpoint: bool,
+    ) -> Result<Proc> {
+        let proc = self.host.spawn_wireguard_go(command, IFACE, env)?;
+        let mut conf = format!(
+            "[Interface]\nPrivateKey = {}\nListenPort = {PORT}\n\n[Peer]\nPublicKey = {}\nAllowedIPs = {}\n",
+            self.keys.private,
+            peer.keys.public,
+            peer.host.pod_cidr()
+        );
+        if with_endpoint {
+            conf.push_str(&format!("Endpoint = {}\n", peer.endpoint()));
+        }
+        let path = self.host.dir().join("wg-go.conf");
+        std::fs::write(&path, conf)?;
+        self.wg(&["setconf", IFACE, path.to_str().context("utf-8 path")?])?;
+        let gateway = format!("{}/32", self.host.pod_gateway());
+        self.host.ip(&["addr", "add", &gateway, "dev", IFACE])?;
+        self.host.ip(&["link", "set", IFACE, "mtu", "1420", "up"])?;
+        self.host
+            .ip(&["route", "add", &peer.host.pod_cidr(), "dev", IFACE])?;
+        Ok(proc)
     }
 
     /// Runs `wg args...` against this node's agent.

@@ -141,33 +141,12 @@ fn interop_with_wireguard_go(wiremesh_initiates: bool) -> Result<()> {
     let b = Node::new(&lab, "b", 2)?;
     a.start(&[b.as_peer(wiremesh_initiates)])?;
 
-    let _wggo = b.host.spawn_in_private_mounts(
-        "wireguard-go",
-        &["-f", IFACE],
+    let _wggo = b.start_wireguard_go(
+        &["wireguard-go", "-f", IFACE],
         &[("LOG_LEVEL", "error")],
+        &a,
+        !wiremesh_initiates,
     )?;
-    let socket = b.host.run_dir().join(format!("{IFACE}.sock"));
-    eventually(Duration::from_secs(10), || {
-        ensure!(socket.exists(), "wireguard-go has no UAPI socket yet");
-        Ok(())
-    })?;
-    let mut conf = format!(
-        "[Interface]\nPrivateKey = {}\nListenPort = {PORT}\n\n[Peer]\nPublicKey = {}\nAllowedIPs = {}\n",
-        b.keys.private,
-        a.keys.public,
-        a.host.pod_cidr()
-    );
-    if !wiremesh_initiates {
-        conf.push_str(&format!("Endpoint = {}\n", a.endpoint()));
-    }
-    let path = b.host.dir().join("wg-go.conf");
-    std::fs::write(&path, conf)?;
-    b.wg(&["setconf", IFACE, path.to_str().context("utf-8 path")?])?;
-    let gateway = format!("{}/32", b.host.pod_gateway());
-    b.host.ip(&["addr", "add", &gateway, "dev", IFACE])?;
-    b.host.ip(&["link", "set", IFACE, "mtu", "1420", "up"])?;
-    b.host
-        .ip(&["route", "add", &a.host.pod_cidr(), "dev", IFACE])?;
 
     let (first, second) = if wiremesh_initiates {
         (&a, &b)

@@ -16,7 +16,7 @@ use anyhow::{Context as _, Result, ensure};
 use wiremesh_lab::clusters::{CONVERGE, Side, TwoClusters, wait_for};
 use wiremesh_lab::k8s;
 use wiremesh_lab::mesh::{IFACE, capture_during};
-use wiremesh_lab::{MIB, Netns, ping, transfer};
+use wiremesh_lab::{MIB, Netns, Proc, ping, transfer};
 
 /// What the marked pings carry; `ping -p` repeats it through the payload.
 const MARKER: &[u8] = b"FAILCLOSED";
@@ -105,18 +105,7 @@ fn the_mesh_fails_closed_and_a_restart_loses_nothing() -> Result<()> {
     // 2. Restarts in the middle of a transfer, with marked pings all along.
     for signal in ["TERM", "KILL"] {
         let (capture, (report, gap)) = capture_during(&underlay, MARKER, || {
-            let pings = lab.a.node("a1")?.pod.spawn(&[
-                "ping",
-                "-n",
-                "-q",
-                "-i",
-                "0.01",
-                "-c",
-                "500",
-                "-p",
-                MARKER_HEX,
-                &b1_ip.to_string(),
-            ])?;
+            let pings = spawn_marked_pings(&lab.a.node("a1")?.pod, b1_ip, 500)?;
             let result = thread::scope(|scope| -> Result<_> {
                 let a1_pod = lab.a.node("a1")?.pod.clone();
                 let sending = scope.spawn(move || transfer(&a1_pod, b1_ip, TRANSFER));
@@ -157,18 +146,7 @@ fn the_mesh_fails_closed_and_a_restart_loses_nothing() -> Result<()> {
     let a1_underlay = lab.a.node("a1")?.host.underlay_ip();
     lab.b.node("b1")?.host.set_default_route(a1_underlay)?;
     let (capture, report) = capture_during(&underlay, MARKER, || {
-        let pings = lab.a.node("a1")?.pod.spawn(&[
-            "ping",
-            "-n",
-            "-q",
-            "-i",
-            "0.01",
-            "-c",
-            "700",
-            "-p",
-            MARKER_HEX,
-            &b1_ip.to_string(),
-        ])?;
+        let pings = spawn_marked_pings(&lab.a.node("a1")?.pod, b1_ip, 700)?;
         let result = thread::scope(|scope| -> Result<_> {
             let a1_pod = lab.a.node("a1")?.pod.clone();
             let sending = scope.spawn(move || transfer(&a1_pod, b1_ip, 2 * TRANSFER));
@@ -311,4 +289,12 @@ fn first_packet_through(host: &Netns, old: Option<u32>, exited: Instant) -> Resu
 fn link_index(host: &Netns) -> Option<u32> {
     let line = host.ip(&["-o", "link", "show", "dev", IFACE]).ok()?;
     line.split(':').next()?.trim().parse().ok()
+}
+
+/// Starts `count` marked pings from `from` to `to`, 10 ms apart, in the background.
+fn spawn_marked_pings(from: &Netns, to: impl Into<IpAddr>, count: u32) -> Result<Proc> {
+    let (count, to) = (count.to_string(), to.into().to_string());
+    from.spawn(&[
+        "ping", "-n", "-q", "-i", "0.01", "-c", &count, "-p", MARKER_HEX, &to,
+    ])
 }

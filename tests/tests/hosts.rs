@@ -177,16 +177,11 @@ fn hosts_outside_kubernetes_join_both_clusters_and_leave() -> Result<()> {
         ],
     )?;
     ensure!(out.status.success(), "host add failed:\n{}", text(&out));
-    let _wggo = wg1.host.spawn_in_private_mounts(
-        "wireguard-go",
-        &["-f", INTERFACE],
+    let _wggo = wg1.host.spawn_wireguard_go(
+        &["wireguard-go", "-f", INTERFACE],
+        INTERFACE,
         &[("LOG_LEVEL", "error")],
     )?;
-    let socket = wg1.host.run_dir().join(format!("{INTERFACE}.sock"));
-    wait_for(Duration::from_secs(10), || {
-        ensure!(socket.exists(), "wireguard-go has no UAPI socket yet");
-        Ok(())
-    })?;
     // The config once it names b1 and cluster-a's a1 and db1 (mirrored by the controller).
     let mut config = String::new();
     wait_for(CONVERGE, || {

@@ -26,7 +26,7 @@ use nix::sys::socket::{
     AddressFamily, LinkAddr, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn,
     SockaddrLike as _, sendto, socket,
 };
-use wiremesh_lab::mesh::{IFACE, Node, PORT, eventually, in_netns};
+use wiremesh_lab::mesh::{IFACE, Node, eventually, in_netns};
 use wiremesh_lab::{Lab, MIB, ping, transfer};
 
 /// Malformed packets b's TUN device takes, per kind.
@@ -43,31 +43,12 @@ fn malformed_inner_packets_from_a_foreign_peer_and_a_pod_are_survived_and_counte
     let b = Node::new(&lab, "b", 2)?;
     a.start(&[b.as_peer(false)])?;
 
-    let _wggo = b.host.spawn_in_private_mounts(
-        "wireguard-go",
-        &["-f", IFACE],
+    let _wggo = b.start_wireguard_go(
+        &["wireguard-go", "-f", IFACE],
         &[("LOG_LEVEL", "error")],
+        &a,
+        true,
     )?;
-    let socket_path = b.host.run_dir().join(format!("{IFACE}.sock"));
-    eventually(Duration::from_secs(10), || {
-        ensure!(socket_path.exists(), "wireguard-go has no UAPI socket yet");
-        Ok(())
-    })?;
-    let conf = format!(
-        "[Interface]\nPrivateKey = {}\nListenPort = {PORT}\n\n[Peer]\nPublicKey = {}\nAllowedIPs = {}\nEndpoint = {}\n",
-        b.keys.private,
-        a.keys.public,
-        a.host.pod_cidr(),
-        a.endpoint()
-    );
-    let path = b.host.dir().join("wg-go.conf");
-    std::fs::write(&path, conf)?;
-    b.wg(&["setconf", IFACE, path.to_str().context("utf-8 path")?])?;
-    let gateway = format!("{}/32", b.host.pod_gateway());
-    b.host.ip(&["addr", "add", &gateway, "dev", IFACE])?;
-    b.host.ip(&["link", "set", IFACE, "mtu", "1420", "up"])?;
-    b.host
-        .ip(&["route", "add", &a.host.pod_cidr(), "dev", IFACE])?;
     ping(&b.pod, a.pod.ip(), 2)?;
     ping(&a.pod, b.pod.ip(), 2)?;
 

@@ -425,20 +425,8 @@ mod tests {
 
     fn view(key: u8, since: Option<u64>) -> wiremesh_core::PeerView {
         wiremesh_core::PeerView {
-            public_key: PublicKey::from([key; 32]),
-            preshared_key: None,
-            endpoint: None,
-            observed_endpoint: None,
-            persistent_keepalive: 0,
-            allowed_ips: Vec::new(),
-            accept_ips: Vec::new(),
-            since_receive: None,
             since_handshake: since.map(Duration::from_secs),
-            rx_bytes: 0,
-            tx_bytes: 0,
-            rx_packets: 0,
-            tx_packets: 0,
-            handshakes: 0,
+            ..wiremesh_core::PeerView::configured(PublicKey::from([key; 32]))
         }
     }
 

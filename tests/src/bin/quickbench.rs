@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use clap::Parser;
-use wiremesh_lab::mesh::{IFACE, Node, PORT, eventually, write_config};
+use wiremesh_lab::mesh::{IFACE, Node, write_config};
 use wiremesh_lab::{Lab, Proc, ping};
 
 /// Compares tunnel implementations with single-flow iperf3 between two lab pods.
@@ -244,43 +244,19 @@ fn start_wiremesh(imp: &Impl, me: &Node, peer: &Node) -> Result<Proc> {
     let proc = me
         .host
         .spawn_in_private_mounts(cmd[0], &cmd[1..], &[("RUST_LOG", "warn")])?;
-    wait_socket(me, &proc)?;
+    me.host
+        .wait_for_uapi_socket(IFACE, &proc, Duration::from_secs(10))?;
     Ok(proc)
 }
 
 fn start_wggo(imp: &Impl, me: &Node, peer: &Node) -> Result<Proc> {
     let cmd = imp.command(&imp.path, &["-f", IFACE]);
-    let proc = me.host.spawn_in_private_mounts(
-        cmd[0],
-        &cmd[1..],
+    me.start_wireguard_go(
+        &cmd,
         &[("LOG_LEVEL", "error"), ("GOMAXPROCS", "2")],
-    )?;
-    wait_socket(me, &proc)?;
-    let conf = format!(
-        "[Interface]\nPrivateKey = {}\nListenPort = {PORT}\n\n[Peer]\nPublicKey = {}\nAllowedIPs = {}\nEndpoint = {}\n",
-        me.keys.private,
-        peer.keys.public,
-        peer.host.pod_cidr(),
-        peer.endpoint()
-    );
-    let path = me.host.dir().join("wg-go.conf");
-    std::fs::write(&path, conf)?;
-    me.wg(&["setconf", IFACE, path.to_str().context("utf-8 path")?])?;
-    let gateway = format!("{}/32", me.host.pod_gateway());
-    me.host.ip(&["addr", "add", &gateway, "dev", IFACE])?;
-    me.host.ip(&["link", "set", IFACE, "mtu", "1420", "up"])?;
-    me.host
-        .ip(&["route", "add", &peer.host.pod_cidr(), "dev", IFACE])?;
-    Ok(proc)
-}
-
-fn wait_socket(me: &Node, proc: &Proc) -> Result<()> {
-    let socket = me.host.run_dir().join(format!("{IFACE}.sock"));
-    eventually(Duration::from_secs(10), || {
-        ensure!(proc.is_running(), "exited: {}", proc.stderr());
-        ensure!(socket.exists(), "no UAPI socket yet");
-        Ok(())
-    })
+        peer,
+        true,
+    )
 }
 
 /// p50 of 20 pings 50 ms apart, in milliseconds.

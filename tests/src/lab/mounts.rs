@@ -53,6 +53,47 @@ impl Host {
         Ok(proc)
     }
 
+    /// Waits until `proc`, started with [`Host::spawn_in_private_mounts`], has created the
+    /// UAPI socket of `iface` in [`Host::run_dir`].
+    ///
+    /// # Errors
+    /// When `proc` exits first, or the socket is not there within `timeout`.
+    pub fn wait_for_uapi_socket(&self, iface: &str, proc: &Proc, timeout: Duration) -> Result<()> {
+        let socket = self.run_dir().join(format!("{iface}.sock"));
+        let deadline = Instant::now() + timeout;
+        while !socket.exists() {
+            if !proc.is_running() || Instant::now() > deadline {
+                bail!(
+                    "no {} after {timeout:?}:\n{}",
+                    socket.display(),
+                    proc.stderr()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Starts a WireGuard implementation nobody here wrote, `command` (a `wireguard-go`
+    /// binary and its arguments, in the foreground), with `env`, in private mounts, and
+    /// waits for its UAPI socket of `iface`: configure it with `wg` next.
+    ///
+    /// # Errors
+    /// As [`Host::spawn_in_private_mounts`] and [`Host::wait_for_uapi_socket`].
+    pub fn spawn_wireguard_go(
+        &self,
+        command: &[&str],
+        iface: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Proc> {
+        let (program, args) = command
+            .split_first()
+            .ok_or_else(|| anyhow!("no command to run"))?;
+        let proc = self.spawn_in_private_mounts(program, args, env)?;
+        self.wait_for_uapi_socket(iface, &proc, Duration::from_secs(10))?;
+        Ok(proc)
+    }
+
     /// Runs `args` to completion in the host's network namespace and a fresh private mount
     /// namespace with the host's `/var/run/wireguard`: the same view a process from
     /// [`Host::spawn_in_private_mounts`] has.
