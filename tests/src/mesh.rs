@@ -261,6 +261,28 @@ impl Node {
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
         self.scrape()?.value(name, labels)
     }
+
+    /// As [`Node::metric`], once the value has reached `at_least`, or its last value after
+    /// 5 s: scrapes share one data-plane snapshot for up to a second (the agent's
+    /// `metrics.rs`), so a counter shows an event only a moment later.
+    ///
+    /// # Errors
+    /// As [`Node::metric`].
+    pub fn metric_reaching(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        at_least: f64,
+    ) -> Result<f64> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let value = self.metric(name, labels)?;
+            if value >= at_least || Instant::now() >= deadline {
+                return Ok(value);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
 }
 
 /// Writes a wg-quick style config for `host` into its directory; the interface addresses

@@ -209,7 +209,11 @@ fn inner_source_outside_the_peers_allowed_ips_is_dropped_and_counted() -> Result
         !out.status.success(),
         "a spoofed source got through: {out:?}"
     );
-    let after = a.metric("wiremesh_drops_total", &[("reason", "bad_source")])?;
+    let after = a.metric_reaching(
+        "wiremesh_drops_total",
+        &[("reason", "bad_source")],
+        before + 3.0,
+    )?;
     ensure!(after >= before + 3.0, "bad_source {before} -> {after}");
     ping(&b.pod, a.pod.ip(), 1)?;
     Ok(())

@@ -138,7 +138,7 @@ fn an_ipv6_underlay_carries_ipv6_and_ipv4_pods() -> Result<()> {
     let before = a.metric("wiremesh_drops_total", &too_big)?;
     let out = df_ping(&fresh, b6, BIG_PAYLOAD, 2)?;
     let text = output_text(&out);
-    let after = a.metric("wiremesh_drops_total", &too_big)?;
+    let after = a.metric_reaching("wiremesh_drops_total", &too_big, before + 1.0)?;
     ensure!(
         !out.status.success(),
         "a 1460-byte ping was answered:\n{text}"

@@ -10,7 +10,7 @@ use std::net::UdpSocket;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use wiremesh_lab::clusters::{TwoClusters, wait_for};
@@ -89,6 +89,9 @@ fn a_transfer_counts_on_its_peer_only_and_a_bad_datagram_on_its_drop_reason() ->
         .join()
         .map_err(|_| anyhow::anyhow!("the scraper panicked"))??;
     let report = report?;
+    // Scrapes share a data-plane snapshot for up to a second: let it expire, so these two
+    // are taken after the transfer.
+    std::thread::sleep(Duration::from_millis(1100));
     let (a1, b1) = (a.scrape()?, b.scrape()?);
     let to_b = [("peer", b.keys.public.as_str())];
     let mut during: Vec<f64> = vec![a0.value("wiremesh_peer_transmit_bytes_total", &to_b)?];
@@ -256,7 +259,15 @@ fn in_kubernetes_mode_peers_are_labelled_with_their_cluster_and_node() -> Result
     ];
     let before = scrape()?.value("wiremesh_peer_transmit_bytes_total", &peer)?;
     transfer(&a1.pod, b1.pod.ip(), SIZE)?;
-    let after = scrape()?;
+    // Scrapes share a snapshot for up to a second: wait for one taken after the transfer.
+    let mut after = scrape()?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while after.value("wiremesh_peer_transmit_bytes_total", &peer)? - before < SIZE as f64
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+        after = scrape()?;
+    }
     let sent = after.value("wiremesh_peer_transmit_bytes_total", &peer)? - before;
     ensure!(sent >= SIZE as f64, "a1 sent {sent} bytes to cluster-b/b1");
     let sample = after.sample("wiremesh_peer_transmit_bytes_total", &peer)?;

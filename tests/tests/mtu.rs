@@ -80,7 +80,7 @@ fn a_1280_byte_underlay_gives_a_1220_byte_tunnel_tcp_and_frag_needed() -> Result
     let before = a.metric("wiremesh_drops_total", &too_big)?;
     let out = df_ping(&fresh, b.pod.ip(), BIG_PAYLOAD, 3)?;
     let text = output_text(&out);
-    let after = a.metric("wiremesh_drops_total", &too_big)?;
+    let after = a.metric_reaching("wiremesh_drops_total", &too_big, before + 1.0)?;
     ensure!(
         !out.status.success(),
         "a 1400-byte DF ping was answered:\n{text}"
