@@ -84,9 +84,14 @@ impl FromStr for Endpoint {
         let (host, port) = text
             .rsplit_once(':')
             .ok_or_else(|| format!("{text:?} has no :port"))?;
+        // Digits only: `u16::from_str` also takes a leading `+`, which would print back
+        // without it (found by the wgconf fuzz target).
         let port: u16 = port
-            .parse()
-            .map_err(|_| format!("{port:?} is not a port number"))?;
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| port.parse().ok())
+            .flatten()
+            .ok_or_else(|| format!("{port:?} is not a port number"))?;
         let valid_host = !host.is_empty()
             && host
                 .bytes()
@@ -538,6 +543,19 @@ mod tests {
         format!(
             "# comment\n[Interface]\nPrivateKey = {KEY_A}\nListenPort = 51820\nAddress = 10.0.0.1/24, fd00::1/64\nMTU = 1420\n\n[Peer]\nPublicKey = {KEY_B}\nEndpoint = 198.18.0.2:51820\nAllowedIPs = 10.0.1.0/24\nallowedips = 10.0.2.0/24 # more\nPersistentKeepalive = 25\n"
         )
+    }
+
+    #[test]
+    fn an_endpoint_port_is_digits_only() {
+        // Regression (wgconf fuzz target): `+1820` parsed as a host name's port 1820 and
+        // printed back as `198.18.0.2:1820`, an address: not the same configuration.
+        assert!("198.18.0.2:+1820".parse::<Endpoint>().is_err());
+        assert!("peer.example:+1820".parse::<Endpoint>().is_err());
+        assert!("peer.example:".parse::<Endpoint>().is_err());
+        assert_eq!(
+            "peer.example:1820".parse::<Endpoint>(),
+            Ok(Endpoint::Host("peer.example".to_owned(), 1820))
+        );
     }
 
     #[test]

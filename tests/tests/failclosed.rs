@@ -16,7 +16,7 @@ use anyhow::{Context as _, Result, ensure};
 use wiremesh_lab::clusters::{CONVERGE, Side, TwoClusters, wait_for};
 use wiremesh_lab::k8s;
 use wiremesh_lab::mesh::{IFACE, capture_during};
-use wiremesh_lab::{MIB, Netns, Proc, ping, transfer};
+use wiremesh_lab::{MIB, Netns, Proc, agent_binary, ping, transfer};
 
 /// What the marked pings carry; `ping -p` repeats it through the payload.
 const MARKER: &[u8] = b"FAILCLOSED";
@@ -224,10 +224,13 @@ fn the_mesh_fails_closed_and_a_restart_loses_nothing() -> Result<()> {
     let state = a1.host.state_dir().to_path_buf();
     ensure!(state.join("fail-closed").exists(), "no fail-closed file");
     let state_arg = state.to_str().context("state dir")?;
+    // Run to completion: `cleanup` may be done before a spawned process's mounts are
+    // checked.
+    let agent = agent_binary()?;
+    let agent = agent.to_str().context("agent path")?;
     let cleanup = a1
         .host
-        .spawn_agent(&["cleanup", "--state-dir", state_arg], &[])?
-        .wait_with_timeout(Duration::from_secs(10))?;
+        .exec_private_mounts(&[agent, "cleanup", "--state-dir", state_arg])?;
     ensure!(
         cleanup.status.success(),
         "cleanup failed: {}",
