@@ -62,6 +62,20 @@ impl Netns {
         mtu.parse().with_context(|| format!("mtu {mtu:?} of {dev}"))
     }
 
+    /// The names of the namespace's interfaces (`ip -o link show`, without the `@peer`
+    /// suffix of a veth): compare names, not the text, which also names other namespaces.
+    ///
+    /// # Errors
+    /// When `ip` fails.
+    pub fn link_names(&self) -> Result<Vec<String>> {
+        let text = self.ip(&["-o", "link", "show"])?;
+        Ok(text
+            .lines()
+            .filter_map(|line| line.split(": ").nth(1))
+            .map(|name| name.split('@').next().unwrap_or(name).to_owned())
+            .collect())
+    }
+
     /// The interface index of `dev` in this namespace.
     ///
     /// # Errors
