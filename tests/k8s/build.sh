@@ -2,8 +2,10 @@
 # Build kube-apiserver and etcd from the Go module proxy for Wiremesh's
 # control-plane tests (see tests/k8s/README.md).
 #
-#   tests/k8s/build.sh            # build (or reuse) both binaries
-#   BIN="$(tests/k8s/build.sh)"   # stdout is only the binary directory
+#   tests/k8s/build.sh             # build (or reuse) both binaries
+#   tests/k8s/build.sh --services  # also kube-proxy and kube-controller-manager (same
+#                                  # module and version) for the lab's real Services
+#   BIN="$(tests/k8s/build.sh)"    # stdout is only the binary directory
 #
 # Progress goes to stderr; the last (and only) stdout line is the directory
 # holding `kube-apiserver` and `etcd`:
@@ -20,6 +22,8 @@
 set -euo pipefail
 
 K8S_VERSION=v1.34.4   # k8s.io/kubernetes (staging modules: v0.34.4)
+# The commands of k8s.io/kubernetes the helper module pins (one go.sum for all).
+K8S_COMMANDS="kube-apiserver kube-controller-manager kube-proxy"
 ETCD_VERSION=v3.6.16  # go.etcd.io/etcd/server/v3
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -69,8 +73,8 @@ bootstrap_apiserver_module() {
     for m in $names; do printf '\t%s => %s %s\n' "$m" "$m" "$staging"; done
     printf ')\n'
   } >"$APISERVER_MOD/go.mod"
-  log "  $n staging replaces at $staging; go get -tool k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION"
-  (cd "$APISERVER_MOD" && go get -tool "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION")
+  log "  $n staging replaces at $staging; go get -tool k8s.io/kubernetes/cmd/{$K8S_COMMANDS}@$K8S_VERSION"
+  (cd "$APISERVER_MOD" && for c in $K8S_COMMANDS; do go get -tool "k8s.io/kubernetes/cmd/$c@$K8S_VERSION" || exit 1; done)
   log "  regenerated $APISERVER_MOD/go.mod and go.sum: commit them"
 }
 
@@ -90,10 +94,11 @@ bootstrap_etcd_module() {
   log "  regenerated $ETCD_MOD/go.mod and go.sum: commit them"
 }
 
-build_apiserver() {
-  local bin="$OUT/kube-apiserver" t0 minor date ld p
+# build_k8s COMMAND: one command of k8s.io/kubernetes at K8S_VERSION, version stamped.
+build_k8s() {
+  local cmd="$1" bin="$OUT/$1" t0 minor date ld p
   if version_ok "$bin" "Kubernetes $K8S_VERSION"; then
-    log "kube-apiserver $K8S_VERSION: up to date ($bin)"
+    log "$cmd $K8S_VERSION: up to date ($bin)"
     return
   fi
   t0=$SECONDS
@@ -108,10 +113,10 @@ build_apiserver() {
     ld="$ld -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
     ld="$ld -X $p.gitTreeState=clean -X $p.buildDate=$date"
   done
-  log "building kube-apiserver $K8S_VERSION with $GO_VERSION (cold: ~10-30 min on 2 cores) ..."
-  go_build "$APISERVER_MOD" k8s.io/kubernetes/cmd/kube-apiserver "$bin" "$ld"
+  log "building $cmd $K8S_VERSION with $GO_VERSION (kube-apiserver cold: ~10-30 min on 2 cores; the others reuse its packages) ..."
+  go_build "$APISERVER_MOD" "k8s.io/kubernetes/cmd/$cmd" "$bin" "$ld"
   version_ok "$bin" "Kubernetes $K8S_VERSION" || die "built $bin but '--version' does not report $K8S_VERSION: $("$bin" --version 2>&1 | head -1)"
-  log "kube-apiserver $K8S_VERSION built in $(fmt_secs $((SECONDS - t0))): $bin"
+  log "$cmd $K8S_VERSION built in $(fmt_secs $((SECONDS - t0))): $bin"
 }
 
 build_etcd() {
@@ -132,6 +137,10 @@ build_etcd() {
 T0=$SECONDS
 log "output: $OUT (go: $GO_VERSION, GOPROXY=$(go env GOPROXY))"
 build_etcd
-build_apiserver
+build_k8s kube-apiserver
+if [ "${1:-}" = --services ]; then
+  build_k8s kube-proxy
+  build_k8s kube-controller-manager
+fi
 log "done in $(fmt_secs $((SECONDS - T0)))"
 printf '%s\n' "$OUT"
