@@ -317,6 +317,9 @@ fn a_peer_added_during_a_transfer_leaves_the_transfer_intact() -> Result<()> {
         "allowed-ips",
         &c.host.pod_cidr(),
     ])?;
+    // `wg set` adds no route (wg-quick's semantics): route it as a wg-quick user would.
+    a.host
+        .ip(&["route", "add", &c.host.pod_cidr(), "dev", IFACE])?;
     ping(&a.pod, c.pod.ip(), 2)?;
     let overlapped = !running.is_finished();
     let report = running
