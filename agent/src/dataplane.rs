@@ -13,7 +13,7 @@
 mod udp;
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -26,14 +26,14 @@ use wiremesh_proto::{InterfaceAddress, IpCidr, PresharedKey};
 use self::udp::{RxRing, Underlay};
 use crate::control::{Command, Handle, Snapshot};
 use crate::failclosed::{self, Attribution, FailClosed};
-use crate::netlink::{Netlink, RouteReconciler};
+use crate::netlink::{MAIN_TABLE, Netlink, RouteReconciler, RouteTarget};
 use crate::tun::{DetachedTun, Tun};
 use crate::uapi_server;
 use wiremesh_core::mtu::{self, MAX_ICMP_LEN, MtuVerdict};
 use wiremesh_core::offload::{
     BatchPush, Gro, GroPush, GsoBatch, MAX_IP_PACKET, Segmenter, VNET_HDR_LEN,
 };
-use wiremesh_core::{DatagramVerdict, Device, DropReason, TunVerdict};
+use wiremesh_core::{DatagramVerdict, Device, DropReason, Endpoint, TunVerdict};
 
 /// Room for the largest IP packet, plus boringtun's 148-byte handshake initiation that it
 /// may write instead of a data message.
@@ -77,6 +77,25 @@ pub struct InterfaceSpec {
     /// ([`crate::failclosed::Attribution`]); without it every range is of an unknown owner
     /// and none is ever removed.
     pub attribution: Option<watch::Receiver<Attribution>>,
+    /// Which routes the interface gets.
+    pub routing: Routing,
+}
+
+/// Which routes the interface gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Routing {
+    /// The device's allowed IPs, in the main table, following every change (`kube` and
+    /// `host` modes).
+    AllowedIps,
+    /// Exactly these, in `table`, each preferring the interface's first address of its
+    /// family as source, whatever `wg set` changes later (standalone mode: wg-quick's
+    /// `Table`).
+    Fixed {
+        /// The routing table.
+        table: u32,
+        /// The routed prefixes (none: no routes).
+        routes: BTreeSet<IpCidr>,
+    },
 }
 
 /// Brings the interface up with `initial` applied, serves until `shutdown` completes,
@@ -159,13 +178,27 @@ pub async fn run(
         "interface up"
     );
 
-    let (link_tx, link_rx) = watch::channel(Link::of(&device));
+    let (fixed_routes, target) = match &spec.routing {
+        Routing::AllowedIps => (None, RouteTarget::main(index)),
+        Routing::Fixed { table, routes } => (
+            Some(routes.clone()),
+            RouteTarget {
+                index,
+                table: *table,
+                sources: spec.addresses.iter().map(|a| a.addr).collect(),
+            },
+        ),
+    };
+    if target.table != MAIN_TABLE {
+        info!(table = target.table, "routes go to a table of their own");
+    }
+    let (link_tx, link_rx) = watch::channel(Link::of(&device, fixed_routes.as_ref()));
     let fail_closed = fail_closed.map(|(dir, set)| Closing {
         dir,
         set,
         attribution: spec.attribution.clone(),
     });
-    let route_task = tokio::spawn(reconcile_link(netlink, index, link_rx, mtu, fail_closed));
+    let route_task = tokio::spawn(reconcile_link(netlink, target, link_rx, mtu, fail_closed));
 
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let uapi_path = spec.uapi_dir.join(format!("{}.sock", spec.name));
@@ -181,6 +214,7 @@ pub async fn run(
         tun,
         socket,
         link: link_tx,
+        fixed_routes,
     };
     std::thread::Builder::new()
         .name("wm-dataplane".into())
@@ -223,6 +257,7 @@ struct Parts {
     tun: DetachedTun,
     socket: std::net::UdpSocket,
     link: watch::Sender<Link>,
+    fixed_routes: Option<BTreeSet<IpCidr>>,
 }
 
 /// How the packet loop ended: the TUN device outlives it until the routes are gone.
@@ -279,6 +314,7 @@ fn packet_thread(
             udp,
             rx: RxRing::new(),
             link: parts.link,
+            fixed_routes: parts.fixed_routes,
             tun_buf: vec![0u8; TUN_BUF].into_boxed_slice(),
             out: vec![0u8; OUT_BUF].into_boxed_slice(),
             gro: Gro::new(),
@@ -304,6 +340,8 @@ struct Shell {
     rx: RxRing,
     /// What the route task makes of the interface.
     link: watch::Sender<Link>,
+    /// The routes when they do not follow the device ([`Routing::Fixed`]).
+    fixed_routes: Option<BTreeSet<IpCidr>>,
     /// One TUN read.
     tun_buf: Box<[u8]>,
     /// Encrypted datagrams waiting for one GSO send.
@@ -337,6 +375,10 @@ impl Shell {
                 }
                 _ = ticker.tick() => self.tick().await,
                 Some(cmd) = commands.recv() => self.command(cmd).await,
+            }
+            if let Some(local) = self.udp.take_stale() {
+                let peers = self.device.forget_local(local);
+                info!(%local, peers, "local address no longer usable: the kernel chooses the source");
             }
         }
     }
@@ -449,7 +491,7 @@ impl Shell {
     }
 
     async fn tick(&mut self) {
-        let mut pending: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+        let mut pending: Vec<(Endpoint, Vec<u8>)> = Vec::new();
         let now = Instant::now();
         self.device
             .update_timers(now, &mut self.out, |to, datagram| {
@@ -524,7 +566,8 @@ impl Shell {
             info!(peer = %key.short(), "peer added");
         }
         if outcome.routes_changed || outcome.mtu_changed {
-            self.link.send_replace(Link::of(&self.device));
+            self.link
+                .send_replace(Link::of(&self.device, self.fixed_routes.as_ref()));
         }
         Ok(())
     }
@@ -727,7 +770,8 @@ async fn derive_mtu(netlink: &Netlink, device: &Device, carries_ipv6: bool) -> u
     }
 }
 
-/// What the interface should have: the device's allowed IPs as routes, and its MTU.
+/// What the interface should have: its routes (the device's allowed IPs, or the `fixed`
+/// ones), and the device's MTU.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Link {
     routes: BTreeSet<IpCidr>,
@@ -735,9 +779,9 @@ struct Link {
 }
 
 impl Link {
-    fn of(device: &Device) -> Self {
+    fn of(device: &Device, fixed: Option<&BTreeSet<IpCidr>>) -> Self {
         Self {
-            routes: device.routes(),
+            routes: fixed.cloned().unwrap_or_else(|| device.routes()),
             mtu: device.mtu(),
         }
     }
@@ -754,12 +798,13 @@ impl Link {
 /// routes are gone.
 async fn reconcile_link(
     netlink: Netlink,
-    index: u32,
+    target: RouteTarget,
     mut desired: watch::Receiver<Link>,
     mut mtu: u32,
     mut fail_closed: Option<Closing>,
 ) -> Result<()> {
-    let mut reconciler = RouteReconciler::new(index);
+    let index = target.index;
+    let mut reconciler = RouteReconciler::new(target);
     let mut resync = tokio::time::interval(ROUTE_RESYNC);
     loop {
         let Link {

@@ -24,7 +24,7 @@ use wiremesh_proto::crd::{
 use wiremesh_proto::uapi::DeviceUpdate;
 use wiremesh_proto::{InterfaceAddress, IpCidr, PublicKey};
 
-use crate::dataplane::InterfaceSpec;
+use crate::dataplane::{InterfaceSpec, Routing};
 use crate::mesh::select::{LocalPeers, Selection};
 use crate::peers::{Context, load_cache, run_data_plane};
 
@@ -109,6 +109,7 @@ pub async fn run(options: HostOptions) -> Result<()> {
         uapi_dir: options.uapi_dir.clone(),
         fail_closed: Some(options.state_dir.clone()),
         attribution: None,
+        routing: Routing::AllowedIps,
     };
     let initial = DeviceUpdate {
         private_key: Some(Some(key)),

@@ -18,7 +18,7 @@ use wiremesh_proto::crd::{GATEWAY_LABEL, MeshNode, MeshNodeKind, MeshNodeSpec};
 use wiremesh_proto::uapi::DeviceUpdate;
 use wiremesh_proto::{InterfaceAddress, IpCidr, PublicKey};
 
-use crate::dataplane::InterfaceSpec;
+use crate::dataplane::{InterfaceSpec, Routing};
 use crate::mesh::select::{LocalPeers, Selection};
 use crate::peers::{Context, MANAGER, load_cache, run_data_plane};
 
@@ -95,6 +95,7 @@ pub async fn run(options: KubeOptions) -> Result<()> {
         uapi_dir: options.uapi_dir.clone(),
         fail_closed: Some(options.state_dir.clone()),
         attribution: None,
+        routing: Routing::AllowedIps,
     };
     let metrics_addr = options.metrics_addr;
     run_data_plane(

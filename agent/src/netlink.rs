@@ -45,6 +45,41 @@ pub const FAIL_CLOSED_PROTOCOL: u8 = 0x58;
 /// deleted by the kernel, peer removed) the fail-closed route for the same prefix is next.
 pub const FAIL_CLOSED_METRIC: u32 = u32::MAX - 0x57;
 
+/// The main routing table (`RT_TABLE_MAIN`).
+pub const MAIN_TABLE: u32 = 254;
+
+/// Where a [`RouteReconciler`] keeps its routes: the interface, the table, and the
+/// preferred sources.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteTarget {
+    /// The interface index.
+    pub index: u32,
+    /// The routing table ([`MAIN_TABLE`] in every mode but a standalone `Table = <n>`).
+    pub table: u32,
+    /// Preferred source addresses: a route gets the first of its family (`src` in
+    /// `ip route`); none lets the kernel choose.
+    pub sources: Vec<IpAddr>,
+}
+
+impl RouteTarget {
+    /// Routes through `index` in the main table, no preferred source.
+    pub fn main(index: u32) -> Self {
+        Self {
+            index,
+            table: MAIN_TABLE,
+            sources: Vec::new(),
+        }
+    }
+
+    /// The preferred source of the route to `dst`.
+    fn source(&self, dst: IpCidr) -> Option<IpAddr> {
+        self.sources
+            .iter()
+            .copied()
+            .find(|s| s.is_ipv4() == dst.addr().is_ipv4())
+    }
+}
+
 /// A connection to the kernel's routing netlink socket.
 ///
 /// The connection task runs on the runtime that called [`Netlink::new`] and stops when this
@@ -270,8 +305,17 @@ impl Netlink {
     ///
     /// # Errors
     /// [`NetlinkError::AddRoute`] when the kernel refuses.
-    pub async fn add_route(&self, index: u32, dst: IpCidr) -> Result<(), NetlinkError> {
-        let message = route_message(index, dst);
+    pub async fn add_route(&self, target: &RouteTarget, dst: IpCidr) -> Result<(), NetlinkError> {
+        let index = target.index;
+        let mut message = target_message(target, dst);
+        if let Some(src) = target.source(dst) {
+            message
+                .attributes
+                .push(RouteAttribute::PrefSource(match src {
+                    IpAddr::V4(a) => RouteAddress::Inet(a),
+                    IpAddr::V6(a) => RouteAddress::Inet6(a),
+                }));
+        }
         match self.handle.route().add(message).execute().await {
             Ok(()) => Ok(()),
             Err(e) if errno(&e) == Some(libc::EEXIST) => {
@@ -282,13 +326,15 @@ impl Netlink {
         }
     }
 
-    /// Deletes our route for `dst` through interface `index`; a route already gone counts as
-    /// success. Routes with another protocol or interface are never matched.
+    /// Deletes our route for `dst` through the target's interface and table (whatever its
+    /// preferred source); a route already gone counts as success. Routes with another
+    /// protocol or interface are never matched.
     ///
     /// # Errors
     /// [`NetlinkError::DelRoute`] when the kernel refuses.
-    pub async fn del_route(&self, index: u32, dst: IpCidr) -> Result<(), NetlinkError> {
-        let message = route_message(index, dst);
+    pub async fn del_route(&self, target: &RouteTarget, dst: IpCidr) -> Result<(), NetlinkError> {
+        let index = target.index;
+        let message = target_message(target, dst);
         match self.handle.route().del(message).execute().await {
             Ok(()) => Ok(()),
             Err(e) if matches!(errno(&e), Some(libc::ESRCH | libc::ENOENT | libc::ENODEV)) => {
@@ -299,17 +345,21 @@ impl Netlink {
         }
     }
 
-    /// The destinations of our routes (protocol [`ROUTE_PROTOCOL`]) in the main table whose
-    /// output interface is `index`, IPv4 and IPv6.
+    /// The destinations of our routes (protocol [`ROUTE_PROTOCOL`]) in the target's table
+    /// whose output interface is the target's, IPv4 and IPv6.
     ///
     /// The kernel's own prefix routes for the interface addresses (protocol kernel) and
     /// routes added by others are not listed.
     ///
     /// # Errors
     /// [`NetlinkError::ListRoutes`] when a dump fails.
-    pub async fn routes_on(&self, index: u32) -> Result<BTreeSet<IpCidr>, NetlinkError> {
-        self.route_destinations(index, |route| our_route_destination(route, index))
-            .await
+    pub async fn routes_on(&self, target: &RouteTarget) -> Result<BTreeSet<IpCidr>, NetlinkError> {
+        let (index, table) = (target.index, target.table);
+        self.route_destinations(index, |route| match table_destination(route, table)? {
+            (dst, Some(oif)) if oif == index && is_ours(route) => Some(dst),
+            _ => None,
+        })
+        .await
     }
 
     /// What `pick` returns for each route of the IPv4 and IPv6 dumps; `index` names the
@@ -410,15 +460,17 @@ impl Drop for Netlink {
 /// a time, and never flushes.
 #[derive(Debug)]
 pub struct RouteReconciler {
+    target: RouteTarget,
     index: u32,
     applied: BTreeSet<IpCidr>,
 }
 
 impl RouteReconciler {
-    /// A reconciler for the interface with index `index`.
-    pub fn new(index: u32) -> Self {
+    /// A reconciler for the routes of `target`.
+    pub fn new(target: RouteTarget) -> Self {
         Self {
-            index,
+            index: target.index,
+            target,
             applied: BTreeSet::new(),
         }
     }
@@ -441,13 +493,13 @@ impl RouteReconciler {
         nl: &Netlink,
         desired: &BTreeSet<IpCidr>,
     ) -> Result<RouteDiff, NetlinkError> {
-        let actual = nl.routes_on(self.index).await?;
+        let actual = nl.routes_on(&self.target).await?;
         let plan = plan_routes(desired, &actual);
         let mut diff = RouteDiff::default();
         let mut installed = actual;
 
         for dst in plan.add {
-            match nl.add_route(self.index, dst).await {
+            match nl.add_route(&self.target, dst).await {
                 Ok(()) => {
                     let restored = self.applied.contains(&dst);
                     tracing::info!(index = self.index, %dst, restored, "route installed");
@@ -461,7 +513,7 @@ impl RouteReconciler {
             }
         }
         for dst in plan.remove {
-            match nl.del_route(self.index, dst).await {
+            match nl.del_route(&self.target, dst).await {
                 Ok(()) => {
                     tracing::info!(index = self.index, %dst, "route removed");
                     installed.remove(&dst);
@@ -670,6 +722,11 @@ pub enum NetlinkError {
 
 /// A route message for `dst` in the main table, the rest left to the caller.
 fn main_table_message(dst: IpCidr) -> RouteMessage {
+    table_message(dst, MAIN_TABLE)
+}
+
+/// A route message for `dst` in `table`, the rest left to the caller.
+fn table_message(dst: IpCidr, table: u32) -> RouteMessage {
     let mut message = match dst.addr() {
         IpAddr::V4(addr) => RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(addr, dst.prefix_len())
@@ -678,16 +735,32 @@ fn main_table_message(dst: IpCidr) -> RouteMessage {
             .destination_prefix(addr, dst.prefix_len())
             .build(),
     };
-    message.header.table = RouteHeader::RT_TABLE_MAIN;
+    // A table past 255 only fits the attribute (the header then says RT_TABLE_UNSPEC).
+    match u8::try_from(table) {
+        Ok(t) => message.header.table = t,
+        Err(_) => {
+            message.header.table = RouteHeader::RT_TABLE_UNSPEC;
+            message.attributes.push(RouteAttribute::Table(table));
+        }
+    }
     message
 }
 
-/// The message that adds, or deletes, our device route for `dst` through `index`.
+/// The message that adds, or deletes, our device route for `dst` through `index` in the
+/// main table.
+#[cfg(test)]
+fn route_message(index: u32, dst: IpCidr) -> RouteMessage {
+    target_message(&RouteTarget::main(index), dst)
+}
+
+/// The message that adds, or deletes, our device route for `dst` through the target's
+/// interface, in its table (the preferred source is added by [`Netlink::add_route`]).
 ///
 /// Add and delete use the same message so that deletion matches exactly our route: the
 /// kernel compares protocol, scope (IPv4) and output interface when they are set.
-fn route_message(index: u32, dst: IpCidr) -> RouteMessage {
-    let mut message = main_table_message(dst);
+fn target_message(target: &RouteTarget, dst: IpCidr) -> RouteMessage {
+    let (index, table) = (target.index, target.table);
+    let mut message = table_message(dst, table);
     // IPv6 has no route scopes; the kernel reports every route as universe.
     if dst.addr().is_ipv4() {
         message.header.scope = RouteScope::Link;
@@ -725,9 +798,9 @@ fn fail_closed_destination(route: &RouteMessage) -> Option<IpCidr> {
 
 /// The destination of `route` when it is one of ours: main table, our protocol, unicast,
 /// output interface `index`.
+#[cfg(test)]
 fn our_route_destination(route: &RouteMessage, index: u32) -> Option<IpCidr> {
-    let header = &route.header;
-    if u8::from(header.protocol) != ROUTE_PROTOCOL || header.kind != RouteType::Unicast {
+    if !is_ours(route) {
         return None;
     }
     match main_table_destination(route)? {
@@ -736,8 +809,18 @@ fn our_route_destination(route: &RouteMessage, index: u32) -> Option<IpCidr> {
     }
 }
 
+/// Whether `route` is one of our tunnel routes: our protocol, unicast.
+fn is_ours(route: &RouteMessage) -> bool {
+    u8::from(route.header.protocol) == ROUTE_PROTOCOL && route.header.kind == RouteType::Unicast
+}
+
 /// The destination and output interface of `route` when it is in the main table.
 fn main_table_destination(route: &RouteMessage) -> Option<(IpCidr, Option<u32>)> {
+    table_destination(route, MAIN_TABLE)
+}
+
+/// The destination and output interface of `route` when it is in `wanted`.
+fn table_destination(route: &RouteMessage, wanted: u32) -> Option<(IpCidr, Option<u32>)> {
     let header = &route.header;
     let mut table = u32::from(header.table);
     let mut oif = None;
@@ -751,7 +834,7 @@ fn main_table_destination(route: &RouteMessage) -> Option<(IpCidr, Option<u32>)>
             _ => {}
         }
     }
-    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
+    if table != wanted {
         return None;
     }
     // A default route carries no destination attribute.
@@ -884,6 +967,24 @@ mod tests {
         let mut other_table = route_message(7, dst);
         other_table.attributes.push(RouteAttribute::Table(1000));
         assert_eq!(our_route_destination(&other_table, 7), None);
+    }
+
+    #[test]
+    fn routes_of_a_numbered_table_are_ours_only_there() {
+        let dst: IpCidr = "10.99.0.0/24".parse().unwrap();
+        for table in [100, 51_820] {
+            let target = RouteTarget {
+                index: 7,
+                table,
+                sources: vec!["fd00::1".parse().unwrap(), "10.0.0.1".parse().unwrap()],
+            };
+            let message = target_message(&target, dst);
+            assert_eq!(table_destination(&message, table), Some((dst, Some(7))));
+            assert_eq!(table_destination(&message, MAIN_TABLE), None);
+            assert_eq!(our_route_destination(&message, 7), None);
+            assert_eq!(target.source(dst), Some("10.0.0.1".parse().unwrap()));
+        }
+        assert_eq!(RouteTarget::main(7).source(dst), None);
     }
 
     #[test]

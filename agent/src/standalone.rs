@@ -1,13 +1,21 @@
 //! Standalone mode: `wiremesh-agent up --config wm0.conf`, the way `wg-quick up` works.
+//!
+//! Routes as wg-quick adds them (`Table`, wg-quick(8)): at `up`, one per allowed IP of the
+//! file's peers (`auto`, the default: in the main table, except those an interface
+//! address's own subnet already routes; a number: in that table; `off`: none). `wg set` and
+//! `wg setconf` later change peers, never routes, and `up --interface` without a file adds
+//! none. Each route prefers the interface's first address of its family as source.
 
+use std::collections::BTreeSet;
 use std::net::{SocketAddr, ToSocketAddrs as _};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail};
+use wiremesh_proto::IpCidr;
 use wiremesh_proto::uapi::{DeviceUpdate, PeerUpdate};
-use wiremesh_proto::wgconf::{Endpoint, WgConfig};
+use wiremesh_proto::wgconf::{Endpoint, MAIN_TABLE, Table, WgConfig};
 
-use crate::dataplane::{self, InterfaceSpec, MTU_FROM_UNDERLAY};
+use crate::dataplane::{self, InterfaceSpec, MTU_FROM_UNDERLAY, Routing};
 use crate::metrics::AgentMetrics;
 
 /// The MTU when it is neither configured nor found on the underlay: wg-quick's default for
@@ -76,6 +84,10 @@ pub fn plan(options: &UpOptions) -> Result<Plan> {
         uapi_dir: options.uapi_dir.clone(),
         fail_closed: None,
         attribution: None,
+        routing: Routing::Fixed {
+            table: MAIN_TABLE,
+            routes: BTreeSet::new(),
+        },
     };
     let key = match config.as_ref().and_then(|c| c.interface.private_key) {
         Some(key) => Some(key),
@@ -94,6 +106,7 @@ pub fn plan(options: &UpOptions) -> Result<Plan> {
         update.fwmark = i.fwmark;
         spec.addresses = i.addresses.clone();
         spec.mtu = i.mtu.unwrap_or(MTU_FROM_UNDERLAY);
+        spec.routing = routing(&config);
         for peer in &config.peers {
             let endpoint = peer
                 .endpoint
@@ -127,6 +140,31 @@ pub async fn up(options: UpOptions) -> Result<()> {
     let metrics = crate::metrics::bind(options.metrics_addr).await?;
     let ready = move |handle| crate::metrics::spawn(metrics, AgentMetrics::standalone(handle));
     dataplane::run(plan.spec, plan.update, ready, crate::shutdown_signal()).await
+}
+
+/// The routes `up` adds for `config` (wg-quick's `add_route` for each allowed IP): none
+/// with `Table = off`; in the main table with `auto`, except a prefix inside an interface
+/// address's subnet (wg-quick skips one a route on the device already matches: at `up`,
+/// the kernel's connected routes); every one in a numbered table. The parser already
+/// refused a default route with `auto`.
+fn routing(config: &WgConfig) -> Routing {
+    let allowed = config
+        .peers
+        .iter()
+        .flat_map(|p| p.allowed_ips.iter().copied());
+    let connected = |cidr: &IpCidr| {
+        config
+            .interface
+            .addresses
+            .iter()
+            .any(|a| a.network().covers(cidr))
+    };
+    let (table, routes) = match config.interface.table.unwrap_or(Table::Auto) {
+        Table::Off => (MAIN_TABLE, BTreeSet::new()),
+        Table::Auto => (MAIN_TABLE, allowed.filter(|c| !connected(c)).collect()),
+        Table::Id(table) => (table, allowed.collect()),
+    };
+    Routing::Fixed { table, routes }
 }
 
 /// wg-quick's rule: the interface is named after the file, less `.conf`.
@@ -217,6 +255,67 @@ mod tests {
         })
         .unwrap();
         assert_eq!(explicit.spec.mtu, 1380);
+        assert_eq!(
+            explicit.spec.routing,
+            Routing::Fixed {
+                table: MAIN_TABLE,
+                routes: ["10.9.1.0/24".parse().unwrap()].into()
+            }
+        );
+        // Without a file: an interface with no routes, whatever `wg set` adds later.
+        let bare = super::plan(&UpOptions {
+            config: None,
+            interface: Some("wm8".into()),
+            key_file: None,
+            uapi_dir: dir.clone(),
+            metrics_addr: None,
+        })
+        .unwrap();
+        assert_eq!(
+            bare.spec.routing,
+            Routing::Fixed {
+                table: MAIN_TABLE,
+                routes: BTreeSet::new()
+            }
+        );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn routes_follow_table_as_wg_quick_does() {
+        let config = |table: &str| -> WgConfig {
+            format!(
+                "[Interface]\nPrivateKey = yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\nAddress = 10.9.0.1/24\nAddress = fd09::1/64\n{table}\n[Peer]\nPublicKey = xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\nAllowedIPs = 10.9.0.0/24, 10.9.0.7/32, 10.99.0.0/24, fd99::/64\n"
+            )
+            .parse()
+            .unwrap()
+        };
+        let set = |cidrs: &[&str]| -> BTreeSet<IpCidr> {
+            cidrs.iter().map(|c| c.parse().unwrap()).collect()
+        };
+        // auto: the interface's own subnet (and what is inside it) stays the kernel's.
+        for table in ["", "Table = auto"] {
+            assert_eq!(
+                routing(&config(table)),
+                Routing::Fixed {
+                    table: MAIN_TABLE,
+                    routes: set(&["10.99.0.0/24", "fd99::/64"])
+                }
+            );
+        }
+        assert_eq!(
+            routing(&config("Table = off")),
+            Routing::Fixed {
+                table: MAIN_TABLE,
+                routes: BTreeSet::new()
+            }
+        );
+        assert_eq!(
+            routing(&config("Table = 1234")),
+            Routing::Fixed {
+                table: 1234,
+                routes: set(&["10.9.0.0/24", "10.9.0.7/32", "10.99.0.0/24", "fd99::/64"])
+            }
+        );
     }
 }

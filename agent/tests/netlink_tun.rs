@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use tokio::net::UdpSocket;
-use wiremesh_agent::netlink::{Netlink, NetlinkError, RouteDiff, RouteReconciler};
+use wiremesh_agent::netlink::{Netlink, NetlinkError, RouteDiff, RouteReconciler, RouteTarget};
 use wiremesh_agent::tun::{Tun, TunError};
 use wiremesh_proto::{InterfaceAddress, IpCidr};
 
@@ -72,7 +72,8 @@ async fn scenario() -> Result<()> {
             .context("adding an address twice")?;
     }
 
-    let mut reconciler = RouteReconciler::new(index);
+    let target = RouteTarget::main(index);
+    let mut reconciler = RouteReconciler::new(target.clone());
     let desired = cidrs(&["10.98.0.0/16", "10.97.1.0/24", "fd98::/64"]);
     let diff = reconciler.reconcile(&nl, &desired).await?;
     ensure!(
@@ -80,20 +81,20 @@ async fn scenario() -> Result<()> {
         "{diff:?}"
     );
     // Only our routes: not the kernel's 10.99.0.0/24, fd99::/64 and fe80::/64.
-    ensure!(nl.routes_on(index).await? == desired);
+    ensure!(nl.routes_on(&target).await? == desired);
     ensure!(reconciler.reconcile(&nl, &desired).await?.is_empty());
 
     // Idempotent single operations.
-    nl.add_route(index, cidr("10.98.0.0/16")).await?;
-    nl.del_route(index, cidr("10.96.0.0/16")).await?;
-    nl.del_route(index, cidr("fd96::/64")).await?;
+    nl.add_route(&target, cidr("10.98.0.0/16")).await?;
+    nl.del_route(&target, cidr("10.96.0.0/16")).await?;
+    nl.del_route(&target, cidr("fd96::/64")).await?;
 
     // Someone deletes a route; the next pass puts it back.
-    nl.del_route(index, cidr("10.97.1.0/24")).await?;
-    ensure!(!nl.routes_on(index).await?.contains(&cidr("10.97.1.0/24")));
+    nl.del_route(&target, cidr("10.97.1.0/24")).await?;
+    ensure!(!nl.routes_on(&target).await?.contains(&cidr("10.97.1.0/24")));
     let diff = reconciler.reconcile(&nl, &desired).await?;
     ensure!(diff == added(&["10.97.1.0/24"]), "{diff:?}");
-    ensure!(nl.routes_on(index).await? == desired);
+    ensure!(nl.routes_on(&target).await? == desired);
 
     // A smaller set removes exactly the extra routes.
     let smaller = cidrs(&["10.98.0.0/16", "fd98::/64"]);
@@ -105,20 +106,20 @@ async fn scenario() -> Result<()> {
         },
         "{diff:?}"
     );
-    ensure!(nl.routes_on(index).await? == smaller);
+    ensure!(nl.routes_on(&target).await? == smaller);
 
     // Default routes of both families.
     let with_defaults = cidrs(&["10.98.0.0/16", "fd98::/64", "0.0.0.0/0", "::/0"]);
     let diff = reconciler.reconcile(&nl, &with_defaults).await?;
     ensure!(diff == added(&["0.0.0.0/0", "::/0"]), "{diff:?}");
-    ensure!(nl.routes_on(index).await? == with_defaults);
+    ensure!(nl.routes_on(&target).await? == with_defaults);
     reconciler.reconcile(&nl, &smaller).await?;
-    ensure!(nl.routes_on(index).await? == smaller);
+    ensure!(nl.routes_on(&target).await? == smaller);
 
     packets_flow_through_the_tun(&tun).await?;
 
     reconciler.remove_all(&nl).await?;
-    ensure!(nl.routes_on(index).await?.is_empty());
+    ensure!(nl.routes_on(&target).await?.is_empty());
     reconciler
         .remove_all(&nl)
         .await

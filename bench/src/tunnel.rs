@@ -305,9 +305,10 @@ fn spawn_daemon(imp: Impl, tools: &Toolbox, host: &Host) -> Result<Proc> {
     Ok(proc)
 }
 
-/// Gives `local`'s daemon its key and `remote` as its one peer, all through `wg setconf`;
-/// for the wireguard-go and boringtun daemons also MTU, link and route, which the
-/// Wiremesh agent sets itself.
+/// Gives `local`'s daemon its key and `remote` as its one peer, all through `wg setconf`,
+/// and the route, as a wg-quick user would (`up --interface` adds none); for the
+/// wireguard-go and boringtun daemons also MTU and link, which the Wiremesh agent sets
+/// itself.
 fn configure(imp: Impl, local: &Node, remote: &Node) -> Result<()> {
     let conf = format!(
         "[Interface]\nPrivateKey = {}\nListenPort = {PORT}\n\n[Peer]\nPublicKey = {}\nEndpoint = {}\nAllowedIPs = {}\n",
@@ -322,11 +323,11 @@ fn configure(imp: Impl, local: &Node, remote: &Node) -> Result<()> {
         .join(format!("{IFACE}-{}.conf", imp.name()));
     std::fs::write(&path, conf).with_context(|| format!("writing {}", path.display()))?;
     local.host.wg(&["setconf", IFACE, path_str(&path)])?;
+    let host = &local.host;
     if imp != Impl::Wiremesh {
-        let host = &local.host;
         host.ip(&["link", "set", IFACE, "mtu", TUNNEL_MTU, "up"])?;
-        host.ip(&["route", "replace", &remote.host.pod_cidr(), "dev", IFACE])?;
     }
+    host.ip(&["route", "replace", &remote.host.pod_cidr(), "dev", IFACE])?;
     Ok(())
 }
 

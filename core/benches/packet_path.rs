@@ -84,7 +84,8 @@ fn decapsulate(c: &mut Criterion) {
         let first = link.remote_encapsulate(&packet);
         assert!(
             matches!(
-                link.device.handle_datagram(remote(), &first, &mut out),
+                link.device
+                    .handle_datagram(remote().into(), &first, &mut out),
                 DatagramVerdict::Tunnel { .. }
             ),
             "the session is up"
@@ -95,8 +96,11 @@ fn decapsulate(c: &mut Criterion) {
             b.iter_batched(
                 || encrypt(&mut link.remote, &mut link.out, &packet),
                 |datagram| {
-                    black_box(link.device.handle_datagram(remote(), &datagram, &mut out))
-                        .is_tunnel()
+                    black_box(
+                        link.device
+                            .handle_datagram(remote().into(), &datagram, &mut out),
+                    )
+                    .is_tunnel()
                 },
                 BatchSize::SmallInput,
             );
@@ -149,7 +153,8 @@ fn peer_lookup(c: &mut Criterion) {
         let first = link.remote_encapsulate(&[]);
         assert!(
             matches!(
-                link.device.handle_datagram(remote(), &first, &mut out),
+                link.device
+                    .handle_datagram(remote().into(), &first, &mut out),
                 DatagramVerdict::Done
             ),
             "a keepalive is accepted"
@@ -158,8 +163,11 @@ fn peer_lookup(c: &mut Criterion) {
             b.iter_batched(
                 || encrypt(&mut link.remote, &mut link.out, &[]),
                 |datagram| {
-                    black_box(link.device.handle_datagram(remote(), &datagram, &mut out))
-                        .is_tunnel()
+                    black_box(
+                        link.device
+                            .handle_datagram(remote().into(), &datagram, &mut out),
+                    )
+                    .is_tunnel()
                 },
                 BatchSize::SmallInput,
             );
@@ -171,15 +179,17 @@ fn peer_lookup(c: &mut Criterion) {
         unknown.extend_from_slice(&absent);
         unknown.extend_from_slice(&[0u8; 8 + 16]);
         assert!(matches!(
-            link.device.handle_datagram(remote(), &unknown, &mut out),
+            link.device
+                .handle_datagram(remote().into(), &unknown, &mut out),
             DatagramVerdict::Drop(_)
         ));
         group.bench_function(BenchmarkId::new("unknown_index", peers), |b| {
             b.iter(|| {
-                black_box(
-                    link.device
-                        .handle_datagram(remote(), black_box(&unknown), &mut out),
-                )
+                black_box(link.device.handle_datagram(
+                    remote().into(),
+                    black_box(&unknown),
+                    &mut out,
+                ))
                 .is_tunnel()
             });
         });
@@ -250,17 +260,18 @@ impl Link {
         };
         let response = self.remote_receive(&init);
         assert_eq!(response.len(), 1, "one handshake response");
-        let (peer, keepalive) = match self
-            .device
-            .handle_datagram(remote(), &response[0], &mut out)
-        {
-            DatagramVerdict::Reply {
-                peer: Some(peer),
-                datagram,
-                ..
-            } => (peer, datagram.to_vec()),
-            other => panic!("expected a keepalive, got {other:?}"),
-        };
+        let (peer, keepalive) =
+            match self
+                .device
+                .handle_datagram(remote().into(), &response[0], &mut out)
+            {
+                DatagramVerdict::Reply {
+                    peer: Some(peer),
+                    datagram,
+                    ..
+                } => (peer, datagram.to_vec()),
+                other => panic!("expected a keepalive, got {other:?}"),
+            };
         self.remote_receive(&keepalive);
         while let Some((_, queued)) = self.device.poll_queued(peer, &mut out) {
             let queued = queued.to_vec();
@@ -278,7 +289,10 @@ impl Link {
             TunnResult::WriteToNetwork(d) => d.to_vec(),
             _ => panic!("no initiation"),
         };
-        let response = match self.device.handle_datagram(remote(), &init, &mut out) {
+        let response = match self
+            .device
+            .handle_datagram(remote().into(), &init, &mut out)
+        {
             DatagramVerdict::Reply { datagram, .. } => datagram.to_vec(),
             other => panic!("expected a response, got {other:?}"),
         };
@@ -290,7 +304,7 @@ impl Link {
         );
         assert!(matches!(
             self.device
-                .handle_datagram(remote(), &keepalive[0], &mut out),
+                .handle_datagram(remote().into(), &keepalive[0], &mut out),
             DatagramVerdict::Done
         ));
     }

@@ -11,6 +11,8 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
 use wiremesh_proto::uapi::{DeviceUpdate, PeerUpdate};
+
+use crate::Endpoint;
 use wiremesh_proto::{IpCidr, PresharedKey, PrivateKey, PublicKey};
 
 use super::allowed_ips::AllowedIps;
@@ -62,8 +64,8 @@ pub enum TunVerdict<'o> {
     Send {
         /// The peer it is for.
         peer: PeerId,
-        /// Where to send it.
-        to: SocketAddr,
+        /// Where to send it, and from which local address.
+        to: Endpoint,
         /// The encrypted datagram (or a handshake initiation).
         datagram: &'o [u8],
     },
@@ -90,8 +92,8 @@ pub enum DatagramVerdict<'o> {
     Reply {
         /// The peer whose handshake this is, if authenticated.
         peer: Option<PeerId>,
-        /// Where to send it.
-        to: SocketAddr,
+        /// Where to send it: back where it came from, from the address it arrived on.
+        to: Endpoint,
         /// The datagram.
         datagram: &'o [u8],
     },
@@ -202,7 +204,9 @@ impl PeerView {
 struct Peer {
     public_key: PublicKey,
     preshared_key: Option<PresharedKey>,
-    endpoint: Option<SocketAddr>,
+    /// Where we send to: the last authenticated source and the local address it arrived
+    /// on, or a configured endpoint (no local address).
+    endpoint: Option<Endpoint>,
     /// Every endpoint it publishes, most preferred first: an unanswered handshake moves
     /// `endpoint` to the next (empty: only the one endpoint, as in WireGuard).
     endpoints: Vec<SocketAddr>,
@@ -268,12 +272,12 @@ impl Peer {
         }
         let next = match self
             .endpoint
-            .and_then(|e| self.endpoints.iter().position(|c| *c == e))
+            .and_then(|e| self.endpoints.iter().position(|c| *c == e.addr))
         {
             Some(i) => *self.endpoints.get((i + 1) % self.endpoints.len())?,
             None => *self.endpoints.first()?,
         };
-        self.endpoint = Some(next);
+        self.endpoint = Some(Endpoint::from(next));
         Some(next)
     }
 }
@@ -485,11 +489,13 @@ impl Device {
                 && peer.endpoint.is_none()
                 && let Some(first) = endpoints.first()
             {
-                peer.endpoint = Some(*first);
+                peer.endpoint = Some(Endpoint::from(*first));
             }
         }
+        // A configured endpoint has no local address yet (the kernel's
+        // `wg_socket_set_peer_endpoint` from netlink clears the source too).
         if let Some(endpoint) = update.endpoint {
-            peer.endpoint = Some(endpoint);
+            peer.endpoint = Some(Endpoint::from(endpoint));
         }
         if let Some(keepalive) = update.persistent_keepalive
             && peer.persistent_keepalive != keepalive
@@ -692,9 +698,13 @@ impl Device {
     /// Handles one datagram from the underlay socket.
     ///
     /// `out` must be at least as long as the datagram and at least 148 bytes.
+    ///
+    /// `from` is the datagram's source and the local address it arrived on (its
+    /// destination), which becomes the peer's sticky source when the datagram proves the
+    /// peer's key.
     pub fn handle_datagram<'o>(
         &mut self,
-        from: SocketAddr,
+        from: Endpoint,
         datagram: &[u8],
         out: &'o mut [u8],
     ) -> DatagramVerdict<'o> {
@@ -703,33 +713,34 @@ impl Device {
         };
         // Step 1: MACs and the load check (whitepaper §5.4.4, §5.3 cookies).
         let mut cookie = [0u8; 64];
-        let parsed = match self
-            .rate_limiter
-            .verify_packet(Some(from.ip()), datagram, &mut cookie)
-        {
-            Ok(packet) => packet,
-            Err(TunnResult::WriteToNetwork(reply)) => {
-                let Some(answer) = out.get_mut(..reply.len()) else {
-                    return self.drop_datagram(DropReason::Internal);
-                };
-                answer.copy_from_slice(reply);
-                self.counters.cookies_sent += 1;
-                return DatagramVerdict::Reply {
-                    peer: None,
-                    to: from,
-                    datagram: answer,
-                };
-            }
-            Err(TunnResult::Err(e)) => return self.drop_datagram(reason_for(&e)),
-            Err(_) => return self.drop_datagram(DropReason::Internal),
-        };
+        let parsed =
+            match self
+                .rate_limiter
+                .verify_packet(Some(from.addr.ip()), datagram, &mut cookie)
+            {
+                Ok(packet) => packet,
+                Err(TunnResult::WriteToNetwork(reply)) => {
+                    let Some(answer) = out.get_mut(..reply.len()) else {
+                        return self.drop_datagram(DropReason::Internal);
+                    };
+                    answer.copy_from_slice(reply);
+                    self.counters.cookies_sent += 1;
+                    return DatagramVerdict::Reply {
+                        peer: None,
+                        to: from,
+                        datagram: answer,
+                    };
+                }
+                Err(TunnResult::Err(e)) => return self.drop_datagram(reason_for(&e)),
+                Err(_) => return self.drop_datagram(DropReason::Internal),
+            };
         // A handshake that carries a cookie (which boringtun checked if we are under
         // load) still costs its source one of its tokens before any Diffie-Hellman: a
         // sender that answers cookies gets no more than its share of handshake work.
         // Before the first tick there is no time to count with (the loop ticks at once).
         if carries_cookie(datagram)
             && let Some(now) = self.last_tick
-            && !self.handshake_limiter.allow(from.ip(), now)
+            && !self.handshake_limiter.allow(from.addr.ip(), now)
         {
             return self.drop_datagram(DropReason::RateLimited);
         }
@@ -761,11 +772,11 @@ impl Device {
         };
         // Step 3: decrypt. Only what proves the peer's key moves its endpoint (roaming,
         // whitepaper §2.1), becomes its observed endpoint and counts as heard from it.
-        let result = tunn.decapsulate(Some(from.ip()), datagram, out);
+        let result = tunn.decapsulate(Some(from.addr.ip()), datagram, out);
         let proof = proof_of(datagram, &result);
         if proof != Proof::None {
             peer.endpoint = Some(from);
-            peer.observed = Some(from);
+            peer.observed = Some(from.addr);
             peer.count_rx(datagram.len());
             if proof == Proof::Handshake {
                 peer.handshakes += 1;
@@ -774,7 +785,10 @@ impl Device {
         // A valid cookie reply from the endpoint we sent our initiation to answers it
         // (the peer is only busy): no reason to move on to the next one. It proves no
         // key, so nothing else changes.
-        if is_cookie && peer.endpoint == Some(from) && !matches!(result, TunnResult::Err(_)) {
+        if is_cookie
+            && peer.endpoint.map(|e| e.addr) == Some(from.addr)
+            && !matches!(result, TunnResult::Err(_))
+        {
             peer.init_rx = None;
         }
         match result {
@@ -837,7 +851,7 @@ impl Device {
         &mut self,
         peer: PeerId,
         out: &'o mut [u8],
-    ) -> Option<(SocketAddr, &'o [u8])> {
+    ) -> Option<(Endpoint, &'o [u8])> {
         let peer = self.slots.get_mut(peer.0 as usize)?.as_mut()?;
         let to = peer.endpoint?;
         match peer.tunn.as_mut()?.decapsulate(None, &[], out) {
@@ -855,7 +869,7 @@ impl Device {
         &mut self,
         now: Instant,
         out: &mut [u8],
-        mut send: impl FnMut(SocketAddr, &[u8]),
+        mut send: impl FnMut(Endpoint, &[u8]),
     ) {
         self.rate_limiter.reset_count();
         self.handshake_limiter.forget_idle(now);
@@ -901,6 +915,27 @@ impl Device {
                 _ => {}
             }
         }
+    }
+
+    /// Forgets `local` as the sticky source of every peer that has it: sending from it
+    /// failed (the address is gone), so the kernel chooses again, as WireGuard does when
+    /// `ip_route_output_flow` refuses the source. Returns how many peers had it.
+    pub fn forget_local(&mut self, local: IpAddr) -> usize {
+        let mut forgotten = 0;
+        for peer in self.slots.iter_mut().flatten() {
+            if let Some(endpoint) = &mut peer.endpoint
+                && endpoint.local == Some(local)
+            {
+                endpoint.local = None;
+                forgotten += 1;
+            }
+        }
+        forgotten
+    }
+
+    /// Where datagrams for `id` go now, with the local address they leave from.
+    pub fn endpoint(&self, id: PeerId) -> Option<Endpoint> {
+        self.slots.get(id.0 as usize)?.as_ref()?.endpoint
     }
 
     /// Our public key, if a private key is set.
@@ -962,7 +997,7 @@ impl Device {
         Some(PeerView {
             public_key: peer.public_key,
             preshared_key: peer.preshared_key,
-            endpoint: peer.endpoint,
+            endpoint: peer.endpoint.map(|e| e.addr),
             observed_endpoint: peer.observed,
             persistent_keepalive: peer.persistent_keepalive,
             allowed_ips: peer.allowed_ips.iter().copied().collect(),
@@ -1209,11 +1244,22 @@ mod tests {
         from: &str,
         datagram: &[u8],
     ) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, Option<DropReason>) {
+        deliver_on(dev, from, None, datagram)
+    }
+
+    /// [`deliver`], the datagram having arrived on our address `local`.
+    fn deliver_on(
+        dev: &mut Device,
+        from: &str,
+        local: Option<&str>,
+        datagram: &[u8],
+    ) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, Option<DropReason>) {
         let mut out = vec![0u8; 65_536];
         let mut tun = Vec::new();
         let mut net = Vec::new();
         let mut dropped = None;
-        let flush = match dev.handle_datagram(from.parse().unwrap(), datagram, &mut out) {
+        let from = Endpoint::new(from.parse().unwrap(), local.map(|l| l.parse().unwrap()));
+        let flush = match dev.handle_datagram(from, datagram, &mut out) {
             DatagramVerdict::Tunnel { packet, .. } => {
                 tun.push(packet.to_vec());
                 None
@@ -1409,7 +1455,7 @@ mod tests {
             });
         }
         let (to, retry) = sent.first().expect("a handshake retry within 8 s");
-        assert_eq!((*to, retry[0]), (live, HANDSHAKE_INIT));
+        assert_eq!((to.addr, retry[0]), (live, HANDSHAKE_INIT));
         // B answers there: the endpoint stays.
         let (_, replies, dropped) = deliver(&mut p.b, A_ADDR, retry);
         assert_eq!((replies.len(), dropped), (1, None));
@@ -1508,6 +1554,68 @@ mod tests {
             p.b.peer(id).unwrap().endpoint,
             Some("198.18.5.5:40000".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn replies_leave_from_the_address_the_peer_last_reached_us_on() {
+        let mut p = pair();
+        let a_key = public(&key(1));
+        let id = p.b.peer_id(&a_key).unwrap();
+        let from_b = |p: &mut Pair| {
+            let mut out = vec![0u8; 2048];
+            match p
+                .b
+                .handle_tun_packet(&ipv4("10.0.2.7", "10.0.1.5", b"to A"), &mut out)
+            {
+                TunVerdict::Send { to, .. } => to,
+                other => panic!("{other:?}"),
+            }
+        };
+        let first: IpAddr = "198.18.0.2".parse().unwrap();
+        let second: IpAddr = "198.18.0.3".parse().unwrap();
+        // A's initiation arrives on B's first address: the response leaves from it.
+        let init = send(&mut p.a, &ipv4("10.0.1.5", "10.0.2.7", b"x")).unwrap();
+        let mut out = vec![0u8; 2048];
+        let from = Endpoint::new(A_ADDR.parse().unwrap(), Some(first));
+        let response = match p.b.handle_datagram(from, &init, &mut out) {
+            DatagramVerdict::Reply { to, datagram, .. } => {
+                assert_eq!(to, from);
+                datagram.to_vec()
+            }
+            other => panic!("{other:?}"),
+        };
+        let (_, data, _) = deliver(&mut p.a, B_ADDR, &response);
+        for datagram in &data {
+            let (_, _, dropped) = deliver_on(&mut p.b, A_ADDR, Some("198.18.0.2"), datagram);
+            assert_eq!(dropped, None);
+        }
+        assert_eq!(from_b(&mut p), from);
+        // A now sends to B's second address: B follows.
+        let data = send(&mut p.a, &ipv4("10.0.1.5", "10.0.2.7", b"y")).unwrap();
+        let (tun, _, _) = deliver_on(&mut p.b, A_ADDR, Some("198.18.0.3"), &data);
+        assert_eq!(tun.len(), 1);
+        let sticky = Endpoint::new(A_ADDR.parse().unwrap(), Some(second));
+        assert_eq!(from_b(&mut p), sticky);
+        assert_eq!(p.b.endpoint(id), Some(sticky));
+        // What proves nothing (a replay, here on the first address) moves nothing.
+        let (tun, _, dropped) = deliver_on(&mut p.b, A_ADDR, Some("198.18.0.2"), &data);
+        assert_eq!((tun.len(), dropped), (0, Some(DropReason::Replay)));
+        assert_eq!(from_b(&mut p), sticky);
+        // The address is gone: the kernel chooses again, the peer's address stays.
+        assert_eq!(p.b.forget_local(first), 0);
+        assert_eq!(p.b.forget_local(second), 1);
+        assert_eq!(from_b(&mut p), Endpoint::from(sticky.addr));
+        // A configured endpoint has no local address.
+        let _ = deliver_on(
+            &mut p.b,
+            A_ADDR,
+            Some("198.18.0.3"),
+            &send(&mut p.a, &ipv4("10.0.1.5", "10.0.2.7", b"z")).unwrap(),
+        );
+        let mut u = update(&key(2), vec![peer(a_key, Some(A_ADDR), &["10.0.1.0/24"])]);
+        u.replace_peers = false;
+        let _ = p.b.apply(&u).unwrap();
+        assert_eq!(p.b.endpoint(id), Some(Endpoint::from(sticky.addr)));
     }
 
     #[test]
@@ -1616,7 +1724,7 @@ mod tests {
                 .b
                 .handle_tun_packet(&ipv4("10.0.2.7", "10.0.1.5", b"to A"), &mut out)
             {
-                TunVerdict::Send { to, .. } => assert_eq!(Some(to), a_addr),
+                TunVerdict::Send { to, .. } => assert_eq!(Some(to.addr), a_addr),
                 other => panic!("{other:?}"),
             }
         }

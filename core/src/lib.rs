@@ -14,6 +14,7 @@
 pub mod allowed_ips;
 pub mod checksum;
 mod device;
+mod endpoint;
 pub mod handshake_limiter;
 pub mod keys;
 pub mod mtu;
@@ -23,6 +24,7 @@ pub use allowed_ips::AllowedIps;
 pub use device::{
     ApplyOutcome, DatagramVerdict, Device, DeviceError, PeerId, PeerView, TunVerdict,
 };
+pub use endpoint::Endpoint;
 pub use handshake_limiter::HandshakeLimiter;
 
 use std::fmt;

@@ -15,9 +15,8 @@
 //! only joins the newest super-packet of its flow, and super-packets are written in the
 //! order they were started.
 
-use std::net::SocketAddr;
-
 use super::checksum;
+use crate::Endpoint;
 
 /// Size of `struct virtio_net_hdr`, the TUN device's default vnet header size.
 pub const VNET_HDR_LEN: usize = 10;
@@ -705,20 +704,20 @@ pub enum BatchPush {
 pub struct GsoBatch {
     buf: Box<[u8]>,
     len: usize,
-    to: Option<SocketAddr>,
+    to: Option<Endpoint>,
     segment: usize,
     count: usize,
     closed: bool,
     max_segments: usize,
     /// A datagram written after the batch that did not join it.
-    held: Option<(SocketAddr, usize)>,
+    held: Option<(Endpoint, usize)>,
 }
 
 /// One batch to send.
 #[derive(Debug, Clone, Copy)]
 pub struct Batch<'a> {
-    /// Where to.
-    pub to: SocketAddr,
+    /// Where to, and from which local address.
+    pub to: Endpoint,
     /// The datagrams, back to back.
     pub data: &'a [u8],
     /// Size of each datagram but the last.
@@ -758,7 +757,7 @@ impl GsoBatch {
     }
 
     /// Takes the `len`-byte datagram just written at [`GsoBatch::space`], for `to`.
-    pub fn push(&mut self, to: SocketAddr, len: usize) -> BatchPush {
+    pub fn push(&mut self, to: Endpoint, len: usize) -> BatchPush {
         if self.count == 0 {
             self.to = Some(to);
             self.segment = len;
@@ -822,6 +821,10 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    fn endpoint(addr: &str) -> Endpoint {
+        Endpoint::from(addr.parse::<std::net::SocketAddr>().unwrap())
+    }
 
     const MSS: usize = 1368;
 
@@ -1229,8 +1232,8 @@ mod tests {
 
     #[test]
     fn gso_batch_joins_equal_datagrams_and_ends_on_a_short_one() {
-        let a: SocketAddr = "198.18.0.2:51820".parse().unwrap();
-        let b: SocketAddr = "198.18.0.3:51820".parse().unwrap();
+        let a = endpoint("198.18.0.2:51820");
+        let b = Endpoint::new(a.addr, Some("198.18.0.9".parse().unwrap()));
         let mut batch = GsoBatch::new(64);
         for i in 0..3u8 {
             batch.space()[..100].fill(i);
@@ -1256,7 +1259,7 @@ mod tests {
 
     #[test]
     fn gso_batch_respects_the_segment_and_byte_limits() {
-        let a: SocketAddr = "[fd00::1]:51820".parse().unwrap();
+        let a = endpoint("[fd00::1]:51820");
         let mut batch = GsoBatch::new(3);
         for _ in 0..3 {
             assert_eq!(batch.push(a, 10), BatchPush::Added);

@@ -6,6 +6,7 @@
 //! ListenPort = 51820
 //! Address = 10.0.0.1/24, fd00::1/64
 //! MTU = 1420
+//! Table = auto
 //!
 //! [Peer]
 //! PublicKey = <base64>
@@ -49,6 +50,63 @@ pub struct InterfaceConfig {
     pub addresses: Vec<InterfaceAddress>,
     /// `MTU` of the interface.
     pub mtu: Option<u32>,
+    /// `Table`: which routes `up` adds for the peers' allowed IPs; absent is
+    /// [`Table::Auto`], as in wg-quick.
+    pub table: Option<Table>,
+}
+
+/// wg-quick's `Table` (wg-quick(8)): where the routes to the peers' allowed IPs go when the
+/// interface comes up. Only `up` adds them, from the file; `wg set` and `wg setconf` later
+/// add none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// `auto` (the default): the main table, except a prefix that an interface address's
+    /// own subnet already routes. A default route (`0.0.0.0/0`, `::/0`) is refused: wg-quick
+    /// gives it its fwmark policy routing, which Wiremesh does not do.
+    Auto,
+    /// `off`: no routes at all.
+    Off,
+    /// A routing table by number (`main` is 254), default routes included.
+    Id(u32),
+}
+
+/// The main routing table (`RT_TABLE_MAIN`, `rtnetlink.h`).
+pub const MAIN_TABLE: u32 = 254;
+/// The local routing table (`RT_TABLE_LOCAL`): the kernel's own, never ours.
+const LOCAL_TABLE: u32 = 255;
+
+impl FromStr for Table {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "auto" => return Ok(Self::Auto),
+            "off" => return Ok(Self::Off),
+            "main" => return Ok(Self::Id(MAIN_TABLE)),
+            _ => {}
+        }
+        let id = text
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| text.parse::<u32>().ok())
+            .flatten()
+            .ok_or_else(|| format!("{text:?} is not `auto`, `off`, `main` or a table number"))?;
+        if id == 0 || id == LOCAL_TABLE {
+            return Err(format!(
+                "table {id} is not a table routes can be added to (1-4294967295, not 255)"
+            ));
+        }
+        Ok(Self::Id(id))
+    }
+}
+
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => write!(f, "auto"),
+            Self::Off => write!(f, "off"),
+            Self::Id(id) => write!(f, "{id}"),
+        }
+    }
 }
 
 /// One `[Peer]` section.
@@ -200,6 +258,20 @@ pub enum ConfigError {
     /// No `[Interface]` section, or more than one.
     #[error("the file must have exactly one [Interface] section (found {0})")]
     InterfaceCount(usize),
+    /// A default route in `AllowedIPs` while `Table` is `auto`.
+    #[error(
+        "line {line}: field AllowedIPs: the [Peer] {peer} allows {cidr}, a default route, and \
+         Table is auto: wg-quick would route it with fwmark policy routing, which Wiremesh does \
+         not do; set `Table = off` in [Interface] and route it yourself, or give a table number"
+    )]
+    DefaultRoute {
+        /// 1-based line number of the `AllowedIPs` line.
+        line: usize,
+        /// The peer's public key.
+        peer: PublicKey,
+        /// `0.0.0.0/0` or `::/0`.
+        cidr: IpCidr,
+    },
 }
 
 impl ConfigError {
@@ -214,7 +286,8 @@ impl ConfigError {
             | Self::Duplicate { line, .. }
             | Self::Value { line, .. }
             | Self::Missing { line, .. }
-            | Self::Conflict { line, .. } => Some(*line),
+            | Self::Conflict { line, .. }
+            | Self::DefaultRoute { line, .. } => Some(*line),
             Self::InterfaceCount(_) => None,
         }
     }
@@ -223,7 +296,6 @@ impl ConfigError {
 /// wg-quick fields that only drive its shell scripts or resolver.
 const WG_QUICK_ONLY: &[&str] = &[
     "dns",
-    "table",
     "preup",
     "postup",
     "predown",
@@ -239,6 +311,8 @@ struct PeerDraft {
     endpoint: Option<Endpoint>,
     allowed_ips: Vec<IpCidr>,
     persistent_keepalive: Option<u16>,
+    /// The first `AllowedIPs` line with a default route, and that route.
+    default_route: Option<(usize, IpCidr)>,
 }
 
 enum Section {
@@ -254,6 +328,7 @@ impl FromStr for WgConfig {
         let mut interface = InterfaceConfig::default();
         let mut interface_count = 0usize;
         let mut peers: Vec<(usize, PeerConfig)> = Vec::new();
+        let mut default_routes: Vec<(usize, PublicKey, IpCidr)> = Vec::new();
         let mut section = Section::None;
         let mut seen: BTreeSet<String> = BTreeSet::new();
 
@@ -268,7 +343,7 @@ impl FromStr for WgConfig {
                     line,
                     text: raw.to_owned(),
                 })?;
-                finish_section(&mut section, &mut peers)?;
+                finish_section(&mut section, &mut peers, &mut default_routes)?;
                 seen.clear();
                 section = match name.trim().to_ascii_lowercase().as_str() {
                     "interface" => {
@@ -353,6 +428,9 @@ impl FromStr for WgConfig {
                         }
                         interface.mtu = Some(mtu);
                     }
+                    "table" => {
+                        interface.table = Some(value.parse().map_err(bad)?);
+                    }
                     _ if WG_QUICK_ONLY.contains(&lower.as_str()) => {
                         return Err(ConfigError::Unsupported {
                             line,
@@ -379,9 +457,12 @@ impl FromStr for WgConfig {
                     }
                     "allowedips" => {
                         for item in list(value) {
-                            draft
-                                .allowed_ips
-                                .push(item.parse().map_err(|e| bad(format!("{item:?}: {e}")))?);
+                            let cidr: IpCidr =
+                                item.parse().map_err(|e| bad(format!("{item:?}: {e}")))?;
+                            if cidr.is_default() && draft.default_route.is_none() {
+                                draft.default_route = Some((line, cidr));
+                            }
+                            draft.allowed_ips.push(cidr);
                         }
                     }
                     "persistentkeepalive" => {
@@ -404,11 +485,16 @@ impl FromStr for WgConfig {
                 },
             }
         }
-        finish_section(&mut section, &mut peers)?;
+        finish_section(&mut section, &mut peers, &mut default_routes)?;
         if interface_count != 1 {
             return Err(ConfigError::InterfaceCount(interface_count));
         }
         check_peers(&peers)?;
+        if matches!(interface.table, None | Some(Table::Auto))
+            && let Some((line, peer, cidr)) = default_routes.into_iter().next()
+        {
+            return Err(ConfigError::DefaultRoute { line, peer, cidr });
+        }
         Ok(Self {
             interface,
             peers: peers.into_iter().map(|(_, p)| p).collect(),
@@ -419,6 +505,7 @@ impl FromStr for WgConfig {
 fn finish_section(
     section: &mut Section,
     peers: &mut Vec<(usize, PeerConfig)>,
+    default_routes: &mut Vec<(usize, PublicKey, IpCidr)>,
 ) -> Result<(), ConfigError> {
     if let Section::Peer(draft) = std::mem::replace(section, Section::None) {
         let public_key = draft.public_key.ok_or(ConfigError::Missing {
@@ -426,6 +513,9 @@ fn finish_section(
             section: "Peer",
             field: "PublicKey",
         })?;
+        if let Some((line, cidr)) = draft.default_route {
+            default_routes.push((line, public_key, cidr));
+        }
         let mut allowed_ips = draft.allowed_ips;
         allowed_ips.sort();
         allowed_ips.dedup();
@@ -503,6 +593,9 @@ impl fmt::Display for WgConfig {
         }
         if let Some(m) = i.mtu {
             writeln!(f, "MTU = {m}")?;
+        }
+        if let Some(t) = i.table {
+            writeln!(f, "Table = {t}")?;
         }
         for p in &self.peers {
             writeln!(f, "\n[Peer]")?;
@@ -615,6 +708,50 @@ mod tests {
     }
 
     #[test]
+    fn table_is_auto_off_main_or_a_number() {
+        let table = |value: &str| {
+            sample()
+                .replace("MTU = 1420", &format!("Table = {value}"))
+                .parse::<WgConfig>()
+                .map(|c| c.interface.table)
+        };
+        assert_eq!(table("auto"), Ok(Some(Table::Auto)));
+        assert_eq!(table("off"), Ok(Some(Table::Off)));
+        assert_eq!(table("main"), Ok(Some(Table::Id(MAIN_TABLE))));
+        assert_eq!(table("1234"), Ok(Some(Table::Id(1234))));
+        assert_eq!(sample().parse::<WgConfig>().unwrap().interface.table, None);
+        for bad in ["0", "255", "+7", "local", "4294967296", ""] {
+            let err = table(bad).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Value { line: 6, field, .. } if field == "Table"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_default_route_needs_table_off_or_a_number() {
+        let text = sample().replace("AllowedIPs = 10.0.1.0/24", "AllowedIPs = 10.0.1.0/24, ::/0");
+        let err = text.parse::<WgConfig>().unwrap_err();
+        assert_eq!(err.line(), Some(11), "{err}");
+        let message = err.to_string();
+        assert!(
+            message.contains(KEY_B) && message.contains("::/0") && message.contains("Table = off"),
+            "{message}"
+        );
+        let explicit = text.replace("MTU = 1420", "Table = auto");
+        assert!(matches!(
+            explicit.parse::<WgConfig>(),
+            Err(ConfigError::DefaultRoute { line: 11, .. })
+        ));
+        for table in ["off", "main", "51820"] {
+            let text = text.replace("MTU = 1420", &format!("Table = {table}"));
+            let config: WgConfig = text.parse().unwrap();
+            assert_eq!(config.to_string().parse::<WgConfig>(), Ok(config.clone()));
+        }
+    }
+
+    #[test]
     fn duplicate_peer_and_overlapping_ips_are_refused() {
         let mut text = sample();
         text.push_str(&format!("[Peer]\nPublicKey = {KEY_B}\n"));
@@ -694,11 +831,22 @@ mod tests {
                 proptest::option::of(any::<u16>()),
                 proptest::option::of(576u32..9000),
                 proptest::collection::vec(peer, 0..4),
+                prop_oneof![
+                    Just(None),
+                    Just(Some(Table::Auto)),
+                    Just(Some(Table::Off)),
+                    (1u32..255).prop_map(|t| Some(Table::Id(t))),
+                    (256u32..).prop_map(|t| Some(Table::Id(t))),
+                ],
             )
-                .prop_map(|(k, port, mtu, peers)| {
+                .prop_map(|(k, port, mtu, peers, table)| {
                     let mut seen = Vec::new();
                     let mut kept = Vec::new();
-                    for p in peers {
+                    for mut p in peers {
+                        // A default route needs a table (or none) when Table is auto.
+                        if matches!(table, None | Some(Table::Auto)) {
+                            p.allowed_ips.retain(|c| !c.is_default());
+                        }
                         if seen.iter().any(|(key, ips): &(PublicKey, Vec<IpCidr>)| {
                             *key == p.public_key || ips.iter().any(|c| p.allowed_ips.contains(c))
                         }) {
@@ -714,6 +862,7 @@ mod tests {
                             fwmark: None,
                             addresses: vec![],
                             mtu,
+                            table,
                         },
                         peers: kept,
                     }

@@ -1,12 +1,20 @@
 //! The underlay UDP socket: `recvmsg` with UDP GRO (up to 64 datagrams per call),
 //! `sendmmsg` with UDP GSO (`UDP_SEGMENT`), all buffers and message headers allocated once.
 //!
+//! Sticky source addresses, as WireGuard keeps them: every received message reports the
+//! local address it arrived on (`IPV6_RECVPKTINFO` on the dual-stack socket, which reports
+//! IPv4 ones as `::ffff:a.b.c.d`; `IP_PKTINFO` on an IPv4-only one), and a send may carry
+//! the local address to leave from (`IP_PKTINFO`/`IPV6_PKTINFO`). A send whose source is
+//! gone (`EINVAL`, `EADDRNOTAVAIL`, `ENETUNREACH`) is tried again once with the kernel
+//! choosing, and the address is reported ([`Underlay::take_stale`]) so that the device
+//! forgets it.
+//!
 //! Not `recvmmsg`: nix's reusable `MultiHeaders` never resets `msg_controllen`, which the
 //! kernel shrinks to what each message used, so a slot that once received a datagram
 //! without a GRO control message would lose the segment size of every later batch.
 
 use std::io::{self, IoSlice, IoSliceMut};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::AsRawFd;
 
 use anyhow::{Context as _, Result};
@@ -19,6 +27,7 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 
+use wiremesh_core::Endpoint;
 use wiremesh_core::offload::{Batch, MAX_GSO_SEGMENTS};
 
 /// Messages per [`RxRing::recv`]; with GRO each holds up to 64 datagrams.
@@ -34,12 +43,59 @@ pub(super) struct Underlay {
     mapped: bool,
     /// Datagrams per send: 1 without UDP GSO.
     max_segments: usize,
-    /// For sends with a `UDP_SEGMENT` control message.
-    gso_headers: MultiHeaders<SockaddrStorage>,
-    /// For single datagrams: no control message at all.
-    plain_headers: MultiHeaders<SockaddrStorage>,
+    /// Send headers for each combination of control messages ([`Headers::slot`]).
+    headers: Headers,
     /// A GSO batch was already found too big for its path (logged once).
     too_big_seen: bool,
+    /// A local address a send could not leave from, for the device to forget.
+    stale: Option<IpAddr>,
+}
+
+/// One set of preallocated send headers per combination of control messages: nix's
+/// `sendmmsg` passes the whole preallocated control buffer to the kernel and leaves it as
+/// it was, so each buffer must be exactly as long as the messages written into it (a
+/// shorter set would leave stale or empty headers, which the kernel refuses).
+struct Headers([MultiHeaders<SockaddrStorage>; 6]);
+
+impl Headers {
+    fn new() -> Headers {
+        let sized = |space: Option<Vec<u8>>| MultiHeaders::preallocate(1, space);
+        Headers([
+            sized(None),
+            sized(Some(nix::cmsg_space!(libc::in_pktinfo))),
+            sized(Some(nix::cmsg_space!(libc::in6_pktinfo))),
+            sized(Some(nix::cmsg_space!(u16))),
+            sized(Some(nix::cmsg_space!(u16, libc::in_pktinfo))),
+            sized(Some(nix::cmsg_space!(u16, libc::in6_pktinfo))),
+        ])
+    }
+
+    /// The headers for a send with (`gso`) or without `UDP_SEGMENT`, from `local`.
+    fn slot(&mut self, gso: bool, local: Option<IpAddr>) -> &mut MultiHeaders<SockaddrStorage> {
+        let source = match local {
+            None => 0,
+            Some(IpAddr::V4(_)) => 1,
+            Some(IpAddr::V6(_)) => 2,
+        };
+        let [a, b, c, d, e, f] = &mut self.0;
+        match (gso, source) {
+            (false, 0) => a,
+            (false, 1) => b,
+            (false, _) => c,
+            (true, 0) => d,
+            (true, 1) => e,
+            (true, _) => f,
+        }
+    }
+}
+
+/// Whether a send refused with `error` may have failed for its source address (gone, or
+/// no longer routable from), so that it is worth sending again with the kernel choosing.
+fn source_refused(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EINVAL | libc::EADDRNOTAVAIL | libc::ENETUNREACH)
+    )
 }
 
 /// What a refused GSO send (`sendmmsg` with `UDP_SEGMENT`) means.
@@ -67,11 +123,11 @@ impl GsoRefusal {
     }
 }
 
-/// One received message: `len` bytes from `from`, datagrams of `stride` bytes (the last
-/// may be shorter).
+/// One received message: `len` bytes from `from` (with the local address it arrived on),
+/// datagrams of `stride` bytes (the last may be shorter).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct RxMeta {
-    pub(super) from: SocketAddr,
+    pub(super) from: Endpoint,
     pub(super) len: usize,
     pub(super) stride: usize,
 }
@@ -79,7 +135,7 @@ pub(super) struct RxMeta {
 /// Receive buffers for up to [`RX_MESSAGES`] messages.
 pub(super) struct RxRing {
     buf: Box<[u8]>,
-    /// Room for the `UDP_GRO` control message.
+    /// Room for the `UDP_GRO` and packet-info control messages.
     control: Vec<u8>,
     meta: [RxMeta; RX_MESSAGES],
     count: usize,
@@ -108,6 +164,14 @@ pub(super) fn bind(port: u16, fwmark: u32) -> Result<std::net::UdpSocket> {
     if fwmark != 0 {
         socket.set_mark(fwmark).context("setting the fwmark")?;
     }
+    // The local address of each datagram (sticky sources, see the module's comment).
+    let pktinfo = match socket.local_addr()?.as_socket() {
+        Some(SocketAddr::V6(_)) => setsockopt(&socket, sockopt::Ipv6RecvPacketInfo, &true),
+        _ => setsockopt(&socket, sockopt::Ipv4PacketInfo, &true),
+    };
+    if let Err(e) = pktinfo {
+        warn!(error = %e, "no packet info on the underlay socket: replies leave from the address the kernel chooses");
+    }
     // Room for bursts in both directions: a GSO send is up to 64 KiB, and the window of a
     // fast TCP flow is several of them.
     let _ = socket.set_recv_buffer_size(8 << 20);
@@ -132,9 +196,9 @@ impl Underlay {
             socket: UdpSocket::from_std(socket)?,
             mapped,
             max_segments: if gso { MAX_GSO_SEGMENTS } else { 1 },
-            gso_headers: MultiHeaders::preallocate(1, Some(nix::cmsg_space!(u16))),
-            plain_headers: MultiHeaders::preallocate(1, None),
+            headers: Headers::new(),
             too_big_seen: false,
+            stale: None,
         })
     }
 
@@ -158,8 +222,14 @@ impl Underlay {
         self.socket.readable().await
     }
 
+    /// The local address a send could not leave from since the last call, if any: the
+    /// device should forget it ([`wiremesh_core::Device::forget_local`]).
+    pub(super) fn take_stale(&mut self) -> Option<IpAddr> {
+        self.stale.take()
+    }
+
     /// Sends one datagram, waiting while the send buffer is full; failures are logged.
-    pub(super) async fn send_one(&mut self, to: SocketAddr, datagram: &[u8]) {
+    pub(super) async fn send_one(&mut self, to: Endpoint, datagram: &[u8]) {
         self.send(Batch {
             to,
             data: datagram,
@@ -173,12 +243,22 @@ impl Underlay {
     /// datagram), waiting while the send buffer is full. A GSO send the kernel refuses goes
     /// out datagram by datagram, and turns GSO off when the kernel cannot do it at all
     /// (see [`GsoRefusal`]). Other failures are logged.
-    pub(super) async fn send(&mut self, batch: Batch<'_>) {
-        let to = self.wire_address(batch.to);
-        let refusal = match self
-            .send_raw(to, batch.data, batch.count, batch.segment)
-            .await
+    pub(super) async fn send(&mut self, mut batch: Batch<'_>) {
+        let to = self.wire_address(batch.to.addr);
+        let mut sent = self
+            .send_raw(to, batch.to.local, batch.data, batch.count, batch.segment)
+            .await;
+        if let (Err(e), Some(local)) = (&sent, batch.to.local)
+            && source_refused(e)
         {
+            debug!(error = %e, %local, to = %batch.to.addr, "cannot send from this address any more; letting the kernel choose");
+            self.stale = Some(local);
+            batch.to.local = None;
+            sent = self
+                .send_raw(to, None, batch.data, batch.count, batch.segment)
+                .await;
+        }
+        let refusal = match sent {
             Ok(()) => return,
             Err(e) if batch.count > 1 => match GsoRefusal::of(&e) {
                 GsoRefusal::Unsupported => {
@@ -209,7 +289,8 @@ impl Underlay {
         };
         debug!(?refusal, to = %batch.to, count = batch.count, "GSO batch sent datagram by datagram");
         for datagram in batch.data.chunks(batch.segment.max(1)) {
-            if let Err(e) = self.send_raw(to, datagram, 1, datagram.len()).await {
+            let local = batch.to.local;
+            if let Err(e) = self.send_raw(to, local, datagram, 1, datagram.len()).await {
                 debug!(error = %e, to = %batch.to, "sending");
             }
         }
@@ -218,24 +299,33 @@ impl Underlay {
     async fn send_raw(
         &mut self,
         to: SocketAddr,
+        local: Option<IpAddr>,
         data: &[u8],
         count: usize,
         segment: usize,
     ) -> io::Result<()> {
         let addr = [Some(SockaddrStorage::from(to))];
         let segment = u16::try_from(segment).unwrap_or(u16::MAX);
-        let gso = [ControlMessage::UdpGsoSegments(&segment)];
+        let gso = count > 1;
+        let (info4, info6) = packet_info(local);
+        let mut storage = [ControlMessage::UdpGsoSegments(&segment); 2];
+        let mut n = 0;
+        if gso {
+            n += 1;
+        }
+        if let Some(info) = &info4 {
+            storage[n] = ControlMessage::Ipv4PacketInfo(info);
+            n += 1;
+        } else if let Some(info) = &info6 {
+            storage[n] = ControlMessage::Ipv6PacketInfo(info);
+            n += 1;
+        }
+        let cmsgs = storage.get(..n).unwrap_or_default();
         loop {
             let fd = self.socket.as_raw_fd();
             let iov = [[IoSlice::new(data)]];
-            // A separate set of headers for single datagrams: nix leaves the control buffer
-            // of a preallocated header as it was, so one used for GSO would keep its
-            // UDP_SEGMENT.
-            let (headers, cmsgs): (_, &[ControlMessage<'_>]) = if count > 1 {
-                (&mut self.gso_headers, &gso)
-            } else {
-                (&mut self.plain_headers, &[])
-            };
+            // Headers whose control buffer fits exactly these messages (see `Headers`).
+            let headers = self.headers.slot(gso, local);
             let sent = self.socket.try_io(Interest::WRITABLE, || {
                 // Not iterating the results: for sendmmsg they hold no addresses to read.
                 sendmmsg(fd, headers, &iov, addr, cmsgs, MsgFlags::empty())
@@ -266,13 +356,13 @@ impl RxRing {
     /// Buffers for [`RX_MESSAGES`] messages of 64 KiB.
     pub(super) fn new() -> RxRing {
         let nowhere = RxMeta {
-            from: SocketAddr::from(([0, 0, 0, 0], 0)),
+            from: Endpoint::from(SocketAddr::from(([0, 0, 0, 0], 0))),
             len: 0,
             stride: 0,
         };
         RxRing {
             buf: vec![0u8; RX_MESSAGES * RX_BUF].into_boxed_slice(),
-            control: nix::cmsg_space!(libc::c_int),
+            control: nix::cmsg_space!(libc::c_int, libc::in6_pktinfo, libc::in_pktinfo),
             meta: [nowhere; RX_MESSAGES],
             count: 0,
         }
@@ -295,19 +385,37 @@ impl RxRing {
                     recvmsg::<SockaddrStorage>(fd, &mut iov, Some(control), MsgFlags::empty())
                         .map_err(io::Error::from)?;
                 let mut stride = msg.bytes;
+                let mut local = None;
                 if let Ok(cmsgs) = msg.cmsgs() {
                     for c in cmsgs {
-                        if let ControlMessageOwned::UdpGroSegments(size) = c
-                            && let Ok(size) = usize::try_from(size)
-                            && size > 0
-                        {
-                            stride = size;
+                        match c {
+                            ControlMessageOwned::UdpGroSegments(size) => {
+                                if let Ok(size) = usize::try_from(size)
+                                    && size > 0
+                                {
+                                    stride = size;
+                                }
+                            }
+                            ControlMessageOwned::Ipv4PacketInfo(info) => {
+                                local = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                                    info.ipi_addr.s_addr,
+                                ))));
+                            }
+                            ControlMessageOwned::Ipv6PacketInfo(info) => {
+                                local = Some(local_address(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
+                            }
+                            _ => {}
                         }
                     }
                 }
                 let from = msg.address.as_ref().and_then(socket_addr);
                 let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
-                Ok((from, msg.bytes, stride, truncated))
+                Ok((
+                    from.map(|f| Endpoint::new(f, local)),
+                    msg.bytes,
+                    stride,
+                    truncated,
+                ))
             });
             match received {
                 Ok((Some(from), len, stride, false)) => {
@@ -329,6 +437,44 @@ impl RxRing {
         let meta = *self.meta[..self.count].get(i)?;
         let start = i * RX_BUF;
         Some((meta, self.buf.get(start..start + meta.len)?))
+    }
+}
+
+/// The packet info for a send from `local` (none: the kernel chooses): `IP_PKTINFO` for
+/// IPv4, also on the dual-stack socket (the kernel hands a send to an IPv4-mapped address
+/// to its IPv4 path, which reads it), `IPV6_PKTINFO` for IPv6. The interface is left to
+/// the route, as the kernel's WireGuard does for a source that is still local.
+fn packet_info(local: Option<IpAddr>) -> (Option<libc::in_pktinfo>, Option<libc::in6_pktinfo>) {
+    match local {
+        Some(IpAddr::V4(ip)) => (
+            Some(libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(ip.octets()),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            }),
+            None,
+        ),
+        Some(IpAddr::V6(ip)) => (
+            None,
+            Some(libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: ip.octets(),
+                },
+                ipi6_ifindex: 0,
+            }),
+        ),
+        None => (None, None),
+    }
+}
+
+/// A local address from `IPV6_PKTINFO`: IPv4-mapped (an IPv4 datagram on the dual-stack
+/// socket) as IPv4.
+fn local_address(ip: Ipv6Addr) -> IpAddr {
+    match ip.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(ip),
     }
 }
 
@@ -383,6 +529,29 @@ mod tests {
         assert_eq!(refusal(libc::EMSGSIZE), GsoRefusal::TooBig);
         assert_eq!(refusal(libc::ENETUNREACH), GsoRefusal::Other);
         assert_eq!(GsoRefusal::of(&io::Error::other("x")), GsoRefusal::Other);
+    }
+
+    #[test]
+    fn packet_info_carries_the_local_address_in_network_order() {
+        let (v4, none) = packet_info(Some("198.18.0.2".parse().unwrap()));
+        assert!(none.is_none());
+        assert_eq!(
+            v4.unwrap().ipi_spec_dst.s_addr.to_ne_bytes(),
+            [198, 18, 0, 2]
+        );
+        let (none, v6) = packet_info(Some("fd18::2".parse().unwrap()));
+        assert!(none.is_none());
+        assert_eq!(
+            Ipv6Addr::from(v6.unwrap().ipi6_addr.s6_addr),
+            "fd18::2".parse::<Ipv6Addr>().unwrap()
+        );
+        assert!(matches!(packet_info(None), (None, None)));
+        assert_eq!(
+            local_address("::ffff:198.18.0.2".parse().unwrap()),
+            "198.18.0.2".parse::<IpAddr>().unwrap()
+        );
+        assert!(source_refused(&io::Error::from_raw_os_error(libc::EINVAL)));
+        assert!(!source_refused(&io::Error::from_raw_os_error(libc::EAGAIN)));
     }
 
     #[test]

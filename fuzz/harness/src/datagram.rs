@@ -68,7 +68,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
 }
 
 fn handle(session: &mut Session, from: SocketAddr, datagram: &[u8], out: &mut [u8]) {
-    match session.device.handle_datagram(from, datagram, out) {
+    match session.device.handle_datagram(from.into(), datagram, out) {
         DatagramVerdict::Tunnel { packet, .. } => {
             assert!(
                 packet.len() <= datagram.len(),

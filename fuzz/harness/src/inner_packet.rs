@@ -45,7 +45,9 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
             let datagram = session.seal(bytes);
             let from = session.remote_addr;
             if let DatagramVerdict::Tunnel { packet, .. } =
-                session.device.handle_datagram(from, &datagram, &mut out)
+                session
+                    .device
+                    .handle_datagram(from.into(), &datagram, &mut out)
             {
                 push(&mut gro, packet);
             }
@@ -125,7 +127,7 @@ fn encrypt(session: &mut Session, tx: &mut GsoBatch, packet: &[u8]) {
 /// Sends the batch: the remote peer takes each datagram of it.
 fn flush(session: &mut Session, tx: &mut GsoBatch) {
     if let Some(batch) = tx.pending() {
-        assert_eq!(batch.to, session.remote_addr);
+        assert_eq!(batch.to.addr, session.remote_addr);
         let data = batch.data.to_vec();
         for datagram in data.chunks(batch.segment.max(1)) {
             session.remote_receives(datagram);

@@ -85,7 +85,7 @@ impl Session {
         let mut out = vec![0u8; OUT_BUF];
         let response = match self
             .device
-            .handle_datagram(self.remote_addr, &init, &mut out)
+            .handle_datagram(self.remote_addr.into(), &init, &mut out)
         {
             DatagramVerdict::Reply {
                 peer: Some(_),
@@ -104,7 +104,7 @@ impl Session {
             };
         match self
             .device
-            .handle_datagram(self.remote_addr, &keepalive, &mut out)
+            .handle_datagram(self.remote_addr.into(), &keepalive, &mut out)
         {
             DatagramVerdict::Done => {}
             other => panic!("the device refused the confirming keepalive: {other:?}"),
