@@ -1606,10 +1606,11 @@ fn has_session(tunn: &Tunn) -> bool {
 /// handshake. `None` only when the peer has no current `Tunn` and no retiring one with a
 /// session.
 fn sending_tunn(peer: &mut Peer) -> Option<&mut Tunn> {
-    if !peer.retiring.is_empty() && peer.tunn.as_deref().is_none_or(|t| !has_session(t)) {
-        if let Some(retiring) = peer.retiring.iter_mut().find(|r| has_session(&r.tunn)) {
-            return Some(&mut retiring.tunn);
-        }
+    if !peer.retiring.is_empty()
+        && peer.tunn.as_deref().is_none_or(|t| !has_session(t))
+        && let Some(retiring) = peer.retiring.iter_mut().find(|r| has_session(&r.tunn))
+    {
+        return Some(&mut retiring.tunn);
     }
     peer.tunn.as_deref_mut()
 }
