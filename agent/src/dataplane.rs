@@ -565,6 +565,9 @@ impl Shell {
         for key in &outcome.added {
             info!(peer = %key.short(), "peer added");
         }
+        for (old, new) in &outcome.rekeyed {
+            info!(peer = %new.short(), old = %old.short(), "peer rotated its key");
+        }
         if outcome.routes_changed || outcome.mtu_changed {
             self.link
                 .send_replace(Link::of(&self.device, self.fixed_routes.as_ref()));

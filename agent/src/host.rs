@@ -130,9 +130,13 @@ pub async fn run(options: HostOptions) -> Result<()> {
     };
     let cached = load_cache(&options.state_dir);
     let publisher = publish(client, bundle.host_name.clone(), public, endpoints);
-    run_data_plane(spec, initial, options.metrics_addr, cached, async move {
-        (context, publisher)
-    })
+    run_data_plane(
+        spec,
+        initial,
+        options.metrics_addr,
+        cached,
+        move |_| async move { (context, publisher) },
+    )
     .await
 }
 

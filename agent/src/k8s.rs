@@ -14,13 +14,17 @@ use kube::api::{Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, ResourceExt as _};
 use tracing::{debug, info, warn};
-use wiremesh_proto::crd::{GATEWAY_LABEL, MeshNode, MeshNodeKind, MeshNodeSpec};
+use wiremesh_proto::crd::{
+    GATEWAY_LABEL, MeshNode, MeshNodeKind, MeshNodeSpec, ROTATE_KEYS_ANNOTATION,
+};
 use wiremesh_proto::uapi::DeviceUpdate;
-use wiremesh_proto::{InterfaceAddress, IpCidr, PublicKey};
+use wiremesh_proto::{InterfaceAddress, IpCidr, PrivateKey, PublicKey};
 
+use crate::control::Handle;
 use crate::dataplane::{InterfaceSpec, Routing};
 use crate::mesh::select::{LocalPeers, Selection};
 use crate::peers::{Context, MANAGER, load_cache, run_data_plane};
+use crate::rotation;
 
 /// How often the MeshNode is applied again even without a change (level-triggered), and
 /// the tunnel status refreshed.
@@ -61,6 +65,8 @@ pub struct KubeOptions {
     /// Where the last known peers are kept, to come up with them when the API server is
     /// unreachable at start.
     pub state_dir: PathBuf,
+    /// How long the old key is answered at most after a rotation.
+    pub rotation_grace: Duration,
 }
 
 /// Runs the agent in Kubernetes mode until SIGINT/SIGTERM.
@@ -75,17 +81,20 @@ pub async fn run(options: KubeOptions) -> Result<()> {
     // Building the client reads the configuration only; nothing is asked of the API
     // server before the data plane is up with the cached peers.
     let client = client(&options).await?;
-    let public = {
-        let secret = boringtun::x25519::StaticSecret::from(*key.as_bytes());
-        PublicKey::from(*boringtun::x25519::PublicKey::from(&secret).as_bytes())
-    };
+    let public = public_of(&key);
     info!(node = %options.node_name, public_key = %public, "starting in Kubernetes mode");
 
     let cached = load_cache(&options.state_dir);
+    // A restart in the middle of a rotation keeps answering the previous key.
+    let previous_key = rotation::load(&options.state_dir).previous_key(&key, rotation::now_secs());
+    if previous_key.is_some() {
+        info!("keeping the previous key of a rotation in progress");
+    }
     let initial = DeviceUpdate {
         private_key: Some(Some(key)),
         listen_port: Some(options.listen_port),
         replace_peers: true,
+        previous_key,
         ..DeviceUpdate::default()
     };
     let spec = InterfaceSpec {
@@ -98,14 +107,23 @@ pub async fn run(options: KubeOptions) -> Result<()> {
         routing: Routing::AllowedIps,
     };
     let metrics_addr = options.metrics_addr;
-    run_data_plane(
-        spec,
-        initial,
-        metrics_addr,
-        cached,
-        setup(client, options, public),
-    )
+    run_data_plane(spec, initial, metrics_addr, cached, move |handle| {
+        setup(
+            client,
+            options,
+            Keys {
+                current: key,
+                handle,
+            },
+        )
+    })
     .await
+}
+
+/// What the MeshNode publisher needs to rotate the key.
+struct Keys {
+    current: PrivateKey,
+    handle: Handle,
 }
 
 /// What needs the API server: the Node (pod CIDRs, addresses, zone, gateway label), then
@@ -113,8 +131,9 @@ pub async fn run(options: KubeOptions) -> Result<()> {
 async fn setup(
     client: Client,
     options: KubeOptions,
-    public: PublicKey,
+    keys: Keys,
 ) -> (Context, impl Future<Output = ()> + Send + 'static) {
+    let public = public_of(&keys.current);
     let node = wait_for_node(&client, &options.node_name).await;
     let own_cidrs = node_pod_cidrs(&node);
     let endpoints = if options.endpoints.is_empty() {
@@ -147,7 +166,59 @@ async fn setup(
         state_dir: options.state_dir.clone(),
         watch_linked: true,
     };
-    (context, publish(client, node, mesh_node))
+    let rotator = Rotator {
+        keys,
+        key_file: options.key_file.clone(),
+        state_dir: options.state_dir.clone(),
+        grace: options.rotation_grace,
+    };
+    (context, publish(client, node, mesh_node, rotator))
+}
+
+fn public_of(key: &PrivateKey) -> PublicKey {
+    let secret = boringtun::x25519::StaticSecret::from(*key.as_bytes());
+    PublicKey::from(*boringtun::x25519::PublicKey::from(&secret).as_bytes())
+}
+
+/// Rotates the key when the MeshNode asks for it ([`ROTATE_KEYS_ANNOTATION`]).
+struct Rotator {
+    keys: Keys,
+    key_file: PathBuf,
+    state_dir: PathBuf,
+    grace: Duration,
+}
+
+impl Rotator {
+    /// Rotates for `request` if it is new; the new public key when it did.
+    async fn rotate(&mut self, request: Option<&str>) -> Option<PublicKey> {
+        let done = rotation::load(&self.state_dir);
+        if !rotation::is_new(request, &done, &self.keys.current) {
+            return None;
+        }
+        let request = request?;
+        let rotated = match rotation::rotate(
+            &self.state_dir,
+            &self.key_file,
+            &self.keys.current,
+            request,
+            self.grace,
+        ) {
+            Ok(rotated) => rotated,
+            Err(e) => {
+                warn!(error = %e, "writing the rotated key; keeping the current one");
+                return None;
+            }
+        };
+        // The key file holds the new key now: a restart uses it whatever happens here.
+        if let Err(e) = self.keys.handle.apply(rotated.update).await {
+            warn!(error = %e, "the data plane refused the rotated key");
+            return None;
+        }
+        self.keys.current = rotated.key;
+        let public = public_of(&rotated.key);
+        info!(request, public_key = %public, grace_secs = self.grace.as_secs(), "key rotated; the previous one is still answered");
+        Some(public)
+    }
 }
 
 async fn client(options: &KubeOptions) -> Result<Client> {
@@ -242,7 +313,7 @@ fn node_endpoints(node: &Node, port: u16) -> Vec<SocketAddr> {
 
 /// Applies this node's MeshNode (owned by its Node) now and every [`REPUBLISH`]; returns
 /// when the Node is gone, after deleting the MeshNode.
-async fn publish(client: Client, node: Node, spec: MeshNodeSpec) {
+async fn publish(client: Client, node: Node, spec: MeshNodeSpec, mut rotator: Rotator) {
     let name = node.name_any();
     let api: Api<MeshNode> = Api::all(client.clone());
     let nodes: Api<Node> = Api::all(client);
@@ -272,6 +343,14 @@ async fn publish(client: Client, node: Node, spec: MeshNodeSpec) {
                 published = false;
             }
             _ => {}
+        }
+        // Our own MeshNode only, in our own cluster: a rotation request.
+        if let Ok(Some(current)) = api.get_opt(&name).await {
+            let request = current.annotations().get(ROTATE_KEYS_ANNOTATION).cloned();
+            if let Some(public) = rotator.rotate(request.as_deref()).await {
+                object.spec.public_key = public.to_string();
+                published = false;
+            }
         }
         let due = !published || last_publish.is_none_or(|t| t.elapsed() >= REPUBLISH);
         if due {

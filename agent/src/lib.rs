@@ -15,6 +15,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod netlink;
 pub mod peers;
+pub mod rotation;
 pub mod standalone;
 pub mod state;
 pub mod tun;

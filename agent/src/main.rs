@@ -125,6 +125,11 @@ struct KubeArgs {
     /// Endpoints to publish instead of the Node's addresses, most preferred first.
     #[arg(long = "endpoint", env = "WIREMESH_ENDPOINTS", value_delimiter = ',')]
     endpoints: Vec<SocketAddr>,
+    /// After a key rotation (`meshctl rotate-keys`), how long the old key is still
+    /// answered at most, in seconds (it goes earlier once every peer with a session has
+    /// handshaken under the new key).
+    #[arg(long, env = "WIREMESH_ROTATION_GRACE", default_value_t = 600)]
+    rotation_grace: u64,
 }
 
 fn main() -> ExitCode {
@@ -175,6 +180,7 @@ fn main() -> ExitCode {
                     uapi_dir: args.mesh.uapi_dir,
                     metrics_addr: args.mesh.metrics_addr,
                     state_dir: args.mesh.state_dir,
+                    rotation_grace: std::time::Duration::from_secs(args.rotation_grace),
                 })
                 .await
             }

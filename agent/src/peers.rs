@@ -51,20 +51,21 @@ const MAX_STATUS_PEERS: usize = 1024;
 const FAILOVER_CHECK: Duration = Duration::from_millis(500);
 
 /// Brings the data plane up with the `cached` peers (the last known ones), before
-/// anything is asked of the API server; then waits for `setup` (which may wait for the
-/// API server) and runs the [`Context`] it gives (with its publisher, which ends when
+/// anything is asked of the API server; then waits for `setup` (given the data plane's
+/// handle; it may wait for the API server) and runs the [`Context`] it gives (with its publisher, which ends when
 /// this machine leaves the mesh) until SIGINT/SIGTERM.
 ///
 /// An agent restarted during an API server outage so has its tunnels, from the cache,
 /// for the whole outage.
-pub(crate) async fn run_data_plane<P>(
+pub(crate) async fn run_data_plane<S, P>(
     mut spec: InterfaceSpec,
     initial: DeviceUpdate,
     metrics_addr: Option<SocketAddr>,
     cached: Option<PeerSet>,
-    setup: impl Future<Output = (Context, P)> + Send + 'static,
+    setup: impl FnOnce(Handle) -> S + Send + 'static,
 ) -> Result<()>
 where
+    S: Future<Output = (Context, P)> + Send + 'static,
     P: Future<Output = ()> + Send + 'static,
 {
     let metrics = crate::metrics::bind(metrics_addr).await?;
@@ -83,7 +84,7 @@ where
                 apply(&handle, &mut applied, peers, Some(&origins_tx)).await;
                 attribute(&applied, &attribution_tx);
             }
-            let (context, publisher) = setup.await;
+            let (context, publisher) = setup(handle.clone()).await;
             context
                 .run(handle, applied, origins_tx, attribution_tx, publisher)
                 .await;

@@ -76,6 +76,7 @@ pub fn plan(options: &UpOptions) -> Result<Plan> {
         fwmark: None,
         replace_peers: true,
         peers: Vec::new(),
+        previous_key: None,
     };
     let mut spec = InterfaceSpec {
         name,
@@ -124,6 +125,7 @@ pub fn plan(options: &UpOptions) -> Result<Plan> {
                 allowed_ips: peer.allowed_ips.clone(),
                 accept_ips: None,
                 endpoints: None,
+                replaces: None,
             });
         }
     }

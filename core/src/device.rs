@@ -10,7 +10,7 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
-use wiremesh_proto::uapi::{DeviceUpdate, PeerUpdate};
+use wiremesh_proto::uapi::{DeviceUpdate, PeerUpdate, PreviousKey};
 
 use crate::Endpoint;
 use wiremesh_proto::{IpCidr, PresharedKey, PrivateKey, PublicKey};
@@ -44,6 +44,15 @@ const MAC2_LEN: usize = 16;
 /// Inner packets are zero-padded to a multiple of this before encryption (whitepaper
 /// §5.4.6), never past the tunnel MTU, so the outer size does not tell the exact inner one.
 const PADDING_MULTIPLE: usize = 16;
+
+/// A peer keeps at most this many `Tunn`s besides its current one while keys rotate:
+/// the sessions under its or our previous key, which still carry traffic until a session
+/// under the new keys exists.
+const MAX_RETIRING: usize = 2;
+
+/// How long a retiring `Tunn` outlives the first session of the current one: packets the
+/// peer encrypted before it switched are still on their way.
+const RETIRE_GRACE: Duration = Duration::from_secs(5);
 
 /// A peer's slot in the device, stable while the peer exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -142,6 +151,8 @@ pub struct ApplyOutcome {
     pub added: Vec<PublicKey>,
     /// Peers removed.
     pub removed: Vec<PublicKey>,
+    /// Peers whose key changed (old, new) ([`PeerUpdate::replaces`]).
+    pub rekeyed: Vec<(PublicKey, PublicKey)>,
 }
 
 /// A read-only view of one peer, for status and the UAPI `get`.
@@ -201,6 +212,35 @@ impl PeerView {
     }
 }
 
+/// A `Tunn` of a peer made under keys that rotated (ours or the peer's): its sessions
+/// still decrypt what the peer sent under them, and still encrypt until the peer's
+/// current `Tunn` has a session, so a rotation loses no packet.
+struct Retiring {
+    tunn: Box<Tunn>,
+    /// The receiver-index slot its sessions use (see [`new_tunn`]).
+    index: u32,
+    /// Our public key it was made with.
+    ours: PublicKey,
+    /// The peer's public key it was made with.
+    theirs: PublicKey,
+}
+
+/// Our key before a rotation, kept a while to answer handshakes addressed to it.
+struct Previous {
+    secret: x25519::StaticSecret,
+    public: x25519::PublicKey,
+    /// Verifies mac1 over this key (a handshake's mac1 names the key it is for).
+    limiter: Arc<RateLimiter>,
+    /// The longest it is kept.
+    grace: Duration,
+    /// When it goes: set at the first tick after the rotation.
+    until: Option<Instant>,
+    /// It may go before `until`, once no peer is [`Peer::pending`]: a rotation of this
+    /// device. One restored at start (from before a restart) is kept for its grace, as
+    /// no one is known to have the new key yet.
+    early: bool,
+}
+
 struct Peer {
     public_key: PublicKey,
     preshared_key: Option<PresharedKey>,
@@ -229,6 +269,17 @@ struct Peer {
     /// inline (about 11 KiB), which 10,000 idle peers should not pay for. Always `None`
     /// while the device has no private key.
     tunn: Option<Box<Tunn>>,
+    /// The receiver-index slot of `tunn`: the peer's own slot at first, another one
+    /// after a rotation left the old `Tunn` in [`Peer::retiring`] with it.
+    index: u32,
+    /// Older `Tunn`s from before a rotation, newest first.
+    retiring: Vec<Retiring>,
+    /// The tick at which the current `Tunn` was first seen with a session while some
+    /// are retiring.
+    current_since: Option<Instant>,
+    /// The peer had a session when our key rotated and has not yet proven our new key
+    /// (a handshake or data under it): the previous key stays for it.
+    pending: bool,
     /// Send a handshake initiation at the next timer tick: a peer with persistent
     /// keepalive starts its session at once, as the kernel module does, instead of at its
     /// first keepalive (a node behind NAT is unreachable until it does).
@@ -287,6 +338,14 @@ impl Peer {
 /// Methods take packets and return verdicts; the caller does the I/O.
 pub struct Device {
     private_key: Option<(x25519::StaticSecret, x25519::PublicKey)>,
+    /// Our key before the last rotation, while it is kept.
+    previous: Option<Previous>,
+    /// Verifies mac1 over the last key that stopped being kept, so handshakes still
+    /// addressed to it are counted as [`DropReason::RetiredKey`].
+    retired: Option<Arc<RateLimiter>>,
+    /// Receiver-index slots of retiring or current `Tunn`s that are not their peer's
+    /// own slot, and the peer they belong to.
+    aliases: BTreeMap<u32, PeerId>,
     listen_port: u16,
     fwmark: u32,
     rate_limiter: Arc<RateLimiter>,
@@ -319,6 +378,9 @@ impl Device {
     pub fn new() -> Self {
         Self {
             private_key: None,
+            previous: None,
+            retired: None,
+            aliases: BTreeMap::new(),
             listen_port: 0,
             fwmark: 0,
             rate_limiter: Arc::new(RateLimiter::new(
@@ -371,8 +433,10 @@ impl Device {
         }
 
         let mut outcome = ApplyOutcome::default();
-        if let Some(key) = &update.private_key {
-            self.set_private_key(key.as_ref());
+        match (&update.private_key, &update.previous_key) {
+            (Some(Some(key)), Some(previous)) => self.rotate_private_key(key, previous),
+            (Some(key), _) => self.set_private_key(key.as_ref()),
+            (None, _) => {}
         }
         if let Some(port) = update.listen_port
             && port != self.listen_port
@@ -462,6 +526,14 @@ impl Device {
             }
             return;
         }
+        if let Some(old) = update.replaces
+            && old != key
+            && !self.by_key.contains_key(&key)
+            && let Some(id) = self.by_key.get(&old).copied()
+        {
+            self.rekey_peer(id, old, key);
+            outcome.rekeyed.push((old, key));
+        }
         let id = match self.by_key.get(&key) {
             Some(id) => *id,
             None if update.update_only => return,
@@ -548,7 +620,21 @@ impl Device {
         if let Some((_, public)) = &self.private_key {
             self.rate_limiter = Arc::new(RateLimiter::new(public, HANDSHAKE_RATE_LIMIT));
         }
-        // A new identity invalidates every session and every peer whose key is now ours.
+        // A new identity invalidates every session (those of a rotation too) and every
+        // peer whose key is now ours.
+        self.previous = None;
+        for id in self.by_key.values().copied().collect::<Vec<_>>() {
+            let indices: Vec<u32> = self
+                .slot_mut(id)
+                .map(|p| {
+                    p.pending = false;
+                    p.retiring.drain(..).map(|r| r.index).collect()
+                })
+                .unwrap_or_default();
+            for index in indices {
+                self.free_index(id, index);
+            }
+        }
         let own = self.public_key();
         if let Some(own) = own {
             self.remove_peer(&own);
@@ -556,6 +642,176 @@ impl Device {
         let ids: Vec<PeerId> = self.by_key.values().copied().collect();
         for id in ids {
             self.rebuild_tunn(id);
+        }
+    }
+
+    /// Rotates our static key to `key`, keeping `previous.key` (normally the current
+    /// one) for up to `previous.grace`: handshakes addressed to it are still answered, and
+    /// every peer's current `Tunn` retires (its sessions keep carrying traffic) behind a
+    /// new one under `key` that initiates at the next tick. The previous key goes at the
+    /// first tick where every peer that had a session has proven the new key, or when the
+    /// grace is over; afterwards a handshake addressed to it is refused
+    /// ([`DropReason::RetiredKey`]).
+    fn rotate_private_key(&mut self, key: &PrivateKey, previous: &PreviousKey) {
+        let key = keys::clamp(key);
+        let old = keys::clamp(&previous.key);
+        if self.private_key() == Some(key) || key == old {
+            return;
+        }
+        let old_secret = x25519::StaticSecret::from(*old.as_bytes());
+        let old_public = x25519::PublicKey::from(&old_secret);
+        let rotating = self.private_key() == Some(old);
+        // The sessions under the old key, when it is ours now, keep its rate limiter.
+        let old_limiter = if rotating {
+            Arc::clone(&self.rate_limiter)
+        } else {
+            Arc::new(RateLimiter::new(&old_public, HANDSHAKE_RATE_LIMIT))
+        };
+        let secret = x25519::StaticSecret::from(*key.as_bytes());
+        let public = x25519::PublicKey::from(&secret);
+        self.rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        self.private_key = Some((secret, public));
+        self.previous = Some(Previous {
+            secret: old_secret,
+            public: old_public,
+            limiter: old_limiter,
+            grace: previous.grace,
+            until: None,
+            early: rotating,
+        });
+        self.retired = None;
+        let own = PublicKey::from(*public.as_bytes());
+        self.remove_peer(&own);
+        let ours = PublicKey::from(*old_public.as_bytes());
+        let ids: Vec<PeerId> = self.by_key.values().copied().collect();
+        for id in ids {
+            let had_session = rotating && self.retire_current(id, ours);
+            self.rebuild_tunn(id);
+            self.start_current(id);
+            if let Some(peer) = self.slot_mut(id) {
+                peer.pending = had_session;
+            }
+        }
+    }
+
+    /// The peer's key changed from `old` to `new` ([`PeerUpdate::replaces`]): same slot,
+    /// allowed IPs and counters; its current `Tunn` retires and a new one for `new`
+    /// initiates at the next tick.
+    fn rekey_peer(&mut self, id: PeerId, old: PublicKey, new: PublicKey) {
+        self.by_key.remove(&old);
+        self.by_key.insert(new, id);
+        if let Some(ours) = self.public_key() {
+            self.retire_current(id, ours);
+        }
+        if let Some(peer) = self.slot_mut(id) {
+            peer.public_key = new;
+        }
+        self.rebuild_tunn(id);
+        self.start_current(id);
+    }
+
+    /// While the peer has retiring `Tunn`s, its current one initiates at the next tick
+    /// whatever its keepalive: the session under the new keys starts at once, and the
+    /// retiring ones carry the traffic meanwhile.
+    fn start_current(&mut self, id: PeerId) {
+        let retiring = self
+            .slots
+            .get(id.0 as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|p| !p.retiring.is_empty());
+        if retiring {
+            self.ensure_tunn(id);
+            if let Some(peer) = self.slot_mut(id) {
+                peer.initiate = true;
+            }
+        }
+    }
+
+    /// Moves the peer's current `Tunn` to its retiring ones when it has a session (made
+    /// with our key `ours`), giving the current one a fresh receiver-index slot; whether
+    /// it did. Without a free slot the old sessions are simply dropped.
+    fn retire_current(&mut self, id: PeerId, ours: PublicKey) -> bool {
+        let has_session = self
+            .slots
+            .get(id.0 as usize)
+            .and_then(Option::as_ref)
+            .and_then(|p| p.tunn.as_ref())
+            .is_some_and(|t| t.time_since_last_handshake().is_some());
+        if !has_session {
+            return false;
+        }
+        let Some(index) = self.alloc_index(id) else {
+            return false;
+        };
+        let mut dropped = Vec::new();
+        if let Some(peer) = self.slot_mut(id)
+            && let Some(tunn) = peer.tunn.take()
+        {
+            peer.retiring.insert(
+                0,
+                Retiring {
+                    tunn,
+                    index: peer.index,
+                    ours,
+                    theirs: peer.public_key,
+                },
+            );
+            peer.index = index;
+            peer.current_since = None;
+            while peer.retiring.len() > MAX_RETIRING {
+                if let Some(old) = peer.retiring.pop() {
+                    dropped.push(old.index);
+                }
+            }
+        }
+        for index in dropped {
+            self.free_index(id, index);
+        }
+        true
+    }
+
+    /// A receiver-index slot for another `Tunn` of peer `id`.
+    fn alloc_index(&mut self, id: PeerId) -> Option<u32> {
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                if self.slots.len() >= MAX_PEERS {
+                    return None;
+                }
+                let slot = u32::try_from(self.slots.len()).ok()?;
+                self.slots.push(None);
+                slot
+            }
+        };
+        self.aliases.insert(slot, id);
+        Some(slot)
+    }
+
+    /// Gives back a slot from [`Self::alloc_index`] (the peer's own slot stays).
+    fn free_index(&mut self, id: PeerId, index: u32) {
+        if index != id.0 && self.aliases.remove(&index).is_some() {
+            self.free.push(index);
+        }
+    }
+
+    /// The peer whose `Tunn` uses receiver-index slot `index`.
+    fn owner(&self, index: u32) -> Option<PeerId> {
+        match self.slots.get(index as usize) {
+            Some(Some(_)) => Some(PeerId(index)),
+            _ => self.aliases.get(&index).copied(),
+        }
+    }
+
+    /// Gives the peer a current `Tunn` if it has none and we have a key.
+    fn ensure_tunn(&mut self, id: PeerId) {
+        let Some((secret, _)) = &self.private_key else {
+            return;
+        };
+        let limiter = &self.rate_limiter;
+        if let Some(peer) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut)
+            && peer.tunn.is_none()
+        {
+            peer.tunn = Some(new_tunn(secret, limiter, peer));
         }
     }
 
@@ -573,6 +829,10 @@ impl Device {
             last_receive: None,
             rx_seen: 0,
             tunn: None,
+            index: 0,
+            retiring: Vec::new(),
+            current_since: None,
+            pending: false,
             rx_bytes: 0,
             tx_bytes: 0,
             rx_packets: 0,
@@ -584,14 +844,20 @@ impl Device {
             Some(slot) => {
                 // A freed slot is one of `slots`, emptied by remove_peer.
                 if let Some(entry) = self.slots.get_mut(slot as usize) {
-                    *entry = Some(peer);
+                    *entry = Some(Peer {
+                        index: slot,
+                        ..peer
+                    });
                 }
                 PeerId(slot)
             }
             None => {
                 // apply() checked MAX_PEERS, which fits in u32.
                 let slot = u32::try_from(self.slots.len()).unwrap_or(u32::MAX);
-                self.slots.push(Some(peer));
+                self.slots.push(Some(Peer {
+                    index: slot,
+                    ..peer
+                }));
                 PeerId(slot)
             }
         };
@@ -609,7 +875,7 @@ impl Device {
         if let Some(peer) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) {
             peer.tunn = match private_key {
                 Some(secret) if peer.persistent_keepalive != 0 => {
-                    Some(new_tunn(secret, limiter, peer, id))
+                    Some(new_tunn(secret, limiter, peer))
                 }
                 _ => None,
             };
@@ -626,6 +892,10 @@ impl Device {
                 if self.allowed.exact(cidr) == Some(id) {
                     self.allowed.remove(cidr);
                 }
+            }
+            self.free_index(id, peer.index);
+            for retiring in &peer.retiring {
+                self.free_index(id, retiring.index);
             }
         }
         self.free.push(id.0);
@@ -657,10 +927,10 @@ impl Device {
         let Some(to) = peer.endpoint else {
             return self.drop_tun(DropReason::NoEndpoint);
         };
-        if peer.tunn.is_none() {
-            peer.tunn = Some(new_tunn(secret, &self.rate_limiter, peer, id));
+        if peer.tunn.is_none() && !peer.retiring.iter().any(|r| has_session(&r.tunn)) {
+            peer.tunn = Some(new_tunn(secret, &self.rate_limiter, peer));
         }
-        let Some(tunn) = peer.tunn.as_mut() else {
+        let Some(tunn) = sending_tunn(peer) else {
             return self.drop_tun(DropReason::Internal);
         };
         let packet = padded(packet, self.mtu.mtu(), &mut self.pad);
@@ -711,29 +981,50 @@ impl Device {
         let Some((secret, public)) = &self.private_key else {
             return self.drop_datagram(DropReason::NoPrivateKey);
         };
-        // Step 1: MACs and the load check (whitepaper §5.4.4, §5.3 cookies).
+        // Step 1: MACs and the load check (whitepaper §5.4.4, §5.3 cookies). A handshake
+        // message's mac1 is keyed with the receiver's static public key, so it also tells
+        // whether the sender addressed our previous key (a rotation in progress).
         let mut cookie = [0u8; 64];
-        let parsed =
-            match self
-                .rate_limiter
-                .verify_packet(Some(from.addr.ip()), datagram, &mut cookie)
-            {
-                Ok(packet) => packet,
-                Err(TunnResult::WriteToNetwork(reply)) => {
-                    let Some(answer) = out.get_mut(..reply.len()) else {
-                        return self.drop_datagram(DropReason::Internal);
-                    };
-                    answer.copy_from_slice(reply);
-                    self.counters.cookies_sent += 1;
-                    return DatagramVerdict::Reply {
-                        peer: None,
-                        to: from,
-                        datagram: answer,
-                    };
+        let mut verified = self
+            .rate_limiter
+            .verify_packet(Some(from.addr.ip()), datagram, &mut cookie);
+        let mut to_previous = false;
+        if matches!(verified, Err(TunnResult::Err(WireGuardError::InvalidMac))) {
+            if let Some(previous) = &self.previous {
+                let mut again = [0u8; 64];
+                if let Ok(packet) =
+                    previous
+                        .limiter
+                        .verify_packet(Some(from.addr.ip()), datagram, &mut again)
+                {
+                    verified = Ok(packet);
+                    to_previous = true;
                 }
-                Err(TunnResult::Err(e)) => return self.drop_datagram(reason_for(&e)),
-                Err(_) => return self.drop_datagram(DropReason::Internal),
-            };
+            } else if let Some(retired) = &self.retired
+                && retired
+                    .verify_packet(Some(from.addr.ip()), datagram, &mut [0u8; 64])
+                    .is_ok()
+            {
+                return self.drop_datagram(DropReason::RetiredKey);
+            }
+        }
+        let parsed = match verified {
+            Ok(packet) => packet,
+            Err(TunnResult::WriteToNetwork(reply)) => {
+                let Some(answer) = out.get_mut(..reply.len()) else {
+                    return self.drop_datagram(DropReason::Internal);
+                };
+                answer.copy_from_slice(reply);
+                self.counters.cookies_sent += 1;
+                return DatagramVerdict::Reply {
+                    peer: None,
+                    to: from,
+                    datagram: answer,
+                };
+            }
+            Err(TunnResult::Err(e)) => return self.drop_datagram(reason_for(&e)),
+            Err(_) => return self.drop_datagram(DropReason::Internal),
+        };
         // A handshake that carries a cookie (which boringtun checked if we are under
         // load) still costs its source one of its tokens before any Diffie-Hellman: a
         // sender that answers cookies gets no more than its share of handshake work.
@@ -744,30 +1035,92 @@ impl Device {
         {
             return self.drop_datagram(DropReason::RateLimited);
         }
-        // Step 2: which peer. An initiation names its sender only inside the encrypted
-        // static key; everything else carries our receiver index.
-        let id = match &parsed {
-            Packet::HandshakeInit(init) => parse_handshake_anon(secret, public, init)
-                .ok()
-                .and_then(|half| self.by_key.get(&PublicKey::from(half.peer_static_public)))
-                .copied(),
-            Packet::HandshakeResponse(p) => Some(PeerId(p.receiver_idx >> 8)),
-            Packet::PacketCookieReply(p) => Some(PeerId(p.receiver_idx >> 8)),
-            Packet::PacketData(p) => Some(PeerId(p.receiver_idx >> 8)),
+        // Step 2: which peer, and which of its `Tunn`s. An initiation names its sender
+        // only inside the encrypted static key; everything else carries our receiver
+        // index, whose top 24 bits name the `Tunn`'s slot.
+        let (id, index) = match &parsed {
+            Packet::HandshakeInit(init) => {
+                let (secret, public) = match (&self.previous, to_previous) {
+                    (Some(previous), true) => (&previous.secret, &previous.public),
+                    _ => (secret, public),
+                };
+                let id = parse_handshake_anon(secret, public, init)
+                    .ok()
+                    .and_then(|half| self.by_key.get(&PublicKey::from(half.peer_static_public)))
+                    .copied();
+                (id, None)
+            }
+            Packet::HandshakeResponse(p) => {
+                (self.owner(p.receiver_idx >> 8), Some(p.receiver_idx >> 8))
+            }
+            Packet::PacketCookieReply(p) => {
+                (self.owner(p.receiver_idx >> 8), Some(p.receiver_idx >> 8))
+            }
+            Packet::PacketData(p) => (self.owner(p.receiver_idx >> 8), Some(p.receiver_idx >> 8)),
         };
         let is_cookie = matches!(parsed, Packet::PacketCookieReply(_));
         let Some(id) = id else {
             return self.drop_datagram(DropReason::UnknownPeer);
+        };
+        let previous = self
+            .previous
+            .as_ref()
+            .map(|p| (&p.secret, &p.limiter, PublicKey::from(*p.public.as_bytes())));
+        let Some(peer) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+            return self.drop_datagram(DropReason::UnknownPeer);
+        };
+        let is_init = matches!(parsed, Packet::HandshakeInit(_));
+        // An initiation to our previous key is answered by a retiring `Tunn` under it
+        // (made now if the peer has none); the current `Tunn` answers the others.
+        let mut make_retiring = None;
+        let slot = match (index, previous) {
+            (Some(index), _) if index == peer.index => Slot::Current,
+            (Some(index), _) => match peer.retiring.iter().position(|r| r.index == index) {
+                Some(at) => Slot::Retiring(at),
+                None => return self.drop_datagram(DropReason::UnknownPeer),
+            },
+            (None, Some((old_secret, old_limiter, ours))) if to_previous => {
+                let theirs = peer.public_key;
+                match peer
+                    .retiring
+                    .iter()
+                    .position(|r| r.ours == ours && r.theirs == theirs)
+                {
+                    Some(at) => Slot::Retiring(at),
+                    None => {
+                        make_retiring = Some((old_secret.clone(), Arc::clone(old_limiter), ours));
+                        Slot::Retiring(0)
+                    }
+                }
+            }
+            (None, _) if to_previous => return self.drop_datagram(DropReason::RetiredKey),
+            (None, _) => Slot::Current,
+        };
+        let slot = match make_retiring {
+            Some((old_secret, old_limiter, ours)) => {
+                match self.new_retiring(id, &old_secret, &old_limiter, ours) {
+                    Some(at) => Slot::Retiring(at),
+                    None => return self.drop_datagram(DropReason::UnknownPeer),
+                }
+            }
+            None => slot,
+        };
+        let Some((secret, _)) = &self.private_key else {
+            return self.drop_datagram(DropReason::NoPrivateKey);
         };
         let Some(peer) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
             return self.drop_datagram(DropReason::UnknownPeer);
         };
         // Only an initiation starts a conversation with a peer that has no `Tunn`; a
         // response, cookie or data packet for it answers nothing we sent.
-        if peer.tunn.is_none() && matches!(parsed, Packet::HandshakeInit(_)) {
-            peer.tunn = Some(new_tunn(secret, &self.rate_limiter, peer, id));
+        if slot == Slot::Current && peer.tunn.is_none() && is_init {
+            peer.tunn = Some(new_tunn(secret, &self.rate_limiter, peer));
         }
-        let Some(tunn) = peer.tunn.as_mut() else {
+        let tunn = match slot {
+            Slot::Retiring(at) => peer.retiring.get_mut(at).map(|r| &mut *r.tunn),
+            _ => peer.tunn.as_deref_mut(),
+        };
+        let Some(tunn) = tunn else {
             return self.drop_datagram(DropReason::UnknownPeer);
         };
         // Step 3: decrypt. Only what proves the peer's key moves its endpoint (roaming,
@@ -780,6 +1133,10 @@ impl Device {
             peer.count_rx(datagram.len());
             if proof == Proof::Handshake {
                 peer.handshakes += 1;
+            }
+            if slot == Slot::Current {
+                // The peer has proven our current key.
+                peer.pending = false;
             }
         }
         // A valid cookie reply from the endpoint we sent our initiation to answers it
@@ -809,7 +1166,8 @@ impl Device {
                 }
                 peer.sent(reply);
                 DatagramVerdict::Reply {
-                    peer: Some(id),
+                    // Only the current `Tunn` queues packets for a handshake.
+                    peer: (slot == Slot::Current).then_some(id),
                     to: from,
                     datagram: reply,
                 }
@@ -821,6 +1179,43 @@ impl Device {
                 self.check_source(id, IpAddr::V6(src), packet)
             }
         }
+    }
+
+    /// A retiring `Tunn` for peer `id` under our previous key (`secret`, whose public
+    /// key is `ours`), to answer an initiation addressed to it; its position.
+    fn new_retiring(
+        &mut self,
+        id: PeerId,
+        secret: &x25519::StaticSecret,
+        limiter: &Arc<RateLimiter>,
+        ours: PublicKey,
+    ) -> Option<usize> {
+        let full = self
+            .slots
+            .get(id.0 as usize)
+            .and_then(Option::as_ref)
+            .is_none_or(|p| p.retiring.len() >= MAX_RETIRING);
+        if full {
+            return None;
+        }
+        let index = self.alloc_index(id)?;
+        let peer = self.slot_mut(id)?;
+        let keepalive = (peer.persistent_keepalive != 0).then_some(peer.persistent_keepalive);
+        let tunn = Box::new(Tunn::new(
+            secret.clone(),
+            x25519::PublicKey::from(*peer.public_key.as_bytes()),
+            peer.preshared_key.map(|k| *k.as_bytes()),
+            keepalive,
+            index,
+            Some(Arc::clone(limiter)),
+        ));
+        peer.retiring.push(Retiring {
+            tunn,
+            index,
+            ours,
+            theirs: peer.public_key,
+        });
+        Some(peer.retiring.len() - 1)
     }
 
     /// Cryptokey routing on receive (whitepaper §2.2): the inner source must be one of
@@ -874,10 +1269,18 @@ impl Device {
         self.rate_limiter.reset_count();
         self.handshake_limiter.forget_idle(now);
         self.last_tick = Some(now);
-        for peer in self.slots.iter_mut().flatten() {
+        self.expire_previous(now);
+        let mut freed = Vec::new();
+        for (slot, peer) in self.slots.iter_mut().enumerate() {
+            let Some(peer) = peer.as_mut() else {
+                continue;
+            };
             if peer.rx_packets != peer.rx_seen {
                 peer.rx_seen = peer.rx_packets;
                 peer.last_receive = Some(now);
+            }
+            if !peer.retiring.is_empty() {
+                retiring_timers(peer, now, out, &mut send, |index| freed.push((slot, index)));
             }
             let Some(tunn) = peer.tunn.as_mut() else {
                 continue;
@@ -915,6 +1318,39 @@ impl Device {
                 _ => {}
             }
         }
+        for (slot, index) in freed {
+            // Slots are below MAX_PEERS, which fits in u32.
+            let id = PeerId(u32::try_from(slot).unwrap_or(u32::MAX));
+            self.free_index(id, index);
+        }
+    }
+
+    /// Forgets our previous key when its grace is over, or once no peer that had a
+    /// session under it still waits to prove the new one. Afterwards handshakes
+    /// addressed to it are refused ([`DropReason::RetiredKey`]).
+    fn expire_previous(&mut self, now: Instant) {
+        let Some(previous) = self.previous.as_mut() else {
+            return;
+        };
+        let until = *previous.until.get_or_insert(now + previous.grace);
+        let waiting = !previous.early || self.slots.iter().flatten().any(|p| p.pending);
+        if now < until && waiting {
+            return;
+        }
+        if let Some(previous) = self.previous.take() {
+            self.retired = Some(Arc::new(RateLimiter::new(
+                &previous.public,
+                HANDSHAKE_RATE_LIMIT,
+            )));
+        }
+        for peer in self.slots.iter_mut().flatten() {
+            peer.pending = false;
+        }
+    }
+
+    /// Whether our previous key is still kept (a rotation in progress).
+    pub fn has_previous_key(&self) -> bool {
+        self.previous.is_some()
     }
 
     /// Forgets `local` as the sticky source of every peer that has it: sending from it
@@ -1006,10 +1442,17 @@ impl Device {
                 .last_receive
                 .zip(self.last_tick)
                 .map(|(heard, tick)| tick.saturating_duration_since(heard)),
+            // During a rotation the retiring sessions count until the new one exists.
             since_handshake: peer
                 .tunn
                 .as_ref()
-                .and_then(|t| t.time_since_last_handshake()),
+                .and_then(|t| t.time_since_last_handshake())
+                .or_else(|| {
+                    peer.retiring
+                        .iter()
+                        .filter_map(|r| r.tunn.time_since_last_handshake())
+                        .min()
+                }),
             rx_bytes: peer.rx_bytes,
             tx_bytes: peer.tx_bytes,
             rx_packets: peer.rx_packets,
@@ -1038,6 +1481,15 @@ impl Device {
     pub fn count_drop(&mut self, reason: DropReason) {
         self.counters.drop(reason);
     }
+}
+
+/// Which of a peer's `Tunn`s a datagram is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// [`Peer::tunn`].
+    Current,
+    /// [`Peer::retiring`] at this position.
+    Retiring(usize),
 }
 
 /// What a received datagram proved about its sender, judged from its message type and
@@ -1097,8 +1549,6 @@ fn carries_cookie(datagram: &[u8]) -> bool {
         .is_some_and(|mac2| mac2.iter().any(|b| *b != 0))
 }
 
-/// A `Tunn` for `peer` at slot `id`; boringtun puts the slot in the top 24 bits of
-/// each session's receiver index, which is how datagrams find their peer.
 /// `packet` zero-padded to a multiple of [`PADDING_MULTIPLE`] but not past `mtu`, copied
 /// into `scratch` when it needs padding (whitepaper §5.4.6; the kernel's
 /// `calculate_skb_padding`). A packet over the MTU (an IPv4 packet the underlay may
@@ -1116,21 +1566,87 @@ fn padded<'p>(packet: &'p [u8], mtu: u32, scratch: &'p mut Vec<u8>) -> &'p [u8] 
     scratch
 }
 
-fn new_tunn(
-    secret: &x25519::StaticSecret,
-    limiter: &Arc<RateLimiter>,
-    peer: &Peer,
-    id: PeerId,
-) -> Box<Tunn> {
+/// A `Tunn` for `peer` at its slot [`Peer::index`]; boringtun puts the slot in the top
+/// 24 bits of each session's receiver index, which is how datagrams find their peer.
+fn new_tunn(secret: &x25519::StaticSecret, limiter: &Arc<RateLimiter>, peer: &Peer) -> Box<Tunn> {
     let keepalive = (peer.persistent_keepalive != 0).then_some(peer.persistent_keepalive);
     Box::new(Tunn::new(
         secret.clone(),
         x25519::PublicKey::from(*peer.public_key.as_bytes()),
         peer.preshared_key.map(|k| *k.as_bytes()),
         keepalive,
-        id.0,
+        peer.index,
         Some(Arc::clone(limiter)),
     ))
+}
+
+/// Drives the timers of a peer's retiring `Tunn`s (keepalives and rekeys, to its
+/// endpoint)
+/// and drops them once the current `Tunn` has had a session for [`RETIRE_GRACE`], or
+/// when boringtun declares them expired; `freed` gets each dropped one's slot.
+fn retiring_timers(
+    peer: &mut Peer,
+    now: Instant,
+    out: &mut [u8],
+    send: &mut impl FnMut(SocketAddr, &[u8]),
+    mut freed: impl FnMut(u32),
+) {
+    let current = peer.tunn.as_deref().is_some_and(has_session);
+    let since = if current {
+        *peer.current_since.get_or_insert(now)
+    } else {
+        peer.current_since = None;
+        now
+    };
+    let done = current && now.saturating_duration_since(since) >= RETIRE_GRACE;
+    let endpoint = peer.endpoint;
+    let mut sent = Vec::new();
+    peer.retiring.retain_mut(|r| {
+        if done {
+            freed(r.index);
+            return false;
+        }
+        match r.tunn.update_timers(out) {
+            TunnResult::WriteToNetwork(datagram) => {
+                if let Some(to) = endpoint {
+                    sent.push(datagram.len());
+                    send(to, datagram);
+                }
+                true
+            }
+            TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                freed(r.index);
+                false
+            }
+            _ => true,
+        }
+    });
+    for len in sent {
+        peer.count_tx(len);
+    }
+    if peer.retiring.is_empty() {
+        peer.current_since = None;
+    }
+}
+
+/// Whether `tunn` encrypts with a session now (boringtun 0.7.1: its current session
+/// exists; a responder's session becomes current with the first data packet under it).
+fn has_session(tunn: &Tunn) -> bool {
+    tunn.time_since_last_handshake().is_some()
+}
+
+/// The `Tunn` that encrypts for `peer`: the current one, unless it has no session yet
+/// and a retiring one has (a rotation in progress), so that no packet waits for the new
+/// handshake. `None` only when the peer has no current `Tunn` and no retiring one with a
+/// session.
+fn sending_tunn(peer: &mut Peer) -> Option<&mut Tunn> {
+    if !peer.retiring.is_empty()
+        && peer.tunn.as_deref().is_none_or(|t| !has_session(t))
+        && let Some(retiring) = peer.retiring.iter_mut().find(|r| has_session(&r.tunn))
+    {
+        return Some(&mut retiring.tunn);
+    }
+    peer.tunn.as_deref_mut()
 }
 
 /// Each boringtun error is one drop reason.
@@ -1194,6 +1710,7 @@ mod tests {
             fwmark: None,
             replace_peers: true,
             peers,
+            previous_key: None,
         }
     }
 
@@ -1828,6 +2345,7 @@ mod tests {
                 Some("198.18.0.3:51820"),
                 &["10.0.3.0/24"],
             )],
+            previous_key: None,
         };
         let outcome = p.a.apply(&extra).unwrap();
         assert!(outcome.routes_changed);
@@ -1854,6 +2372,7 @@ mod tests {
                 fwmark: None,
                 replace_peers: false,
                 peers: vec![peer(other, None, &["10.0.2.0/24"])],
+                previous_key: None,
             })
             .unwrap();
         let b = p.a.peer(p.a.peer_id(&p.b_key).unwrap()).unwrap();
@@ -2044,5 +2563,315 @@ mod tests {
     fn route_to(d: &mut Device, cidr: &str) -> ApplyOutcome {
         d.apply(&update(&key(1), vec![peer(public(&key(2)), None, &[cidr])]))
             .unwrap()
+    }
+
+    // Key rotation (issue 12 §5): two devices exchanging real datagrams in memory.
+
+    /// Datagrams in flight between A and B.
+    #[derive(Default)]
+    struct Wire {
+        to_a: Vec<Vec<u8>>,
+        to_b: Vec<Vec<u8>>,
+        /// Inner packets each side wrote to its TUN device.
+        got_a: Vec<Vec<u8>>,
+        got_b: Vec<Vec<u8>>,
+        /// Every drop either side counted for a datagram, with the reason.
+        drops: Vec<DropReason>,
+    }
+
+    impl Wire {
+        /// Delivers everything in flight, and what that sends back, until nothing is left.
+        fn pump(&mut self, p: &mut Pair) {
+            for _ in 0..100 {
+                if self.to_a.is_empty() && self.to_b.is_empty() {
+                    return;
+                }
+                for d in std::mem::take(&mut self.to_b) {
+                    let (tun, replies, dropped) = deliver(&mut p.b, A_ADDR, &d);
+                    self.got_b.extend(tun);
+                    self.to_a.extend(replies);
+                    self.drops.extend(dropped);
+                }
+                for d in std::mem::take(&mut self.to_a) {
+                    let (tun, replies, dropped) = deliver(&mut p.a, B_ADDR, &d);
+                    self.got_a.extend(tun);
+                    self.to_b.extend(replies);
+                    self.drops.extend(dropped);
+                }
+            }
+            panic!("datagrams still in flight after 100 rounds");
+        }
+
+        /// One timer tick on A at `now`; what it sends goes on the wire.
+        fn tick_a(&mut self, p: &mut Pair, now: Instant) {
+            let mut out = vec![0u8; 2048];
+            let to_b = &mut self.to_b;
+            p.a.update_timers(now, &mut out, |_, d| to_b.push(d.to_vec()));
+        }
+
+        fn tick_b(&mut self, p: &mut Pair, now: Instant) {
+            let mut out = vec![0u8; 2048];
+            let to_a = &mut self.to_a;
+            p.b.update_timers(now, &mut out, |_, d| to_a.push(d.to_vec()));
+        }
+    }
+
+    /// Sends packet `n` each way (A to B and B to A), which must leave at once: a
+    /// packet that waits for a handshake would be lost if it never completed.
+    fn both_ways(p: &mut Pair, wire: &mut Wire, n: u32) -> (Vec<u8>, Vec<u8>) {
+        let ab = ipv4("10.0.1.5", "10.0.2.7", &n.to_be_bytes());
+        let ba = ipv4("10.0.2.7", "10.0.1.5", &n.to_be_bytes());
+        let datagram = send(&mut p.a, &ab).unwrap_or_else(|e| panic!("A, packet {n}: {e:?}"));
+        assert_eq!(datagram[0], DATA, "A, packet {n}: sent as data");
+        wire.to_b.push(datagram);
+        let datagram = send(&mut p.b, &ba).unwrap_or_else(|e| panic!("B, packet {n}: {e:?}"));
+        assert_eq!(datagram[0], DATA, "B, packet {n}: sent as data");
+        wire.to_a.push(datagram);
+        (ab, ba)
+    }
+
+    /// The rotation of `dev`'s key from `old` to `new`, keeping `old` up to `grace`.
+    fn rotation(old: &PrivateKey, new: &PrivateKey, grace: Duration) -> DeviceUpdate {
+        DeviceUpdate {
+            private_key: Some(Some(*new)),
+            previous_key: Some(PreviousKey { key: *old, grace }),
+            ..DeviceUpdate::default()
+        }
+    }
+
+    /// The peer `old` is now `new` (a MeshPeer whose key changed).
+    fn rekey(old: PublicKey, new: PublicKey, endpoint: &str, cidr: &str) -> DeviceUpdate {
+        let mut p = peer(new, Some(endpoint), &[cidr]);
+        p.replaces = Some(old);
+        DeviceUpdate {
+            peers: vec![p],
+            ..DeviceUpdate::default()
+        }
+    }
+
+    /// Packets flow both ways through every step of a rotation of B's key (and, with
+    /// `both`, of A's at the same time); `b_initiates` chooses whose handshake under the
+    /// new keys arrives first. Returns the wire and the pair at the end.
+    fn rotate_under_traffic(b_initiates: bool, both: bool) -> (Pair, Wire) {
+        let mut p = pair();
+        establish(&mut p);
+        let mut wire = Wire::default();
+        let mut sent_ab = Vec::new();
+        let mut sent_ba = Vec::new();
+        let mut n = 0u32;
+        let mut traffic = |p: &mut Pair, wire: &mut Wire, count: u32| {
+            for _ in 0..count {
+                n += 1;
+                let (ab, ba) = both_ways(p, wire, n);
+                sent_ab.push(ab);
+                sent_ba.push(ba);
+                wire.pump(p);
+            }
+        };
+        let now = Instant::now();
+        traffic(&mut p, &mut wire, 5);
+        let grace = Duration::from_secs(600);
+        // B rotates (and A, with `both`): old sessions still carry everything.
+        let _ = p.b.apply(&rotation(&key(2), &key(12), grace)).unwrap();
+        if both {
+            let _ = p.a.apply(&rotation(&key(1), &key(11), grace)).unwrap();
+        }
+        traffic(&mut p, &mut wire, 5);
+        // B's first initiation under its new key goes to A, which does not know the key
+        // yet (dropped as an unknown peer), or is held back and arrives later.
+        wire.tick_b(&mut p, now);
+        if both {
+            wire.tick_a(&mut p, now);
+        }
+        let held = if b_initiates {
+            std::mem::take(&mut wire.to_a)
+        } else {
+            Vec::new()
+        };
+        wire.pump(&mut p);
+        traffic(&mut p, &mut wire, 5);
+        // The controllers mirror the new keys: A learns B's (and B learns A's).
+        let _ =
+            p.a.apply(&rekey(
+                public(&key(2)),
+                public(&key(12)),
+                B_ADDR,
+                "10.0.2.0/24",
+            ))
+            .unwrap();
+        if both {
+            let _ =
+                p.b.apply(&rekey(
+                    public(&key(1)),
+                    public(&key(11)),
+                    A_ADDR,
+                    "10.0.1.0/24",
+                ))
+                .unwrap();
+        }
+        traffic(&mut p, &mut wire, 5);
+        if b_initiates {
+            wire.to_a.extend(held);
+            wire.pump(&mut p);
+            traffic(&mut p, &mut wire, 5);
+        }
+        wire.tick_a(&mut p, now);
+        if both {
+            wire.tick_b(&mut p, now);
+        }
+        wire.pump(&mut p);
+        traffic(&mut p, &mut wire, 5);
+        // After the grace for packets in flight, the old sessions go.
+        for later in [1, 7, 8] {
+            let at = now + Duration::from_secs(later);
+            wire.tick_a(&mut p, at);
+            wire.tick_b(&mut p, at);
+            wire.pump(&mut p);
+            traffic(&mut p, &mut wire, 5);
+        }
+        assert_eq!(
+            wire.got_b, sent_ab,
+            "every packet from A arrived at B, in order"
+        );
+        assert_eq!(
+            wire.got_a, sent_ba,
+            "every packet from B arrived at A, in order"
+        );
+        (p, wire)
+    }
+
+    /// Every `Tunn` of every peer of `dev`: (current, retiring).
+    fn tunns(dev: &Device) -> (usize, usize) {
+        dev.slots.iter().flatten().fold((0, 0), |(c, r), p| {
+            (c + usize::from(p.tunn.is_some()), r + p.retiring.len())
+        })
+    }
+
+    /// Asserts that A and B now talk under B's new key only, and that B refuses an
+    /// initiation addressed to its old key.
+    fn settled(p: &mut Pair) {
+        assert!(!p.b.has_previous_key(), "B dropped its old key");
+        assert_eq!(tunns(&p.a), (1, 0), "A: no retiring sessions left");
+        assert_eq!(tunns(&p.b), (1, 0), "B: no retiring sessions left");
+        assert_eq!(p.b.public_key(), Some(public(&key(12))));
+        let a = p.a.peer(p.a.peer_id(&public(&key(12))).unwrap()).unwrap();
+        assert!(a.since_handshake.is_some());
+        assert!(p.a.peer_id(&public(&key(2))).is_none());
+        // An initiation to B's old key, from a key B knows, is refused and counted.
+        let a_secret = if p.a.public_key() == Some(public(&key(11))) {
+            key(11)
+        } else {
+            key(1)
+        };
+        let mut old = Tunn::new(
+            x25519::StaticSecret::from(*a_secret.as_bytes()),
+            x25519::PublicKey::from(*public(&key(2)).as_bytes()),
+            None,
+            None,
+            0x77,
+            None,
+        );
+        let before = p.b.counters().drops(DropReason::RetiredKey);
+        let (tun, replies, dropped) = deliver(&mut p.b, A_ADDR, &initiation(&mut old));
+        assert!(tun.is_empty() && replies.is_empty(), "no answer");
+        assert_eq!(dropped, Some(DropReason::RetiredKey));
+        assert_eq!(p.b.counters().drops(DropReason::RetiredKey), before + 1);
+    }
+
+    #[test]
+    fn a_rotation_loses_no_packet_when_the_remote_initiates_under_the_new_key() {
+        let (mut p, wire) = rotate_under_traffic(false, false);
+        settled(&mut p);
+        // B's first initiation under its new key reached A before A knew the key.
+        assert!(
+            wire.drops.contains(&DropReason::UnknownPeer),
+            "{:?}",
+            wire.drops
+        );
+    }
+
+    #[test]
+    fn a_rotation_loses_no_packet_when_the_rotated_node_initiates_under_the_new_key() {
+        let (mut p, _) = rotate_under_traffic(true, false);
+        settled(&mut p);
+    }
+
+    #[test]
+    fn both_ends_rotating_at_once_lose_no_packet() {
+        for b_initiates in [false, true] {
+            let (mut p, _) = rotate_under_traffic(b_initiates, true);
+            settled(&mut p);
+            assert!(!p.a.has_previous_key());
+            assert_eq!(p.a.public_key(), Some(public(&key(11))));
+        }
+    }
+
+    #[test]
+    fn an_initiation_to_the_previous_key_is_answered_until_the_grace_ends() {
+        let mut p = pair();
+        establish(&mut p);
+        // B rotates; A, which has not learnt it yet, starts a new session to the old key
+        // (its sessions expired, say): B answers from its old key.
+        let _ =
+            p.b.apply(&rotation(&key(2), &key(12), Duration::from_secs(60)))
+                .unwrap();
+        let now = Instant::now();
+        let mut wire = Wire::default();
+        wire.tick_b(&mut p, now);
+        wire.to_a.clear();
+        let mut fresh = Tunn::new(
+            x25519::StaticSecret::from(*key(1).as_bytes()),
+            x25519::PublicKey::from(*public(&key(2)).as_bytes()),
+            None,
+            None,
+            0x78,
+            None,
+        );
+        let (_, replies, dropped) = deliver(&mut p.b, A_ADDR, &initiation(&mut fresh));
+        assert_eq!((replies.len(), dropped), (1, None));
+        assert_eq!(replies[0][0], HANDSHAKE_RESPONSE);
+        assert!(p.b.has_previous_key(), "A has not proven the new key yet");
+        // The grace ends: the old key goes, and is refused.
+        wire.tick_b(&mut p, now + Duration::from_secs(61));
+        assert!(!p.b.has_previous_key());
+        let (_, replies, dropped) = deliver(&mut p.b, A_ADDR, &initiation(&mut fresh));
+        assert!(replies.is_empty());
+        assert_eq!(dropped, Some(DropReason::RetiredKey));
+    }
+
+    #[test]
+    fn a_restart_in_the_middle_of_a_rotation_answers_both_keys() {
+        // The agent restarts with its new key and the previous one (from its state
+        // file): a peer that still knows only the old key gets a session, as does one
+        // that knows the new key.
+        let mut b = Device::new();
+        let mut u = update(
+            &key(12),
+            vec![peer(public(&key(1)), None, &["10.0.1.0/24"])],
+        );
+        u.previous_key = Some(PreviousKey {
+            key: key(2),
+            grace: Duration::from_secs(600),
+        });
+        let _ = b.apply(&u).unwrap();
+        let mut out = vec![0u8; 2048];
+        b.update_timers(Instant::now(), &mut out, |_, _| {});
+        assert!(
+            b.has_previous_key(),
+            "its peer has not proven the new key yet"
+        );
+        for (n, theirs) in [(2u8, key(2)), (12, key(12))] {
+            let mut a = Tunn::new(
+                x25519::StaticSecret::from(*key(1).as_bytes()),
+                x25519::PublicKey::from(*public(&theirs).as_bytes()),
+                None,
+                None,
+                u32::from(n),
+                None,
+            );
+            let (_, replies, dropped) = deliver(&mut b, A_ADDR, &initiation(&mut a));
+            assert_eq!((replies.len(), dropped), (1, None), "to key({n})");
+            assert_eq!(replies[0][0], HANDSHAKE_RESPONSE);
+        }
     }
 }

@@ -66,11 +66,14 @@ pub enum DropReason {
     /// A handshake message from a source address that has had its share of handshake
     /// work this second ([`handshake_limiter`]), although it answered our cookie.
     RateLimited,
+    /// A handshake message addressed to a static key of ours that was rotated out
+    /// ([`Device::rotate_private_key`]): its MAC verifies only under that old key.
+    RetiredKey,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 16] = [
         Self::NoRoute,
         Self::NoEndpoint,
         Self::BadTunPacket,
@@ -86,6 +89,7 @@ impl DropReason {
         Self::Internal,
         Self::TooBig,
         Self::RateLimited,
+        Self::RetiredKey,
     ];
 
     /// A short snake_case name, used as metric label and in logs.
@@ -106,6 +110,7 @@ impl DropReason {
             Self::Internal => "internal",
             Self::TooBig => "too_big",
             Self::RateLimited => "rate_limited",
+            Self::RetiredKey => "retired_key",
         }
     }
 

@@ -16,6 +16,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+/// Annotation on a MeshNode asking its agent to rotate its WireGuard key (`meshctl
+/// rotate-keys` sets it to a request id). The agent rotates once per new value, keeping
+/// its old key a while so that no packet is lost; a remote cluster's annotations are
+/// never read (only the agent's own MeshNode in its own cluster).
+pub const ROTATE_KEYS_ANNOTATION: &str = "wiremesh.io/rotate-keys";
+
 /// The API group.
 pub const GROUP: &str = "wiremesh.io";
 /// The API version.

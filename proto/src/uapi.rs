@@ -63,6 +63,22 @@ pub struct DeviceUpdate {
     /// repeated key yields a second [`PeerUpdate`]; applying the entries in order gives
     /// wireguard-go's result.
     pub peers: Vec<PeerUpdate>,
+    /// Not part of the UAPI text protocol (the agent's key rotation sets it): a key the
+    /// device keeps beside [`Self::private_key`] for a while, answering handshakes
+    /// addressed to it. When it is the device's current key and `private_key` changes it,
+    /// this is a rotation: the sessions made with it keep carrying traffic until each
+    /// peer has a session with the new key.
+    pub previous_key: Option<PreviousKey>,
+}
+
+/// A static key kept after a rotation ([`DeviceUpdate::previous_key`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreviousKey {
+    /// The key rotated out.
+    pub key: PrivateKey,
+    /// The longest it is kept: it goes earlier once every peer that had a session has
+    /// completed a handshake with the new key.
+    pub grace: std::time::Duration,
 }
 
 /// The changes asked for one peer, from its `public_key=` line to the next one.
@@ -104,6 +120,11 @@ pub struct PeerUpdate {
     /// endpoint in use is not changed (set [`Self::endpoint`] for that), except that a
     /// peer with none starts at the first.
     pub endpoints: Option<Vec<SocketAddr>>,
+    /// Not part of the UAPI text protocol: the key this peer had until now (it rotated
+    /// its key). The peer keeps its slot, allowed IPs and counters; its sessions under
+    /// the old key keep carrying traffic until a session with the new key exists.
+    /// Ignored unless a peer with that key exists and none with [`Self::public_key`].
+    pub replaces: Option<PublicKey>,
 }
 
 impl DeviceUpdate {
@@ -116,6 +137,7 @@ impl DeviceUpdate {
             fwmark: None,
             replace_peers: true,
             peers,
+            previous_key: None,
         }
     }
 }
@@ -134,6 +156,7 @@ impl PeerUpdate {
             allowed_ips: Vec::new(),
             accept_ips: None,
             endpoints: None,
+            replaces: None,
         }
     }
 }
@@ -684,6 +707,7 @@ mod tests {
             fwmark: Some(0),
             replace_peers: true,
             peers: vec![first, second],
+            previous_key: None,
         };
         assert_eq!(parse_request(&text), Ok(Request::Set(expected)));
     }
@@ -1137,6 +1161,7 @@ mod tests {
                     allowed_ips: ips,
                     accept_ips: None,
                     endpoints: None,
+                    replaces: None,
                 },
             )
     }
@@ -1156,6 +1181,7 @@ mod tests {
                     fwmark,
                     replace_peers,
                     peers,
+                    previous_key: None,
                 },
             )
     }

@@ -319,21 +319,30 @@ pub fn materialize(peers: &PeerSet, groups: &Groups, active: &Active) -> PeerSet
 /// only the fields that changed. `None` when there is nothing to do.
 ///
 /// An unchanged endpoint is not sent again, so a peer that roamed stays where it roamed.
+///
+/// A node whose key changed (the key it had gone, a new one with the same MeshPeer name
+/// and cluster) is a rekey, not a remove and an add: [`PeerUpdate::replaces`] keeps its
+/// sessions under the old key carrying traffic until one under the new key exists.
 pub fn diff(applied: &PeerSet, desired: &PeerSet) -> Option<DeviceUpdate> {
+    let rekeyed = rekeyed(applied, desired);
     let mut peers = Vec::new();
     for key in applied.keys() {
-        if !desired.contains_key(key) {
+        if !desired.contains_key(key) && !rekeyed.values().any(|old| old == key) {
             let mut update = PeerUpdate::new(*key);
             update.remove = true;
             peers.push(update);
         }
     }
     for (key, want) in desired {
-        let have = applied.get(key);
-        if have == Some(want) {
+        let replaces = rekeyed.get(key).copied();
+        let have = applied
+            .get(key)
+            .or_else(|| replaces.and_then(|old| applied.get(&old)));
+        if have == Some(want) && replaces.is_none() {
             continue;
         }
         let mut update = PeerUpdate::new(*key);
+        update.replaces = replaces;
         if have.map(|h| h.endpoint) != Some(want.endpoint) {
             update.endpoint = want.endpoint;
         }
@@ -356,6 +365,25 @@ pub fn diff(applied: &PeerSet, desired: &PeerSet) -> Option<DeviceUpdate> {
         peers,
         ..DeviceUpdate::default()
     })
+}
+
+/// New key -> old key of each node whose key changed between `applied` and `desired`:
+/// an applied peer whose key is gone and a desired one not applied yet with the same
+/// MeshPeer name and cluster.
+fn rekeyed(applied: &PeerSet, desired: &PeerSet) -> BTreeMap<PublicKey, PublicKey> {
+    let gone: BTreeMap<(&str, &str), PublicKey> = applied
+        .iter()
+        .filter(|(key, p)| !desired.contains_key(*key) && !p.origin.name.is_empty())
+        .map(|(key, p)| ((p.origin.name.as_str(), p.origin.cluster.as_str()), *key))
+        .collect();
+    desired
+        .iter()
+        .filter(|(key, _)| !applied.contains_key(*key))
+        .filter_map(|(key, p)| {
+            gone.get(&(p.origin.name.as_str(), p.origin.cluster.as_str()))
+                .map(|old| (*key, *old))
+        })
+        .collect()
 }
 
 /// How a tunnel to a peer of this path is used, for status.
@@ -658,6 +686,36 @@ mod tests {
         let changed = by_key[&key(3)];
         assert!(changed.replace_allowed_ips && changed.endpoint.is_none());
         assert_eq!(changed.persistent_keepalive, None);
+    }
+
+    #[test]
+    fn a_node_whose_key_changed_is_rekeyed_not_removed_and_added() {
+        let mut applied = PeerSet::new();
+        applied.insert(key(1), peer("b.n1", "198.18.0.2:51820", &["10.2.0.0/24"]));
+        applied.insert(key(2), peer("b.n2", "198.18.0.3:51820", &["10.2.1.0/24"]));
+        let mut desired = applied.clone();
+        let n1 = desired.remove(&key(1)).unwrap();
+        desired.insert(key(9), n1);
+        let update = diff(&applied, &desired).unwrap();
+        assert_eq!(update.peers.len(), 1, "{:?}", update.peers);
+        let rekey = &update.peers[0];
+        assert_eq!((rekey.public_key, rekey.replaces), (key(9), Some(key(1))));
+        assert!(!rekey.remove);
+        // Nothing else changed: the endpoint it roamed to and its prefixes stay.
+        assert_eq!(rekey.endpoint, None);
+        assert!(!rekey.replace_allowed_ips);
+        // A different node with a new key is a remove and an add.
+        let mut desired = applied.clone();
+        desired.remove(&key(1));
+        desired.insert(key(9), peer("b.n3", "198.18.0.4:51820", &["10.2.2.0/24"]));
+        let update = diff(&applied, &desired).unwrap();
+        assert!(update.peers.iter().all(|p| p.replaces.is_none()));
+        assert!(
+            update
+                .peers
+                .iter()
+                .any(|p| p.remove && p.public_key == key(1))
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The library behind `meshctl`: `install`, `join`, `unjoin`, `status`, `host` and
-//! `gateway`.
+//! The library behind `meshctl`: `install`, `join`, `unjoin`, `status`, `host`,
+//! `gateway` and `rotate-keys`.
 //!
 //! The decisions are pure functions with unit tests ([`preflight::check_join`],
 //! [`status::StatusReport`], [`table`]); the rest talks to the API servers and prints each
@@ -18,6 +18,7 @@ pub mod host;
 pub mod join;
 pub mod kubeconfig;
 pub mod preflight;
+pub mod rotate;
 pub mod status;
 pub mod table;
 
@@ -109,6 +110,25 @@ pub enum Command {
     /// and its other nodes go through them; another takes over when one dies.
     #[command(subcommand)]
     Gateway(GatewayCommand),
+    /// Rotate the WireGuard key of a node, or of every node of this cluster, with no lost
+    /// packet: each agent keeps answering its old key until every peer has a session
+    /// under the new one. Waits until each node has published its new key; names the
+    /// hosts running stock WireGuard whose config must be fetched again.
+    RotateKeys {
+        /// The node (MeshNode) to rotate.
+        #[arg(
+            value_name = "NODE",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        node: Option<String>,
+        /// Every node of the cluster.
+        #[arg(long)]
+        all: bool,
+        /// How long to wait for the new keys: `30s`, `2m` or seconds.
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
 }
 
 /// `meshctl gateway ...`.
@@ -247,6 +267,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Gateway(GatewayCommand::Add { node }) => gateway::add(&cli.kube, &node).await,
         Command::Gateway(GatewayCommand::Remove { node }) => {
             gateway::remove(&cli.kube, &node).await
+        }
+        Command::RotateKeys { node, all, timeout } => {
+            let which = match node {
+                Some(node) if !all => rotate::Which::Node(node),
+                _ => rotate::Which::All,
+            };
+            rotate::rotate_keys(&cli.kube, &which, timeout).await
         }
     }
 }
