@@ -1588,7 +1588,7 @@ fn retiring_timers(
     peer: &mut Peer,
     now: Instant,
     out: &mut [u8],
-    send: &mut impl FnMut(SocketAddr, &[u8]),
+    send: &mut impl FnMut(Endpoint, &[u8]),
     mut freed: impl FnMut(u32),
 ) {
     let current = peer.tunn.as_deref().is_some_and(has_session);
