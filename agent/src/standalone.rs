@@ -76,6 +76,7 @@ pub fn plan(options: &UpOptions) -> Result<Plan> {
         uapi_dir: options.uapi_dir.clone(),
         fail_closed: None,
         attribution: None,
+        safety: Default::default(),
     };
     let key = match config.as_ref().and_then(|c| c.interface.private_key) {
         Some(key) => Some(key),
