@@ -26,7 +26,7 @@ use wiremesh_proto::{InterfaceAddress, IpCidr, PresharedKey};
 
 use self::udp::{RxRing, Underlay};
 use crate::control::{Command, Handle, Snapshot};
-use crate::failclosed::{self, Attribution, FailClosed, Owner, Protected, Refusal, Standing};
+use crate::failclosed::{self, Attribution, FailClosed, Owner, Protected, Refused, Standing};
 use crate::metrics::Safety;
 use crate::netlink::{Netlink, RouteReconciler};
 use crate::tun::{DetachedTun, Tun};
@@ -846,7 +846,7 @@ struct Closing {
     safety: Arc<Safety>,
     standing: Standing,
     /// The linked clusters' ranges refused a fail-closed route, already warned about.
-    warned: BTreeSet<(IpCidr, Owner, Refusal)>,
+    warned: BTreeSet<Refused>,
 }
 
 impl Closing {
@@ -951,7 +951,7 @@ impl Closing {
     }
 
     /// Warns once about each linked cluster's range refused a fail-closed route.
-    fn warn_refused(&mut self, refused: Vec<(IpCidr, Owner, Refusal)>) {
+    fn warn_refused(&mut self, refused: Vec<Refused>) {
         let now: BTreeSet<_> = refused.into_iter().collect();
         for (cidr, owner, why) in now.difference(&self.warned) {
             let cluster = match owner {

@@ -145,12 +145,15 @@ pub fn refusal(cidr: &IpCidr, protected: &Protected) -> Option<Refusal> {
         .map(|own| Refusal::Local(*own))
 }
 
+/// A linked cluster's range refused a fail-closed route: the range, its owner, and why.
+pub type Refused = (IpCidr, Owner, Refusal);
+
 /// Splits a linked cluster's `allowances` into the ranges that get fail-closed routes and
 /// those refused, each with why (see [`Protected`]).
 pub fn screen(
     allowances: &BTreeMap<IpCidr, Owner>,
     protected: &Protected,
-) -> (BTreeMap<IpCidr, Owner>, Vec<(IpCidr, Owner, Refusal)>) {
+) -> (BTreeMap<IpCidr, Owner>, Vec<Refused>) {
     let mut admitted = BTreeMap::new();
     let mut refused = Vec::new();
     for (cidr, owner) in allowances {
