@@ -15,6 +15,7 @@ mod udp;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result, anyhow};
@@ -25,7 +26,8 @@ use wiremesh_proto::{InterfaceAddress, IpCidr, PresharedKey};
 
 use self::udp::{RxRing, Underlay};
 use crate::control::{Command, Handle, Snapshot};
-use crate::failclosed::{self, Attribution, FailClosed};
+use crate::failclosed::{self, Attribution, FailClosed, Owner, Protected, Refused, Standing};
+use crate::metrics::Safety;
 use crate::netlink::{MAIN_TABLE, Netlink, RouteReconciler, RouteTarget};
 use crate::tun::{DetachedTun, Tun};
 use crate::uapi_server;
@@ -77,6 +79,8 @@ pub struct InterfaceSpec {
     /// ([`crate::failclosed::Attribution`]); without it every range is of an unknown owner
     /// and none is ever removed.
     pub attribution: Option<watch::Receiver<Attribution>>,
+    /// Where the fail-closed routes' standing is reported (metrics, readiness).
+    pub safety: Arc<Safety>,
     /// Which routes the interface gets.
     pub routing: Routing,
 }
@@ -120,18 +124,20 @@ pub async fn run(
     let netlink = Netlink::new().await.context("opening netlink")?;
     // Before the TUN device exists: the ranges routed before a restart, a crash or a
     // reboot are closed again first.
-    let fail_closed = spec.fail_closed.as_ref().map(|dir| {
-        let set = FailClosed::new(failclosed::load(dir));
-        (dir.clone(), set)
+    let mut fail_closed = spec.fail_closed.as_ref().map(|dir| Closing {
+        dir: dir.clone(),
+        set: FailClosed::new(failclosed::load(dir)),
+        attribution: spec.attribution.clone(),
+        safety: Arc::clone(&spec.safety),
+        standing: Standing::default(),
+        warned: BTreeSet::new(),
     });
-    if let Some((_, set)) = &fail_closed {
-        match failclosed::install(&netlink, set).await {
-            Ok(added) => info!(
-                ranges = set.ranges().len(),
-                added, "fail-closed routes in place"
-            ),
-            Err(e) => warn!(error = %e, "installing the fail-closed routes"),
-        }
+    if let Some(closing) = &mut fail_closed {
+        closing.install(&netlink, false).await;
+        info!(
+            ranges = closing.set.ranges().len(),
+            "fail-closed routes in place"
+        );
     }
     // From here on the device decides the MTU: a derived one is raised to the IPv6 minimum
     // when IPv6 routes arrive later, a configured one is left as it is.
@@ -193,11 +199,6 @@ pub async fn run(
         info!(table = target.table, "routes go to a table of their own");
     }
     let (link_tx, link_rx) = watch::channel(Link::of(&device, fixed_routes.as_ref()));
-    let fail_closed = fail_closed.map(|(dir, set)| Closing {
-        dir,
-        set,
-        attribution: spec.attribution.clone(),
-    });
     let route_task = tokio::spawn(reconcile_link(netlink, target, link_rx, mtu, fail_closed));
 
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
@@ -413,25 +414,38 @@ impl Shell {
             };
             if !*vnet {
                 if fits(device, tun, false, read, now, icmp) {
-                    encrypt(device, tx, udp, read).await;
+                    // Padded in place: the read buffer has room after the packet.
+                    let sent = sent(device.handle_tun_packet_in_place(tun_buf, len, tx.space()));
+                    batch(tx, udp, sent).await;
                 }
                 continue;
             }
-            match Segmenter::new(read) {
+            // A single packet is padded in place, behind the vnet header; the segments of
+            // a super-packet are not (the next one follows), and are copied when they
+            // need padding (the kernel sizes all but the last to the MTU, which needs none).
+            let single = match Segmenter::new(read) {
+                Ok(mut segments) if !segments.is_gso() => segments.next_segment().map(<[u8]>::len),
                 Ok(mut segments) => {
                     // A super-packet is as long as 64 KiB; its segments are sized by the
                     // kernel from the device's MTU. Only a single packet can be too big.
-                    let single = !segments.is_gso();
                     while let Some(packet) = segments.next_segment() {
-                        if !single || fits(device, tun, true, packet, now, icmp) {
-                            encrypt(device, tx, udp, packet).await;
-                        }
+                        encrypt(device, tx, udp, packet).await;
                     }
+                    None
                 }
                 Err(e) => {
                     device.count_drop(DropReason::BadTunPacket);
                     trace!(error = %e, "refused a TUN read");
+                    None
                 }
+            };
+            if let Some(n) = single
+                && let Some(room) = tun_buf.get_mut(VNET_HDR_LEN..)
+                && let Some(packet) = room.get(..n)
+                && fits(device, tun, true, packet, now, icmp)
+            {
+                let sent = sent(device.handle_tun_packet_in_place(room, n, tx.space()));
+                batch(tx, udp, sent).await;
             }
         }
         flush(tx, udp).await;
@@ -664,13 +678,28 @@ fn fits(
 /// Encrypts one packet into the GSO batch, sending the batch when the packet cannot join
 /// it or it is full.
 async fn encrypt(device: &mut Device, tx: &mut GsoBatch, udp: &mut Underlay, packet: &[u8]) {
-    let (to, len) = match device.handle_tun_packet(packet, tx.space()) {
-        TunVerdict::Send { to, datagram, .. } => (to, datagram.len()),
-        TunVerdict::Queued => return,
+    let sent = sent(device.handle_tun_packet(packet, tx.space()));
+    batch(tx, udp, sent).await;
+}
+
+/// Where a datagram encrypted into the batch's space goes, and its length; `None` when
+/// nothing was (queued for a handshake, or dropped).
+fn sent(verdict: TunVerdict<'_>) -> Option<(Endpoint, usize)> {
+    match verdict {
+        TunVerdict::Send { to, datagram, .. } => Some((to, datagram.len())),
+        TunVerdict::Queued => None,
         TunVerdict::Drop(reason) => {
             trace_drop(reason);
-            return;
+            None
         }
+    }
+}
+
+/// Adds the datagram encrypted into the batch's space to it, sending the batch when the
+/// datagram cannot join it or it is full.
+async fn batch(tx: &mut GsoBatch, udp: &mut Underlay, sent: Option<(Endpoint, usize)>) {
+    let Some((to, len)) = sent else {
+        return;
     };
     if tx.push(to, len) == BatchPush::FlushFirst {
         flush(tx, udp).await;
@@ -856,50 +885,135 @@ async fn reconcile_link(
     Ok(())
 }
 
-/// The fail-closed set the route task keeps: where it is persisted, and what the peer
-/// machinery says about whose ranges they are.
+/// The fail-closed set the route task keeps: where it is persisted, what the peer
+/// machinery says about whose ranges they are, and whether it is in force.
 struct Closing {
     dir: PathBuf,
     set: FailClosed,
     attribution: Option<watch::Receiver<Attribution>>,
+    safety: Arc<Safety>,
+    standing: Standing,
+    /// The linked clusters' ranges refused a fail-closed route, already warned about.
+    warned: BTreeSet<Refused>,
 }
 
 impl Closing {
-    /// Adds the `routed` ranges to the fail-closed set with their owners, forgets (and
-    /// deletes the routes of) those of clusters no longer linked, persists the set when it
-    /// changed, and installs the missing fail-closed routes (also those someone deleted).
-    /// A set whose file is gone was removed by the user (`wiremesh-agent cleanup`): it
-    /// starts again from the ranges routed now.
+    /// Adds the `routed` ranges and the linked clusters' allowances (less those
+    /// [`failclosed::screen`] refuses) to the fail-closed set with their owners, forgets
+    /// (and deletes the routes of) those of clusters no longer linked and those that came
+    /// to cover this node, persists the set when it changed (or the last write failed),
+    /// and installs the missing fail-closed routes (also those someone deleted). A set
+    /// whose file is gone was removed by the user (`wiremesh-agent cleanup`): it starts
+    /// again from the ranges routed now.
     async fn close_ranges(&mut self, netlink: &Netlink, routed: &BTreeSet<IpCidr>) {
-        let Attribution { owners, linked } = self
+        let Attribution {
+            mut owners,
+            linked,
+            allowances,
+            local_ranges,
+            endpoints,
+        } = self
             .attribution
             .as_mut()
             .map(|a| a.borrow_and_update().clone())
             .unwrap_or_default();
+        let mut wanted = routed.clone();
+        let mut conflicting = Vec::new();
+        let mut checked = true;
+        let watched = !allowances.is_empty()
+            || self
+                .set
+                .ranges()
+                .values()
+                .any(|o| matches!(o, Owner::Cluster(_)));
+        if watched {
+            match netlink.own_addresses().await {
+                Ok(mut addresses) => {
+                    addresses.extend(endpoints);
+                    let protected = Protected {
+                        addresses,
+                        ranges: local_ranges,
+                    };
+                    let (admitted, refused) = failclosed::screen(&allowances, &protected);
+                    self.warn_refused(refused);
+                    for (cidr, owner) in admitted {
+                        wanted.insert(cidr);
+                        owners.entry(cidr).or_insert(owner);
+                    }
+                    conflicting = self.set.conflicting(&protected, routed);
+                }
+                // Nothing is admitted that cannot be checked; what is closed stays.
+                Err(e) => {
+                    checked = false;
+                    warn!(error = %e, "reading this node's addresses; linked clusters' ranges wait");
+                }
+            }
+        }
         let set = &mut self.set;
         let dir = self.dir.as_path();
         let mut changed = if failclosed::persisted(dir) {
-            set.extend(routed, &owners)
+            set.extend(&wanted, &owners)
         } else {
             if !set.ranges().is_empty() {
                 info!("the fail-closed ranges were removed: starting again from the routed ones");
             }
-            set.reset(routed, &owners);
+            set.reset(&wanted, &owners);
             true
         };
+        let mut gone = conflicting;
         if let Some(linked) = &linked {
-            let unlinked = set.unlinked(linked, routed);
-            if !unlinked.is_empty() {
-                let removed = failclosed::remove(netlink, &unlinked).await;
-                changed |= set.forget(&removed);
+            gone.extend(set.unlinked(linked, routed));
+        }
+        if !gone.is_empty() {
+            gone.sort();
+            gone.dedup();
+            let removed = failclosed::remove(netlink, &gone).await;
+            changed |= set.forget(&removed);
+        }
+        if self.standing.must_save(changed) {
+            let saved = failclosed::save(dir, set.ranges());
+            if let Err(e) = &saved {
+                warn!(error = %e, dir = %dir.display(), "saving the fail-closed ranges; retried at the next pass");
             }
+            self.standing.saved(saved.is_ok());
         }
-        if changed && let Err(e) = failclosed::save(dir, set.ranges()) {
-            warn!(error = %e, dir = %dir.display(), "saving the fail-closed ranges");
+        self.install(netlink, linked.is_some() && checked).await;
+    }
+
+    /// Installs the missing fail-closed routes and reports the standing; `linked_known`
+    /// when the set includes the linked clusters' grants.
+    async fn install(&mut self, netlink: &Netlink, linked_known: bool) {
+        let failed = match failclosed::install(netlink, &self.set).await {
+            Ok(failed) => Some(failed),
+            Err(e) => {
+                warn!(error = %e, "installing the fail-closed routes; retried at the next pass");
+                None
+            }
+        };
+        self.standing.installed(failed);
+        self.safety.fail_closed(
+            self.standing.errors(),
+            self.standing.problem(),
+            linked_known,
+        );
+    }
+
+    /// Warns once about each linked cluster's range refused a fail-closed route.
+    fn warn_refused(&mut self, refused: Vec<Refused>) {
+        let now: BTreeSet<_> = refused.into_iter().collect();
+        for (cidr, owner, why) in now.difference(&self.warned) {
+            let cluster = match owner {
+                Owner::Cluster(name) => name.as_str(),
+                Owner::Local | Owner::Unknown => "",
+            };
+            warn!(
+                peer_cluster = cluster,
+                %cidr,
+                reason = %why,
+                "a range allowed to a linked cluster (its PeerCluster) gets no fail-closed route"
+            );
         }
-        if let Err(e) = failclosed::install(netlink, set).await {
-            warn!(error = %e, "installing the fail-closed routes");
-        }
+        self.warned = now;
     }
 }
 

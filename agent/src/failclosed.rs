@@ -36,6 +36,7 @@
 //! [`save`], [`install`] and [`cleanup`] are the shell.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::path::Path;
 
 use tracing::{debug, info, warn};
@@ -81,6 +82,89 @@ pub struct Attribution {
     /// `None` while that is not known (before the API server answered, or in a mode that
     /// does not read PeerClusters): then nothing is ever removed.
     pub linked: Option<BTreeSet<String>>,
+    /// What the linked clusters were granted at join (`spec.allowedPodCIDRs` and
+    /// `spec.allowedHostCIDRs` of their PeerClusters), with their owners: closed from the
+    /// moment a cluster is linked, before any of its nodes is routed, once [`screen`]ed.
+    pub allowances: BTreeMap<IpCidr, Owner>,
+    /// This cluster's own ranges (its pod, host and service CIDRs, this node's pod CIDRs),
+    /// which no linked cluster's fail-closed route may overlap.
+    pub local_ranges: Vec<IpCidr>,
+    /// The endpoints of the peers applied: a fail-closed route over one would cut the
+    /// underlay path to it.
+    pub endpoints: BTreeSet<IpAddr>,
+}
+
+/// What a linked cluster's fail-closed route must never cover, or the node would cut
+/// itself off: a linked cluster's allowance is granted at join from what its
+/// administrator asked for, and an unreachable route over the underlay would black-hole it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Protected {
+    /// The addresses of this node's interfaces (its node and underlay addresses), its
+    /// default routes' next hops, and the peers' endpoints.
+    pub addresses: BTreeSet<IpAddr>,
+    /// This cluster's own pod, host and service CIDRs (and this node's pod CIDRs).
+    pub ranges: Vec<IpCidr>,
+}
+
+/// Why a linked cluster's range gets no fail-closed route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Refusal {
+    /// `0.0.0.0/0` or `::/0`: it would refuse everything the node sends off-link.
+    Default,
+    /// It contains one of this node's addresses, a next hop or a peer's endpoint.
+    Address(IpAddr),
+    /// It overlaps one of this cluster's own ranges.
+    Local(IpCidr),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Default => f.write_str("it is a default route"),
+            Self::Address(ip) => write!(
+                f,
+                "it covers {ip}, an address of this node, a next hop or a peer's endpoint"
+            ),
+            Self::Local(cidr) => write!(f, "it overlaps this cluster's own {cidr}"),
+        }
+    }
+}
+
+/// Why `cidr` may not have a linked cluster's fail-closed route, if it may not.
+pub fn refusal(cidr: &IpCidr, protected: &Protected) -> Option<Refusal> {
+    if cidr.is_default() {
+        return Some(Refusal::Default);
+    }
+    if let Some(ip) = protected.addresses.iter().find(|ip| cidr.contains(**ip)) {
+        return Some(Refusal::Address(*ip));
+    }
+    protected
+        .ranges
+        .iter()
+        .find(|own| own.overlaps(cidr))
+        .map(|own| Refusal::Local(*own))
+}
+
+/// A linked cluster's range refused a fail-closed route: the range, its owner, and why.
+pub type Refused = (IpCidr, Owner, Refusal);
+
+/// Splits a linked cluster's `allowances` into the ranges that get fail-closed routes and
+/// those refused, each with why (see [`Protected`]).
+pub fn screen(
+    allowances: &BTreeMap<IpCidr, Owner>,
+    protected: &Protected,
+) -> (BTreeMap<IpCidr, Owner>, Vec<Refused>) {
+    let mut admitted = BTreeMap::new();
+    let mut refused = Vec::new();
+    for (cidr, owner) in allowances {
+        match refusal(cidr, protected) {
+            None => {
+                admitted.insert(*cidr, owner.clone());
+            }
+            Some(why) => refused.push((*cidr, owner.clone(), why)),
+        }
+    }
+    (admitted, refused)
 }
 
 /// The ranges that must never leave the node unencrypted, each with its owner: every
@@ -153,6 +237,22 @@ impl FailClosed {
             .collect()
     }
 
+    /// The ranges of linked clusters, not routed into the tunnel now, that cover what is
+    /// [`Protected`] (a node address or endpoint that appeared after the range was
+    /// closed): their fail-closed routes are to be deleted, then the ranges forgotten.
+    /// Ranges of this cluster's own machines and of unknown owners are never touched.
+    pub fn conflicting(&self, protected: &Protected, routed: &BTreeSet<IpCidr>) -> Vec<IpCidr> {
+        self.ranges
+            .iter()
+            .filter(|(cidr, owner)| {
+                matches!(owner, Owner::Cluster(_))
+                    && !routed.contains(cidr)
+                    && refusal(cidr, protected).is_some()
+            })
+            .map(|(cidr, _)| *cidr)
+            .collect()
+    }
+
     /// Forgets `ranges` (whose fail-closed routes were deleted). True when the set
     /// changed.
     #[must_use]
@@ -172,6 +272,74 @@ impl FailClosed {
             .filter(|cidr| !installed.contains(cidr))
             .copied()
             .collect()
+    }
+}
+
+/// Whether the fail-closed set is in force: each pass of the route task records whether
+/// it could persist the set and install every route. A failure is not silent: it is
+/// counted (`wiremesh_fail_closed_errors_total`), retried at every pass, and the agent is
+/// not ready (`/readyz`) until a pass succeeds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Standing {
+    /// The last write of the set failed (or none was tried since it changed).
+    unsaved: bool,
+    /// Ranges without their route after the last pass; `None` when the routes could not
+    /// even be listed.
+    unrouted: Option<Vec<IpCidr>>,
+    /// Failures since start: a write, a route, a listing each count one.
+    errors: u64,
+}
+
+impl Standing {
+    /// Whether the set is to be written at this pass: it `changed`, or the last write
+    /// failed.
+    pub fn must_save(&self, changed: bool) -> bool {
+        changed || self.unsaved
+    }
+
+    /// Records a write of the set.
+    pub fn saved(&mut self, ok: bool) {
+        self.unsaved = !ok;
+        self.errors += u64::from(!ok);
+    }
+
+    /// Records an install pass: the ranges whose route could not be added, or `None` when
+    /// the installed routes could not be listed.
+    pub fn installed(&mut self, failed: Option<Vec<IpCidr>>) {
+        self.errors += failed.as_ref().map_or(1, |f| f.len() as u64);
+        self.unrouted = failed;
+    }
+
+    /// Failures since start.
+    pub fn errors(&self) -> u64 {
+        self.errors
+    }
+
+    /// Why the set is not in force, if it is not: what `/readyz` says.
+    pub fn problem(&self) -> Option<String> {
+        let routes = match &self.unrouted {
+            None => {
+                Some("the fail-closed routes are not installed yet or cannot be listed".to_owned())
+            }
+            Some(failed) if failed.is_empty() => None,
+            Some(failed) => Some(format!(
+                "no fail-closed route yet for {}",
+                failed
+                    .iter()
+                    .take(8)
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        };
+        let file = self
+            .unsaved
+            .then(|| format!("the fail-closed ranges are not persisted in {FILE}"));
+        match (routes, file) {
+            (None, None) => None,
+            (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+            (a, b) => a.or(b),
+        }
     }
 }
 
@@ -312,24 +480,24 @@ pub fn persisted(state_dir: &Path) -> bool {
     state_dir.join(FILE).exists()
 }
 
-/// Adds the fail-closed routes of `set` that are not installed; a route that cannot be
-/// added is logged and tried again next time.
+/// Adds the fail-closed routes of `set` that are not installed, and returns those that
+/// could not be added (each logged; tried again at the next pass).
 ///
 /// # Errors
 /// [`NetlinkError::ListRoutes`] when the installed routes cannot be read.
-pub async fn install(nl: &Netlink, set: &FailClosed) -> Result<usize, NetlinkError> {
+pub async fn install(nl: &Netlink, set: &FailClosed) -> Result<Vec<IpCidr>, NetlinkError> {
     let installed = nl.fail_closed_routes().await?;
-    let mut added = 0;
+    let mut failed = Vec::new();
     for dst in set.missing(&installed) {
         match nl.add_fail_closed(dst).await {
-            Ok(()) => {
-                debug!(%dst, "fail-closed route installed");
-                added += 1;
+            Ok(()) => debug!(%dst, "fail-closed route installed"),
+            Err(e) => {
+                warn!(%dst, error = %e, "fail-closed route not installed");
+                failed.push(dst);
             }
-            Err(e) => warn!(%dst, error = %e, "fail-closed route not installed"),
         }
     }
-    Ok(added)
+    Ok(failed)
 }
 
 /// Deletes the fail-closed routes of `ranges` (those of an unlinked cluster) and returns
@@ -532,6 +700,135 @@ mod tests {
     fn an_owner_is_local_for_this_clusters_own_machines() {
         assert_eq!(Owner::of_cluster(""), Owner::Local);
         assert_eq!(Owner::of_cluster("b"), Owner::Cluster("b".into()));
+    }
+
+    #[test]
+    fn a_linked_clusters_allowance_never_covers_the_node_or_this_cluster() {
+        let protected = Protected {
+            addresses: ["198.18.1.1", "198.18.1.254", "198.18.2.1", "fd18:1::1"]
+                .iter()
+                .map(|a| a.parse().unwrap())
+                .collect(),
+            ranges: vec![cidr("10.1.0.0/16"), cidr("10.96.0.0/12")],
+        };
+        let mut allowances = owned("b", &["10.2.0.0/16", "fd10:2::/48", "192.0.2.0/24"]);
+        allowances.extend(owned(
+            "evil",
+            &[
+                "0.0.0.0/0",
+                "::/0",
+                "198.18.1.0/24",
+                "198.18.2.1/32",
+                "fd18::/16",
+                "10.0.0.0/8",
+                "10.1.7.0/24",
+                "10.100.0.0/16",
+            ],
+        ));
+        let (admitted, refused) = screen(&allowances, &protected);
+        assert_eq!(
+            admitted,
+            owned("b", &["10.2.0.0/16", "fd10:2::/48", "192.0.2.0/24"])
+        );
+        let refused: BTreeMap<IpCidr, Refusal> = refused
+            .into_iter()
+            .map(|(c, owner, why)| {
+                assert_eq!(owner, Owner::Cluster("evil".into()));
+                (c, why)
+            })
+            .collect();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(refused[&cidr("0.0.0.0/0")], Refusal::Default);
+        assert_eq!(refused[&cidr("::/0")], Refusal::Default);
+        // A node address and the default gateway.
+        assert_eq!(
+            refused[&cidr("198.18.1.0/24")],
+            Refusal::Address(ip("198.18.1.1"))
+        );
+        // A peer's endpoint.
+        assert_eq!(
+            refused[&cidr("198.18.2.1/32")],
+            Refusal::Address(ip("198.18.2.1"))
+        );
+        assert_eq!(
+            refused[&cidr("fd18::/16")],
+            Refusal::Address(ip("fd18:1::1"))
+        );
+        // Over, inside, or over the service CIDR: all overlap.
+        assert_eq!(
+            refused[&cidr("10.0.0.0/8")],
+            Refusal::Local(cidr("10.1.0.0/16"))
+        );
+        assert_eq!(
+            refused[&cidr("10.1.7.0/24")],
+            Refusal::Local(cidr("10.1.0.0/16"))
+        );
+        assert_eq!(
+            refused[&cidr("10.100.0.0/16")],
+            Refusal::Local(cidr("10.96.0.0/12"))
+        );
+        assert_eq!(refused.len(), 8);
+        assert!(
+            Refusal::Address(ip("198.18.1.1"))
+                .to_string()
+                .contains("198.18.1.1")
+        );
+    }
+
+    #[test]
+    fn a_closed_range_that_comes_to_cover_the_node_goes_unless_routed() {
+        let mut set = FailClosed::new(owned("b", &["10.2.0.0/16", "198.18.9.0/24"]));
+        set.ranges.insert(cidr("198.18.8.0/24"), Owner::Local);
+        set.ranges.insert(cidr("198.18.7.0/24"), Owner::Unknown);
+        let protected = Protected {
+            addresses: ["198.18.9.1", "198.18.8.1", "198.18.7.1"]
+                .iter()
+                .map(|a| a.parse().unwrap())
+                .collect(),
+            ranges: Vec::new(),
+        };
+        // Routed now: its tunnel route covers it anyway; it stays until it is not.
+        assert!(
+            set.conflicting(&protected, &cidrs(&["198.18.9.0/24"]))
+                .is_empty()
+        );
+        assert_eq!(
+            set.conflicting(&protected, &BTreeSet::new()),
+            vec![cidr("198.18.9.0/24")]
+        );
+    }
+
+    #[test]
+    fn a_failed_install_or_save_is_retried_counted_and_not_ready() {
+        let mut standing = Standing::default();
+        assert!(!standing.must_save(false));
+        assert!(standing.must_save(true));
+        // The write fails: the next pass writes again even with no change.
+        standing.saved(false);
+        assert!(standing.must_save(false));
+        assert!(standing.problem().unwrap().contains("not persisted"));
+        // And a route could not be added.
+        standing.installed(Some(vec![cidr("10.2.0.0/16")]));
+        let problem = standing.problem().unwrap();
+        assert!(
+            problem.contains("10.2.0.0/16") && problem.contains("not persisted"),
+            "{problem}"
+        );
+        assert_eq!(standing.errors(), 2);
+        // Routes that cannot even be listed.
+        standing.installed(None);
+        assert!(standing.problem().unwrap().contains("cannot be listed"));
+        assert_eq!(standing.errors(), 3);
+        assert!(
+            Standing::default().problem().is_some(),
+            "not ready before a first pass"
+        );
+        // The next pass succeeds: ready, nothing more to write.
+        standing.saved(true);
+        standing.installed(Some(Vec::new()));
+        assert_eq!(standing.problem(), None);
+        assert!(!standing.must_save(false));
+        assert_eq!(standing.errors(), 3);
     }
 
     fn cidr(text: &str) -> IpCidr {

@@ -63,6 +63,8 @@ pub struct HostOptions {
     pub uapi_dir: PathBuf,
     /// Where to serve metrics and health.
     pub metrics_addr: Option<SocketAddr>,
+    /// Most peers the device holds (`--max-peers`).
+    pub max_peers: usize,
 }
 
 /// Runs the agent in host mode until SIGINT/SIGTERM.
@@ -110,6 +112,7 @@ pub async fn run(options: HostOptions) -> Result<()> {
         fail_closed: Some(options.state_dir.clone()),
         attribution: None,
         routing: Routing::AllowedIps,
+        safety: Default::default(),
     };
     let initial = DeviceUpdate {
         private_key: Some(Some(key)),
@@ -127,6 +130,7 @@ pub async fn run(options: HostOptions) -> Result<()> {
         },
         state_dir: options.state_dir.clone(),
         watch_linked: false,
+        synced: None,
     };
     let cached = load_cache(&options.state_dir);
     let publisher = publish(client, bundle.host_name.clone(), public, endpoints);
@@ -134,6 +138,7 @@ pub async fn run(options: HostOptions) -> Result<()> {
         spec,
         initial,
         options.metrics_addr,
+        options.max_peers,
         cached,
         move |_| async move { (context, publisher) },
     )

@@ -5,14 +5,16 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Taint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, ResourceExt as _};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use wiremesh_proto::crd::{
     GATEWAY_LABEL, MeshNode, MeshNodeKind, MeshNodeSpec, ROTATE_KEYS_ANNOTATION,
@@ -23,6 +25,7 @@ use wiremesh_proto::{InterfaceAddress, IpCidr, PrivateKey, PublicKey};
 use crate::control::Handle;
 use crate::dataplane::{InterfaceSpec, Routing};
 use crate::mesh::select::{LocalPeers, Selection};
+use crate::metrics::Safety;
 use crate::peers::{Context, MANAGER, load_cache, run_data_plane};
 use crate::rotation;
 
@@ -62,6 +65,11 @@ pub struct KubeOptions {
     pub uapi_dir: PathBuf,
     /// Where to serve metrics and health.
     pub metrics_addr: Option<SocketAddr>,
+    /// Most peers the device holds (`--max-peers`).
+    pub max_peers: usize,
+    /// The taint to remove from this node's Node once its fail-closed routes are in place
+    /// and its peers synced (`--startup-taint`), if any.
+    pub startup_taint: Option<String>,
     /// Where the last known peers are kept, to come up with them when the API server is
     /// unreachable at start.
     pub state_dir: PathBuf,
@@ -105,18 +113,28 @@ pub async fn run(options: KubeOptions) -> Result<()> {
         fail_closed: Some(options.state_dir.clone()),
         attribution: None,
         routing: Routing::AllowedIps,
+        safety: Arc::new(Safety::default()),
     };
+    let safety = Arc::clone(&spec.safety);
     let metrics_addr = options.metrics_addr;
-    run_data_plane(spec, initial, metrics_addr, cached, move |handle| {
-        setup(
-            client,
-            options,
-            Keys {
-                current: key,
-                handle,
-            },
-        )
-    })
+    run_data_plane(
+        spec,
+        initial,
+        metrics_addr,
+        options.max_peers,
+        cached,
+        move |handle| {
+            setup(
+                client,
+                options,
+                Keys {
+                    current: key,
+                    handle,
+                },
+                safety,
+            )
+        },
+    )
     .await
 }
 
@@ -132,9 +150,21 @@ async fn setup(
     client: Client,
     options: KubeOptions,
     keys: Keys,
+    safety: Arc<Safety>,
 ) -> (Context, impl Future<Output = ()> + Send + 'static) {
     let public = public_of(&keys.current);
     let node = wait_for_node(&client, &options.node_name).await;
+    let synced = options.startup_taint.clone().map(|key| {
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(remove_startup_taint(
+            client.clone(),
+            options.node_name.clone(),
+            key,
+            safety,
+            rx,
+        ));
+        tx
+    });
     let own_cidrs = node_pod_cidrs(&node);
     let endpoints = if options.endpoints.is_empty() {
         node_endpoints(&node, options.listen_port)
@@ -165,6 +195,7 @@ async fn setup(
         },
         state_dir: options.state_dir.clone(),
         watch_linked: true,
+        synced,
     };
     let rotator = Rotator {
         keys,
@@ -263,6 +294,82 @@ async fn wait_for_node(client: &Client, name: &str) -> Node {
         }
         tokio::time::sleep(RETRY).await;
     }
+}
+
+/// Removes the startup taint `key` from Node `name` once this node is safe to schedule
+/// pods on: its peers `synced` (listed and applied) and, after that, a pass of the route
+/// task left every fail-closed range (the linked clusters' grants included) installed and
+/// persisted. Until then the taint (which the user registers the kubelet with) keeps pods
+/// off a node whose traffic for linked clusters could still leave in plaintext: after a
+/// reboot the kernel has no fail-closed routes until the agent runs.
+async fn remove_startup_taint(
+    client: Client,
+    name: String,
+    key: String,
+    safety: Arc<Safety>,
+    mut synced: watch::Receiver<bool>,
+) {
+    if synced.wait_for(|s| *s).await.is_err() {
+        return;
+    }
+    let at_sync = safety.closed_passes();
+    while !untaint_due(at_sync, safety.closed_passes()) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let nodes: Api<Node> = Api::all(client);
+    let mut logged = false;
+    loop {
+        let result = match nodes.get(&name).await {
+            Ok(node) => match without_taint(&node, &key) {
+                None => {
+                    info!(node = %name, taint = %key, "no startup taint to remove");
+                    return;
+                }
+                // The resourceVersion makes the patch fail if the taints changed since
+                // they were read; the next try reads them again.
+                Some(taints) => nodes
+                    .patch(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(serde_json::json!({
+                            "metadata": { "resourceVersion": node.resource_version() },
+                            "spec": { "taints": taints },
+                        })),
+                    )
+                    .await
+                    .map(|_| ()),
+            },
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                info!(node = %name, taint = %key, "fail-closed routes in place and peers synced: startup taint removed");
+                return;
+            }
+            Err(e) if !logged => {
+                warn!(node = %name, taint = %key, error = %e, "removing the startup taint; retrying");
+                logged = true;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// Whether the startup taint may go: a complete fail-closed pass (see
+/// [`Safety::closed_passes`]) happened after the peers were synced, when it stood at
+/// `at_sync`.
+fn untaint_due(at_sync: u64, now: u64) -> bool {
+    now > at_sync
+}
+
+/// The Node's taints without those with `key`; `None` when it has none.
+fn without_taint(node: &Node, key: &str) -> Option<Vec<Taint>> {
+    let taints = node.spec.as_ref()?.taints.as_ref()?;
+    if !taints.iter().any(|t| t.key == key) {
+        return None;
+    }
+    Some(taints.iter().filter(|t| t.key != key).cloned().collect())
 }
 
 /// A gateway label on a node nobody can reach is ignored everywhere; say so here.
@@ -398,4 +505,50 @@ pub fn check_node_name(name: &str) -> Result<()> {
         bail!("NODE_NAME is empty: set it from the downward API (spec.nodeName)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::NodeSpec;
+
+    use super::*;
+
+    const KEY: &str = "wiremesh.io/agent-not-ready";
+
+    #[test]
+    fn the_startup_taint_goes_only_after_a_complete_pass_since_the_sync() {
+        // Passes before the peers were synced do not count.
+        assert!(!untaint_due(3, 3));
+        assert!(untaint_due(3, 4));
+    }
+
+    #[test]
+    fn only_the_startup_taint_is_removed() {
+        let taint = |key: &str, effect: &str| Taint {
+            key: key.to_owned(),
+            effect: effect.to_owned(),
+            ..Taint::default()
+        };
+        let node = |taints: Option<Vec<Taint>>| Node {
+            spec: Some(NodeSpec {
+                taints,
+                ..NodeSpec::default()
+            }),
+            ..Node::default()
+        };
+        let other = taint("node.kubernetes.io/unschedulable", "NoSchedule");
+        let tainted = node(Some(vec![
+            taint(KEY, "NoSchedule"),
+            other.clone(),
+            taint(KEY, "NoExecute"),
+        ]));
+        assert_eq!(without_taint(&tainted, KEY), Some(vec![other.clone()]));
+        assert_eq!(
+            without_taint(&node(Some(vec![taint(KEY, "NoSchedule")])), KEY),
+            Some(Vec::new())
+        );
+        assert_eq!(without_taint(&node(Some(vec![other])), KEY), None);
+        assert_eq!(without_taint(&node(None), KEY), None);
+        assert_eq!(without_taint(&Node::default(), KEY), None);
+    }
 }

@@ -91,6 +91,11 @@ struct MeshArgs {
     /// Serve Prometheus metrics and health checks on this address.
     #[arg(long, env = "WIREMESH_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
+    /// Most peers (tunnels) this machine holds; beyond it the last by cluster and node
+    /// name are refused, with a warning and `wiremesh_peers_over_limit`. The default is
+    /// twice the 10,000 peers `make bench-scale` measures.
+    #[arg(long, env = "WIREMESH_MAX_PEERS", default_value_t = 20_000)]
+    max_peers: usize,
 }
 
 #[derive(clap::Args)]
@@ -130,6 +135,11 @@ struct KubeArgs {
     /// handshaken under the new key).
     #[arg(long, env = "WIREMESH_ROTATION_GRACE", default_value_t = 600)]
     rotation_grace: u64,
+    /// A taint key (e.g. wiremesh.io/agent-not-ready) the kubelet registers this node
+    /// with: removed from the Node once the fail-closed routes are in place and the peers
+    /// synced.
+    #[arg(long, env = "WIREMESH_STARTUP_TAINT")]
+    startup_taint: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -181,6 +191,8 @@ fn main() -> ExitCode {
                     metrics_addr: args.mesh.metrics_addr,
                     state_dir: args.mesh.state_dir,
                     rotation_grace: std::time::Duration::from_secs(args.rotation_grace),
+                    max_peers: args.mesh.max_peers,
+                    startup_taint: args.startup_taint.filter(|k| !k.is_empty()),
                 })
                 .await
             }
@@ -200,6 +212,7 @@ fn main() -> ExitCode {
                     state_dir: args.mesh.state_dir,
                     uapi_dir: args.mesh.uapi_dir,
                     metrics_addr: args.mesh.metrics_addr,
+                    max_peers: args.mesh.max_peers,
                 })
                 .await
             }

@@ -15,6 +15,7 @@
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
@@ -35,22 +36,74 @@ use wiremesh_core::PeerView;
 /// more, so only a flood of requests ever shares one.
 pub const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(1);
 
+/// What the agent's shells report besides the data plane's counters: the fail-closed
+/// routes' standing (see [`crate::failclosed::Standing`]) and the peers over
+/// `--max-peers`. Shared by the route task, the peer machinery and the endpoint.
+#[derive(Debug, Default)]
+pub struct Safety {
+    fail_closed_errors: AtomicU64,
+    fail_closed_problem: std::sync::Mutex<Option<String>>,
+    /// Passes of the route task that left every range closed and persisted, with the
+    /// linked clusters known (see [`Safety::closed_passes`]).
+    closed_passes: AtomicU64,
+    peers_refused: AtomicU64,
+    peers_refused_total: AtomicU64,
+}
+
+impl Safety {
+    /// Records the fail-closed set's standing after a pass of the route task: failures
+    /// since start, and why it is not in force (which makes the agent not ready), if it is
+    /// not; `linked_known` when the pass knew the linked clusters (their grants included).
+    pub fn fail_closed(&self, errors: u64, problem: Option<String>, linked_known: bool) {
+        self.fail_closed_errors.store(errors, Ordering::Relaxed);
+        if problem.is_none() && linked_known {
+            self.closed_passes.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Ok(mut p) = self.fail_closed_problem.lock() {
+            *p = problem;
+        }
+    }
+
+    /// How many passes of the route task left every range closed and persisted, with the
+    /// linked clusters known: one more than at some moment means a complete pass since.
+    pub fn closed_passes(&self) -> u64 {
+        self.closed_passes.load(Ordering::Relaxed)
+    }
+
+    /// Records how many peers are refused now for being over `--max-peers` (a rise counts
+    /// in the total) and returns how many were before.
+    pub fn peers_refused(&self, now: u64) -> u64 {
+        let before = self.peers_refused.swap(now, Ordering::Relaxed);
+        if now > before {
+            self.peers_refused_total
+                .fetch_add(now - before, Ordering::Relaxed);
+        }
+        before
+    }
+
+    fn problem(&self) -> Option<String> {
+        self.fail_closed_problem.lock().ok().and_then(|p| p.clone())
+    }
+}
+
 /// What the endpoint serves for the agent.
 #[derive(Debug)]
 pub struct AgentMetrics {
     handle: Handle,
     origins: watch::Receiver<Origins>,
     cache: SnapshotCache<Snapshot>,
+    safety: Arc<Safety>,
 }
 
 impl AgentMetrics {
     /// Metrics of the data plane behind `handle`, with the peer cluster and node of each peer
     /// looked up in `origins` (which Kubernetes mode keeps current).
-    pub fn new(handle: Handle, origins: watch::Receiver<Origins>) -> Self {
+    pub fn new(handle: Handle, origins: watch::Receiver<Origins>, safety: Arc<Safety>) -> Self {
         Self {
             handle,
             origins,
             cache: SnapshotCache::default(),
+            safety,
         }
     }
 
@@ -63,22 +116,24 @@ impl AgentMetrics {
 
     /// Metrics of a data plane whose peers have no origin (standalone mode).
     pub fn standalone(handle: Handle) -> Self {
-        Self::new(handle, watch::channel(Origins::new()).1)
+        Self::new(handle, watch::channel(Origins::new()).1, Arc::default())
     }
 }
 
 impl wiremesh_http::Source for AgentMetrics {
     async fn metrics(&self) -> Result<String, String> {
         let snapshot = self.snapshot().await.map_err(|e| format!("{e:#}"))?;
-        Ok(render(snapshot, &self.origins.borrow()))
+        Ok(render(snapshot, &self.origins.borrow(), &self.safety))
     }
 
-    /// Ready while the data plane, configured before the endpoint starts, answers.
+    /// Ready while the data plane, configured before the endpoint starts, answers, and
+    /// every fail-closed range has its route and is persisted.
     async fn ready(&self) -> Result<(), String> {
-        self.snapshot()
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("{e:#}"))
+        self.snapshot().await.map_err(|e| format!("{e:#}"))?;
+        match self.safety.problem() {
+            Some(problem) => Err(problem),
+            None => Ok(()),
+        }
     }
 }
 
@@ -139,8 +194,8 @@ pub fn spawn(listener: Option<TcpListener>, metrics: AgentMetrics) {
 }
 
 /// The OpenMetrics text exposition of `snapshot`; `origins` names each peer's cluster and
-/// node.
-pub fn render(snapshot: Snapshot, origins: &Origins) -> String {
+/// node; `safety` adds the fail-closed and peer-limit families.
+pub fn render(snapshot: Snapshot, origins: &Origins, safety: &Safety) -> String {
     let peers = snapshot
         .peers
         .iter()
@@ -157,7 +212,30 @@ pub fn render(snapshot: Snapshot, origins: &Origins) -> String {
     let mut registry =
         Registry::with_prefix_and_labels("wiremesh", [("interface".into(), interface)].into_iter());
     registry.register_collector(Box::new(SnapshotCollector { snapshot, peers }));
+    register_safety(&mut registry, safety);
     wiremesh_http::encode(&registry)
+}
+
+/// Registers the [`Safety`] families.
+fn register_safety(registry: &mut Registry, safety: &Safety) {
+    let counter = |v: &AtomicU64| ConstCounter::new(v.load(Ordering::Relaxed));
+    registry.register(
+        "fail_closed_errors",
+        "Failures to install a fail-closed route, to list them or to persist the set (each retried at the next pass)",
+        counter(&safety.fail_closed_errors),
+    );
+    registry.register(
+        "peers_refused",
+        "Peers refused for being over --max-peers (each time one is)",
+        counter(&safety.peers_refused_total),
+    );
+    registry.register(
+        "peers_over_limit",
+        "Peers refused now for being over --max-peers",
+        ConstGauge::new(
+            i64::try_from(safety.peers_refused.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
+        ),
+    );
 }
 
 /// The labels of one peer's samples, besides `interface`.
@@ -332,10 +410,10 @@ mod tests {
     #[tokio::test]
     async fn scrapes_share_one_snapshot_a_second_however_often_they_come() {
         let cache = SnapshotCache::default();
-        let fetched = std::sync::atomic::AtomicU64::new(0);
+        let fetched = AtomicU64::new(0);
         let fetches = &fetched;
         let fetch = move || async move {
-            let n = fetches.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            let n = fetches.fetch_add(1, Ordering::Relaxed) + 1;
             Ok::<_, String>(n)
         };
         let t0 = Instant::now();
@@ -351,7 +429,7 @@ mod tests {
         // A clock that goes back reuses the kept snapshot.
         assert_eq!(cache.get(t0, fetch).await, Ok(2));
         assert_eq!(cache.get(t0 + ms(5000), fetch).await, Ok(3));
-        assert_eq!(fetched.load(std::sync::atomic::Ordering::Relaxed), 3);
+        assert_eq!(fetched.load(Ordering::Relaxed), 3);
         // A failure is not kept: the next request asks again.
         let failing = SnapshotCache::<u64>::default();
         assert_eq!(failing.get(t0, || async { Err("down") }).await, Err("down"));
@@ -384,7 +462,7 @@ mod tests {
                 path: crate::mesh::PeerPath::Direct,
             },
         );
-        let text = render(snapshot, &origins);
+        let text = render(snapshot, &origins, &Safety::default());
         let k = known.to_string();
         let u = unknown.to_string();
         for line in [
@@ -428,6 +506,39 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn fail_closed_errors_and_refused_peers_are_exported() {
+        let safety = Safety::default();
+        safety.fail_closed(
+            3,
+            Some("no fail-closed route yet for 10.2.0.0/16".to_owned()),
+            true,
+        );
+        assert_eq!(safety.closed_passes(), 0);
+        safety.peers_refused(5);
+        safety.peers_refused(2);
+        safety.peers_refused(4);
+        assert!(safety.problem().unwrap().contains("10.2.0.0/16"));
+        let snapshot = Snapshot {
+            interface: "wm0".to_owned(),
+            peers: Vec::new(),
+            counters: Counters::default(),
+            live_tunnels: 0,
+        };
+        let text = render(snapshot, &Origins::new(), &safety);
+        for line in [
+            "wiremesh_fail_closed_errors_total{interface=\"wm0\"} 3",
+            "wiremesh_peers_refused_total{interface=\"wm0\"} 7",
+            "wiremesh_peers_over_limit{interface=\"wm0\"} 4",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        safety.fail_closed(3, None, false);
+        assert_eq!((safety.problem(), safety.closed_passes()), (None, 0));
+        safety.fail_closed(3, None, true);
+        assert_eq!(safety.closed_passes(), 1);
     }
 
     fn peer(key: PublicKey, rx: u64, packets: u64, age: Option<Duration>) -> PeerView {

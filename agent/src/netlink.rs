@@ -431,6 +431,56 @@ impl Netlink {
         self.route_destinations(0, fail_closed_destination).await
     }
 
+    /// What a linked cluster's fail-closed route must not cover on this node: the addresses
+    /// of every interface (node, underlay, loopback, link-local) and the next hops of the
+    /// main table's default routes.
+    ///
+    /// # Errors
+    /// [`NetlinkError::ListAddresses`] or [`NetlinkError::ListRoutes`] when a dump fails.
+    pub async fn own_addresses(&self) -> Result<BTreeSet<IpAddr>, NetlinkError> {
+        let mut own = BTreeSet::new();
+        let mut addresses = self.handle.address().get().execute();
+        while let Some(message) = addresses
+            .try_next()
+            .await
+            .map_err(|source| NetlinkError::ListAddresses { source })?
+        {
+            for attr in &message.attributes {
+                if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = attr {
+                    own.insert(*ip);
+                }
+            }
+        }
+        let dumps = [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ];
+        for request in dumps {
+            let mut stream = self.handle.route().get(request).execute();
+            while let Some(route) = stream
+                .try_next()
+                .await
+                .map_err(|source| NetlinkError::ListRoutes { index: 0, source })?
+            {
+                if !is_main_default(&route) {
+                    continue;
+                }
+                for attr in &route.attributes {
+                    match attr {
+                        RouteAttribute::Gateway(RouteAddress::Inet(a)) => {
+                            own.insert(IpAddr::V4(*a));
+                        }
+                        RouteAttribute::Gateway(RouteAddress::Inet6(a)) => {
+                            own.insert(IpAddr::V6(*a));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(own)
+    }
+
     /// Deletes interface `index`; an interface already gone counts as success.
     ///
     /// # Errors
@@ -658,6 +708,13 @@ pub enum NetlinkError {
     ListRoutes {
         /// The interface index.
         index: u32,
+        /// The netlink error.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// Listing the interfaces' addresses failed.
+    #[error("cannot list the interfaces' addresses")]
+    ListAddresses {
         /// The netlink error.
         #[source]
         source: rtnetlink::Error,

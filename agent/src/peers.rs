@@ -6,13 +6,14 @@
 //! what they have, and the watch catches up when it comes back.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
@@ -21,7 +22,9 @@ use kube::runtime::{WatchStreamExt as _, reflector};
 use kube::{Api, Client, Resource as _};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
-use wiremesh_proto::crd::{MeshNode, MeshPeer, PeerCluster, SYSTEM_NAMESPACE, TunnelStatus};
+use wiremesh_proto::crd::{
+    CLUSTER_CONFIGMAP, MeshNode, MeshPeer, PeerCluster, SYSTEM_NAMESPACE, TunnelStatus,
+};
 use wiremesh_proto::uapi::DeviceUpdate;
 use wiremesh_proto::{IpCidr, PublicKey};
 
@@ -30,7 +33,7 @@ use crate::dataplane::{self, InterfaceSpec};
 use crate::failclosed::{Attribution, Owner};
 use crate::mesh::select::{Desired, Selection};
 use crate::mesh::{self, Origins, PeerOrigin, PeerSet};
-use crate::metrics::AgentMetrics;
+use crate::metrics::{AgentMetrics, Safety};
 
 /// Field manager of everything the agent writes.
 pub(crate) const MANAGER: &str = "wiremesh-agent";
@@ -49,6 +52,18 @@ const CONNECTED_WITHIN: Duration = Duration::from_secs(180);
 const MAX_STATUS_PEERS: usize = 1024;
 /// How often the failover groups' members are checked for signs of life.
 const FAILOVER_CHECK: Duration = Duration::from_millis(500);
+/// Retry pause while the cluster ConfigMap cannot be read.
+const RETRY: Duration = Duration::from_secs(2);
+/// Keys of the cluster's pod, host and service CIDRs in the cluster ConfigMap
+/// (comma-separated, as `meshctl install` writes them: `controller/src/install.rs`).
+const LOCAL_RANGE_KEYS: [&str; 3] = ["podCIDRs", "hostCIDRs", "serviceCIDRs"];
+
+/// How many peers the device may hold, and where refusals are reported.
+#[derive(Debug, Clone)]
+pub(crate) struct Limit {
+    pub(crate) max_peers: usize,
+    pub(crate) safety: Arc<Safety>,
+}
 
 /// Brings the data plane up with the `cached` peers (the last known ones), before
 /// anything is asked of the API server; then waits for `setup` (given the data plane's
@@ -61,6 +76,7 @@ pub(crate) async fn run_data_plane<S, P>(
     mut spec: InterfaceSpec,
     initial: DeviceUpdate,
     metrics_addr: Option<SocketAddr>,
+    max_peers: usize,
     cached: Option<PeerSet>,
     setup: impl FnOnce(Handle) -> S + Send + 'static,
 ) -> Result<()>
@@ -72,8 +88,15 @@ where
     let (origins_tx, origins_rx) = watch::channel(Origins::new());
     let (attribution_tx, attribution_rx) = watch::channel(Attribution::default());
     spec.attribution = Some(attribution_rx);
+    let limit = Limit {
+        max_peers,
+        safety: Arc::clone(&spec.safety),
+    };
     let ready = move |handle: Handle| {
-        crate::metrics::spawn(metrics, AgentMetrics::new(handle.clone(), origins_rx));
+        crate::metrics::spawn(
+            metrics,
+            AgentMetrics::new(handle.clone(), origins_rx, Arc::clone(&limit.safety)),
+        );
         tokio::spawn(async move {
             let mut applied = PeerSet::new();
             if let Some(peers) = cached {
@@ -81,12 +104,19 @@ where
                     peers = peers.len(),
                     "restoring the last known peers until the API server answers"
                 );
-                apply(&handle, &mut applied, peers, Some(&origins_tx)).await;
+                apply(&handle, &mut applied, peers, Some(&origins_tx), &limit).await;
                 attribute(&applied, &attribution_tx);
             }
             let (context, publisher) = setup(handle.clone()).await;
             context
-                .run(handle, applied, origins_tx, attribution_tx, publisher)
+                .run(
+                    handle,
+                    applied,
+                    origins_tx,
+                    attribution_tx,
+                    publisher,
+                    limit,
+                )
                 .await;
         });
     };
@@ -103,6 +133,9 @@ pub(crate) struct Context {
     /// does; a host's credential cannot read PeerClusters, so a host keeps every range
     /// until `wiremesh-agent cleanup`.
     pub(crate) watch_linked: bool,
+    /// Told `true` once the MeshPeers and MeshNodes were both listed and applied (what
+    /// removing the startup taint waits for, with the fail-closed routes).
+    pub(crate) synced: Option<watch::Sender<bool>>,
 }
 
 impl Context {
@@ -113,10 +146,15 @@ impl Context {
         origins: watch::Sender<Origins>,
         attribution: watch::Sender<Attribution>,
         publisher: impl Future<Output = ()> + Send + 'static,
+        limit: Limit,
     ) {
         let node_gone = tokio::spawn(publisher);
         if self.watch_linked {
-            tokio::spawn(watch_linked(self.client.clone(), attribution.clone()));
+            tokio::spawn(watch_linked(
+                self.client.clone(),
+                self.selection.own_cidrs.clone(),
+                attribution.clone(),
+            ));
         }
         tokio::spawn(report_status(
             self.client.clone(),
@@ -124,7 +162,7 @@ impl Context {
             handle.clone(),
             origins.subscribe(),
         ));
-        let peers = self.watch_peers(handle.clone(), applied, origins, attribution);
+        let peers = self.watch_peers(handle.clone(), applied, origins, attribution, &limit);
         tokio::pin!(peers);
         tokio::select! {
             () = &mut peers => {}
@@ -157,6 +195,7 @@ impl Context {
         mut applied: PeerSet,
         origins: watch::Sender<Origins>,
         attribution: watch::Sender<Attribution>,
+        limit: &Limit,
     ) {
         let (peers, peers_writer) = reflector::store();
         let peer_events = reflector(
@@ -195,7 +234,7 @@ impl Context {
                 _ = failover.tick() => {
                     if let Some(base) = base.as_ref().filter(|b| !b.groups.is_empty()) {
                         let before = applied.clone();
-                        reconcile(&handle, &mut applied, base, &mut active, &origins).await;
+                        reconcile(&handle, &mut applied, base, &mut active, &origins, limit).await;
                         attribute(&applied, &attribution);
                         if applied != before {
                             save_cache(&self.state_dir, &applied);
@@ -219,9 +258,12 @@ impl Context {
                         peers.state().iter().map(AsRef::as_ref),
                         nodes.state().iter().map(AsRef::as_ref),
                     ));
-                    reconcile(&handle, &mut applied, desired, &mut active, &origins).await;
+                    reconcile(&handle, &mut applied, desired, &mut active, &origins, limit).await;
                     attribute(&applied, &attribution);
                     save_cache(&self.state_dir, &applied);
+                    if let Some(synced) = &self.synced {
+                        synced.send_if_modified(|s| !std::mem::replace(s, true));
+                    }
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -235,8 +277,9 @@ impl Context {
     }
 }
 
-/// Tells the route task whose each routed range is: the cluster of the peer it is routed
-/// to (this cluster's own machines have none).
+/// Tells the route task whose each routed range is (the cluster of the peer it is routed
+/// to; this cluster's own machines have none) and where the peers are (no fail-closed
+/// route may cover an endpoint).
 fn attribute(applied: &PeerSet, attribution: &watch::Sender<Attribution>) {
     let owners: BTreeMap<IpCidr, Owner> = applied
         .values()
@@ -245,20 +288,34 @@ fn attribute(applied: &PeerSet, attribution: &watch::Sender<Attribution>) {
             p.allowed_ips.iter().map(move |c| (*c, owner.clone()))
         })
         .collect();
+    let endpoints: BTreeSet<IpAddr> = applied
+        .values()
+        .flat_map(|p| p.endpoint.iter().chain(&p.endpoints).map(SocketAddr::ip))
+        .collect();
     attribution.send_if_modified(|a| {
-        let changed = a.owners != owners;
+        let changed = a.owners != owners || a.endpoints != endpoints;
         if changed {
             a.owners = owners;
+            a.endpoints = endpoints;
         }
         changed
     });
 }
 
-/// Watches PeerClusters and tells the route task which clusters are linked, after each
-/// successful (re)list and each change after it. While the watch fails (the API server is
-/// unreachable, or the agent may not read PeerClusters) it tells nothing new: the route
-/// task keeps every range.
-async fn watch_linked(client: Client, attribution: watch::Sender<Attribution>) {
+/// Watches PeerClusters and tells the route task which clusters are linked and what they
+/// were allowed (closed from then on), after each successful (re)list and each change
+/// after it. First it reads this cluster's own ranges (`own_cidrs`, this node's, and the
+/// cluster ConfigMap's pod, host and service CIDRs), which no allowance may overlap. While the
+/// watch fails (the API server is unreachable, or the agent may not read PeerClusters) it
+/// tells nothing new: the route task keeps every range.
+async fn watch_linked(
+    client: Client,
+    own_cidrs: Vec<IpCidr>,
+    attribution: watch::Sender<Attribution>,
+) {
+    let mut local_ranges = own_cidrs;
+    local_ranges.extend(cluster_ranges(&client).await);
+    attribution.send_modify(|a| a.local_ranges = local_ranges);
     let (store, writer) = reflector::store();
     let events = reflector(
         writer,
@@ -280,12 +337,15 @@ async fn watch_linked(client: Client, attribution: watch::Sender<Attribution>) {
                 if !listed {
                     continue;
                 }
-                let linked = linked_clusters(store.state().iter().map(AsRef::as_ref));
+                let state = store.state();
+                let linked = linked_clusters(state.iter().map(AsRef::as_ref));
+                let allowances = allowances(state.iter().map(AsRef::as_ref));
                 attribution.send_if_modified(|a| {
-                    let changed = a.linked.as_ref() != Some(&linked);
+                    let changed = a.linked.as_ref() != Some(&linked) || a.allowances != allowances;
                     if changed {
-                        info!(clusters = ?linked, "linked clusters");
+                        info!(clusters = ?linked, allowed = allowances.len(), "linked clusters");
                         a.linked = Some(linked);
+                        a.allowances = allowances;
                     }
                     changed
                 });
@@ -309,6 +369,80 @@ fn linked_clusters<'a>(peer_clusters: impl Iterator<Item = &'a PeerCluster>) -> 
         .filter(|pc| pc.metadata.deletion_timestamp.is_none())
         .map(|pc| pc.spec.cluster_name.clone())
         .collect()
+}
+
+/// This cluster's pod, host and service CIDRs from its cluster ConfigMap; waits while the API
+/// server does not answer. A ConfigMap that is missing or may not be read gives none (the
+/// agent still protects its own node's pod CIDRs and addresses).
+async fn cluster_ranges(client: &Client) -> Vec<IpCidr> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
+    let mut logged = false;
+    loop {
+        match api.get_opt(CLUSTER_CONFIGMAP).await {
+            Ok(cm) => {
+                let data = cm.and_then(|cm| cm.data).unwrap_or_default();
+                let (ranges, bad) = configmap_ranges(&data);
+                for text in bad {
+                    warn!(configmap = CLUSTER_CONFIGMAP, value = %text, "not a CIDR; ignored");
+                }
+                return ranges;
+            }
+            Err(kube::Error::Api(status)) if status.code == 403 || status.code == 404 => {
+                warn!(error = %status.message, "cannot read the cluster ConfigMap: linked clusters' ranges are checked against this node's only");
+                return Vec::new();
+            }
+            Err(e) => {
+                if !logged {
+                    warn!(error = %e, "reading the cluster ConfigMap; retrying");
+                    logged = true;
+                }
+                tokio::time::sleep(RETRY).await;
+            }
+        }
+    }
+}
+
+/// The pod, host and service CIDRs of a cluster ConfigMap's `data`, and the values that
+/// are not CIDRs.
+fn configmap_ranges(data: &BTreeMap<String, String>) -> (Vec<IpCidr>, Vec<String>) {
+    let mut ranges = Vec::new();
+    let mut bad = Vec::new();
+    for key in LOCAL_RANGE_KEYS {
+        let text = data.get(key).map_or("", String::as_str);
+        for item in text.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            match item.parse() {
+                Ok(cidr) => ranges.push(cidr),
+                Err(_) => bad.push(format!("{key}: {item}")),
+            }
+        }
+    }
+    (ranges, bad)
+}
+
+/// What the linked clusters were granted at join, each range with its cluster: the pod and
+/// host CIDRs of each PeerCluster not being deleted (values that do not parse, which the
+/// CRD's validation refuses, are skipped; a range granted twice keeps the first cluster
+/// by name).
+fn allowances<'a>(peer_clusters: impl Iterator<Item = &'a PeerCluster>) -> BTreeMap<IpCidr, Owner> {
+    let mut linked: Vec<&PeerCluster> = peer_clusters
+        .filter(|pc| pc.metadata.deletion_timestamp.is_none())
+        .collect();
+    linked.sort_by(|a, b| a.spec.cluster_name.cmp(&b.spec.cluster_name));
+    let mut out = BTreeMap::new();
+    for pc in linked {
+        let spec = &pc.spec;
+        for text in spec
+            .allowed_pod_cidrs
+            .iter()
+            .chain(&spec.allowed_host_cidrs)
+        {
+            if let Ok(cidr) = text.parse::<IpCidr>() {
+                out.entry(cidr)
+                    .or_insert_with(|| Owner::of_cluster(&spec.cluster_name));
+            }
+        }
+    }
+    out
 }
 
 /// Which watch an event came from.
@@ -336,6 +470,7 @@ async fn reconcile(
     desired: &Desired,
     active: &mut mesh::Active,
     origins: &watch::Sender<Origins>,
+    limit: &Limit,
 ) {
     let chosen = if desired.groups.is_empty() {
         mesh::Active::new()
@@ -363,7 +498,7 @@ async fn reconcile(
     }
     *active = chosen;
     let target = mesh::materialize(&desired.peers, &desired.groups, active);
-    apply(handle, applied, target, None).await;
+    apply(handle, applied, target, None, limit).await;
     // One map, sent once: the tunnels' origins, and the peers reached through a gateway
     // (no tunnel of their own; status still names them).
     let mut all: Origins = applied
@@ -382,14 +517,31 @@ async fn reconcile(
     });
 }
 
-/// Moves the device from `applied` to `desired`; on success publishes, if given
-/// `origins`, where each peer came from (for the status reporter and the metric labels).
+/// Moves the device from `applied` to `desired` (at most `limit.max_peers` of them, see
+/// [`mesh::cap`]); on success publishes, if given `origins`, where each peer came from (for
+/// the status reporter and the metric labels).
 async fn apply(
     handle: &Handle,
     applied: &mut PeerSet,
     desired: PeerSet,
     origins: Option<&watch::Sender<Origins>>,
+    limit: &Limit,
 ) {
+    let (desired, refused) = mesh::cap(desired, limit.max_peers);
+    let before = limit.safety.peers_refused(refused.len() as u64);
+    if refused.len() as u64 != before && !refused.is_empty() {
+        let first: Vec<String> = refused
+            .iter()
+            .take(5)
+            .map(|o| format!("{}/{}", o.cluster, o.node))
+            .collect();
+        warn!(
+            max_peers = limit.max_peers,
+            refused = refused.len(),
+            first = ?first,
+            "more peers than --max-peers: the last by cluster and node name get no tunnel"
+        );
+    }
     let Some(update) = mesh::diff(applied, &desired) else {
         return;
     };
@@ -639,22 +791,66 @@ fn save_cache(dir: &std::path::Path, peers: &PeerSet) {
     }
 }
 
+/// The last known peers from the state directory; `None` when there is no cache or it
+/// does not parse. Peers the cache holds but the MeshPeer path would refuse are left out
+/// (see [`parse_cache`]).
 pub(crate) fn load_cache(dir: &std::path::Path) -> Option<PeerSet> {
-    let text = std::fs::read(dir.join(CACHE_FILE)).ok()?;
-    let list: Vec<CachedPeer> = serde_json::from_slice(&text).ok()?;
+    let path = dir.join(CACHE_FILE);
+    let text = std::fs::read(&path).ok()?;
+    let (set, refused) = match parse_cache(&text) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "the peer cache does not parse; ignored");
+            return None;
+        }
+    };
+    for reason in refused {
+        warn!(path = %path.display(), %reason, "a cached peer refused");
+    }
+    Some(set)
+}
+
+/// The peers of a cache file, and why each one left out was: a key that does not parse or
+/// is a low-order point (as [`mesh::desired_peer`] refuses a MeshPeer's), a CIDR that does
+/// not parse. The cache lives on the node, but it holds what linked clusters published.
+///
+/// # Errors
+/// When the file is not a JSON list of peers.
+fn parse_cache(text: &[u8]) -> Result<(PeerSet, Vec<String>), serde_json::Error> {
+    let list: Vec<CachedPeer> = serde_json::from_slice(text)?;
     let mut set = PeerSet::new();
+    let mut refused = Vec::new();
     for p in list {
-        let key: PublicKey = p.public_key.parse().ok()?;
-        let allowed_ips = p
-            .allowed_ips
-            .iter()
-            .map(|c| c.parse().ok())
-            .collect::<Option<Vec<IpCidr>>>()?;
-        let accept_ips = p
-            .accept_ips
-            .iter()
-            .map(|c| c.parse().ok())
-            .collect::<Option<Vec<IpCidr>>>()?;
+        let Ok(key) = p.public_key.parse::<PublicKey>() else {
+            refused.push(format!(
+                "{}: public key {:?} is not a WireGuard key",
+                p.name, p.public_key
+            ));
+            continue;
+        };
+        if wiremesh_core::keys::is_low_order(&key) {
+            refused.push(format!(
+                "{}: public key {key} is a low-order point (every shared secret with it is zero)",
+                p.name
+            ));
+            continue;
+        }
+        let cidrs = |texts: &[String]| -> Result<Vec<IpCidr>, String> {
+            texts
+                .iter()
+                .map(|c| {
+                    c.parse()
+                        .map_err(|_| format!("{}: CIDR {c:?} does not parse", p.name))
+                })
+                .collect()
+        };
+        let (allowed_ips, accept_ips) = match (cidrs(&p.allowed_ips), cidrs(&p.accept_ips)) {
+            (Ok(allowed), Ok(accept)) => (allowed, accept),
+            (Err(reason), _) | (_, Err(reason)) => {
+                refused.push(reason);
+                continue;
+            }
+        };
         set.insert(
             key,
             mesh::DesiredPeer {
@@ -672,7 +868,7 @@ pub(crate) fn load_cache(dir: &std::path::Path) -> Option<PeerSet> {
             },
         );
     }
-    Some(set)
+    Ok((set, refused))
 }
 
 #[cfg(test)]
@@ -707,6 +903,124 @@ mod tests {
             BTreeSet::from(["cluster-b".to_owned()])
         );
         assert!(linked_clusters([].iter()).is_empty());
+        // Its allowance is no longer closed either (the route task forgets it once the
+        // cluster is unlinked).
+        assert_eq!(
+            allowances(all.iter()).keys().copied().collect::<Vec<_>>(),
+            vec!["10.2.0.0/16".parse::<IpCidr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn a_linked_clusters_pod_and_host_ranges_are_closed_as_its_own() {
+        let pc = |name: &str, pods: &[&str], hosts: &[&str]| PeerCluster {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                ..ObjectMeta::default()
+            },
+            spec: PeerClusterSpec {
+                cluster_name: name.to_owned(),
+                api_server: "https://198.18.0.1:6443".to_owned(),
+                ca_data: None,
+                credentials_secret: format!("wiremesh-peer-{name}"),
+                allowed_pod_cidrs: pods.iter().map(|c| (*c).to_owned()).collect(),
+                allowed_host_cidrs: hosts.iter().map(|c| (*c).to_owned()).collect(),
+            },
+            status: None,
+        };
+        // The same range granted twice: the first cluster by name keeps it.
+        let all = [
+            pc("cluster-c", &["10.3.0.0/16", "10.2.0.0/16"], &[]),
+            pc(
+                "cluster-b",
+                &["10.2.0.0/16", "fd10:2::/48", "not-a-cidr"],
+                &["10.250.2.0/24"],
+            ),
+        ];
+        let cidr = |s: &str| s.parse::<IpCidr>().unwrap();
+        let b = Owner::Cluster("cluster-b".into());
+        assert_eq!(
+            allowances(all.iter()),
+            BTreeMap::from([
+                (cidr("10.2.0.0/16"), b.clone()),
+                (cidr("10.250.2.0/24"), b.clone()),
+                (cidr("10.3.0.0/16"), Owner::Cluster("cluster-c".into())),
+                (cidr("fd10:2::/48"), b),
+            ])
+        );
+    }
+
+    #[test]
+    fn the_cluster_configmap_gives_this_clusters_pod_host_and_service_ranges() {
+        let data = BTreeMap::from([
+            ("clusterName".to_owned(), "cluster-a".to_owned()),
+            ("podCIDRs".to_owned(), "10.1.0.0/16, fd10:1::/48".to_owned()),
+            ("serviceCIDRs".to_owned(), "10.96.0.0/12,bogus".to_owned()),
+            ("hostCIDRs".to_owned(), "10.250.1.0/24".to_owned()),
+        ]);
+        let (ranges, bad) = configmap_ranges(&data);
+        let expected: Vec<IpCidr> = [
+            "10.1.0.0/16",
+            "fd10:1::/48",
+            "10.250.1.0/24",
+            "10.96.0.0/12",
+        ]
+        .iter()
+        .map(|c| c.parse().unwrap())
+        .collect();
+        assert_eq!(ranges, expected);
+        assert_eq!(bad, vec!["serviceCIDRs: bogus".to_owned()]);
+        assert_eq!(configmap_ranges(&BTreeMap::new()), (Vec::new(), Vec::new()));
+    }
+
+    #[test]
+    fn cached_peers_with_low_order_or_bad_keys_are_left_out() {
+        // The identity point (a low-order key), a key that does not parse, a peer with a
+        // bad CIDR, and a good peer.
+        let low_order = PublicKey::from({
+            let mut k = [0u8; 32];
+            k[0] = 1;
+            k
+        });
+        assert!(wiremesh_core::keys::is_low_order(&low_order));
+        let good = PublicKey::from([7u8; 32]);
+        assert!(!wiremesh_core::keys::is_low_order(&good));
+        let peer = |key: &str, name: &str, cidr: &str| {
+            serde_json::json!({
+                "public_key": key, "name": name, "cluster": "cluster-b", "node": name,
+                "endpoint": "198.18.2.1:51820", "allowed_ips": [cidr],
+                "persistent_keepalive": 25,
+            })
+        };
+        let file = serde_json::to_vec(&serde_json::json!([
+            peer(&low_order.to_string(), "evil", "10.2.9.0/24"),
+            peer("not-a-key", "garbled", "10.2.8.0/24"),
+            peer(
+                &PublicKey::from([8u8; 32]).to_string(),
+                "bad-cidr",
+                "10.2.7.0/33"
+            ),
+            peer(&good.to_string(), "b1", "10.2.1.0/24"),
+        ]))
+        .unwrap();
+        let (set, refused) = parse_cache(&file).unwrap();
+        assert_eq!(set.keys().copied().collect::<Vec<_>>(), vec![good]);
+        assert_eq!(set[&good].allowed_ips, vec!["10.2.1.0/24".parse().unwrap()]);
+        assert_eq!(refused.len(), 3, "{refused:?}");
+        assert!(
+            refused[0].contains("evil") && refused[0].contains("low-order"),
+            "{refused:?}"
+        );
+        assert!(refused[1].contains("garbled"), "{refused:?}");
+        assert!(refused[2].contains("10.2.7.0/33"), "{refused:?}");
+        // The shell reads the same from a file.
+        let dir = std::env::temp_dir().join(format!("wm-peer-cache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(CACHE_FILE), &file).unwrap();
+        assert_eq!(load_cache(&dir).unwrap(), set);
+        std::fs::write(dir.join(CACHE_FILE), b"{not json").unwrap();
+        assert!(load_cache(&dir).is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

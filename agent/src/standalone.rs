@@ -89,6 +89,7 @@ pub fn plan(options: &UpOptions) -> Result<Plan> {
             table: MAIN_TABLE,
             routes: BTreeSet::new(),
         },
+        safety: Default::default(),
     };
     let key = match config.as_ref().and_then(|c| c.interface.private_key) {
         Some(key) => Some(key),

@@ -356,6 +356,10 @@ pub struct Device {
     counters: Counters,
     /// Handshake work per source address, after the cookie.
     handshake_limiter: HandshakeLimiter,
+    /// The peers' endpoints (configured, and where verified packets came from), as of
+    /// the last timer tick: their handshakes may draw on a reserve a flood cannot spend
+    /// ([`HandshakeLimiter::allow_known`]).
+    known_sources: BTreeSet<IpAddr>,
     /// The time of the last timer tick (the core reads no clock itself).
     last_tick: Option<Instant>,
     /// The tunnel MTU, and the ICMP errors for packets over it.
@@ -363,7 +367,8 @@ pub struct Device {
     /// The MTU was derived from the underlay, so it follows [`mtu::floor_for_routes`]; a
     /// configured one is left as it is.
     mtu_follows_routes: bool,
-    /// Where a packet is zero-padded before encryption ([`padded`]).
+    /// Where a packet is zero-padded before encryption when its buffer has no room
+    /// ([`Inner::padded`]).
     pad: Vec<u8>,
 }
 
@@ -393,6 +398,7 @@ impl Device {
             allowed: AllowedIps::new(),
             counters: Counters::default(),
             handshake_limiter: HandshakeLimiter::new(),
+            known_sources: BTreeSet::new(),
             last_tick: None,
             mtu: MtuGuard::new(mtu::DEFAULT_MTU),
             mtu_follows_routes: false,
@@ -912,7 +918,26 @@ impl Device {
     /// `out` must be at least `packet.len() + 47` (the padding and 32 bytes of header and
     /// tag) and at least 148 bytes long.
     pub fn handle_tun_packet<'o>(&mut self, packet: &[u8], out: &'o mut [u8]) -> TunVerdict<'o> {
-        let Some(dst) = Tunn::dst_address(packet) else {
+        self.encrypt(Inner::Borrowed(packet), out)
+    }
+
+    /// As [`Self::handle_tun_packet`] for the packet `buf[..len]`, padded in place in the
+    /// rest of `buf` when it has room (a TUN read buffer does): no copy. A `len` over
+    /// `buf.len()` is dropped as a bad packet.
+    pub fn handle_tun_packet_in_place<'o>(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        out: &'o mut [u8],
+    ) -> TunVerdict<'o> {
+        if len > buf.len() {
+            return self.drop_tun(DropReason::BadTunPacket);
+        }
+        self.encrypt(Inner::Roomy(buf, len), out)
+    }
+
+    fn encrypt<'o>(&mut self, inner: Inner<'_>, out: &'o mut [u8]) -> TunVerdict<'o> {
+        let Some(dst) = Tunn::dst_address(inner.packet()) else {
             return self.drop_tun(DropReason::BadTunPacket);
         };
         let Some(id) = self.allowed.lookup(dst) else {
@@ -933,7 +958,7 @@ impl Device {
         let Some(tunn) = sending_tunn(peer) else {
             return self.drop_tun(DropReason::Internal);
         };
-        let packet = padded(packet, self.mtu.mtu(), &mut self.pad);
+        let packet = inner.padded(self.mtu.mtu(), &mut self.pad);
         match tunn.encapsulate(packet, out) {
             TunnResult::WriteToNetwork(datagram) => {
                 peer.sent(datagram);
@@ -985,9 +1010,9 @@ impl Device {
         // message's mac1 is keyed with the receiver's static public key, so it also tells
         // whether the sender addressed our previous key (a rotation in progress).
         let mut cookie = [0u8; 64];
-        let mut verified = self
-            .rate_limiter
-            .verify_packet(Some(from.addr.ip()), datagram, &mut cookie);
+        let mut verified =
+            self.rate_limiter
+                .verify_packet(Some(from.addr.ip()), datagram, &mut cookie);
         let mut to_previous = false;
         if matches!(verified, Err(TunnResult::Err(WireGuardError::InvalidMac))) {
             if let Some(previous) = &self.previous {
@@ -1031,7 +1056,11 @@ impl Device {
         // Before the first tick there is no time to count with (the loop ticks at once).
         if carries_cookie(datagram)
             && let Some(now) = self.last_tick
-            && !self.handshake_limiter.allow(from.addr.ip(), now)
+            && !if self.known_sources.contains(&from.addr.ip()) {
+                self.handshake_limiter.allow_known(from.addr.ip(), now)
+            } else {
+                self.handshake_limiter.allow(from.addr.ip(), now)
+            }
         {
             return self.drop_datagram(DropReason::RateLimited);
         }
@@ -1269,6 +1298,16 @@ impl Device {
         self.rate_limiter.reset_count();
         self.handshake_limiter.forget_idle(now);
         self.last_tick = Some(now);
+        self.known_sources.clear();
+        for peer in self.slots.iter().flatten() {
+            self.known_sources.extend(
+                peer.endpoint
+                    .map(|e| e.addr)
+                    .iter()
+                    .chain(&peer.endpoints)
+                    .map(SocketAddr::ip),
+            );
+        }
         self.expire_previous(now);
         let mut freed = Vec::new();
         for (slot, peer) in self.slots.iter_mut().enumerate() {
@@ -1549,21 +1588,46 @@ fn carries_cookie(datagram: &[u8]) -> bool {
         .is_some_and(|mac2| mac2.iter().any(|b| *b != 0))
 }
 
-/// `packet` zero-padded to a multiple of [`PADDING_MULTIPLE`] but not past `mtu`, copied
-/// into `scratch` when it needs padding (whitepaper §5.4.6; the kernel's
-/// `calculate_skb_padding`). A packet over the MTU (an IPv4 packet the underlay may
-/// fragment) is not padded. Receivers cut a packet to its IP length field.
-fn padded<'p>(packet: &'p [u8], mtu: u32, scratch: &'p mut Vec<u8>) -> &'p [u8] {
-    let len = packet.len();
-    let mtu = usize::try_from(mtu).unwrap_or(usize::MAX);
-    let target = len.next_multiple_of(PADDING_MULTIPLE).min(mtu.max(len));
-    if target == len {
-        return packet;
+/// A packet from the TUN device: borrowed, or at the start of a buffer with room after it.
+enum Inner<'p> {
+    Borrowed(&'p [u8]),
+    /// `buf[..len]`; `len <= buf.len()`.
+    Roomy(&'p mut [u8], usize),
+}
+
+impl<'p> Inner<'p> {
+    fn packet(&self) -> &[u8] {
+        match self {
+            Self::Borrowed(p) => p,
+            Self::Roomy(buf, len) => buf.get(..*len).unwrap_or_default(),
+        }
     }
-    scratch.clear();
-    scratch.extend_from_slice(packet);
-    scratch.resize(target, 0);
-    scratch
+
+    /// The packet zero-padded to a multiple of [`PADDING_MULTIPLE`] but not past `mtu`
+    /// (whitepaper §5.4.6; the kernel's `calculate_skb_padding`): in place when the buffer
+    /// has room, else copied into `scratch`. A packet over the MTU (an IPv4 packet the
+    /// underlay may fragment) is not padded. Receivers cut a packet to its IP length field.
+    fn padded(self, mtu: u32, scratch: &'p mut Vec<u8>) -> &'p [u8] {
+        let len = self.packet().len();
+        let mtu = usize::try_from(mtu).unwrap_or(usize::MAX);
+        let target = len.next_multiple_of(PADDING_MULTIPLE).min(mtu.max(len));
+        match self {
+            Self::Borrowed(packet) if target == len => packet,
+            Self::Roomy(buf, _) if target <= buf.len() => {
+                let (packet, _) = buf.split_at_mut(target);
+                if let Some(pad) = packet.get_mut(len..) {
+                    pad.fill(0);
+                }
+                packet
+            }
+            other => {
+                scratch.clear();
+                scratch.extend_from_slice(other.packet());
+                scratch.resize(target, 0);
+                scratch
+            }
+        }
+    }
 }
 
 /// A `Tunn` for `peer` at its slot [`Peer::index`]; boringtun puts the slot in the top
@@ -2319,6 +2383,61 @@ mod tests {
     }
 
     #[test]
+    fn a_known_peer_is_answered_after_a_flood_from_many_sources() {
+        // A knows B at B_ADDR. Strangers that answer cookies, from more sources than the
+        // budget of all sources allows, flood A.
+        let mut p = pair();
+        let mut out = vec![0u8; 2048];
+        let t0 = Instant::now();
+        p.a.update_timers(t0, &mut out, |_, _| {});
+        load(&mut p.a);
+        let mut stranger = stranger_to(&p.a);
+        let budget = crate::handshake_limiter::MAX_HANDSHAKES_PER_SECOND;
+        let mut limited = 0;
+        for i in 0..budget + 100 {
+            let from = format!("198.19.{}.{}:1", i / 250, i % 250 + 1);
+            // Asked for a cookie for this address (no mac2, or one for another address).
+            let (_, replies, _) = deliver(&mut p.a, &from, &initiation(&mut stranger));
+            assert_eq!(replies[0][0], COOKIE_REPLY);
+            assert!(matches!(
+                stranger.decapsulate(None, &replies[0], &mut out),
+                TunnResult::Done
+            ));
+            let (_, _, dropped) = deliver(&mut p.a, &from, &initiation(&mut stranger));
+            limited += u32::from(dropped == Some(DropReason::RateLimited));
+        }
+        assert_eq!(limited, 100, "the budget of all sources is spent");
+        // B, from its endpoint, gets a cookie, then its handshake is answered.
+        let mut b = Tunn::new(
+            x25519::StaticSecret::from(*key(2).as_bytes()),
+            x25519::PublicKey::from(*p.a.public_key().unwrap().as_bytes()),
+            None,
+            None,
+            0x42,
+            None,
+        );
+        let (_, replies, _) = deliver(&mut p.a, B_ADDR, &initiation(&mut b));
+        assert_eq!(replies[0][0], COOKIE_REPLY);
+        assert!(matches!(
+            b.decapsulate(None, &replies[0], &mut out),
+            TunnResult::Done
+        ));
+        let (_, replies, dropped) = deliver(&mut p.a, B_ADDR, &initiation(&mut b));
+        assert_eq!(dropped, None);
+        assert_eq!(replies.len(), 1);
+        assert_eq!(replies[0][0], HANDSHAKE_RESPONSE);
+        // A stranger from another address still is not.
+        let from = "198.19.200.1:1";
+        let (_, replies, _) = deliver(&mut p.a, from, &initiation(&mut stranger));
+        assert!(matches!(
+            stranger.decapsulate(None, &replies[0], &mut out),
+            TunnResult::Done
+        ));
+        let (_, _, dropped) = deliver(&mut p.a, from, &initiation(&mut stranger));
+        assert_eq!(dropped, Some(DropReason::RateLimited));
+    }
+
+    #[test]
     fn packets_without_a_route_are_dropped() {
         let mut p = pair();
         assert_eq!(
@@ -2461,6 +2580,50 @@ mod tests {
         // A packet over the MTU (fragmentable) is not padded.
         p.a.set_mtu(80, false);
         assert_eq!(send(&mut p.a, &ping).unwrap().len(), 84 + 32);
+    }
+
+    #[test]
+    fn padding_in_place_gives_the_same_datagram_length_and_packet() {
+        let mut p = pair();
+        establish(&mut p);
+        let ping = ipv4("10.0.1.5", "10.0.2.7", &[0xab; 84 - 28]);
+        let mut out = vec![0u8; 2048];
+        // Room after the packet: padded there, with zeros whatever the buffer held.
+        let mut buf = vec![0xee; 1500];
+        buf[..ping.len()].copy_from_slice(&ping);
+        let datagram = match p
+            .a
+            .handle_tun_packet_in_place(&mut buf, ping.len(), &mut out)
+        {
+            TunVerdict::Send { datagram, .. } => datagram.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(datagram.len(), 16 + 96 + 16);
+        assert_eq!(&buf[..84], &ping[..]);
+        assert_eq!(&buf[84..96], &[0; 12], "zero padding, in place");
+        assert_eq!(buf[96], 0xee, "nothing past the padding");
+        let (tun, _, dropped) = deliver(&mut p.b, A_ADDR, &datagram);
+        assert_eq!((tun, dropped), (vec![ping.clone()], None));
+        // No room: copied, same length.
+        let mut tight = ping.clone();
+        let datagram = match p.a.handle_tun_packet_in_place(&mut tight, 84, &mut out) {
+            TunVerdict::Send { datagram, .. } => datagram.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(datagram.len(), 16 + 96 + 16);
+        assert_eq!(tight, ping, "the caller's buffer is untouched");
+        let (tun, _, _) = deliver(&mut p.b, A_ADDR, &datagram);
+        assert_eq!(tun, vec![ping.clone()]);
+        // Never past the tunnel MTU; a length past the buffer is a bad packet.
+        p.a.set_mtu(90, false);
+        match p.a.handle_tun_packet_in_place(&mut buf, 84, &mut out) {
+            TunVerdict::Send { datagram, .. } => assert_eq!(datagram.len(), 90 + 32),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            p.a.handle_tun_packet_in_place(&mut tight, 85, &mut out),
+            TunVerdict::Drop(DropReason::BadTunPacket)
+        ));
     }
 
     #[test]

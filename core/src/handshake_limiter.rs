@@ -12,7 +12,10 @@
 //!
 //! Many sources together get no more than [`MAX_HANDSHAKES_PER_SECOND`]: the data plane
 //! runs on the thread that does the handshakes, and 1,000 addresses that each answer
-//! cookies would otherwise buy 20,000 handshakes a second between them.
+//! cookies would otherwise buy 20,000 handshakes a second between them. So that such a
+//! flood cannot starve the peers we know of their handshakes, a source that is a known
+//! peer's endpoint (configured, or the last one a verified packet came from) may also draw
+//! on a reserve of its own, [`KNOWN_HANDSHAKES_PER_SECOND`] ([`HandshakeLimiter::allow_known`]).
 //!
 //! Time is a parameter: the device passes the time of its latest timer tick.
 
@@ -36,6 +39,13 @@ pub const MAX_SOURCES: usize = 8_192;
 /// (83/s) and all of them together within 20 s.
 pub const MAX_HANDSHAKES_PER_SECOND: u32 = 500;
 
+/// Handshake messages with a cookie a second reserved for sources that are a known peer's
+/// endpoint, once the budget of all sources is spent: 10,000 peers rekeying every two
+/// minutes need 83 a second; this leaves room for them all to rekey within a minute.
+/// Spoofing a known endpoint needs the cookie for that address, so only an attacker on
+/// the path to it can draw on this.
+pub const KNOWN_HANDSHAKES_PER_SECOND: u32 = 200;
+
 /// What one message costs, in the time it takes to earn it back.
 const PACKET_COST: Duration = Duration::from_millis(1_000 / PACKETS_PER_SECOND as u64);
 /// A full bucket.
@@ -43,6 +53,9 @@ const TOKEN_MAX: Duration =
     Duration::from_millis(PACKETS_BURST as u64 * 1_000 / PACKETS_PER_SECOND as u64);
 /// What one message costs from the budget of all sources (a full budget is one second).
 const GLOBAL_COST: Duration = Duration::from_micros(1_000_000 / MAX_HANDSHAKES_PER_SECOND as u64);
+/// What one message costs from the reserve of known endpoints (a full reserve is one
+/// second).
+const KNOWN_COST: Duration = Duration::from_micros(1_000_000 / KNOWN_HANDSHAKES_PER_SECOND as u64);
 
 /// The token buckets of the sources heard from recently.
 #[derive(Debug, Default)]
@@ -52,6 +65,8 @@ pub struct HandshakeLimiter {
     by_age: BTreeSet<(Instant, Source)>,
     /// The budget of all sources together, from the first message on.
     global: Option<Bucket>,
+    /// The reserve of the sources that are known peers' endpoints.
+    known: Option<Bucket>,
 }
 
 impl HandshakeLimiter {
@@ -65,22 +80,15 @@ impl HandshakeLimiter {
     ///
     /// `now` should not go backwards; if it does, the buckets earn nothing.
     pub fn allow(&mut self, source: IpAddr, now: Instant) -> bool {
-        self.allow_source(source, now) && self.allow_global(now)
+        self.allow_source(source, now) && take(&mut self.global, now, GLOBAL_COST)
     }
 
-    fn allow_global(&mut self, now: Instant) -> bool {
-        let budget = Duration::from_secs(1);
-        let global = self.global.get_or_insert(Bucket {
-            last: now,
-            tokens: budget,
-        });
-        global.tokens = budget.min(global.tokens + now.saturating_duration_since(global.last));
-        global.last = global.last.max(now);
-        let allowed = global.tokens >= GLOBAL_COST;
-        if allowed {
-            global.tokens -= GLOBAL_COST;
-        }
-        allowed
+    /// As [`Self::allow`], for a `source` that is a known peer's endpoint: when the budget
+    /// of all sources is spent (a flood from many addresses), it draws on the reserve of
+    /// known endpoints instead.
+    pub fn allow_known(&mut self, source: IpAddr, now: Instant) -> bool {
+        self.allow_source(source, now)
+            && (take(&mut self.global, now, GLOBAL_COST) || take(&mut self.known, now, KNOWN_COST))
     }
 
     fn allow_source(&mut self, source: IpAddr, now: Instant) -> bool {
@@ -139,6 +147,23 @@ impl HandshakeLimiter {
     pub fn is_empty(&self) -> bool {
         self.buckets.is_empty()
     }
+}
+
+/// Takes `cost` from a budget of one second's worth, refilled with time, full at the
+/// first message; false when too little is left.
+fn take(bucket: &mut Option<Bucket>, now: Instant, cost: Duration) -> bool {
+    let budget = Duration::from_secs(1);
+    let bucket = bucket.get_or_insert(Bucket {
+        last: now,
+        tokens: budget,
+    });
+    bucket.tokens = budget.min(bucket.tokens + now.saturating_duration_since(bucket.last));
+    bucket.last = bucket.last.max(now);
+    let allowed = bucket.tokens >= cost;
+    if allowed {
+        bucket.tokens -= cost;
+    }
+    allowed
 }
 
 /// What a bucket is kept for: an IPv4 address, or the /64 of an IPv6 address.
@@ -267,6 +292,36 @@ mod tests {
             more += 1;
         }
         assert_eq!(more, MAX_HANDSHAKES_PER_SECOND / 10);
+    }
+
+    #[test]
+    fn a_flood_from_many_sources_leaves_known_endpoints_their_reserve() {
+        let mut limiter = HandshakeLimiter::new();
+        let t0 = Instant::now();
+        // 8,000 spoofed sources that answer cookies spend the budget of all sources.
+        let mut allowed = 0;
+        for i in 0..8_000u32 {
+            let source = IpAddr::V4(Ipv4Addr::from(0xc612_4000 + i));
+            allowed += u32::from(limiter.allow(source, t0));
+        }
+        assert_eq!(allowed, MAX_HANDSHAKES_PER_SECOND);
+        assert!(!limiter.allow(ip("198.19.9.9"), t0), "budget spent");
+        // A known peer's endpoint is still answered, from the reserve ...
+        let peer = ip("198.18.2.1");
+        assert!(limiter.allow_known(peer, t0));
+        // ... which is bounded too: known endpoints together get at most the reserve.
+        let mut known = 1;
+        for i in 0..1_000u32 {
+            let source = IpAddr::V4(Ipv4Addr::from(0xc612_8000 + i));
+            known += u32::from(limiter.allow_known(source, t0));
+        }
+        assert_eq!(known, KNOWN_HANDSHAKES_PER_SECOND);
+        // The per-source limit still holds for a known endpoint.
+        let mut fresh = HandshakeLimiter::new();
+        for _ in 0..PACKETS_BURST {
+            assert!(fresh.allow_known(peer, t0));
+        }
+        assert!(!fresh.allow_known(peer, t0));
     }
 
     #[test]

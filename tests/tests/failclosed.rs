@@ -2,7 +2,8 @@
 //! restarting, a rolling update, a peer removed by policy), no packet for a linked
 //! cluster's pods crosses the underlay in plaintext; a restart in the middle of a transfer
 //! costs a short gap and no byte; an agent restarted while its API server is down has its
-//! tunnels from the cache.
+//! tunnels from the cache. A linked cluster's whole granted range is closed from the
+//! moment it is linked, before any of its nodes is routed.
 //! Needs root.
 
 // The test prints what it measured (shown with --nocapture).
@@ -13,10 +14,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
-use wiremesh_lab::clusters::{CONVERGE, Side, TwoClusters, wait_for};
+use kube::Api;
+use wiremesh_lab::clusters::{CONVERGE, HOST_RANGE, Side, TwoClusters, wait_for};
 use wiremesh_lab::k8s;
 use wiremesh_lab::mesh::{IFACE, capture_during};
 use wiremesh_lab::{MIB, Netns, Proc, agent_binary, ping, transfer};
+use wiremesh_proto::crd::MeshNode;
 
 /// What the marked pings carry; `ping -p` repeats it through the payload.
 const MARKER: &[u8] = b"FAILCLOSED";
@@ -240,6 +243,66 @@ fn the_mesh_fails_closed_and_a_restart_loses_nothing() -> Result<()> {
         + &a1.host.ip(&["-6", "route", "show", "proto", "0x58"])?;
     ensure!(left.trim().is_empty(), "fail-closed routes left: {left}");
     ensure!(!state.join("fail-closed").exists(), "the file is left");
+    println!("whole test: {:?}", started.elapsed());
+    Ok(())
+}
+
+/// cluster-b's only agent is stopped and its MeshNode deleted before the join, as if its
+/// agents had not published yet: a1 has no tunnel to b1, yet marked traffic to b1's pod
+/// is refused (b1's whole granted range has a fail-closed route from the moment
+/// cluster-b is linked), never sent in plaintext; the granted host range, which is also
+/// cluster-a's own, gets none. Once b1 publishes, its tunnel route wins.
+#[test]
+fn a_linked_clusters_ranges_are_closed_before_any_of_its_nodes_is_routed() -> Result<()> {
+    let started = Instant::now();
+    let mut lab = TwoClusters::new(1)?;
+    lab.stop_agent(Side::B, "b1", "TERM")?;
+    let meshnodes: Api<MeshNode> = Api::all(lab.b.client()?);
+    k8s::block_on(meshnodes.delete("b1", &Default::default()))?;
+    println!("{}", lab.join()?);
+    let underlay = lab.lab.default_underlay().clone();
+    let b_range = Side::B.pod_range();
+    let (b1_ip, b1_cidr, b1_underlay) = {
+        let b1 = lab.b.node("b1")?;
+        (b1.pod.ip(), b1.pod_cidr(), b1.host.underlay_ip())
+    };
+    {
+        let a1 = lab.a.node("a1")?;
+        let took = wait_for(CONVERGE, || {
+            let closed = a1.fail_closed_routes()?;
+            ensure!(
+                closed.contains(&b_range),
+                "no fail-closed route for {b_range}: {closed}"
+            );
+            Ok(())
+        })?;
+        println!("{b_range} closed on a1 {took:?} after the join");
+        let closed = a1.fail_closed_routes()?;
+        ensure!(
+            !closed.contains(HOST_RANGE),
+            "cluster-a's own host range was closed: {closed}"
+        );
+        let routes = a1.routes()?;
+        ensure!(!routes.contains(&b1_cidr), "b1 is routed already: {routes}");
+        // As in the test above: a1's default route leads to b1's underlay address, which
+        // would carry the pings to b1's pod in plaintext.
+        a1.host.set_default_route(b1_underlay)?;
+        let (capture, ()) = capture_during(&underlay, MARKER, || {
+            marked_pings(&a1.pod, b1_ip.into(), 100)
+        })?;
+        println!(
+            "no MeshPeer for cluster-b yet: 100 marked pings to b1's pod, {} frames on the underlay, plaintext seen {} times",
+            capture.frames, capture.marker_hits
+        );
+        ensure!(
+            capture.marker_hits == 0,
+            "plaintext for b1's pod crossed the underlay {} times before b1 was routed",
+            capture.marker_hits
+        );
+    }
+    lab.restart_agent(Side::B, "b1")?;
+    let took = wait_for(CONVERGE, || ping(&lab.a.node("a1")?.pod, b1_ip, 1))?;
+    println!("b1 published: reachable through the tunnel {took:?} after its agent started");
     println!("whole test: {:?}", started.elapsed());
     Ok(())
 }

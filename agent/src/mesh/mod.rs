@@ -315,6 +315,34 @@ pub fn materialize(peers: &PeerSet, groups: &Groups, active: &Active) -> PeerSet
     out
 }
 
+/// At most `max` of `peers`: the first by cluster, node and name (then key), so every
+/// agent refuses the same ones whatever order they came in; also the origins of those
+/// refused, in that order. A linked cluster that publishes more nodes than an agent can
+/// hold costs it a bounded table, never its memory.
+pub fn cap(mut peers: PeerSet, max: usize) -> (PeerSet, Vec<PeerOrigin>) {
+    if peers.len() <= max {
+        return (peers, Vec::new());
+    }
+    let mut order: Vec<(&str, &str, &str, PublicKey)> = peers
+        .iter()
+        .map(|(k, p)| {
+            (
+                p.origin.cluster.as_str(),
+                p.origin.node.as_str(),
+                p.origin.name.as_str(),
+                *k,
+            )
+        })
+        .collect();
+    order.sort_unstable();
+    let over: Vec<PublicKey> = order.iter().skip(max).map(|(.., k)| *k).collect();
+    let refused = over
+        .iter()
+        .filter_map(|k| peers.remove(k).map(|p| p.origin))
+        .collect();
+    (peers, refused)
+}
+
 /// The update that turns `applied` into `desired`: removes, additions, and changes of
 /// only the fields that changed. `None` when there is nothing to do.
 ///
@@ -483,6 +511,41 @@ mod tests {
             accept_ips: Vec::new(),
             persistent_keepalive: 25,
         }
+    }
+
+    #[test]
+    fn peers_over_the_cap_are_the_last_by_cluster_and_node_whatever_the_order() {
+        let named = |cluster: &str, node: &str| DesiredPeer {
+            origin: PeerOrigin {
+                name: format!("{cluster}.{node}"),
+                cluster: cluster.to_owned(),
+                node: node.to_owned(),
+                path: PeerPath::Direct,
+            },
+            ..peer("x", "198.18.2.1:51820", &[])
+        };
+        // Keys in the opposite order of the names, so the map's order is not the answer.
+        let mut set = PeerSet::new();
+        set.insert(key(9), named("cluster-b", "b1"));
+        set.insert(key(8), named("cluster-b", "b2"));
+        set.insert(key(7), named("cluster-c", "c1"));
+        set.insert(key(6), named("", "host-1"));
+        set.insert(key(5), named("cluster-c", "c0"));
+        let (kept, refused) = cap(set.clone(), 3);
+        assert_eq!(
+            kept.keys()
+                .copied()
+                .collect::<std::collections::BTreeSet<_>>(),
+            std::collections::BTreeSet::from([key(6), key(9), key(8)])
+        );
+        let refused: Vec<String> = refused.into_iter().map(|o| o.name).collect();
+        assert_eq!(refused, vec!["cluster-c.c0", "cluster-c.c1"]);
+        // Under the cap, nothing changes.
+        let (all, none) = cap(set.clone(), 5);
+        assert_eq!((all, none), (set.clone(), Vec::new()));
+        let (empty, refused) = cap(set, 0);
+        assert!(empty.is_empty());
+        assert_eq!(refused.len(), 5);
     }
 
     fn gateways() -> (PeerSet, Groups) {
