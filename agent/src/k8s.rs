@@ -381,7 +381,7 @@ fn warn_unusable_gateway(spec: &MeshNodeSpec) {
     }
 }
 
-/// The Node carries `wiremesh.io/gateway=true`.
+/// The Node carries [`GATEWAY_LABEL`]`=true`.
 fn is_labelled_gateway(node: &Node) -> bool {
     node.labels().get(GATEWAY_LABEL).map(String::as_str) == Some("true")
 }

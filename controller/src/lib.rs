@@ -4,6 +4,7 @@
 pub mod crdgen;
 pub mod install;
 pub mod leader;
+pub mod limit;
 pub mod manifest;
 pub mod meshctl;
 pub mod metrics;

@@ -9,24 +9,31 @@
 //! overwriting what an agent wrote would leave a window in which linked clusters mirror
 //! the forged values. So an agent cannot write them at all, and the controller, which can
 //! read Nodes, is their only writer.
+//!
+//! The label is one a kubelet cannot set on its own Node (NodeRestriction); the older
+//! [`LEGACY_GATEWAY_LABEL`], which it could, is ignored with a warning naming the Node.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, ResourceExt as _};
 use serde_json::json;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 use wiremesh_proto::IpCidr;
-use wiremesh_proto::crd::{GATEWAY_LABEL, MeshNode, MeshNodeKind};
+use wiremesh_proto::crd::{GATEWAY_LABEL, LEGACY_GATEWAY_LABEL, MeshNode, MeshNodeKind};
 
 /// How often the MeshNodes are compared with their Nodes (in memory; a write only on a
 /// difference).
 const PERIOD: Duration = Duration::from_secs(1);
+
+/// Whether `node` carries the [`LEGACY_GATEWAY_LABEL`], which no longer makes it a
+/// gateway (a kubelet can set it on its own Node).
+pub fn has_legacy_gateway_label(node: &Node) -> bool {
+    node.labels().contains_key(LEGACY_GATEWAY_LABEL)
+}
 
 /// What a Node says its MeshNode must hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +41,7 @@ pub struct NodeFields {
     /// `Node.spec.podCIDRs` (or the older `podCIDR`), canonical; entries that do not
     /// parse are left out.
     pub pod_cidrs: Vec<String>,
-    /// The Node carries `wiremesh.io/gateway=true`.
+    /// The Node carries [`GATEWAY_LABEL`]`=true`.
     pub gateway: bool,
 }
 
@@ -73,23 +80,28 @@ pub fn drift(mesh_node: &MeshNode, node: &Node) -> Option<NodeFields> {
 
 /// Keeps every Kubernetes node's MeshNode's pod CIDRs and gateway flag equal to its
 /// Node's, until aborted.
-pub(crate) async fn derive(client: Client, mesh_nodes: Store<MeshNode>) {
-    let (nodes, writer) = reflector::store::<Node>();
-    let watch = reflector::reflector(
-        writer,
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).default_backoff(),
-    )
-    .for_each(|event| {
-        if let Err(e) = event {
-            debug!(error = %e, "watch of Nodes failed; retrying");
-        }
-        futures::future::ready(())
-    });
-    tokio::spawn(watch);
+/// `nodes` is the controller's cache of Nodes.
+pub(crate) async fn derive(client: Client, mesh_nodes: Store<MeshNode>, nodes: Store<Node>) {
     let api: Api<MeshNode> = Api::all(client);
     let mut written: BTreeMap<String, NodeFields> = BTreeMap::new();
+    let mut warned: BTreeSet<String> = BTreeSet::new();
     loop {
         tokio::time::sleep(PERIOD).await;
+        let legacy: BTreeSet<String> = nodes
+            .state()
+            .iter()
+            .filter(|n| has_legacy_gateway_label(n))
+            .map(|n| n.name_any())
+            .collect();
+        for name in legacy.difference(&warned) {
+            warn!(
+                node = %name,
+                "Node {name} carries the label {LEGACY_GATEWAY_LABEL}, which no longer makes a gateway \
+                 (a kubelet can set it on its own Node): ignored; label it {GATEWAY_LABEL}=true \
+                 (`meshctl gateway add {name}`) to keep it a gateway"
+            );
+        }
+        warned = legacy;
         for mesh_node in mesh_nodes.state() {
             let name = mesh_node.name_any();
             let Some(node) = nodes.get(&reflector::ObjectRef::new(&name)) else {
@@ -156,6 +168,27 @@ mod tests {
         assert_eq!(drift(&host, &node(&["10.1.1.0/24"], false)), None);
         let fields = NodeFields::of(&node(&["10.1.1.0/24", "nope"], false));
         assert_eq!(fields.pod_cidrs, ["10.1.1.0/24"]);
+    }
+
+    #[test]
+    fn the_old_gateway_label_a_kubelet_can_set_makes_no_gateway() {
+        let mut labelled = node(&["10.1.1.0/24"], false);
+        labelled
+            .labels_mut()
+            .insert(LEGACY_GATEWAY_LABEL.to_owned(), "true".to_owned());
+        assert!(has_legacy_gateway_label(&labelled));
+        assert!(!NodeFields::of(&labelled).gateway);
+        // A MeshNode made a gateway through the old label loses the flag.
+        let mut was_gateway = mesh_node("a1", 1, None, &["10.1.1.0/24"]);
+        was_gateway.spec.gateway = true;
+        assert_eq!(
+            drift(&was_gateway, &labelled).map(|f| f.gateway),
+            Some(false)
+        );
+        // The new label, which NodeRestriction keeps from kubelets, does make one.
+        assert!(GATEWAY_LABEL.starts_with("node-restriction.kubernetes.io/"));
+        assert!(NodeFields::of(&node(&["10.1.1.0/24"], true)).gateway);
+        assert!(!has_legacy_gateway_label(&node(&["10.1.1.0/24"], true)));
     }
 
     fn node(cidrs: &[&str], gateway: bool) -> Node {

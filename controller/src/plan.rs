@@ -11,14 +11,16 @@
 //! A host (kind `Host`) may also claim single addresses inside the host range its cluster
 //! was granted at join time. No remote node may claim a reserved address ([`Reserved`]):
 //! loopback, link-local (the cloud metadata address), multicast, unspecified, this
-//! cluster's service CIDRs and API server; nor may a host claim an endpoint of a node here
+//! cluster's service CIDRs, API server and Nodes' addresses (`InternalIP`, `ExternalIP`);
+//! nor may a host claim an endpoint of a node here
 //! or of a peer (a route into a tunnel for a tunnel's own endpoint loops).
 //! A refused node that was mirrored before loses its `MeshPeer`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
+use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt as _;
 use wiremesh_proto::crd::{
     MeshNode, MeshNodeKind, MeshNodeStatus, MeshPeer, MeshPeerSpec, PEER_CLUSTER_LABEL,
@@ -117,6 +119,11 @@ pub enum Reason {
     },
     /// `<cluster>.<node>` is too long for an object name.
     NameTooLong,
+    /// The remote MeshNode is larger than the controller keeps of one node.
+    TooLarge {
+        /// The limit, in bytes of JSON.
+        max: usize,
+    },
     /// The peer cluster has more nodes than are mirrored from one peer cluster.
     TooManyNodes {
         /// The cap (the controller's `--max-nodes-per-peer`).
@@ -171,6 +178,11 @@ pub enum Reserved {
     ServiceCidr,
     /// This cluster's API server.
     ApiServer,
+    /// An address of one of this cluster's Nodes (`InternalIP`, `ExternalIP`).
+    LocalNode {
+        /// The Node.
+        node: String,
+    },
     /// An endpoint of a node (or host) of this cluster.
     LocalEndpoint {
         /// The node.
@@ -344,6 +356,36 @@ impl Local {
     pub fn reserve(&mut self, cidr: IpCidr, what: Reserved) {
         self.reserved.insert(cidr, what);
     }
+
+    /// Reserves the addresses of this cluster's `nodes` ([`node_addresses`]): a peer's
+    /// pod CIDR or host holding one would draw our node-to-node traffic into a tunnel.
+    pub fn reserve_nodes<'a>(&mut self, nodes: impl IntoIterator<Item = &'a Node>) {
+        for node in nodes {
+            for ip in node_addresses(node) {
+                self.reserve(
+                    IpCidr::host(ip),
+                    Reserved::LocalNode {
+                        node: node.name_any(),
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// A Node's `InternalIP` and `ExternalIP` addresses, sorted; entries that do not parse
+/// are left out.
+pub fn node_addresses(node: &Node) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = node
+        .status
+        .iter()
+        .flat_map(|s| s.addresses.iter().flatten())
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// Another peer cluster: what it was allowed and what is mirrored from it now.
@@ -668,6 +710,11 @@ impl fmt::Display for Conflict {
                 f,
                 "node {node}: its cluster has more than {max} nodes, the most mirrored from one peer cluster (--max-nodes-per-peer)"
             ),
+            Reason::TooLarge { max } => write!(
+                f,
+                "node {node}: its MeshNode is over {} KiB, the most kept of one remote node",
+                max >> 10
+            ),
             Reason::NameTooLong => write!(
                 f,
                 "node {node}: its MeshPeer name would be longer than {MAX_NAME_LEN} characters"
@@ -708,6 +755,7 @@ impl fmt::Display for Reserved {
             Reserved::Unspecified => write!(f, "unspecified or IPv4-mapped"),
             Reserved::ServiceCidr => write!(f, "this cluster's service CIDR"),
             Reserved::ApiServer => write!(f, "this cluster's API server"),
+            Reserved::LocalNode { node } => write!(f, "an address of local Node {node}"),
             Reserved::LocalEndpoint { node } => write!(f, "the endpoint of local node {node}"),
             Reserved::PeerEndpoint { cluster, node } => {
                 write!(f, "the endpoint of node {node} of peer cluster {cluster}")
@@ -815,7 +863,7 @@ fn canonical_eq(text: &str, cidr: &IpCidr) -> bool {
     let Some((addr, len)) = text.trim().split_once('/') else {
         return false;
     };
-    addr.parse::<std::net::IpAddr>()
+    addr.parse::<IpAddr>()
         .is_ok_and(|a| a == cidr.addr() && len.parse::<u8>() == Ok(cidr.prefix_len()))
 }
 
@@ -875,6 +923,7 @@ impl<T: PartialEq> Index<T> {
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::api::core::v1::{NodeAddress, NodeStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
     use proptest::prelude::*;
     use wiremesh_proto::crd::PeerClusterSpec;
@@ -1543,6 +1592,119 @@ mod tests {
     }
 
     #[test]
+    fn no_remote_node_claims_an_address_of_our_nodes() {
+        let mut ours = k8s_node("a1", &[("InternalIP", "10.2.9.5"), ("Hostname", "a1")]);
+        ours.status
+            .get_or_insert_with(Default::default)
+            .addresses
+            .get_or_insert_with(Vec::new)
+            .push(NodeAddress {
+                type_: "ExternalIP".into(),
+                address: "192.0.2.7".into(),
+            });
+        assert_eq!(
+            node_addresses(&ours),
+            [
+                "10.2.9.5".parse::<IpAddr>().unwrap(),
+                "192.0.2.7".parse().unwrap()
+            ]
+        );
+        let mut local = local();
+        local.reserve_nodes([&ours]);
+        let mut pc = peer("cluster-b", &["10.2.0.0/16"]);
+        pc.spec.allowed_host_cidrs = vec!["192.0.2.0/24".into()];
+        let plan = plan(
+            &pc,
+            &[
+                // A granted pod range that holds our node's InternalIP.
+                node("b1", 1, &["10.2.9.0/24"]),
+                node("b2", 2, &["10.2.2.0/24"]),
+                // A host inside its granted range, on our node's ExternalIP.
+                host("h1", 3, &["192.0.2.7/32"]),
+            ],
+            &local,
+            &[],
+            &[],
+        );
+        assert_eq!(names(&plan.apply), ["cluster-b.b2"]);
+        let texts: Vec<String> = plan.conflicts.iter().map(ToString::to_string).collect();
+        assert_eq!(plan.conflicts.len(), 2, "{texts:?}");
+        for conflict in &plan.conflicts {
+            assert!(
+                matches!(&conflict.reason, Reason::Reserved { what: Reserved::LocalNode { node }, .. } if node == "a1"),
+                "{conflict}"
+            );
+        }
+        assert!(
+            texts[0].contains("node b1")
+                && texts[0].contains("10.2.9.0/24")
+                && texts[0].contains("10.2.9.5/32")
+                && texts[0].contains("local Node a1"),
+            "{}",
+            texts[0]
+        );
+        assert!(texts[1].contains("node h1") && texts[1].contains("192.0.2.7/32"));
+    }
+
+    #[test]
+    fn a_peer_cannot_steer_our_endpoints_for_a_third_cluster_or_our_own_nodes() {
+        // cluster-b's machines claim to have heard cluster-c's c1 and our a1 at an address
+        // of b's choosing, and b names one of its nodes after c's node.
+        let b_nodes = [
+            node("b1", 1, &["10.2.1.0/24"]),
+            reporter(
+                "relay-b",
+                &[
+                    ("cluster-c.c1", "198.18.66.6:51820", true),
+                    ("cluster-a.a1", "198.18.66.6:51821", true),
+                    ("c1", "198.18.66.6:51822", true),
+                    ("b1", "198.18.2.254:51820", true),
+                ],
+            ),
+        ];
+        // Our own machines heard c1 at its NAT's address.
+        let ours = reporter("relay-a", &[("cluster-c.c1", "198.18.3.254:51820", true)]);
+        let local = Local::new("cluster-a", &[cidr("10.1.0.0/16")], [&ours]);
+        let pc_b = peer("cluster-b", &["10.2.0.0/16"]);
+        let b_plan = plan(&pc_b, &b_nodes, &local, &[], &[]);
+        let b_peers = applied(&pc_b, &b_plan);
+        // What b's machines saw of b's own node counts for it.
+        let b1 = b_plan.apply.iter().find(|d| d.spec.node == "b1").unwrap();
+        assert_eq!(
+            b1.spec.endpoints,
+            ["198.18.0.1:51820", "198.18.2.254:51820"]
+        );
+        // Nothing b published reaches cluster-c's node: only its own endpoint and what
+        // our machines observed.
+        let pc_c = peer("cluster-c", &["10.3.0.0/16"]);
+        let c_plan = plan(
+            &pc_c,
+            &[node("c1", 5, &["10.3.1.0/24"])],
+            &local,
+            &[OtherPeer::new(&pc_b, &b_peers)],
+            &[],
+        );
+        let c1 = c_plan.apply.iter().find(|d| d.spec.node == "c1").unwrap();
+        assert_eq!(
+            c1.spec.endpoints,
+            ["198.18.0.5:51820", "198.18.3.254:51820"]
+        );
+        // And no endpoint b's machines claim to have seen anywhere else is used.
+        for desired in b_plan.apply.iter().chain(&c_plan.apply) {
+            assert!(
+                !desired
+                    .spec
+                    .endpoints
+                    .iter()
+                    .any(|e| e.starts_with("198.18.66.6")),
+                "{}: {:?}",
+                desired.name,
+                desired.spec.endpoints
+            );
+        }
+    }
+
+    #[test]
     fn nodes_past_the_cap_are_refused() {
         let mut remote = vec![
             node("b3", 3, &["10.2.3.0/24"]),
@@ -1691,6 +1853,28 @@ mod tests {
     }
 
     /// The MeshPeers that exist after `plan` was applied for `pc`.
+    fn k8s_node(name: &str, addresses: &[(&str, &str)]) -> Node {
+        Node {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.to_owned()),
+                ..Default::default()
+            },
+            status: Some(NodeStatus {
+                addresses: Some(
+                    addresses
+                        .iter()
+                        .map(|(type_, address)| NodeAddress {
+                            type_: (*type_).to_owned(),
+                            address: (*address).to_owned(),
+                        })
+                        .collect(),
+                ),
+                ..NodeStatus::default()
+            }),
+            ..Node::default()
+        }
+    }
+
     fn applied(pc: &PeerCluster, plan: &Plan) -> Vec<MeshPeer> {
         plan.apply
             .iter()

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{Node, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -276,7 +276,25 @@ async fn lead(client: Client, options: &Options, metrics: Arc<Metrics>) -> RunEr
         local_tx.clone(),
         |n: &MeshNode| format!("{:?}", crate::plan::observations_only(n.status.clone())),
     ));
-    background.spawn(crate::nodes::derive(client.clone(), mesh_nodes.clone()));
+    let (nodes, writer) = reflector::store::<Node>();
+    // Nodes change status every few seconds; only their addresses and labels matter.
+    background.spawn(reflect(
+        Api::all(client.clone()),
+        writer,
+        local_tx.clone(),
+        |n: &Node| {
+            format!(
+                "{:?}{:?}",
+                crate::plan::node_addresses(n),
+                n.metadata.labels
+            )
+        },
+    ));
+    background.spawn(crate::nodes::derive(
+        client.clone(),
+        mesh_nodes.clone(),
+        nodes.clone(),
+    ));
     background.spawn(poll_cluster_info(
         client.clone(),
         local_tx.clone(),
@@ -307,13 +325,15 @@ async fn lead(client: Client, options: &Options, metrics: Arc<Metrics>) -> RunEr
         peer_clusters.clone(),
         mesh_peers.clone(),
         mesh_nodes.clone(),
+        nodes.clone(),
     );
     let synced = metrics.clone();
     background.spawn(async move {
-        let (pcs, mps, mns) = caches;
+        let (pcs, mps, mns, ns) = caches;
         let ready = wait_until_ready(&pcs).await
             && wait_until_ready(&mps).await
-            && wait_until_ready(&mns).await;
+            && wait_until_ready(&mns).await
+            && wait_until_ready(&ns).await;
         if ready {
             synced.health().caches_synced.store(true, Ordering::Relaxed);
             // The links wait for this before they plan.
@@ -331,6 +351,7 @@ async fn lead(client: Client, options: &Options, metrics: Arc<Metrics>) -> RunEr
         peer_clusters,
         mesh_peers,
         mesh_nodes,
+        nodes,
         local: local_rx,
         recorder: Recorder::new(client, reporter.clone()),
         reporter,
@@ -628,8 +649,9 @@ async fn poll_cluster_info(client: Client, local: watch::Sender<LocalState>, per
             }
             Err(_) => None,
         };
-        let api_servers = api_server_addresses(&client).await;
+        let read = api_server_addresses(&client).await;
         local.send_if_modified(|s| {
+            let api_servers = next_api_servers(&s.api_servers, read);
             if s.api_servers == api_servers {
                 return false;
             }
@@ -656,11 +678,34 @@ async fn poll_cluster_info(client: Client, local: watch::Sender<LocalState>, per
     }
 }
 
+/// One read of this cluster's API server addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ApiServersRead {
+    /// What was read, sorted and deduplicated.
+    pub(crate) addresses: Vec<IpAddr>,
+    /// Every read succeeded (an object that does not exist counts as read: it holds no
+    /// address); false when one failed (no permission, API server down).
+    pub(crate) complete: bool,
+}
+
+/// The API server addresses to reserve after `read`, given those reserved before: a
+/// complete read replaces them; after a failed one the last good set stays (with any new
+/// address read), so an API server error never un-reserves an address.
+pub(crate) fn next_api_servers(previous: &[IpAddr], read: ApiServersRead) -> Vec<IpAddr> {
+    if read.complete {
+        return read.addresses;
+    }
+    let mut kept: Vec<IpAddr> = previous.iter().copied().chain(read.addresses).collect();
+    kept.sort_unstable();
+    kept.dedup();
+    kept
+}
+
 /// This cluster's API server addresses: the cluster IPs of Service `default/kubernetes`
-/// and the addresses of its EndpointSlice. What cannot be read (no such object, no
-/// permission) adds nothing.
-async fn api_server_addresses(client: &Client) -> Vec<IpAddr> {
+/// and the addresses of its EndpointSlice.
+pub(crate) async fn api_server_addresses(client: &Client) -> ApiServersRead {
     let mut out = Vec::new();
+    let mut complete = true;
     let services: Api<Service> = Api::namespaced(client.clone(), API_SERVER_NAMESPACE);
     match services.get_opt(API_SERVER_SERVICE).await {
         Ok(Some(service)) => out.extend(
@@ -672,7 +717,10 @@ async fn api_server_addresses(client: &Client) -> Vec<IpAddr> {
                 .filter_map(|ip| ip.parse::<IpAddr>().ok()),
         ),
         Ok(None) => {}
-        Err(e) => debug!(error = %e, "reading Service default/kubernetes"),
+        Err(e) => {
+            complete = false;
+            debug!(error = %e, "reading Service default/kubernetes");
+        }
     }
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), API_SERVER_NAMESPACE);
     match slices.get_opt(API_SERVER_SERVICE).await {
@@ -684,11 +732,17 @@ async fn api_server_addresses(client: &Client) -> Vec<IpAddr> {
                 .filter_map(|ip| ip.parse::<IpAddr>().ok()),
         ),
         Ok(None) => {}
-        Err(e) => debug!(error = %e, "reading EndpointSlice default/kubernetes"),
+        Err(e) => {
+            complete = false;
+            debug!(error = %e, "reading EndpointSlice default/kubernetes");
+        }
     }
     out.sort_unstable();
     out.dedup();
-    out
+    ApiServersRead {
+        addresses: out,
+        complete,
+    }
 }
 
 /// The running link tasks, by PeerCluster name.
@@ -811,6 +865,36 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(links.ensure("b", 1, |_| tokio::spawn(std::future::pending::<()>())));
         assert_eq!(links.abort_all(), ["b"]);
+    }
+
+    #[test]
+    fn a_failed_read_keeps_the_last_good_api_server_addresses() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let good = vec![ip("10.96.0.1"), ip("198.18.1.10")];
+        // The API server refused one read: nothing is un-reserved.
+        let failed = ApiServersRead {
+            addresses: Vec::new(),
+            complete: false,
+        };
+        assert_eq!(next_api_servers(&good, failed), good);
+        // A partial read adds what it saw and still drops nothing.
+        let partial = ApiServersRead {
+            addresses: vec![ip("10.96.0.1"), ip("198.18.1.11")],
+            complete: false,
+        };
+        assert_eq!(
+            next_api_servers(&good, partial),
+            [ip("10.96.0.1"), ip("198.18.1.10"), ip("198.18.1.11")]
+        );
+        // A complete read is the truth, even when an address went away.
+        let moved = ApiServersRead {
+            addresses: vec![ip("10.96.0.1"), ip("198.18.1.12")],
+            complete: true,
+        };
+        assert_eq!(
+            next_api_servers(&good, moved),
+            [ip("10.96.0.1"), ip("198.18.1.12")]
+        );
     }
 
     #[test]

@@ -12,8 +12,14 @@
 //! the remote answers again the watch starts over with a fresh list, and only once that
 //! list is complete does mirroring resume. A remote that was never listed is never planned
 //! from, so a controller that starts during an outage deletes nothing.
+//!
+//! **Bounded.** The remote API server is not trusted with our memory: lists come in pages
+//! of [`PAGE_SIZE`], every response body (or watch event) is cut off past
+//! [`MAX_RESPONSE_BYTES`] ([`crate::limit`]), at most `--max-nodes-per-peer` nodes are
+//! kept, each at most [`MAX_NODE_BYTES`] once stripped to what the plan reads, and all
+//! of them at most [`MAX_REMOTE_BYTES`]. A node over its size is refused (a Conflict).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::hash::{DefaultHasher, Hash as _, Hasher as _};
 use std::net::IpAddr;
@@ -27,6 +33,7 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::client::ClientBuilder;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::events::{Event as K8sEvent, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
@@ -42,7 +49,8 @@ use wiremesh_proto::crd::{
 };
 
 use crate::install::ClusterInfo;
-use crate::plan::{self, Local, OtherPeer, Plan, Reserved};
+use crate::limit::{BodyLimitLayer, MAX_RESPONSE_BYTES};
+use crate::plan::{self, Conflict, Local, OtherPeer, Plan, Reason, Reserved};
 use crate::shared::{FIELD_MANAGER, Shared};
 use crate::status::{self, Observation, Transition};
 
@@ -58,6 +66,17 @@ const MAX_WATCH_FAILURES: u32 = 3;
 const WATCH_TIMEOUT_SECS: u32 = 120;
 /// Event notes are limited to 1 kB by the API.
 const MAX_NOTE: usize = 1000;
+/// Objects per page of a list of remote MeshNodes (`limit=500`, then `continue`): the
+/// API server's own default page size for its clients (client-go's pager).
+pub const PAGE_SIZE: u32 = 500;
+/// Largest remote MeshNode kept, serialized, once stripped to what the plan reads (spec,
+/// observed endpoints): an honest one, with an observation for each of the 1,024 tunnels
+/// its agent reports, stays under 128 KiB.
+pub const MAX_NODE_BYTES: usize = 256 << 10;
+/// Most bytes of remote MeshNodes kept for one peer cluster: past it, new nodes are
+/// dropped as past `--max-nodes-per-peer`. 5,000 honest nodes without observations take
+/// about 2 MiB.
+pub const MAX_REMOTE_BYTES: usize = 128 << 20;
 
 /// Where a peer cluster's API server is and how to authenticate to it.
 #[derive(Clone)]
@@ -162,7 +181,11 @@ impl Remote {
             .await
             .map_err(|e| format!("client configuration for {}: {e}", self.api_server))?;
         config.connect_timeout = Some(CONNECT_TIMEOUT);
-        Client::try_from(config).map_err(|e| format!("client for {}: {e}", self.api_server))
+        let builder = ClientBuilder::try_from(config)
+            .map_err(|e| format!("client for {}: {e}", self.api_server))?;
+        Ok(builder
+            .with_layer(&BodyLimitLayer::new(MAX_RESPONSE_BYTES))
+            .build())
     }
 }
 
@@ -300,7 +323,7 @@ impl Mirror {
                     }
                     failed => {
                         let error = match failed {
-                            Some(Err(e)) => e.to_string(),
+                            Some(Err(e)) => format!("{:#}", anyhow::Error::new(e)),
                             _ => "the watch ended".to_owned(),
                         };
                         session = None;
@@ -400,20 +423,7 @@ impl Mirror {
 
     /// A one-item list, with a timeout: can the remote be read at all?
     async fn probe(&self, api: &Api<MeshNode>, timeout: Duration) -> Result<(), Outage> {
-        let server = self.server();
-        match tokio::time::timeout(timeout, api.list_metadata(&ListParams::default().limit(1)))
-            .await
-        {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(Outage {
-                reason: outage_reason(&e),
-                message: format!("listing MeshNodes at {server}: {e}"),
-            }),
-            Err(_) => Err(Outage {
-                reason: "RemoteUnreachable",
-                message: format!("listing MeshNodes at {server}: no answer within {timeout:?}"),
-            }),
-        }
+        probe(api, &self.server(), timeout).await
     }
 
     /// One pass: plan and apply if the remote is live, then the status and its Events.
@@ -522,6 +532,7 @@ impl Mirror {
         for ip in api_servers {
             local.reserve(IpCidr::host(*ip), Reserved::ApiServer);
         }
+        local.reserve_nodes(self.shared.nodes.state().iter().map(|n| &**n));
         let mut by_peer: BTreeMap<String, Vec<MeshPeer>> = BTreeMap::new();
         for mp in self.shared.mesh_peers.state() {
             if let Some(peer) = mp.labels().get(PEER_CLUSTER_LABEL) {
@@ -550,6 +561,14 @@ impl Mirror {
             );
         }
         plan.conflicts.extend(refused);
+        plan.conflicts
+            .extend(self.remote.oversized.iter().map(|node| Conflict {
+                node: node.clone(),
+                cidr: None,
+                reason: Reason::TooLarge {
+                    max: MAX_NODE_BYTES,
+                },
+            }));
         plan
     }
 
@@ -632,13 +651,55 @@ impl Mirror {
     }
 }
 
+/// Remote nodes by name, with their sizes.
+#[derive(Debug, Default)]
+struct Kept {
+    nodes: BTreeMap<String, MeshNode>,
+    sizes: BTreeMap<String, usize>,
+    bytes: usize,
+}
+
+impl std::ops::Deref for Kept {
+    type Target = BTreeMap<String, MeshNode>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.nodes
+    }
+}
+
+impl Kept {
+    /// Keeps `node` (of `size` bytes) unless that makes more than `limit` nodes or
+    /// [`MAX_REMOTE_BYTES`]; false when it was not kept (and is no longer).
+    fn admit(&mut self, name: String, node: MeshNode, size: usize, limit: usize) -> bool {
+        let old = self.sizes.get(&name).copied();
+        let bytes = self.bytes - old.unwrap_or(0) + size;
+        if (old.is_none() && self.nodes.len() >= limit) || bytes > MAX_REMOTE_BYTES {
+            self.remove(&name);
+            return false;
+        }
+        self.bytes = bytes;
+        self.sizes.insert(name.clone(), size);
+        self.nodes.insert(name, node);
+        true
+    }
+
+    /// Forgets `name`; true if it was kept.
+    fn remove(&mut self, name: &str) -> bool {
+        let size = self.sizes.remove(name).unwrap_or(0);
+        self.bytes -= size;
+        self.nodes.remove(name).is_some()
+    }
+}
+
 /// The remote nodes as the watch reports them.
 #[derive(Debug)]
 struct RemoteNodes {
     /// As last known (name and spec only).
-    nodes: BTreeMap<String, MeshNode>,
+    nodes: Kept,
     /// A list in progress.
-    buffer: Option<BTreeMap<String, MeshNode>>,
+    buffer: Option<Kept>,
+    /// Nodes refused for their size (over [`MAX_NODE_BYTES`]), not kept.
+    oversized: BTreeSet<String>,
     /// The current watch session has completed its list.
     synced: bool,
     /// Watch failures since the last complete list.
@@ -653,8 +714,9 @@ struct RemoteNodes {
 impl Default for RemoteNodes {
     fn default() -> Self {
         Self {
-            nodes: BTreeMap::new(),
+            nodes: Kept::default(),
             buffer: None,
+            oversized: BTreeSet::new(),
             synced: false,
             failures: 0,
             limit: usize::MAX,
@@ -675,17 +737,23 @@ impl RemoteNodes {
         });
         match event {
             watcher::Event::Init => {
-                self.buffer = Some(BTreeMap::new());
+                self.buffer = Some(Kept::default());
                 self.dropped = 0;
+                self.oversized.clear();
                 false
             }
             watcher::Event::InitApply(node) => {
-                if let Some(buffer) = &mut self.buffer {
-                    if buffer.len() < self.limit {
-                        buffer.insert(node.name_any(), node);
-                    } else {
-                        self.dropped += 1;
+                let name = node.name_any();
+                let Some(size) = self.size(&name, &node) else {
+                    if let Some(buffer) = &mut self.buffer {
+                        buffer.remove(&name);
                     }
+                    return false;
+                };
+                if let Some(buffer) = &mut self.buffer
+                    && !buffer.admit(name, node, size, self.limit)
+                {
+                    self.dropped += 1;
                 }
                 false
             }
@@ -705,19 +773,45 @@ impl RemoteNodes {
             }
             watcher::Event::Apply(node) => {
                 let name = node.name_any();
+                let known_oversized = self.oversized.contains(&name);
+                let Some(size) = self.size(&name, &node) else {
+                    // Its MeshPeer, if any, goes: a Conflict says why.
+                    return self.nodes.remove(&name) || !known_oversized;
+                };
                 let changed = self
                     .nodes
                     .get(&name)
                     .is_none_or(|old| old.spec != node.spec || old.status != node.status);
-                if !self.nodes.contains_key(&name) && self.nodes.len() >= self.limit {
+                let was_oversized = self.oversized.remove(&name);
+                if !self.nodes.admit(name, node, size, self.limit) {
                     self.dropped += 1;
-                    return false;
+                    return was_oversized;
                 }
-                self.nodes.insert(name, node);
-                changed
+                changed || was_oversized
             }
-            watcher::Event::Delete(node) => self.nodes.remove(&node.name_any()).is_some(),
+            watcher::Event::Delete(node) => {
+                let name = node.name_any();
+                self.oversized.remove(&name) | self.nodes.remove(&name)
+            }
         }
+    }
+
+    /// The size of `node` as kept, or `None` (and it is recorded as oversized) when it is
+    /// over [`MAX_NODE_BYTES`].
+    fn size(&mut self, name: &str, node: &MeshNode) -> Option<usize> {
+        let size = serde_json::to_vec(node).map_or(usize::MAX, |v| v.len());
+        if size > MAX_NODE_BYTES {
+            if self.oversized.insert(name.to_owned()) {
+                warn!(
+                    node = name,
+                    size,
+                    max = MAX_NODE_BYTES,
+                    "remote MeshNode too large; refused"
+                );
+            }
+            return None;
+        }
+        Some(size)
     }
 }
 
@@ -750,7 +844,9 @@ fn owner_reference(pc: &PeerCluster) -> OwnerReference {
 fn watch(api: &Api<MeshNode>) -> WatchStream {
     watcher(
         api.clone(),
-        watcher::Config::default().timeout(WATCH_TIMEOUT_SECS),
+        watcher::Config::default()
+            .timeout(WATCH_TIMEOUT_SECS)
+            .page_size(PAGE_SIZE),
     )
     .boxed()
 }
@@ -768,6 +864,24 @@ async fn sleep_opt(at: Option<Instant>) {
     match at {
         Some(at) => sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// A one-item list of `api` at `server`, with a timeout.
+async fn probe(api: &Api<MeshNode>, server: &str, timeout: Duration) -> Result<(), Outage> {
+    match tokio::time::timeout(timeout, api.list_metadata(&ListParams::default().limit(1))).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(Outage {
+            reason: outage_reason(&e),
+            message: format!(
+                "listing MeshNodes at {server}: {:#}",
+                anyhow::Error::from(e)
+            ),
+        }),
+        Err(_) => Err(Outage {
+            reason: "RemoteUnreachable",
+            message: format!("listing MeshNodes at {server}: no answer within {timeout:?}"),
+        }),
     }
 }
 
@@ -944,6 +1058,112 @@ mod tests {
         // A known node still follows its updates.
         let known = remote.nodes.keys().next().cloned().unwrap();
         assert!(remote.apply(watcher::Event::Apply(node(&known, "10.2.9.0/24"))));
+    }
+
+    #[tokio::test]
+    async fn a_huge_answer_is_cut_off_and_the_link_goes_stale() {
+        let (server, written) = huge_server().await;
+        let remote = Remote {
+            api_server: server.clone(),
+            ca_data: None,
+            token: "t".into(),
+        };
+        let api = Api::<MeshNode>::all(remote.client().await.unwrap());
+        // The probe fails, naming the limit: the link is Stale, not crashed.
+        let outage = probe(&api, &server, Duration::from_secs(60))
+            .await
+            .unwrap_err();
+        assert_eq!(outage.reason, "RemoteUnreachable");
+        assert!(
+            outage.message.contains("a response body over 16 MiB"),
+            "{}",
+            outage.message
+        );
+        // A watch whose one event never ends fails the same way.
+        let mut events = api
+            .watch(&kube::api::WatchParams::default(), "0")
+            .await
+            .unwrap()
+            .boxed();
+        let error = events.next().await.unwrap().unwrap_err();
+        let text = format!("{:#}", anyhow::Error::new(error));
+        assert!(text.contains("a watch event over 16 MiB"), "{text}");
+        // We read no more than the limit (and what the sockets buffer), not the 256 MiB
+        // offered on each request.
+        let written = written.load(Ordering::Relaxed);
+        assert!(written < 2 * (40 << 20), "the server wrote {written} bytes");
+    }
+
+    #[test]
+    fn oversized_nodes_are_refused_and_forgotten() {
+        let mut remote = RemoteNodes::default();
+        remote.apply(watcher::Event::Init);
+        let mut huge = node("b2", "10.2.2.0/24");
+        huge.spec.endpoints = vec!["198.18.2.2:51820".into(); MAX_NODE_BYTES / 16];
+        remote.apply(watcher::Event::InitApply(node("b1", "10.2.1.0/24")));
+        remote.apply(watcher::Event::InitApply(huge.clone()));
+        remote.apply(watcher::Event::InitDone);
+        assert_eq!(remote.nodes.keys().collect::<Vec<_>>(), ["b1"]);
+        assert_eq!(remote.oversized.iter().collect::<Vec<_>>(), ["b2"]);
+        // A node that grows too large is forgotten (its MeshPeer goes), once.
+        let mut grown = node("b1", "10.2.1.0/24");
+        grown.spec.endpoints = huge.spec.endpoints.clone();
+        assert!(remote.apply(watcher::Event::Apply(grown.clone())));
+        assert!(!remote.apply(watcher::Event::Apply(grown)));
+        assert!(remote.nodes.is_empty());
+        assert_eq!(remote.nodes.bytes, 0);
+        // Back to a sane size, it is kept again.
+        assert!(remote.apply(watcher::Event::Apply(node("b1", "10.2.1.0/24"))));
+        assert_eq!(remote.oversized.iter().collect::<Vec<_>>(), ["b2"]);
+        assert!(remote.apply(watcher::Event::Delete(huge)));
+        assert!(remote.oversized.is_empty());
+    }
+
+    /// A fake API server on loopback that answers every request with a chunked body of
+    /// 256 MiB without a newline, as fast as the client reads; the bytes it managed to
+    /// write, over all requests.
+    async fn huge_server() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let written = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let total = written.clone();
+        tokio::spawn(async move {
+            // Two requests: the probe's list and the watch.
+            for _ in 0..2 {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                let total = total.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65_536 {
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let header = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                                  Transfer-Encoding: chunked\r\n\r\n";
+                    if socket.write_all(header.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = vec![b'x'; 1 << 20];
+                    let mut framed = format!("{:x}\r\n", chunk.len()).into_bytes();
+                    framed.extend_from_slice(&chunk);
+                    framed.extend_from_slice(b"\r\n");
+                    for _ in 0..256 {
+                        if socket.write_all(&framed).await.is_err() {
+                            return;
+                        }
+                        total.fetch_add(chunk.len(), Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        (url, written)
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Node;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
@@ -67,8 +68,10 @@ pub(crate) struct Shared {
     pub(crate) peer_clusters: Store<PeerCluster>,
     pub(crate) mesh_peers: Store<MeshPeer>,
     pub(crate) mesh_nodes: Store<MeshNode>,
+    /// This cluster's Nodes: their addresses are reserved (no peer may claim them).
+    pub(crate) nodes: Store<Node>,
     /// This cluster's ConfigMap; it also ticks on every local change that matters to plans
-    /// (a spec change of a local MeshNode or MeshPeer).
+    /// (a spec change of a local MeshNode or MeshPeer, a Node's addresses or labels).
     pub(crate) local: watch::Receiver<LocalState>,
     pub(crate) recorder: Recorder,
     /// Who records the Events (for Events that must not join an earlier one's series).

@@ -35,7 +35,14 @@ pub const HOST_LABEL: &str = "wiremesh.io/host";
 /// Label on a Node: `true` makes it a gateway of its cluster. When any node of a cluster
 /// is a gateway, only the gateways hold tunnels to other clusters; the other nodes reach
 /// them through a gateway, and another gateway takes over when one dies.
-pub const GATEWAY_LABEL: &str = "wiremesh.io/gateway";
+///
+/// Under `node-restriction.kubernetes.io/` because Kubernetes' NodeRestriction admission
+/// plugin forbids a kubelet to set labels with that prefix on its own Node: a compromised
+/// node cannot make itself a gateway and draw its cluster's cross-cluster traffic.
+pub const GATEWAY_LABEL: &str = "node-restriction.kubernetes.io/wiremesh-gateway";
+/// The gateway label before [`GATEWAY_LABEL`]; a kubelet could set it on its own Node.
+/// Ignored, with a warning naming the Node, so that an upgrade does not go unnoticed.
+pub const LEGACY_GATEWAY_LABEL: &str = "wiremesh.io/gateway";
 /// Label on MeshPeers and Secrets: the peer cluster they belong to.
 pub const PEER_CLUSTER_LABEL: &str = "wiremesh.io/peer-cluster";
 /// Finalizer the controller puts on PeerClusters so their MeshPeers go with them.

@@ -62,6 +62,16 @@ impl Side {
     pub fn pod_range6(self) -> String {
         format!("fd10:{}::/48", self.octet())
     }
+
+    /// Where the cluster's bare hosts take their addresses: 10.250.0.0/16 for cluster-a,
+    /// 10.251.0.0/16 for cluster-b (`meshctl join` refuses overlapping host ranges).
+    pub fn host_range(self) -> String {
+        format!("10.{}.0.0/16", self.host_octet())
+    }
+
+    fn host_octet(self) -> u8 {
+        249 + self.octet()
+    }
 }
 
 /// The address families of a lab: of the pods, and of the underlay the nodes reach each
@@ -394,8 +404,6 @@ fn nat_b(lab: &Lab, symmetric: bool) -> Result<(Underlay, Host)> {
     Ok((private, gateway))
 }
 
-/// Where bare hosts of either cluster take their addresses: each cluster's host range.
-pub const HOST_RANGE: &str = "10.250.0.0/16";
 /// cluster-b's private underlay when it is behind NAT.
 const NAT_PRIVATE: &str = "198.19.2.0/24";
 /// The NAT gateway: on the private underlay, and cluster-b's one public address.
@@ -559,6 +567,7 @@ impl TwoClusters {
         };
         for side in [Side::A, Side::B] {
             let (range, range6) = (side.pod_range(), side.pod_range6());
+            let host_range = side.host_range();
             let mut args = vec![
                 "--context",
                 side.name(),
@@ -567,9 +576,9 @@ impl TwoClusters {
                 side.name(),
                 "--pod-cidr",
                 &range,
-                // Bare hosts take 10.250.N.1 (see add_bare_host); join grants the range.
+                // Bare hosts take 10.25x.N.1 (see add_bare_host); join grants the range.
                 "--host-cidr",
-                HOST_RANGE,
+                &host_range,
             ];
             if stack.dual() {
                 args.extend(["--pod-cidr", &range6]);
@@ -786,7 +795,8 @@ impl TwoClusters {
     }
 
     /// Adds bare host number `index` (1..=250) for cluster `side`: lab host `name` at
-    /// 198.18.9.`index` on the underlay with address 10.250.`index`.1 (its pod bridge's
+    /// 198.18.9.`index` on the underlay with address 10.250.`index`.1 in cluster-a,
+    /// 10.251.`index`.1 in cluster-b ([`Side::host_range`]; its pod bridge's
     /// gateway) and an API proxy to `side`'s API server; no `Node`, no agent, not
     /// registered in the mesh (that is `meshctl host add`'s job).
     ///
@@ -800,7 +810,7 @@ impl TwoClusters {
         let host = self.lab.add_host(
             name,
             Ipv4Addr::new(198, 18, 9, index),
-            &format!("10.250.{index}.0/30"),
+            &format!("10.{}.{index}.0/30", side.host_octet()),
         )?;
         let proxy = ApiProxy::start(&host, self.cluster(side).plane.api_port())?;
         Ok(BareHost {
@@ -905,13 +915,22 @@ impl TwoClusters {
         k8s::meshctl(&full, &[])
     }
 
-    /// `meshctl join cluster-b --context cluster-a`; fails with its output unless it
+    /// `meshctl join cluster-b --context cluster-a --host-cidr <cluster-b's host range>`
+    /// (cluster-a's hosts are granted its own range); fails with its output unless it
     /// succeeds.
     ///
     /// # Errors
     /// When meshctl fails.
     pub fn join(&self) -> Result<String> {
-        let out = self.meshctl(&["--context", "cluster-a", "join", "cluster-b"])?;
+        let b_hosts = Side::B.host_range();
+        let out = self.meshctl(&[
+            "--context",
+            "cluster-a",
+            "join",
+            "cluster-b",
+            "--host-cidr",
+            &b_hosts,
+        ])?;
         ensure!(
             out.status.success(),
             "meshctl join failed:\n{}{}",

@@ -2,8 +2,9 @@
 //! cluster-b's MeshNodes, written here as its agents would, are mirrored into cluster-a's
 //! MeshPeers and follow updates and deletions; a node claiming a CIDR of cluster-a is
 //! refused with a Conflict condition and an Event naming node and CIDR, and so are hosts
-//! claiming the metadata address, the API server's address, or an address outside the
-//! granted host range; a token the remote
+//! claiming the metadata address, the API server's address, a Node's address or an
+//! address outside the granted host range, and a pod CIDR holding a Node's address; a
+//! token the remote
 //! refuses, or cluster-b's API server stopped, leaves the MeshPeers in place (also across a
 //! controller restart) and the PeerCluster Stale, and fixing it makes it Ready; when the
 //! leading replica is killed the standby takes the Lease and mirrors a later change; a
@@ -13,6 +14,7 @@
 //! kube-apiserver and etcd of `tests/k8s/build.sh`.
 
 use std::fs::File;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,7 +28,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use wiremesh_lab::clusters::wait_for;
 use wiremesh_lab::fixtures::mesh_node;
-use wiremesh_lab::k8s::{ControlPlane, block_on, meshctl, write_kubeconfig};
+use wiremesh_lab::k8s::{ControlPlane, block_on, create_node, meshctl, write_kubeconfig};
 use wiremesh_proto::crd::{
     MeshNode, MeshNodeKind, MeshPeer, PEER_CLUSTER_FINALIZER, PEER_CLUSTER_LABEL, PeerCluster,
     SYSTEM_NAMESPACE,
@@ -169,16 +171,26 @@ fn scenario(
     wait_for(MIRROR, || expect_condition(&pcs_a, "Conflict", "False"))?;
 
     // Hosts of cluster-b claiming single addresses: the cloud metadata address, cluster-a's
-    // API server (the `kubernetes` Service's cluster IP), and one outside any granted host
-    // range (cluster-b was installed without one). None is mirrored.
+    // API server (the `kubernetes` Service's cluster IP), one outside any granted host
+    // range (cluster-b was installed without one), and the address of a Node of
+    // cluster-a; and a node whose pod CIDR, inside cluster-b's granted range, holds that
+    // Node's address. None is mirrored.
+    create_node(&ca, "a9", "10.1.9.0/24", Ipv4Addr::new(10, 2, 77, 7))?;
     let hosts = [
         ("meta", "169.254.169.254/32", "link-local"),
         ("apisvc", API_SERVER_SERVICE_IP, "API server"),
         ("stray", "10.250.9.9/32", "host range"),
+        ("nodeaddr", "10.2.77.7/32", "local Node a9"),
+        ("podnet", "10.2.77.0/24", "local Node a9"),
     ];
     for (i, (name, address, _)) in hosts.iter().enumerate() {
+        let kind = if *name == "podnet" {
+            MeshNodeKind::Node
+        } else {
+            MeshNodeKind::Host
+        };
         let host = mesh_node(name)
-            .kind(MeshNodeKind::Host)
+            .kind(kind)
             .endpoint(format!("198.18.2.{}:51820", 70 + i))
             .pod_cidr(*address)
             .build();

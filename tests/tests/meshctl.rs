@@ -4,6 +4,7 @@
 //! it all. Needs `cargo build -p wiremesh-controller --bin meshctl` first.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::Output;
 
@@ -17,7 +18,9 @@ use kube::{Resource, ResourceExt as _};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use wiremesh_lab::fixtures::mesh_node;
-use wiremesh_lab::k8s::{ControlPlane, block_on, meshctl, write_kubeconfig};
+use wiremesh_lab::k8s::{
+    ControlPlane, block_on, create_node, delete_node, meshctl, write_kubeconfig,
+};
 use wiremesh_proto::crd::{
     MeshNode, PEER_CLUSTER_FINALIZER, PEER_CLUSTER_LABEL, PeerCluster, SYSTEM_NAMESPACE,
 };
@@ -132,6 +135,49 @@ fn join_status_and_unjoin_between_real_clusters() -> Result<()> {
     assert!(versions(c, "cluster-b")?.is_empty());
     assert!(versions(a, "cluster-c")?.is_empty());
     assert!(versions(b, "cluster-c")?.is_empty());
+    assert_eq!(
+        before,
+        [versions(a, "cluster-b")?, versions(b, "cluster-a")?]
+    );
+
+    // Host ranges granted to cluster-b that hold cluster-a's API server (the `kubernetes`
+    // Service's 10.0.0.1) or the address of one of its Nodes, or are huge: refused, naming
+    // each, and nothing is written.
+    let node_a1 = create_node(
+        &a.client()?,
+        "a1",
+        "10.1.1.0/24",
+        Ipv4Addr::new(198, 18, 1, 1),
+    )?;
+    let out = run(&[
+        "--kubeconfig",
+        kc,
+        "join",
+        "cluster-b",
+        "--host-cidr",
+        "10.0.0.0/24",
+        "--host-cidr",
+        "198.18.1.0/24",
+        "--host-cidr",
+        "0.0.0.0/0",
+    ])?;
+    delete_node(&a.client()?, &node_a1.name_any())?;
+    expect_failure(
+        &out,
+        3,
+        "cluster-b's host range 10.0.0.0/24 overlaps its API server's address 10.0.0.1 in cluster-a",
+    )?;
+    for line in [
+        "cluster-b's host range 198.18.1.0/24 overlaps the address 198.18.1.1 of its Node a1 in cluster-a",
+        "cluster-b's host range 0.0.0.0/0 is wider than /8",
+        "nothing was written",
+    ] {
+        assert!(
+            stderr(&out).contains(line),
+            "missing {line:?} in:\n{}",
+            stderr(&out)
+        );
+    }
     assert_eq!(
         before,
         [versions(a, "cluster-b")?, versions(b, "cluster-a")?]

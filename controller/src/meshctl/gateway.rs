@@ -1,4 +1,7 @@
-//! `meshctl gateway add|remove NODE`: label a node `wiremesh.io/gateway=true` (or not).
+//! `meshctl gateway add|remove NODE`: label a node
+//! `node-restriction.kubernetes.io/wiremesh-gateway=true` ([`GATEWAY_LABEL`]; a label a
+//! kubelet cannot set on its own Node), or not. Both also remove the old
+//! [`LEGACY_GATEWAY_LABEL`], which no longer counts.
 //!
 //! When any node of a cluster is a gateway, only the gateways hold tunnels to the other
 //! clusters; the cluster's other nodes reach them through a gateway, and when one dies
@@ -12,7 +15,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt as _};
 use serde_json::json;
-use wiremesh_proto::crd::{GATEWAY_LABEL, MeshNode, MeshNodeKind};
+use wiremesh_proto::crd::{GATEWAY_LABEL, LEGACY_GATEWAY_LABEL, MeshNode, MeshNodeKind};
 
 use super::common::say;
 use super::kubeconfig::{self, KubeArgs};
@@ -124,7 +127,10 @@ pub async fn add(args: &KubeArgs, node: &str) -> Result<()> {
         existing.is_some(),
         mesh_node.as_ref(),
     )?;
-    if existing.is_some_and(|n| n.labels().get(GATEWAY_LABEL).map(String::as_str) == Some("true")) {
+    if existing.is_some_and(|n| {
+        n.labels().get(GATEWAY_LABEL).map(String::as_str) == Some("true")
+            && !n.labels().contains_key(LEGACY_GATEWAY_LABEL)
+    }) {
         say(format!("node {node} is already a gateway; nothing to do"));
         return Ok(());
     }
@@ -150,7 +156,9 @@ pub async fn remove(args: &KubeArgs, node: &str) -> Result<()> {
             node: node.to_owned(),
             context: target.context.clone(),
         })?;
-    if !existing.labels().contains_key(GATEWAY_LABEL) {
+    if !existing.labels().contains_key(GATEWAY_LABEL)
+        && !existing.labels().contains_key(LEGACY_GATEWAY_LABEL)
+    {
         say(format!("node {node} is not a gateway; nothing to do"));
         return Ok(());
     }
@@ -160,7 +168,8 @@ pub async fn remove(args: &KubeArgs, node: &str) -> Result<()> {
 }
 
 async fn label(nodes: &Api<Node>, node: &str, value: Option<&str>) -> Result<()> {
-    let patch = json!({ "metadata": { "labels": { GATEWAY_LABEL: value } } });
+    let patch =
+        json!({ "metadata": { "labels": { GATEWAY_LABEL: value, LEGACY_GATEWAY_LABEL: null } } });
     nodes
         .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
         .await

@@ -1,11 +1,12 @@
 //! `meshctl install`, `join` and `unjoin`: the writes, each printed as a step.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Node, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
 use kube::ResourceExt as _;
 use kube::api::{Api, ListParams};
@@ -85,6 +86,8 @@ struct Side {
     target: Target,
     info: ClusterInfo,
     peers: Vec<PeerCluster>,
+    node_addresses: Vec<(String, IpAddr)>,
+    api_servers: Vec<IpAddr>,
 }
 
 impl Side {
@@ -93,8 +96,9 @@ impl Side {
     }
 }
 
-/// `meshctl join OTHER_CONTEXT`; `host_cidrs`, when given, replace the other cluster's
-/// own host range as what its hosts are granted here.
+/// `meshctl join OTHER_CONTEXT`; `host_cidrs` is what the other cluster's hosts are
+/// granted here: none unless given (the other cluster's own declared range is not
+/// trusted). This cluster's hosts are granted there this cluster's own declared range.
 pub(crate) async fn join(
     args: &KubeArgs,
     other_context: &str,
@@ -113,12 +117,11 @@ pub(crate) async fn join(
     both(a, b)?;
     let (a, b) = tokio::join!(read_side(local), read_side(remote));
     let (local, mut remote) = both(a, b)?;
-    if !host_cidrs.is_empty() {
-        remote.info.host_cidrs = host_cidrs.to_vec();
-    }
+    remote.info.host_cidrs = host_cidrs.to_vec();
     preflight::check_join(&join_side(&local), &join_side(&remote))?;
     say(format!(
-        "checks passed: {} ({}) and {} ({}) are reachable, installed, distinctly named and their pod CIDRs are disjoint",
+        "checks passed: {} ({}) and {} ({}) are reachable, installed, distinctly named, and what each grants the other \
+         leaves alone its own pod, service and host ranges, Node and API server addresses and other links",
         local.name(),
         comma_list(&local.info.pod_cidrs),
         remote.name(),
@@ -345,9 +348,25 @@ async fn remove_credentials(target: &Target, name: &str, other: &str) -> Result<
     Ok(())
 }
 
-/// Reads `target`'s ConfigMap and PeerClusters.
+/// Reads `target`'s ConfigMap, PeerClusters, Node addresses and API server addresses.
 async fn read_side(target: Target) -> Result<Side> {
     let info = cluster_info(&target).await?;
+    let node_addresses = node_addresses(&target).await.with_context(|| {
+        format!(
+            "{}: listing Nodes in context {} (their addresses are never granted to a peer)",
+            info.name, target.context
+        )
+    })?;
+    let read = crate::reconcile::api_server_addresses(&target.client).await;
+    ensure!(
+        read.complete,
+        "{}: cannot read Service and EndpointSlice default/kubernetes in context {} \
+         (the API server's addresses are never granted to a peer)",
+        info.name,
+        target.context
+    );
+    let mut api_servers = read.addresses;
+    api_servers.extend(server_address(&target.server));
     let peers = Api::<PeerCluster>::all(target.client.clone())
         .list(&ListParams::default())
         .await
@@ -369,7 +388,31 @@ async fn read_side(target: Target) -> Result<Side> {
         target,
         info,
         peers,
+        node_addresses,
+        api_servers,
     })
+}
+
+/// Every Node's `InternalIP` and `ExternalIP`, listed in pages of 500.
+async fn node_addresses(target: &Target) -> Result<Vec<(String, IpAddr)>> {
+    let api = Api::<Node>::all(target.client.clone());
+    let mut out = Vec::new();
+    let mut params = ListParams::default().limit(500);
+    loop {
+        let page = api.list(&params).await?;
+        for node in &page.items {
+            let name = node.name_any();
+            out.extend(
+                crate::plan::node_addresses(node)
+                    .into_iter()
+                    .map(|address| (name.clone(), address)),
+            );
+        }
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(out),
+        }
+    }
 }
 
 fn join_side(side: &Side) -> JoinSide {
@@ -378,7 +421,23 @@ fn join_side(side: &Side) -> JoinSide {
         info: side.info.clone(),
         api_server: side.target.server.clone(),
         peers: side.peers.clone(),
+        node_addresses: side.node_addresses.clone(),
+        api_servers: side.api_servers.clone(),
     }
+}
+
+/// The address in an API server URL (`https://198.18.1.10:6443`, `https://[fd18::1]`),
+/// if it names one rather than a host name.
+fn server_address(url: &str) -> Option<IpAddr> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?']).next()?;
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    if let Some(v6) = host.strip_prefix('[') {
+        return v6.split(']').next()?.parse().ok();
+    }
+    host.split(':').next()?.parse().ok()
 }
 
 /// Both results, or an error naming every failure.
@@ -555,6 +614,18 @@ mod tests {
             Some(&["meshnodes".to_owned()][..])
         );
         assert_eq!(rules[0].verbs, ["get", "list", "watch"]);
+    }
+
+    #[test]
+    fn the_api_server_address_is_read_from_its_url() {
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        assert_eq!(
+            server_address("https://198.18.1.10:6443"),
+            ip("198.18.1.10")
+        );
+        assert_eq!(server_address("https://[fd18::1]:6443/"), ip("fd18::1"));
+        assert_eq!(server_address("https://10.0.0.1"), ip("10.0.0.1"));
+        assert_eq!(server_address("https://api.example:6443"), None);
     }
 
     #[test]

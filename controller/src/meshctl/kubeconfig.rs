@@ -181,10 +181,19 @@ pub async fn token_client(server: &str, ca_data: Option<&str>, token: &str) -> R
         "current-context": "peer",
     }))
     .context("building a kubeconfig for a token")?;
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+    let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .with_context(|| format!("building a client for {server}"))?;
-    client(config)
+    config.connect_timeout = Some(CONNECT_TIMEOUT);
+    config.read_timeout = Some(READ_TIMEOUT);
+    // The peer's API server is not trusted with our memory.
+    let builder = kube::client::ClientBuilder::try_from(config)
+        .with_context(|| format!("building a client for {server}"))?;
+    Ok(builder
+        .with_layer(&crate::limit::BodyLimitLayer::new(
+            crate::limit::MAX_RESPONSE_BYTES,
+        ))
+        .build())
 }
 
 fn client(mut config: Config) -> Result<Client> {

@@ -75,15 +75,18 @@ pub enum Command {
     /// Link this cluster with the cluster of another kubeconfig context, in both directions.
     ///
     /// Checks everything first (both API servers reachable, Wiremesh installed in both,
-    /// distinct names, disjoint pod CIDRs) and writes nothing if a check fails. Running it
-    /// again changes nothing.
+    /// distinct names, disjoint pod CIDRs, no grant overlapping what the granting cluster
+    /// holds: pod, service and host CIDRs, Node and API server addresses, other links; no
+    /// grant wider than /8 or /32) and writes nothing if a check fails. Running it again
+    /// changes nothing.
     Join {
         /// The kubeconfig context of the other cluster.
         #[arg(value_name = "OTHER_CONTEXT")]
         other_context: String,
         /// The range the other cluster's hosts may take addresses from, as this cluster
-        /// accepts them (default: the other cluster's own `--host-cidr` range; none: no
-        /// host of it is accepted). Repeat for several.
+        /// accepts them. Default: none, no host of it is accepted (the range the other
+        /// cluster declares is not trusted). This cluster's hosts are granted there the
+        /// range it was installed with. Repeat for several.
         #[arg(long = "host-cidr", value_name = "CIDR")]
         host_cidrs: Vec<IpCidr>,
     },
@@ -134,7 +137,8 @@ pub enum Command {
 /// `meshctl gateway ...`.
 #[derive(Subcommand, Debug)]
 pub enum GatewayCommand {
-    /// Make a node a gateway (label it `wiremesh.io/gateway=true`). Refused, with nothing
+    /// Make a node a gateway (label it `node-restriction.kubernetes.io/wiremesh-gateway=true`,
+    /// which a kubelet cannot set on its own Node). Refused, with nothing
     /// written, for a node without a running agent or without an endpoint.
     Add {
         /// The node's name.

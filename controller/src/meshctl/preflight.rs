@@ -1,7 +1,13 @@
 //! `meshctl join`'s checks, decided before anything is written: a pure function of both
-//! clusters' ConfigMaps, URLs and existing PeerClusters.
+//! clusters' ConfigMaps, URLs, Node and API server addresses and existing PeerClusters.
+//!
+//! What each side grants the other (the other's pod CIDRs and host range, written into
+//! its PeerCluster) must leave alone everything the granting side holds: its pod, service
+//! and host CIDRs, its Nodes' and API servers' addresses, and what it granted its other
+//! peers. A grant wider than [`MIN_PREFIX_V4`] / [`MIN_PREFIX_V6`] is refused outright.
 
 use std::fmt;
+use std::net::IpAddr;
 
 use kube::ResourceExt as _;
 use wiremesh_proto::IpCidr;
@@ -9,17 +15,99 @@ use wiremesh_proto::crd::PeerCluster;
 
 use crate::install::ClusterInfo;
 
+/// The widest IPv4 range join grants (`/8`): a whole class-A network such as
+/// `10.0.0.0/8` is a plausible pod range, anything wider is a claim on the Internet.
+pub const MIN_PREFIX_V4: u8 = 8;
+/// The widest IPv6 range join grants (`/32`, a whole provider allocation).
+pub const MIN_PREFIX_V6: u8 = 32;
+
 /// One side of a join as the checks see it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct JoinSide {
     /// The kubeconfig context that reaches it.
     pub context: String,
-    /// Its name and pod CIDRs (from its ConfigMap).
+    /// Its name and pod CIDRs (from its ConfigMap). `host_cidrs` is what its hosts are
+    /// granted in the other cluster.
     pub info: ClusterInfo,
     /// Its API server's URL as the kubeconfig has it (what the other side will store).
     pub api_server: String,
     /// The PeerClusters that already exist in it.
     pub peers: Vec<PeerCluster>,
+    /// Its Nodes' `InternalIP` and `ExternalIP` addresses, by Node.
+    pub node_addresses: Vec<(String, IpAddr)>,
+    /// Its API servers' addresses (the `kubernetes` Service and EndpointSlice, the
+    /// kubeconfig's server when it is an address).
+    pub api_servers: Vec<IpAddr>,
+}
+
+/// Which grant a refused CIDR belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// The cluster's pod CIDRs (`allowedPodCIDRs`).
+    PodCidr,
+    /// Its hosts' range (`allowedHostCIDRs`).
+    HostRange,
+}
+
+impl fmt::Display for Grant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::PodCidr => write!(f, "pod CIDR"),
+            Self::HostRange => write!(f, "host range"),
+        }
+    }
+}
+
+/// What the granting cluster holds that a grant overlaps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Held {
+    /// Its service CIDR.
+    ServiceCidr(IpCidr),
+    /// Its host range.
+    HostRange(IpCidr),
+    /// Its pod CIDR (for a host range; pod CIDRs against pod CIDRs are [`Refusal::Overlap`]).
+    PodCidr(IpCidr),
+    /// An address of one of its Nodes.
+    Node {
+        /// The Node.
+        node: String,
+        /// The address.
+        address: IpAddr,
+    },
+    /// An address of its API server.
+    ApiServer(IpAddr),
+    /// The pod CIDR of another linked cluster (for a host range).
+    PeerPodCidr {
+        /// The linked cluster.
+        peer: String,
+        /// The range.
+        cidr: IpCidr,
+    },
+    /// A host range it granted another linked cluster.
+    PeerHostRange {
+        /// The linked cluster.
+        peer: String,
+        /// The range.
+        cidr: IpCidr,
+    },
+}
+
+impl fmt::Display for Held {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ServiceCidr(c) => write!(f, "its service CIDR {c}"),
+            Self::HostRange(c) => write!(f, "its host range {c}"),
+            Self::PodCidr(c) => write!(f, "its pod CIDR {c}"),
+            Self::Node { node, address } => write!(f, "the address {address} of its Node {node}"),
+            Self::ApiServer(a) => write!(f, "its API server's address {a}"),
+            Self::PeerPodCidr { peer, cidr } => {
+                write!(f, "the pod CIDR {cidr} of linked cluster {peer}")
+            }
+            Self::PeerHostRange { peer, cidr } => {
+                write!(f, "the host range {cidr} it granted linked cluster {peer}")
+            }
+        }
+    }
 }
 
 /// One reason not to join.
@@ -112,6 +200,34 @@ pub enum Refusal {
         /// Its CIDR.
         joining_cidr: IpCidr,
     },
+    /// A grant is wider than join grants.
+    #[error(
+        "{grantee}'s {grant} {cidr} is wider than /{widest}, the widest range join grants (a claim on addresses far beyond one cluster)"
+    )]
+    TooWide {
+        /// The cluster the range would be granted to.
+        grantee: String,
+        /// Which grant.
+        grant: Grant,
+        /// The range.
+        cidr: IpCidr,
+        /// The widest prefix allowed for its family.
+        widest: u8,
+    },
+    /// A grant overlaps something the granting cluster holds.
+    #[error("{grantee}'s {grant} {cidr} overlaps {held} in {granter}; it cannot be granted there")]
+    Holds {
+        /// The cluster that would grant it.
+        granter: String,
+        /// The cluster it would be granted to.
+        grantee: String,
+        /// Which grant.
+        grant: Grant,
+        /// The range.
+        cidr: IpCidr,
+        /// What it overlaps.
+        held: Held,
+    },
     /// An existing PeerCluster holds a CIDR that does not parse (the schema should prevent it).
     #[error(
         "PeerCluster {peer_cluster} in {cluster} has allowedPodCIDRs entry {value:?}, which is not a CIDR"
@@ -183,6 +299,9 @@ pub fn check_join(local: &JoinSide, remote: &JoinSide) -> Result<(), Refusals> {
             }
         }
     }
+    for (granter, grantee) in [(local, remote), (remote, local)] {
+        check_grants(granter, grantee, &mut refusals);
+    }
     if refusals.is_empty() {
         Ok(())
     } else {
@@ -191,6 +310,110 @@ pub fn check_join(local: &JoinSide, remote: &JoinSide) -> Result<(), Refusals> {
             remote: remote.info.name.clone(),
             refusals,
         })
+    }
+}
+
+/// The checks of what `granter` would grant `grantee` (its pod CIDRs and host range)
+/// against what `granter` holds. Pod CIDRs against pod CIDRs, and against other peers'
+/// pod CIDRs, are [`check_join`]'s and [`check_existing_links`]'s.
+fn check_grants(granter: &JoinSide, grantee: &JoinSide, refusals: &mut Vec<Refusal>) {
+    let grants = grantee
+        .info
+        .pod_cidrs
+        .iter()
+        .map(|c| (Grant::PodCidr, *c))
+        .chain(
+            grantee
+                .info
+                .host_cidrs
+                .iter()
+                .map(|c| (Grant::HostRange, *c)),
+        );
+    for (grant, cidr) in grants {
+        let widest = match cidr.addr() {
+            IpAddr::V4(_) => MIN_PREFIX_V4,
+            IpAddr::V6(_) => MIN_PREFIX_V6,
+        };
+        if cidr.prefix_len() < widest {
+            refusals.push(Refusal::TooWide {
+                grantee: grantee.info.name.clone(),
+                grant,
+                cidr,
+                widest,
+            });
+            continue;
+        }
+        let mut held: Vec<Held> = Vec::new();
+        if grant == Grant::HostRange {
+            held.extend(granter.info.pod_cidrs.iter().map(|c| Held::PodCidr(*c)));
+        }
+        held.extend(
+            granter
+                .info
+                .service_cidrs
+                .iter()
+                .map(|c| Held::ServiceCidr(*c)),
+        );
+        held.extend(granter.info.host_cidrs.iter().map(|c| Held::HostRange(*c)));
+        held.extend(
+            granter
+                .node_addresses
+                .iter()
+                .map(|(node, address)| Held::Node {
+                    node: node.clone(),
+                    address: *address,
+                }),
+        );
+        held.extend(granter.api_servers.iter().map(|a| Held::ApiServer(*a)));
+        for peer in granter
+            .peers
+            .iter()
+            .filter(|p| !links_to(p, &grantee.info.name))
+        {
+            held.extend(
+                peer.spec
+                    .allowed_host_cidrs
+                    .iter()
+                    .filter_map(|c| c.parse().ok())
+                    .map(|c| Held::PeerHostRange {
+                        peer: peer.spec.cluster_name.clone(),
+                        cidr: c,
+                    }),
+            );
+            if grant == Grant::HostRange {
+                // A host range against another peer's pod CIDRs (pod CIDRs against them
+                // are a PeerOverlap).
+                held.extend(
+                    peer.spec
+                        .allowed_pod_cidrs
+                        .iter()
+                        .filter_map(|c| c.parse().ok())
+                        .map(|c| Held::PeerPodCidr {
+                            peer: peer.spec.cluster_name.clone(),
+                            cidr: c,
+                        }),
+                );
+            }
+        }
+        for held in held {
+            let overlaps = match &held {
+                Held::ServiceCidr(c)
+                | Held::HostRange(c)
+                | Held::PodCidr(c)
+                | Held::PeerPodCidr { cidr: c, .. }
+                | Held::PeerHostRange { cidr: c, .. } => cidr.overlaps(c),
+                Held::Node { address, .. } | Held::ApiServer(address) => cidr.contains(*address),
+            };
+            if overlaps {
+                refusals.push(Refusal::Holds {
+                    granter: granter.info.name.clone(),
+                    grantee: grantee.info.name.clone(),
+                    grant,
+                    cidr,
+                    held,
+                });
+            }
+        }
     }
 }
 
@@ -418,6 +641,86 @@ mod tests {
         assert_eq!(err.to_string().lines().count(), 3, "{err}");
     }
 
+    #[test]
+    fn a_grant_may_not_cover_what_the_granting_cluster_holds() {
+        let mut a = side("cluster-a", &["10.1.0.0/16"], &[]);
+        a.info.service_cidrs = vec![cidr("10.96.0.0/12")];
+        a.info.host_cidrs = vec![cidr("10.250.0.0/16")];
+        a.node_addresses = vec![("a1".into(), ip("198.18.1.1"))];
+        a.api_servers = vec![ip("198.18.1.10")];
+        let mut b = side("cluster-b", &["10.2.0.0/16", "10.96.0.0/16"], &[]);
+        b.info.host_cidrs = vec![cidr("198.18.1.0/24"), cidr("10.250.7.0/24")];
+        let err = check_join(&a, &b).unwrap_err();
+        let text = err.to_string();
+        let expected = [
+            "cluster-b's pod CIDR 10.96.0.0/16 overlaps its service CIDR 10.96.0.0/12 in cluster-a",
+            "cluster-b's host range 198.18.1.0/24 overlaps the address 198.18.1.1 of its Node a1 in cluster-a",
+            "cluster-b's host range 198.18.1.0/24 overlaps its API server's address 198.18.1.10 in cluster-a",
+            "cluster-b's host range 10.250.7.0/24 overlaps its host range 10.250.0.0/16 in cluster-a",
+            // Both ways: cluster-a's own host range in cluster-b.
+            "cluster-a's host range 10.250.0.0/16 overlaps its host range 10.250.7.0/24 in cluster-b",
+        ];
+        for line in expected {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+        assert_eq!(err.refusals.len(), expected.len(), "{text}");
+        // The same holds the other way: cluster-a's grants in cluster-b.
+        let mut b = side("cluster-b", &["10.2.0.0/16"], &[]);
+        b.node_addresses = vec![("b1".into(), ip("10.1.200.7"))];
+        let err = check_join(&side("cluster-a", &["10.1.0.0/16"], &[]), &b).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "cluster-a's pod CIDR 10.1.0.0/16 overlaps the address 10.1.200.7 of its Node b1 in cluster-b"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_host_range_may_not_overlap_another_link() {
+        let mut linked = peer("cluster-c", &["10.3.0.0/16"]);
+        linked.spec.allowed_host_cidrs = vec!["10.251.0.0/16".into()];
+        let a = side("cluster-a", &["10.1.0.0/16"], &[linked]);
+        let mut b = side("cluster-b", &["10.2.0.0/16"], &[]);
+        b.info.host_cidrs = vec![cidr("10.251.3.0/24"), cidr("10.3.9.0/24")];
+        let text = check_join(&a, &b).unwrap_err().to_string();
+        assert!(
+            text.contains("cluster-b's host range 10.251.3.0/24 overlaps the host range 10.251.0.0/16 it granted linked cluster cluster-c in cluster-a"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cluster-b's host range 10.3.9.0/24 overlaps the pod CIDR 10.3.0.0/16 of linked cluster cluster-c in cluster-a"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn huge_ranges_are_never_granted() {
+        let a = side("cluster-a", &["10.1.0.0/16"], &[]);
+        let mut b = side(
+            "cluster-b",
+            &["128.0.0.0/1", "fd00::/8", "10.2.0.0/16"],
+            &[],
+        );
+        b.info.host_cidrs = vec![cidr("0.0.0.0/0")];
+        let err = check_join(&a, &b).unwrap_err();
+        let text = err.to_string();
+        for line in [
+            "cluster-b's pod CIDR 128.0.0.0/1 is wider than /8",
+            "cluster-b's pod CIDR fd00::/8 is wider than /32",
+            "cluster-b's host range 0.0.0.0/0 is wider than /8",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+        // The widest allowed pass.
+        let b = side("cluster-b", &["11.0.0.0/8", "fd02::/32"], &[]);
+        assert_eq!(check_join(&a, &b), Ok(()));
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
     fn cidr(s: &str) -> IpCidr {
         s.parse().unwrap()
     }
@@ -436,6 +739,7 @@ mod tests {
             },
             api_server: url(name),
             peers: peers.to_vec(),
+            ..JoinSide::default()
         }
     }
 
