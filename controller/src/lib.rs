@@ -5,6 +5,7 @@ pub mod crdgen;
 pub mod install;
 pub mod leader;
 pub mod manifest;
+pub mod mcs;
 pub mod meshctl;
 pub mod metrics;
 pub mod nodes;
