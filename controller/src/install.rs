@@ -258,15 +258,19 @@ pub async fn install_cluster(
         });
     }
 
-    // A 404 (the CRD itself absent) reads as "no such property".
     let properties: Api<ClusterProperty> = Api::all(client.clone());
-    let property = properties
-        .get_opt(CLUSTER_ID_PROPERTY)
-        .await
-        .map_err(|source| InstallError::Api {
-            action: format!("reading ClusterProperty {CLUSTER_ID_PROPERTY}"),
-            source,
-        })?;
+    let property = match properties.get(CLUSTER_ID_PROPERTY).await {
+        Ok(property) => Some(property),
+        // No such property, or no ClusterProperty CRD yet: then the API server answers a
+        // bare "404 page not found", not a Status, which `get_opt` does not take for absent.
+        Err(kube::Error::Api(status)) if status.code == 404 => None,
+        Err(source) => {
+            return Err(InstallError::Api {
+                action: format!("reading ClusterProperty {CLUSTER_ID_PROPERTY}"),
+                source,
+            });
+        }
+    };
     let create_property = cluster_id_needed(property.as_ref(), cluster_name)?;
 
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
