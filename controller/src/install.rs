@@ -1,6 +1,8 @@
 //! What "Wiremesh is installed in a cluster" means, and making it so: the three CRDs
 //! (Established), the namespace `wiremesh-system`, and the ConfigMap
-//! `wiremesh-system/wiremesh-cluster` that names the cluster and its pod CIDRs.
+//! `wiremesh-system/wiremesh-cluster` that names the cluster and its pod CIDRs; also the
+//! upstream MCS and About API CRDs (only when absent or older: [`crate::mcs::crds`]) and
+//! the `ClusterProperty` `cluster.clusterset.k8s.io` naming the cluster.
 //!
 //! `meshctl install` calls [`install`]; `meshctl join` and the controller read the ConfigMap
 //! back with [`cluster_info`].
@@ -16,7 +18,9 @@ use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, ResourceExt as _};
 use wiremesh_proto::IpCidr;
 use wiremesh_proto::crd::{CLUSTER_CONFIGMAP, SYSTEM_NAMESPACE};
+use wiremesh_proto::mcs::{CLUSTER_ID_PROPERTY, ClusterProperty, ClusterPropertySpec};
 
+use crate::mcs::crds::{self as upstream, CrdAction};
 use crate::{crdgen, manifest};
 
 /// The server-side-apply field manager of everything `meshctl` writes.
@@ -82,6 +86,21 @@ pub enum InstallError {
     /// The embedded manifest could not be used or applied.
     #[error(transparent)]
     Manifest(#[from] manifest::ManifestError),
+    /// An embedded upstream CRD does not parse (a build bug).
+    #[error(transparent)]
+    UpstreamCrd(#[from] upstream::CrdFileError),
+    /// The cluster's ClusterSet ID (About API) is already another name.
+    #[error(
+        "ClusterProperty {CLUSTER_ID_PROPERTY} is {existing:?}, not {requested:?}: this cluster \
+         already has another ID in a ClusterSet (set by another multi-cluster tool or an earlier \
+         install); install with --cluster-name {existing}, or delete that ClusterProperty first"
+    )]
+    ClusterIdTaken {
+        /// The value found.
+        existing: String,
+        /// The cluster name asked for.
+        requested: String,
+    },
     /// A CRD did not become Established in time.
     #[error("CustomResourceDefinition {name} was not Established within {timeout:?}")]
     NotEstablished {
@@ -173,9 +192,20 @@ pub fn check_cluster_name(name: &str) -> Result<(), ClusterNameError> {
     }
 }
 
+/// What [`install_cluster`] did with one upstream CRD.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamCrd {
+    /// The CRD's name.
+    pub name: String,
+    /// Created, upgraded or kept (and why).
+    pub action: CrdAction,
+}
+
 /// Installs Wiremesh's cluster-wide pieces with server-side apply (field manager
 /// [`FIELD_MANAGER`]): the CRDs, waiting until each is Established (bounded by
 /// [`CRD_ESTABLISHED_TIMEOUT`]), the namespace, and the cluster ConfigMap. Idempotent.
+/// Also the upstream CRDs where absent or older, and the `ClusterProperty`
+/// [`CLUSTER_ID_PROPERTY`] = the cluster name where absent.
 ///
 /// # Errors
 /// A bad name or no CIDR (nothing is written), a cluster already installed under another
@@ -190,14 +220,19 @@ pub async fn install(
         pod_cidrs: pod_cidrs.to_vec(),
         ..ClusterInfo::default()
     };
-    install_cluster(client, &info).await
+    install_cluster(client, &info).await.map(drop)
 }
 
-/// [`install`] with the optional ranges of `info` too (host and service CIDRs).
+/// [`install`] with the optional ranges of `info` too (host and service CIDRs); returns
+/// what was done with each upstream CRD.
 ///
 /// # Errors
-/// As [`install`].
-pub async fn install_cluster(client: &Client, info: &ClusterInfo) -> Result<(), InstallError> {
+/// As [`install`]; also a `ClusterProperty` [`CLUSTER_ID_PROPERTY`] of another value
+/// (refused before anything is written).
+pub async fn install_cluster(
+    client: &Client,
+    info: &ClusterInfo,
+) -> Result<Vec<UpstreamCrd>, InstallError> {
     let cluster_name = info.name.as_str();
     check_cluster_name(cluster_name)?;
     if info.pod_cidrs.is_empty() {
@@ -223,6 +258,21 @@ pub async fn install_cluster(client: &Client, info: &ClusterInfo) -> Result<(), 
         });
     }
 
+    let properties: Api<ClusterProperty> = Api::all(client.clone());
+    let property = match properties.get(CLUSTER_ID_PROPERTY).await {
+        Ok(property) => Some(property),
+        // No such property, or no ClusterProperty CRD yet: then the API server answers a
+        // bare "404 page not found", not a Status, which `get_opt` does not take for absent.
+        Err(kube::Error::Api(status)) if status.code == 404 => None,
+        Err(source) => {
+            return Err(InstallError::Api {
+                action: format!("reading ClusterProperty {CLUSTER_ID_PROPERTY}"),
+                source,
+            });
+        }
+    };
+    let create_property = cluster_id_needed(property.as_ref(), cluster_name)?;
+
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for crd in crdgen::crds() {
         let name = crd.name_any();
@@ -233,7 +283,29 @@ pub async fn install_cluster(client: &Client, info: &ClusterInfo) -> Result<(), 
                 source,
             })?;
     }
-    for crd in crdgen::crds() {
+    let upstream_crds = upstream::crds()?;
+    let mut report = Vec::with_capacity(upstream_crds.len());
+    for crd in &upstream_crds {
+        let name = crd.name_any();
+        let installed = crds
+            .get_opt(&name)
+            .await
+            .map_err(|source| InstallError::Api {
+                action: format!("reading CustomResourceDefinition {name}"),
+                source,
+            })?;
+        let action = upstream::action(crd, installed.as_ref());
+        if matches!(action, CrdAction::Create | CrdAction::Upgrade { .. }) {
+            crds.patch(&name, &params, &Patch::Apply(crd))
+                .await
+                .map_err(|source| InstallError::Api {
+                    action: format!("applying CustomResourceDefinition {name}"),
+                    source,
+                })?;
+        }
+        report.push(UpstreamCrd { name, action });
+    }
+    for crd in crdgen::crds().into_iter().chain(upstream_crds) {
         let name = crd.name_any();
         let established = await_condition(crds.clone(), &name, conditions::is_crd_established());
         match tokio::time::timeout(CRD_ESTABLISHED_TIMEOUT, established).await {
@@ -271,7 +343,57 @@ pub async fn install_cluster(client: &Client, info: &ClusterInfo) -> Result<(), 
             action: format!("applying ConfigMap {SYSTEM_NAMESPACE}/{CLUSTER_CONFIGMAP}"),
             source,
         })?;
-    Ok(())
+
+    if create_property {
+        properties
+            .patch(
+                CLUSTER_ID_PROPERTY,
+                &PatchParams::apply(FIELD_MANAGER),
+                &Patch::Apply(&cluster_id_property(cluster_name)),
+            )
+            .await
+            .map_err(|source| InstallError::Api {
+                action: format!("applying ClusterProperty {CLUSTER_ID_PROPERTY}"),
+                source,
+            })?;
+    }
+    Ok(report)
+}
+
+/// Whether the `ClusterProperty` [`CLUSTER_ID_PROPERTY`] must be created for cluster
+/// `name`: true when absent, false when it already says `name`.
+///
+/// # Errors
+/// [`InstallError::ClusterIdTaken`] when it says something else.
+pub fn cluster_id_needed(
+    existing: Option<&ClusterProperty>,
+    name: &str,
+) -> Result<bool, InstallError> {
+    match existing {
+        None => Ok(true),
+        Some(p) if p.spec.value == name => Ok(false),
+        Some(p) => Err(InstallError::ClusterIdTaken {
+            existing: p.spec.value.clone(),
+            requested: name.to_owned(),
+        }),
+    }
+}
+
+/// The `ClusterProperty` naming this cluster in its ClusterSet (KEP-2149).
+pub fn cluster_id_property(name: &str) -> ClusterProperty {
+    ClusterProperty {
+        metadata: ObjectMeta {
+            name: Some(CLUSTER_ID_PROPERTY.to_owned()),
+            labels: Some(BTreeMap::from([(
+                MANAGED_BY.0.to_owned(),
+                MANAGED_BY.1.to_owned(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        spec: ClusterPropertySpec {
+            value: name.to_owned(),
+        },
+    }
 }
 
 /// The components of `deploy/wiremesh.yaml`: everything but the CRDs (which [`install`]
@@ -439,6 +561,22 @@ mod tests {
         let data = cluster_configmap(&full).data.unwrap();
         assert_eq!(data[HOST_CIDRS_KEY], "10.250.0.0/24");
         assert_eq!(parse_cluster_configmap(&data).unwrap(), full);
+    }
+
+    #[test]
+    fn cluster_id_is_created_when_absent_kept_when_equal_refused_when_other() {
+        assert!(cluster_id_needed(None, "cluster-a").unwrap());
+        let same = cluster_id_property("cluster-a");
+        assert!(!cluster_id_needed(Some(&same), "cluster-a").unwrap());
+        let err = cluster_id_needed(Some(&same), "cluster-b").unwrap_err();
+        assert!(matches!(err, InstallError::ClusterIdTaken { .. }));
+        let message = err.to_string();
+        assert!(message.contains("cluster.clusterset.k8s.io"), "{message}");
+        assert!(message.contains("\"cluster-a\""), "{message}");
+        let json = serde_json::to_value(&same).unwrap();
+        assert_eq!(json["apiVersion"], "about.k8s.io/v1alpha1");
+        assert_eq!(json["kind"], "ClusterProperty");
+        assert_eq!(json["spec"]["value"], "cluster-a");
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod install;
 pub mod leader;
 pub mod limit;
 pub mod manifest;
+pub mod mcs;
 pub mod meshctl;
 pub mod metrics;
 pub mod nodes;

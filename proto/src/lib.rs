@@ -6,6 +6,7 @@
 pub mod cidr;
 pub mod crd;
 pub mod key;
+pub mod mcs;
 pub mod uapi;
 pub mod wgconf;
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use kube::Api;
-use wiremesh_lab::clusters::{CONVERGE, HOST_RANGE, Side, TwoClusters, wait_for};
+use wiremesh_lab::clusters::{CONVERGE, Side, TwoClusters, wait_for};
 use wiremesh_lab::k8s;
 use wiremesh_lab::mesh::{IFACE, capture_during};
 use wiremesh_lab::{MIB, Netns, Proc, agent_binary, ping, transfer};
@@ -279,7 +279,7 @@ fn a_linked_clusters_ranges_are_closed_before_any_of_its_nodes_is_routed() -> Re
         println!("{b_range} closed on a1 {took:?} after the join");
         let closed = a1.fail_closed_routes()?;
         ensure!(
-            !closed.contains(HOST_RANGE),
+            !closed.contains(&Side::A.host_range()),
             "cluster-a's own host range was closed: {closed}"
         );
         let routes = a1.routes()?;

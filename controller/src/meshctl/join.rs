@@ -19,6 +19,7 @@ use super::common::{apply, cluster_info, comma_list, delete, meta, mint_token, s
 use super::kubeconfig::{self, KubeArgs, Target};
 use super::preflight::{self, JoinSide};
 use crate::install::{self, ClusterInfo};
+use crate::mcs::crds::CrdAction;
 
 /// The ClusterRole that lets a peer cluster read this cluster's MeshNodes, and nothing else.
 pub const PEER_READER_ROLE: &str = "wiremesh-peer-reader";
@@ -51,7 +52,7 @@ pub(crate) async fn install(
     let target = kubeconfig::current_target(args).await?;
     let context = &target.context;
     reachable(&target).await?;
-    install::install_cluster(&target.client, info)
+    let upstream = install::install_cluster(&target.client, info)
         .await
         .with_context(|| {
             format!(
@@ -61,6 +62,21 @@ pub(crate) async fn install(
         })?;
     say(format!(
         "{context}: CustomResourceDefinitions meshnodes, peerclusters, meshpeers.{GROUP} applied and Established"
+    ));
+    for crd in upstream {
+        let what = match crd.action {
+            CrdAction::Create => "created".to_owned(),
+            CrdAction::Upgrade { from, to } => format!("upgraded from {from} to {to}"),
+            CrdAction::Keep { reason } => format!("kept: {reason}"),
+        };
+        say(format!(
+            "{context}: CustomResourceDefinition {} {what}",
+            crd.name
+        ));
+    }
+    say(format!(
+        "{context}: ClusterProperty {} = {cluster_name}",
+        wiremesh_proto::mcs::CLUSTER_ID_PROPERTY
     ));
     say(format!("{context}: Namespace {SYSTEM_NAMESPACE} applied"));
     say(format!(

@@ -1,5 +1,5 @@
 //! The library behind `meshctl`: `install`, `join`, `unjoin`, `status`, `host`,
-//! `gateway` and `rotate-keys`.
+//! `gateway`, `rotate-keys`, `export` and `unexport`.
 //!
 //! The decisions are pure functions with unit tests ([`preflight::check_join`],
 //! [`status::StatusReport`], [`table`]); the rest talks to the API servers and prints each
@@ -13,6 +13,7 @@
 //! - in X: Secret `wiremesh-system/peer-<Y>` holding the token, and PeerCluster `<Y>`.
 
 pub mod common;
+pub mod export;
 pub mod gateway;
 pub mod host;
 pub mod join;
@@ -131,6 +132,25 @@ pub enum Command {
         /// How long to wait for the new keys: `30s`, `2m` or seconds.
         #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
         timeout: Duration,
+    },
+    /// Export a Service to the linked clusters: create its ServiceExport
+    /// (multicluster.x-k8s.io), as `kubectl apply` of one would.
+    Export {
+        /// The Service's name.
+        #[arg(value_name = "SERVICE")]
+        service: String,
+        /// The Service's namespace.
+        #[arg(short = 'n', long, value_name = "NAMESPACE", default_value = "default")]
+        namespace: String,
+    },
+    /// Stop exporting a Service: delete its ServiceExport.
+    Unexport {
+        /// The Service's name.
+        #[arg(value_name = "SERVICE")]
+        service: String,
+        /// The Service's namespace.
+        #[arg(short = 'n', long, value_name = "NAMESPACE", default_value = "default")]
+        namespace: String,
     },
 }
 
@@ -279,6 +299,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             rotate::rotate_keys(&cli.kube, &which, timeout).await
         }
+        Command::Export { service, namespace } => {
+            export::export(&cli.kube, &service, &namespace).await
+        }
+        Command::Unexport { service, namespace } => {
+            export::unexport(&cli.kube, &service, &namespace).await
+        }
     }
 }
 
@@ -324,6 +350,21 @@ mod tests {
     use clap::CommandFactory as _;
 
     use super::*;
+
+    #[test]
+    fn export_and_unexport_take_a_service_and_a_namespace() {
+        let cli = Cli::try_parse_from(["meshctl", "export", "hello", "-n", "demo"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Export { ref service, ref namespace } if service == "hello" && namespace == "demo"
+        ));
+        let cli = Cli::try_parse_from(["meshctl", "unexport", "hello"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Unexport { ref namespace, .. } if namespace == "default"
+        ));
+        assert!(Cli::try_parse_from(["meshctl", "export"]).is_err());
+    }
 
     #[test]
     fn durations_parse_like_kubectls() {
