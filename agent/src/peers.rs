@@ -878,13 +878,11 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn a_cluster_whose_peer_cluster_is_being_deleted_is_no_longer_linked() {
-        let pc = |name: &str, deleting: bool| PeerCluster {
+    /// A linked PeerCluster granted `pods` and `hosts`.
+    fn peer_cluster(name: &str, pods: &[&str], hosts: &[&str]) -> PeerCluster {
+        PeerCluster {
             metadata: ObjectMeta {
                 name: Some(name.to_owned()),
-                deletion_timestamp: deleting
-                    .then_some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)),
                 ..ObjectMeta::default()
             },
             spec: PeerClusterSpec {
@@ -892,10 +890,20 @@ mod tests {
                 api_server: "https://198.18.0.1:6443".to_owned(),
                 ca_data: None,
                 credentials_secret: format!("wiremesh-peer-{name}"),
-                allowed_pod_cidrs: vec!["10.2.0.0/16".to_owned()],
-                allowed_host_cidrs: Vec::new(),
+                allowed_pod_cidrs: pods.iter().map(|c| (*c).to_owned()).collect(),
+                allowed_host_cidrs: hosts.iter().map(|c| (*c).to_owned()).collect(),
             },
             status: None,
+        }
+    }
+
+    #[test]
+    fn a_cluster_whose_peer_cluster_is_being_deleted_is_no_longer_linked() {
+        let pc = |name: &str, deleting: bool| {
+            let mut pc = peer_cluster(name, &["10.2.0.0/16"], &[]);
+            pc.metadata.deletion_timestamp =
+                deleting.then_some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+            pc
         };
         let all = [pc("cluster-b", false), pc("cluster-c", true)];
         assert_eq!(
@@ -913,21 +921,7 @@ mod tests {
 
     #[test]
     fn a_linked_clusters_pod_and_host_ranges_are_closed_as_its_own() {
-        let pc = |name: &str, pods: &[&str], hosts: &[&str]| PeerCluster {
-            metadata: ObjectMeta {
-                name: Some(name.to_owned()),
-                ..ObjectMeta::default()
-            },
-            spec: PeerClusterSpec {
-                cluster_name: name.to_owned(),
-                api_server: "https://198.18.0.1:6443".to_owned(),
-                ca_data: None,
-                credentials_secret: format!("wiremesh-peer-{name}"),
-                allowed_pod_cidrs: pods.iter().map(|c| (*c).to_owned()).collect(),
-                allowed_host_cidrs: hosts.iter().map(|c| (*c).to_owned()).collect(),
-            },
-            status: None,
-        };
+        let pc = peer_cluster;
         // The same range granted twice: the first cluster by name keeps it.
         let all = [
             pc("cluster-c", &["10.3.0.0/16", "10.2.0.0/16"], &[]),
