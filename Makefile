@@ -30,8 +30,9 @@ unit:
 e2e: deps build
 	$(CARGO) test $(CARGO_FLAGS) -p wiremesh-lab --tests -- --test-threads=2
 
+# Every test of the workspace; the lab's test binaries TEST_JOBS (2) at a time.
 test: deps lint build
-	$(CARGO) test $(CARGO_FLAGS) --workspace -- --test-threads=1
+	CARGO=$(CARGO) scripts/test.sh $(CARGO_FLAGS)
 
 # Coverage-guided fuzzing (nightly, cargo-fuzz installed if missing): every target of
 # fuzz/ for FUZZ_SECONDS each. `cargo test` replays fuzz/corpus and fuzz/regressions.
