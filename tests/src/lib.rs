@@ -10,6 +10,7 @@ pub mod k8s;
 pub mod lab;
 pub mod mesh;
 pub mod metrics;
+pub mod prometheus;
 pub mod xfer;
 
 pub use lab::{
