@@ -18,7 +18,7 @@ check nftables nft
 check util-linux nsenter
 check jq jq
 check iputils-ping ping
-# The Prometheus test (tests/tests/prometheus.rs) and the alert rules' tests
+# The Prometheus test (tests/tests/metrics.rs) and the alert rules' tests
 # (tests/tests/alerts.rs) run Debian's prometheus and promtool.
 if [ "${1:-}" = "--k8s" ]; then
     check prometheus promtool
