@@ -161,11 +161,7 @@ fn promtool(args: &[&str]) -> Result<String> {
     let out = Command::new("promtool").args(args).output().map_err(|e| {
         anyhow!("running promtool: {e}: install Debian's prometheus (scripts/deps.sh --k8s)")
     })?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = wiremesh_lab::output_text(&out);
     ensure!(
         out.status.success(),
         "promtool {} failed ({}):\n{text}",
