@@ -16,8 +16,11 @@ deps:
 build:
 	$(CARGO) build $(CARGO_FLAGS) --workspace --bins
 
+# The demo binary comes from the workspace build above: `cargo run -p wiremesh-lab` would
+# resolve features for that one package and rebuild it (a minute, and a second copy on disk).
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 demo: deps build
-	$(CARGO) run $(CARGO_FLAGS) -q -p wiremesh-lab --bin wiremesh-demo
+	$(TARGET_DIR)/debug/wiremesh-demo
 
 lint:
 	$(CARGO) fmt --all -- --check
