@@ -155,6 +155,9 @@ fn scenario(ca: &Client, cb: &Client, log_a: &Path) -> Result<()> {
 
     // cluster-a exports the same name, newer, with `http` on 9090: PortConflict on both.
     create_service(ca, "hello", 9090, &[("10.1.1.5", "a1")])?;
+    // creationTimestamp has whole seconds, and equal ones are ordered by cluster name
+    // (cluster-a first): make cluster-a's export a second newer.
+    std::thread::sleep(Duration::from_millis(1_100).saturating_sub(exported.elapsed()));
     let conflicted = Instant::now();
     export(ca, "hello")?;
     let took = poll(SETTLE, || {
