@@ -347,6 +347,8 @@ async fn lead(client: Client, options: &Options, metrics: Arc<Metrics>) -> RunEr
         instance: Some(options.identity.clone()),
     };
     let shared = Arc::new(Shared {
+        mcs_peers: watch::channel(Default::default()).0,
+        mcs_unreachable: watch::channel(Default::default()).0,
         client: client.clone(),
         peer_clusters,
         mesh_peers,
@@ -365,6 +367,7 @@ async fn lead(client: Client, options: &Options, metrics: Arc<Metrics>) -> RunEr
     });
     let _links = AbortLinksOnDrop(ctx.clone());
     background.spawn(sweep(ctx.clone()));
+    background.spawn(crate::mcs::controller::run(ctx.shared.clone()));
 
     controller
         .run(reconcile, error_policy, ctx)
@@ -416,6 +419,7 @@ async fn reconcile_peer(pc: &PeerCluster, ctx: &Context) -> Result<Action, Error
             set_finalizers(&api, pc, rest).await?;
         }
         ctx.shared.metrics.forget_peer(&name);
+        crate::mcs::remote::forget(&ctx.shared, &name);
         info!(peer = %name, mesh_peers = deleted, "peer cluster removed with its MeshPeers");
         return Ok(Action::await_change());
     }
@@ -439,7 +443,13 @@ async fn reconcile_peer(pc: &PeerCluster, ctx: &Context) -> Result<Action, Error
     let fingerprint = credentials.fingerprint(pc);
     let shared = ctx.shared.clone();
     let started = ctx.links.ensure(&name, fingerprint, |nudges| {
-        tokio::spawn(remote::mirror(shared, name.clone(), credentials, nudges))
+        // Its MeshNodes and its exported services (MCS) share the link's lifetime.
+        let exports =
+            crate::mcs::remote::watch_exports(shared.clone(), name.clone(), credentials.clone());
+        let nodes = remote::mirror(shared, name.clone(), credentials, nudges);
+        tokio::spawn(async move {
+            tokio::join!(nodes, exports);
+        })
     });
     if started {
         info!(peer = %name, api_server = %pc.spec.api_server, "started the link to a peer cluster");
@@ -539,6 +549,7 @@ async fn sweep(ctx: Arc<Context>) {
                     link.abort();
                 }
                 shared.metrics.forget_peer(&name);
+                crate::mcs::remote::forget(shared, &name);
                 info!(peer = %name, "stopped the link of a vanished peer cluster");
             }
         }

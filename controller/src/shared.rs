@@ -80,6 +80,13 @@ pub(crate) struct Shared {
     pub(crate) timing: Timing,
     /// Most nodes mirrored from one peer cluster.
     pub(crate) max_nodes_per_peer: usize,
+    /// Each linked cluster's exported services (MCS), by PeerCluster name, as its link
+    /// last listed them ([`crate::mcs::remote`]); kept while its API server is down.
+    pub(crate) mcs_peers: watch::Sender<crate::mcs::remote::PeerExportMap>,
+    /// Remote nodes the local agents cannot reach, `(cluster, node)`: their endpoints are
+    /// imported not ready ([`crate::mcs::plan::Unreachable`]). Whoever learns it sends
+    /// here; the MCS controller plans again on every change.
+    pub(crate) mcs_unreachable: watch::Sender<crate::mcs::plan::Unreachable>,
 }
 
 /// This cluster as the links see it.

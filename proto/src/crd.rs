@@ -427,6 +427,43 @@ pub fn mesh_peer_name(cluster: &str, node: &str) -> String {
     format!("{cluster}.{node}")
 }
 
+/// What this cluster publishes about one of its `ServiceExport`s (KEP-1645) for the
+/// clusters linked to it: written only by the controller (the leader), from the export,
+/// its Service and EndpointSlices, and read by linked clusters through their join token,
+/// which may list and watch these and nothing else of the kind. Named
+/// `<namespace>.<name>` of the export (both DNS labels, so the name is unique).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[kube(
+    group = "wiremesh.io",
+    version = "v1alpha1",
+    kind = "MeshServiceExport",
+    shortname = "mse",
+    category = "wiremesh",
+    derive = "PartialEq",
+    printcolumn(
+        name = "Namespace",
+        type_ = "string",
+        json_path = ".spec.service.namespace"
+    ),
+    printcolumn(name = "Service", type_ = "string", json_path = ".spec.service.name"),
+    printcolumn(name = "Type", type_ = "string", json_path = ".spec.service.type"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshServiceExportSpec {
+    /// The exported service: ports, type, properties and endpoints.
+    pub service: crate::mcs::ExportedService,
+}
+
+/// The name of the MeshServiceExport of export `namespace/name`.
+pub fn mesh_service_export_name(namespace: &str, name: &str) -> String {
+    format!("{namespace}.{name}")
+}
+
 #[cfg(test)]
 mod tests {
     use kube::CustomResourceExt as _;
