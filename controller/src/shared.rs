@@ -80,6 +80,12 @@ pub(crate) struct Shared {
     pub(crate) timing: Timing,
     /// Most nodes mirrored from one peer cluster.
     pub(crate) max_nodes_per_peer: usize,
+    /// Remote nodes this cluster's data plane cannot reach ([`crate::liveness`]): the
+    /// import plan's `unreachable`.
+    pub(crate) unreachable: watch::Receiver<crate::liveness::Unreachable>,
+    /// Where the export controller says which of our nodes host exported endpoints
+    /// ([`crate::liveness::heartbeat_nodes`]); `None` until it first does.
+    pub(crate) heartbeats: watch::Sender<Option<std::collections::BTreeSet<String>>>,
 }
 
 /// This cluster as the links see it.
