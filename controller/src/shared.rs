@@ -80,9 +80,12 @@ pub(crate) struct Shared {
     pub(crate) timing: Timing,
     /// Most nodes mirrored from one peer cluster.
     pub(crate) max_nodes_per_peer: usize,
+    // Read by the MCS import and export controllers (being wired on branch mcs-ctl).
+    #[allow(dead_code)]
     /// Remote nodes this cluster's data plane cannot reach ([`crate::liveness`]): the
     /// import plan's `unreachable`.
     pub(crate) unreachable: watch::Receiver<crate::liveness::Unreachable>,
+    #[allow(dead_code)]
     /// Where the export controller says which of our nodes host exported endpoints
     /// ([`crate::liveness::heartbeat_nodes`]); `None` until it first does.
     pub(crate) heartbeats: watch::Sender<Option<std::collections::BTreeSet<String>>>,

@@ -607,7 +607,6 @@ mod tests {
             endpoint: None,
             public_key: None,
             relay: false,
-            heartbeat: false,
         }
     }
 
