@@ -58,6 +58,7 @@ pub struct Metrics {
     peer_nodes: Family<PeerLabels, Gauge>,
     peer_stale: Family<PeerLabels, Gauge>,
     peer_conflicts: Family<PeerLabels, Gauge>,
+    peer_unreachable: Family<PeerLabels, Gauge>,
     health: Health,
 }
 
@@ -149,6 +150,12 @@ impl Metrics {
             "Exported services of a peer cluster refused (out of grant, malformed, over a bound)",
             mcs_refused.clone(),
         );
+        let peer_unreachable = Family::<PeerLabels, Gauge>::default();
+        registry.register(
+            "peer_unreachable_nodes",
+            "Remote nodes this cluster's data plane cannot reach (their imported endpoints are not ready)",
+            peer_unreachable.clone(),
+        );
         Self {
             mcs_exports,
             mcs_imports,
@@ -163,6 +170,7 @@ impl Metrics {
             peer_nodes,
             peer_stale,
             peer_conflicts,
+            peer_unreachable,
             health: Health::default(),
         }
     }
@@ -206,6 +214,17 @@ impl Metrics {
         self.peer_nodes.remove(&labels);
         self.peer_stale.remove(&labels);
         self.peer_conflicts.remove(&labels);
+        self.peer_unreachable.remove(&labels);
+    }
+
+    /// Records how many of a peer cluster's nodes are unreachable ([`crate::liveness`]).
+    pub fn peer_unreachable(&self, peer: &str, nodes: usize) {
+        let labels = PeerLabels {
+            peer: peer.to_owned(),
+        };
+        self.peer_unreachable
+            .get_or_create(&labels)
+            .set(i64::try_from(nodes).unwrap_or(i64::MAX));
     }
 
     /// Records a pass of the MCS controller: exports published, imports, ready

@@ -342,13 +342,32 @@ async fn lead(client: Client, options: &Options, metrics: Arc<Metrics>) -> RunEr
         }
     });
 
+    // Failover from the data plane: the agents' reports -> the unreachable remote nodes;
+    // the exports' endpoints -> our nodes' heartbeats.
+    let (unreachable_tx, unreachable) = watch::channel(crate::liveness::Unreachable::new());
+    background.spawn(crate::liveness::aggregate(
+        client.clone(),
+        mesh_nodes.clone(),
+        mesh_peers.clone(),
+        nodes.clone(),
+        peer_clusters.clone(),
+        metrics.clone(),
+        unreachable_tx,
+    ));
+    let (heartbeats, heartbeats_rx) = watch::channel(None);
+    background.spawn(crate::liveness::keep_heartbeats(
+        client.clone(),
+        mesh_nodes.clone(),
+        heartbeats_rx,
+    ));
+
     let reporter = Reporter {
         controller: CONTROLLER_NAME.to_owned(),
         instance: Some(options.identity.clone()),
     };
     let shared = Arc::new(Shared {
         mcs_peers: watch::channel(Default::default()).0,
-        mcs_unreachable: watch::channel(Default::default()).0,
+        mcs_unreachable: unreachable,
         client: client.clone(),
         peer_clusters,
         mesh_peers,
@@ -360,6 +379,7 @@ async fn lead(client: Client, options: &Options, metrics: Arc<Metrics>) -> RunEr
         metrics,
         timing,
         max_nodes_per_peer: options.max_nodes_per_peer,
+        heartbeats,
     });
     let ctx = Arc::new(Context {
         shared,

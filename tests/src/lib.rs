@@ -8,6 +8,7 @@ pub mod fixtures;
 pub mod forge;
 pub mod k8s;
 pub mod lab;
+pub mod mcs;
 pub mod mesh;
 pub mod metrics;
 pub mod prometheus;

@@ -17,17 +17,17 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
-use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt as _};
-use serde_json::json;
 use wiremesh_lab::k8s::{ControlPlane, block_on, meshctl, write_kubeconfig};
+use wiremesh_lab::mcs::{create_namespace, create_service, export, imported_slices};
 use wiremesh_proto::crd::{MeshServiceExport, MeshServiceExportSpec};
 use wiremesh_proto::mcs::{
     DERIVED_SERVICE_ANNOTATION, ExportedEndpoint, ExportedService, ExportedSlice,
-    LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER, ServiceExport, ServiceImport, ServiceImportType,
+    LABEL_SOURCE_CLUSTER, ServiceExport, ServiceImport, ServiceImportType,
 };
 
 /// The controllers react to watch events within a debounce of 100 ms; a 2-core CI machine
@@ -68,8 +68,7 @@ fn services_are_exported_imported_conflict_refused_and_withdrawn() -> Result<()>
 
 fn scenario(ca: &Client, cb: &Client, log_a: &Path) -> Result<()> {
     for client in [ca, cb] {
-        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}}))?;
-        block_on(Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns))?;
+        create_namespace(client, NS)?;
     }
     let imports_a: Api<ServiceImport> = Api::namespaced(ca.clone(), NS);
     let services_a: Api<Service> = Api::namespaced(ca.clone(), NS);
@@ -78,9 +77,15 @@ fn scenario(ca: &Client, cb: &Client, log_a: &Path) -> Result<()> {
     let exports_a: Api<ServiceExport> = Api::namespaced(ca.clone(), NS);
 
     // cluster-b: Service hello (http 8080), two ready pods on node b1, exported.
-    create_service(cb, "hello", 8080, &[("10.2.1.5", "b1"), ("10.2.1.6", "b1")])?;
+    create_service(
+        cb,
+        NS,
+        "hello",
+        8080,
+        &[("10.2.1.5", "b1"), ("10.2.1.6", "b1")],
+    )?;
     let exported = Instant::now();
-    export(cb, "hello")?;
+    export(cb, NS, "hello")?;
     let took = poll(SETTLE, || {
         let import = block_on(imports_a.get_opt("hello"))?.ok_or_else(|| anyhow!("no import"))?;
         let spec = import.spec.clone().unwrap_or_default();
@@ -154,12 +159,12 @@ fn scenario(ca: &Client, cb: &Client, log_a: &Path) -> Result<()> {
     })?;
 
     // cluster-a exports the same name, newer, with `http` on 9090: PortConflict on both.
-    create_service(ca, "hello", 9090, &[("10.1.1.5", "a1")])?;
+    create_service(ca, NS, "hello", 9090, &[("10.1.1.5", "a1")])?;
     // creationTimestamp has whole seconds, and equal ones are ordered by cluster name
     // (cluster-a first): make cluster-a's export a second newer.
     std::thread::sleep(Duration::from_millis(1_100).saturating_sub(exported.elapsed()));
     let conflicted = Instant::now();
-    export(ca, "hello")?;
+    export(ca, NS, "hello")?;
     let took = poll(SETTLE, || {
         expect_condition(&exports_b, "hello", "Conflict", "True", "PortConflict")?;
         expect_condition(&exports_a, "hello", "Conflict", "True", "PortConflict")
@@ -255,59 +260,6 @@ fn scenario(ca: &Client, cb: &Client, log_a: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A Service `name` with port `http`/`port` and one EndpointSlice of ready `pods`
-/// (address, node), as kube-controller-manager would write it.
-fn create_service(client: &Client, name: &str, port: i32, pods: &[(&str, &str)]) -> Result<()> {
-    let service: Service = serde_json::from_value(json!({
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "selector": {"app": name},
-            "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
-        },
-    }))?;
-    block_on(
-        Api::<Service>::namespaced(client.clone(), NS).create(&PostParams::default(), &service),
-    )
-    .with_context(|| format!("creating Service {name}"))?;
-    let endpoints: Vec<_> = pods
-        .iter()
-        .map(|(address, node)| {
-            json!({
-                "addresses": [address],
-                "conditions": {"ready": true, "serving": true, "terminating": false},
-                "nodeName": node,
-            })
-        })
-        .collect();
-    let slice: EndpointSlice = serde_json::from_value(json!({
-        "metadata": {
-            "name": format!("{name}-x1"),
-            "namespace": NS,
-            "labels": {"kubernetes.io/service-name": name},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
-        "endpoints": endpoints,
-    }))?;
-    block_on(
-        Api::<EndpointSlice>::namespaced(client.clone(), NS).create(&PostParams::default(), &slice),
-    )
-    .with_context(|| format!("creating EndpointSlice of {name}"))?;
-    Ok(())
-}
-
-fn export(client: &Client, name: &str) -> Result<()> {
-    let export: ServiceExport = serde_json::from_value(json!({
-        "metadata": {"name": name, "namespace": NS},
-    }))?;
-    block_on(
-        Api::<ServiceExport>::namespaced(client.clone(), NS)
-            .create(&PostParams::default(), &export),
-    )
-    .with_context(|| format!("creating ServiceExport {name}"))?;
-    Ok(())
-}
-
 fn rogue_export(addresses: &[&str]) -> MeshServiceExport {
     MeshServiceExport::new(
         "demo.evil",
@@ -346,14 +298,6 @@ fn rogue_export(addresses: &[&str]) -> MeshServiceExport {
             },
         },
     )
-}
-
-/// The imported EndpointSlices of `service`.
-fn imported_slices(api: &Api<EndpointSlice>, service: &str) -> Result<Vec<EndpointSlice>> {
-    let params = ListParams::default().labels(&format!("{LABEL_SERVICE_NAME}={service}"));
-    let mut slices = block_on(api.list(&params))?.items;
-    slices.sort_by_key(|s| s.labels().get(LABEL_SOURCE_CLUSTER).cloned());
-    Ok(slices)
 }
 
 fn expect_condition(

@@ -107,7 +107,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         recorder: Recorder::new(shared.client.clone(), shared.reporter.clone()),
     };
     let mut peers = shared.mcs_peers.subscribe();
-    let mut unreachable = shared.mcs_unreachable.subscribe();
+    let mut unreachable = shared.mcs_unreachable.clone();
     let mut local = shared.local.clone();
     loop {
         let started = std::time::Instant::now();
@@ -244,6 +244,16 @@ async fn pass(shared: &Shared, caches: &Caches, state: &mut State) -> Result<(),
             ours.push(exported);
         }
     }
+    // Our nodes that host exported endpoints keep a heartbeat (failover from the data
+    // plane, `crate::liveness`).
+    let beating = crate::liveness::heartbeat_nodes(&cluster, &ours);
+    shared.heartbeats.send_if_modified(|was| {
+        let changed = was.as_ref() != Some(&beating);
+        if changed {
+            *was = Some(beating);
+        }
+        changed
+    });
     let mut published: BTreeSet<ObjectKey> = BTreeSet::new();
     let api: Api<MeshServiceExport> = Api::all(shared.client.clone());
     for service in &ours {

@@ -855,6 +855,7 @@ a2     10.1.2.0/24   -
                     node_count: 1,
                     last_sync_time: Some(before(300)),
                     observed_generation: Some(1),
+                    unreachable_nodes: Vec::new(),
                 },
             ),
             peer(
@@ -869,6 +870,7 @@ a2     10.1.2.0/24   -
                     node_count: 2,
                     last_sync_time: Some(before(3)),
                     observed_generation: Some(1),
+                    unreachable_nodes: Vec::new(),
                 },
             ),
         ];
