@@ -7,7 +7,7 @@ set -eu
 cd "$(dirname "$0")"
 seconds=${FUZZ_SECONDS:-300}
 cargo fuzz --version >/dev/null 2>&1 || cargo install --locked cargo-fuzz
-for target in ${FUZZ_TARGETS:-inner_packet datagram uapi wgconf plan}; do
+for target in ${FUZZ_TARGETS:-inner_packet datagram uapi wgconf plan translate}; do
     mkdir -p "target/corpus/$target" "corpus/$target" "regressions/$target"
     echo "fuzz: $target for ${seconds}s"
     cargo +nightly fuzz run -a "$target" "target/corpus/$target" "corpus/$target" "regressions/$target" -- \

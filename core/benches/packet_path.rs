@@ -17,6 +17,12 @@
 //!   segments (headers, lengths, TCP checksum of each);
 //! - `offload/gro_47`: `Gro` coalescing those 47 segments back into one super-packet and
 //!   draining it.
+//! - `translate/{encapsulate,decapsulate}/{plain,translated}/1420`: the in-place send
+//!   path and the receive path of a 1,420-byte packet without and with a prefix
+//!   translation (issue 14: the source mapped pod → mesh before encryption, the
+//!   destination mesh → pod after decryption, checksums updated);
+//!   `translate/outbound/1420` the translation alone, `translate/outbound_vnet_64k` once
+//!   for a 64 KB TSO read.
 //!
 //! The other end of each session is a bare boringtun `Tunn`. Run with
 //! `cargo bench -p wiremesh-core --bench packet_path`; `make bench` does.
@@ -29,6 +35,7 @@ use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519;
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use wiremesh_core::offload::{Gro, GroPush, Segmenter};
+use wiremesh_core::translate::Translation;
 use wiremesh_core::{AllowedIps, DatagramVerdict, Device, TunVerdict};
 use wiremesh_proto::uapi::{DeviceUpdate, PeerUpdate};
 use wiremesh_proto::{IpCidr, PrivateKey, PublicKey};
@@ -48,7 +55,7 @@ criterion_group! {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(2))
         .sample_size(30);
-    targets = encapsulate, encapsulate_padded, decapsulate, allowed_ips_lookup, peer_lookup, offload
+    targets = encapsulate, encapsulate_padded, decapsulate, allowed_ips_lookup, peer_lookup, offload, translate
 }
 criterion_main!(benches);
 
@@ -236,6 +243,92 @@ fn peer_lookup(c: &mut Criterion) {
             });
         });
     }
+    group.finish();
+}
+
+fn translate(c: &mut Criterion) {
+    let mut group = c.benchmark_group("translate");
+    let len = 1420;
+    // This cluster's pods 10.0.1.0/24 are 100.64.1.0/24 elsewhere.
+    let table = Translation::new(&[(
+        IpCidr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 1, 0)), 24).expect("valid prefix"),
+        IpCidr::new(IpAddr::V4(Ipv4Addr::new(100, 64, 1, 0)), 24).expect("valid prefix"),
+    )])
+    .expect("a valid table");
+    group.throughput(Throughput::Bytes(len as u64));
+    for translated in [false, true] {
+        let name = if translated { "translated" } else { "plain" };
+        let mut link = Link::new(0, Initiator::Device);
+        if translated {
+            link.device.set_translation(table.clone());
+        }
+        let packet = ipv4([10, 0, 1, 5], [10, 0, 2, 7], len);
+        let mut out = vec![0u8; BUFFER];
+        // A fresh copy each time: the send path translates in place.
+        group.bench_function(BenchmarkId::new(format!("encapsulate/{name}"), len), |b| {
+            b.iter_batched_ref(
+                || {
+                    let mut buf = vec![0u8; BUFFER];
+                    buf[..len].copy_from_slice(&packet);
+                    buf
+                },
+                |buf| match link.device.handle_tun_packet_in_place(buf, len, &mut out) {
+                    TunVerdict::Send { datagram, .. } => black_box(datagram.len()),
+                    _ => 0,
+                },
+                BatchSize::SmallInput,
+            );
+        });
+        let mut link = Link::new(0, Initiator::Remote);
+        let to = if translated {
+            [100, 64, 1, 5]
+        } else {
+            [10, 0, 1, 5]
+        };
+        if translated {
+            link.device.set_translation(table.clone());
+        }
+        let packet = ipv4([10, 0, 2, 7], to, len);
+        let first = link.remote_encapsulate(&packet);
+        assert!(
+            matches!(
+                link.device.handle_datagram(remote().into(), &first, &mut out),
+                DatagramVerdict::Tunnel { packet, .. } if packet[16..20] == [10, 0, 1, 5]
+            ),
+            "the session is up and the destination is the pod's"
+        );
+        group.bench_function(BenchmarkId::new(format!("decapsulate/{name}"), len), |b| {
+            b.iter_batched(
+                || encrypt(&mut link.remote, &mut link.out, &packet),
+                |datagram| {
+                    black_box(
+                        link.device
+                            .handle_datagram(remote().into(), &datagram, &mut out),
+                    )
+                    .is_tunnel()
+                },
+                BatchSize::SmallInput,
+            );
+        });
+    }
+    let packet = ipv4([10, 0, 1, 5], [10, 0, 2, 7], len);
+    group.bench_function(BenchmarkId::new("outbound", len), |b| {
+        b.iter_batched_ref(
+            || packet.clone(),
+            |p| black_box(table.outbound(p)),
+            BatchSize::SmallInput,
+        );
+    });
+    let mut read = tso_read(64_000, 1_400);
+    read[10 + 12..10 + 16].copy_from_slice(&[10, 0, 1, 5]);
+    group.throughput(Throughput::Bytes(read.len() as u64));
+    group.bench_function("outbound_vnet_64k", |b| {
+        b.iter_batched_ref(
+            || read.clone(),
+            |r| black_box(table.outbound_vnet(r)),
+            BatchSize::SmallInput,
+        );
+    });
     group.finish();
 }
 

@@ -19,6 +19,8 @@ use super::allowed_ips::AllowedIps;
 use super::handshake_limiter::HandshakeLimiter;
 use super::keys;
 use super::mtu::{self, MtuGuard, MtuVerdict};
+use super::offload::VnetHdr;
+use super::translate::Translation;
 use super::{Counters, DropReason};
 
 /// Handshake messages per second the whole device takes before it asks for cookies.
@@ -40,6 +42,9 @@ const HANDSHAKE_RESPONSE: u8 = 2;
 const DATA: u8 = 4;
 /// The mac2 field closes every handshake message (§5.4.4).
 const MAC2_LEN: usize = 16;
+
+/// `VIRTIO_NET_HDR_GSO_ECN`, a flag beside the GSO type (`include/uapi/linux/virtio_net.h`).
+const GSO_ECN: u8 = 0x80;
 
 /// Inner packets are zero-padded to a multiple of this before encryption (whitepaper
 /// §5.4.6), never past the tunnel MTU, so the outer size does not tell the exact inner one.
@@ -370,6 +375,11 @@ pub struct Device {
     /// Where a packet is zero-padded before encryption when its buffer has no room
     /// ([`Inner::padded`]).
     pad: Vec<u8>,
+    /// This cluster's pod CIDRs and the mesh CIDRs that stand for them elsewhere: empty
+    /// when they are unique in the mesh (no translation).
+    translation: Translation,
+    /// Where a borrowed packet is copied to be translated.
+    translated: Vec<u8>,
 }
 
 impl Default for Device {
@@ -403,6 +413,8 @@ impl Device {
             mtu: MtuGuard::new(mtu::DEFAULT_MTU),
             mtu_follows_routes: false,
             pad: Vec::new(),
+            translation: Translation::default(),
+            translated: Vec::new(),
         }
     }
 
@@ -912,6 +924,40 @@ impl Device {
         self.slots.get_mut(id.0 as usize).and_then(Option::as_mut)
     }
 
+    /// Sets this cluster's prefix translation ([`crate::translate`]): packets from its
+    /// pods to other clusters leave with mesh sources, packets for its mesh addresses are
+    /// delivered to its pods. An empty table translates nothing.
+    pub fn set_translation(&mut self, translation: Translation) {
+        self.translation = translation;
+    }
+
+    /// This cluster's prefix translation.
+    pub fn translation(&self) -> &Translation {
+        &self.translation
+    }
+
+    /// Translates a TUN read behind its vnet header once, before it is split, when it is a
+    /// GSO super-packet: its segments then need no translation each. A single packet is
+    /// left alone: it is translated when encrypted, after the MTU check (whose ICMP
+    /// error must quote the packet as the pod sent it).
+    ///
+    /// # Errors
+    /// When the packet cannot be translated: it is counted as
+    /// [`DropReason::Untranslatable`] and must be dropped.
+    pub fn translate_tun_read(&mut self, read: &mut [u8]) -> Result<(), DropReason> {
+        let gso = VnetHdr::parse(read).is_some_and(|h| h.gso_type & !GSO_ECN != 0);
+        if self.translation.is_empty() || !gso {
+            return Ok(());
+        }
+        match self.translation.outbound_vnet(read) {
+            Ok(_) => Ok(()),
+            Err(_) => {
+                self.counters.drop(DropReason::Untranslatable);
+                Err(DropReason::Untranslatable)
+            }
+        }
+    }
+
     /// Encrypts a packet read from the TUN device for the peer that owns its destination,
     /// zero-padded to a multiple of 16 bytes within the tunnel MTU (whitepaper §5.4.6).
     ///
@@ -957,6 +1003,10 @@ impl Device {
         }
         let Some(tunn) = sending_tunn(peer) else {
             return self.drop_tun(DropReason::Internal);
+        };
+        let Some(inner) = translated(&self.translation, inner, &mut self.translated) else {
+            self.counters.drop(DropReason::Untranslatable);
+            return TunVerdict::Drop(DropReason::Untranslatable);
         };
         let packet = inner.padded(self.mtu.mtu(), &mut self.pad);
         match tunn.encapsulate(packet, out) {
@@ -1249,11 +1299,13 @@ impl Device {
 
     /// Cryptokey routing on receive (whitepaper §2.2): the inner source must be one of
     /// the sending peer's allowed IPs.
+    /// Then the destination is translated back from this cluster's mesh CIDR (after the
+    /// check: the source is the peer's own).
     fn check_source<'o>(
         &mut self,
         id: PeerId,
         src: IpAddr,
-        packet: &'o [u8],
+        packet: &'o mut [u8],
     ) -> DatagramVerdict<'o> {
         let accepted = || {
             self.slots
@@ -1262,6 +1314,9 @@ impl Device {
                 .is_some_and(|p| p.accept_ips.iter().any(|c| c.contains(src)))
         };
         if self.allowed.lookup(src) == Some(id) || accepted() {
+            if !self.translation.is_empty() && self.translation.inbound(packet).is_err() {
+                return self.drop_datagram(DropReason::Untranslatable);
+            }
             DatagramVerdict::Tunnel { peer: id, packet }
         } else {
             self.drop_datagram(DropReason::BadSource)
@@ -1630,6 +1685,34 @@ impl<'p> Inner<'p> {
     }
 }
 
+/// The packet with its source translated for another cluster ([`Translation::outbound`]):
+/// in place when it is in a buffer of ours, else copied into `scratch` (with room for the
+/// padding) only when it may need a change. `None` when it cannot be translated.
+fn translated<'p>(
+    translation: &Translation,
+    inner: Inner<'p>,
+    scratch: &'p mut Vec<u8>,
+) -> Option<Inner<'p>> {
+    if translation.is_empty() {
+        return Some(inner);
+    }
+    match inner {
+        Inner::Roomy(buf, len) => {
+            translation.outbound(buf.get_mut(..len)?).ok()?;
+            Some(Inner::Roomy(buf, len))
+        }
+        Inner::Borrowed(packet) if translation.may_rewrite_outbound(packet) => {
+            scratch.clear();
+            scratch.extend_from_slice(packet);
+            translation.outbound(scratch).ok()?;
+            let len = scratch.len();
+            scratch.resize(len + PADDING_MULTIPLE, 0);
+            Some(Inner::Roomy(scratch, len))
+        }
+        borrowed => Some(borrowed),
+    }
+}
+
 /// A `Tunn` for `peer` at its slot [`Peer::index`]; boringtun puts the slot in the top
 /// 24 bits of each session's receiver index, which is how datagrams find their peer.
 fn new_tunn(secret: &x25519::StaticSecret, limiter: &Arc<RateLimiter>, peer: &Peer) -> Box<Tunn> {
@@ -1969,6 +2052,68 @@ mod tests {
         }
         assert_eq!(received, vec![packet]);
         (init, data[1].clone())
+    }
+
+    #[test]
+    fn clusters_with_the_same_pod_cidr_talk_through_their_mesh_cidrs() {
+        use crate::translate::Translation;
+        let table = |mesh: &str| {
+            Translation::new(&[("10.244.0.0/16".parse().unwrap(), mesh.parse().unwrap())]).unwrap()
+        };
+        let (ka, kb) = (key(1), key(2));
+        let mut p = Pair {
+            a: Device::new(),
+            b: Device::new(),
+            b_key: public(&kb),
+        };
+        let _ =
+            p.a.apply(&update(
+                &ka,
+                vec![peer(public(&kb), Some(B_ADDR), &["100.65.0.0/16"])],
+            ))
+            .unwrap();
+        let _ =
+            p.b.apply(&update(
+                &kb,
+                vec![peer(public(&ka), None, &["100.64.0.0/16"])],
+            ))
+            .unwrap();
+        p.a.set_translation(table("100.64.0.0/16"));
+        p.b.set_translation(table("100.65.0.0/16"));
+        let sent = ipv4("10.244.1.2", "100.65.1.2", b"hello");
+        let init = send(&mut p.a, &sent).unwrap();
+        let (_, replies, _) = deliver(&mut p.b, A_ADDR, &init);
+        let (_, data, _) = deliver(&mut p.a, B_ADDR, &replies[0]);
+        let (tun, _, dropped) = deliver(&mut p.b, A_ADDR, &data[1]);
+        assert_eq!(dropped, None);
+        // B's pod sees A's mesh address as the source; the checksum follows.
+        let mut expected = sent.clone();
+        table("100.64.0.0/16").outbound(&mut expected).unwrap();
+        table("100.65.0.0/16").inbound(&mut expected).unwrap();
+        assert_eq!(tun, vec![expected.clone()]);
+        assert_eq!(
+            (&expected[12..16], &expected[16..20]),
+            (&[100, 64, 1, 2][..], &[10, 244, 1, 2][..])
+        );
+        // B's pod answers A's pod at its mesh address.
+        let reply = ipv4("10.244.1.2", "100.64.1.2", b"world");
+        let datagram = send(&mut p.b, &reply).unwrap();
+        let (tun, _, _) = deliver(&mut p.a, B_ADDR, &datagram);
+        assert_eq!(tun.len(), 1);
+        assert_eq!(
+            (&tun[0][12..16], &tun[0][16..20]),
+            (&[100, 65, 1, 2][..], &[10, 244, 1, 2][..])
+        );
+        // A packet from B's side that claims an untranslated source is refused.
+        p.b.set_translation(Translation::default());
+        let datagram = send(&mut p.b, &ipv4("10.244.1.2", "100.64.1.2", b"spoof")).unwrap();
+        let (tun, _, dropped) = deliver(&mut p.a, B_ADDR, &datagram);
+        assert_eq!((tun.len(), dropped), (0, Some(DropReason::BadSource)));
+        // A malformed packet that needs translating is dropped and counted.
+        let mut bad = ipv4("10.244.1.2", "100.65.1.2", b"x");
+        bad[0] = 0x4f;
+        assert_eq!(send(&mut p.a, &bad), Err(Some(DropReason::Untranslatable)));
+        assert_eq!(p.a.counters().drops(DropReason::Untranslatable), 1);
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod handshake_limiter;
 pub mod keys;
 pub mod mtu;
 pub mod offload;
+pub mod translate;
 
 pub use allowed_ips::AllowedIps;
 pub use device::{
@@ -69,11 +70,14 @@ pub enum DropReason {
     /// A handshake message addressed to a static key of ours that was rotated out
     /// ([`Device::rotate_private_key`]): its MAC verifies only under that old key.
     RetiredKey,
+    /// A packet the prefix translation ([`translate`]) could not map: malformed headers,
+    /// or an IPv6 address NPTv6 cannot map checksum-neutrally.
+    Untranslatable,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 17] = [
         Self::NoRoute,
         Self::NoEndpoint,
         Self::BadTunPacket,
@@ -90,6 +94,7 @@ impl DropReason {
         Self::TooBig,
         Self::RateLimited,
         Self::RetiredKey,
+        Self::Untranslatable,
     ];
 
     /// A short snake_case name, used as metric label and in logs.
@@ -111,6 +116,7 @@ impl DropReason {
             Self::TooBig => "too_big",
             Self::RateLimited => "rate_limited",
             Self::RetiredKey => "retired_key",
+            Self::Untranslatable => "untranslatable",
         }
     }
 

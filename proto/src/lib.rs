@@ -7,8 +7,10 @@ pub mod cidr;
 pub mod crd;
 pub mod key;
 pub mod mcs;
+pub mod prefix_map;
 pub mod uapi;
 pub mod wgconf;
 
 pub use cidr::{CidrError, InterfaceAddress, IpCidr};
 pub use key::{Key, KeyError, PresharedKey, PrivateKey, PublicKey};
+pub use prefix_map::{PrefixMap, PrefixMapError, Towards};

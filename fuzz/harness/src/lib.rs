@@ -11,20 +11,23 @@ mod inner_packet;
 mod plan;
 mod session;
 mod text;
+mod translate;
 
 pub use datagram::datagram;
 pub use inner_packet::inner_packet;
 pub use plan::plan;
 pub use text::{uapi, wgconf};
+pub use translate::translate;
 
 /// A harness: runs one input.
 pub type Harness = fn(&[u8]);
 
 /// Every target by name (its folder under `fuzz/corpus/` and `fuzz/regressions/`).
-pub const TARGETS: [(&str, Harness); 5] = [
+pub const TARGETS: [(&str, Harness); 6] = [
     ("inner_packet", inner_packet),
     ("datagram", datagram),
     ("uapi", uapi),
     ("wgconf", wgconf),
     ("plan", plan),
+    ("translate", translate),
 ];
