@@ -12,6 +12,7 @@ pub mod mcs;
 pub mod mesh;
 pub mod metrics;
 pub mod prometheus;
+pub mod replica;
 pub mod xfer;
 
 pub use lab::{

@@ -13,11 +13,9 @@
 //! Needs `cargo build -p wiremesh-controller --bins` first (`make test` does it), and the
 //! kube-apiserver and etcd of `tests/k8s/build.sh`.
 
-use std::fs::File;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, ensure};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -29,6 +27,7 @@ use serde_json::json;
 use wiremesh_lab::clusters::wait_for;
 use wiremesh_lab::fixtures::mesh_node;
 use wiremesh_lab::k8s::{ControlPlane, block_on, create_node, meshctl, write_kubeconfig};
+use wiremesh_lab::replica::Replica;
 use wiremesh_proto::crd::{
     MeshNode, MeshNodeKind, MeshPeer, PEER_CLUSTER_FINALIZER, PEER_CLUSTER_LABEL, PeerCluster,
     SYSTEM_NAMESPACE,
@@ -52,7 +51,9 @@ fn controller_mirrors_refuses_fails_static_and_fails_over() -> Result<()> {
     a.install(&["10.1.0.0/16"])?;
     b.install(&["10.2.0.0/16"])?;
     let kubeconfig = write_kubeconfig(&[a, b], "cluster-a")?;
-    let kc = path_str(&kubeconfig)?;
+    let kc = kubeconfig
+        .to_str()
+        .context("the kubeconfig's path is not UTF-8")?;
     let out = meshctl(&["--kubeconfig", kc, "join", "cluster-b"], &[])?;
     ensure!(
         out.status.success(),
@@ -65,11 +66,7 @@ fn controller_mirrors_refuses_fails_static_and_fails_over() -> Result<()> {
     let result = scenario(a, b, &kubeconfig, &mut replicas);
     if result.is_err() {
         for replica in &replicas {
-            eprintln!(
-                "--- {} log ---\n{}",
-                replica.identity,
-                tail(&replica.log(), 60)
-            );
+            eprintln!("--- {} log ---\n{}", replica.identity, replica.log_tail(60));
         }
     }
     result
@@ -90,7 +87,7 @@ fn scenario(
     create_mesh_node(&nodes_b, "b1", "10.2.1.0/24", "198.18.2.1:51820")?;
     create_mesh_node(&nodes_b, "b2", "10.2.2.0/24", "198.18.2.2:51820")?;
 
-    replicas.push(Replica::start(kubeconfig, a.dir(), "a-controller-0")?);
+    replicas.push(replica(kubeconfig, a.dir(), "a-controller-0")?);
     let took = wait_for(MIRROR, || {
         expect_peers(&peers_a, &["cluster-b.b1", "cluster-b.b2"])?;
         expect_condition(&pcs_a, "Ready", "True")
@@ -267,7 +264,7 @@ fn scenario(
     // A controller that starts during the outage (the old one stopped cleanly and released
     // the Lease) deletes nothing either.
     replicas[0].stop()?;
-    replicas.push(Replica::start(kubeconfig, a.dir(), "a-controller-1")?);
+    replicas.push(replica(kubeconfig, a.dir(), "a-controller-1")?);
     let leases: Api<Lease> = Api::namespaced(ca.clone(), SYSTEM_NAMESPACE);
     wait_for(Duration::from_secs(3 * LEASE_SECONDS), || {
         let holder = lease_holder(&leases)?;
@@ -289,7 +286,7 @@ fn scenario(
     expect_peers(&peers_a, &["cluster-b.b1"])?;
 
     // Two replicas: one leads, the other stands by; killing the leader hands over.
-    replicas.push(Replica::start(kubeconfig, a.dir(), "a-controller-2")?);
+    replicas.push(replica(kubeconfig, a.dir(), "a-controller-2")?);
     std::thread::sleep(Duration::from_secs(2 * LEASE_SECONDS));
     ensure!(lease_holder(&leases)?.as_deref() == Some("a-controller-1"));
     ensure!(
@@ -372,110 +369,9 @@ fn lease_holder(api: &Api<Lease>) -> Result<Option<String>> {
     Ok(lease.spec.and_then(|s| s.holder_identity))
 }
 
-/// One `wiremesh-controller` process for cluster-a; stopped in `Drop`.
-struct Replica {
-    child: Child,
-    identity: String,
-    log: PathBuf,
-}
-
-impl Replica {
-    fn start(kubeconfig: &Path, dir: &Path, identity: &str) -> Result<Self> {
-        let binary = controller_binary()?;
-        let log = dir.join(format!("{identity}.log"));
-        let out = File::create(&log)?;
-        let child = Command::new(&binary)
-            .args([
-                "--kubeconfig",
-                path_str(kubeconfig)?,
-                "--context",
-                "cluster-a",
-                "--identity",
-                identity,
-                "--lease-duration-seconds",
-                &LEASE_SECONDS.to_string(),
-            ])
-            .env_remove("RUST_LOG")
-            .env_remove("KUBECONFIG")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        Ok(Self {
-            child,
-            identity: identity.to_owned(),
-            log,
-        })
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, as Kubernetes stops a pod: the replica releases the Lease and exits 0.
-    fn stop(&mut self) -> Result<()> {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                ensure!(status.success(), "{} exited with {status}", self.identity);
-                return Ok(());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{} ignored SIGTERM",
-                self.identity
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGKILL: a crash, not a shutdown (the Lease is not released).
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            self.kill();
-        }
-    }
-}
-
-/// `$WIREMESH_CONTROLLER_BIN`, else next to the test executable (`target/<profile>/`).
-fn controller_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("WIREMESH_CONTROLLER_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    let exe = std::env::current_exe()?;
-    exe.ancestors()
-        .skip(1)
-        .take(2)
-        .map(|dir| dir.join("wiremesh-controller"))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            anyhow!("wiremesh-controller not found next to {}; run `cargo build -p wiremesh-controller --bins`", exe.display())
-        })
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-fn path_str(path: &Path) -> Result<&str> {
-    path.to_str()
-        .ok_or_else(|| anyhow!("{} is not UTF-8", path.display()))
+/// A replica of cluster-a's controller as `identity`, with a short Lease.
+fn replica(kubeconfig: &Path, dir: &Path, identity: &str) -> Result<Replica> {
+    let lease = LEASE_SECONDS.to_string();
+    let args = ["--lease-duration-seconds", lease.as_str()];
+    Replica::start(kubeconfig, dir, "cluster-a", identity, &args, None)
 }

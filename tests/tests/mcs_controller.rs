@@ -11,9 +11,7 @@
 //! Needs `cargo build -p wiremesh-controller --bins` first, and the kube-apiserver and
 //! etcd of `tests/k8s/build.sh`.
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
@@ -24,6 +22,7 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt as _};
 use wiremesh_lab::k8s::{ControlPlane, block_on, meshctl, write_kubeconfig};
 use wiremesh_lab::mcs::{create_namespace, create_service, export, imported_slices};
+use wiremesh_lab::replica::Replica;
 use wiremesh_proto::crd::{MeshServiceExport, MeshServiceExportSpec};
 use wiremesh_proto::mcs::{
     DERIVED_SERVICE_ANNOTATION, ExportedEndpoint, ExportedService, ExportedSlice,
@@ -43,7 +42,9 @@ fn services_are_exported_imported_conflict_refused_and_withdrawn() -> Result<()>
     a.install(&["10.1.0.0/16"])?;
     b.install(&["10.2.0.0/16"])?;
     let kubeconfig = write_kubeconfig(&[a, b], "cluster-a")?;
-    let kc = path_str(&kubeconfig)?;
+    let kc = kubeconfig
+        .to_str()
+        .context("the kubeconfig's path is not UTF-8")?;
     let out = meshctl(&["--kubeconfig", kc, "join", "cluster-b"], &[])?;
     ensure!(
         out.status.success(),
@@ -52,21 +53,21 @@ fn services_are_exported_imported_conflict_refused_and_withdrawn() -> Result<()>
         String::from_utf8_lossy(&out.stderr)
     );
     let replicas = [
-        Replica::start(&kubeconfig, a.dir(), "cluster-a")?,
-        Replica::start(&kubeconfig, b.dir(), "cluster-b")?,
+        replica(&kubeconfig, a.dir(), "cluster-a")?,
+        replica(&kubeconfig, b.dir(), "cluster-b")?,
     ];
     eprintln!("set-up took {:?}", started.elapsed());
-    let result = scenario(&a.client()?, &b.client()?, &replicas[0].log);
+    let result = scenario(&a.client()?, &b.client()?, &replicas[0]);
     if result.is_err() {
         for r in &replicas {
-            eprintln!("--- {} log ---\n{}", r.cluster, tail(&r.log(), 80));
+            eprintln!("--- {} log ---\n{}", r.identity, r.log_tail(80));
         }
     }
     eprintln!("test took {:?}", started.elapsed());
     result
 }
 
-fn scenario(ca: &Client, cb: &Client, log_a: &Path) -> Result<()> {
+fn scenario(ca: &Client, cb: &Client, replica_a: &Replica) -> Result<()> {
     for client in [ca, cb] {
         create_namespace(client, NS)?;
     }
@@ -216,7 +217,7 @@ fn scenario(ca: &Client, cb: &Client, log_a: &Path) -> Result<()> {
     block_on(Api::<MeshServiceExport>::all(cb.clone()).create(&PostParams::default(), &rogue))?;
     let field = "spec.service.endpointSlices[0].endpoints[1].addresses[0]";
     let took = poll(SETTLE, || {
-        let log = std::fs::read_to_string(log_a).unwrap_or_default();
+        let log = replica_a.log();
         ensure!(
             log.lines()
                 .any(|l| l.contains("refused") && l.contains("demo.evil") && l.contains(field)),
@@ -346,78 +347,9 @@ fn poll(timeout: Duration, mut check: impl FnMut() -> Result<()>) -> Result<Dura
     }
 }
 
-/// One `wiremesh-controller` process for a cluster; stopped in `Drop`.
-struct Replica {
-    child: Child,
-    cluster: String,
-    log: PathBuf,
-}
-
-impl Replica {
-    fn start(kubeconfig: &Path, dir: &Path, cluster: &str) -> Result<Self> {
-        let binary = controller_binary()?;
-        let log = dir.join(format!("{cluster}-mcs-controller.log"));
-        let out = File::create(&log)?;
-        let child = Command::new(&binary)
-            .args([
-                "--kubeconfig",
-                path_str(kubeconfig)?,
-                "--context",
-                cluster,
-                "--identity",
-                &format!("{cluster}-0"),
-            ])
-            .env_remove("KUBECONFIG")
-            .env("RUST_LOG", "info,wiremesh_controller::mcs=debug")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        Ok(Self {
-            child,
-            cluster: cluster.to_owned(),
-            log,
-        })
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `$WIREMESH_CONTROLLER_BIN`, else next to the test executable (`target/<profile>/`).
-fn controller_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("WIREMESH_CONTROLLER_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    let exe = std::env::current_exe()?;
-    exe.ancestors()
-        .skip(1)
-        .take(2)
-        .map(|dir| dir.join("wiremesh-controller"))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            anyhow!(
-                "wiremesh-controller not found next to {}; run `cargo build -p wiremesh-controller --bins`",
-                exe.display()
-            )
-        })
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-fn path_str(path: &Path) -> Result<&str> {
-    path.to_str()
-        .ok_or_else(|| anyhow!("{} is not UTF-8", path.display()))
+/// `cluster`'s controller, its MCS module logging at debug.
+fn replica(kubeconfig: &Path, dir: &Path, cluster: &str) -> Result<Replica> {
+    let identity = format!("{cluster}-0");
+    let log = Some("info,wiremesh_controller::mcs=debug");
+    Replica::start(kubeconfig, dir, cluster, &identity, &[], log)
 }
