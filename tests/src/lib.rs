@@ -10,6 +10,7 @@ pub mod k8s;
 pub mod lab;
 pub mod mesh;
 pub mod metrics;
+pub mod services;
 pub mod xfer;
 
 pub use lab::{
