@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs, idempotently, what the demo and the tests need on a fresh Debian machine:
 # the Debian packages (interop peers, iperf3, iproute2, nftables) and, when asked with
-# --k8s, the Go-built control-plane binaries (kube-apiserver, etcd, and for the lab's
-# real Services kube-proxy, kube-controller-manager and CoreDNS) and helm.
+# --k8s, Debian's prometheus (with promtool), the Go-built control-plane binaries
+# (kube-apiserver, etcd, and for the lab's real Services kube-proxy,
+# kube-controller-manager and CoreDNS) and helm.
 # Needs root for apt-get; prints what it does.
 set -euo pipefail
 
@@ -18,6 +19,11 @@ check nftables nft
 check util-linux nsenter
 check jq jq
 check iputils-ping ping
+# The Prometheus test (tests/tests/metrics.rs) and the alert rules' tests
+# (tests/tests/alerts.rs) run Debian's prometheus and promtool.
+if [ "${1:-}" = "--k8s" ]; then
+    check prometheus promtool
+fi
 
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
@@ -30,6 +36,11 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
     # iperf3 asks whether to start a daemon; say no.
     echo "iperf3 iperf3/start_daemon boolean false" | debconf-set-selections 2>/dev/null || true
     apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+    # The package starts a Prometheus on every address (:9090) where an init system runs;
+    # the tests start their own inside a lab namespace, so stop and disable that one.
+    if [[ " ${need_pkgs[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null 2>&1; then
+        systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
 else
     echo "deps: Debian packages present"
 fi

@@ -183,6 +183,7 @@ async fn setup(
         kind: MeshNodeKind::Node,
         gateway: is_labelled_gateway(&node),
         relay: false,
+        heartbeat: false,
     };
     warn_unusable_gateway(&mesh_node);
     let context = Context {
@@ -482,8 +483,9 @@ async fn publish(client: Client, node: Node, spec: MeshNodeSpec, mut rotator: Ro
     }
 }
 
-/// The MeshNode as the agent applies it: without the pod CIDRs and the gateway flag, which
-/// the controller sets from the Node (the admission policy refuses them from the agent).
+/// The MeshNode as the agent applies it: without the pod CIDRs, the gateway flag and the
+/// heartbeat flag, which the controller sets (the first two from the Node; the admission
+/// policy refuses them from the agent).
 fn without_node_fields(object: &MeshNode) -> serde_json::Value {
     let mut value = serde_json::to_value(object).unwrap_or_default();
     if let Some(spec) = value
@@ -492,6 +494,7 @@ fn without_node_fields(object: &MeshNode) -> serde_json::Value {
     {
         spec.remove("podCIDRs");
         spec.remove("gateway");
+        spec.remove("heartbeat");
     }
     value
 }

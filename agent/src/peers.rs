@@ -162,7 +162,19 @@ impl Context {
             handle.clone(),
             origins.subscribe(),
         ));
-        let peers = self.watch_peers(handle.clone(), applied, origins, attribution, &limit);
+        let (watched, watched_rx) = watch::channel(BTreeMap::new());
+        tokio::spawn(report_unreachable(
+            self.client.clone(),
+            self.selection.own_name.clone(),
+            handle.clone(),
+            watched_rx,
+        ));
+        let peers = self.watch_peers(
+            handle.clone(),
+            applied,
+            (origins, attribution, watched),
+            &limit,
+        );
         tokio::pin!(peers);
         tokio::select! {
             () = &mut peers => {}
@@ -193,8 +205,11 @@ impl Context {
         &self,
         handle: Handle,
         mut applied: PeerSet,
-        origins: watch::Sender<Origins>,
-        attribution: watch::Sender<Attribution>,
+        (origins, attribution, watched): (
+            watch::Sender<Origins>,
+            watch::Sender<Attribution>,
+            watch::Sender<BTreeMap<PublicKey, String>>,
+        ),
         limit: &Limit,
     ) {
         let (peers, peers_writer) = reflector::store();
@@ -258,6 +273,13 @@ impl Context {
                         peers.state().iter().map(AsRef::as_ref),
                         nodes.state().iter().map(AsRef::as_ref),
                     ));
+                    watched.send_if_modified(|w| {
+                        let changed = *w != desired.watched;
+                        if changed {
+                            w.clone_from(&desired.watched);
+                        }
+                        changed
+                    });
                     reconcile(&handle, &mut applied, desired, &mut active, &origins, limit).await;
                     attribute(&applied, &attribution);
                     save_cache(&self.state_dir, &applied);
@@ -726,6 +748,92 @@ async fn report_status(
             }
         }
         tokio::time::sleep(STATUS_INTERVAL).await;
+    }
+}
+
+/// Field manager of the agent's `status.unreachable`: apart from [`MANAGER`]'s status
+/// apply, which does not carry it and so must not own it.
+const LIVENESS_MANAGER: &str = "wiremesh-agent-liveness";
+/// How often the watched peers are looked at: a sixth of [`mesh::liveness::UNREACHABLE_AFTER`].
+const LIVENESS_CHECK: Duration = Duration::from_millis(500);
+/// Least time between two writes of `status.unreachable`: a flapping peer costs the API
+/// server at most a write a second per node.
+const LIVENESS_WRITE_GAP: Duration = Duration::from_secs(1);
+
+/// Reports the watched peers (MeshPeers with a heartbeat) this machine has not heard from
+/// lately in its MeshNode's `status.unreachable`, as soon as the list changes (at most a
+/// write every [`LIVENESS_WRITE_GAP`]); once at start, so a list from before a restart
+/// does not stay. Steady state: an empty list, no write.
+async fn report_unreachable(
+    client: Client,
+    name: String,
+    handle: Handle,
+    watched: watch::Receiver<BTreeMap<PublicKey, String>>,
+) {
+    let api: Api<MeshNode> = Api::all(client);
+    let params = PatchParams::apply(LIVENESS_MANAGER).force();
+    let mut judge = mesh::liveness::Judge::default();
+    let mut written: Option<Vec<String>> = None;
+    let mut judged: Vec<String> = Vec::new();
+    let mut last_write: Option<tokio::time::Instant> = None;
+    let mut last_error: Option<String> = None;
+    let mut tick = tokio::time::interval(LIVENESS_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let watched = watched.borrow().clone();
+        let seen = if watched.is_empty() {
+            BTreeMap::new()
+        } else {
+            match handle.snapshot().await {
+                Ok(snapshot) => snapshot
+                    .peers
+                    .iter()
+                    .filter(|p| watched.contains_key(&p.public_key))
+                    .map(|p| (p.public_key, mesh::Seen::of(p)))
+                    .collect(),
+                Err(_) => continue,
+            }
+        };
+        let report = judge.judge(&watched, &seen, std::time::Instant::now());
+        if written.as_ref() == Some(&report)
+            || last_write.is_some_and(|t| t.elapsed() < LIVENESS_WRITE_GAP)
+        {
+            continue;
+        }
+        if judged != report {
+            let before: BTreeSet<&String> = judged.iter().collect();
+            let now: BTreeSet<&String> = report.iter().collect();
+            for peer in now.difference(&before) {
+                warn!(%peer, "a peer with a heartbeat went silent: reported unreachable");
+            }
+            for peer in before.difference(&now) {
+                info!(%peer, "a peer with a heartbeat answers again");
+            }
+            judged.clone_from(&report);
+        }
+        let status = serde_json::json!({
+            "apiVersion": MeshNode::api_version(&()),
+            "kind": MeshNode::kind(&()),
+            "status": { "unreachable": report },
+        });
+        last_write = Some(tokio::time::Instant::now());
+        match api
+            .patch_status(&name, &params, &Patch::Apply(&status))
+            .await
+        {
+            Ok(_) => {
+                written = Some(report);
+                last_error = None;
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if last_error.as_ref() != Some(&text) {
+                    warn!(error = %text, "writing the MeshNode's unreachable peers");
+                }
+                last_error = Some(text);
+            }
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! Rust types in `proto`.
 
 use kube::CustomResourceExt as _;
-use wiremesh_proto::crd::{MeshNode, MeshPeer, PeerCluster};
+use wiremesh_proto::crd::{MeshNode, MeshPeer, MeshServiceExport, PeerCluster};
 
 /// Each CRD as `(file name, YAML)`, in a stable order.
 ///
@@ -13,6 +13,7 @@ pub fn manifests() -> Result<Vec<(&'static str, String)>, serde_yaml::Error> {
         ("meshnodes.yaml", yaml(&MeshNode::crd())?),
         ("peerclusters.yaml", yaml(&PeerCluster::crd())?),
         ("meshpeers.yaml", yaml(&MeshPeer::crd())?),
+        ("meshserviceexports.yaml", yaml(&MeshServiceExport::crd())?),
     ])
 }
 
@@ -23,7 +24,12 @@ pub const DIRS: [&str; 2] = ["deploy/crds", "deploy/helm/wiremesh/crds"];
 pub fn crds()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
-    vec![MeshNode::crd(), PeerCluster::crd(), MeshPeer::crd()]
+    vec![
+        MeshNode::crd(),
+        PeerCluster::crd(),
+        MeshPeer::crd(),
+        MeshServiceExport::crd(),
+    ]
 }
 
 fn yaml(crd: &impl serde::Serialize) -> Result<String, serde_yaml::Error> {

@@ -5,6 +5,7 @@ pub mod crdgen;
 pub mod install;
 pub mod leader;
 pub mod limit;
+pub mod liveness;
 pub mod manifest;
 pub mod mcs;
 pub mod meshctl;

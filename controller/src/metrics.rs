@@ -36,8 +36,20 @@ pub struct PeerLabels {
     pub peer: String,
 }
 
+/// Per source cluster of imported services.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    /// The exporting cluster's name.
+    pub cluster: String,
+}
+
 /// Everything the controller counts.
 pub struct Metrics {
+    mcs_exports: Gauge,
+    mcs_imports: Gauge,
+    mcs_endpoints: Family<ClusterLabels, Gauge>,
+    mcs_withdrawals: Family<ClusterLabels, Counter>,
+    mcs_refused: Family<PeerLabels, Gauge>,
     registry: Registry,
     runs: Family<RunLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
@@ -46,6 +58,7 @@ pub struct Metrics {
     peer_nodes: Family<PeerLabels, Gauge>,
     peer_stale: Family<PeerLabels, Gauge>,
     peer_conflicts: Family<PeerLabels, Gauge>,
+    peer_unreachable: Family<PeerLabels, Gauge>,
     health: Health,
 }
 
@@ -107,7 +120,48 @@ impl Metrics {
             "Remote nodes refused",
             peer_conflicts.clone(),
         );
+        let mcs_exports = Gauge::default();
+        registry.register(
+            "mcs_exports",
+            "Services this cluster exports (valid ServiceExports published)",
+            mcs_exports.clone(),
+        );
+        let mcs_imports = Gauge::default();
+        registry.register(
+            "mcs_imports",
+            "ServiceImports in this cluster",
+            mcs_imports.clone(),
+        );
+        let mcs_endpoints = Family::<ClusterLabels, Gauge>::default();
+        registry.register(
+            "mcs_endpoints",
+            "Ready imported endpoints, by source cluster",
+            mcs_endpoints.clone(),
+        );
+        let mcs_withdrawals = Family::<ClusterLabels, Counter>::default();
+        registry.register(
+            "mcs_withdrawals",
+            "Imported endpoints withdrawn (no longer ready, or gone), by source cluster",
+            mcs_withdrawals.clone(),
+        );
+        let mcs_refused = Family::<PeerLabels, Gauge>::default();
+        registry.register(
+            "mcs_refused_exports",
+            "Exported services of a peer cluster refused (out of grant, malformed, over a bound)",
+            mcs_refused.clone(),
+        );
+        let peer_unreachable = Family::<PeerLabels, Gauge>::default();
+        registry.register(
+            "peer_unreachable_nodes",
+            "Remote nodes this cluster's data plane cannot reach (their imported endpoints are not ready)",
+            peer_unreachable.clone(),
+        );
         Self {
+            mcs_exports,
+            mcs_imports,
+            mcs_endpoints,
+            mcs_withdrawals,
+            mcs_refused,
             registry,
             runs,
             failures,
@@ -116,6 +170,7 @@ impl Metrics {
             peer_nodes,
             peer_stale,
             peer_conflicts,
+            peer_unreachable,
             health: Health::default(),
         }
     }
@@ -159,6 +214,60 @@ impl Metrics {
         self.peer_nodes.remove(&labels);
         self.peer_stale.remove(&labels);
         self.peer_conflicts.remove(&labels);
+        self.peer_unreachable.remove(&labels);
+    }
+
+    /// Records how many of a peer cluster's nodes are unreachable ([`crate::liveness`]).
+    pub fn peer_unreachable(&self, peer: &str, nodes: usize) {
+        let labels = PeerLabels {
+            peer: peer.to_owned(),
+        };
+        self.peer_unreachable
+            .get_or_create(&labels)
+            .set(i64::try_from(nodes).unwrap_or(i64::MAX));
+    }
+
+    /// Records a pass of the MCS controller: exports published, imports, ready
+    /// endpoints per source cluster now (a cluster that had some and is absent now counts
+    /// as zero) and before, refused exports per peer.
+    pub fn mcs(
+        &self,
+        exports: usize,
+        imports: usize,
+        endpoints: &std::collections::BTreeMap<String, usize>,
+        before: &std::collections::BTreeMap<String, usize>,
+        refused: &std::collections::BTreeMap<String, usize>,
+    ) {
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.mcs_exports.set(count(exports));
+        self.mcs_imports.set(count(imports));
+        for (cluster, was) in before {
+            let now = endpoints.get(cluster).copied().unwrap_or(0);
+            let labels = ClusterLabels {
+                cluster: cluster.clone(),
+            };
+            if now < *was {
+                self.mcs_withdrawals
+                    .get_or_create(&labels)
+                    .inc_by(u64::try_from(was - now).unwrap_or(u64::MAX));
+            }
+            if now == 0 {
+                self.mcs_endpoints.remove(&labels);
+            }
+        }
+        for (cluster, now) in endpoints {
+            self.mcs_endpoints
+                .get_or_create(&ClusterLabels {
+                    cluster: cluster.clone(),
+                })
+                .set(count(*now));
+        }
+        self.mcs_refused.clear();
+        for (peer, n) in refused {
+            self.mcs_refused
+                .get_or_create(&PeerLabels { peer: peer.clone() })
+                .set(count(*n));
+        }
     }
 
     /// Records whether this replica leads.
@@ -231,6 +340,45 @@ mod tests {
         );
         m.forget_peer("cluster-b");
         assert!(!m.render().contains("cluster-b"));
+    }
+
+    #[test]
+    fn mcs_counts_endpoints_and_withdrawals_per_cluster() {
+        let m = Metrics::new();
+        let map = |v: &[(&str, usize)]| {
+            v.iter()
+                .map(|(k, n)| ((*k).to_owned(), *n))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        let none = map(&[]);
+        m.mcs(
+            1,
+            1,
+            &map(&[("cluster-b", 2), ("cluster-c", 2)]),
+            &none,
+            &none,
+        );
+        m.mcs(
+            1,
+            1,
+            &map(&[("cluster-c", 1)]),
+            &map(&[("cluster-b", 2), ("cluster-c", 2)]),
+            &map(&[("cluster-b", 1)]),
+        );
+        let text = m.render();
+        for line in [
+            "wiremesh_controller_mcs_imports 1",
+            "wiremesh_controller_mcs_endpoints{cluster=\"cluster-c\"} 1",
+            "wiremesh_controller_mcs_withdrawals_total{cluster=\"cluster-b\"} 2",
+            "wiremesh_controller_mcs_withdrawals_total{cluster=\"cluster-c\"} 1",
+            "wiremesh_controller_mcs_refused_exports{peer=\"cluster-b\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} not in {text}");
+        }
+        assert!(
+            !text.contains("mcs_endpoints{cluster=\"cluster-b\"}"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -838,6 +838,7 @@ impl Candidate {
             kind: node.spec.kind,
             gateway: node.spec.is_gateway(),
             relay: node.spec.is_relay(),
+            heartbeat: node.spec.heartbeat,
         })
     }
 }

@@ -342,11 +342,32 @@ async fn lead(client: Client, options: &Options, metrics: Arc<Metrics>) -> RunEr
         }
     });
 
+    // Failover from the data plane: the agents' reports -> the unreachable remote nodes;
+    // the exports' endpoints -> our nodes' heartbeats.
+    let (unreachable_tx, unreachable) = watch::channel(crate::liveness::Unreachable::new());
+    background.spawn(crate::liveness::aggregate(
+        client.clone(),
+        mesh_nodes.clone(),
+        mesh_peers.clone(),
+        nodes.clone(),
+        peer_clusters.clone(),
+        metrics.clone(),
+        unreachable_tx,
+    ));
+    let (heartbeats, heartbeats_rx) = watch::channel(None);
+    background.spawn(crate::liveness::keep_heartbeats(
+        client.clone(),
+        mesh_nodes.clone(),
+        heartbeats_rx,
+    ));
+
     let reporter = Reporter {
         controller: CONTROLLER_NAME.to_owned(),
         instance: Some(options.identity.clone()),
     };
     let shared = Arc::new(Shared {
+        mcs_peers: watch::channel(Default::default()).0,
+        mcs_unreachable: unreachable,
         client: client.clone(),
         peer_clusters,
         mesh_peers,
@@ -358,6 +379,7 @@ async fn lead(client: Client, options: &Options, metrics: Arc<Metrics>) -> RunEr
         metrics,
         timing,
         max_nodes_per_peer: options.max_nodes_per_peer,
+        heartbeats,
     });
     let ctx = Arc::new(Context {
         shared,
@@ -365,6 +387,7 @@ async fn lead(client: Client, options: &Options, metrics: Arc<Metrics>) -> RunEr
     });
     let _links = AbortLinksOnDrop(ctx.clone());
     background.spawn(sweep(ctx.clone()));
+    background.spawn(crate::mcs::controller::run(ctx.shared.clone()));
 
     controller
         .run(reconcile, error_policy, ctx)
@@ -416,6 +439,7 @@ async fn reconcile_peer(pc: &PeerCluster, ctx: &Context) -> Result<Action, Error
             set_finalizers(&api, pc, rest).await?;
         }
         ctx.shared.metrics.forget_peer(&name);
+        crate::mcs::remote::forget(&ctx.shared, &name);
         info!(peer = %name, mesh_peers = deleted, "peer cluster removed with its MeshPeers");
         return Ok(Action::await_change());
     }
@@ -439,7 +463,13 @@ async fn reconcile_peer(pc: &PeerCluster, ctx: &Context) -> Result<Action, Error
     let fingerprint = credentials.fingerprint(pc);
     let shared = ctx.shared.clone();
     let started = ctx.links.ensure(&name, fingerprint, |nudges| {
-        tokio::spawn(remote::mirror(shared, name.clone(), credentials, nudges))
+        // Its MeshNodes and its exported services (MCS) share the link's lifetime.
+        let exports =
+            crate::mcs::remote::watch_exports(shared.clone(), name.clone(), credentials.clone());
+        let nodes = remote::mirror(shared, name.clone(), credentials, nudges);
+        tokio::spawn(async move {
+            tokio::join!(nodes, exports);
+        })
     });
     if started {
         info!(peer = %name, api_server = %pc.spec.api_server, "started the link to a peer cluster");
@@ -539,6 +569,7 @@ async fn sweep(ctx: Arc<Context>) {
                     link.abort();
                 }
                 shared.metrics.forget_peer(&name);
+                crate::mcs::remote::forget(shared, &name);
                 info!(peer = %name, "stopped the link of a vanished peer cluster");
             }
         }

@@ -495,10 +495,14 @@ impl Mirror {
             Seen::Stale(_) => self.shared.metrics.peer(&self.name, None, true, None),
         }
         if update.changed {
+            // `unreachableNodes` is the liveness task's field (`crate::liveness`), under
+            // its own field manager: not claimed here.
+            let mut status = update.status.clone();
+            status.unreachable_nodes.clear();
             let body = json!({
                 "apiVersion": PeerCluster::api_version(&()),
                 "kind": PeerCluster::kind(&()),
-                "status": update.status,
+                "status": status,
             });
             let api: Api<PeerCluster> = Api::all(self.shared.client.clone());
             api.patch_status(

@@ -80,6 +80,17 @@ pub(crate) struct Shared {
     pub(crate) timing: Timing,
     /// Most nodes mirrored from one peer cluster.
     pub(crate) max_nodes_per_peer: usize,
+    /// Each linked cluster's exported services (MCS), by PeerCluster name, as its link
+    /// last listed them ([`crate::mcs::remote`]); kept while its API server is down.
+    pub(crate) mcs_peers: watch::Sender<crate::mcs::remote::PeerExportMap>,
+    /// Remote nodes the local agents cannot reach, `(cluster, node)`, as
+    /// [`crate::liveness::aggregate`] counts the agents' reports: their endpoints are
+    /// imported not ready ([`crate::mcs::plan::Unreachable`]). The MCS controller plans
+    /// again on every change.
+    pub(crate) mcs_unreachable: watch::Receiver<crate::liveness::Unreachable>,
+    /// Where the MCS controller says which of our nodes host exported endpoints
+    /// ([`crate::liveness::heartbeat_nodes`]); `None` until it first does.
+    pub(crate) heartbeats: watch::Sender<Option<std::collections::BTreeSet<String>>>,
 }
 
 /// This cluster as the links see it.

@@ -30,6 +30,7 @@ pub(crate) fn mesh_node(
             kind: Default::default(),
             gateway: false,
             relay: false,
+            heartbeat: false,
         },
     )
 }

@@ -47,6 +47,10 @@ pub const LEGACY_GATEWAY_LABEL: &str = "wiremesh.io/gateway";
 pub const PEER_CLUSTER_LABEL: &str = "wiremesh.io/peer-cluster";
 /// Finalizer the controller puts on PeerClusters so their MeshPeers go with them.
 pub const PEER_CLUSTER_FINALIZER: &str = "wiremesh.io/mesh-peers";
+/// Most names in a MeshNode's `status.unreachable` and a PeerCluster's
+/// `status.unreachableNodes`: bounded so a whole dead cluster costs a bounded write; past
+/// it (sorted by name) the endpoints are withdrawn only when their own cluster says so.
+pub const MAX_UNREACHABLE: usize = 256;
 
 /// A WireGuard public key: 32 bytes in base64 (the last character before `=` encodes
 /// only 4 bits, hence its restricted alphabet).
@@ -128,6 +132,12 @@ pub struct MeshNodeSpec {
     /// (see [`MeshNodeSpec::is_relay`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub relay: bool,
+    /// The node hosts endpoints of an exported service (set by its cluster's controller,
+    /// from the exports' EndpointSlices): its agent keeps every tunnel alive with a 1 s
+    /// keepalive, so that the importing clusters' agents can tell within seconds when it
+    /// stops answering (see `status.unreachable`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub heartbeat: bool,
 }
 
 /// What an agent reports about its tunnels.
@@ -147,6 +157,14 @@ pub struct MeshNodeStatus {
     /// Remote peers this node reaches through a gateway, with no tunnel of their own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub via_gateway: Vec<ViaGateway>,
+    /// MeshPeers with a `heartbeat` this node has a tunnel to and has not heard from
+    /// lately (sorted, at most [`MAX_UNREACHABLE`]): the exceptions, empty when every
+    /// watched peer answers. Written as soon as it changes (rate-limited); the
+    /// controller withdraws an imported endpoint when most of this cluster's nodes with
+    /// a tunnel to its node list that node here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(max = 253)))]
+    pub unreachable: Vec<String>,
 }
 
 /// How a tunnel is used.
@@ -309,6 +327,12 @@ pub struct PeerClusterStatus {
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The cluster's nodes this cluster's data plane finds unreachable (most local nodes
+    /// with a tunnel to one have not heard from it lately; sorted, at most
+    /// [`MAX_UNREACHABLE`]): the endpoints they host are imported not ready.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(max = 253)))]
+    pub unreachable_nodes: Vec<String>,
 }
 
 /// A remote node as seen here: what the local agents build tunnels to. Written only by the
@@ -362,6 +386,10 @@ pub struct MeshPeerSpec {
     /// A relay: peers that cannot reach a node of this cluster directly go through it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub relay: bool,
+    /// It hosts endpoints of an exported service and keeps a 1 s keepalive on every
+    /// tunnel: agents judge it by whether they heard from it within seconds.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub heartbeat: bool,
 }
 
 impl MeshNodeSpec {
@@ -425,6 +453,43 @@ pub fn host_account_name(host: &str) -> String {
 /// The name of the MeshPeer for `node` of peer cluster `cluster`.
 pub fn mesh_peer_name(cluster: &str, node: &str) -> String {
     format!("{cluster}.{node}")
+}
+
+/// What this cluster publishes about one of its `ServiceExport`s (KEP-1645) for the
+/// clusters linked to it: written only by the controller (the leader), from the export,
+/// its Service and EndpointSlices, and read by linked clusters through their join token,
+/// which may list and watch these and nothing else of the kind. Named
+/// `<namespace>.<name>` of the export (both DNS labels, so the name is unique).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[kube(
+    group = "wiremesh.io",
+    version = "v1alpha1",
+    kind = "MeshServiceExport",
+    shortname = "mse",
+    category = "wiremesh",
+    derive = "PartialEq",
+    printcolumn(
+        name = "Namespace",
+        type_ = "string",
+        json_path = ".spec.service.namespace"
+    ),
+    printcolumn(name = "Service", type_ = "string", json_path = ".spec.service.name"),
+    printcolumn(name = "Type", type_ = "string", json_path = ".spec.service.type"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshServiceExportSpec {
+    /// The exported service: ports, type, properties and endpoints.
+    pub service: crate::mcs::ExportedService,
+}
+
+/// The name of the MeshServiceExport of export `namespace/name`.
+pub fn mesh_service_export_name(namespace: &str, name: &str) -> String {
+    format!("{namespace}.{name}")
 }
 
 #[cfg(test)]

@@ -123,7 +123,19 @@ pub struct ServiceImportSpec {
 }
 
 /// The type of a `ServiceImport`.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    schemars::JsonSchema,
+)]
 pub enum ServiceImportType {
     /// Reached through the ClusterSet IP (a VIP).
     #[default]
@@ -133,7 +145,19 @@ pub enum ServiceImportType {
 }
 
 /// One port of a `ServiceImport`.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub struct ServicePort {
     /// A DNS label, unique within the service; optional with a single port.
@@ -201,7 +225,7 @@ pub struct ClusterPropertySpec {
 /// What a cluster publishes about one of its exported services: all an importing cluster
 /// needs to build its `ServiceImport`, derived Service and EndpointSlices, nothing more
 /// (no selector, no pod names, no labels).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ExportedService {
     /// The exporting cluster (a DNS label).
@@ -239,7 +263,7 @@ pub struct ExportedService {
 }
 
 /// The endpoints of one source EndpointSlice.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ExportedSlice {
     /// `IPv4`, `IPv6` or `FQDN`.
@@ -253,7 +277,18 @@ pub struct ExportedSlice {
 }
 
 /// One endpoint (a pod) of an exported service.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub struct ExportedEndpoint {
     /// Its addresses (one, in practice).

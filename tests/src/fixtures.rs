@@ -26,6 +26,7 @@ pub fn mesh_node(name: &str) -> MeshNodeBuilder {
             kind: MeshNodeKind::Node,
             gateway: false,
             relay: false,
+            heartbeat: false,
         },
     }
 }

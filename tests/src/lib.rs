@@ -8,8 +8,10 @@ pub mod fixtures;
 pub mod forge;
 pub mod k8s;
 pub mod lab;
+pub mod mcs;
 pub mod mesh;
 pub mod metrics;
+pub mod prometheus;
 pub mod services;
 pub mod xfer;
 

@@ -1,12 +1,14 @@
 //! The agent's metrics and health endpoint against real agents in network namespaces (needs
 //! root): a transfer shows on its peer's counters and on no other peer's, a bad datagram on
-//! a drop reason, and in Kubernetes mode each peer is labelled with its cluster and node.
+//! a drop reason, and in Kubernetes mode each peer is labelled with its cluster and node;
+//! there a real Prometheus scrapes every agent and controller as the chart advertises and
+//! answers every query of the Grafana dashboard.
 
 // The tests print what they measured (shown with --nocapture).
 #![allow(clippy::print_stdout)]
 
 use std::collections::BTreeSet;
-use std::net::UdpSocket;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
@@ -16,6 +18,7 @@ use anyhow::{Context as _, Result, ensure};
 use wiremesh_lab::clusters::{TwoClusters, wait_for};
 use wiremesh_lab::mesh::{METRICS, Node, eventually, http_get, http_response, in_netns};
 use wiremesh_lab::metrics::Exposition;
+use wiremesh_lab::prometheus::{self, PodTarget, Prometheus};
 use wiremesh_lab::{Lab, MIB, Netns, ping, transfer};
 
 /// What the transfers move: a few MiB, checksummed by wm-xfer.
@@ -209,26 +212,55 @@ fn the_dashboard_queries_only_controller_metrics_the_controller_serves() -> Resu
     Ok(())
 }
 
-/// The metric names in the Grafana dashboard's queries and variables.
-fn dashboard_metrics() -> Result<BTreeSet<String>> {
+/// The Grafana dashboard.
+fn dashboard() -> Result<serde_json::Value> {
     let path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/wiremesh-dashboard.json");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let dashboard: serde_json::Value =
-        serde_json::from_str(&text).context("the dashboard is not JSON")?;
+    serde_json::from_str(&text).context("the dashboard is not JSON")
+}
+
+/// Every panel query of the dashboard: (panel title, PromQL with Grafana's variables).
+fn panel_queries(dashboard: &serde_json::Value) -> Result<Vec<(String, String)>> {
     let mut queries = Vec::new();
     for panel in dashboard["panels"].as_array().context("no panels")? {
+        let title = panel["title"].as_str().unwrap_or_default();
         for target in panel["targets"].as_array().into_iter().flatten() {
-            queries.extend(target["expr"].as_str());
+            if let Some(expr) = target["expr"].as_str() {
+                queries.push((title.to_owned(), expr.to_owned()));
+            }
         }
     }
+    Ok(queries)
+}
+
+/// The dashboard's variables: (name, `label_values(...)` definition).
+fn variables(dashboard: &serde_json::Value) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
     for variable in dashboard["templating"]["list"]
         .as_array()
         .context("no variables")?
     {
-        queries.extend(variable["definition"].as_str());
+        let name = variable["name"]
+            .as_str()
+            .context("a variable without a name")?;
+        let definition = variable["definition"]
+            .as_str()
+            .with_context(|| format!("variable {name} has no definition"))?;
+        out.push((name.to_owned(), definition.to_owned()));
     }
+    Ok(out)
+}
+
+/// The metric names in the Grafana dashboard's queries and variables.
+fn dashboard_metrics() -> Result<BTreeSet<String>> {
+    let dashboard = dashboard()?;
+    let mut queries: Vec<String> = panel_queries(&dashboard)?
+        .into_iter()
+        .map(|(_, q)| q)
+        .collect();
+    queries.extend(variables(&dashboard)?.into_iter().map(|(_, d)| d));
     let mut names = BTreeSet::new();
     for query in queries {
         for (start, _) in query.match_indices("wiremesh_") {
@@ -242,11 +274,55 @@ fn dashboard_metrics() -> Result<BTreeSet<String>> {
     Ok(names)
 }
 
+/// The monitoring host on the underlay where Prometheus runs (no node of the lab uses
+/// 198.18.0.0/24), and the pod range its unused pod bridge takes.
+const MONITOR_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 250);
+const MONITOR_PODS: &str = "10.9.0.0/24";
+/// What the dashboard's `$__rate_interval` and `$__range` become: windows that hold the
+/// whole test at one scrape a second.
+const RATE_INTERVAL: &str = "30s";
+const RANGE: &str = "5m";
+
 #[test]
-fn in_kubernetes_mode_peers_are_labelled_with_their_cluster_and_node() -> Result<()> {
+fn in_kubernetes_mode_peers_are_labelled_and_prometheus_answers_every_dashboard_query() -> Result<()>
+{
+    let started = Instant::now();
     let lab = TwoClusters::new(1)?;
-    lab.join()?;
     let (a1, b1) = (lab.a.node("a1")?, lab.b.node("b1")?);
+
+    // Prometheus on a monitoring host of the underlay, routed to each node's pods (where
+    // the controllers run), scraping every agent and controller pod as the chart's
+    // annotations say.
+    let monitor = lab.lab.add_host("mon", MONITOR_IP, MONITOR_PODS)?;
+    let mut pods = Vec::new();
+    for node in lab.all_nodes() {
+        monitor.add_route_via(&node.pod_cidr(), node.host.underlay_ip())?;
+        pods.push(PodTarget {
+            workload: ("DaemonSet", "wiremesh-agent"),
+            pod: format!("wiremesh-agent-{}", node.name),
+            node: node.name.clone(),
+            ip: node.host.underlay_ip().into(),
+            cluster: node.side.name().to_owned(),
+        });
+    }
+    for cluster in [&lab.a, &lab.b] {
+        for controller in &cluster.controllers {
+            pods.push(PodTarget {
+                workload: ("Deployment", "wiremesh-controller"),
+                pod: controller.name.clone(),
+                node: controller.pod.host_name().to_owned(),
+                ip: controller.pod.ip().into(),
+                cluster: cluster.side.name().to_owned(),
+            });
+        }
+    }
+    let prometheus = Prometheus::start(
+        &monitor,
+        &lab.lab.dir().join("prometheus"),
+        &prometheus::config(&pods)?,
+    )?;
+
+    lab.join()?;
     wait_for(Duration::from_secs(45), || ping(&a1.pod, b1.pod.ip(), 1))?;
     let scrape = || -> Result<Exposition> {
         http_get(&a1.host, METRICS, "/metrics")?
@@ -257,6 +333,26 @@ fn in_kubernetes_mode_peers_are_labelled_with_their_cluster_and_node() -> Result
         ("peer_cluster", "cluster-b"),
         ("peer_node", b1.name.as_str()),
     ];
+    // Every target up (scraped at least once) before anything is counted.
+    wait_for(Duration::from_secs(20), || {
+        let targets = prometheus.targets()?;
+        let up: Vec<&serde_json::Value> = targets.iter().filter(|t| t["health"] == "up").collect();
+        ensure!(
+            up.len() == pods.len() && targets.len() == pods.len(),
+            "{} of {} targets up: {targets:#?}",
+            up.len(),
+            pods.len()
+        );
+        Ok(())
+    })
+    .with_context(|| prometheus.log())?;
+    // A datagram that is no WireGuard message, for the dashboard's drops by reason.
+    // 51820: the chart's agent.listenPort.
+    let to = SocketAddr::new(a1.host.underlay_ip().into(), 51820);
+    in_netns(&monitor, move || {
+        UdpSocket::bind("0.0.0.0:0")?.send_to(b"\x01\x00not a handshake", to)?;
+        Ok(())
+    })?;
     let before = scrape()?.value("wiremesh_peer_transmit_bytes_total", &peer)?;
     transfer(&a1.pod, b1.pod.ip(), SIZE)?;
     // Scrapes share a snapshot for up to a second: wait for one taken after the transfer.
@@ -273,5 +369,127 @@ fn in_kubernetes_mode_peers_are_labelled_with_their_cluster_and_node() -> Result
     let sample = after.sample("wiremesh_peer_transmit_bytes_total", &peer)?;
     println!("{sample:?}");
     ensure!(http_get(&a1.host, METRICS, "/readyz")? == "ok\n");
+
+    // A scrape after the transfer in.
+    std::thread::sleep(3 * prometheus::SCRAPE_INTERVAL);
+    let up = prometheus.query("up")?;
+    for series in &up {
+        println!(
+            "up{{cluster={:?}, pod={:?}, node={:?}, instance={:?}}} = {}",
+            series.label("cluster"),
+            series.label("pod"),
+            series.label("node"),
+            series.label("instance"),
+            series.value
+        );
+    }
+    ensure!(up.len() == pods.len() && up.iter().all(|s| s.value == 1.0));
+    for pod in &pods {
+        ensure!(
+            up.iter().any(|s| s.label("pod") == pod.pod
+                && s.label("cluster") == pod.cluster
+                && s.label("namespace") == "wiremesh-system"),
+            "no up series for {pod:?}"
+        );
+    }
+
+    // The variables as Grafana finds them, then every panel's query with them.
+    let dashboard = dashboard()?;
+    let mut substitutions = vec![
+        ("$__rate_interval".to_owned(), RATE_INTERVAL.to_owned()),
+        ("$__range".to_owned(), RANGE.to_owned()),
+    ];
+    for (name, definition) in variables(&dashboard)? {
+        let definition = substitute(&definition, &substitutions);
+        let (selector, label) = definition
+            .strip_prefix("label_values(")
+            .and_then(|d| d.strip_suffix(')'))
+            .and_then(|d| d.rsplit_once(','))
+            .with_context(|| format!("variable {name}: {definition}"))?;
+        let values = prometheus.label_values(selector.trim(), label.trim())?;
+        println!("${name} = {values:?}");
+        let expected: &[&str] = match name.as_str() {
+            "peer_cluster" => &["cluster-a", "cluster-b"],
+            "peer_node" => &["a1", "b1"],
+            _ => &[],
+        };
+        ensure!(values == expected, "${name}: {values:?}");
+        substitutions.push((format!("${name}"), values.join("|")));
+    }
+    let failures = prometheus.query("wiremesh_controller_failures_total")?;
+    let queries = panel_queries(&dashboard)?;
+    for (title, query) in &queries {
+        let promql = substitute(query, &substitutions);
+        let result = prometheus
+            .query(&promql)
+            .with_context(|| format!("panel {title:?}: {promql}"))?;
+        println!("{title}: {query}: {} series", result.len());
+        // The one panel that shows only failures stays empty while nothing fails.
+        if result.is_empty() && query.contains("wiremesh_controller_failures_total") {
+            ensure!(
+                failures.is_empty(),
+                "panel {title:?} is empty although a controller failed: {failures:?}"
+            );
+            continue;
+        }
+        ensure!(!result.is_empty(), "panel {title:?}: {promql} has no data");
+        // Whatever a query groups by, each series has.
+        for label in grouped_by(query) {
+            ensure!(
+                result.iter().all(|s| !s.label(&label).is_empty()),
+                "panel {title:?}: a series without {label}: {result:?}"
+            );
+        }
+    }
+    // The transfer shows on cluster-a's throughput to cluster-b/b1.
+    let sent = prometheus.query(&format!(
+        "sum by (peer_cluster, peer_node) (rate(wiremesh_peer_transmit_bytes_total{{cluster=\"cluster-a\"}}[{RATE_INTERVAL}]))"
+    ))?;
+    ensure!(
+        sent.iter().any(|s| s.label("peer_cluster") == "cluster-b"
+            && s.label("peer_node") == "b1"
+            && s.value > 0.0),
+        "{sent:?}"
+    );
+    println!(
+        "{} targets up, {} dashboard queries answered, in {:.1} s",
+        up.len(),
+        queries.len(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
+}
+
+/// `query` with each `(variable, value)` of `substitutions` put in.
+fn substitute(query: &str, substitutions: &[(String, String)]) -> String {
+    let mut out = query.to_owned();
+    // Longer names first, so `$peer_node` is not taken for `$peer` and a suffix.
+    let mut sorted: Vec<&(String, String)> = substitutions.iter().collect();
+    sorted.sort_by_key(|(name, _)| std::cmp::Reverse(name.len()));
+    for (name, value) in sorted {
+        out = out.replace(name.as_str(), value);
+    }
+    out
+}
+
+/// The labels the result of `query` is grouped by: those of its outermost `by (...)`
+/// (inside `histogram_quantile`, without `le`); none when an aggregation without `by`
+/// encloses it.
+fn grouped_by(query: &str) -> Vec<String> {
+    let Some(start) = query.find("by (") else {
+        return Vec::new();
+    };
+    let prefix = &query[..start];
+    let enclosing = usize::from(prefix.starts_with("histogram_quantile("));
+    if prefix.matches('(').count() > enclosing {
+        return Vec::new();
+    }
+    let rest = &query[start + 4..];
+    let Some((list, _)) = rest.split_once(')') else {
+        return Vec::new();
+    };
+    list.split(',')
+        .map(|l| l.trim().to_owned())
+        .filter(|l| l != "le")
+        .collect()
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use wiremesh_proto::uapi::{DeviceUpdate, PeerUpdate};
 use wiremesh_proto::{IpCidr, PublicKey};
 
+pub mod liveness;
 pub(crate) mod select;
 
 /// Which remote node a peer is, for logs, status and metric labels.

@@ -43,6 +43,9 @@ pub(crate) struct Desired {
     pub(crate) groups: mesh::Groups,
     /// The peers reached through a group, with no tunnel of their own (for status).
     pub(crate) via: Origins,
+    /// The MeshPeers with a heartbeat (`spec.heartbeat`) this machine has a tunnel to,
+    /// key -> MeshPeer name: whose silence it reports ([`mesh::liveness`]).
+    pub(crate) watched: std::collections::BTreeMap<PublicKey, String>,
 }
 
 /// The failover group of this cluster's own gateways (on a node that is not one).
@@ -61,6 +64,9 @@ impl Selection {
     ///   (the answers come back through the cluster network, so nothing is routed to
     ///   them); it keeps every tunnel alive with [`mesh::GATEWAY_KEEPALIVE`], which is how
     ///   the others notice when it dies.
+    /// - A machine whose MeshNode has a `heartbeat` (it hosts endpoints of an exported
+    ///   service) keeps every tunnel alive with [`mesh::GATEWAY_KEEPALIVE`] too; the
+    ///   MeshPeers with one that get a tunnel here are [`Desired::watched`].
     ///
     /// [`MeshNodeSpec::is_gateway`]: wiremesh_proto::crd::MeshNodeSpec::is_gateway
     pub(crate) fn desired<'a>(
@@ -79,7 +85,10 @@ impl Selection {
         let local_gateways: Vec<&MeshNode> = nodes.iter().copied().filter(is_gateway).collect();
         let me_gateway = on_node && local_gateways.iter().any(|n| n.name_any() == self.own_name);
         let behind_gateway = on_node && !me_gateway && !local_gateways.is_empty();
-        let keepalive = if me_gateway {
+        let me_heartbeat = nodes
+            .iter()
+            .any(|n| n.name_any() == self.own_name && n.spec.heartbeat);
+        let keepalive = if me_gateway || me_heartbeat {
             mesh::GATEWAY_KEEPALIVE
         } else {
             self.keepalive
@@ -170,6 +179,8 @@ impl Selection {
                 node: spec.node.clone(),
                 path: mesh::PeerPath::Direct,
             };
+            let tunnel = !matches!(role, Role::Via(_));
+            let name = origin.name.clone();
             self.insert(
                 &mut out,
                 origin,
@@ -179,6 +190,13 @@ impl Selection {
                 &spec.endpoints,
                 &spec.pod_cidrs,
             );
+            if spec.heartbeat
+                && tunnel
+                && let Ok(key) = spec.public_key.parse::<PublicKey>()
+                && out.peers.get(&key).is_some_and(|p| p.origin.name == name)
+            {
+                out.watched.insert(key, name);
+            }
         }
         self.add_relay_groups(&mut out, &nodes, &relay_peers);
         for group in out.groups.values_mut() {
@@ -361,6 +379,7 @@ mod tests {
                 kind,
                 gateway: false,
                 relay: false,
+                heartbeat: false,
             },
         )
     }
@@ -378,6 +397,7 @@ mod tests {
                 kind: MeshNodeKind::Node,
                 gateway: false,
                 relay: false,
+                heartbeat: false,
             },
         )
     }
@@ -561,5 +581,44 @@ mod tests {
             selection("b3", LocalPeers::Hosts, "10.2.3.0/24").desired(peers.iter(), nodes.iter());
         assert!(set.groups.is_empty());
         assert!(set.peers.contains_key(&key(9)), "back to direct tunnels");
+    }
+
+    #[test]
+    fn heartbeat_peers_with_a_tunnel_are_watched_and_a_heartbeat_node_keeps_them_alive() {
+        let beating = |seed, node: &str, cidr: &str, gateway| {
+            let mut p = remote(seed, node, cidr, gateway);
+            p.spec.heartbeat = true;
+            p
+        };
+        let peers = [
+            beating(11, "b1", "10.2.1.0/24", false),
+            remote(12, "b2", "10.2.2.0/24", false),
+        ];
+        let set = selection("a1", LocalPeers::Hosts, "10.1.1.0/24")
+            .desired(peers.iter(), cluster().iter());
+        assert_eq!(
+            set.watched,
+            std::collections::BTreeMap::from([(key(11), "cluster-b.b1".to_owned())])
+        );
+        assert!(set.peers.values().all(|p| p.persistent_keepalive == 25));
+        // Behind a remote cluster's gateways, a node has no tunnel of its own: nothing to
+        // watch (its silence cannot be heard).
+        let peers = [
+            beating(11, "b1", "10.2.1.0/24", false),
+            beating(12, "b2", "10.2.2.0/24", true),
+        ];
+        let set = selection("a1", LocalPeers::Hosts, "10.1.1.0/24")
+            .desired(peers.iter(), cluster().iter());
+        assert_eq!(set.watched.keys().copied().collect::<Vec<_>>(), [key(12)]);
+        // A node that hosts exported endpoints keeps every tunnel alive every second.
+        let mut nodes = cluster();
+        nodes[0].spec.heartbeat = true;
+        let set =
+            selection("a1", LocalPeers::Hosts, "10.1.1.0/24").desired(peers.iter(), nodes.iter());
+        assert!(
+            set.peers
+                .values()
+                .all(|p| p.persistent_keepalive == mesh::GATEWAY_KEEPALIVE)
+        );
     }
 }

@@ -9,14 +9,93 @@
 //!   joined by commas, False with `NoConflicts`.
 //!
 //! Pure: the caller passes the export's current conditions and `now`; a condition's
-//! `lastTransitionTime` changes only when its status does.
+//! `lastTransitionTime` changes only when its status does. [`exported`] is what the
+//! cluster publishes about a valid export.
 
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use wiremesh_proto::mcs::{
-    ExportCondition, REASON_EXPORTED, REASON_FAILED, REASON_INVALID_SERVICE_TYPE,
-    REASON_NO_CONFLICTS, REASON_NO_SERVICE, REASON_PENDING, REASON_VALID, ServiceExport,
+    ExportCondition, ExportedEndpoint, ExportedService, ExportedSlice, REASON_EXPORTED,
+    REASON_FAILED, REASON_INVALID_SERVICE_TYPE, REASON_NO_CONFLICTS, REASON_NO_SERVICE,
+    REASON_PENDING, REASON_VALID, ServiceExport, ServiceImportType, ServicePort,
 };
+
+use super::admit::MAX_ENDPOINTS;
+
+/// What cluster `cluster` publishes about `export` of `service`, whose EndpointSlices
+/// are `slices` (those labelled `kubernetes.io/service-name` with its name, in its
+/// namespace): ports, type and properties, and the endpoints with their conditions,
+/// hostname, zone and node. At most [`MAX_ENDPOINTS`] endpoints (what importers accept),
+/// ready ones first. `None` when the export has no creation time yet.
+pub fn exported(
+    cluster: &str,
+    export: &ServiceExport,
+    service: &Service,
+    slices: &[&EndpointSlice],
+) -> Option<ExportedService> {
+    let spec = service.spec.clone().unwrap_or_default();
+    let headless = spec.cluster_ip.as_deref() == Some("None");
+    let mut budget = MAX_ENDPOINTS;
+    let mut sorted: Vec<&&EndpointSlice> = slices.iter().collect();
+    sorted.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let mut endpoint_slices = Vec::new();
+    for slice in sorted {
+        let mut endpoints: Vec<ExportedEndpoint> = slice
+            .endpoints
+            .iter()
+            .map(|e| {
+                let c = e.conditions.clone().unwrap_or_default();
+                ExportedEndpoint {
+                    addresses: e.addresses.clone(),
+                    // Unset ready means ready (the EndpointSlice API).
+                    ready: Some(c.ready.unwrap_or(true)),
+                    serving: Some(c.serving.or(c.ready).unwrap_or(true)),
+                    terminating: Some(c.terminating.unwrap_or(false)),
+                    hostname: e.hostname.clone(),
+                    zone: e.zone.clone(),
+                    node_name: e.node_name.clone(),
+                }
+            })
+            .collect();
+        endpoints.sort_by_key(|e| (e.ready != Some(true), e.addresses.clone()));
+        endpoints.truncate(budget);
+        budget -= endpoints.len();
+        endpoint_slices.push(ExportedSlice {
+            address_type: slice.address_type.clone(),
+            ports: slice.ports.clone().unwrap_or_default(),
+            endpoints,
+        });
+    }
+    Some(ExportedService {
+        cluster: cluster.to_owned(),
+        namespace: export.metadata.namespace.clone()?,
+        name: export.metadata.name.clone()?,
+        export_created: export.metadata.creation_timestamp.clone()?,
+        type_: if headless {
+            ServiceImportType::Headless
+        } else {
+            ServiceImportType::ClusterSetIP
+        },
+        ports: spec
+            .ports
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| ServicePort {
+                name: p.name,
+                protocol: p.protocol,
+                app_protocol: p.app_protocol,
+                port: p.port,
+            })
+            .collect(),
+        session_affinity: spec.session_affinity,
+        session_affinity_config: spec.session_affinity_config,
+        ip_families: spec.ip_families.unwrap_or_default(),
+        internal_traffic_policy: spec.internal_traffic_policy,
+        traffic_distribution: spec.traffic_distribution,
+        endpoint_slices,
+    })
+}
 
 use super::plan::ServiceConflict;
 
@@ -248,6 +327,66 @@ mod tests {
         let c = conditions(&export(Some(foreign)), None, None, true, &at(5));
         let types: Vec<_> = c.iter().map(|c| c.type_.as_str()).collect();
         assert_eq!(types, ["Valid", "Ready", "example.com/Audited"]);
+    }
+
+    #[test]
+    fn exported_carries_ports_type_and_endpoint_conditions() {
+        use k8s_openapi::api::core::v1::ServicePort as CorePort;
+        use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
+
+        let mut e = export(None);
+        e.metadata.creation_timestamp = Some(at(1));
+        let mut svc = service("ClusterIP");
+        let spec = svc.spec.as_mut().unwrap();
+        spec.cluster_ip = Some("None".into());
+        spec.ports = Some(vec![CorePort {
+            name: Some("http".into()),
+            port: 8080,
+            protocol: Some("TCP".into()),
+            ..CorePort::default()
+        }]);
+        let slice = EndpointSlice {
+            address_type: "IPv4".into(),
+            endpoints: vec![
+                Endpoint {
+                    addresses: vec!["10.2.0.6".into()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(false),
+                        serving: Some(true),
+                        terminating: Some(true),
+                    }),
+                    node_name: Some("b2".into()),
+                    ..Endpoint::default()
+                },
+                Endpoint {
+                    addresses: vec!["10.2.0.5".into()],
+                    hostname: Some("web-0".into()),
+                    zone: Some("z1".into()),
+                    ..Endpoint::default()
+                },
+            ],
+            ..EndpointSlice::default()
+        };
+        let out = exported("cluster-b", &e, &svc, &[&slice]).unwrap();
+        assert_eq!(out.type_, ServiceImportType::Headless);
+        assert_eq!(out.ports[0].port, 8080);
+        assert_eq!(out.export_created, at(1));
+        let endpoints = &out.endpoint_slices[0].endpoints;
+        // Ready first; unset conditions mean ready and serving.
+        assert_eq!(endpoints[0].addresses, ["10.2.0.5"]);
+        assert_eq!(endpoints[0].ready, Some(true));
+        assert_eq!(endpoints[0].hostname.as_deref(), Some("web-0"));
+        assert_eq!(
+            (
+                endpoints[1].ready,
+                endpoints[1].serving,
+                endpoints[1].terminating
+            ),
+            (Some(false), Some(true), Some(true))
+        );
+        assert_eq!(endpoints[1].node_name.as_deref(), Some("b2"));
+        // No creation time yet: nothing to publish.
+        assert!(exported("cluster-b", &export(None), &svc, &[]).is_none());
     }
 
     fn summary(c: &[Condition]) -> Vec<(&str, &str, &str)> {

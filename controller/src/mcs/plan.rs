@@ -188,12 +188,19 @@ pub fn derived_name(namespace: &str, name: &str) -> String {
     out
 }
 
+/// Remote nodes the local agents cannot reach, as `(cluster, node)`: the endpoints they
+/// host are imported with `ready` and `serving` false, whatever their own cluster says
+/// (failover from the data plane; empty: every endpoint as its cluster publishes it).
+pub type Unreachable = BTreeSet<(String, String)>;
+
 /// Computes the plan. `exports` may come in any order and from every cluster;
-/// `namespaces` are this cluster's (an import exists only where its namespace does).
+/// `namespaces` are this cluster's (an import exists only where its namespace does);
+/// `unreachable` nodes' endpoints are imported not ready.
 pub fn plan(
     exports: &[ExportedService],
     namespaces: &BTreeSet<String>,
     existing: &Existing,
+    unreachable: &Unreachable,
 ) -> Plan {
     let mut out = Plan::default();
     let mut services: BTreeMap<ObjectKey, Vec<Valid<'_>>> = BTreeMap::new();
@@ -243,7 +250,7 @@ pub fn plan(
         }
         // A replaced Service gets a new VIP: do not promise the old one.
         let current = current.filter(|c| c.headless() == headless);
-        let endpoint_slices = slices(&key, &derived.name, &members, &merged);
+        let endpoint_slices = slices(&key, &derived.name, &members, &merged, unreachable);
         out.imports.push(import(
             &key,
             &derived.name,
@@ -618,6 +625,7 @@ fn slices(
     derived: &str,
     members: &[Valid<'_>],
     merged: &Merged,
+    unreachable: &Unreachable,
 ) -> Vec<EndpointSlice> {
     let mut out = Vec::new();
     for member in members {
@@ -680,7 +688,15 @@ fn slices(
                         ..ObjectMeta::default()
                     },
                     address_type: address_type.clone(),
-                    endpoints: chunk.iter().map(endpoint).collect(),
+                    endpoints: chunk
+                        .iter()
+                        .map(|e| {
+                            let down = e.node_name.as_ref().is_some_and(|node| {
+                                unreachable.contains(&(cluster.clone(), node.clone()))
+                            });
+                            endpoint(e, down)
+                        })
+                        .collect(),
                     ports: Some(ports.iter().map(PortKey::to_endpoint_port).collect()),
                 });
                 index += 1;
@@ -690,15 +706,16 @@ fn slices(
     out
 }
 
-/// The local Endpoint for a remote one. `nodeName` is left out: a remote node's name
-/// means nothing here, and one equal to a local node's would make kube-proxy treat the
-/// endpoint as local (internalTrafficPolicy `Local`, topology).
-fn endpoint(remote: &ExportedEndpoint) -> Endpoint {
+/// The local Endpoint for a remote one (`down`: its node cannot be reached from here, so
+/// neither ready nor serving). `nodeName` is left out: a remote node's name means nothing
+/// here, and one equal to a local node's would make kube-proxy treat the endpoint as
+/// local (internalTrafficPolicy `Local`, topology).
+fn endpoint(remote: &ExportedEndpoint, down: bool) -> Endpoint {
     Endpoint {
         addresses: remote.addresses.clone(),
         conditions: Some(EndpointConditions {
-            ready: remote.ready,
-            serving: remote.serving,
+            ready: if down { Some(false) } else { remote.ready },
+            serving: if down { Some(false) } else { remote.serving },
             terminating: remote.terminating,
         }),
         hostname: remote.hostname.clone(),

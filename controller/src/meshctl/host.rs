@@ -482,6 +482,7 @@ pub fn host_mesh_node(request: &AddRequest) -> MeshNode {
             kind: MeshNodeKind::Host,
             gateway: false,
             relay: request.relay,
+            heartbeat: false,
         },
     );
     node.metadata.labels = meta(&request.name, None, Some((HOST_LABEL, &request.name))).labels;
@@ -629,6 +630,7 @@ mod tests {
                 kind: MeshNodeKind::Node,
                 gateway: false,
                 relay: false,
+                heartbeat: false,
             },
         )
     }

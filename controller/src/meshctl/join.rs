@@ -21,7 +21,8 @@ use super::preflight::{self, JoinSide};
 use crate::install::{self, ClusterInfo};
 use crate::mcs::crds::CrdAction;
 
-/// The ClusterRole that lets a peer cluster read this cluster's MeshNodes, and nothing else.
+/// The ClusterRole that lets a peer cluster read this cluster's MeshNodes and
+/// MeshServiceExports (what it exports, KEP-1645), and nothing else.
 pub const PEER_READER_ROLE: &str = "wiremesh-peer-reader";
 /// Bound for the first request to each API server.
 const REACH_TIMEOUT: Duration = Duration::from_secs(15);
@@ -77,7 +78,7 @@ pub(crate) async fn install(
             )
         })?;
     say(format!(
-        "{context}: CustomResourceDefinitions meshnodes, peerclusters, meshpeers.{GROUP} applied and Established"
+        "{context}: CustomResourceDefinitions meshnodes, peerclusters, meshpeers, meshserviceexports.{GROUP} applied and Established"
     ));
     for crd in upstream {
         let what = match crd.action {
@@ -546,13 +547,17 @@ async fn wait_gone(
     }
 }
 
-/// The ClusterRole [`PEER_READER_ROLE`]: get, list and watch MeshNodes, nothing else.
+/// The ClusterRole [`PEER_READER_ROLE`]: get, list and watch MeshNodes and
+/// MeshServiceExports, nothing else.
 pub fn reader_role() -> ClusterRole {
     ClusterRole {
         metadata: meta(PEER_READER_ROLE, None, None),
         rules: Some(vec![PolicyRule {
             api_groups: Some(vec![GROUP.to_owned()]),
-            resources: Some(vec!["meshnodes".to_owned()]),
+            resources: Some(vec![
+                "meshnodes".to_owned(),
+                "meshserviceexports".to_owned(),
+            ]),
             verbs: ["get", "list", "watch"].map(str::to_owned).to_vec(),
             ..PolicyRule::default()
         }]),
@@ -633,7 +638,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_reader_role_only_reads_meshnodes() {
+    fn the_reader_role_only_reads_meshnodes_and_exports() {
         let role = reader_role();
         let rules = role.rules.unwrap();
         assert_eq!(rules.len(), 1);
@@ -643,7 +648,7 @@ mod tests {
         );
         assert_eq!(
             rules[0].resources.as_deref(),
-            Some(&["meshnodes".to_owned()][..])
+            Some(&["meshnodes".to_owned(), "meshserviceexports".to_owned()][..])
         );
         assert_eq!(rules[0].verbs, ["get", "list", "watch"]);
     }

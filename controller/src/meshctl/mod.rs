@@ -7,8 +7,8 @@
 //!
 //! The objects of a link in which cluster X reads cluster Y (and the same with X and Y
 //! swapped), all written with server-side apply by field manager `meshctl`:
-//! - in Y: ClusterRole `wiremesh-peer-reader` (get, list, watch on `meshnodes.wiremesh.io`
-//!   only), ServiceAccount `wiremesh-system/wiremesh-peer-<X>`, ClusterRoleBinding
+//! - in Y: ClusterRole `wiremesh-peer-reader` (get, list, watch on `meshnodes` and
+//!   `meshserviceexports.wiremesh.io` only), ServiceAccount `wiremesh-system/wiremesh-peer-<X>`, ClusterRoleBinding
 //!   `wiremesh-peer-<X>`, and a token for that ServiceAccount from the TokenRequest API;
 //! - in X: Secret `wiremesh-system/peer-<Y>` holding the token, and PeerCluster `<Y>`.
 

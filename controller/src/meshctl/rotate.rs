@@ -190,6 +190,7 @@ mod tests {
                 kind,
                 gateway: false,
                 relay: false,
+                heartbeat: false,
             },
         );
         n.metadata.managed_fields = manager.map(|m| {

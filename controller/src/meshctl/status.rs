@@ -2,17 +2,20 @@
 //! as one JSON object. [`StatusReport::new`] and [`StatusReport::render`] are pure.
 
 use anyhow::{Context as _, Result};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt as _;
 use kube::api::{Api, ListParams};
 use serde::Serialize;
 use wiremesh_proto::crd::{MeshNode, MeshNodeKind, PeerCluster, TunnelPath, ViaGateway};
+use wiremesh_proto::mcs::{LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER, ServiceExport, ServiceImport};
 
 use super::common::{cluster_info, say};
 use super::kubeconfig::{self, KubeArgs, Target};
 use super::{OutputFormat, table};
 use crate::install::ClusterInfo;
+use crate::mcs::plan::{MANAGED_BY, MANAGED_BY_LABEL};
 
 /// Everything `status` shows. Its JSON form is what `status -o json` prints.
 #[derive(Serialize, Debug, Clone, PartialEq)]
@@ -24,6 +27,55 @@ pub struct StatusReport {
     pub peer_clusters: Vec<PeerClusterView>,
     /// Its MeshNodes, by name.
     pub nodes: Vec<NodeView>,
+    /// Its ServiceExports (Multi-Cluster Services), by namespace and name.
+    pub exports: Vec<ExportView>,
+    /// Its ServiceImports, by namespace and name.
+    pub imports: Vec<ImportView>,
+}
+
+/// One ServiceExport.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExportView {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name (the exported Service's).
+    pub name: String,
+    /// The `Valid` condition.
+    pub valid: Option<ConditionView>,
+    /// The `Ready` condition.
+    pub ready: Option<ConditionView>,
+    /// The `Conflict` condition.
+    pub conflict: Option<ConditionView>,
+}
+
+/// One ServiceImport.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImportView {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// `ClusterSetIP` or `Headless`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// Its VIPs.
+    pub ips: Vec<String>,
+    /// Per exporting cluster, its endpoints here.
+    pub clusters: Vec<ImportedCluster>,
+}
+
+/// The endpoints one cluster contributes to an import.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImportedCluster {
+    /// The exporting cluster.
+    pub cluster: String,
+    /// Endpoints ready.
+    pub ready: usize,
+    /// All its endpoints.
+    pub endpoints: usize,
 }
 
 /// This cluster's name and pod CIDRs.
@@ -205,7 +257,166 @@ impl StatusReport {
             },
             peer_clusters,
             nodes,
+            exports: Vec::new(),
+            imports: Vec::new(),
         }
+    }
+
+    /// Adds the Multi-Cluster Services: `exports`, `imports` and the imported
+    /// EndpointSlices `slices` (labelled with their source cluster).
+    pub fn with_services(
+        mut self,
+        exports: &[ServiceExport],
+        imports: &[ServiceImport],
+        slices: &[EndpointSlice],
+    ) -> Self {
+        let names = |m: &ObjectMeta| {
+            (
+                m.namespace.clone().unwrap_or_default(),
+                m.name.clone().unwrap_or_default(),
+            )
+        };
+        self.exports = exports
+            .iter()
+            .map(|e| {
+                let (namespace, name) = names(&e.metadata);
+                let conditions = e
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.clone())
+                    .unwrap_or_default();
+                ExportView {
+                    namespace,
+                    name,
+                    valid: condition(&conditions, "Valid"),
+                    ready: condition(&conditions, "Ready"),
+                    conflict: condition(&conditions, "Conflict"),
+                }
+            })
+            .collect();
+        self.exports
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        self.imports = imports
+            .iter()
+            .map(|i| {
+                let (namespace, name) = names(&i.metadata);
+                let spec = i.spec.clone().unwrap_or_default();
+                let mut clusters: Vec<ImportedCluster> = i
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.clusters.clone())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|c| {
+                        let mut ready = 0;
+                        let mut endpoints = 0;
+                        for slice in slices.iter().filter(|s| {
+                            s.metadata.namespace.as_deref() == Some(namespace.as_str())
+                                && s.labels().get(LABEL_SERVICE_NAME) == Some(&name)
+                                && s.labels().get(LABEL_SOURCE_CLUSTER) == Some(&c.cluster)
+                        }) {
+                            for e in &slice.endpoints {
+                                endpoints += 1;
+                                if e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true) {
+                                    ready += 1;
+                                }
+                            }
+                        }
+                        ImportedCluster {
+                            cluster: c.cluster,
+                            ready,
+                            endpoints,
+                        }
+                    })
+                    .collect();
+                clusters.sort_by(|a, b| a.cluster.cmp(&b.cluster));
+                ImportView {
+                    namespace,
+                    name,
+                    type_: format!("{:?}", spec.type_),
+                    ips: spec.ips.unwrap_or_default(),
+                    clusters,
+                }
+            })
+            .collect();
+        self.imports
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        self
+    }
+
+    /// The Multi-Cluster Services tables (empty when there is none).
+    fn render_services(&self) -> String {
+        let mut out = String::new();
+        if !self.exports.is_empty() {
+            let rows: Vec<Vec<String>> = self
+                .exports
+                .iter()
+                .map(|e| {
+                    let reason = |c: Option<&ConditionView>| {
+                        c.map_or_else(
+                            || "-".to_owned(),
+                            |c| format!("{} ({})", c.status, c.reason),
+                        )
+                    };
+                    vec![
+                        format!("{}/{}", e.namespace, e.name),
+                        reason(e.valid.as_ref()),
+                        reason(e.ready.as_ref()),
+                        reason(e.conflict.as_ref()),
+                    ]
+                })
+                .collect();
+            out.push('\n');
+            out.push_str(&table::render(
+                &["EXPORT", "VALID", "READY", "CONFLICT"],
+                &rows,
+            ));
+            for e in &self.exports {
+                if let Some(c) = e.conflict.as_ref().filter(|c| c.status == "True") {
+                    out.push_str(&format!(
+                        "  {}/{} Conflict: {}\n",
+                        e.namespace, e.name, c.message
+                    ));
+                }
+            }
+        }
+        if !self.imports.is_empty() {
+            let mut rows = Vec::new();
+            for i in &self.imports {
+                let first = vec![
+                    format!("{}/{}", i.namespace, i.name),
+                    i.type_.clone(),
+                    if i.ips.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        i.ips.join(",")
+                    },
+                ];
+                if i.clusters.is_empty() {
+                    rows.push([first.clone(), vec!["-".to_owned(), "-".to_owned()]].concat());
+                }
+                for (n, c) in i.clusters.iter().enumerate() {
+                    let lead = if n == 0 {
+                        first.clone()
+                    } else {
+                        vec![String::new(), String::new(), String::new()]
+                    };
+                    rows.push(
+                        [
+                            lead,
+                            vec![c.cluster.clone(), format!("{}/{}", c.ready, c.endpoints)],
+                        ]
+                        .concat(),
+                    );
+                }
+            }
+            out.push('\n');
+            out.push_str(&table::render(
+                &["IMPORT", "TYPE", "IPS", "CLUSTER", "READY"],
+                &rows,
+            ));
+        }
+        out
     }
 
     /// The report as aligned tables: the cluster, the peer clusters (then the reasons of
@@ -283,6 +494,7 @@ impl StatusReport {
         out.push('\n');
         if self.nodes.is_empty() {
             out.push_str("no MeshNodes (no agent has registered yet)\n");
+            out.push_str(&self.render_services());
             return out;
         }
         let mut rows = Vec::new();
@@ -348,6 +560,7 @@ impl StatusReport {
             ],
             &rows,
         ));
+        out.push_str(&self.render_services());
         out
     }
 }
@@ -383,12 +596,26 @@ pub async fn gather(target: &Target) -> Result<StatusReport> {
         .list(&ListParams::default())
         .await
         .with_context(not_installed)?;
-    Ok(StatusReport::new(
-        &info,
-        &peers.items,
-        &nodes.items,
-        Timestamp::now(),
-    ))
+    // Multi-Cluster Services: absent CRDs (an older install) show as none.
+    let exports = Api::<ServiceExport>::all(target.client.clone())
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
+    let imports = Api::<ServiceImport>::all(target.client.clone())
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
+    let slices = Api::<EndpointSlice>::all(target.client.clone())
+        .list(&ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")))
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
+    Ok(
+        StatusReport::new(&info, &peers.items, &nodes.items, Timestamp::now())
+            .with_services(&exports, &imports, &slices),
+    )
 }
 
 fn condition(conditions: &[Condition], kind: &str) -> Option<ConditionView> {
@@ -435,6 +662,65 @@ a1     10.1.1.0/24   cluster-b.b1   direct              198.18.0.3:51820   12s a
 a2     10.1.2.0/24   -
 ";
         assert_eq!(text, expected, "\n{text}");
+    }
+
+    #[test]
+    fn exports_and_imports_show_conditions_clusters_and_endpoint_counts() {
+        let export: ServiceExport = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "hello", "namespace": "demo"},
+        }))
+        .unwrap();
+        let mut export = export;
+        export.status = Some(wiremesh_proto::mcs::ServiceExportStatus {
+            conditions: Some(vec![
+                cond("Valid", "True", "Valid", "ok"),
+                cond("Ready", "True", "Exported", "ok"),
+                cond(
+                    "Conflict",
+                    "True",
+                    "PortConflict",
+                    "cluster-c has port 9090",
+                ),
+            ]),
+        });
+        let import: ServiceImport = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "hello", "namespace": "demo"},
+            "spec": {"ports": [{"port": 8080}], "type": "ClusterSetIP", "ips": ["10.96.0.9"]},
+            "status": {"clusters": [{"cluster": "cluster-c"}, {"cluster": "cluster-b"}]},
+        }))
+        .unwrap();
+        let slice = |cluster: &str, ready: &[bool]| -> EndpointSlice {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("d-{cluster}"), "namespace": "demo", "labels": {
+                    (LABEL_SERVICE_NAME): "hello", (LABEL_SOURCE_CLUSTER): cluster}},
+                "addressType": "IPv4",
+                "endpoints": ready.iter().enumerate().map(|(i, r)| serde_json::json!({
+                    "addresses": [format!("10.2.0.{i}")], "conditions": {"ready": r}})).collect::<Vec<_>>(),
+            }))
+            .unwrap()
+        };
+        let report = StatusReport::new(&ClusterInfo::default(), &[], &[], now()).with_services(
+            &[export],
+            &[import],
+            &[
+                slice("cluster-b", &[true, false]),
+                slice("cluster-c", &[true]),
+            ],
+        );
+        let text = report.render();
+        for line in [
+            "EXPORT       VALID          READY             CONFLICT",
+            "demo/hello   True (Valid)   True (Exported)   True (PortConflict)",
+            "  demo/hello Conflict: cluster-c has port 9090",
+            "IMPORT       TYPE           IPS         CLUSTER     READY",
+            "demo/hello   ClusterSetIP   10.96.0.9   cluster-b   1/2",
+            "                                        cluster-c   1/1",
+        ] {
+            assert!(text.contains(line), "{line:?} not in\n{text}");
+        }
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["imports"][0]["clusters"][0]["endpoints"], 2);
+        assert_eq!(json["exports"][0]["conflict"]["reason"], "PortConflict");
     }
 
     #[test]
@@ -569,6 +855,7 @@ a2     10.1.2.0/24   -
                     node_count: 1,
                     last_sync_time: Some(before(300)),
                     observed_generation: Some(1),
+                    unreachable_nodes: Vec::new(),
                 },
             ),
             peer(
@@ -583,6 +870,7 @@ a2     10.1.2.0/24   -
                     node_count: 2,
                     last_sync_time: Some(before(3)),
                     observed_generation: Some(1),
+                    unreachable_nodes: Vec::new(),
                 },
             ),
         ];

@@ -184,6 +184,7 @@ fn node(u: &mut Unstructured<'_>, name: &str) -> Result<MeshNode> {
             kind,
             gateway: u.arbitrary()?,
             relay: u.arbitrary()?,
+            heartbeat: u.arbitrary()?,
         },
     );
     if u.arbitrary()? {

@@ -23,7 +23,12 @@ fn two_clusters_one_import_a_slice_each() {
         ),
         export("cluster-c", 20, &[port("http", 8080)], &["10.3.0.5"]),
     ];
-    let plan = plan(&exports, &namespaces(), &Existing::default());
+    let plan = plan(
+        &exports,
+        &namespaces(),
+        &Existing::default(),
+        &Unreachable::new(),
+    );
     assert!(
         plan.conflicts.is_empty() && plan.rejected.is_empty(),
         "{plan:#?}"
@@ -79,7 +84,12 @@ fn port_conflict_oldest_wins_and_the_loser_slice_has_no_port() {
         export("cluster-c", 20, &[port("http", 9090)], &["10.3.0.5"]),
         export("cluster-b", 10, &[port("http", 8080)], &["10.2.0.5"]),
     ];
-    let plan = plan(&exports, &namespaces(), &Existing::default());
+    let plan = plan(
+        &exports,
+        &namespaces(),
+        &Existing::default(),
+        &Unreachable::new(),
+    );
     let conflict = &plan.conflicts[&ObjectKey::new("demo", "hello")];
     assert_eq!(conflict.reason(), "PortConflict");
     assert_eq!(
@@ -130,7 +140,12 @@ fn ports_are_merged_by_name_then_protocol_and_number() {
         c,
         d,
     ];
-    let plan = plan(&exports, &namespaces(), &Existing::default());
+    let plan = plan(
+        &exports,
+        &namespaces(),
+        &Existing::default(),
+        &Unreachable::new(),
+    );
     let spec = plan.imports[0].spec.as_ref().unwrap();
     // D's "web" is http's 8080/TCP under another name: refused. 8080/UDP is another port.
     assert_eq!(spec.ports, [port("http", 8080), port("grpc", 9000), udp]);
@@ -163,7 +178,12 @@ fn type_and_affinity_come_from_the_oldest_export() {
     let mut c = export("cluster-c", 20, &[port("http", 8080)], &["10.3.0.5"]);
     c.type_ = ServiceImportType::Headless;
     c.ip_families = vec!["IPv6".into()];
-    let plan = plan(&[c, b], &namespaces(), &Existing::default());
+    let plan = plan(
+        &[c, b],
+        &namespaces(),
+        &Existing::default(),
+        &Unreachable::new(),
+    );
     let conflict = &plan.conflicts[&ObjectKey::new("demo", "hello")];
     assert_eq!(
         conflict.reason(),
@@ -187,7 +207,12 @@ fn same_affinity_other_timeout_is_a_config_conflict() {
     c.cluster = "cluster-c".into();
     c.export_created = at(20);
     c.session_affinity_config = Some(affinity_config(60));
-    let plan = plan(&[b, c], &namespaces(), &Existing::default());
+    let plan = plan(
+        &[b, c],
+        &namespaces(),
+        &Existing::default(),
+        &Unreachable::new(),
+    );
     assert_eq!(
         plan.conflicts[&ObjectKey::new("demo", "hello")].reason(),
         "SessionAffinityConfigConflict"
@@ -206,7 +231,12 @@ fn equal_creation_times_are_ordered_by_cluster_name() {
         export("cluster-z", 10, &[port("http", 1)], &[]),
         export("cluster-a", 10, &[port("http", 2)], &[]),
     ];
-    let plan = plan(&exports, &namespaces(), &Existing::default());
+    let plan = plan(
+        &exports,
+        &namespaces(),
+        &Existing::default(),
+        &Unreachable::new(),
+    );
     assert_eq!(
         plan.imports[0].spec.as_ref().unwrap().ports,
         [port("http", 2)]
@@ -234,7 +264,7 @@ fn headless_import_has_no_vip_and_keeps_hostnames() {
         )]),
         ..Existing::default()
     };
-    let plan = plan(&[b], &namespaces(), &existing);
+    let plan = plan(&[b], &namespaces(), &existing, &Unreachable::new());
     let spec = plan.imports[0].spec.as_ref().unwrap();
     assert_eq!(spec.type_, ServiceImportType::Headless);
     assert_eq!(spec.ips, None);
@@ -262,7 +292,12 @@ fn endpoint_conditions_are_carried() {
     b.endpoint_slices[0].endpoints[1].ready = Some(false);
     b.endpoint_slices[0].endpoints[1].serving = Some(true);
     b.endpoint_slices[0].endpoints[1].terminating = Some(true);
-    let plan = plan(&[b], &namespaces(), &Existing::default());
+    let plan = plan(
+        &[b],
+        &namespaces(),
+        &Existing::default(),
+        &Unreachable::new(),
+    );
     let conditions: Vec<_> = plan.slices[0]
         .endpoints
         .iter()
@@ -278,6 +313,51 @@ fn endpoint_conditions_are_carried() {
             ("10.2.0.6", Some(false), Some(true), Some(true)),
         ]
     );
+}
+
+#[test]
+fn endpoints_on_unreachable_nodes_are_neither_ready_nor_serving() {
+    let mut b = export(
+        "cluster-b",
+        10,
+        &[port("http", 8080)],
+        &["10.2.0.5", "10.2.0.6"],
+    );
+    b.endpoint_slices[0].endpoints[0].node_name = Some("b1".into());
+    b.endpoint_slices[0].endpoints[1].node_name = Some("b2".into());
+    let mut c = export("cluster-c", 20, &[port("http", 8080)], &["10.3.0.5"]);
+    // The same node name in another cluster is another node.
+    c.endpoint_slices[0].endpoints[0].node_name = Some("b1".into());
+    let down = Unreachable::from([("cluster-b".to_owned(), "b1".to_owned())]);
+    let plan = plan(&[b, c], &namespaces(), &Existing::default(), &down);
+    let conditions: Vec<_> = plan
+        .slices
+        .iter()
+        .flat_map(|s| &s.endpoints)
+        .map(|e| {
+            let c = e.conditions.clone().unwrap();
+            (e.addresses[0].as_str(), c.ready, c.serving)
+        })
+        .collect();
+    assert_eq!(
+        conditions,
+        [
+            ("10.2.0.5", Some(false), Some(false)),
+            ("10.2.0.6", Some(true), Some(true)),
+            ("10.3.0.5", Some(true), Some(true)),
+        ]
+    );
+    // Empty: as published.
+    let mut b = export("cluster-b", 10, &[port("http", 8080)], &["10.2.0.5"]);
+    b.endpoint_slices[0].endpoints[0].node_name = Some("b1".into());
+    let again = super::plan(
+        &[b],
+        &namespaces(),
+        &Existing::default(),
+        &Unreachable::new(),
+    );
+    let c = again.slices[0].endpoints[0].conditions.clone().unwrap();
+    assert_eq!((c.ready, c.serving), (Some(true), Some(true)));
 }
 
 #[test]
@@ -298,6 +378,7 @@ fn vip_of_the_existing_derived_service_is_kept() {
         &[export("cluster-b", 10, &[port("http", 8080)], &[])],
         &namespaces(),
         &existing,
+        &Unreachable::new(),
     );
     assert_eq!(
         plan.imports[0].spec.as_ref().unwrap().ips,
@@ -310,7 +391,7 @@ fn vip_of_the_existing_derived_service_is_kept() {
     // Made headless: the Service is replaced, and the old VIP is not promised.
     let mut headless = export("cluster-b", 10, &[port("http", 8080)], &[]);
     headless.type_ = ServiceImportType::Headless;
-    let plan = super::plan(&[headless], &namespaces(), &existing);
+    let plan = super::plan(&[headless], &namespaces(), &existing, &Unreachable::new());
     assert_eq!(plan.replace_services, [derived]);
     assert_eq!(plan.imports[0].spec.as_ref().unwrap().ips, None);
 }
@@ -329,7 +410,12 @@ fn no_namespace_no_import_but_conflicts_still_count() {
         )]),
         slices: BTreeSet::from([ObjectKey::new("demo", "old-slice")]),
     };
-    let plan = plan(&exports, &BTreeSet::from(["other".to_owned()]), &existing);
+    let plan = plan(
+        &exports,
+        &BTreeSet::from(["other".to_owned()]),
+        &existing,
+        &Unreachable::new(),
+    );
     assert!(plan.imports.is_empty() && plan.services.is_empty() && plan.slices.is_empty());
     assert_eq!(
         plan.conflicts.len(),
@@ -352,9 +438,10 @@ fn unexport_deletes_import_service_and_slices() {
         )],
         &namespaces(),
         &Existing::default(),
+        &Unreachable::new(),
     );
     let existing = applied(&first);
-    let second = plan(&[], &namespaces(), &existing);
+    let second = plan(&[], &namespaces(), &existing, &Unreachable::new());
     assert!(second.imports.is_empty());
     assert_eq!(second.delete_imports, [ObjectKey::new("demo", "hello")]);
     assert_eq!(
@@ -374,6 +461,7 @@ fn many_endpoints_are_split_into_slices_of_a_hundred() {
         &[export("cluster-b", 10, &[port("http", 8080)], &refs)],
         &namespaces(),
         &Existing::default(),
+        &Unreachable::new(),
     );
     let sizes: Vec<_> = plan.slices.iter().map(|s| s.endpoints.len()).collect();
     assert_eq!(sizes, [100, 100, 50]);
@@ -406,6 +494,7 @@ fn malformed_exports_are_rejected_naming_the_field() {
         &[bad_cluster, bad_port, bad_type, twice],
         &namespaces(),
         &Existing::default(),
+        &Unreachable::new(),
     );
     let fields: Vec<_> = plan
         .rejected
@@ -446,7 +535,7 @@ proptest! {
         present in prop::collection::btree_set(prop::sample::select(vec!["demo", "other"]), 0..3),
     ) {
         let namespaces: BTreeSet<String> = present.iter().map(|s| (*s).to_owned()).collect();
-        let one = plan(&first, &namespaces, &Existing::default());
+        let one = plan(&first, &namespaces, &Existing::default(), &Unreachable::new());
         check_slices(&first, &one)?;
 
         // Re-plan after the API server allocated VIPs, with other endpoints and ports but
@@ -459,7 +548,7 @@ proptest! {
                 ExportedService { ports: other.ports.clone(), endpoint_slices: other.endpoint_slices.clone(), ..e.clone() }
             })
             .collect();
-        let two = plan(&again, &namespaces, &existing);
+        let two = plan(&again, &namespaces, &existing, &Unreachable::new());
         check_slices(&again, &two)?;
         prop_assert!(two.replace_services.is_empty());
         for import in &two.imports {
@@ -473,7 +562,7 @@ proptest! {
             }
         }
         // Applying the same plan twice deletes nothing.
-        let three = plan(&again, &namespaces, &applied(&two));
+        let three = plan(&again, &namespaces, &applied(&two), &Unreachable::new());
         prop_assert!(three.delete_imports.is_empty() && three.delete_services.is_empty() && three.delete_slices.is_empty());
     }
 }
