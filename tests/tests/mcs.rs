@@ -86,8 +86,22 @@ fn multi_cluster_services() -> Result<()> {
     let names_c: Vec<String> = hello_c.iter().map(|(p, _)| p.name().to_owned()).collect();
     node_dies(&mut lab, &mut services, vip, hello_b, &names_c)?;
 
-    println!("mcs: whole test {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "mcs: scenarios done after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let stopping = Instant::now();
     drop(services);
+    println!(
+        "mcs: Services stopped in {:.1} s",
+        stopping.elapsed().as_secs_f64()
+    );
+    drop(lab);
+    println!(
+        "mcs: lab torn down in {:.1} s; whole test {:.1} s",
+        stopping.elapsed().as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -372,8 +386,13 @@ fn node_dies(
     );
     ensure!(
         last <= 5000,
-        "a call failed {last} ms after B's node died: {}",
-        summary(&results)
+        "a call failed {last} ms after B's node died: {}; failures started at (ms after): {:?}",
+        summary(&results),
+        results
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| i128::try_from(c.start).unwrap_or(0) - i128::try_from(event).unwrap_or(0))
+            .collect::<Vec<_>>()
     );
     ensure!(
         results
