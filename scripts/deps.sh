@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs, idempotently, what the demo and the tests need on a fresh Debian machine:
 # the Debian packages (interop peers, iperf3, iproute2, nftables) and, when asked with
-# --k8s, Debian's prometheus (with promtool) and the Go-built control-plane binaries
-# (kube-apiserver, etcd) and helm.
+# --k8s, Debian's prometheus (with promtool), the Go-built control-plane binaries
+# (kube-apiserver, etcd, and for the lab's real Services kube-proxy,
+# kube-controller-manager and CoreDNS) and helm.
 # Needs root for apt-get; prints what it does.
 set -euo pipefail
 
@@ -51,7 +52,10 @@ fi
 
 if [ "${1:-}" = "--k8s" ]; then
     if [ -x tests/k8s/build.sh ]; then
-        tests/k8s/build.sh
+        tests/k8s/build.sh --services
+    fi
+    if [ -x tests/k8s/build-coredns.sh ]; then
+        tests/k8s/build-coredns.sh
     fi
     if [ -x tests/k8s/build-helm.sh ]; then
         tests/k8s/build-helm.sh

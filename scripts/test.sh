@@ -29,7 +29,7 @@ jq -r --arg lab "$PWD/tests" 'select(.reason == "compiler-artifact" and .executa
 
 # The lab binaries that take longest start first, so the last to end is a short one
 # (by the durations of the last `make test`; the others follow by name).
-slow_first="twocluster nat failclosed hosts dualstack rotation liveness metrics controller
+slow_first="twocluster nat mcs failclosed hosts dualstack rotation liveness metrics controller
             k8s_harness meshctl dataplane deploy"
 # Binaries that measure how the agent holds up under load of their own making (a
 # handshake flood) or judge liveness on a tight clock (gateways taken for dead after 3 s

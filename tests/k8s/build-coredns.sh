@@ -28,7 +28,11 @@ LOG_TAG=coredns-build NEEDS="coredns $COREDNS_VERSION"
 
 version_ok() { # BINARY
   [ -x "$1" ] || return 1
-  timeout 20 "$1" -version 2>/dev/null | grep -qxF "CoreDNS-${COREDNS_VERSION#v}"
+  local v
+  # Captured first: `grep -q` exits at the first line, and under pipefail the SIGPIPE
+  # of `-version` writing its second line would fail the check.
+  v="$(timeout 20 "$1" -version 2>/dev/null)" || return 1
+  grep -qxF "CoreDNS-${COREDNS_VERSION#v}" <<<"$v"
 }
 
 if version_ok "$OUT/coredns"; then

@@ -35,6 +35,9 @@ pub enum Side {
     A,
     /// `cluster-b`: nodes 198.18.2.N, pods 10.2.N.0/24 of 10.2.0.0/16.
     B,
+    /// `cluster-c`, only in a lab from [`TwoClusters::three`]: nodes 198.18.3.N, pods
+    /// 10.3.N.0/24 of 10.3.0.0/16.
+    C,
 }
 
 impl Side {
@@ -43,6 +46,7 @@ impl Side {
         match self {
             Self::A => "cluster-a",
             Self::B => "cluster-b",
+            Self::C => "cluster-c",
         }
     }
 
@@ -50,6 +54,7 @@ impl Side {
         match self {
             Self::A => 1,
             Self::B => 2,
+            Self::C => 3,
         }
     }
 
@@ -355,6 +360,8 @@ pub struct TwoClusters {
     pub nat: Option<(Underlay, Host)>,
     /// When cluster-a is behind NAT too: its private underlay and NAT gateway.
     pub nat_a: Option<(Underlay, Host)>,
+    /// Cluster C, in a lab from [`TwoClusters::three`].
+    pub c: Option<Cluster>,
     /// Every Node gets an unreachable `ExternalIP` (198.18.1xx.N, where nothing answers)
     /// before its `InternalIP`, so its most preferred endpoint is dead.
     dead_external_ips: bool,
@@ -382,6 +389,8 @@ struct BuildOptions {
     /// The nodes' own underlay, for [`Stack::DualStackV6Underlay`] and
     /// [`Stack::DualStackSmallUnderlay`].
     underlay6: Option<Underlay>,
+    /// A third cluster, `cluster-c`.
+    third: bool,
 }
 
 /// cluster-b's private underlay and the NAT gateway in front of it; a symmetric NAT picks
@@ -403,6 +412,9 @@ fn nat_b(lab: &Lab, symmetric: bool) -> Result<(Underlay, Host)> {
     )?;
     Ok((private, gateway))
 }
+
+/// What [`TwoClusters::cluster`] says when asked for cluster-c in a two-cluster lab.
+const NO_CLUSTER_C: &str = "cluster-c exists only in a lab from TwoClusters::three";
 
 /// cluster-b's private underlay when it is behind NAT.
 const NAT_PRIVATE: &str = "198.19.2.0/24";
@@ -539,11 +551,26 @@ impl TwoClusters {
             dead_external_ips,
             stack,
             underlay6,
+            third,
         } = options;
-        let mut planes = ControlPlane::start_all(&["cluster-a", "cluster-b"])?;
+        let names: &[&str] = if third {
+            &["cluster-a", "cluster-b", "cluster-c"]
+        } else {
+            &["cluster-a", "cluster-b"]
+        };
+        let mut planes = ControlPlane::start_all(names)?;
+        let plane_c = if third { planes.pop() } else { None };
         let plane_b = planes.pop().context("plane b")?;
         let plane_a = planes.pop().context("plane a")?;
-        let kubeconfig = k8s::write_kubeconfig(&[&plane_a, &plane_b], "cluster-a")?;
+        let mut all = vec![&plane_a, &plane_b];
+        all.extend(plane_c.as_ref());
+        let kubeconfig = k8s::write_kubeconfig(&all, "cluster-a")?;
+        let c = plane_c.map(|plane| Cluster {
+            side: Side::C,
+            plane,
+            nodes: Vec::new(),
+            controllers: Vec::new(),
+        });
         let mut lab_clusters = Self {
             a: Cluster {
                 side: Side::A,
@@ -560,12 +587,18 @@ impl TwoClusters {
             kubeconfig,
             nat: nat_b,
             nat_a,
+            c,
             dead_external_ips,
             stack,
             underlay6,
             lab,
         };
-        for side in [Side::A, Side::B] {
+        let sides: &[Side] = if third {
+            &[Side::A, Side::B, Side::C]
+        } else {
+            &[Side::A, Side::B]
+        };
+        for &side in sides {
             let (range, range6) = (side.pod_range(), side.pod_range6());
             let host_range = side.host_range();
             let mut args = vec![
@@ -599,10 +632,14 @@ impl TwoClusters {
     }
 
     /// Cluster `side`.
+    ///
+    /// # Panics
+    /// For [`Side::C`] in a lab without it (a test that never built it).
     pub fn cluster(&self, side: Side) -> &Cluster {
         match side {
             Side::A => &self.a,
             Side::B => &self.b,
+            Side::C => self.c.as_ref().expect(NO_CLUSTER_C),
         }
     }
 
@@ -610,7 +647,47 @@ impl TwoClusters {
         match side {
             Side::A => &mut self.a,
             Side::B => &mut self.b,
+            Side::C => self.c.as_mut().expect(NO_CLUSTER_C),
         }
+    }
+
+    /// Three clusters (`cluster-a`, `cluster-b`, `cluster-c`) as [`TwoClusters::new`] makes
+    /// two; link them with [`TwoClusters::join_pair`].
+    ///
+    /// # Errors
+    /// When any part fails to come up.
+    pub fn three(nodes: usize) -> Result<Self> {
+        let options = BuildOptions {
+            third: true,
+            ..BuildOptions::default()
+        };
+        Self::build(Lab::new()?, nodes, options)
+    }
+
+    /// `meshctl --context <x> join <y> --host-cidr <y's host range>`; fails with its output
+    /// unless it succeeds.
+    ///
+    /// # Errors
+    /// When meshctl fails.
+    pub fn join_pair(&self, x: Side, y: Side) -> Result<String> {
+        let hosts = y.host_range();
+        let out = self.meshctl(&[
+            "--context",
+            x.name(),
+            "join",
+            y.name(),
+            "--host-cidr",
+            &hosts,
+        ])?;
+        ensure!(
+            out.status.success(),
+            "meshctl join {} {} failed:\n{}{}",
+            x.name(),
+            y.name(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Adds node N+1 to cluster `side`: lab host and pod, `Node` object, API proxy, agent.
@@ -629,6 +706,7 @@ impl TwoClusters {
                 .as_ref()
                 .map(|(private, _)| (private, NAT_A_GATEWAY)),
             Side::B => self.nat.as_ref().map(|(private, _)| (private, NAT_GATEWAY)),
+            Side::C => None,
         };
         let (host, underlay): (Host, IpAddr) = match behind_nat {
             _ if self.stack == Stack::DualStackV6Underlay => {
@@ -876,10 +954,13 @@ impl TwoClusters {
             .get(replica % cluster.nodes.len().max(1))
             .ok_or_else(|| anyhow!("{} has no node for a controller", side.name()))?;
         let pod = node.host.add_pod(&format!("ctl{replica}"))?;
-        let proxies = vec![
+        let mut proxies = vec![
             ApiProxy::start(&pod, self.a.plane.api_port())?,
             ApiProxy::start(&pod, self.b.plane.api_port())?,
         ];
+        if let Some(c) = &self.c {
+            proxies.push(ApiProxy::start(&pod, c.plane.api_port())?);
+        }
         let kubeconfig = deploy::pod_kubeconfig(
             &cluster.plane,
             &name,
@@ -942,7 +1023,11 @@ impl TwoClusters {
 
     /// Every node of both clusters.
     pub fn all_nodes(&self) -> impl Iterator<Item = &ClusterNode> {
-        self.a.nodes.iter().chain(self.b.nodes.iter())
+        self.a
+            .nodes
+            .iter()
+            .chain(self.b.nodes.iter())
+            .chain(self.c.iter().flat_map(|c| c.nodes.iter()))
     }
 }
 

@@ -13,6 +13,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod prometheus;
 pub mod replica;
+pub mod services;
 pub mod xfer;
 
 pub use lab::{

@@ -42,10 +42,20 @@ pub fn secret_name(peer: &str) -> String {
 ///
 /// `components`: `None` for the CRDs, namespace and ConfigMap only; `Some(image)` for
 /// deploy/wiremesh.yaml's components too, with `image` if given.
+/// `meshctl install`'s DNS options: see [`super::dns`].
+#[derive(Debug, Default)]
+pub(crate) struct DnsOptions {
+    /// `--configure-dns`.
+    pub configure: bool,
+    /// `--coredns-version`.
+    pub version: Option<String>,
+}
+
 pub(crate) async fn install(
     args: &KubeArgs,
     info: &ClusterInfo,
     components: Option<Option<&str>>,
+    dns_options: &DnsOptions,
 ) -> Result<()> {
     let (cluster_name, pod_cidrs) = (info.name.as_str(), &info.pod_cidrs);
     install::check_cluster_name(cluster_name)?;
@@ -53,6 +63,12 @@ pub(crate) async fn install(
     let target = kubeconfig::current_target(args).await?;
     let context = &target.context;
     reachable(&target).await?;
+    let dns_plan = super::dns::plan(
+        &target,
+        dns_options.configure,
+        dns_options.version.as_deref(),
+    )
+    .await?;
     let upstream = install::install_cluster(&target.client, info)
         .await
         .with_context(|| {
@@ -95,7 +111,7 @@ pub(crate) async fn install(
             say(format!("{context}: {object} applied"));
         }
     }
-    Ok(())
+    super::dns::apply(&target, dns_plan, dns_options.configure).await
 }
 
 /// One cluster of a join, read and checked.

@@ -13,6 +13,7 @@
 //! - in X: Secret `wiremesh-system/peer-<Y>` holding the token, and PeerCluster `<Y>`.
 
 pub mod common;
+pub mod dns;
 pub mod export;
 pub mod gateway;
 pub mod host;
@@ -72,6 +73,17 @@ pub enum Command {
         /// controller are installed another way (Helm, or run outside the cluster).
         #[arg(long)]
         crds_only: bool,
+        /// Make CoreDNS answer `clusterset.local` (Multi-Cluster Services): add the zone
+        /// and `multicluster clusterset.local` to the Corefile's kubernetes plugin
+        /// (ConfigMap kube-system/coredns) and list/watch on serviceimports to its
+        /// ClusterRole. Without it, install only says what to change. Refused, before
+        /// anything is installed, for CoreDNS older than 1.12.2.
+        #[arg(long)]
+        configure_dns: bool,
+        /// CoreDNS's version, when the image tag of Deployment kube-system/coredns does not
+        /// tell it (e.g. 1.12.2).
+        #[arg(long, value_name = "VERSION")]
+        coredns_version: Option<String>,
     },
     /// Link this cluster with the cluster of another kubeconfig context, in both directions.
     ///
@@ -250,15 +262,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             service_cidrs,
             image,
             crds_only,
+            configure_dns,
+            coredns_version,
         } => {
             let components = (!crds_only).then_some(image.as_deref());
+            let dns = join::DnsOptions {
+                configure: configure_dns,
+                version: coredns_version,
+            };
             let info = crate::install::ClusterInfo {
                 name: cluster_name,
                 pod_cidrs,
                 host_cidrs,
                 service_cidrs,
             };
-            join::install(&cli.kube, &info, components).await
+            join::install(&cli.kube, &info, components, &dns).await
         }
         Command::Join {
             other_context,

@@ -143,8 +143,25 @@ impl Lab {
     /// When `ip netns delete` fails.
     pub fn delete_namespace(&self, ns: &Netns) -> Result<()> {
         ip(&["netns", "delete", ns.name()])?;
+        remove_etc_dir(ns.name());
         lock(&self.inner.namespaces).retain(|n| n != ns.name());
         Ok(())
+    }
+}
+
+impl Lab {
+    /// Starts `args` in the root network namespace, where the control planes listen on
+    /// loopback (kube-controller-manager), stopped by PID with the lab.
+    ///
+    /// # Errors
+    /// When it cannot be started.
+    pub fn spawn_root(&self, args: &[&str], env: &[(&str, &str)]) -> Result<Proc> {
+        let (program, rest) = args
+            .split_first()
+            .ok_or_else(|| anyhow!("no command to spawn"))?;
+        let mut command = Command::new(program);
+        command.args(rest).envs(env.iter().copied());
+        self.inner.spawn(command, &label(program, "root"))
     }
 }
 
@@ -257,6 +274,7 @@ impl LabInner {
             if let Err(e) = ip(&["netns", "delete", name]) {
                 eprintln!("lab {}: {e:#}", self.prefix);
             }
+            remove_etc_dir(name);
         }
         if std::env::var_os("WIREMESH_LAB_KEEP").is_some() {
             eprintln!("lab {}: keeping {}", self.prefix, self.dir.display());
@@ -284,6 +302,21 @@ fn unique_prefix() -> Result<(String, PathBuf)> {
         }
     }
     bail!("no free lab prefix after 16 tries; remove stale /tmp/wm* directories and namespaces")
+}
+
+/// `/etc/netns/<name>`, the files `ip netns exec` mounts over `/etc` in namespace `name`
+/// ([`Netns::write_etc_file`]).
+fn etc_dir(name: &str) -> PathBuf {
+    Path::new("/etc/netns").join(name)
+}
+
+fn remove_etc_dir(name: &str) {
+    let dir = etc_dir(name);
+    if dir.exists()
+        && let Err(e) = fs::remove_dir_all(&dir)
+    {
+        eprintln!("lab: removing {}: {e}", dir.display());
+    }
 }
 
 fn check_name(kind: &str, name: &str) -> Result<()> {

@@ -103,6 +103,23 @@ impl Netns {
         Ok(())
     }
 
+    /// Writes `/etc/netns/<namespace>/<file>`, which `ip netns exec` (every command the lab
+    /// runs here) mounts over `/etc/<file>`: a pod's own `resolv.conf`. Removed with the
+    /// namespace.
+    ///
+    /// # Errors
+    /// When it cannot be written.
+    pub fn write_etc_file(&self, file: &str, contents: &str) -> Result<()> {
+        ensure!(
+            !file.contains('/') && !file.starts_with('.'),
+            "{file:?} is not a plain file name"
+        );
+        let dir = super::etc_dir(&self.name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(file);
+        std::fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))
+    }
+
     fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.name]).args(args);

@@ -1,0 +1,969 @@
+//! Multi-Cluster Services end to end (issue 13), on one three-cluster lab with real
+//! Services: kube-controller-manager, kube-proxy (nftables) and CoreDNS per cluster
+//! (`wiremesh_lab::services`), configured by `meshctl install --configure-dns`. Needs root
+//! and the binaries of `scripts/deps.sh --k8s`. Every measured time is printed.
+
+// The test prints what it measured (shown with --nocapture).
+#![allow(clippy::print_stdout)]
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, ensure};
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::{Api, Client};
+use wiremesh_lab::clusters::{CONVERGE, Side, TwoClusters, wait_for};
+use wiremesh_lab::k8s::block_on;
+use wiremesh_lab::services::{
+    self, Binaries, ClusterServices, apply_cluster, bind_pod, cluster_ip, object,
+};
+use wiremesh_lab::{Pod, Proc, mcs, reachable};
+use wiremesh_proto::mcs::{DERIVED_SERVICE_ANNOTATION, ServiceExport, ServiceImport};
+
+/// The service every scenario calls, on TCP 8080 named `http`.
+const NAMESPACE: &str = "demo";
+const HELLO: &str = "hello";
+const PORT: u16 = 8080;
+/// Its second port, `xfer`, for checksummed transfers (`wm-xfer`).
+const XFER_PORT: u16 = 9000;
+
+#[test]
+fn multi_cluster_services() -> Result<()> {
+    let started = Instant::now();
+    let bins = Binaries::build()?;
+    let mut lab = TwoClusters::three(1)?;
+    for (x, y) in [(Side::A, Side::B), (Side::A, Side::C), (Side::B, Side::C)] {
+        lab.join_pair(x, y)?;
+    }
+    let took = converge(&lab)?;
+    println!("three clusters joined, every pod pair reachable after {took:.1?}");
+    let mut services = Vec::new();
+    for side in [Side::A, Side::B, Side::C] {
+        let s = ClusterServices::start(&lab, side, &bins)?;
+        ensure!(
+            s.install_output.contains("clusterset.local added")
+                && s.install_output.contains("serviceimports"),
+            "meshctl install --configure-dns did not configure CoreDNS:\n{}",
+            s.install_output
+        );
+        services.push(s);
+    }
+    println!(
+        "lab with Services up after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let again = lab.meshctl(&[
+        "--context",
+        "cluster-a",
+        "install",
+        "--cluster-name",
+        "cluster-a",
+        "--pod-cidr",
+        &Side::A.pod_range(),
+        "--host-cidr",
+        &Side::A.host_range(),
+    ])?;
+    let again = String::from_utf8_lossy(&again.stdout).into_owned();
+    ensure!(
+        again.contains("CoreDNS 1.15.0 answers clusterset.local"),
+        "a second install does not see CoreDNS configured:\n{again}"
+    );
+
+    let hello_b = local_service(&lab, Side::B)?;
+    let client_c = lab.cluster(Side::C).client()?;
+    let hello_c = hello_pods(&lab, Side::C, &client_c, 2, "")?;
+    create_hello_service(&client_c)?;
+    create_namespace(&lab.cluster(Side::A).client()?)?;
+    let backends: Vec<&Pod> = hello_b.iter().chain(&hello_c).map(|(p, _)| p).collect();
+    let vip = discovery(&lab, &backends)?;
+    let _db = headless(&lab)?;
+    let names_b: Vec<String> = hello_b.iter().map(|(p, _)| p.name().to_owned()).collect();
+    conflict(&lab, vip, &names_b)?;
+    lifecycle(&lab)?;
+    failover(&lab, vip, &hello_b, &hello_c)?;
+    let names_c: Vec<String> = hello_c.iter().map(|(p, _)| p.name().to_owned()).collect();
+    node_dies(&mut lab, &mut services, vip, hello_b, &names_c)?;
+
+    println!(
+        "mcs: scenarios done after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let stopping = Instant::now();
+    drop(services);
+    println!(
+        "mcs: Services stopped in {:.1} s",
+        stopping.elapsed().as_secs_f64()
+    );
+    drop(lab);
+    println!(
+        "mcs: lab torn down in {:.1} s; whole test {:.1} s",
+        stopping.elapsed().as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// A Service inside one cluster, through the lab's own machinery: its name from CoreDNS,
+/// its VIP from kube-proxy, its endpoints from the EndpointSlice controller, and a pod that
+/// goes NotReady leaves the rotation.
+fn local_service(lab: &TwoClusters, side: Side) -> Result<Vec<(Pod, Proc)>> {
+    let cluster = lab.cluster(side);
+    let client = cluster.client()?;
+    let node = cluster.nodes.first().context("no node")?;
+    let backends = hello_pods(lab, side, &client, 2, "")?;
+    create_hello_service(&client)?;
+    let started = Instant::now();
+    let name = format!("{HELLO}.{NAMESPACE}.svc.cluster.local");
+    let vip = cluster_ip(&client, NAMESPACE, HELLO)?;
+    wait_for(Duration::from_secs(20), || {
+        ensure!(
+            resolve(&node.pod, &name)? == Some(vip),
+            "{name} not yet {vip}"
+        );
+        Ok(())
+    })?;
+    let resolved = started.elapsed();
+    // The name answers once the Service exists; its endpoints follow (EndpointSlice
+    // controller, then kube-proxy).
+    let mut answers = BTreeMap::new();
+    wait_for(Duration::from_secs(20), || {
+        answers = calls(&node.pod, vip, 200)?;
+        for (pod, _) in &backends {
+            ensure!(
+                answers.get(pod.name()).copied().unwrap_or(0) > 0,
+                "{} got no call: {answers:?}",
+                pod.name()
+            );
+        }
+        Ok(())
+    })?;
+    println!(
+        "{}: {name} -> {vip} after {:.2} s; 200 calls all answered after {:.2} s: {answers:?}",
+        side.name(),
+        resolved.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    let pods: Vec<&Pod> = backends.iter().map(|(p, _)| p).collect();
+    let took = Instant::now();
+    let receiver = transfer_via(&node.pod, vip, XFER_PORT, &pods)?;
+    println!(
+        "{}: 8 MiB through {vip}:{XFER_PORT} to {receiver} intact in {:.2} s",
+        side.name(),
+        took.elapsed().as_secs_f64()
+    );
+    let (first, _) = backends.first().context("no backend")?;
+    services::set_pod_ready(&client, NAMESPACE, first.name(), false)?;
+    let out = Instant::now();
+    wait_for(Duration::from_secs(10), || {
+        let answers = calls(&node.pod, vip, 20)?;
+        ensure!(
+            !answers.contains_key(first.name()),
+            "{} still answers: {answers:?}",
+            first.name()
+        );
+        Ok(())
+    })?;
+    println!(
+        "{}: NotReady pod out of the VIP's rotation after {:.2} s",
+        side.name(),
+        out.elapsed().as_secs_f64()
+    );
+    services::set_pod_ready(&client, NAMESPACE, first.name(), true)?;
+    Ok(backends)
+}
+
+/// Discovery: `hello` exported from B and C; from A's pod its `clusterset.local` name
+/// answers the import's VIP, 200 calls through the VIP reach every pod of B and C, and a
+/// checksummed transfer through the VIP arrives intact. Returns the VIP.
+fn discovery(lab: &TwoClusters, backends: &[&Pod]) -> Result<Ipv4Addr> {
+    let a = lab.cluster(Side::A);
+    let node = a.nodes.first().context("no node in A")?;
+    let imports: Api<ServiceImport> = Api::namespaced(a.client()?, NAMESPACE);
+    let name = format!("{HELLO}.{NAMESPACE}.svc.clusterset.local");
+    let exported = Instant::now();
+    for side in [Side::B, Side::C] {
+        mcs::export(&lab.cluster(side).client()?, NAMESPACE, HELLO)?;
+    }
+    let mut vip = None;
+    let took = wait_for(Duration::from_secs(20), || {
+        let import = block_on(imports.get_opt(HELLO))?.context("no ServiceImport in A")?;
+        let ip: Ipv4Addr = import
+            .spec
+            .and_then(|s| s.ips)
+            .and_then(|ips| ips.into_iter().next())
+            .context("the import has no VIP yet")?
+            .parse()
+            .context("the import's VIP")?;
+        let answer = resolve(&node.pod, &name)?;
+        ensure!(answer == Some(ip), "{name} answers {answer:?}, not {ip}");
+        vip = Some(ip);
+        Ok(())
+    })?;
+    let vip = vip.context("no VIP")?;
+    println!(
+        "discovery: {name} -> {vip} in A {:.2} s after the exports",
+        took.as_secs_f64()
+    );
+    let mut answers = BTreeMap::new();
+    wait_for(Duration::from_secs(20), || {
+        answers = calls(&node.pod, vip, 200)?;
+        for pod in backends {
+            ensure!(
+                answers.contains_key(pod.name()),
+                "{} got no call: {answers:?}",
+                pod.name()
+            );
+        }
+        ensure!(
+            answers.len() == backends.len(),
+            "answers from unknown pods: {answers:?}"
+        );
+        Ok(())
+    })?;
+    println!(
+        "discovery: 200 calls through {vip} reach every pod of B and C ({:.2} s after the exports): {answers:?}",
+        exported.elapsed().as_secs_f64()
+    );
+    let took = Instant::now();
+    let receiver = transfer_via(&node.pod, vip, XFER_PORT, backends)?;
+    println!(
+        "discovery: 8 MiB through {vip}:{XFER_PORT} to {receiver} intact in {:.2} s",
+        took.elapsed().as_secs_f64()
+    );
+    Ok(vip)
+}
+
+/// Failover, with a client in A calling the VIP 20 times a second (1 s timeout): B's
+/// pods hang and go NotReady -> the last failed call starts within 2 s (the goal,
+/// printed; asserted: within 6 s and no failure after); only B's API
+/// server down -> no call fails over 30 s.
+fn failover(
+    lab: &TwoClusters,
+    vip: Ipv4Addr,
+    hello_b: &[(Pod, Proc)],
+    hello_c: &[(Pod, Proc)],
+) -> Result<()> {
+    let pod = &lab
+        .cluster(Side::A)
+        .nodes
+        .first()
+        .context("no node in A")?
+        .pod;
+    let b = lab.cluster(Side::B);
+    let client_b = b.client()?;
+    let names = |pods: &[(Pod, Proc)]| -> Vec<String> {
+        pods.iter().map(|(p, _)| p.name().to_owned()).collect()
+    };
+    let (names_b, names_c) = (names(hello_b), names(hello_c));
+
+    // B's servers hang and their readiness probes fail.
+    let load = Load::start(pod, vip, 12)?;
+    std::thread::sleep(Duration::from_secs(2));
+    for (_, server) in hello_b {
+        server.signal("STOP")?;
+    }
+    let event = unix_ms();
+    for (p, _) in hello_b {
+        services::set_pod_ready(&client_b, NAMESPACE, p.name(), false)?;
+    }
+    let results = load.finish()?;
+    ensure!(
+        results
+            .iter()
+            .any(|c| c.start < event && names_b.contains(&c.answer)),
+        "B answered no call before its pods went NotReady: {}",
+        summary(&results)
+    );
+    let last = last_failure_after(&results, event);
+    println!(
+        "failover: B's pods NotReady -> last failed call started {last} ms after (goal 2000 ms; {})",
+        summary(&results)
+    );
+    // The issue's goal is 2 s (printed above); the test asserts that the withdrawal
+    // happened and held, well inside the 10 s of load that follow (a timed goal under a
+    // loaded CI machine would fail for the machine, not the mesh).
+    ensure!(
+        last <= 6000,
+        "a call failed {last} ms after B's pods went NotReady: {}",
+        summary(&results)
+    );
+    ensure!(
+        results
+            .iter()
+            .filter(|c| c.start > event + last)
+            .all(|c| names_c.contains(&c.answer)),
+        "calls after B's withdrawal reached another pod than C's: {}",
+        summary(&results)
+    );
+    for (p, server) in hello_b {
+        server.signal("CONT")?;
+        services::set_pod_ready(&client_b, NAMESPACE, p.name(), true)?;
+    }
+    let took = wait_for(Duration::from_secs(10), || {
+        let answers = calls(pod, vip, 40)?;
+        ensure!(
+            names_b.iter().all(|n| answers.contains_key(n)),
+            "B's pods do not all answer yet: {answers:?}"
+        );
+        Ok(())
+    })?;
+    println!(
+        "failover: B's pods Ready again -> both answer after {:.2} s",
+        took.as_secs_f64()
+    );
+
+    // Only B's API server goes down: its tunnels answer, nothing is withdrawn.
+    b.plane.pause()?;
+    let paused = Load::start(pod, vip, 30).and_then(Load::finish);
+    b.plane.resume()?;
+    let results = paused?;
+    let failed = results.iter().filter(|c| !c.ok).count();
+    println!(
+        "failover: B's API server down 30 s -> {failed} failed calls ({})",
+        summary(&results)
+    );
+    ensure!(
+        failed == 0,
+        "calls failed while only B's API server was down: {}",
+        summary(&results)
+    );
+    ensure!(
+        results.iter().any(|c| names_b.contains(&c.answer)),
+        "B's endpoints were withdrawn while only its API server was down: {}",
+        summary(&results)
+    );
+    Ok(())
+}
+
+/// B's node dies (agent killed, namespaces deleted, its API server down) -> the last
+/// failed call starts within 5 s (the goal, printed; asserted: within 12 s and no failure
+/// after); B's API server comes back, its node does not. B's
+/// controller keeps running, as on a control-plane machine that survived.
+fn node_dies(
+    lab: &mut TwoClusters,
+    services: &mut [ClusterServices],
+    vip: Ipv4Addr,
+    hello_b: Vec<(Pod, Proc)>,
+    names_c: &[String],
+) -> Result<()> {
+    let pod = lab
+        .cluster(Side::A)
+        .nodes
+        .first()
+        .context("no node in A")?
+        .pod
+        .clone();
+    let node_b = lab
+        .cluster(Side::B)
+        .nodes
+        .first()
+        .context("no node in B")?
+        .name
+        .clone();
+    let services_b = services
+        .iter_mut()
+        .find(|s| s.side == Side::B)
+        .context("no Services in B")?;
+
+    let load = Load::start(&pod, vip, 20)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let event = unix_ms();
+    // Everything that ran on the machine stops with it.
+    drop(hello_b);
+    drop(services_b.proxies.remove(&node_b));
+    lab.kill_node(Side::B, &node_b)?;
+    lab.cluster(Side::B).plane.pause()?;
+    let results = load.finish();
+    let resumed = lab.cluster(Side::B).plane.resume();
+    let results = results?;
+    resumed?;
+    services
+        .iter()
+        .find(|s| s.side == Side::B)
+        .context("no Services in B")?
+        .check_alive()?;
+    let last = last_failure_after(&results, event);
+    println!(
+        "failover: B's node dead -> last failed call started {last} ms after (goal 5000 ms; {})",
+        summary(&results)
+    );
+    // The issue's goal is 5 s (printed above); asserted: the dead node's endpoints were
+    // withdrawn and stayed so for the last 6 s of the 18 s of load after its death.
+    ensure!(
+        last <= 12_000,
+        "a call failed {last} ms after B's node died: {}; failures started at (ms after): {:?}",
+        summary(&results),
+        results
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| i128::try_from(c.start).unwrap_or(0) - i128::try_from(event).unwrap_or(0))
+            .collect::<Vec<_>>()
+    );
+    ensure!(
+        results
+            .iter()
+            .filter(|c| c.start > event + last)
+            .all(|c| names_c.contains(&c.answer)),
+        "calls after B's node died reached another pod than C's: {}",
+        summary(&results)
+    );
+
+    Ok(())
+}
+
+/// Conflict: C moves `http` to port 9090 -> `PortConflict` on B's and C's exports
+/// (goal 2 s, printed; asserted within 10 s), the import keeps B's (older) port, which reaches only B; C's Service made
+/// headless -> `TypeConflict`. C's Service is put back at the end.
+fn conflict(lab: &TwoClusters, vip: Ipv4Addr, names_b: &[String]) -> Result<()> {
+    let pod = &lab
+        .cluster(Side::A)
+        .nodes
+        .first()
+        .context("no node in A")?
+        .pod;
+    let client_c = lab.cluster(Side::C).client()?;
+    let exports_b: Api<ServiceExport> = Api::namespaced(lab.cluster(Side::B).client()?, NAMESPACE);
+    let exports_c: Api<ServiceExport> = Api::namespaced(client_c.clone(), NAMESPACE);
+    let imports_a: Api<ServiceImport> = Api::namespaced(lab.cluster(Side::A).client()?, NAMESPACE);
+
+    let changed = Instant::now();
+    services::apply(&client_c, NAMESPACE, &hello_service(9090, false)?)?;
+    let took = wait_for(Duration::from_secs(10), || {
+        expect_condition(&exports_b, "Conflict", "True", "PortConflict")?;
+        expect_condition(&exports_c, "Conflict", "True", "PortConflict")
+    })?;
+    println!(
+        "conflict: C's http on 9090 -> PortConflict on B's and C's exports after {:.2} s (goal 2 s)",
+        took.as_secs_f64()
+    );
+    let import = block_on(imports_a.get(HELLO))?;
+    let ports: Vec<(Option<String>, i32)> = import
+        .spec
+        .map(|s| s.ports.into_iter().map(|p| (p.name, p.port)).collect())
+        .unwrap_or_default();
+    ensure!(
+        ports.contains(&(Some("http".to_owned()), i32::from(PORT))),
+        "the import lost B's older port: {ports:?}"
+    );
+    wait_for(Duration::from_secs(10), || {
+        let answers = calls(pod, vip, 100)?;
+        ensure!(
+            answers.keys().all(|n| names_b.contains(n)),
+            "the import's port reaches others than B: {answers:?}"
+        );
+        Ok(())
+    })?;
+    println!(
+        "conflict: {vip}:{PORT} reaches only B ({:.2} s after C's change)",
+        changed.elapsed().as_secs_f64()
+    );
+
+    // A Service's type cannot change in place: C's is made again, headless.
+    delete_service(&client_c)?;
+    services::apply(&client_c, NAMESPACE, &hello_service(PORT, true)?)?;
+    let took = wait_for(Duration::from_secs(10), || {
+        expect_condition(&exports_c, "Conflict", "True", "TypeConflict")
+    })?;
+    println!(
+        "conflict: C's Service headless -> TypeConflict after {:.2} s",
+        took.as_secs_f64()
+    );
+    delete_service(&client_c)?;
+    services::apply(&client_c, NAMESPACE, &hello_service(PORT, false)?)?;
+    let took = wait_for(Duration::from_secs(10), || {
+        expect_condition(&exports_b, "Conflict", "False", "NoConflicts")?;
+        expect_condition(&exports_c, "Conflict", "False", "NoConflicts")
+    })?;
+    println!(
+        "conflict: C's Service put back -> no conflict after {:.2} s",
+        took.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Headless: `db` exported from B without a ClusterIP; from A,
+/// `db0.cluster-b.db.demo.svc.clusterset.local` resolves to its pod. Returns the pod.
+fn headless(lab: &TwoClusters) -> Result<Pod> {
+    let b = lab.cluster(Side::B);
+    let node = b.nodes.first().context("no node in B")?;
+    let client_b = b.client()?;
+    let db = node.host.add_pod(&format!("{}-db0", node.name))?;
+    bind_pod(
+        &client_b,
+        NAMESPACE,
+        &format!("{}-db0", node.name),
+        &[("app", "db")],
+        &db,
+        &node.name,
+        Some(("db0", "db")),
+    )?;
+    services::apply(
+        &client_b,
+        NAMESPACE,
+        &object::<Service>(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": { "name": "db", "namespace": NAMESPACE },
+            "spec": {
+                "clusterIP": "None",
+                "selector": { "app": "db" },
+                "ports": [{ "name": "tcp", "port": 5432, "protocol": "TCP" }],
+            },
+        }))?,
+    )?;
+    let exported = Instant::now();
+    mcs::export(&client_b, NAMESPACE, "db")?;
+    let a_pod = &lab
+        .cluster(Side::A)
+        .nodes
+        .first()
+        .context("no node in A")?
+        .pod;
+    let name = format!("db0.cluster-b.db.{NAMESPACE}.svc.clusterset.local");
+    wait_for(Duration::from_secs(20), || {
+        let answer = resolve(a_pod, &name)?;
+        ensure!(
+            answer == Some(db.ip()),
+            "{name} answers {answer:?}, not {}",
+            db.ip()
+        );
+        Ok(())
+    })?;
+    println!(
+        "headless: {name} -> {} in A {:.2} s after the export",
+        db.ip(),
+        exported.elapsed().as_secs_f64()
+    );
+    Ok(db)
+}
+
+/// Lifecycle: an ExternalName Service exported -> `Valid=False` (`InvalidServiceType`);
+/// a namespace absent in A -> no import there, created -> imported; that service
+/// unexported everywhere -> import, derived Service and slices gone in A (goal 2 s each,
+/// printed; asserted within 10 s) and the
+/// name answers NXDOMAIN.
+fn lifecycle(lab: &TwoClusters) -> Result<()> {
+    let a = lab.cluster(Side::A);
+    let pod = &a.nodes.first().context("no node in A")?.pod;
+    let client_a = a.client()?;
+    let client_b = lab.cluster(Side::B).client()?;
+
+    let external = "outside";
+    services::apply(
+        &client_b,
+        NAMESPACE,
+        &object::<Service>(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": { "name": external, "namespace": NAMESPACE },
+            "spec": { "type": "ExternalName", "externalName": "example.invalid" },
+        }))?,
+    )?;
+    let exports_b: Api<ServiceExport> = Api::namespaced(client_b.clone(), NAMESPACE);
+    mcs::export(&client_b, NAMESPACE, external)?;
+    let took = wait_for(Duration::from_secs(10), || {
+        expect_named_condition(&exports_b, external, "Valid", "False", "InvalidServiceType")
+    })?;
+    println!(
+        "lifecycle: ExternalName exported -> Valid=False (InvalidServiceType) after {:.2} s",
+        took.as_secs_f64()
+    );
+
+    // Namespace `late` exists in B only: imported in B, not in A; A creates it later.
+    let late = "late";
+    apply_cluster(
+        &client_b,
+        &object::<Namespace>(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": late },
+        }))?,
+    )?;
+    let mut service = hello_service(PORT, false)?;
+    service.metadata.namespace = Some(late.to_owned());
+    services::apply(&client_b, late, &service)?;
+    mcs::export(&client_b, late, HELLO)?;
+    let imports_b: Api<ServiceImport> = Api::namespaced(client_b.clone(), late);
+    let imports_a_late: Api<ServiceImport> = Api::namespaced(client_a.clone(), late);
+    wait_for(Duration::from_secs(10), || {
+        ensure!(
+            block_on(imports_b.get_opt(HELLO))?.is_some(),
+            "B has not imported {late}/{HELLO}"
+        );
+        Ok(())
+    })?;
+    ensure!(
+        block_on(imports_a_late.get_opt(HELLO))?.is_none(),
+        "{late}/{HELLO} imported in A, which has no namespace {late}"
+    );
+    apply_cluster(
+        &client_a,
+        &object::<Namespace>(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": late },
+        }))?,
+    )?;
+    let took = wait_for(Duration::from_secs(10), || {
+        ensure!(
+            block_on(imports_a_late.get_opt(HELLO))?.is_some(),
+            "no import in A's new namespace {late}"
+        );
+        Ok(())
+    })?;
+    println!(
+        "lifecycle: namespace created in A -> {late}/{HELLO} imported after {:.2} s (goal 2 s)",
+        took.as_secs_f64()
+    );
+
+    // Unexport everywhere (B is the only exporter of late/hello).
+    let imports_a = imports_a_late;
+    let derived = block_on(imports_a.get(HELLO))?
+        .metadata
+        .annotations
+        .and_then(|mut a| a.remove(DERIVED_SERVICE_ANNOTATION))
+        .context("the import names no derived Service")?;
+    let services_a: Api<Service> = Api::namespaced(client_a.clone(), late);
+    let slices_a: Api<EndpointSlice> = Api::namespaced(client_a.clone(), late);
+    block_on(
+        Api::<ServiceExport>::namespaced(client_b.clone(), late).delete(HELLO, &Default::default()),
+    )
+    .with_context(|| format!("unexporting {late}/{HELLO}"))?;
+    let name = format!("{HELLO}.{late}.svc.clusterset.local");
+    let took = wait_for(Duration::from_secs(10), || {
+        ensure!(block_on(imports_a.get_opt(HELLO))?.is_none(), "import left");
+        ensure!(
+            block_on(services_a.get_opt(&derived))?.is_none(),
+            "derived Service left"
+        );
+        ensure!(
+            mcs::imported_slices(&slices_a, HELLO)?.is_empty(),
+            "slices left"
+        );
+        Ok(())
+    })?;
+    println!(
+        "lifecycle: unexported -> import, derived Service and slices gone in A after {:.2} s (goal 2 s)",
+        took.as_secs_f64()
+    );
+    let took = wait_for(Duration::from_secs(10), || {
+        let out = pod.exec(&["getent", "ahostsv4", &name])?;
+        // getent: 2 = the name does not exist.
+        ensure!(
+            out.status.code() == Some(2),
+            "{name} still resolves: {}",
+            wiremesh_lab::output_text(&out)
+        );
+        Ok(())
+    })?;
+    println!(
+        "lifecycle: {name} answers NXDOMAIN {:.2} s after the import went",
+        took.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `hello`'s Service: `http` on `port` (to the pods' 8080) and `xfer` on 9000;
+/// `headless` without a ClusterIP.
+fn hello_service(port: u16, headless: bool) -> Result<Service> {
+    let mut spec = serde_json::json!({
+        "selector": { "app": HELLO },
+        "ports": [
+            { "name": "http", "port": port, "protocol": "TCP", "targetPort": PORT },
+            { "name": "xfer", "port": XFER_PORT, "protocol": "TCP", "targetPort": XFER_PORT },
+        ],
+    });
+    if headless {
+        spec["clusterIP"] = "None".into();
+    }
+    object(serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": { "name": HELLO, "namespace": NAMESPACE },
+        "spec": spec,
+    }))
+}
+
+fn delete_service(client: &Client) -> Result<()> {
+    let api: Api<Service> = Api::namespaced(client.clone(), NAMESPACE);
+    block_on(api.delete(HELLO, &Default::default()))
+        .with_context(|| format!("deleting Service {HELLO}"))?;
+    wait_for(Duration::from_secs(10), || {
+        ensure!(block_on(api.get_opt(HELLO))?.is_none(), "still there");
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// Fails unless export `hello`'s condition `type_` has `status` and `reason`.
+fn expect_condition(
+    api: &Api<ServiceExport>,
+    type_: &str,
+    status: &str,
+    reason: &str,
+) -> Result<()> {
+    expect_named_condition(api, HELLO, type_, status, reason)
+}
+
+fn expect_named_condition(
+    api: &Api<ServiceExport>,
+    name: &str,
+    type_: &str,
+    status: &str,
+    reason: &str,
+) -> Result<()> {
+    let export = block_on(api.get(name))?;
+    let conditions = export.status.and_then(|s| s.conditions).unwrap_or_default();
+    let c = conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .with_context(|| format!("{name}: no {type_} condition in {conditions:?}"))?;
+    ensure!(
+        c.status == status && c.reason == reason,
+        "{name}: {type_} is {} ({}: {}), expected {status} ({reason})",
+        c.status,
+        c.reason,
+        c.message
+    );
+    Ok(())
+}
+
+/// A client in A's pod: `wm-hello get` at 20 calls a second with a 1 s timeout.
+struct Load {
+    client: Proc,
+    seconds: u64,
+}
+
+/// One call of a [`Load`]: when it started (Unix ms), whether it succeeded, and the pod
+/// that answered (or the reason it failed).
+struct Call {
+    start: u128,
+    ok: bool,
+    answer: String,
+}
+
+impl Load {
+    fn start(pod: &Pod, vip: Ipv4Addr, seconds: u64) -> Result<Self> {
+        let hello = services::hello_binary()?;
+        let to = SocketAddr::from((vip, PORT)).to_string();
+        let count = (seconds * 20).to_string();
+        let client = pod.spawn(&[
+            hello.to_str().context("path")?,
+            "get",
+            "--to",
+            &to,
+            "--count",
+            &count,
+            "--interval-ms",
+            "50",
+            "--timeout-ms",
+            "1000",
+        ])?;
+        Ok(Self { client, seconds })
+    }
+
+    fn finish(self) -> Result<Vec<Call>> {
+        let out = self
+            .client
+            .wait_with_timeout(Duration::from_secs(self.seconds + 10))?;
+        let mut calls = Vec::new();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let mut fields = line.splitn(4, ' ');
+            let (Some(start), Some(_end), Some(verdict), Some(answer)) =
+                (fields.next(), fields.next(), fields.next(), fields.next())
+            else {
+                anyhow::bail!("wm-hello get printed {line:?}");
+            };
+            calls.push(Call {
+                start: start.parse().context("a call's start")?,
+                ok: verdict == "ok",
+                answer: answer.to_owned(),
+            });
+        }
+        calls.sort_by_key(|c| c.start);
+        ensure!(
+            calls.len() as u64 == self.seconds * 20,
+            "{} calls of {}: {}",
+            calls.len(),
+            self.seconds * 20,
+            wiremesh_lab::output_text(&out)
+        );
+        Ok(calls)
+    }
+}
+
+/// How long after `event` (Unix ms) the last failed call started; 0 if none did after it.
+fn last_failure_after(calls: &[Call], event: u128) -> u128 {
+    calls
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| c.start.saturating_sub(event))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Calls per answering pod, failures per reason.
+fn summary(calls: &[Call]) -> String {
+    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+    for c in calls {
+        let key = if c.ok {
+            c.answer.clone()
+        } else {
+            format!("fail: {}", c.answer)
+        };
+        *counts.entry(key).or_insert(0) += 1;
+    }
+    format!("{counts:?}")
+}
+
+fn unix_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+/// Creates namespace `demo` (if absent).
+fn create_namespace(client: &Client) -> Result<()> {
+    apply_cluster(
+        client,
+        &object::<Namespace>(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": NAMESPACE },
+        }))?,
+    )?;
+    Ok(())
+}
+
+/// `count` pods behind `side`'s first node running `wm-hello` (named after their pod),
+/// with Pod objects labelled `app=hello` in namespace `demo` (created if absent).
+fn hello_pods(
+    lab: &TwoClusters,
+    side: Side,
+    client: &Client,
+    count: usize,
+    tag: &str,
+) -> Result<Vec<(Pod, Proc)>> {
+    let node = lab.cluster(side).nodes.first().context("no node")?;
+    create_namespace(client)?;
+    let hello = services::hello_binary()?;
+    let hello = hello.to_str().context("path")?.to_owned();
+    let mut pods = Vec::new();
+    for i in 0..count {
+        let name = format!("{}-hello{tag}{i}", node.name);
+        let pod = node.host.add_pod(&name)?;
+        let listen = SocketAddr::from((pod.ip(), PORT)).to_string();
+        let server = pod.spawn(&[&hello, "serve", "--listen", &listen, "--name", &name])?;
+        bind_pod(
+            client,
+            NAMESPACE,
+            &name,
+            &[("app", HELLO)],
+            &pod,
+            &node.name,
+            None,
+        )?;
+        pods.push((pod, server));
+    }
+    Ok(pods)
+}
+
+fn create_hello_service(client: &Client) -> Result<Service> {
+    services::apply(client, NAMESPACE, &hello_service(PORT, false)?)
+}
+
+/// `getent ahostsv4 name` in `pod`: the first address, `None` when it does not resolve.
+fn resolve(pod: &Pod, name: &str) -> Result<Option<Ipv4Addr>> {
+    let out = pod.exec(&["getent", "ahostsv4", name])?;
+    if !out.status.success() {
+        return Ok(None);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|a| a.parse().ok()))
+}
+
+/// `count` calls of `wm-hello get` to `vip:8080` from `pod`, 5 ms apart: answers by name;
+/// any failure is an error.
+fn calls(pod: &Pod, vip: Ipv4Addr, count: u32) -> Result<BTreeMap<String, u32>> {
+    let hello = services::hello_binary()?;
+    let to = SocketAddr::from((vip, PORT)).to_string();
+    let count_s = count.to_string();
+    let out = pod.exec_ok(&[
+        hello.to_str().context("path")?,
+        "get",
+        "--to",
+        &to,
+        "--count",
+        &count_s,
+        "--interval-ms",
+        "5",
+    ])?;
+    let mut answers = BTreeMap::new();
+    for line in out.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            [_, _, "ok", name] => *answers.entry((*name).to_owned()).or_insert(0) += 1,
+            _ => anyhow::bail!("a call to {to} failed: {line}"),
+        }
+    }
+    Ok(answers)
+}
+
+/// Waits until every node's pod reaches every other cluster's; returns how long it took.
+fn converge(lab: &TwoClusters) -> Result<Duration> {
+    let start = Instant::now();
+    let nodes: Vec<_> = lab.all_nodes().collect();
+    for x in &nodes {
+        for y in nodes.iter().filter(|y| y.side != x.side) {
+            wait_for(CONVERGE, || {
+                ensure!(reachable(&x.pod, y.pod.ip())?, "{} -> {}", x.name, y.name);
+                Ok(())
+            })?;
+        }
+    }
+    Ok(start.elapsed())
+}
+
+/// Sends 8 MiB with `wm-xfer` from `from` to `vip:port`, with a receiver on every pod of
+/// `backends` (whichever kube-proxy picks takes it); checks byte count and SHA-256 agree.
+fn transfer_via(from: &Pod, vip: Ipv4Addr, port: u16, backends: &[&Pod]) -> Result<String> {
+    let xfer = wiremesh_lab::xfer_binary()?;
+    let xfer = xfer.to_str().context("path")?;
+    let mut receivers = Vec::new();
+    for pod in backends {
+        let listen = SocketAddr::from((pod.ip(), port)).to_string();
+        receivers.push((
+            pod.name().to_owned(),
+            pod.spawn(&[xfer, "recv", "--listen", &listen, "--timeout", "60"])?,
+        ));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let to = SocketAddr::from((vip, port)).to_string();
+    let bytes = (8 * wiremesh_lab::MIB).to_string();
+    let sent = from.exec_ok(&[
+        xfer,
+        "send",
+        "--to",
+        &to,
+        "--bytes",
+        &bytes,
+        "--timeout",
+        "60",
+    ])?;
+    let sent = sent.trim().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        for (name, receiver) in &receivers {
+            if !receiver.is_running() {
+                let got = receiver.stdout();
+                ensure!(
+                    got.trim() == sent,
+                    "through {to}: sent {sent}, {name} received {}",
+                    got.trim()
+                );
+                return Ok(name.clone());
+            }
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no receiver finished the transfer through {to}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
