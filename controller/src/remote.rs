@@ -909,15 +909,17 @@ fn truncate(mut text: String, max: usize) -> String {
     text
 }
 
-/// Exponential delays between watch restarts, from `min` doubling to `max`.
-struct Backoff {
+/// Exponential delays between watch restarts, from `min` doubling to `max`. Also a
+/// `kube` watcher backoff (`WatchStreamExt::backoff`), so that every watch of a linked
+/// cluster retries on the same schedule (`Timing::watch_backoff_min` to `watch_backoff_max`).
+pub(crate) struct Backoff {
     min: Duration,
     max: Duration,
     next: Duration,
 }
 
 impl Backoff {
-    fn new(min: Duration, max: Duration) -> Self {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
         Self {
             min,
             max,
@@ -933,6 +935,20 @@ impl Backoff {
 
     fn reset(&mut self) {
         self.next = self.min;
+    }
+}
+
+impl Iterator for Backoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        Some(self.next_delay())
+    }
+}
+
+impl kube::runtime::utils::Backoff for Backoff {
+    fn reset(&mut self) {
+        Backoff::reset(self);
     }
 }
 
@@ -1168,6 +1184,18 @@ mod tests {
             }
         });
         (url, written)
+    }
+
+    #[test]
+    fn backoff_doubles_and_resets_as_a_watcher_backoff_too() {
+        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(2));
+        let first: Vec<Duration> = b.by_ref().take(4).collect();
+        assert_eq!(
+            first,
+            [500, 1000, 2000, 2000].map(Duration::from_millis).to_vec()
+        );
+        kube::runtime::utils::Backoff::reset(&mut b);
+        assert_eq!(b.next(), Some(Duration::from_millis(500)));
     }
 
     #[test]

@@ -75,7 +75,13 @@ pub(crate) async fn watch_exports(shared: Arc<Shared>, name: String, credentials
                 .timeout(WATCH_TIMEOUT_SECS)
                 .page_size(PAGE_SIZE),
         )
-        .default_backoff();
+        // The MeshNode link's schedule (at most 5 s), not kube's default (up to 30 s):
+        // after the peer's API server comes back, its exports are read again within
+        // seconds.
+        .backoff(crate::remote::Backoff::new(
+            shared.timing.watch_backoff_min,
+            shared.timing.watch_backoff_max,
+        ));
         futures::pin_mut!(stream);
         let mut kept = Objects::default();
         let mut listing: Option<Objects> = None;
