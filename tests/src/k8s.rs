@@ -388,6 +388,34 @@ pub fn write_kubeconfig(planes: &[&ControlPlane], current: &str) -> Result<PathB
     Ok(path)
 }
 
+/// Two control planes, cluster-a (pod CIDR 10.1.0.0/16) and cluster-b (10.2.0.0/16), with
+/// Wiremesh installed and linked by `meshctl join cluster-b` run against cluster-a; the
+/// merged kubeconfig (current context cluster-a). No agents, no controllers.
+///
+/// # Errors
+/// When a plane does not start, an install fails or `meshctl join` fails (its output
+/// in the error).
+pub fn joined_planes() -> Result<(Vec<ControlPlane>, PathBuf)> {
+    let planes = ControlPlane::start_all(&["cluster-a", "cluster-b"])?;
+    let [a, b] = planes.as_slice() else {
+        bail!("{} control planes started, not 2", planes.len())
+    };
+    a.install(&["10.1.0.0/16"])?;
+    b.install(&["10.2.0.0/16"])?;
+    let kubeconfig = write_kubeconfig(&[a, b], "cluster-a")?;
+    let out = meshctl(
+        &["--kubeconfig", path_str(&kubeconfig)?, "join", "cluster-b"],
+        &[],
+    )?;
+    ensure!(
+        out.status.success(),
+        "meshctl join failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((planes, kubeconfig))
+}
+
 /// Installs Wiremesh in the cluster of `client` as `cluster_name` with `pod_cidrs`
 /// (`wiremesh_controller::install::install`).
 ///

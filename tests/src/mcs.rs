@@ -3,7 +3,7 @@
 //! kube-controller-manager outside `mcs.rs`), a ServiceExport, and the slices an import
 //! holds.
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, ensure};
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams, PostParams};
@@ -97,4 +97,31 @@ pub fn endpoint_ready(slices: &[EndpointSlice], address: &str) -> Option<bool> {
         .flat_map(|s| &s.endpoints)
         .find(|e| e.addresses.iter().any(|a| a == address))
         .map(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+}
+
+/// Checks that ServiceExport `name` has condition `type_` with `status` and `reason`.
+///
+/// # Errors
+/// When the export or the condition is missing, or differs (the message says how).
+pub fn expect_condition(
+    api: &Api<ServiceExport>,
+    name: &str,
+    type_: &str,
+    status: &str,
+    reason: &str,
+) -> Result<()> {
+    let export = block_on(api.get(name))?;
+    let conditions = export.status.and_then(|s| s.conditions).unwrap_or_default();
+    let c = conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .with_context(|| format!("{name}: no {type_} condition in {conditions:?}"))?;
+    ensure!(
+        c.status == status && c.reason == reason,
+        "{name}: {type_} is {} ({}: {}), expected {status} ({reason})",
+        c.status,
+        c.reason,
+        c.message
+    );
+    Ok(())
 }

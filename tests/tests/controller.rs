@@ -26,7 +26,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use wiremesh_lab::clusters::wait_for;
 use wiremesh_lab::fixtures::mesh_node;
-use wiremesh_lab::k8s::{ControlPlane, block_on, create_node, meshctl, write_kubeconfig};
+use wiremesh_lab::k8s::{ControlPlane, block_on, create_node, joined_planes};
 use wiremesh_lab::replica::Replica;
 use wiremesh_proto::crd::{
     MeshNode, MeshNodeKind, MeshPeer, PEER_CLUSTER_FINALIZER, PEER_CLUSTER_LABEL, PeerCluster,
@@ -46,21 +46,8 @@ const STALE: Duration = Duration::from_secs(60);
 
 #[test]
 fn controller_mirrors_refuses_fails_static_and_fails_over() -> Result<()> {
-    let planes = ControlPlane::start_all(&["cluster-a", "cluster-b"])?;
+    let (planes, kubeconfig) = joined_planes()?;
     let (a, b) = (&planes[0], &planes[1]);
-    a.install(&["10.1.0.0/16"])?;
-    b.install(&["10.2.0.0/16"])?;
-    let kubeconfig = write_kubeconfig(&[a, b], "cluster-a")?;
-    let kc = kubeconfig
-        .to_str()
-        .context("the kubeconfig's path is not UTF-8")?;
-    let out = meshctl(&["--kubeconfig", kc, "join", "cluster-b"], &[])?;
-    ensure!(
-        out.status.success(),
-        "meshctl join failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 
     let mut replicas = Vec::new();
     let result = scenario(a, b, &kubeconfig, &mut replicas);

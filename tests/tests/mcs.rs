@@ -562,7 +562,7 @@ fn lifecycle(lab: &TwoClusters) -> Result<()> {
     let exports_b: Api<ServiceExport> = Api::namespaced(client_b.clone(), NAMESPACE);
     mcs::export(&client_b, NAMESPACE, external)?;
     let took = wait_for(Duration::from_secs(10), || {
-        expect_named_condition(&exports_b, external, "Valid", "False", "InvalidServiceType")
+        mcs::expect_condition(&exports_b, external, "Valid", "False", "InvalidServiceType")
     })?;
     println!(
         "lifecycle: ExternalName exported -> Valid=False (InvalidServiceType) after {:.2} s",
@@ -697,30 +697,7 @@ fn expect_condition(
     status: &str,
     reason: &str,
 ) -> Result<()> {
-    expect_named_condition(api, HELLO, type_, status, reason)
-}
-
-fn expect_named_condition(
-    api: &Api<ServiceExport>,
-    name: &str,
-    type_: &str,
-    status: &str,
-    reason: &str,
-) -> Result<()> {
-    let export = block_on(api.get(name))?;
-    let conditions = export.status.and_then(|s| s.conditions).unwrap_or_default();
-    let c = conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .with_context(|| format!("{name}: no {type_} condition in {conditions:?}"))?;
-    ensure!(
-        c.status == status && c.reason == reason,
-        "{name}: {type_} is {} ({}: {}), expected {status} ({reason})",
-        c.status,
-        c.reason,
-        c.message
-    );
-    Ok(())
+    mcs::expect_condition(api, HELLO, type_, status, reason)
 }
 
 /// A client in A's pod: `wm-hello get` at 20 calls a second with a 1 s timeout.

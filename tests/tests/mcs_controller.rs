@@ -14,14 +14,16 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use anyhow::{Result, anyhow, bail, ensure};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt as _};
-use wiremesh_lab::k8s::{ControlPlane, block_on, meshctl, write_kubeconfig};
-use wiremesh_lab::mcs::{create_namespace, create_service, export, imported_slices};
+use wiremesh_lab::k8s::{block_on, joined_planes};
+use wiremesh_lab::mcs::{
+    create_namespace, create_service, expect_condition, export, imported_slices,
+};
 use wiremesh_lab::replica::Replica;
 use wiremesh_proto::crd::{MeshServiceExport, MeshServiceExportSpec};
 use wiremesh_proto::mcs::{
@@ -37,21 +39,8 @@ const NS: &str = "demo";
 #[test]
 fn services_are_exported_imported_conflict_refused_and_withdrawn() -> Result<()> {
     let started = Instant::now();
-    let planes = ControlPlane::start_all(&["cluster-a", "cluster-b"])?;
+    let (planes, kubeconfig) = joined_planes()?;
     let (a, b) = (&planes[0], &planes[1]);
-    a.install(&["10.1.0.0/16"])?;
-    b.install(&["10.2.0.0/16"])?;
-    let kubeconfig = write_kubeconfig(&[a, b], "cluster-a")?;
-    let kc = kubeconfig
-        .to_str()
-        .context("the kubeconfig's path is not UTF-8")?;
-    let out = meshctl(&["--kubeconfig", kc, "join", "cluster-b"], &[])?;
-    ensure!(
-        out.status.success(),
-        "meshctl join failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
     let replicas = [
         replica(&kubeconfig, a.dir(), "cluster-a")?,
         replica(&kubeconfig, b.dir(), "cluster-b")?,
@@ -299,29 +288,6 @@ fn rogue_export(addresses: &[&str]) -> MeshServiceExport {
             },
         },
     )
-}
-
-fn expect_condition(
-    api: &Api<ServiceExport>,
-    name: &str,
-    type_: &str,
-    status: &str,
-    reason: &str,
-) -> Result<()> {
-    let export = block_on(api.get(name))?;
-    let conditions = export.status.and_then(|s| s.conditions).unwrap_or_default();
-    let c = conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .ok_or_else(|| anyhow!("{name}: no {type_} condition in {conditions:?}"))?;
-    ensure!(
-        c.status == status && c.reason == reason,
-        "{name}: {type_} is {} ({}: {}), expected {status} ({reason})",
-        c.status,
-        c.reason,
-        c.message
-    );
-    Ok(())
 }
 
 fn expect_conditions(
