@@ -301,6 +301,7 @@ start_attempt() {
     --disable-admission-plugins=ServiceAccount
     --allow-privileged=true
     --profiling=false
+    --shutdown-watch-termination-grace-period=2s
     "${extra[@]}")
   # `resume` starts the very same command again (same ports, certificates, flags).
   (umask 077 && printf '%s\0' "${args[@]}" >"$dir/apiserver.args")

@@ -269,12 +269,12 @@ impl BareHost {
 pub struct Cluster {
     /// Which one.
     pub side: Side,
-    /// Its control plane.
-    pub plane: ControlPlane,
     /// Its nodes, in order of creation.
     pub nodes: Vec<ClusterNode>,
     /// Its controller replicas.
     pub controllers: Vec<Controller>,
+    /// Its control plane (dropped after the agents and controllers that watch it).
+    pub plane: ControlPlane,
 }
 
 impl Cluster {
