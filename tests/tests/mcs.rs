@@ -83,10 +83,14 @@ fn multi_cluster_services() -> Result<()> {
     conflict(&lab, vip, &names_b)?;
     lifecycle(&lab)?;
     failover(&lab, vip, &hello_b, &hello_c)?;
-    // The node-death failover fails about one run in four (some calls still reach the
-    // dead node 9-17 s after its death, though it was withdrawn at ~4 s in the other
-    // runs: the unreachable verdict seems to flap). Until that is found, it runs only when
-    // asked: `WIREMESH_MCS_NODE_DEATH=1`.
+    // The node-death failover fails about one run in four to six: besides the calls to the
+    // dead node, which all stop 4-5 s after its death, one to ten calls fail 7-17 s after
+    // it. Those did not reach the dead node: polling A's kube-proxy rules every 100 ms
+    // showed B's endpoints withdrawn at 4.5-5.4 s and never back, the unreachable verdict
+    // did not flap (the controllers log no "reachable again"), no TUN device dropped a
+    // packet and the agent's UDP socket never had more than 1 KiB queued. They are calls to
+    // C's pods that time out (1 s) while the machine is loaded. Until that is explained,
+    // it runs only when asked: `WIREMESH_MCS_NODE_DEATH=1`.
     if std::env::var_os("WIREMESH_MCS_NODE_DEATH").is_some() {
         let names_c: Vec<String> = hello_c.iter().map(|(p, _)| p.name().to_owned()).collect();
         node_dies(&mut lab, &mut services, vip, hello_b, &names_c)?;
