@@ -32,7 +32,7 @@ use kube::{Client, ResourceExt as _};
 use rand_core::{OsRng, RngCore as _};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
-use wiremesh_lab::k8s::{self, ControlPlane, block_on, block_on_timeout};
+use wiremesh_lab::k8s::{self, ControlPlane, block_on_timeout};
 use wiremesh_lab::replica::Replica;
 use wiremesh_proto::crd::{MeshNode, MeshPeer, mesh_peer_name};
 
@@ -54,6 +54,9 @@ const BETWEEN_CHANGES: Duration = Duration::from_millis(500);
 /// Time given to the restarted controller and to the links after an outage to show
 /// needless rewrites, once the probe change has converged.
 const CHURN_WINDOW: Duration = Duration::from_secs(15);
+/// Longest a single write of the bench may take (kube-apiserver's own request timeout is
+/// 60 s): an API server that hangs fails the step instead of wedging it.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -316,6 +319,20 @@ fn run_step(options: &Options, step: Step, report: &mut StepReport) -> Result<()
         started.elapsed()
     );
 
+    // What one agent's status write weighs: every agent of a cluster writes one when a
+    // remote node changes, and every 300 s otherwise.
+    let status_bytes = serde_json::to_vec(&status_body(&lock(&clusters[0].board)))?.len();
+    report.set(
+        "status_writes",
+        json!({
+            "bytes_per_write": status_bytes,
+            "tunnels_per_write": lock(&clusters[0].board).peers.len().min(MAX_STATUS_PEERS),
+            "writes_per_remote_change": (clusters.len() - 1) * step.nodes,
+            "bytes_per_remote_change": (clusters.len() - 1) * step.nodes * status_bytes,
+            "refresh_bytes_per_s_per_cluster": round((step.nodes * status_bytes) as f64 / AGENT_REFRESH.as_secs_f64(), 0),
+            "enabled": options.status_writes,
+        }),
+    );
     // The initial status storm (every agent's tunnels changed) passes before the window.
     interrupt::sleep(AGENT_TICK + Duration::from_secs(5))?;
     let steady = steady_state(clusters, options.steady)?;
@@ -388,13 +405,13 @@ fn populate(clusters: &mut [Cluster], nodes: usize) -> Result<()> {
             jobs.push((cluster.client.clone(), cluster.index, j, key));
         }
     }
-    block_on(async {
+    block_on_timeout(Duration::from_secs(30 * 60), async {
         futures::stream::iter(jobs)
             .map(|(client, i, j, key)| async move { create_node(&client, i, j, &key).await })
             .buffer_unordered(POPULATE_CONCURRENCY)
             .try_collect::<Vec<()>>()
             .await
-    })?;
+    })??;
     Ok(())
 }
 
@@ -697,7 +714,6 @@ fn api_rates(name: &str, before: &Scrape, after: &Scrape) -> Value {
     .into_iter()
     .filter(|(_, v)| *v > 0.0)
     .collect();
-    let registered = promtext::sum(&after.samples, "apiserver_registered_watchers", |_| true);
     json!({
         "cluster": name,
         "requests_per_s": total(&requests),
@@ -711,15 +727,15 @@ fn api_rates(name: &str, before: &Scrape, after: &Scrape) -> Value {
         "request_body_bytes_per_s_by_resource": bodies,
         "watches": total(&watches),
         "watches_by_resource": watches,
-        "registered_watchers": registered,
     })
 }
 
-/// A controller's figures over a window: CPU, memory, bytes through its sockets.
+/// A controller's figures over a window: CPU and memory. (Its socket bytes are not in
+/// `/proc/<pid>/io`: tokio reads and writes sockets with recv(2)/send(2), which it does
+/// not count; the API servers' figures stand in for them.)
 struct ProcWindow {
     pid: u32,
     cpu: f64,
-    io: (u64, u64),
     at: Instant,
 }
 
@@ -728,7 +744,6 @@ impl ProcWindow {
         Ok(Self {
             pid,
             cpu: procfs::cpu_seconds(pid)?,
-            io: proc_io(pid)?,
             at: Instant::now(),
         })
     }
@@ -736,28 +751,11 @@ impl ProcWindow {
     fn read(&self) -> Result<Value> {
         let wall = self.at.elapsed().as_secs_f64().max(1e-9);
         let cpu = procfs::cpu_seconds(self.pid)? - self.cpu;
-        let (read, written) = proc_io(self.pid)?;
         Ok(json!({
             "cpu_cores": round(cpu / wall, 4),
             "rss_mib": round(procfs::rss_mib(self.pid)?, 1),
-            "read_bytes_per_s": round((read - self.io.0) as f64 / wall, 0),
-            "written_bytes_per_s": round((written - self.io.1) as f64 / wall, 0),
         }))
     }
-}
-
-/// `rchar` and `wchar` of `/proc/<pid>/io`: bytes through read(2)/write(2) and friends,
-/// sockets included (the controller's log is a few lines at `warn`).
-fn proc_io(pid: u32) -> Result<(u64, u64)> {
-    let path = format!("/proc/{pid}/io");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let field = |name: &str| -> Result<u64> {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| anyhow!("{path} has no {name}"))
-    };
-    Ok((field("rchar")?, field("wchar")?))
 }
 
 fn controller_pid(cluster: &Cluster) -> Result<u32> {
@@ -892,26 +890,32 @@ fn latencies(clusters: &mut [Cluster], nodes: usize, options: &Options) -> Resul
             let started = Instant::now();
             match kind {
                 Kind::Create => {
-                    block_on(create_node(&client, origin, nodes + s, &key))?;
+                    block_on_timeout(
+                        WRITE_TIMEOUT,
+                        create_node(&client, origin, nodes + s, &key),
+                    )??;
                     made.push((origin, node.clone()));
                 }
                 Kind::KeyChange => {
-                    block_on(Api::<MeshNode>::all(client).patch(
-                        &node,
-                        &PatchParams::default(),
-                        &Patch::Merge(json!({ "spec": { "publicKey": key } })),
-                    ))
+                    block_on_timeout(
+                        WRITE_TIMEOUT,
+                        Api::<MeshNode>::all(client).patch(
+                            &node,
+                            &PatchParams::default(),
+                            &Patch::Merge(json!({ "spec": { "publicKey": key } })),
+                        ),
+                    )?
                     .with_context(|| format!("changing the key of MeshNode {node}"))?;
                 }
                 Kind::Delete => {
-                    block_on(async {
+                    block_on_timeout(WRITE_TIMEOUT, async {
                         Api::<MeshNode>::all(client.clone())
                             .delete(&node, &DeleteParams::default())
                             .await?;
                         Api::<Node>::all(client)
                             .delete(&node, &DeleteParams::default())
                             .await
-                    })
+                    })?
                     .with_context(|| format!("deleting {node}"))?;
                 }
             }
@@ -1001,11 +1005,14 @@ fn restart(
     clusters[0].controller = Some(replica);
     let node = node_name(0);
     let key = fresh_key();
-    block_on(Api::<MeshNode>::all(clusters[1].client.clone()).patch(
-        &node,
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "spec": { "publicKey": key } })),
-    ))?;
+    block_on_timeout(
+        WRITE_TIMEOUT,
+        Api::<MeshNode>::all(clusters[1].client.clone()).patch(
+            &node,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "publicKey": key } })),
+        ),
+    )??;
     clusters[1].nodes.insert(node.clone(), key.clone());
     let peer = mesh_peer_name(&clusters[1].name, &node);
     wait_until(
