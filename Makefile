@@ -6,7 +6,7 @@ CARGO ?= cargo
 CARGO_FLAGS ?=
 export KEEP
 
-.PHONY: all build deps demo test lint unit e2e fmt clean-lab bench bench-scale manifests image fuzz
+.PHONY: all build deps demo test lint unit e2e fmt clean-lab bench bench-scale bench-mesh manifests image fuzz
 
 all: build
 
@@ -59,6 +59,16 @@ bench-scale:
 	@scripts/deps.sh
 	$(CARGO) build --release -p wiremesh-agent -p wiremesh-bench --bins
 	$(CARGO) run --release -q -p wiremesh-bench -- scale
+
+# The mesh at scale (bench/README.md): K real control planes of N simulated nodes, the real
+# controller in each, every pair joined; bench/results/mesh.json and mesh.png. Needs the
+# Kubernetes binaries (scripts/deps.sh --k8s). Not part of `make test`.
+bench-mesh:
+	@scripts/deps.sh --k8s
+	$(CARGO) build --release -p wiremesh-controller -p wiremesh-bench --bins
+	WIREMESH_CONTROLLER_BIN=$(TARGET_DIR)/release/wiremesh-controller \
+	WIREMESH_MESHCTL_BIN=$(TARGET_DIR)/release/meshctl \
+	  $(CARGO) run --release -q -p wiremesh-bench -- mesh
 
 # deploy/: the CRDs from the Rust types, the alerting rules copied into the chart, then
 # deploy/wiremesh.yaml rendered from the Helm chart with its default values (a test checks

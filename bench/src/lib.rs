@@ -4,6 +4,8 @@
 //!   wireguard-go and boringtun-cli, in one lab, alternating round by round (`make bench`).
 //! - [`scale`]: the agent with thousands of peers, and how soon a peer added through the
 //!   UAPI passes its first packet (`make bench-scale`).
+//! - [`mesh`]: K real control planes with N simulated nodes each and the real controller:
+//!   how fast a node change reaches every cluster, and what it costs (`make bench-mesh`).
 //! - `core/benches/packet_path.rs` (in `wiremesh-core`): criterion micro-benchmarks of the core without I/O.
 //!
 //! Everything runs inside the namespace lab of `wiremesh_lab` (underlay 198.18.0.0/16,
@@ -13,9 +15,12 @@ pub mod chart;
 pub mod compare;
 pub mod interrupt;
 pub mod measure;
+pub mod mesh;
+pub mod mesh_chart;
 pub mod micro;
 pub mod netns;
 pub mod procfs;
+pub mod promtext;
 pub mod report;
 pub mod responder;
 pub mod scale;

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use wiremesh_bench::compare::{self, Options};
 use wiremesh_bench::tools::{Toolbox, default_tools_dir};
 use wiremesh_bench::tunnel::Impl;
-use wiremesh_bench::{chart, interrupt, progress, scale};
+use wiremesh_bench::{chart, interrupt, mesh, mesh_chart, progress, scale};
 
 /// Wiremesh benchmarks against plain veth routing, wireguard-go and boringtun-cli.
 #[derive(Parser)]
@@ -78,6 +78,39 @@ enum Command {
         #[arg(long, env = "BENCH_FIRST_PACKET_RUNS", default_value_t = 5)]
         first_packet_runs: u32,
         /// Where scale.json goes.
+        #[arg(long, env = "BENCH_OUT", default_value = "bench/results")]
+        out: PathBuf,
+    },
+    /// The mesh at scale: K control planes of N simulated nodes each, the real controller
+    /// in each, every pair joined; print the table, write `<out>/mesh.json` and `mesh.png`.
+    Mesh {
+        /// The steps, CLUSTERSxNODES, comma-separated.
+        #[arg(
+            long,
+            env = "BENCH_MESH_STEPS",
+            value_delimiter = ',',
+            default_value = "2x50,5x200,10x500"
+        )]
+        steps: Vec<mesh::Step>,
+        /// Changes timed of each kind (creation, key change, deletion) per step.
+        #[arg(long, env = "BENCH_MESH_CHANGES", default_value_t = 20)]
+        changes: usize,
+        /// Seconds of the steady-state window.
+        #[arg(long, env = "BENCH_MESH_STEADY_SECS", default_value_t = 30)]
+        steady_secs: u64,
+        /// Simulated agents per cluster holding a MeshPeer watch of their own.
+        #[arg(long, env = "BENCH_MESH_WATCHERS", default_value_t = 5)]
+        watchers: usize,
+        /// Whether the simulated agents write their status (`false`: no status writes).
+        #[arg(long, env = "BENCH_MESH_STATUS", default_value_t = true, action = clap::ArgAction::Set)]
+        status: bool,
+        /// Seconds of the remote API server outage.
+        #[arg(long, env = "BENCH_MESH_OUTAGE_SECS", default_value_t = 20)]
+        outage_secs: u64,
+        /// Longest wait, in seconds, for any convergence.
+        #[arg(long, env = "BENCH_MESH_TIMEOUT", default_value_t = 300)]
+        timeout: u64,
+        /// Where mesh.json and mesh.png go.
         #[arg(long, env = "BENCH_OUT", default_value = "bench/results")]
         out: PathBuf,
     },
@@ -154,6 +187,35 @@ fn try_main() -> Result<()> {
             write_json(&path, &report)?;
             print(&table)?;
             progress!("wrote {}", path.display());
+        }
+        Command::Mesh {
+            steps,
+            changes,
+            steady_secs,
+            watchers,
+            status,
+            outage_secs,
+            timeout,
+            out,
+        } => {
+            interrupt::install()?;
+            let options = mesh::Options {
+                steps,
+                changes: changes.max(1),
+                steady: Duration::from_secs(steady_secs.max(1)),
+                watchers,
+                status_writes: status,
+                outage: Duration::from_secs(outage_secs.max(1)),
+                timeout: Duration::from_secs(timeout.max(10)),
+            };
+            let (report, table) = mesh::run(&options)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let path = out.join("mesh.json");
+            write_json(&path, &report)?;
+            let png = out.join("mesh.png");
+            mesh_chart::render(&report, &png)?;
+            print(&table)?;
+            progress!("wrote {} and {}", path.display(), png.display());
         }
         Command::Chart { json, png } => {
             let text = std::fs::read_to_string(&json)

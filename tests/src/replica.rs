@@ -67,6 +67,11 @@ impl Replica {
         })
     }
 
+    /// Its process id (for `/proc` figures).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Its whole log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
