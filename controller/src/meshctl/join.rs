@@ -99,7 +99,7 @@ pub(crate) async fn install(
     say(format!("{context}: Namespace {SYSTEM_NAMESPACE} applied"));
     say(format!(
         "{context}: ConfigMap {SYSTEM_NAMESPACE}/{} applied: clusterName={cluster_name} podCIDRs={} hostCIDRs={} serviceCIDRs={} meshCIDRs={}",
-        wiremesh_proto::crd::CLUSTER_CONFIGMAP,
+        CLUSTER_CONFIGMAP,
         comma_list(pod_cidrs),
         comma_list(&info.host_cidrs),
         comma_list(&info.service_cidrs),
