@@ -13,6 +13,7 @@ use kube::ResourceExt as _;
 use wiremesh_proto::IpCidr;
 use wiremesh_proto::crd::PeerCluster;
 
+use super::common::comma_list;
 use crate::install::ClusterInfo;
 
 /// The widest IPv4 range join grants (`/8`): a whole class-A network such as
@@ -534,6 +535,33 @@ pub fn plan_mesh_cidrs(
             taken.extend(texts.filter_map(|c| c.parse::<IpCidr>().ok()));
         }
     }
+    // A cluster's agents translate for every link at once: a cluster already linked by
+    // its pod CIDRs would lose those links the moment it is translated.
+    for (side, other) in [(local, remote), (remote, local)] {
+        if !side.info.mesh_cidrs.is_empty() {
+            continue;
+        }
+        let linked: Vec<&str> = side
+            .peers
+            .iter()
+            .map(|p| p.spec.cluster_name.as_str())
+            .filter(|name| *name != other.info.name)
+            .collect();
+        if !linked.is_empty() {
+            return Err(format!(
+                "the pod CIDRs of {} and {} overlap and {} has no mesh CIDRs, but it is \
+                 linked with {}, which know its pods by their pod CIDRs ({}): translating \
+                 them would cut those links; unjoin them, give {} mesh CIDRs \
+                 (`meshctl install --mesh-cidr`), and join again",
+                local.info.name,
+                remote.info.name,
+                side.info.name,
+                linked.join(", "),
+                comma_list(&side.info.pod_cidrs),
+                side.info.name,
+            ));
+        }
+    }
     let mut local_mesh = Vec::new();
     let mut remote_mesh = Vec::new();
     for (side, allocated) in [(local, &mut local_mesh), (remote, &mut remote_mesh)] {
@@ -670,6 +698,25 @@ mod tests {
         // A full pool says which pod CIDR found no room.
         let e = plan_mesh_cidrs(&a, &b_untranslated(), &[cidr("100.64.0.0/15")]).unwrap_err();
         assert!(e.contains("pod CIDR 10.244.0.0/16 of cluster-b"), "{e}");
+    }
+
+    #[test]
+    fn a_cluster_linked_by_its_pod_cidrs_is_not_translated_behind_its_links_back() {
+        let c = peer("cluster-c", &["10.9.0.0/16"]);
+        let a = side("cluster-a", &["10.244.0.0/16"], &[c]);
+        let e = plan_mesh_cidrs(&a, &b_untranslated(), &pools()).unwrap_err();
+        assert!(
+            e.contains("cluster-a has no mesh CIDRs") && e.contains("linked with cluster-c"),
+            "{e}"
+        );
+        // Its link with the other side itself (a join run again) is no obstacle.
+        let b = side("cluster-b", &["10.244.0.0/16"], &[]);
+        let a = side(
+            "cluster-a",
+            &["10.244.0.0/16"],
+            &[peer("cluster-b", &["10.244.0.0/16"])],
+        );
+        assert_eq!(plan_mesh_cidrs(&a, &b, &pools()).unwrap().0.len(), 1);
     }
 
     fn b_untranslated() -> JoinSide {
