@@ -1291,7 +1291,7 @@ mod tests {
                 &b,
                 &[node("b1", 1, &["10.244.1.0/24"])],
                 &local,
-                &[c.clone()],
+                std::slice::from_ref(&c),
                 &[],
             );
             assert!(plan.apply.is_empty());
