@@ -7,6 +7,7 @@
 
 use anyhow::{Context as _, Result};
 use tokio::sync::{mpsc, oneshot};
+use wiremesh_core::translate::Translation;
 use wiremesh_core::{Counters, PeerView};
 use wiremesh_proto::uapi::{DeviceUpdate, Request};
 
@@ -19,6 +20,9 @@ pub enum Command {
     Apply(DeviceUpdate, oneshot::Sender<Result<(), String>>),
     /// A snapshot of the peers and counters.
     Snapshot(oneshot::Sender<Snapshot>),
+    /// This cluster's prefix translation (pod CIDRs ↔ mesh CIDRs), from its cluster
+    /// ConfigMap.
+    SetTranslation(Translation),
 }
 
 /// A handle for other tasks to reach the device.
@@ -46,6 +50,17 @@ impl Handle {
         rx.await
             .context("data plane stopped")?
             .map_err(anyhow::Error::msg)
+    }
+
+    /// Sets this cluster's prefix translation.
+    ///
+    /// # Errors
+    /// When the data plane has stopped.
+    pub async fn set_translation(&self, translation: Translation) -> Result<()> {
+        self.commands
+            .send(Command::SetTranslation(translation))
+            .await
+            .context("data plane stopped")
     }
 
     /// A snapshot of the peers and counters.

@@ -423,6 +423,11 @@ impl Shell {
             // A single packet is padded in place, behind the vnet header; the segments of
             // a super-packet are not (the next one follows), and are copied when they
             // need padding (the kernel sizes all but the last to the MTU, which needs none).
+            // A super-packet is translated once, before it is split.
+            if device.translate_tun_read(read).is_err() {
+                trace_drop(DropReason::Untranslatable);
+                continue;
+            }
             let single = match Segmenter::new(read) {
                 Ok(mut segments) if !segments.is_gso() => segments.next_segment().map(<[u8]>::len),
                 Ok(mut segments) => {
@@ -533,6 +538,12 @@ impl Shell {
             }
             Command::Apply(update, reply) => {
                 let _ = reply.send(self.apply(&update).map_err(|e| e.message));
+            }
+            Command::SetTranslation(translation) => {
+                if translation != *self.device.translation() {
+                    info!(pairs = ?translation.pairs().collect::<Vec<_>>(), "prefix translation set");
+                }
+                self.device.set_translation(translation);
             }
             Command::Snapshot(reply) => {
                 let _ = reply.send(Snapshot {

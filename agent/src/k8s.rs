@@ -165,6 +165,10 @@ async fn setup(
         ));
         tx
     });
+    tokio::spawn(crate::peers::follow_translation(
+        client.clone(),
+        keys.handle.clone(),
+    ));
     let own_cidrs = node_pod_cidrs(&node);
     let endpoints = if options.endpoints.is_empty() {
         node_endpoints(&node, options.listen_port)

@@ -22,6 +22,7 @@ use kube::runtime::{WatchStreamExt as _, reflector};
 use kube::{Api, Client, Resource as _};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
+use wiremesh_core::translate::Translation;
 use wiremesh_proto::crd::{
     CLUSTER_CONFIGMAP, MeshNode, MeshPeer, PeerCluster, SYSTEM_NAMESPACE, TunnelStatus,
 };
@@ -56,7 +57,11 @@ const FAILOVER_CHECK: Duration = Duration::from_millis(500);
 const RETRY: Duration = Duration::from_secs(2);
 /// Keys of the cluster's pod, host and service CIDRs in the cluster ConfigMap
 /// (comma-separated, as `meshctl install` writes them: `controller/src/install.rs`).
-const LOCAL_RANGE_KEYS: [&str; 3] = ["podCIDRs", "hostCIDRs", "serviceCIDRs"];
+/// `meshCIDRs`: the ranges that stand for the pod CIDRs in the mesh when they are
+/// translated ([`configmap_translation`]); no linked cluster may claim them either.
+const LOCAL_RANGE_KEYS: [&str; 4] = ["podCIDRs", "hostCIDRs", "serviceCIDRs", MESH_CIDRS_KEY];
+/// Key of the mesh CIDRs in the cluster ConfigMap: one per pod CIDR, in the same order.
+const MESH_CIDRS_KEY: &str = "meshCIDRs";
 
 /// How many peers the device may hold, and where refusals are reported.
 #[derive(Debug, Clone)]
@@ -424,6 +429,80 @@ async fn cluster_ranges(client: &Client) -> Vec<IpCidr> {
     }
 }
 
+/// Follows this cluster's prefix translation in its cluster ConfigMap (`podCIDRs` paired
+/// in order with `meshCIDRs`, which `meshctl join` may write at any time) and hands each
+/// change to the data plane. A ConfigMap that is wrong is said in a warning and the last
+/// good translation kept; one that cannot be watched translates nothing.
+pub(crate) async fn follow_translation(client: Client, handle: Handle) {
+    let api: Api<ConfigMap> = Api::namespaced(client, SYSTEM_NAMESPACE);
+    let config = watcher::Config::default().fields(&format!("metadata.name={CLUSTER_CONFIGMAP}"));
+    let events = watcher::watcher(api, config)
+        .default_backoff()
+        .applied_objects();
+    tokio::pin!(events);
+    let mut current = Translation::default();
+    while let Some(event) = events.next().await {
+        let cm = match event {
+            Ok(cm) => cm,
+            Err(e) => {
+                debug!(error = %e, "watching the cluster ConfigMap");
+                continue;
+            }
+        };
+        match configmap_translation(&cm.data.unwrap_or_default()) {
+            Ok(translation) if translation != current => {
+                if handle.set_translation(translation.clone()).await.is_err() {
+                    return;
+                }
+                current = translation;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(configmap = CLUSTER_CONFIGMAP, error = %e, "prefix translation unchanged");
+            }
+        }
+    }
+}
+
+/// The translation a cluster ConfigMap's `data` asks for: each `podCIDRs` entry with the
+/// `meshCIDRs` entry at the same place. No `meshCIDRs`: none (the pod CIDRs are unique).
+///
+/// # Errors
+/// A value that is not a CIDR, lists of different lengths, or a table
+/// [`Translation::new`] refuses; the message names the field and value.
+pub(crate) fn configmap_translation(
+    data: &BTreeMap<String, String>,
+) -> Result<Translation, String> {
+    let list = |key: &str| -> Result<Vec<IpCidr>, String> {
+        data.get(key)
+            .map_or("", String::as_str)
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(|c| c.parse().map_err(|e| format!("{key}: {c}: {e}")))
+            .collect()
+    };
+    let mesh = list(MESH_CIDRS_KEY)?;
+    if mesh.is_empty() {
+        return Ok(Translation::default());
+    }
+    let pods = list("podCIDRs")?;
+    if pods.len() != mesh.len() {
+        return Err(format!(
+            "{MESH_CIDRS_KEY} has {} entries, podCIDRs {}: one mesh CIDR per pod CIDR",
+            mesh.len(),
+            pods.len()
+        ));
+    }
+    let pairs: Vec<(IpCidr, IpCidr)> = pods.into_iter().zip(mesh).collect();
+    // The cluster's hosts reach its pods, and its pods its hosts, by pod address.
+    let mut local = list("hostCIDRs")?;
+    local.extend(list("serviceCIDRs")?);
+    Translation::new(&pairs)
+        .map(|t| t.with_local(local))
+        .map_err(|e| format!("{MESH_CIDRS_KEY}: {e}"))
+}
+
 /// The pod, host and service CIDRs of a cluster ConfigMap's `data`, and the values that
 /// are not CIDRs.
 fn configmap_ranges(data: &BTreeMap<String, String>) -> (Vec<IpCidr>, Vec<String>) {
@@ -441,8 +520,8 @@ fn configmap_ranges(data: &BTreeMap<String, String>) -> (Vec<IpCidr>, Vec<String
     (ranges, bad)
 }
 
-/// What the linked clusters were granted at join, each range with its cluster: the pod and
-/// host CIDRs of each PeerCluster not being deleted (values that do not parse, which the
+/// What the linked clusters were granted at join, each range with its cluster: the pod (or
+/// mesh, when translated) and host CIDRs of each PeerCluster not being deleted (values that do not parse, which the
 /// CRD's validation refuses, are skipped; a range granted twice keeps the first cluster
 /// by name).
 fn allowances<'a>(peer_clusters: impl Iterator<Item = &'a PeerCluster>) -> BTreeMap<IpCidr, Owner> {
@@ -453,11 +532,14 @@ fn allowances<'a>(peer_clusters: impl Iterator<Item = &'a PeerCluster>) -> BTree
     let mut out = BTreeMap::new();
     for pc in linked {
         let spec = &pc.spec;
-        for text in spec
-            .allowed_pod_cidrs
-            .iter()
-            .chain(&spec.allowed_host_cidrs)
-        {
+        // A translated cluster's pods are routed by its mesh CIDRs; its pod CIDRs are
+        // its own business (and may well be ours too).
+        let pods = if spec.mesh_cidrs.is_empty() {
+            &spec.allowed_pod_cidrs
+        } else {
+            &spec.mesh_cidrs
+        };
+        for text in pods.iter().chain(&spec.allowed_host_cidrs) {
             if let Ok(cidr) = text.parse::<IpCidr>() {
                 out.entry(cidr)
                     .or_insert_with(|| Owner::of_cluster(&spec.cluster_name));
@@ -999,6 +1081,7 @@ mod tests {
                 ca_data: None,
                 credentials_secret: format!("wiremesh-peer-{name}"),
                 allowed_pod_cidrs: pods.iter().map(|c| (*c).to_owned()).collect(),
+                mesh_cidrs: Vec::new(),
                 allowed_host_cidrs: hosts.iter().map(|c| (*c).to_owned()).collect(),
             },
             status: None,
@@ -1073,6 +1156,42 @@ mod tests {
         assert_eq!(ranges, expected);
         assert_eq!(bad, vec!["serviceCIDRs: bogus".to_owned()]);
         assert_eq!(configmap_ranges(&BTreeMap::new()), (Vec::new(), Vec::new()));
+    }
+
+    #[test]
+    fn the_cluster_configmap_gives_the_translation_pairing_pod_and_mesh_cidrs_in_order() {
+        let data = |pods: &str, mesh: &str| {
+            BTreeMap::from([
+                ("podCIDRs".to_owned(), pods.to_owned()),
+                ("meshCIDRs".to_owned(), mesh.to_owned()),
+            ])
+        };
+        let t = configmap_translation(&data(
+            "10.244.0.0/16, fd00:10:244::/48",
+            "100.64.0.0/16,fd64:1:2::/48",
+        ))
+        .unwrap();
+        assert_eq!(
+            t.pod_to_mesh("10.244.1.2".parse().unwrap()),
+            Some("100.64.1.2".parse().unwrap())
+        );
+        assert!(
+            configmap_translation(&data("10.244.0.0/16", ""))
+                .unwrap()
+                .is_empty()
+        );
+        let e = configmap_translation(&data("10.244.0.0/16", "100.64.0.0/16,100.65.0.0/16"))
+            .unwrap_err();
+        assert!(e.contains("2 entries"), "{e}");
+        let e = configmap_translation(&data("10.244.0.0/16", "100.64.0.0/24")).unwrap_err();
+        assert!(e.contains("100.64.0.0/24"), "{e}");
+        let e = configmap_translation(&data("10.244.0.0/16", "nope")).unwrap_err();
+        assert!(e.contains("meshCIDRs: nope"), "{e}");
+        let (ranges, _) = configmap_ranges(&data("10.244.0.0/16", "100.64.0.0/16"));
+        assert!(
+            ranges.contains(&"100.64.0.0/16".parse().unwrap()),
+            "a peer may not claim our mesh CIDR"
+        );
     }
 
     #[test]

@@ -37,6 +37,10 @@ pub const HOST_CIDRS_KEY: &str = "hostCIDRs";
 /// Key of the cluster's service CIDRs (comma-separated, optional) in the cluster
 /// ConfigMap: no peer may claim an address in them.
 pub const SERVICE_CIDRS_KEY: &str = "serviceCIDRs";
+/// Key of the cluster's mesh CIDRs (comma-separated, optional) in the cluster ConfigMap:
+/// one per pod CIDR, in the same order and of the same length, when its pod addresses are
+/// translated (`meshctl install --mesh-cidr`, or allocated by `meshctl join`).
+pub const MESH_CIDRS_KEY: &str = "meshCIDRs";
 /// How long a CRD may take to become Established. The API server does it within a second or
 /// two; a 2-core CI machine busy compiling gets ten times that.
 pub const CRD_ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(60);
@@ -52,6 +56,20 @@ pub struct ClusterInfo {
     pub host_cidrs: Vec<IpCidr>,
     /// The cluster's service CIDRs (may be empty).
     pub service_cidrs: Vec<IpCidr>,
+    /// The ranges that stand for `pod_cidrs` in the mesh, one per pod CIDR in the same order,
+    /// when they are translated (empty: the pod CIDRs are used as they are).
+    pub mesh_cidrs: Vec<IpCidr>,
+}
+
+impl ClusterInfo {
+    /// The pod CIDRs as the rest of the mesh sees them: the mesh CIDRs when translated.
+    pub fn mesh_view(&self) -> &[IpCidr] {
+        if self.mesh_cidrs.is_empty() {
+            &self.pod_cidrs
+        } else {
+            &self.mesh_cidrs
+        }
+    }
 }
 
 /// Why [`install`] failed.
@@ -151,6 +169,12 @@ pub enum ClusterInfoError {
         /// Why it did not parse.
         #[source]
         source: wiremesh_proto::CidrError,
+    },
+    /// `meshCIDRs` does not pair with `podCIDRs` (count, family, length or overlap).
+    #[error("ConfigMap {SYSTEM_NAMESPACE}/{CLUSTER_CONFIGMAP}: field {MESH_CIDRS_KEY}: {reason}")]
+    BadMeshCidrs {
+        /// What is wrong, naming the CIDRs.
+        reason: String,
     },
     /// Reading the ConfigMap failed (the API server is unreachable, or refused).
     #[error("reading ConfigMap {SYSTEM_NAMESPACE}/{CLUSTER_CONFIGMAP}")]
@@ -475,12 +499,45 @@ pub fn parse_cluster_configmap(
         });
     }
     let optional = |key: &'static str| cidrs(key, data.get(key).map_or("", String::as_str));
+    let mesh_cidrs = optional(MESH_CIDRS_KEY)?;
+    check_mesh_cidrs(&pod_cidrs, &mesh_cidrs)
+        .map_err(|reason| ClusterInfoError::BadMeshCidrs { reason })?;
     Ok(ClusterInfo {
         name: name.to_owned(),
         pod_cidrs,
         host_cidrs: optional(HOST_CIDRS_KEY)?,
         service_cidrs: optional(SERVICE_CIDRS_KEY)?,
+        mesh_cidrs,
     })
+}
+
+/// Checks that `mesh` pairs with `pods` (none, or one per pod CIDR in the same order, of
+/// its family and length) and that no two of all these CIDRs overlap.
+///
+/// # Errors
+/// What is wrong, naming the CIDRs.
+pub fn check_mesh_cidrs(pods: &[IpCidr], mesh: &[IpCidr]) -> Result<(), String> {
+    if mesh.is_empty() {
+        return Ok(());
+    }
+    if mesh.len() != pods.len() {
+        return Err(format!(
+            "{} mesh CIDRs for {} pod CIDRs: give one per pod CIDR, in the same order",
+            mesh.len(),
+            pods.len()
+        ));
+    }
+    for (pod, m) in pods.iter().zip(mesh) {
+        wiremesh_proto::PrefixMap::new(*pod, *m).map_err(|e| e.to_string())?;
+    }
+    for (i, a) in mesh.iter().enumerate() {
+        for b in mesh.iter().skip(i + 1).chain(pods) {
+            if a.overlaps(b) {
+                return Err(format!("mesh CIDR {a} overlaps {b}"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The cluster ConfigMap for `info` (CIDRs written in canonical form; the optional keys
@@ -500,6 +557,7 @@ pub fn cluster_configmap(info: &ClusterInfo) -> ConfigMap {
     for (key, cidrs) in [
         (HOST_CIDRS_KEY, &info.host_cidrs),
         (SERVICE_CIDRS_KEY, &info.service_cidrs),
+        (MESH_CIDRS_KEY, &info.mesh_cidrs),
     ] {
         if !cidrs.is_empty() {
             data.insert(key.to_owned(), join(cidrs));
@@ -557,10 +615,45 @@ mod tests {
             pod_cidrs: cidrs,
             host_cidrs: vec!["10.250.0.0/24".parse().unwrap()],
             service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+            mesh_cidrs: vec![
+                "100.64.0.0/16".parse().unwrap(),
+                "fd64:1:2::/48".parse().unwrap(),
+            ],
         };
         let data = cluster_configmap(&full).data.unwrap();
         assert_eq!(data[HOST_CIDRS_KEY], "10.250.0.0/24");
+        assert_eq!(data[MESH_CIDRS_KEY], "100.64.0.0/16,fd64:1:2::/48");
         assert_eq!(parse_cluster_configmap(&data).unwrap(), full);
+        assert_eq!(full.mesh_view(), &full.mesh_cidrs[..]);
+    }
+
+    #[test]
+    fn mesh_cidrs_must_pair_with_the_pod_cidrs() {
+        let c = |s: &str| -> Vec<IpCidr> { s.split(',').map(|c| c.parse().unwrap()).collect() };
+        let pods = c("10.244.0.0/16,fd00:10:244::/48");
+        assert_eq!(check_mesh_cidrs(&pods, &[]), Ok(()));
+        assert_eq!(
+            check_mesh_cidrs(&pods, &c("100.64.0.0/16,fd64::/48")),
+            Ok(())
+        );
+        let e = check_mesh_cidrs(&pods, &c("100.64.0.0/16")).unwrap_err();
+        assert!(e.contains("1 mesh CIDRs for 2 pod CIDRs"), "{e}");
+        let e = check_mesh_cidrs(&pods, &c("fd64::/48,100.64.0.0/16")).unwrap_err();
+        assert!(e.contains("fd64::/48"), "{e}");
+        let e = check_mesh_cidrs(&pods[..1], &c("10.244.0.0/16")).unwrap_err();
+        assert!(e.contains("overlaps"), "{e}");
+        let mut data = BTreeMap::from([
+            (CLUSTER_NAME_KEY.to_owned(), "a".to_owned()),
+            (POD_CIDRS_KEY.to_owned(), "10.244.0.0/16".to_owned()),
+            (MESH_CIDRS_KEY.to_owned(), "100.64.0.0/24".to_owned()),
+        ]);
+        let err = parse_cluster_configmap(&data).unwrap_err();
+        assert!(err.to_string().contains("field meshCIDRs"), "{err}");
+        data.insert(MESH_CIDRS_KEY.to_owned(), "100.64.0.0/16".to_owned());
+        assert_eq!(
+            parse_cluster_configmap(&data).unwrap().mesh_cidrs,
+            c("100.64.0.0/16")
+        );
     }
 
     #[test]

@@ -15,6 +15,11 @@
 //! nor may a host claim an endpoint of a node here
 //! or of a peer (a route into a tunnel for a tunnel's own endpoint loops).
 //! A refused node that was mirrored before loses its `MeshPeer`.
+//!
+//! A peer cluster whose pod CIDRs are translated (its `PeerCluster` has `meshCIDRs`, issue
+//! 14) has its nodes' pod CIDRs checked against `allowedPodCIDRs` in its own pod space, then
+//! mapped into its mesh CIDRs: everything else (overlaps, reserved ranges, siblings, the
+//! `MeshPeer`) sees the mapped CIDRs, which is all its pods are known by here.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -26,7 +31,7 @@ use wiremesh_proto::crd::{
     MeshNode, MeshNodeKind, MeshNodeStatus, MeshPeer, MeshPeerSpec, PEER_CLUSTER_LABEL,
     PeerCluster, TunnelStatus, mesh_peer_name,
 };
-use wiremesh_proto::{IpCidr, PublicKey};
+use wiremesh_proto::{IpCidr, PrefixMap, PublicKey, Towards};
 
 /// Longest object name the API server accepts: a DNS subdomain (RFC 1123), 253 characters.
 const MAX_NAME_LEN: usize = 253;
@@ -128,6 +133,13 @@ pub enum Reason {
     TooManyNodes {
         /// The cap (the controller's `--max-nodes-per-peer`).
         max: usize,
+    },
+    /// The peer cluster's `meshCIDRs` do not pair with its `allowedPodCIDRs`, or the pod
+    /// CIDR has no image in them that is one prefix (an IPv6 node CIDR between /49 and
+    /// /63 under a checksum-neutral /48 mapping).
+    Untranslatable {
+        /// What is wrong.
+        why: String,
     },
 }
 
@@ -351,6 +363,19 @@ impl Local {
         local
     }
 
+    /// Claims this cluster's mesh CIDRs (what its pods are known by elsewhere when
+    /// translated): no remote node may claim an address in them.
+    pub fn claim_mesh_cidrs(&mut self, cluster: &str, mesh_cidrs: &[IpCidr]) {
+        for cidr in mesh_cidrs {
+            self.claims.insert(
+                *cidr,
+                Owner::LocalCluster {
+                    cluster: cluster.to_owned(),
+                },
+            );
+        }
+    }
+
     /// Reserves `cidr` as `what` (this cluster's service CIDR, its API server's address):
     /// no remote node may claim an address in it.
     pub fn reserve(&mut self, cidr: IpCidr, what: Reserved) {
@@ -401,11 +426,8 @@ impl OtherPeer {
     /// From another `PeerCluster` and its current `MeshPeer`s.
     pub fn new<'a>(peer: &PeerCluster, mesh_peers: impl IntoIterator<Item = &'a MeshPeer>) -> Self {
         let cluster = peer.name_any();
-        let allowed = peer
-            .spec
-            .allowed_pod_cidrs
-            .iter()
-            .filter_map(|c| c.parse().ok())
+        let allowed = mesh_view(peer)
+            .into_iter()
             .map(|c| {
                 (
                     c,
@@ -455,6 +477,48 @@ pub fn allowed_cidrs(peer: &PeerCluster) -> Vec<IpCidr> {
         .collect()
 }
 
+/// The CIDRs `peer`'s pods are known by in the mesh: its mesh CIDRs when translated, else
+/// its allowed pod CIDRs; entries that do not parse are left out.
+#[must_use]
+pub fn mesh_view(peer: &PeerCluster) -> Vec<IpCidr> {
+    if peer.spec.mesh_cidrs.is_empty() {
+        return allowed_cidrs(peer);
+    }
+    peer.spec
+        .mesh_cidrs
+        .iter()
+        .filter_map(|c| c.parse().ok())
+        .collect()
+}
+
+/// `peer`'s translation: each allowed pod CIDR with the mesh CIDR at the same place. None
+/// when it has no `meshCIDRs`.
+///
+/// # Errors
+/// When `meshCIDRs` does not pair with `allowedPodCIDRs` (count, family, length, a value
+/// that is not a CIDR), naming what is wrong.
+pub fn mesh_maps(peer: &PeerCluster) -> Result<Vec<PrefixMap>, String> {
+    let spec = &peer.spec;
+    if spec.mesh_cidrs.is_empty() {
+        return Ok(Vec::new());
+    }
+    if spec.mesh_cidrs.len() != spec.allowed_pod_cidrs.len() {
+        return Err(format!(
+            "{} meshCIDRs for {} allowedPodCIDRs",
+            spec.mesh_cidrs.len(),
+            spec.allowed_pod_cidrs.len()
+        ));
+    }
+    spec.allowed_pod_cidrs
+        .iter()
+        .zip(&spec.mesh_cidrs)
+        .map(|(pod, mesh)| {
+            let parse = |t: &str| t.parse::<IpCidr>().map_err(|e| format!("{t:?}: {e}"));
+            PrefixMap::new(parse(pod)?, parse(mesh)?).map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
 /// The host range `peer` was granted at join time (`spec.allowedHostCIDRs`); entries that
 /// do not parse allow nothing.
 #[must_use]
@@ -497,6 +561,7 @@ pub fn plan(
     let cluster = peer.spec.cluster_name.as_str();
     let allowed = allowed_cidrs(peer);
     let host_allowed = allowed_host_cidrs(peer);
+    let maps = mesh_maps(peer);
 
     let mut foreign = local.claims.clone();
     let mut foreign_keys = local.keys.clone();
@@ -537,6 +602,7 @@ pub fn plan(
             continue;
         }
         let mut candidate = Candidate::parse(cluster, name, node, &mut conflicts);
+        candidate.map_into_mesh(&maps);
         let observed = remote_observed
             .get(name)
             .into_iter()
@@ -547,7 +613,7 @@ pub fn plan(
                 candidate.endpoints.push(*addr);
             }
         }
-        for cidr in &candidate.cidrs {
+        for cidr in candidate.mapped.iter().flatten() {
             siblings.insert(*cidr, Owner::Sibling { node: name.clone() });
         }
         if let Some(key) = candidate.key {
@@ -580,7 +646,22 @@ pub fn plan(
         let is_host = nodes
             .get(name)
             .is_some_and(|n| n.spec.kind == MeshNodeKind::Host);
-        for cidr in &candidate.cidrs {
+        for (original, mapped) in candidate.cidrs.iter().zip(&candidate.mapped) {
+            // What the rest of the mesh knows the pods by; the allowance is in the
+            // cluster's own pod space.
+            let Some(cidr) = mapped else {
+                conflicts.insert(Conflict {
+                    node: name.clone(),
+                    cidr: Some(original.to_string()),
+                    reason: Reason::Untranslatable {
+                        why: match &maps {
+                            Err(why) => why.clone(),
+                            Ok(_) => "its image is not one prefix".to_owned(),
+                        },
+                    },
+                });
+                continue;
+            };
             // Taking someone else's addresses is the gravest reason: it is named first.
             let reason = if let Some((other, owner)) = foreign.find_overlap(cidr, |_| true) {
                 Some(Reason::Overlaps {
@@ -594,7 +675,7 @@ pub fn plan(
                     other,
                     what: what.clone(),
                 })
-            } else if allowed.iter().any(|a| a.covers(cidr)) {
+            } else if allowed.iter().any(|a| a.covers(original)) {
                 None
             } else if is_host && is_single_address(cidr) {
                 (!host_allowed.iter().any(|a| a.covers(cidr))).then(|| Reason::OutsideHostRange {
@@ -621,7 +702,7 @@ pub fn plan(
             if let Some(reason) = reason {
                 conflicts.insert(Conflict {
                     node: name.clone(),
-                    cidr: Some(cidr.to_string()),
+                    cidr: Some(original.to_string()),
                     reason,
                 });
             }
@@ -719,6 +800,12 @@ impl fmt::Display for Conflict {
                 f,
                 "node {node}: its MeshPeer name would be longer than {MAX_NAME_LEN} characters"
             ),
+            Reason::Untranslatable { why } => {
+                write!(
+                    f,
+                    "node {node}: pod CIDR {cidr} cannot be mapped to its mesh CIDR: {why}"
+                )
+            }
         }
     }
 }
@@ -768,6 +855,9 @@ impl fmt::Display for Reserved {
 struct Candidate {
     key: Option<PublicKey>,
     cidrs: Vec<IpCidr>,
+    /// Each of `cidrs` as the mesh knows it (mapped into the mesh CIDRs when the cluster
+    /// is translated); `None` when it cannot be mapped.
+    mapped: Vec<Option<IpCidr>>,
     endpoints: Vec<SocketAddr>,
 }
 
@@ -822,9 +912,26 @@ impl Candidate {
         }
         Self {
             key,
+            mapped: cidrs.iter().copied().map(Some).collect(),
             cidrs,
             endpoints,
         }
+    }
+
+    /// Maps each pod CIDR inside one of `maps`' pod CIDRs into its mesh CIDR; one outside
+    /// them all stays as it is (a host's address, or one the allowance check refuses).
+    fn map_into_mesh(&mut self, maps: &Result<Vec<PrefixMap>, String>) {
+        self.mapped = self
+            .cidrs
+            .iter()
+            .map(|cidr| match maps {
+                Err(_) => None,
+                Ok(maps) => match maps.iter().find(|m| m.pod().covers(cidr)) {
+                    Some(m) => m.map_cidr(*cidr, Towards::Mesh),
+                    None => Some(*cidr),
+                },
+            })
+            .collect();
     }
 
     fn into_spec(self, cluster: &str, name: &str, node: &MeshNode) -> Option<MeshPeerSpec> {
@@ -833,7 +940,12 @@ impl Candidate {
             node: name.to_owned(),
             public_key: self.key?.to_base64(),
             endpoints: self.endpoints.iter().map(ToString::to_string).collect(),
-            pod_cidrs: self.cidrs.iter().map(ToString::to_string).collect(),
+            pod_cidrs: self
+                .mapped
+                .iter()
+                .flatten()
+                .map(ToString::to_string)
+                .collect(),
             location: node.spec.location.clone(),
             kind: node.spec.kind,
             gateway: node.spec.is_gateway(),
@@ -1121,6 +1233,84 @@ mod tests {
         );
         assert!(plan.conflicts.is_empty(), "{:?}", plan.conflicts);
         assert_eq!(plan.apply.len(), 1);
+    }
+
+    #[test]
+    fn a_translated_peer_with_our_pod_cidr_is_mirrored_with_its_mesh_cidrs() {
+        // Both clusters use 10.244.0.0/16; cluster-a is known elsewhere as 100.64.0.0/16.
+        let mut local = Local::new("cluster-a", &[cidr("10.244.0.0/16")], std::iter::empty());
+        local.claim_mesh_cidrs("cluster-a", &[cidr("100.64.0.0/16")]);
+        let mut b = peer("cluster-b", &["10.244.0.0/16", "fd00:10:244::/48"]);
+        b.spec.mesh_cidrs = vec!["100.65.0.0/16".into(), "fd64:b::/48".into()];
+        let plan = plan(
+            &b,
+            &[
+                node("b1", 1, &["10.244.1.0/24", "fd00:10:244:1::/64"]),
+                // Checked in its own pod space: outside what it was allowed.
+                node("b2", 2, &["100.65.2.0/24"]),
+                // A /56 under a neutral /48 mapping is not one prefix once mapped.
+                node("b3", 3, &["fd00:10:244:300::/56"]),
+            ],
+            &local,
+            &[],
+            &[],
+        );
+        assert_eq!(names(&plan.apply), ["cluster-b.b1"]);
+        let mapped = &plan.apply[0].spec.pod_cidrs;
+        assert_eq!(mapped[0], "100.65.1.0/24");
+        assert!(cidr("fd64:b::/48").covers(&cidr(&mapped[1])), "{mapped:?}");
+        assert!(matches!(
+            plan.conflicts[0].reason,
+            Reason::OutsideAllowed { .. }
+        ));
+        assert!(matches!(
+            plan.conflicts[1].reason,
+            Reason::Untranslatable { .. }
+        ));
+        assert!(
+            plan.conflicts[1]
+                .to_string()
+                .contains("fd00:10:244:300::/56")
+        );
+    }
+
+    #[test]
+    fn mesh_cidrs_that_collide_are_refused_naming_both() {
+        let mut local = Local::new("cluster-a", &[cidr("10.244.0.0/16")], std::iter::empty());
+        local.claim_mesh_cidrs("cluster-a", &[cidr("100.64.0.0/16")]);
+        let mut c = peer("cluster-c", &["10.244.0.0/16"]);
+        c.spec.mesh_cidrs = vec!["100.66.0.0/16".into()];
+        let c = OtherPeer::new(&c, &[]);
+        for (mesh, other) in [
+            ("100.64.0.0/16", "100.64.0.0/16"),
+            ("100.66.0.0/16", "100.66.0.0/16"),
+        ] {
+            let mut b = peer("cluster-b", &["10.244.0.0/16"]);
+            b.spec.mesh_cidrs = vec![mesh.into()];
+            let plan = plan(
+                &b,
+                &[node("b1", 1, &["10.244.1.0/24"])],
+                &local,
+                std::slice::from_ref(&c),
+                &[],
+            );
+            assert!(plan.apply.is_empty());
+            let text = plan.conflicts[0].to_string();
+            assert!(
+                text.contains("10.244.1.0/24") && text.contains(other),
+                "{text}"
+            );
+        }
+        // meshCIDRs that do not pair refuse every node, saying why.
+        let mut b = peer("cluster-b", &["10.244.0.0/16"]);
+        b.spec.mesh_cidrs = vec!["100.65.0.0/24".into()];
+        let plan = plan(&b, &[node("b1", 1, &["10.244.1.0/24"])], &local, &[], &[]);
+        assert!(plan.apply.is_empty());
+        assert!(
+            plan.conflicts[0].to_string().contains("100.65.0.0/24"),
+            "{}",
+            plan.conflicts[0]
+        );
     }
 
     #[test]
@@ -1835,6 +2025,7 @@ mod tests {
                 ca_data: None,
                 credentials_secret: format!("{name}-credentials"),
                 allowed_pod_cidrs: allowed.iter().map(|s| (*s).to_owned()).collect(),
+                mesh_cidrs: Vec::new(),
                 allowed_host_cidrs: vec!["10.250.0.0/16".into()],
             },
         );

@@ -530,6 +530,7 @@ impl Mirror {
             &info.pod_cidrs,
             local_nodes.iter().map(|n| &**n),
         );
+        local.claim_mesh_cidrs(&info.name, &info.mesh_cidrs);
         for cidr in &info.service_cidrs {
             local.reserve(*cidr, Reserved::ServiceCidr);
         }
@@ -1223,6 +1224,7 @@ mod tests {
                 ca_data: None,
                 credentials_secret: "cluster-b-token".into(),
                 allowed_pod_cidrs: vec!["10.2.0.0/16".into()],
+                mesh_cidrs: Vec::new(),
                 allowed_host_cidrs: Vec::new(),
             },
         );

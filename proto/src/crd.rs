@@ -295,6 +295,15 @@ pub struct PeerClusterSpec {
     #[schemars(length(min = 1, max = 64), inner(length(max = 43)))]
     #[x_kube(validation = Rule::new("self.all(c, isCIDR(c) && cidr(c) == cidr(c).masked())").message("each entry must be a CIDR with no host bits set"))]
     pub allowed_pod_cidrs: Vec<String>,
+    /// The remote cluster's mesh CIDRs, one for each of `allowedPodCIDRs` in the same order
+    /// and of the same length, when its pod CIDRs overlap another cluster's and its agents
+    /// translate them (issue 14): its nodes are checked against `allowedPodCIDRs` in its
+    /// own pod space, then mirrored with their pod CIDRs mapped into these. Empty: its pod
+    /// CIDRs are unique and used as they are.
+    #[serde(rename = "meshCIDRs", default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 43)))]
+    #[x_kube(validation = Rule::new("self.all(c, isCIDR(c) && cidr(c) == cidr(c).masked())").message("each entry must be a CIDR with no host bits set"))]
+    pub mesh_cidrs: Vec<String>,
     /// The range the remote cluster's hosts (MeshNodes of kind `Host`) may take their
     /// addresses from, granted at join time (`meshctl join --host-cidr`, by default the
     /// remote cluster's own configured host range). A remote host whose address lies

@@ -370,6 +370,9 @@ pub struct TwoClusters {
     /// The IPv6-only underlay, for [`Stack::DualStackV6Underlay`], or the small IPv4 one,
     /// for [`Stack::DualStackSmallUnderlay`].
     pub underlay6: Option<Underlay>,
+    /// Both clusters use the same pod range, 10.244.0.0/16 (node N: 10.244.N.0/24), as
+    /// clusters of one distribution do by default ([`TwoClusters::with_same_pod_range`]).
+    pub same_pods: bool,
     /// The lab (dropped last: its namespaces outlive the processes in them).
     pub lab: Lab,
 }
@@ -391,6 +394,8 @@ struct BuildOptions {
     underlay6: Option<Underlay>,
     /// A third cluster, `cluster-c`.
     third: bool,
+    /// See [`TwoClusters`]'s field of that name.
+    same_pods: bool,
 }
 
 /// cluster-b's private underlay and the NAT gateway in front of it; a symmetric NAT picks
@@ -542,6 +547,30 @@ impl TwoClusters {
         Self::build(lab, nodes, options)
     }
 
+    /// As [`TwoClusters::new`] with both clusters on pod range 10.244.0.0/16 (Flannel's
+    /// default): node N of each has 10.244.N.0/24 and its pod 10.244.N.2.
+    ///
+    /// # Errors
+    /// When any part fails to come up.
+    pub fn with_same_pod_range(nodes: usize) -> Result<Self> {
+        let options = BuildOptions {
+            same_pods: true,
+            ..BuildOptions::default()
+        };
+        Self::build(Lab::new()?, nodes, options)
+    }
+
+    /// The second octet of `side`'s pod range: its own ([`Side::pod_range`]), or 244 for
+    /// both with [`TwoClusters::with_same_pod_range`].
+    pub fn pod_octet(&self, side: Side) -> u8 {
+        if self.same_pods { 244 } else { side.octet() }
+    }
+
+    /// `side`'s whole pod range in this lab.
+    pub fn pod_range(&self, side: Side) -> String {
+        format!("10.{}.0.0/16", self.pod_octet(side))
+    }
+
     /// Both control planes, Wiremesh installed in each, `nodes` nodes per cluster on `lab`
     /// laid out as `options` says, and a controller per cluster.
     fn build(lab: Lab, nodes: usize, options: BuildOptions) -> Result<Self> {
@@ -552,6 +581,7 @@ impl TwoClusters {
             stack,
             underlay6,
             third,
+            same_pods,
         } = options;
         let names: &[&str] = if third {
             &["cluster-a", "cluster-b", "cluster-c"]
@@ -591,6 +621,7 @@ impl TwoClusters {
             dead_external_ips,
             stack,
             underlay6,
+            same_pods,
             lab,
         };
         let sides: &[Side] = if third {
@@ -599,7 +630,7 @@ impl TwoClusters {
             &[Side::A, Side::B]
         };
         for &side in sides {
-            let (range, range6) = (side.pod_range(), side.pod_range6());
+            let (range, range6) = (lab_clusters.pod_range(side), side.pod_range6());
             let host_range = side.host_range();
             let mut args = vec![
                 "--context",
@@ -697,7 +728,7 @@ impl TwoClusters {
     pub fn add_node(&mut self, side: Side) -> Result<&ClusterNode> {
         let index = u8::try_from(self.cluster(side).nodes.len() + 1).context("too many nodes")?;
         let name = format!("{}{index}", &side.name()[8..]);
-        let pod_cidr = format!("10.{}.{index}.0/24", side.octet());
+        let pod_cidr = format!("10.{}.{index}.0/24", self.pod_octet(side));
         let pod_cidr6 = format!("fd10:{}:0:{index}::/64", side.octet());
         // This side's private underlay and NAT gateway, when it is behind NAT.
         let behind_nat = match side {

@@ -19,5 +19,5 @@ pub mod xfer;
 pub use lab::{
     EXEC_TIMEOUT, Host, Lab, MIB, Netns, Pod, Proc, STOP_GRACE, TransferReport, Underlay,
     agent_binary, df_ping, output_text, ping, reachable, require_root, require_tool, require_tools,
-    transfer, transfer_between, xfer_binary,
+    transfer, transfer_between, transfer_translated, xfer_binary,
 };

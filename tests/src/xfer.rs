@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::str::FromStr;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -155,6 +155,90 @@ pub fn recv(listen: SocketAddr, timeout: Duration) -> Result<Summary> {
         bytes += n as u64;
     }
     Ok(summary(bytes, hasher))
+}
+
+/// Echoes `count` UDP datagrams received on `listen` back to where each came from;
+/// returns each one's source address.
+///
+/// # Errors
+/// When binding, receiving or sending fails, or `timeout` (for the whole run) passes first.
+pub fn udp_echo(listen: SocketAddr, count: usize, timeout: Duration) -> Result<Vec<SocketAddr>> {
+    let deadline = Instant::now() + timeout;
+    let socket = UdpSocket::bind(listen).with_context(|| format!("binding UDP {listen}"))?;
+    let mut sources = Vec::new();
+    let mut buf = vec![0u8; 65_536];
+    while sources.len() < count {
+        socket
+            .set_read_timeout(Some(remaining(deadline, timeout)?))
+            .context("setting the read timeout")?;
+        let (n, from) = match socket.recv_from(&mut buf) {
+            Ok(got) => got,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("receiving on {listen} after {} datagrams", sources.len())
+                });
+            }
+        };
+        socket
+            .send_to(&buf[..n], from)
+            .with_context(|| format!("echoing to {from}"))?;
+        sources.push(from);
+    }
+    Ok(sources)
+}
+
+/// Sends `count` UDP datagrams of `len` bytes to `to`, each until its echo comes back
+/// (resent every 200 ms); returns the source address of each echo.
+///
+/// # Errors
+/// When sending fails, an echo differs from what was sent, or `timeout` passes first.
+pub fn udp_ping(
+    to: SocketAddr,
+    count: usize,
+    len: usize,
+    timeout: Duration,
+) -> Result<Vec<SocketAddr>> {
+    let deadline = Instant::now() + timeout;
+    let any: SocketAddr = if to.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    };
+    let socket = UdpSocket::bind(any).context("binding a UDP socket")?;
+    let mut sources = Vec::new();
+    let mut buf = vec![0u8; 65_536];
+    let mut generator = ByteStream::new(count as u64);
+    let mut datagram = vec![0u8; len.max(8)];
+    for i in 0..count {
+        generator.fill(&mut datagram);
+        datagram[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        'resend: loop {
+            socket
+                .send_to(&datagram, to)
+                .with_context(|| format!("sending datagram {i} to {to}"))?;
+            let wait = remaining(deadline, timeout)?.min(Duration::from_millis(200));
+            socket
+                .set_read_timeout(Some(wait))
+                .context("setting the read timeout")?;
+            loop {
+                match socket.recv_from(&mut buf) {
+                    Ok((n, from)) if buf[..n] == datagram[..] => {
+                        sources.push(from);
+                        break 'resend;
+                    }
+                    // An echo of an earlier resend.
+                    Ok(_) => {}
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        continue 'resend;
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e).with_context(|| format!("receiving from {to}")),
+                }
+            }
+        }
+    }
+    Ok(sources)
 }
 
 /// Connects to `to` (retrying while it refuses), sends `bytes` bytes of [`ByteStream`]`(seed)`,

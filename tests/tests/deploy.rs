@@ -277,6 +277,7 @@ fn manifests_apply_for_real_and_rbac_is_least_privilege() -> Result<()> {
             ca_data: None,
             credentials_secret: "peer-evil".to_owned(),
             allowed_pod_cidrs: Vec::new(),
+            mesh_cidrs: Vec::new(),
             allowed_host_cidrs: Vec::new(),
         },
     );

@@ -6,14 +6,19 @@
 //! granted at join time or inside one of this cluster's own ranges. The peer's other
 //! exports are kept.
 //!
+//! A peer whose pod CIDRs are translated (issue 14) publishes its endpoints in its own
+//! pod space: each is checked against its grant there, then mapped into its mesh CIDR,
+//! which is what the admitted export carries and what this cluster's own ranges are
+//! checked against (its pods may well use the same pod CIDR as ours).
+//!
 //! Pure: objects in, admitted exports and refusals out.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use wiremesh_proto::IpCidr;
 use wiremesh_proto::crd::{MeshServiceExport, mesh_service_export_name};
 use wiremesh_proto::mcs::ExportedService;
+use wiremesh_proto::{IpCidr, PrefixMap, Towards};
 
 /// Most exports kept from one peer cluster; the rest (by name) are refused.
 pub const MAX_EXPORTS_PER_PEER: usize = 1_000;
@@ -38,7 +43,10 @@ pub struct Grant {
     pub cluster: String,
     /// The pod CIDRs it was allowed at join time.
     pub pod_cidrs: Vec<IpCidr>,
-    /// This cluster's pod and service CIDRs: no peer endpoint may lie in them.
+    /// Its translation, when its pod CIDRs are translated: each allowed pod CIDR with
+    /// its mesh CIDR. Empty: its endpoints are admitted as they are.
+    pub maps: Vec<PrefixMap>,
+    /// This cluster's pod, service and mesh CIDRs: no peer endpoint may lie in them.
     pub ours: Vec<IpCidr>,
 }
 
@@ -77,9 +85,10 @@ pub fn admit(grant: &Grant, objects: &[MeshServiceExport]) -> Admitted {
             });
             continue;
         }
-        match check(grant, &name, &object.spec.service) {
+        let mut service = object.spec.service.clone();
+        match check(grant, &name, &mut service) {
             Ok(()) => {
-                out.services.insert(name, object.spec.service.clone());
+                out.services.insert(name, service);
             }
             Err((field, reason)) => out.refused.push(Refusal {
                 object: name,
@@ -91,7 +100,8 @@ pub fn admit(grant: &Grant, objects: &[MeshServiceExport]) -> Admitted {
     out
 }
 
-fn check(grant: &Grant, object: &str, s: &ExportedService) -> Result<(), (String, String)> {
+/// Checks `s` and maps its endpoints into the peer's mesh CIDRs when it is translated.
+fn check(grant: &Grant, object: &str, s: &mut ExportedService) -> Result<(), (String, String)> {
     let fail = |field: &str, reason: String| Err((field.to_owned(), reason));
     if s.cluster != grant.cluster {
         return fail(
@@ -140,7 +150,7 @@ fn check(grant: &Grant, object: &str, s: &ExportedService) -> Result<(), (String
             format!("{endpoints} endpoints, over {MAX_ENDPOINTS}"),
         );
     }
-    for (i, slice) in s.endpoint_slices.iter().enumerate() {
+    for (i, slice) in s.endpoint_slices.iter_mut().enumerate() {
         if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
             return fail(
                 &format!("endpointSlices[{i}].addressType"),
@@ -153,7 +163,7 @@ fn check(grant: &Grant, object: &str, s: &ExportedService) -> Result<(), (String
                 format!("{} ports, over {MAX_PORTS}", slice.ports.len()),
             );
         }
-        for (j, endpoint) in slice.endpoints.iter().enumerate() {
+        for (j, endpoint) in slice.endpoints.iter_mut().enumerate() {
             let at = format!("endpointSlices[{i}].endpoints[{j}]");
             if endpoint.addresses.len() > MAX_ADDRESSES {
                 return fail(
@@ -164,14 +174,11 @@ fn check(grant: &Grant, object: &str, s: &ExportedService) -> Result<(), (String
                     ),
                 );
             }
-            for (k, address) in endpoint.addresses.iter().enumerate() {
+            for (k, address) in endpoint.addresses.iter_mut().enumerate() {
                 let field = format!("{at}.addresses[{k}]");
                 let Ok(ip) = address.parse::<IpAddr>() else {
                     return fail(&field, format!("{address:?} is not an IP address"));
                 };
-                if let Some(cidr) = grant.ours.iter().find(|c| c.contains(ip)) {
-                    return fail(&field, format!("{ip} lies in this cluster's {cidr}"));
-                }
                 if !grant.pod_cidrs.iter().any(|c| c.contains(ip)) {
                     return fail(
                         &field,
@@ -187,6 +194,22 @@ fn check(grant: &Grant, object: &str, s: &ExportedService) -> Result<(), (String
                         ),
                     );
                 }
+                let mapped = match grant.maps.iter().find(|m| m.pod().contains(ip)) {
+                    None => ip,
+                    Some(m) => match m.map(ip, Towards::Mesh) {
+                        Ok(Some(mapped)) => mapped,
+                        Ok(None) | Err(_) => {
+                            return fail(
+                                &field,
+                                format!("{ip} cannot be mapped into mesh CIDR {}", m.mesh()),
+                            );
+                        }
+                    },
+                };
+                if let Some(cidr) = grant.ours.iter().find(|c| c.contains(mapped)) {
+                    return fail(&field, format!("{mapped} lies in this cluster's {cidr}"));
+                }
+                *address = mapped.to_string();
             }
             if let Some(h) = &endpoint.hostname
                 && !is_dns_label(h)
@@ -317,10 +340,47 @@ mod tests {
         assert_eq!(a.refused.len(), 1);
     }
 
+    #[test]
+    fn a_translated_peers_endpoints_are_checked_in_its_pod_space_then_mapped() {
+        // Both clusters use 10.244.0.0/16; cluster-b is 100.65.0.0/16 in the mesh, and
+        // this cluster 100.64.0.0/16.
+        let pods = "10.244.0.0/16".parse().unwrap();
+        let g = Grant {
+            cluster: "cluster-b".into(),
+            pod_cidrs: vec![pods],
+            maps: vec![PrefixMap::new(pods, "100.65.0.0/16".parse().unwrap()).unwrap()],
+            ours: ["10.244.0.0/16", "10.96.0.0/12", "100.64.0.0/16"]
+                .iter()
+                .map(|c| c.parse().unwrap())
+                .collect(),
+        };
+        let a = admit(
+            &g,
+            &[
+                object("demo", "hello", &["10.244.1.7"]),
+                // Already a mesh address: outside its pod space.
+                object("demo", "mesh", &["100.65.1.7"]),
+                object("demo", "ours", &["100.64.1.7"]),
+            ],
+        );
+        let hello = &a.services["demo.hello"];
+        assert_eq!(
+            hello.endpoint_slices[0].endpoints[0].addresses,
+            ["100.65.1.7"]
+        );
+        assert_eq!(a.services.len(), 1, "{a:?}");
+        assert_eq!(a.refused.len(), 2);
+        assert!(
+            a.refused.iter().all(|r| r.reason.contains("outside")),
+            "{a:?}"
+        );
+    }
+
     fn grant() -> Grant {
         Grant {
             cluster: "cluster-b".into(),
             pod_cidrs: vec!["10.2.0.0/16".parse().unwrap()],
+            maps: Vec::new(),
             ours: vec!["10.1.0.0/16".parse().unwrap()],
         }
     }

@@ -180,6 +180,7 @@ fn publish(shared: &Shared, name: &str, kept: &Objects) {
                 .pod_cidrs
                 .iter()
                 .chain(&info.service_cidrs)
+                .chain(&info.mesh_cidrs)
                 .copied()
                 .collect(),
             // Without this cluster's ranges nothing can be checked: keep what was.
@@ -194,6 +195,10 @@ fn publish(shared: &Shared, name: &str, kept: &Objects) {
             .iter()
             .filter_map(|c| c.parse().ok())
             .collect(),
+        // meshCIDRs that do not pair with the grant (which the controller also reports
+        // on the peer's nodes): nothing is mapped, and every endpoint of a peer whose
+        // pod CIDRs overlap ours is refused as lying in this cluster's range.
+        maps: crate::plan::mesh_maps(&pc).unwrap_or_default(),
         ours,
     };
     let objects: Vec<MeshServiceExport> = kept.objects.values().cloned().collect();

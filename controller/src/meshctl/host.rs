@@ -684,6 +684,7 @@ mod tests {
                 ca_data: None,
                 credentials_secret: "peer-cluster-b".into(),
                 allowed_pod_cidrs: vec!["10.2.0.0/16".into()],
+                mesh_cidrs: Vec::new(),
                 allowed_host_cidrs: Vec::new(),
             },
         );

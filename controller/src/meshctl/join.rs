@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{Node, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
 use kube::ResourceExt as _;
 use kube::api::{Api, ListParams};
 use wiremesh_proto::IpCidr;
 use wiremesh_proto::crd::{
-    GROUP, MeshNode, PEER_CLUSTER_LABEL, PeerCluster, PeerClusterSpec, SYSTEM_NAMESPACE,
+    CLUSTER_CONFIGMAP, GROUP, MeshNode, PEER_CLUSTER_LABEL, PeerCluster, PeerClusterSpec,
+    SYSTEM_NAMESPACE,
 };
 
 use super::common::{apply, cluster_info, comma_list, delete, meta, mint_token, say};
@@ -97,11 +98,12 @@ pub(crate) async fn install(
     ));
     say(format!("{context}: Namespace {SYSTEM_NAMESPACE} applied"));
     say(format!(
-        "{context}: ConfigMap {SYSTEM_NAMESPACE}/{} applied: clusterName={cluster_name} podCIDRs={} hostCIDRs={} serviceCIDRs={}",
-        wiremesh_proto::crd::CLUSTER_CONFIGMAP,
+        "{context}: ConfigMap {SYSTEM_NAMESPACE}/{} applied: clusterName={cluster_name} podCIDRs={} hostCIDRs={} serviceCIDRs={} meshCIDRs={}",
+        CLUSTER_CONFIGMAP,
         comma_list(pod_cidrs),
         comma_list(&info.host_cidrs),
         comma_list(&info.service_cidrs),
+        comma_list(&info.mesh_cidrs),
     ));
     if let Some(objects) = objects {
         let applied = install::apply_components(&target.client, &objects)
@@ -132,10 +134,13 @@ impl Side {
 /// `meshctl join OTHER_CONTEXT`; `host_cidrs` is what the other cluster's hosts are
 /// granted here: none unless given (the other cluster's own declared range is not
 /// trusted). This cluster's hosts are granted there this cluster's own declared range.
+/// When the two clusters' pod CIDRs overlap, each that has no mesh CIDRs gets them from
+/// `mesh_pools` (written in its cluster ConfigMap, which its agents follow).
 pub(crate) async fn join(
     args: &KubeArgs,
     other_context: &str,
     host_cidrs: &[IpCidr],
+    mesh_pools: &[IpCidr],
 ) -> Result<()> {
     let (kubeconfig, context) = kubeconfig::load_with_context(args)?;
     ensure!(
@@ -149,7 +154,25 @@ pub(crate) async fn join(
     let (a, b) = tokio::join!(reachable(&local), reachable(&remote));
     both(a, b)?;
     let (a, b) = tokio::join!(read_side(local), read_side(remote));
-    let (local, mut remote) = both(a, b)?;
+    let (mut local, mut remote) = both(a, b)?;
+    let (local_mesh, remote_mesh) =
+        preflight::plan_mesh_cidrs(&join_side(&local), &join_side(&remote), mesh_pools).map_err(
+            |e| {
+                anyhow!(
+                    "refusing to join {} and {}; nothing was written: {e}",
+                    local.name(),
+                    remote.name()
+                )
+            },
+        )?;
+    // What goes into each side's own ConfigMap: as read, with the new mesh CIDRs.
+    let mut configs = Vec::new();
+    for (side, mesh) in [(&mut local, local_mesh), (&mut remote, remote_mesh)] {
+        if !mesh.is_empty() {
+            side.info.mesh_cidrs = mesh;
+            configs.push(side.info.clone());
+        }
+    }
     remote.info.host_cidrs = host_cidrs.to_vec();
     preflight::check_join(&join_side(&local), &join_side(&remote))?;
     say(format!(
@@ -171,6 +194,32 @@ pub(crate) async fn join(
             "{}: hosts of {} accepted from {granted}",
             reader.name(),
             target.name()
+        ));
+    }
+    for info in &configs {
+        let side = if info.name == local.name() {
+            &local
+        } else {
+            &remote
+        };
+        apply(
+            &Api::<ConfigMap>::namespaced(side.target.client.clone(), SYSTEM_NAMESPACE),
+            &install::cluster_configmap(info),
+            side.name(),
+            &format!("ConfigMap {SYSTEM_NAMESPACE}/{CLUSTER_CONFIGMAP}"),
+        )
+        .await?;
+    }
+    if !configs.is_empty() {
+        say(format!(
+            "pod CIDRs overlap ({} and {}): translated to mesh CIDRs {} for {} and {} for {}; \
+             pods reach the other cluster's pods at its mesh addresses (`meshctl status --resolve CLUSTER/POD_IP`)",
+            comma_list(&local.info.pod_cidrs),
+            comma_list(&remote.info.pod_cidrs),
+            comma_list(&local.info.mesh_cidrs),
+            local.name(),
+            comma_list(&remote.info.mesh_cidrs),
+            remote.name(),
         ));
     }
     grant_and_store(&local, &remote).await?;
@@ -626,6 +675,7 @@ pub fn peer_cluster(info: &ClusterInfo, target: &Target) -> PeerCluster {
             ca_data: target.ca_data.clone(),
             credentials_secret: secret_name(&info.name),
             allowed_pod_cidrs: info.pod_cidrs.iter().map(ToString::to_string).collect(),
+            mesh_cidrs: info.mesh_cidrs.iter().map(ToString::to_string).collect(),
             allowed_host_cidrs: info.host_cidrs.iter().map(ToString::to_string).collect(),
         },
     );

@@ -66,6 +66,12 @@ pub enum Command {
         /// Repeat for several.
         #[arg(long = "service-cidr", value_name = "CIDR")]
         service_cidrs: Vec<IpCidr>,
+        /// The range that stands for a pod CIDR in the mesh, when other clusters use the
+        /// same pod CIDR: one per `--pod-cidr`, in the same order and of the same length.
+        /// The agents then translate pod addresses to it and back (stateless, 1:1).
+        /// Default: none; `meshctl join` allocates them if the pod CIDRs overlap.
+        #[arg(long = "mesh-cidr", value_name = "CIDR")]
+        mesh_cidrs: Vec<IpCidr>,
         /// The container image of the agent and controller (default: the manifest's).
         #[arg(long, value_name = "IMAGE")]
         image: Option<String>,
@@ -88,7 +94,8 @@ pub enum Command {
     /// Link this cluster with the cluster of another kubeconfig context, in both directions.
     ///
     /// Checks everything first (both API servers reachable, Wiremesh installed in both,
-    /// distinct names, disjoint pod CIDRs, no grant overlapping what the granting cluster
+    /// distinct names, disjoint pod CIDRs or mesh CIDRs (allocated here from the pool when
+    /// the pod CIDRs overlap, and said so), no grant overlapping what the granting cluster
     /// holds: pod, service and host CIDRs, Node and API server addresses, other links; no
     /// grant wider than /8 or /32) and writes nothing if a check fails. Running it again
     /// changes nothing.
@@ -102,6 +109,11 @@ pub enum Command {
         /// range it was installed with. Repeat for several.
         #[arg(long = "host-cidr", value_name = "CIDR")]
         host_cidrs: Vec<IpCidr>,
+        /// Where mesh CIDRs are allocated from when the two clusters' pod CIDRs overlap
+        /// (for each that has none). Repeat for several; default 100.64.0.0/10 and
+        /// fd6d:6573:6800::/40.
+        #[arg(long = "mesh-pool", value_name = "CIDR")]
+        mesh_pools: Vec<IpCidr>,
     },
     /// Remove the link with the cluster of another kubeconfig context, on both sides.
     Unjoin {
@@ -118,6 +130,10 @@ pub enum Command {
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Table)]
         output: OutputFormat,
+        /// Print only how to reach a pod: `CLUSTER/POD_IP` gives its address in the mesh
+        /// (its cluster's mesh address when its pod CIDRs are translated).
+        #[arg(long, value_name = "CLUSTER/POD_IP")]
+        resolve: Option<String>,
     },
     /// Hosts outside Kubernetes: add, print a wg-quick config, remove.
     #[command(subcommand)]
@@ -260,6 +276,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             pod_cidrs,
             host_cidrs,
             service_cidrs,
+            mesh_cidrs,
             image,
             crds_only,
             configure_dns,
@@ -270,23 +287,39 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 configure: configure_dns,
                 version: coredns_version,
             };
+            crate::install::check_mesh_cidrs(&pod_cidrs, &mesh_cidrs)
+                .map_err(|e| anyhow::anyhow!("--mesh-cidr: {e}"))?;
             let info = crate::install::ClusterInfo {
                 name: cluster_name,
                 pod_cidrs,
                 host_cidrs,
                 service_cidrs,
+                mesh_cidrs,
             };
             join::install(&cli.kube, &info, components, &dns).await
         }
         Command::Join {
             other_context,
             host_cidrs,
-        } => join::join(&cli.kube, &other_context, &host_cidrs).await,
+            mesh_pools,
+        } => {
+            let pools = if mesh_pools.is_empty() {
+                preflight::DEFAULT_MESH_POOLS
+                    .iter()
+                    .filter_map(|c| c.parse().ok())
+                    .collect()
+            } else {
+                mesh_pools
+            };
+            join::join(&cli.kube, &other_context, &host_cidrs, &pools).await
+        }
         Command::Unjoin {
             other_context,
             timeout,
         } => join::unjoin(&cli.kube, &other_context, timeout).await,
-        Command::Status { output } => status::status(&cli.kube, output).await,
+        Command::Status { output, resolve } => {
+            status::status(&cli.kube, output, resolve.as_deref()).await
+        }
         Command::Host(HostCommand::Add {
             name,
             address,

@@ -7,12 +7,13 @@
 //! peers. A grant wider than [`MIN_PREFIX_V4`] / [`MIN_PREFIX_V6`] is refused outright.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use kube::ResourceExt as _;
 use wiremesh_proto::IpCidr;
 use wiremesh_proto::crd::PeerCluster;
 
+use super::common::comma_list;
 use crate::install::ClusterInfo;
 
 /// The widest IPv4 range join grants (`/8`): a whole class-A network such as
@@ -20,6 +21,12 @@ use crate::install::ClusterInfo;
 pub const MIN_PREFIX_V4: u8 = 8;
 /// The widest IPv6 range join grants (`/32`, a whole provider allocation).
 pub const MIN_PREFIX_V6: u8 = 32;
+/// Where `meshctl join` allocates mesh CIDRs from by default: inside the shared address
+/// space 100.64.0.0/10 (RFC 6598), and a ULA range (RFC 4193; the 40-bit global ID
+/// 6d:6573:68, "mesh") of 256 /48s.
+pub const DEFAULT_MESH_POOLS: [&str; 2] = ["100.64.0.0/10", "fd6d:6573:6800::/40"];
+/// Most candidate blocks looked at in one pool (a /32 of /64s would be 2^32).
+const MAX_CANDIDATES: u32 = 1 << 20;
 
 /// One side of a join as the checks see it.
 #[derive(Debug, Clone, Default)]
@@ -287,8 +294,8 @@ pub fn check_join(local: &JoinSide, remote: &JoinSide) -> Result<(), Refusals> {
     for (a, b) in [(local, remote), (remote, local)] {
         check_existing_links(a, b, &mut refusals);
     }
-    for a_cidr in &local.info.pod_cidrs {
-        for b_cidr in &remote.info.pod_cidrs {
+    for a_cidr in local.info.mesh_view() {
+        for b_cidr in remote.info.mesh_view() {
             if a_cidr.overlaps(b_cidr) {
                 refusals.push(Refusal::Overlap {
                     a: local.info.name.clone(),
@@ -319,7 +326,7 @@ pub fn check_join(local: &JoinSide, remote: &JoinSide) -> Result<(), Refusals> {
 fn check_grants(granter: &JoinSide, grantee: &JoinSide, refusals: &mut Vec<Refusal>) {
     let grants = grantee
         .info
-        .pod_cidrs
+        .mesh_view()
         .iter()
         .map(|c| (Grant::PodCidr, *c))
         .chain(
@@ -344,7 +351,9 @@ fn check_grants(granter: &JoinSide, grantee: &JoinSide, refusals: &mut Vec<Refus
             continue;
         }
         let mut held: Vec<Held> = Vec::new();
-        if grant == Grant::HostRange {
+        // Pod CIDRs against an untranslated granter's pod CIDRs are a Refusal::Overlap;
+        // a translated granter keeps its pods in its own pod CIDRs all the same.
+        if grant == Grant::HostRange || !granter.info.mesh_cidrs.is_empty() {
             held.extend(granter.info.pod_cidrs.iter().map(|c| Held::PodCidr(*c)));
         }
         held.extend(
@@ -384,8 +393,7 @@ fn check_grants(granter: &JoinSide, grantee: &JoinSide, refusals: &mut Vec<Refus
                 // A host range against another peer's pod CIDRs (pod CIDRs against them
                 // are a PeerOverlap).
                 held.extend(
-                    peer.spec
-                        .allowed_pod_cidrs
+                    peer_mesh_view(peer)
                         .iter()
                         .filter_map(|c| c.parse().ok())
                         .map(|c| Held::PeerPodCidr {
@@ -456,7 +464,7 @@ fn check_existing_links(side: &JoinSide, joining: &JoinSide, refusals: &mut Vec<
                 name: joining.info.name.clone(),
             });
         }
-        for value in &peer.spec.allowed_pod_cidrs {
+        for value in peer_mesh_view(peer) {
             let Ok(peer_cidr) = value.parse::<IpCidr>() else {
                 refusals.push(Refusal::BadPeerCidr {
                     cluster: cluster.clone(),
@@ -465,7 +473,7 @@ fn check_existing_links(side: &JoinSide, joining: &JoinSide, refusals: &mut Vec<
                 });
                 continue;
             };
-            for joining_cidr in &joining.info.pod_cidrs {
+            for joining_cidr in joining.info.mesh_view() {
                 if peer_cidr.overlaps(joining_cidr) {
                     refusals.push(Refusal::PeerOverlap {
                         cluster: cluster.clone(),
@@ -478,6 +486,139 @@ fn check_existing_links(side: &JoinSide, joining: &JoinSide, refusals: &mut Vec<
             }
         }
     }
+}
+
+/// What a linked cluster's pods are known by: its mesh CIDRs when translated, else its
+/// allowed pod CIDRs.
+fn peer_mesh_view(peer: &PeerCluster) -> &[String] {
+    if peer.spec.mesh_cidrs.is_empty() {
+        &peer.spec.allowed_pod_cidrs
+    } else {
+        &peer.spec.mesh_cidrs
+    }
+}
+
+/// The mesh CIDRs `meshctl join` gives `local` and `remote`: when a pod CIDR of one
+/// overlaps one of the other's, each side that has no mesh CIDRs yet gets one per pod
+/// CIDR, of its length, from the first of `pools` of its family with room, clear of every
+/// range either side holds (pod, service, host and mesh CIDRs) and of every range either
+/// side granted a linked cluster. Empty for a side that needs none.
+///
+/// # Errors
+/// When the pools have no free block of the length needed, naming the pod CIDR and the
+/// pools.
+pub fn plan_mesh_cidrs(
+    local: &JoinSide,
+    remote: &JoinSide,
+    pools: &[IpCidr],
+) -> Result<(Vec<IpCidr>, Vec<IpCidr>), String> {
+    let overlap = local
+        .info
+        .pod_cidrs
+        .iter()
+        .any(|a| remote.info.pod_cidrs.iter().any(|b| a.overlaps(b)));
+    if !overlap {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let mut taken: Vec<IpCidr> = Vec::new();
+    for side in [local, remote] {
+        let info = &side.info;
+        taken.extend(info.pod_cidrs.iter().chain(&info.service_cidrs));
+        taken.extend(info.host_cidrs.iter().chain(&info.mesh_cidrs));
+        for peer in &side.peers {
+            let spec = &peer.spec;
+            let texts = spec
+                .allowed_pod_cidrs
+                .iter()
+                .chain(&spec.mesh_cidrs)
+                .chain(&spec.allowed_host_cidrs);
+            taken.extend(texts.filter_map(|c| c.parse::<IpCidr>().ok()));
+        }
+    }
+    // A cluster's agents translate for every link at once: a cluster already linked by
+    // its pod CIDRs would lose those links the moment it is translated.
+    for (side, other) in [(local, remote), (remote, local)] {
+        if !side.info.mesh_cidrs.is_empty() {
+            continue;
+        }
+        let linked: Vec<&str> = side
+            .peers
+            .iter()
+            .map(|p| p.spec.cluster_name.as_str())
+            .filter(|name| *name != other.info.name)
+            .collect();
+        if !linked.is_empty() {
+            return Err(format!(
+                "the pod CIDRs of {} and {} overlap and {} has no mesh CIDRs, but it is \
+                 linked with {}, which know its pods by their pod CIDRs ({}): translating \
+                 them would cut those links; unjoin them, give {} mesh CIDRs \
+                 (`meshctl install --mesh-cidr`), and join again",
+                local.info.name,
+                remote.info.name,
+                side.info.name,
+                linked.join(", "),
+                comma_list(&side.info.pod_cidrs),
+                side.info.name,
+            ));
+        }
+    }
+    let mut local_mesh = Vec::new();
+    let mut remote_mesh = Vec::new();
+    for (side, allocated) in [(local, &mut local_mesh), (remote, &mut remote_mesh)] {
+        if !side.info.mesh_cidrs.is_empty() {
+            continue;
+        }
+        for pod in &side.info.pod_cidrs {
+            let Some(block) = free_block(pod, pools, &taken) else {
+                let pools: Vec<String> = pools.iter().map(ToString::to_string).collect();
+                return Err(format!(
+                    "no free /{} in the mesh CIDR pools ({}) for pod CIDR {pod} of {}; \
+                     give it one with `meshctl install --mesh-cidr`, or another pool with `--mesh-pool`",
+                    pod.prefix_len(),
+                    pools.join(", "),
+                    side.info.name
+                ));
+            };
+            taken.push(block);
+            allocated.push(block);
+        }
+    }
+    Ok((local_mesh, remote_mesh))
+}
+
+/// The first block of `pod`'s family and length inside one of `pools` that overlaps none
+/// of `taken`.
+fn free_block(pod: &IpCidr, pools: &[IpCidr], taken: &[IpCidr]) -> Option<IpCidr> {
+    let len = pod.prefix_len();
+    for pool in pools {
+        if pool.addr().is_ipv4() != pod.addr().is_ipv4() || pool.prefix_len() > len {
+            continue;
+        }
+        let bits: u32 = if pool.addr().is_ipv4() { 32 } else { 128 };
+        let step = 1u128.checked_shl(bits - u32::from(len)).unwrap_or(0);
+        let count = 1u128
+            .checked_shl(u32::from(len - pool.prefix_len()))
+            .unwrap_or(u128::MAX)
+            .min(u128::from(MAX_CANDIDATES));
+        let base = match pool.addr() {
+            IpAddr::V4(a) => u128::from(u32::from(a)),
+            IpAddr::V6(a) => u128::from(a),
+        };
+        for i in 0..count {
+            let start = base + i * step;
+            let addr = match pool.addr() {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(start as u32)),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(start)),
+            };
+            let Ok(block) = IpCidr::new(addr, len) else {
+                continue;
+            };
+            if !taken.iter().any(|t| t.overlaps(&block)) {
+                return Some(block);
+            }
+        }
+    }
+    None
 }
 
 fn same_url(a: &str, b: &str) -> bool {
@@ -524,6 +665,80 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("ctx-b"), "{err}");
+    }
+
+    fn pools() -> Vec<IpCidr> {
+        DEFAULT_MESH_POOLS.iter().map(|c| cidr(c)).collect()
+    }
+
+    #[test]
+    fn overlapping_pod_cidrs_get_mesh_cidrs_clear_of_everything_linked_then_join() {
+        // cluster-a is already linked with cluster-c, which holds 100.64.0.0/16.
+        let mut c = peer("cluster-c", &["10.244.0.0/16"]);
+        c.spec.mesh_cidrs = vec!["100.64.0.0/16".into()];
+        let mut a = side("cluster-a", &["10.244.0.0/16", "fd00:10:244::/48"], &[c]);
+        a.info.mesh_cidrs = vec![cidr("100.65.0.0/16"), cidr("fd6d:6573:6800::/48")];
+        let mut b = side("cluster-b", &["10.244.0.0/16", "fd00:10:244::/48"], &[]);
+        b.info.service_cidrs = vec![cidr("100.66.0.0/16")];
+        let (for_a, for_b) = plan_mesh_cidrs(&a, &b, &pools()).unwrap();
+        assert!(for_a.is_empty(), "cluster-a keeps its mesh CIDRs");
+        assert_eq!(for_b, [cidr("100.67.0.0/16"), cidr("fd6d:6573:6801::/48")]);
+        assert!(
+            check_join(&a, &b).is_err(),
+            "refused while cluster-b is untranslated"
+        );
+        b.info.mesh_cidrs = for_b;
+        assert_eq!(check_join(&a, &b), Ok(()));
+        // Disjoint pod CIDRs need none.
+        let d = side("cluster-d", &["10.9.0.0/16"], &[]);
+        assert_eq!(
+            plan_mesh_cidrs(&a, &d, &pools()),
+            Ok((Vec::new(), Vec::new()))
+        );
+        // A full pool says which pod CIDR found no room.
+        let e = plan_mesh_cidrs(&a, &b_untranslated(), &[cidr("100.64.0.0/15")]).unwrap_err();
+        assert!(e.contains("pod CIDR 10.244.0.0/16 of cluster-b"), "{e}");
+    }
+
+    #[test]
+    fn a_cluster_linked_by_its_pod_cidrs_is_not_translated_behind_its_links_back() {
+        let c = peer("cluster-c", &["10.9.0.0/16"]);
+        let a = side("cluster-a", &["10.244.0.0/16"], &[c]);
+        let e = plan_mesh_cidrs(&a, &b_untranslated(), &pools()).unwrap_err();
+        assert!(
+            e.contains("cluster-a has no mesh CIDRs") && e.contains("linked with cluster-c"),
+            "{e}"
+        );
+        // Its link with the other side itself (a join run again) is no obstacle.
+        let b = side("cluster-b", &["10.244.0.0/16"], &[]);
+        let a = side(
+            "cluster-a",
+            &["10.244.0.0/16"],
+            &[peer("cluster-b", &["10.244.0.0/16"])],
+        );
+        assert_eq!(plan_mesh_cidrs(&a, &b, &pools()).unwrap().0.len(), 1);
+    }
+
+    fn b_untranslated() -> JoinSide {
+        side("cluster-b", &["10.244.0.0/16"], &[])
+    }
+
+    #[test]
+    fn colliding_mesh_cidrs_are_refused_naming_both() {
+        let mut a = side("cluster-a", &["10.244.0.0/16"], &[]);
+        a.info.mesh_cidrs = vec![cidr("100.64.0.0/16")];
+        let mut b = side("cluster-b", &["10.244.0.0/16"], &[]);
+        b.info.mesh_cidrs = vec![cidr("100.64.0.0/16")];
+        let text = check_join(&a, &b).unwrap_err().to_string();
+        assert!(
+            text.contains("cluster-a has 100.64.0.0/16 and cluster-b has 100.64.0.0/16"),
+            "{text}"
+        );
+        // A mesh CIDR over the other side's own pod CIDR is refused too.
+        let mut c = side("cluster-c", &["10.9.0.0/16"], &[]);
+        c.info.mesh_cidrs = vec![cidr("10.244.0.0/16")];
+        let text = check_join(&a, &c).unwrap_err().to_string();
+        assert!(text.contains("its pod CIDR 10.244.0.0/16"), "{text}");
     }
 
     #[test]
@@ -756,6 +971,7 @@ mod tests {
                 ca_data: None,
                 credentials_secret: format!("peer-{name}"),
                 allowed_pod_cidrs: cidrs.iter().map(|c| (*c).to_owned()).collect(),
+                mesh_cidrs: Vec::new(),
                 allowed_host_cidrs: Vec::new(),
             },
         )

@@ -10,8 +10,9 @@ use kube::api::{Api, ListParams};
 use serde::Serialize;
 use wiremesh_proto::crd::{MeshNode, MeshNodeKind, PeerCluster, TunnelPath, ViaGateway};
 use wiremesh_proto::mcs::{LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER, ServiceExport, ServiceImport};
+use wiremesh_proto::{IpCidr, PrefixMap, Towards};
 
-use super::common::{cluster_info, say};
+use super::common::{cluster_info, comma_list, say};
 use super::kubeconfig::{self, KubeArgs, Target};
 use super::{OutputFormat, table};
 use crate::install::ClusterInfo;
@@ -87,6 +88,9 @@ pub struct ClusterView {
     /// Its pod range.
     #[serde(rename = "podCIDRs")]
     pub pod_cidrs: Vec<String>,
+    /// What its pod CIDRs are known by in the mesh, one per pod CIDR, when translated.
+    #[serde(rename = "meshCIDRs", skip_serializing_if = "Vec::is_empty")]
+    pub mesh_cidrs: Vec<String>,
 }
 
 /// One PeerCluster.
@@ -102,6 +106,9 @@ pub struct PeerClusterView {
     /// The pod CIDRs it was allowed at join time.
     #[serde(rename = "allowedPodCIDRs")]
     pub allowed_pod_cidrs: Vec<String>,
+    /// What those are known by here, one per allowed pod CIDR, when it is translated.
+    #[serde(rename = "meshCIDRs", skip_serializing_if = "Vec::is_empty")]
+    pub mesh_cidrs: Vec<String>,
     /// The range its hosts were granted at join time (empty: no host is accepted).
     #[serde(rename = "allowedHostCIDRs")]
     pub allowed_host_cidrs: Vec<String>,
@@ -202,6 +209,7 @@ impl StatusReport {
                     cluster_name: p.spec.cluster_name.clone(),
                     api_server: p.spec.api_server.clone(),
                     allowed_pod_cidrs: p.spec.allowed_pod_cidrs.clone(),
+                    mesh_cidrs: p.spec.mesh_cidrs.clone(),
                     allowed_host_cidrs: p.spec.allowed_host_cidrs.clone(),
                     ready: condition(&status.conditions, "Ready"),
                     stale: condition(&status.conditions, "Stale"),
@@ -254,6 +262,7 @@ impl StatusReport {
             cluster: ClusterView {
                 name: info.name.clone(),
                 pod_cidrs: info.pod_cidrs.iter().map(ToString::to_string).collect(),
+                mesh_cidrs: info.mesh_cidrs.iter().map(ToString::to_string).collect(),
             },
             peer_clusters,
             nodes,
@@ -419,6 +428,59 @@ impl StatusReport {
         out
     }
 
+    /// How to reach `CLUSTER/POD_IP` from here: its address in the mesh (mapped into the
+    /// cluster's mesh CIDR when it is translated), with why.
+    ///
+    /// # Errors
+    /// A query that is not `CLUSTER/IP`, an unknown cluster, or an address outside the
+    /// cluster's pod CIDRs.
+    pub fn resolve(&self, query: &str) -> Result<String, String> {
+        let (cluster, ip) = query
+            .split_once('/')
+            .ok_or_else(|| format!("{query:?}: give CLUSTER/POD_IP, e.g. cluster-b/10.244.1.7"))?;
+        let ip: std::net::IpAddr = ip
+            .parse()
+            .map_err(|_| format!("{query:?}: {ip:?} is not an IP address"))?;
+        let (pods, mesh) = if cluster == self.cluster.name {
+            (&self.cluster.pod_cidrs, &self.cluster.mesh_cidrs)
+        } else {
+            let peer = self
+                .peer_clusters
+                .iter()
+                .find(|p| p.cluster_name == cluster)
+                .ok_or_else(|| format!("{cluster} is neither this cluster nor a linked one"))?;
+            (&peer.allowed_pod_cidrs, &peer.mesh_cidrs)
+        };
+        let parsed = |texts: &[String]| -> Vec<IpCidr> {
+            texts.iter().filter_map(|c| c.parse().ok()).collect()
+        };
+        let (pods, mesh) = (parsed(pods), parsed(mesh));
+        let Some(at) = pods.iter().position(|c| c.contains(ip)) else {
+            return Err(format!(
+                "{ip} is outside {cluster}'s pod CIDRs ({})",
+                comma_list(&pods)
+            ));
+        };
+        let (Some(pod), Some(mesh)) = (pods.get(at), mesh.get(at)) else {
+            return Ok(format!(
+                "{query} → {ip} ({cluster}'s pod CIDRs are not translated)"
+            ));
+        };
+        let mapped = PrefixMap::new(*pod, *mesh)
+            .map_err(|e| e.to_string())?
+            .map(ip, Towards::Mesh)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{ip} is outside {pod}"))?;
+        let whose = if cluster == self.cluster.name {
+            "from other clusters"
+        } else {
+            "from here"
+        };
+        Ok(format!(
+            "{query} → {mapped} ({whose}: {cluster}'s pod CIDR {pod} is translated to mesh CIDR {mesh})"
+        ))
+    }
+
     /// The report as aligned tables: the cluster, the peer clusters (then the reasons of
     /// any that is not Ready, Stale or in Conflict), and one row per node and tunnel.
     pub fn render(&self) -> String {
@@ -426,7 +488,7 @@ impl StatusReport {
             &["CLUSTER", "POD CIDRS"],
             &[vec![
                 self.cluster.name.clone(),
-                self.cluster.pod_cidrs.join(","),
+                translated(&self.cluster.pod_cidrs, &self.cluster.mesh_cidrs),
             ]],
         );
         out.push('\n');
@@ -445,7 +507,7 @@ impl StatusReport {
                         p.node_count.to_string(),
                         p.last_sync_age_seconds
                             .map_or_else(|| "never".to_owned(), table::ago),
-                        p.allowed_pod_cidrs.join(","),
+                        translated(&p.allowed_pod_cidrs, &p.mesh_cidrs),
                         if p.allowed_host_cidrs.is_empty() {
                             "none".to_owned()
                         } else {
@@ -566,14 +628,35 @@ impl StatusReport {
 }
 
 /// `meshctl status`.
-pub(crate) async fn status(args: &KubeArgs, output: OutputFormat) -> Result<()> {
+pub(crate) async fn status(
+    args: &KubeArgs,
+    output: OutputFormat,
+    resolve: Option<&str>,
+) -> Result<()> {
     let target = kubeconfig::current_target(args).await?;
     let report = gather(&target).await?;
+    if let Some(query) = resolve {
+        say(report.resolve(query).map_err(anyhow::Error::msg)?);
+        return Ok(());
+    }
     match output {
         OutputFormat::Table => say(report.render().trim_end()),
         OutputFormat::Json => say(serde_json::to_string_pretty(&report)?),
     }
     Ok(())
+}
+
+/// Pod CIDRs, each with its mesh CIDR when translated (`10.244.0.0/16→100.64.0.0/16`).
+fn translated(pods: &[String], mesh: &[String]) -> String {
+    if mesh.is_empty() {
+        return pods.join(",");
+    }
+    let pairs: Vec<String> = pods
+        .iter()
+        .zip(mesh)
+        .map(|(p, m)| format!("{p}→{m}"))
+        .collect();
+    pairs.join(",")
 }
 
 /// Reads what the report needs from `target`'s cluster.
@@ -801,6 +884,51 @@ a2     10.1.2.0/24   -
         }
     }
 
+    #[test]
+    fn resolve_gives_a_translated_clusters_mesh_address() {
+        let info = ClusterInfo {
+            name: "cluster-a".into(),
+            pod_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            mesh_cidrs: vec!["100.64.0.0/16".parse().unwrap()],
+            ..ClusterInfo::default()
+        };
+        let mut b = peer("cluster-b", "10.244.0.0/16", PeerClusterStatus::default());
+        b.spec.mesh_cidrs = vec!["100.65.0.0/16".into()];
+        let c = peer("cluster-c", "10.3.0.0/16", PeerClusterStatus::default());
+        let report = StatusReport::new(&info, &[b, c], &[], now());
+        let text = report.resolve("cluster-b/10.244.1.7").unwrap();
+        assert!(
+            text.starts_with("cluster-b/10.244.1.7 → 100.65.1.7 (from here"),
+            "{text}"
+        );
+        let text = report.resolve("cluster-a/10.244.1.7").unwrap();
+        assert!(text.contains("→ 100.64.1.7 (from other clusters"), "{text}");
+        let text = report.resolve("cluster-c/10.3.0.9").unwrap();
+        assert!(
+            text.contains("→ 10.3.0.9 (cluster-c's pod CIDRs are not translated)"),
+            "{text}"
+        );
+        for (bad, says) in [
+            ("cluster-b", "CLUSTER/POD_IP"),
+            (
+                "cluster-z/10.244.1.7",
+                "neither this cluster nor a linked one",
+            ),
+            ("cluster-b/10.9.1.7", "outside cluster-b's pod CIDRs"),
+            ("cluster-b/nope", "not an IP address"),
+        ] {
+            let e = report.resolve(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let rendered = report.render();
+        assert!(
+            rendered.contains("10.244.0.0/16→100.65.0.0/16"),
+            "{rendered}"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["cluster"]["meshCIDRs"][0], "100.64.0.0/16");
+    }
+
     fn peer(name: &str, cidr: &str, status: PeerClusterStatus) -> PeerCluster {
         let mut p = PeerCluster::new(
             name,
@@ -810,6 +938,7 @@ a2     10.1.2.0/24   -
                 ca_data: None,
                 credentials_secret: format!("peer-{name}"),
                 allowed_pod_cidrs: vec![cidr.into()],
+                mesh_cidrs: Vec::new(),
                 allowed_host_cidrs: Vec::new(),
             },
         );

@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use arbitrary::{Result, Unstructured};
 use wiremesh_controller::plan::{
-    Local, OtherPeer, Plan, allowed_cidrs, allowed_host_cidrs, plan as plan_of,
+    Local, OtherPeer, Plan, allowed_host_cidrs, mesh_view, plan as plan_of,
 };
 use wiremesh_proto::crd::{
     MeshNode, MeshNodeKind, MeshNodeSpec, MeshNodeStatus, MeshPeer, PEER_CLUSTER_LABEL,
@@ -48,7 +48,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     let allowed_hosts = (0..u.int_in_range(0..=2)?)
         .map(|_| cidr_text(u))
         .collect::<Result<Vec<_>>>()?;
-    let peer = PeerCluster::new(
+    let mut peer = PeerCluster::new(
         "peer-b",
         PeerClusterSpec {
             cluster_name: "cluster-b".into(),
@@ -56,6 +56,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
             ca_data: None,
             credentials_secret: "peer-b-credentials".into(),
             allowed_pod_cidrs: allowed,
+            mesh_cidrs: Vec::new(),
             allowed_host_cidrs: allowed_hosts,
         },
     );
@@ -72,6 +73,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
             ca_data: None,
             credentials_secret: "peer-c-credentials".into(),
             allowed_pod_cidrs: vec!["10.3.0.0/16".into()],
+            mesh_cidrs: Vec::new(),
             allowed_host_cidrs: Vec::new(),
         },
     );
@@ -84,6 +86,11 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
         };
         remote.push(node(u, &name)?);
     }
+    // Translated or not, pairing with `allowed` or not (drawn last: the corpus from before
+    // translation decodes as it did).
+    peer.spec.mesh_cidrs = (0..u.int_in_range(0..=3)?)
+        .map(|_| cidr_text(u))
+        .collect::<Result<Vec<_>>>()?;
 
     let first = plan_of(&peer, &remote, &local, &others, &[]);
     assert_eq!(
@@ -102,11 +109,12 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     Ok(())
 }
 
-/// What a mirrored node claims stays inside what its cluster was allowed (hosts' single
-/// addresses: inside its granted host range), off this cluster's own CIDRs and off
+/// What a mirrored node claims stays inside what its cluster was allowed, as the mesh
+/// knows it (its mesh CIDRs when translated; hosts' single addresses: inside its granted
+/// host range), off this cluster's own CIDRs and off
 /// loopback and link-local addresses.
 fn check_claims(peer: &PeerCluster, remote: &[MeshNode], local: &[IpCidr], plan: &Plan) {
-    let allowed = allowed_cidrs(peer);
+    let allowed = mesh_view(peer);
     let host_allowed = allowed_host_cidrs(peer);
     let reserved: Vec<IpCidr> = ["127.0.0.0/8", "169.254.0.0/16", "::1/128", "fe80::/10"]
         .iter()

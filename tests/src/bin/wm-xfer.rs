@@ -45,6 +45,34 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
+    /// Echoes `count` UDP datagrams and prints the source address of each, one a line.
+    UdpEcho {
+        /// Address and port to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// How many datagrams.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Seconds for the whole run.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Sends `count` UDP datagrams, each until echoed, and prints the source address of
+    /// each echo, one a line.
+    UdpPing {
+        /// Address and port of the echo.
+        #[arg(long)]
+        to: SocketAddr,
+        /// How many datagrams.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Bytes per datagram.
+        #[arg(long, default_value_t = 1000)]
+        len: usize,
+        /// Seconds for the whole run.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -59,6 +87,32 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let sources = match cli.command {
+        Command::UdpEcho {
+            listen,
+            count,
+            timeout,
+        } => Some(xfer::udp_echo(listen, count, Duration::from_secs(timeout))?),
+        Command::UdpPing {
+            to,
+            count,
+            len,
+            timeout,
+        } => Some(xfer::udp_ping(
+            to,
+            count,
+            len,
+            Duration::from_secs(timeout),
+        )?),
+        _ => None,
+    };
+    if let Some(sources) = sources {
+        let mut stdout = std::io::stdout().lock();
+        for source in sources {
+            writeln!(stdout, "{source}").context("writing a source")?;
+        }
+        return stdout.flush().context("flushing stdout");
+    }
     let summary = match cli.command {
         Command::Recv { listen, timeout } => xfer::recv(listen, Duration::from_secs(timeout))?,
         Command::Send {
@@ -67,6 +121,7 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             timeout,
         } => xfer::send(to, bytes, seed, Duration::from_secs(timeout))?,
+        Command::UdpEcho { .. } | Command::UdpPing { .. } => return Ok(()),
     };
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{summary}").context("writing the summary")?;

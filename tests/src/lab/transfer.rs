@@ -77,6 +77,23 @@ pub fn transfer_between(
     bytes: u64,
 ) -> Result<TransferReport> {
     let to_ip = to_ip.into();
+    transfer_translated(from, to, to_ip, to_ip, bytes)
+}
+
+/// As [`transfer_between`], the receiver listening on `listen_ip` (its own address) and the
+/// sender connecting to `to_ip` (what the receiver is known by where the sender is, such
+/// as its mesh address when its cluster's pod CIDRs are translated).
+///
+/// # Errors
+/// As [`transfer_between`].
+pub fn transfer_translated(
+    from: &Netns,
+    to: &Netns,
+    listen_ip: impl Into<IpAddr>,
+    to_ip: impl Into<IpAddr>,
+    bytes: u64,
+) -> Result<TransferReport> {
+    let (listen_ip, to_ip) = (listen_ip.into(), to_ip.into());
     let xfer = xfer_binary()?;
     let xfer = path_str(&xfer)?;
     let n = from.lab.next_counter();
@@ -84,7 +101,8 @@ pub fn transfer_between(
     let port = u16::try_from(40_000 + n % 20_000).unwrap_or(40_000);
     let seed = u64::from(n) + 1;
     let seed_s = seed.to_string();
-    let listen = SocketAddr::new(to_ip, port).to_string();
+    let listen = SocketAddr::new(listen_ip, port).to_string();
+    let connect = SocketAddr::new(to_ip, port).to_string();
     let timeout = TRANSFER_BASE_TIMEOUT + Duration::from_secs(bytes / TRANSFER_FLOOR_BYTES_PER_SEC);
     let secs = timeout.as_secs().to_string();
     let bytes_s = bytes.to_string();
@@ -96,7 +114,7 @@ pub fn transfer_between(
             xfer,
             "send",
             "--to",
-            &listen,
+            &connect,
             "--bytes",
             &bytes_s,
             "--seed",

@@ -1,0 +1,179 @@
+//! Two clusters with the same pod CIDR (10.244.0.0/16, a pod at 10.244.1.2 in each),
+//! linked by `meshctl join`, which gives each a mesh CIDR; the agents translate the pods'
+//! addresses statelessly at the edges (issue 14). One lab set-up for every scenario
+//! (needs root).
+
+// The test prints what it measured (shown with --nocapture).
+#![allow(clippy::print_stdout)]
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, ensure};
+use wiremesh_lab::clusters::{CONVERGE, Side, TwoClusters, wait_for};
+use wiremesh_lab::{
+    MIB, Pod, df_ping, output_text, ping, reachable, transfer_translated, xfer_binary,
+};
+
+/// Payload of a DF ping that fits the tunnel (1420) but not the 1300-byte path behind
+/// cluster-b's node: 1322 + 28 bytes of headers.
+const BETWEEN_PAYLOAD: u32 = 1322;
+/// The MTU of the route to cluster-b's pod on its node.
+const POD_ROUTE_MTU: u32 = 1300;
+
+#[test]
+fn clusters_with_the_same_pod_cidr_reach_each_other_at_their_mesh_addresses() -> Result<()> {
+    let start = Instant::now();
+    let lab = TwoClusters::with_same_pod_range(1)?;
+    let (a1, b1) = (lab.a.node("a1")?, lab.b.node("b1")?);
+    let pod_ip: IpAddr = "10.244.1.2".parse()?;
+    ensure!(
+        IpAddr::V4(a1.pod.ip()) == pod_ip && IpAddr::V4(b1.pod.ip()) == pod_ip,
+        "both pods should be {pod_ip}: {} and {}",
+        a1.pod.ip(),
+        b1.pod.ip()
+    );
+
+    // join sees the overlap, allocates a mesh CIDR for each and says so.
+    let out = lab.join()?;
+    println!("{out}");
+    ensure!(
+        out.contains("translated to mesh CIDRs"),
+        "join said:\n{out}"
+    );
+    let b_mesh = resolve(&lab, Side::A, "cluster-b/10.244.1.2")?;
+    let a_mesh = resolve(&lab, Side::B, "cluster-a/10.244.1.2")?;
+    ensure!(a_mesh != b_mesh && a_mesh != pod_ip, "{a_mesh} {b_mesh}");
+    println!("cluster-a's pod is {a_mesh} in the mesh, cluster-b's {b_mesh}");
+    let took = wait_for(CONVERGE, || {
+        ensure!(reachable(&a1.pod, b_mesh)?, "a1 -> {b_mesh}");
+        Ok(())
+    })?;
+    println!("reachable after {took:?}");
+
+    // Ping both ways; 64 MiB checksummed each way.
+    ping(&a1.pod, b_mesh, 2)?;
+    ping(&b1.pod, a_mesh, 2)?;
+    let there = transfer_translated(&a1.pod, &b1.pod, pod_ip, b_mesh, 64 * MIB)?;
+    let back = transfer_translated(&b1.pod, &a1.pod, pod_ip, a_mesh, 64 * MIB)?;
+    println!(
+        "64 MiB each way intact: {:.0} and {:.0} Mbit/s",
+        there.mbit_per_s(),
+        back.mbit_per_s()
+    );
+
+    // UDP both ways; each receiver sees the sender's mesh address as the source, each
+    // sender the answer from the receiver's mesh address.
+    udp(&a1.pod, &b1.pod, pod_ip, b_mesh, a_mesh)?;
+    udp(&b1.pod, &a1.pod, pod_ip, a_mesh, b_mesh)?;
+    println!("UDP both ways: sources are mesh addresses");
+
+    // Inside cluster-a, 10.244.1.2 is still its own pod: another pod on a1 reaches it
+    // directly, and no route of Wiremesh covers cluster-a's pod range.
+    let neighbour = a1.host.add_pod("a1-q")?;
+    ping(&neighbour, pod_ip, 2)?;
+    let routes = a1.routes()?;
+    let b_node_mesh = match b_mesh {
+        IpAddr::V4(ip) => {
+            let [a, b, c, _] = ip.octets();
+            format!("{a}.{b}.{c}.0/24")
+        }
+        IpAddr::V6(ip) => ip.to_string(),
+    };
+    ensure!(
+        !routes.contains("10.244.") && routes.contains(&b_node_mesh),
+        "a1's Wiremesh routes, wanted {b_node_mesh} and nothing of 10.244.0.0/16: {routes}"
+    );
+
+    // A DF packet that fits the tunnel but not the path to cluster-b's pod: cluster-b's
+    // node answers "fragmentation needed" from its mesh address, with a quote whose
+    // addresses are translated back, so the ping in cluster-a's pod matches it.
+    b1.host.ip(&[
+        "route",
+        "replace",
+        "10.244.1.2/32",
+        "dev",
+        "pods0",
+        "mtu",
+        "lock",
+        &POD_ROUTE_MTU.to_string(),
+    ])?;
+    let out = df_ping(&a1.pod, b_mesh, BETWEEN_PAYLOAD, 3)?;
+    let text = output_text(&out);
+    let expected = format!("Frag needed and DF set (mtu = {POD_ROUTE_MTU})");
+    ensure!(
+        !out.status.success() && text.contains(&expected),
+        "no {expected:?} for a {BETWEEN_PAYLOAD}-byte DF ping:\n{text}"
+    );
+    println!("DF ping over the far side's MTU:\n{text}");
+    println!("overlap lab test took {:?}", start.elapsed());
+    Ok(())
+}
+
+/// What `meshctl status --resolve` says `query` is from `side`.
+fn resolve(lab: &TwoClusters, side: Side, query: &str) -> Result<IpAddr> {
+    let out = lab.meshctl(&["--context", side.name(), "status", "--resolve", query])?;
+    let text = output_text(&out);
+    ensure!(
+        out.status.success(),
+        "meshctl status --resolve {query}:\n{text}"
+    );
+    text.split_once("→ ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("no address in {text:?}"))
+}
+
+/// Three UDP datagrams from `from` to `to` (known there as `to_mesh`, listening on
+/// `listen`), echoed: the echo sees `from_mesh` as their source, `from` sees the echoes
+/// come from `to_mesh`.
+fn udp(from: &Pod, to: &Pod, listen: IpAddr, to_mesh: IpAddr, from_mesh: IpAddr) -> Result<()> {
+    let xfer = xfer_binary()?;
+    let xfer = xfer.to_str().context("wm-xfer path")?;
+    let listen = format!("{listen}:7000");
+    let echo = to.spawn(&[
+        xfer,
+        "udp-echo",
+        "--listen",
+        &listen,
+        "--count",
+        "3",
+        "--timeout",
+        "20",
+    ])?;
+    let target = format!("{to_mesh}:7000");
+    let sent = from.exec_timeout(
+        &[
+            xfer,
+            "udp-ping",
+            "--to",
+            &target,
+            "--count",
+            "3",
+            "--timeout",
+            "15",
+        ],
+        Duration::from_secs(20),
+    )?;
+    let echoed = echo.wait_with_timeout(Duration::from_secs(10))?;
+    let (sent_text, echoed_text) = (output_text(&sent), output_text(&echoed));
+    ensure!(
+        sent.status.success() && echoed.status.success(),
+        "udp-ping:\n{sent_text}\nudp-echo:\n{echoed_text}"
+    );
+    let sources = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.rsplit_once(':').map(|(ip, _)| ip.to_owned()))
+            .collect()
+    };
+    let (replies, seen) = (sources(&sent_text), sources(&echoed_text));
+    ensure!(
+        replies.len() == 3 && replies.iter().all(|s| *s == to_mesh.to_string()),
+        "echoes came from {replies:?}, wanted {to_mesh}"
+    );
+    ensure!(
+        seen.len() == 3 && seen.iter().all(|s| *s == from_mesh.to_string()),
+        "the echo saw {seen:?}, wanted {from_mesh}"
+    );
+    Ok(())
+}
