@@ -59,6 +59,7 @@ bench-scale:
 	@scripts/deps.sh
 	$(CARGO) build --release -p wiremesh-agent -p wiremesh-bench --bins
 	$(CARGO) run --release -q -p wiremesh-bench -- scale
+	$(CARGO) run --release -q -p wiremesh-bench -- apply
 
 # deploy/: the CRDs from the Rust types, the alerting rules copied into the chart, then
 # deploy/wiremesh.yaml rendered from the Helm chart with its default values (a test checks

@@ -4,11 +4,14 @@
 //!   wireguard-go and boringtun-cli, in one lab, alternating round by round (`make bench`).
 //! - [`scale`]: the agent with thousands of peers, and how soon a peer added through the
 //!   UAPI passes its first packet (`make bench-scale`).
+//! - [`apply`]: the agent taking thousands of routed peers at once and one at a time, and
+//!   its route reconciler's pass over them (`make bench-scale`).
 //! - `core/benches/packet_path.rs` (in `wiremesh-core`): criterion micro-benchmarks of the core without I/O.
 //!
 //! Everything runs inside the namespace lab of `wiremesh_lab` (underlay 198.18.0.0/16,
 //! pods in 10.0.0.0/8, a per-run name prefix, all removed on exit); it needs root.
 
+pub mod apply;
 pub mod chart;
 pub mod compare;
 pub mod interrupt;

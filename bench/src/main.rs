@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use wiremesh_bench::compare::{self, Options};
 use wiremesh_bench::tools::{Toolbox, default_tools_dir};
 use wiremesh_bench::tunnel::Impl;
-use wiremesh_bench::{chart, interrupt, progress, scale};
+use wiremesh_bench::{apply, chart, interrupt, progress, scale};
 
 /// Wiremesh benchmarks against plain veth routing, wireguard-go and boringtun-cli.
 #[derive(Parser)]
@@ -78,6 +78,23 @@ enum Command {
         #[arg(long, env = "BENCH_FIRST_PACKET_RUNS", default_value_t = 5)]
         first_packet_runs: u32,
         /// Where scale.json goes.
+        #[arg(long, env = "BENCH_OUT", default_value = "bench/results")]
+        out: PathBuf,
+    },
+    /// The agent taking many peers whose routes follow their allowed IPs, all in one
+    /// update and one update per peer: time until every route is in place, CPU, memory,
+    /// and a route reconciler pass over them; print the table, write `<out>/apply.json`.
+    Apply {
+        /// Peers.
+        #[arg(long, env = "BENCH_APPLY_PEERS", default_value_t = 5000)]
+        peers: usize,
+        /// Seconds of each idle measurement.
+        #[arg(long, env = "BENCH_IDLE_SECS", default_value_t = 10)]
+        idle_secs: u64,
+        /// Reconciler passes timed with all routes in place.
+        #[arg(long, env = "BENCH_RECONCILE_PASSES", default_value_t = 20)]
+        passes: u32,
+        /// Where apply.json goes.
         #[arg(long, env = "BENCH_OUT", default_value = "bench/results")]
         out: PathBuf,
     },
@@ -151,6 +168,25 @@ fn try_main() -> Result<()> {
             let (report, table) = scale::run(&options)?;
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             let path = out.join("scale.json");
+            write_json(&path, &report)?;
+            print(&table)?;
+            progress!("wrote {}", path.display());
+        }
+        Command::Apply {
+            peers,
+            idle_secs,
+            passes,
+            out,
+        } => {
+            interrupt::install()?;
+            let options = apply::Options {
+                peers,
+                idle: Duration::from_secs(idle_secs.max(1)),
+                passes: passes.max(1),
+            };
+            let (report, table) = apply::run(&options)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let path = out.join("apply.json");
             write_json(&path, &report)?;
             print(&table)?;
             progress!("wrote {}", path.display());
