@@ -291,6 +291,17 @@ mod tests {
                 routes: BTreeSet::new()
             }
         );
+        // --route-allowed-ips: the routes follow the allowed IPs, as in `kube` mode.
+        let following = super::plan(&UpOptions {
+            config: None,
+            interface: Some("wm8".into()),
+            key_file: None,
+            uapi_dir: dir.clone(),
+            metrics_addr: None,
+            route_allowed_ips: true,
+        })
+        .unwrap();
+        assert_eq!(following.spec.routing, Routing::AllowedIps);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
