@@ -59,6 +59,7 @@ bench-scale:
 	@scripts/deps.sh
 	$(CARGO) build --release -p wiremesh-agent -p wiremesh-bench --bins
 	$(CARGO) run --release -q -p wiremesh-bench -- scale
+	$(CARGO) run --release -q -p wiremesh-bench -- apply
 
 # The mesh at scale (bench/README.md): K real control planes of N simulated nodes, the real
 # controller in each, every pair joined; bench/results/mesh.json and mesh.png. Needs the

@@ -505,6 +505,13 @@ impl Shell {
                     }
                 }
             }
+            // Fewer messages than there is room for: the socket was found empty (which
+            // cleared its readiness), and another round would be one more system call per
+            // lone packet. When a message was skipped or an error cut the round short, the
+            // readiness is still set and the loop's `readable()` comes straight back.
+            if count < udp::RX_MESSAGES {
+                break;
+            }
         }
         write_coalesced(gro, tun);
     }

@@ -46,6 +46,10 @@ enum Command {
         /// Serve Prometheus metrics and health checks on this address (e.g. 0.0.0.0:9586).
         #[arg(long, env = "WIREMESH_METRICS_ADDR")]
         metrics_addr: Option<SocketAddr>,
+        /// Route every peer's allowed IPs into the interface, following each change (as
+        /// the `kube` and `host` modes do), instead of wg-quick's routes fixed at `up`.
+        #[arg(long, env = "WIREMESH_ROUTE_ALLOWED_IPS")]
+        route_allowed_ips: bool,
     },
     /// Run as a Kubernetes node agent: publish this node's MeshNode, build a tunnel to
     /// every MeshPeer, keep forwarding when the API server is unreachable.
@@ -164,6 +168,7 @@ fn main() -> ExitCode {
                 key_file,
                 uapi_dir,
                 metrics_addr,
+                route_allowed_ips,
             } => {
                 standalone::up(UpOptions {
                     config,
@@ -171,6 +176,7 @@ fn main() -> ExitCode {
                     key_file,
                     uapi_dir,
                     metrics_addr,
+                    route_allowed_ips,
                 })
                 .await
             }

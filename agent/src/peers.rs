@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams};
@@ -51,6 +51,9 @@ const CONNECTED_WITHIN: Duration = Duration::from_secs(180);
 /// Most tunnels listed in the status, so the object stays far below the API server's
 /// limits (etcd's 1.5 MiB) however many peers there are.
 const MAX_STATUS_PEERS: usize = 1024;
+/// Watch events already waiting that one pass takes at most (each is only a store
+/// update; the pass after them is O(peers)): a long burst still gets a pass now and then.
+const MAX_BURST: usize = 4096;
 /// How often the failover groups' members are checked for signs of life.
 const FAILOVER_CHECK: Duration = Duration::from_millis(500);
 /// Retry pause while the cluster ConfigMap cannot be read.
@@ -243,6 +246,9 @@ impl Context {
         let mut listed = [false; 2];
         let mut base: Option<Desired> = None;
         let mut active = mesh::Active::new();
+        // The cache is written after the first complete pass even when nothing changed
+        // (what was loaded may have been left out in part), then only on a change.
+        let mut cached = false;
         let mut failover = tokio::time::interval(FAILOVER_CHECK);
         failover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -263,42 +269,59 @@ impl Context {
                     continue;
                 }
             };
-            let i = source as usize;
-            match event {
-                Ok(Some(initial)) => {
-                    if failing[i] {
-                        info!(watch = ?source, "watch restored");
-                        failing[i] = false;
-                    }
-                    listed[i] |= initial;
-                    if listed != [true; 2] {
-                        continue;
-                    }
-                    let desired = base.insert(self.selection.desired(
-                        peers.state().iter().map(AsRef::as_ref),
-                        nodes.state().iter().map(AsRef::as_ref),
-                    ));
-                    watched.send_if_modified(|w| {
-                        let changed = *w != desired.watched;
-                        if changed {
-                            w.clone_from(&desired.watched);
+            // Every event already waiting (a burst of MeshPeers created one by one
+            // arrives as one event each) is taken before the pass: one desired set, one
+            // diff and one cache write per burst, not per event.
+            let mut pending = Some((source, event));
+            let mut taken = 0;
+            let mut any_change = false;
+            while let Some((source, event)) = pending.take() {
+                let i = source as usize;
+                match event {
+                    Ok(Some(initial)) => {
+                        if failing[i] {
+                            info!(watch = ?source, "watch restored");
+                            failing[i] = false;
                         }
-                        changed
-                    });
-                    reconcile(&handle, &mut applied, desired, &mut active, &origins, limit).await;
-                    attribute(&applied, &attribution);
-                    save_cache(&self.state_dir, &applied);
-                    if let Some(synced) = &self.synced {
-                        synced.send_if_modified(|s| !std::mem::replace(s, true));
+                        listed[i] |= initial;
+                        any_change = true;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        if !failing[i] {
+                            warn!(watch = ?source, error = %e, "watch failed; keeping the current tunnels");
+                            failing[i] = true;
+                        }
                     }
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    if !failing[i] {
-                        warn!(watch = ?source, error = %e, "watch failed; keeping the current tunnels");
-                        failing[i] = true;
-                    }
+                taken += 1;
+                if taken < MAX_BURST {
+                    pending = stream.next().now_or_never().flatten();
                 }
+            }
+            if !any_change || listed != [true; 2] {
+                continue;
+            }
+            let desired = base.insert(self.selection.desired(
+                peers.state().iter().map(AsRef::as_ref),
+                nodes.state().iter().map(AsRef::as_ref),
+            ));
+            watched.send_if_modified(|w| {
+                let changed = *w != desired.watched;
+                if changed {
+                    w.clone_from(&desired.watched);
+                }
+                changed
+            });
+            let before = applied.clone();
+            reconcile(&handle, &mut applied, desired, &mut active, &origins, limit).await;
+            attribute(&applied, &attribution);
+            if applied != before || !cached {
+                save_cache(&self.state_dir, &applied);
+                cached = true;
+            }
+            if let Some(synced) = &self.synced {
+                synced.send_if_modified(|s| !std::mem::replace(s, true));
             }
         }
     }

@@ -37,6 +37,10 @@ pub struct UpOptions {
     pub uapi_dir: PathBuf,
     /// Where to serve `/metrics`, `/healthz` and `/readyz`, if anywhere.
     pub metrics_addr: Option<SocketAddr>,
+    /// Route every peer's allowed IPs into the interface, following each change, as the
+    /// `kube` and `host` modes do ([`Routing::AllowedIps`]), instead of the config file's
+    /// routes fixed at `up` (the scale benchmark).
+    pub route_allowed_ips: bool,
 }
 
 /// Everything `up` needs, read and checked before anything is created.
@@ -129,6 +133,9 @@ pub fn plan(options: &UpOptions) -> Result<Plan> {
                 replaces: None,
             });
         }
+    }
+    if options.route_allowed_ips {
+        spec.routing = Routing::AllowedIps;
     }
     Ok(Plan { spec, update })
 }
@@ -237,6 +244,7 @@ mod tests {
             key_file: None,
             uapi_dir: dir.clone(),
             metrics_addr: None,
+            route_allowed_ips: false,
         })
         .unwrap();
         assert_eq!(plan.spec.name, "wm7");
@@ -255,6 +263,7 @@ mod tests {
             key_file: None,
             uapi_dir: dir.clone(),
             metrics_addr: None,
+            route_allowed_ips: false,
         })
         .unwrap();
         assert_eq!(explicit.spec.mtu, 1380);
@@ -272,6 +281,7 @@ mod tests {
             key_file: None,
             uapi_dir: dir.clone(),
             metrics_addr: None,
+            route_allowed_ips: false,
         })
         .unwrap();
         assert_eq!(
@@ -281,6 +291,17 @@ mod tests {
                 routes: BTreeSet::new()
             }
         );
+        // --route-allowed-ips: the routes follow the allowed IPs, as in `kube` mode.
+        let following = super::plan(&UpOptions {
+            config: None,
+            interface: Some("wm8".into()),
+            key_file: None,
+            uapi_dir: dir.clone(),
+            metrics_addr: None,
+            route_allowed_ips: true,
+        })
+        .unwrap();
+        assert_eq!(following.spec.routing, Routing::AllowedIps);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

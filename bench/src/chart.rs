@@ -162,6 +162,7 @@ fn short(imp: Impl) -> String {
         Impl::WireguardGoDebian => "wg-go deb",
         Impl::WireguardGoLatest => "wg-go new",
         Impl::BoringtunCli => "boringtun",
+        Impl::WiremeshBase => "wiremesh base",
     }
     .to_owned()
 }
@@ -173,6 +174,7 @@ fn color(imp: Impl) -> RGBColor {
         Impl::WireguardGoDebian => RGBColor(120, 160, 210),
         Impl::WireguardGoLatest => RGBColor(40, 90, 170),
         Impl::BoringtunCli => RGBColor(90, 160, 90),
+        Impl::WiremeshBase => RGBColor(240, 170, 120),
     }
 }
 

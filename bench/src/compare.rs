@@ -59,6 +59,10 @@ pub struct Sample {
     pub rtt_p50_ms: Option<f64>,
     /// Round trip, 99th percentile, ms.
     pub rtt_p99_ms: Option<f64>,
+    /// Round trip while one TCP flow saturates the tunnel, median, ms.
+    pub loaded_rtt_p50_ms: Option<f64>,
+    /// Round trip while one TCP flow saturates the tunnel, 99th percentile, ms.
+    pub loaded_rtt_p99_ms: Option<f64>,
     /// CPU seconds of both tunnel daemons per Gbit carried, during the one-flow TCP test.
     pub cpu_s_per_gbit: Option<f64>,
     /// The same during the four-flow TCP test.
@@ -95,7 +99,7 @@ pub fn run(options: &Options, tools: &Toolbox, criterion_dir: &std::path::Path) 
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let per_path = options.tcp_secs * 2 + options.udp_secs + options.ping_count / 100 + 4;
+    let per_path = options.tcp_secs * 3 + options.udp_secs + options.ping_count / 100 + 4;
     progress!(
         "about {} s in all",
         per_path as usize * options.impls.len() * options.rounds as usize
@@ -194,6 +198,15 @@ fn run_tests(
     }
 
     interrupt::check()?;
+    match measure::loaded_rtt(server, server_ip, client, options.tcp_secs) {
+        Ok(rtt) => {
+            sample.loaded_rtt_p50_ms = Some(rtt.p50_ms);
+            sample.loaded_rtt_p99_ms = Some(rtt.p99_ms);
+        }
+        Err(e) => sample.errors.push(format!("ping under load: {e:#}")),
+    }
+
+    interrupt::check()?;
     match measure::udp(server, server_ip, client, UDP_PAYLOAD, options.udp_secs) {
         Ok(run) => {
             sample.udp64_kpps = Some(run.kpps);
@@ -224,13 +237,15 @@ fn describe(s: &Sample) -> String {
     };
     let name = s.imp.map_or("?", Impl::name);
     let mut line = format!(
-        "round {} {name:<20} tcp1 {} tcp4 {} Gbit/s, udp64 {} kpps, rtt {}/{} ms, {} CPU-s/Gbit, {} MiB",
+        "round {} {name:<20} tcp1 {} tcp4 {} Gbit/s, udp64 {} kpps, rtt {}/{} ms, loaded {}/{} ms, {} CPU-s/Gbit, {} MiB",
         s.round,
         f(s.tcp1_gbps, 2),
         f(s.tcp4_gbps, 2),
         f(s.udp64_kpps, 0),
         f(s.rtt_p50_ms, 3),
         f(s.rtt_p99_ms, 3),
+        f(s.loaded_rtt_p50_ms, 3),
+        f(s.loaded_rtt_p99_ms, 3),
         f(s.cpu_s_per_gbit, 2),
         f(s.peak_rss_mib, 1),
     );

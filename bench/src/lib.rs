@@ -6,11 +6,14 @@
 //!   UAPI passes its first packet (`make bench-scale`).
 //! - [`mesh`]: K real control planes with N simulated nodes each and the real controller:
 //!   how fast a node change reaches every cluster, and what it costs (`make bench-mesh`).
+//! - [`apply`]: the agent taking thousands of routed peers at once and one at a time, and
+//!   its route reconciler's pass over them (`make bench-scale`).
 //! - `core/benches/packet_path.rs` (in `wiremesh-core`): criterion micro-benchmarks of the core without I/O.
 //!
 //! Everything runs inside the namespace lab of `wiremesh_lab` (underlay 198.18.0.0/16,
 //! pods in 10.0.0.0/8, a per-run name prefix, all removed on exit); it needs root.
 
+pub mod apply;
 pub mod chart;
 pub mod compare;
 pub mod interrupt;

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use wiremesh_bench::compare::{self, Options};
 use wiremesh_bench::tools::{Toolbox, default_tools_dir};
 use wiremesh_bench::tunnel::Impl;
-use wiremesh_bench::{chart, interrupt, mesh, mesh_chart, progress, scale};
+use wiremesh_bench::{apply, chart, interrupt, mesh, mesh_chart, progress, scale};
 
 /// Wiremesh benchmarks against plain veth routing, wireguard-go and boringtun-cli.
 #[derive(Parser)]
@@ -111,6 +111,23 @@ enum Command {
         #[arg(long, env = "BENCH_MESH_TIMEOUT", default_value_t = 300)]
         timeout: u64,
         /// Where mesh.json and mesh.png go.
+        #[arg(long, env = "BENCH_OUT", default_value = "bench/results")]
+        out: PathBuf,
+    },
+    /// The agent taking many peers whose routes follow their allowed IPs, all in one
+    /// update and one update per peer: time until every route is in place, CPU, memory,
+    /// and a route reconciler pass over them; print the table, write `<out>/apply.json`.
+    Apply {
+        /// Peers.
+        #[arg(long, env = "BENCH_APPLY_PEERS", default_value_t = 5000)]
+        peers: usize,
+        /// Seconds of each idle measurement.
+        #[arg(long, env = "BENCH_IDLE_SECS", default_value_t = 10)]
+        idle_secs: u64,
+        /// Reconciler passes timed with all routes in place.
+        #[arg(long, env = "BENCH_RECONCILE_PASSES", default_value_t = 20)]
+        passes: u32,
+        /// Where apply.json goes.
         #[arg(long, env = "BENCH_OUT", default_value = "bench/results")]
         out: PathBuf,
     },
@@ -216,6 +233,25 @@ fn try_main() -> Result<()> {
             mesh_chart::render(&report, &png)?;
             print(&table)?;
             progress!("wrote {} and {}", path.display(), png.display());
+        }
+        Command::Apply {
+            peers,
+            idle_secs,
+            passes,
+            out,
+        } => {
+            interrupt::install()?;
+            let options = apply::Options {
+                peers,
+                idle: Duration::from_secs(idle_secs.max(1)),
+                passes: passes.max(1),
+            };
+            let (report, table) = apply::run(&options)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let path = out.join("apply.json");
+            write_json(&path, &report)?;
+            print(&table)?;
+            progress!("wrote {}", path.display());
         }
         Command::Chart { json, png } => {
             let text = std::fs::read_to_string(&json)

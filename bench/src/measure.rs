@@ -203,6 +203,26 @@ pub fn rtt(client: &Netns, target: Ipv4Addr, count: u32) -> Result<Rtt> {
     })
 }
 
+/// Round-trip times while one TCP flow from `client` to `server_ip` saturates the path
+/// for `secs` (at least 3): pings 10 ms apart from the second second to the one before
+/// last, so the flow is up to speed and still running.
+///
+/// # Errors
+/// When iperf3 fails or fewer than half the pings were answered.
+pub fn loaded_rtt(server: &Netns, server_ip: Ipv4Addr, client: &Netns, secs: u32) -> Result<Rtt> {
+    let secs = secs.max(3);
+    std::thread::scope(|scope| {
+        let flow = scope.spawn(|| tcp(server, server_ip, client, 1, secs));
+        std::thread::sleep(Duration::from_secs(1));
+        let rtt = rtt(client, server_ip, (secs - 2) * 100);
+        let flow = flow
+            .join()
+            .map_err(|_| anyhow!("the TCP flow's thread panicked"))?;
+        flow.context("the TCP flow under the pings")?;
+        rtt
+    })
+}
+
 /// Runs a one-shot `iperf3 -s` on `server_ip` and `iperf3 -c ... -J extra` against it;
 /// returns the client's JSON report.
 fn iperf(

@@ -26,6 +26,8 @@ pub struct Toolbox {
     pub wireguard_go_latest: PathBuf,
     /// `boringtun-cli`, installed by `bench/install.sh`.
     pub boringtun_cli: PathBuf,
+    /// Another `wiremesh-agent` build to compare with (`BENCH_BASE_AGENT`), if given.
+    pub base_agent: Option<PathBuf>,
     tools_dir: PathBuf,
 }
 
@@ -49,11 +51,20 @@ impl Toolbox {
                 path.display()
             );
         }
+        let base_agent = std::env::var_os("BENCH_BASE_AGENT").map(PathBuf::from);
+        if let Some(path) = &base_agent {
+            ensure!(
+                path.is_file(),
+                "BENCH_BASE_AGENT: {} is no file",
+                path.display()
+            );
+        }
         Ok(Self {
             agent,
             wireguard_go_debian,
             wireguard_go_latest,
             boringtun_cli,
+            base_agent,
             tools_dir: tools_dir.to_owned(),
         })
     }
@@ -101,6 +112,16 @@ impl Toolbox {
             "boringtun-cli".to_owned(),
             first_line(path_str(&self.boringtun_cli), &["--version"]),
         );
+        if let Some(base) = &self.base_agent {
+            versions.insert(
+                "wiremesh-base".to_owned(),
+                format!(
+                    "{} ({})",
+                    first_line(path_str(base), &["--version"]),
+                    base.display()
+                ),
+            );
+        }
         versions.insert("iperf3".to_owned(), first_line("iperf3", &["--version"]));
         versions.insert("kernel".to_owned(), first_line("uname", &["-r"]));
         versions

@@ -48,16 +48,20 @@ pub enum Impl {
     WireguardGoLatest,
     /// `boringtun-cli` from crates.io, with its default threads.
     BoringtunCli,
+    /// Another build of `wiremesh-agent` (`BENCH_BASE_AGENT`), run as `wiremesh` is: a
+    /// before/after comparison in one run. Not in the default round.
+    WiremeshBase,
 }
 
 impl Impl {
     /// Every path, in the order of a round.
-    pub const ALL: [Impl; 5] = [
+    pub const ALL: [Impl; 6] = [
         Impl::Veth,
         Impl::Wiremesh,
         Impl::WireguardGoDebian,
         Impl::WireguardGoLatest,
         Impl::BoringtunCli,
+        Impl::WiremeshBase,
     ];
 
     /// The name in tables and JSON.
@@ -68,6 +72,7 @@ impl Impl {
             Impl::WireguardGoDebian => "wireguard-go-debian",
             Impl::WireguardGoLatest => "wireguard-go-latest",
             Impl::BoringtunCli => "boringtun-cli",
+            Impl::WiremeshBase => "wiremesh-base",
         }
     }
 }
@@ -265,8 +270,15 @@ fn spawn_daemon(imp: Impl, tools: &Toolbox, host: &Host) -> Result<Proc> {
     let threads = std::env::var("BENCH_BORINGTUN_THREADS").unwrap_or_default();
     let (program, args, env): (&std::path::Path, Vec<&str>, Vec<(&str, &str)>) = match imp {
         Impl::Veth => bail!("veth has no daemon"),
-        Impl::Wiremesh => (
-            &tools.agent,
+        Impl::Wiremesh | Impl::WiremeshBase => (
+            if imp == Impl::Wiremesh {
+                tools.agent.as_path()
+            } else {
+                tools
+                    .base_agent
+                    .as_deref()
+                    .context("wiremesh-base needs BENCH_BASE_AGENT: the path of another wiremesh-agent build")?
+            },
             vec!["up", "--interface", IFACE],
             vec![("RUST_LOG", "warn")],
         ),

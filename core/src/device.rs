@@ -259,6 +259,9 @@ struct Peer {
     init_rx: Option<u64>,
     /// Source of the last authenticated datagram.
     observed: Option<SocketAddr>,
+    /// The addresses of `endpoint` and `endpoints`, sorted and distinct, as counted in
+    /// [`Device::known_sources`].
+    sources: Vec<IpAddr>,
     persistent_keepalive: u16,
     allowed_ips: BTreeSet<IpCidr>,
     /// Sources accepted from the peer besides `allowed_ips`, never routed to it.
@@ -270,9 +273,9 @@ struct Peer {
     rx_seen: u64,
     /// The noise state machine, created on first use (a packet for the peer, its
     /// handshake initiation, or at once when persistent keepalive is on) and freed when
-    /// boringtun declares the connection expired: a `Tunn` holds its eight sessions
-    /// inline (about 11 KiB), which 10,000 idle peers should not pay for. Always `None`
-    /// while the device has no private key.
+    /// boringtun declares the connection expired: a `Tunn` is about 1 KiB plus 1.4 KiB
+    /// per live session (boxed in `third_party/boringtun`), which 10,000 idle peers
+    /// should not pay for. Always `None` while the device has no private key.
     tunn: Option<Box<Tunn>>,
     /// The receiver-index slot of `tunn`: the peer's own slot at first, another one
     /// after a rotation left the old `Tunn` in [`Peer::retiring`] with it.
@@ -361,10 +364,11 @@ pub struct Device {
     counters: Counters,
     /// Handshake work per source address, after the cookie.
     handshake_limiter: HandshakeLimiter,
-    /// The peers' endpoints (configured, and where verified packets came from), as of
-    /// the last timer tick: their handshakes may draw on a reserve a flood cannot spend
-    /// ([`HandshakeLimiter::allow_known`]).
-    known_sources: BTreeSet<IpAddr>,
+    /// The peers' endpoints (configured, and where verified packets came from), each
+    /// with how many peers have it: their handshakes may draw on a reserve a flood cannot
+    /// spend ([`HandshakeLimiter::allow_known`]). Kept up to date as endpoints change
+    /// ([`refresh_sources`]), so no tick walks every peer for it.
+    known_sources: BTreeMap<IpAddr, u32>,
     /// The time of the last timer tick (the core reads no clock itself).
     last_tick: Option<Instant>,
     /// The tunnel MTU, and the ICMP errors for packets over it.
@@ -408,7 +412,7 @@ impl Device {
             allowed: AllowedIps::new(),
             counters: Counters::default(),
             handshake_limiter: HandshakeLimiter::new(),
-            known_sources: BTreeSet::new(),
+            known_sources: BTreeMap::new(),
             last_tick: None,
             mtu: MtuGuard::new(mtu::DEFAULT_MTU),
             mtu_follows_routes: false,
@@ -507,7 +511,8 @@ impl Device {
     /// Raises the MTU to what the routes need; whether it changed.
     fn floor_mtu(&mut self) -> bool {
         let current = self.mtu.mtu();
-        let wanted = mtu::floor_for_routes(current, &self.routes());
+        let ipv6 = self.allowed.iter().any(|(c, _)| c.addr().is_ipv6());
+        let wanted = mtu::with_ipv6_floor(current, ipv6);
         self.mtu.set_mtu(wanted);
         wanted != current
     }
@@ -562,7 +567,7 @@ impl Device {
             }
         };
         let mut rebuild = false;
-        let Some(peer) = self.slot_mut(id) else {
+        let Some(peer) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
             return;
         };
         if let Some(psk) = &update.preshared_key
@@ -587,6 +592,7 @@ impl Device {
         if let Some(endpoint) = update.endpoint {
             peer.endpoint = Some(Endpoint::from(endpoint));
         }
+        refresh_sources(&mut self.known_sources, peer);
         if let Some(keepalive) = update.persistent_keepalive
             && peer.persistent_keepalive != keepalive
         {
@@ -844,6 +850,7 @@ impl Device {
             endpoints: Vec::new(),
             init_rx: None,
             observed: None,
+            sources: Vec::new(),
             last_receive: None,
             rx_seen: 0,
             tunn: None,
@@ -905,7 +912,10 @@ impl Device {
         let Some(id) = self.by_key.remove(key) else {
             return false;
         };
-        if let Some(peer) = self.slots.get_mut(id.0 as usize).and_then(Option::take) {
+        if let Some(mut peer) = self.slots.get_mut(id.0 as usize).and_then(Option::take) {
+            peer.endpoint = None;
+            peer.endpoints.clear();
+            refresh_sources(&mut self.known_sources, &mut peer);
             for cidr in &peer.allowed_ips {
                 if self.allowed.exact(cidr) == Some(id) {
                     self.allowed.remove(cidr);
@@ -1106,7 +1116,7 @@ impl Device {
         // Before the first tick there is no time to count with (the loop ticks at once).
         if carries_cookie(datagram)
             && let Some(now) = self.last_tick
-            && !if self.known_sources.contains(&from.addr.ip()) {
+            && !if self.known_sources.contains_key(&from.addr.ip()) {
                 self.handshake_limiter.allow_known(from.addr.ip(), now)
             } else {
                 self.handshake_limiter.allow(from.addr.ip(), now)
@@ -1207,7 +1217,11 @@ impl Device {
         let result = tunn.decapsulate(Some(from.addr.ip()), datagram, out);
         let proof = proof_of(datagram, &result);
         if proof != Proof::None {
+            let moved = peer.endpoint.map(|e| e.addr.ip()) != Some(from.addr.ip());
             peer.endpoint = Some(from);
+            if moved {
+                refresh_sources(&mut self.known_sources, peer);
+            }
             peer.observed = Some(from.addr);
             peer.count_rx(datagram.len());
             if proof == Proof::Handshake {
@@ -1353,16 +1367,6 @@ impl Device {
         self.rate_limiter.reset_count();
         self.handshake_limiter.forget_idle(now);
         self.last_tick = Some(now);
-        self.known_sources.clear();
-        for peer in self.slots.iter().flatten() {
-            self.known_sources.extend(
-                peer.endpoint
-                    .map(|e| e.addr)
-                    .iter()
-                    .chain(&peer.endpoints)
-                    .map(SocketAddr::ip),
-            );
-        }
         self.expire_previous(now);
         let mut freed = Vec::new();
         for (slot, peer) in self.slots.iter_mut().enumerate() {
@@ -1393,8 +1397,8 @@ impl Device {
             }
             match tunn.update_timers(out) {
                 TunnResult::WriteToNetwork(datagram) => {
-                    if datagram.first() == Some(&HANDSHAKE_INIT) {
-                        peer.next_endpoint();
+                    if datagram.first() == Some(&HANDSHAKE_INIT) && peer.next_endpoint().is_some() {
+                        refresh_sources(&mut self.known_sources, peer);
                     }
                     if let Some(to) = peer.endpoint {
                         peer.sent(datagram);
@@ -1711,6 +1715,35 @@ fn translated<'p>(
         }
         borrowed => Some(borrowed),
     }
+}
+
+/// Brings `known` (each endpoint address with how many peers have it) up to date after
+/// `peer`'s endpoints changed: O(its endpoints), not O(peers).
+fn refresh_sources(known: &mut BTreeMap<IpAddr, u32>, peer: &mut Peer) {
+    let mut now: Vec<IpAddr> = peer
+        .endpoint
+        .map(|e| e.addr)
+        .iter()
+        .chain(&peer.endpoints)
+        .map(SocketAddr::ip)
+        .collect();
+    now.sort_unstable();
+    now.dedup();
+    if now == peer.sources {
+        return;
+    }
+    for ip in &peer.sources {
+        if let Some(count) = known.get_mut(ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                known.remove(ip);
+            }
+        }
+    }
+    for ip in &now {
+        *known.entry(*ip).or_insert(0) += 1;
+    }
+    peer.sources = now;
 }
 
 /// A `Tunn` for `peer` at its slot [`Peer::index`]; boringtun puts the slot in the top
@@ -2280,6 +2313,83 @@ mod tests {
             p.b.peer(id).unwrap().endpoint,
             Some("198.18.5.5:40000".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn a_tunn_keeps_its_sessions_out_of_line() {
+        // third_party/boringtun boxes the ring of eight sessions (1.4 KiB each): inline,
+        // 10,000 peers with live sessions cost 130 MiB (issue 15).
+        let size = std::mem::size_of::<Tunn>();
+        assert!(size < 2048, "a Tunn is {size} bytes");
+    }
+
+    #[test]
+    fn known_sources_follow_every_endpoint_change() {
+        let mut p = pair();
+        let check = |dev: &Device, what: &str| {
+            let naive: BTreeMap<IpAddr, u32> =
+                dev.slots
+                    .iter()
+                    .flatten()
+                    .fold(BTreeMap::new(), |mut m, peer| {
+                        let ips: BTreeSet<IpAddr> = peer
+                            .endpoint
+                            .map(|e| e.addr)
+                            .iter()
+                            .chain(&peer.endpoints)
+                            .map(SocketAddr::ip)
+                            .collect();
+                        for ip in ips {
+                            *m.entry(ip).or_insert(0) += 1;
+                        }
+                        m
+                    });
+            assert_eq!(dev.known_sources, naive, "{what}");
+        };
+        check(&p.a, "configured");
+        check(&p.b, "no endpoint yet");
+        // Two more peers share an address; one publishes a list.
+        let mut listed = peer(public(&key(3)), None, &["10.0.3.0/24"]);
+        listed.endpoints = Some(vec![
+            "198.18.7.7:1".parse().unwrap(),
+            "198.18.0.2:9".parse().unwrap(),
+        ]);
+        let mut u = update(
+            &key(1),
+            vec![
+                peer(public(&key(2)), Some(B_ADDR), &["10.0.2.0/24"]),
+                listed,
+                peer(public(&key(4)), Some("198.18.7.7:2"), &["10.0.4.0/24"]),
+            ],
+        );
+        u.replace_peers = false;
+        let _ = p.a.apply(&u).unwrap();
+        check(&p.a, "added");
+        // Roaming: B hears A from elsewhere.
+        establish(&mut p);
+        let datagram = send(&mut p.a, &ipv4("10.0.1.5", "10.0.2.7", b"x")).unwrap();
+        let _ = deliver(&mut p.b, "198.18.5.5:40000", &datagram);
+        assert!(
+            p.b.known_sources
+                .contains_key(&"198.18.5.5".parse().unwrap())
+        );
+        check(&p.b, "roamed");
+        // A configured endpoint moves; a peer goes; all go.
+        let mut moved = peer(public(&key(4)), Some("198.18.8.8:2"), &["10.0.4.0/24"]);
+        moved.replace_allowed_ips = false;
+        let mut gone = PeerUpdate::new(public(&key(3)));
+        gone.remove = true;
+        let mut u = update(&key(1), vec![moved, gone]);
+        u.replace_peers = false;
+        let _ = p.a.apply(&u).unwrap();
+        check(&p.a, "moved and removed");
+        assert!(
+            !p.a.known_sources
+                .contains_key(&"198.18.7.7".parse().unwrap())
+        );
+        let _ = p.a.apply(&update(&key(1), Vec::new())).unwrap();
+        check(&p.a, "replaced by none");
+        assert!(p.a.known_sources.is_empty());
     }
 
     #[test]
