@@ -2319,7 +2319,7 @@ mod tests {
     fn a_tunn_keeps_its_sessions_out_of_line() {
         // third_party/boringtun boxes the ring of eight sessions (1.4 KiB each): inline,
         // 10,000 peers with live sessions cost 130 MiB (issue 15).
-        let size = std::mem::size_of::<Tunn>();
+        let size = size_of::<Tunn>();
         assert!(size < 2048, "a Tunn is {size} bytes");
     }
 
