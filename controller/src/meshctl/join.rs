@@ -157,12 +157,10 @@ pub(crate) async fn join(
     let (mut local, mut remote) = both(a, b)?;
     let (local_mesh, remote_mesh) =
         preflight::plan_mesh_cidrs(&join_side(&local), &join_side(&remote), mesh_pools).map_err(
-            |e| {
-                anyhow!(
-                    "refusing to join {} and {}; nothing was written: {e}",
-                    local.name(),
-                    remote.name()
-                )
+            |e| preflight::Refusals {
+                local: local.name().to_owned(),
+                remote: remote.name().to_owned(),
+                refusals: vec![preflight::Refusal::MeshCidrs(e)],
             },
         )?;
     // What goes into each side's own ConfigMap: as read, with the new mesh CIDRs.

@@ -120,6 +120,9 @@ impl fmt::Display for Held {
 /// One reason not to join.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
+    /// The pod CIDRs overlap and no mesh CIDRs can be given ([`plan_mesh_cidrs`]).
+    #[error("{0}")]
+    MeshCidrs(String),
     /// Both contexts lead to clusters with the same name (maybe the same cluster twice).
     #[error(
         "contexts {a_context} and {b_context} both name a cluster {name:?}; cluster names must be unique in the mesh"
