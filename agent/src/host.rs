@@ -140,6 +140,8 @@ pub async fn run(options: HostOptions) -> Result<()> {
         options.metrics_addr,
         options.max_peers,
         cached,
+        // Hosts do not translate: only a cluster's nodes do, for its pods.
+        wiremesh_core::translate::Translation::default(),
         move |_| async move { (context, publisher) },
     )
     .await

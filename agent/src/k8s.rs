@@ -16,6 +16,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, ResourceExt as _};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
+use wiremesh_core::translate::Translation;
 use wiremesh_proto::crd::{
     GATEWAY_LABEL, MeshNode, MeshNodeKind, MeshNodeSpec, ROTATE_KEYS_ANNOTATION,
 };
@@ -26,7 +27,7 @@ use crate::control::Handle;
 use crate::dataplane::{InterfaceSpec, Routing};
 use crate::mesh::select::{LocalPeers, Selection};
 use crate::metrics::Safety;
-use crate::peers::{Context, MANAGER, load_cache, run_data_plane};
+use crate::peers::{Context, MANAGER, load_cache, load_translation, run_data_plane};
 use crate::rotation;
 
 /// How often the MeshNode is applied again even without a change (level-triggered), and
@@ -93,6 +94,7 @@ pub async fn run(options: KubeOptions) -> Result<()> {
     info!(node = %options.node_name, public_key = %public, "starting in Kubernetes mode");
 
     let cached = load_cache(&options.state_dir);
+    let translation = load_translation(&options.state_dir);
     // A restart in the middle of a rotation keeps answering the previous key.
     let previous_key = rotation::load(&options.state_dir).previous_key(&key, rotation::now_secs());
     if previous_key.is_some() {
@@ -123,6 +125,7 @@ pub async fn run(options: KubeOptions) -> Result<()> {
         metrics_addr,
         options.max_peers,
         cached,
+        translation.clone(),
         move |handle| {
             setup(
                 client,
@@ -132,6 +135,7 @@ pub async fn run(options: KubeOptions) -> Result<()> {
                     handle,
                 },
                 safety,
+                translation,
             )
         },
     )
@@ -151,6 +155,7 @@ async fn setup(
     options: KubeOptions,
     keys: Keys,
     safety: Arc<Safety>,
+    translation: Translation,
 ) -> (Context, impl Future<Output = ()> + Send + 'static) {
     let public = public_of(&keys.current);
     let node = wait_for_node(&client, &options.node_name).await;
@@ -165,10 +170,14 @@ async fn setup(
         ));
         tx
     });
-    tokio::spawn(crate::peers::follow_translation(
+    // Before the Context reads any MeshPeer.
+    crate::peers::start_translation(
         client.clone(),
         keys.handle.clone(),
-    ));
+        options.state_dir.clone(),
+        translation,
+    )
+    .await;
     let own_cidrs = node_pod_cidrs(&node);
     let endpoints = if options.endpoints.is_empty() {
         node_endpoints(&node, options.listen_port)

@@ -73,8 +73,9 @@ pub(crate) struct Limit {
     pub(crate) safety: Arc<Safety>,
 }
 
-/// Brings the data plane up with the `cached` peers (the last known ones), before
-/// anything is asked of the API server; then waits for `setup` (given the data plane's
+/// Brings the data plane up with the `cached` peers (the last known ones) and this
+/// cluster's last known prefix `translation` (set first, so that no packet of a cached
+/// peer is handled untranslated), before anything is asked of the API server; then waits for `setup` (given the data plane's
 /// handle; it may wait for the API server) and runs the [`Context`] it gives (with its publisher, which ends when
 /// this machine leaves the mesh) until SIGINT/SIGTERM.
 ///
@@ -86,6 +87,7 @@ pub(crate) async fn run_data_plane<S, P>(
     metrics_addr: Option<SocketAddr>,
     max_peers: usize,
     cached: Option<PeerSet>,
+    translation: Translation,
     setup: impl FnOnce(Handle) -> S + Send + 'static,
 ) -> Result<()>
 where
@@ -107,6 +109,12 @@ where
         );
         tokio::spawn(async move {
             let mut applied = PeerSet::new();
+            if !translation.is_empty() {
+                info!("restoring the last known prefix translation");
+                if handle.set_translation(translation).await.is_err() {
+                    return;
+                }
+            }
             if let Some(peers) = cached {
                 info!(
                     peers = peers.len(),
@@ -197,10 +205,12 @@ impl Context {
                 if let Err(e) = handle.apply(update).await {
                     warn!(error = %e, "dropping the tunnels");
                 }
-                if let Err(e) = std::fs::remove_file(self.state_dir.join(CACHE_FILE))
-                    && e.kind() != std::io::ErrorKind::NotFound
-                {
-                    warn!(error = %e, "removing the peer cache");
+                for file in [CACHE_FILE, TRANSLATION_FILE] {
+                    if let Err(e) = std::fs::remove_file(self.state_dir.join(file))
+                        && e.kind() != std::io::ErrorKind::NotFound
+                    {
+                        warn!(error = %e, file, "removing the peer cache");
+                    }
                 }
             }
         }
@@ -425,21 +435,33 @@ fn linked_clusters<'a>(peer_clusters: impl Iterator<Item = &'a PeerCluster>) -> 
 /// server does not answer. A ConfigMap that is missing or may not be read gives none (the
 /// agent still protects its own node's pod CIDRs and addresses).
 async fn cluster_ranges(client: &Client) -> Vec<IpCidr> {
+    let data = cluster_configmap(client)
+        .await
+        .unwrap_or_else(|message| {
+            warn!(error = %message, "cannot read the cluster ConfigMap: linked clusters' ranges are checked against this node's only");
+            BTreeMap::new()
+        });
+    let (ranges, bad) = configmap_ranges(&data);
+    for text in bad {
+        warn!(configmap = CLUSTER_CONFIGMAP, value = %text, "not a CIDR; ignored");
+    }
+    ranges
+}
+
+/// The cluster ConfigMap's `data` (empty when it has none); waits while the API server
+/// does not answer.
+///
+/// # Errors
+/// The API server's message when the ConfigMap is missing or may not be read.
+async fn cluster_configmap(client: &Client) -> Result<BTreeMap<String, String>, String> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), SYSTEM_NAMESPACE);
     let mut logged = false;
     loop {
         match api.get_opt(CLUSTER_CONFIGMAP).await {
-            Ok(cm) => {
-                let data = cm.and_then(|cm| cm.data).unwrap_or_default();
-                let (ranges, bad) = configmap_ranges(&data);
-                for text in bad {
-                    warn!(configmap = CLUSTER_CONFIGMAP, value = %text, "not a CIDR; ignored");
-                }
-                return ranges;
-            }
+            Ok(Some(cm)) => return Ok(cm.data.unwrap_or_default()),
+            Ok(None) => return Err(format!("{SYSTEM_NAMESPACE}/{CLUSTER_CONFIGMAP} not found")),
             Err(kube::Error::Api(status)) if status.code == 403 || status.code == 404 => {
-                warn!(error = %status.message, "cannot read the cluster ConfigMap: linked clusters' ranges are checked against this node's only");
-                return Vec::new();
+                return Err(status.message);
             }
             Err(e) => {
                 if !logged {
@@ -452,18 +474,57 @@ async fn cluster_ranges(client: &Client) -> Vec<IpCidr> {
     }
 }
 
+/// Sets this cluster's prefix translation from its cluster ConfigMap (read once, waiting
+/// while the API server does not answer), persists it in the state directory, then
+/// follows it ([`follow_translation`]). Awaited before any MeshPeer is read: a packet
+/// from a peer for one of this cluster's mesh addresses is never handled untranslated
+/// (untranslated, the kernel would route it by the mesh address, out of the node in
+/// plaintext). `restored` is what the state directory held (already set).
+pub(crate) async fn start_translation(
+    client: Client,
+    handle: Handle,
+    state_dir: PathBuf,
+    restored: Translation,
+) {
+    let translation = match cluster_configmap(&client).await {
+        Ok(data) => match configmap_translation(&data) {
+            Ok(translation) => {
+                save_translation(&state_dir, &data);
+                translation
+            }
+            Err(e) => {
+                warn!(configmap = CLUSTER_CONFIGMAP, error = %e, "prefix translation unchanged");
+                restored
+            }
+        },
+        // Not readable: nothing to follow either. The restored translation stays.
+        Err(message) => {
+            warn!(error = %message, "cannot read the cluster ConfigMap: no prefix translation but the last known one");
+            restored
+        }
+    };
+    if handle.set_translation(translation.clone()).await.is_err() {
+        return;
+    }
+    tokio::spawn(follow_translation(client, handle, state_dir, translation));
+}
+
 /// Follows this cluster's prefix translation in its cluster ConfigMap (`podCIDRs` paired
 /// in order with `meshCIDRs`, which `meshctl join` may write at any time) and hands each
-/// change to the data plane. A ConfigMap that is wrong is said in a warning and the last
-/// good translation kept; one that cannot be watched translates nothing.
-pub(crate) async fn follow_translation(client: Client, handle: Handle) {
+/// change to the data plane (and to the state directory). A ConfigMap that is wrong is
+/// said in a warning and the last good translation (`current` at first) kept.
+async fn follow_translation(
+    client: Client,
+    handle: Handle,
+    state_dir: PathBuf,
+    mut current: Translation,
+) {
     let api: Api<ConfigMap> = Api::namespaced(client, SYSTEM_NAMESPACE);
     let config = watcher::Config::default().fields(&format!("metadata.name={CLUSTER_CONFIGMAP}"));
     let events = watcher::watcher(api, config)
         .default_backoff()
         .applied_objects();
     tokio::pin!(events);
-    let mut current = Translation::default();
     while let Some(event) = events.next().await {
         let cm = match event {
             Ok(cm) => cm,
@@ -472,11 +533,13 @@ pub(crate) async fn follow_translation(client: Client, handle: Handle) {
                 continue;
             }
         };
-        match configmap_translation(&cm.data.unwrap_or_default()) {
+        let data = cm.data.unwrap_or_default();
+        match configmap_translation(&data) {
             Ok(translation) if translation != current => {
                 if handle.set_translation(translation.clone()).await.is_err() {
                     return;
                 }
+                save_translation(&state_dir, &data);
                 current = translation;
             }
             Ok(_) => {}
@@ -961,6 +1024,51 @@ fn status_key(
 }
 
 const CACHE_FILE: &str = "peers.json";
+/// The cluster ConfigMap's entries the prefix translation is made of
+/// ([`configmap_translation`]), as a JSON object: restored with the peer cache.
+const TRANSLATION_FILE: &str = "translation.json";
+/// The cluster ConfigMap's keys [`configmap_translation`] reads.
+const TRANSLATION_KEYS: [&str; 4] = ["podCIDRs", MESH_CIDRS_KEY, "hostCIDRs", "serviceCIDRs"];
+
+/// Persists the entries of the cluster ConfigMap's `data` the translation is made of.
+fn save_translation(dir: &std::path::Path, data: &BTreeMap<String, String>) {
+    let kept: BTreeMap<&str, &str> = TRANSLATION_KEYS
+        .iter()
+        .filter_map(|&k| data.get(k).map(|v| (k, v.as_str())))
+        .collect();
+    let write = || -> Result<()> {
+        crate::state::write_atomic(&dir.join(TRANSLATION_FILE), &serde_json::to_vec(&kept)?)?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        warn!(error = %e, "saving the prefix translation");
+    }
+}
+
+/// The last known prefix translation from the state directory: none when there is no
+/// file; none, with a warning, when it does not parse or is refused.
+pub(crate) fn load_translation(dir: &std::path::Path) -> Translation {
+    let path = dir.join(TRANSLATION_FILE);
+    let Ok(text) = std::fs::read(&path) else {
+        return Translation::default();
+    };
+    match parse_translation(&text) {
+        Ok(translation) => translation,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "the saved prefix translation is refused; none until the cluster ConfigMap is read");
+            Translation::default()
+        }
+    }
+}
+
+/// The translation a [`TRANSLATION_FILE`]'s bytes describe.
+///
+/// # Errors
+/// When they are not a JSON object of strings, or as [`configmap_translation`].
+fn parse_translation(text: &[u8]) -> Result<Translation, String> {
+    let data: BTreeMap<String, String> = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+    configmap_translation(&data)
+}
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct CachedPeer {
@@ -1215,6 +1323,41 @@ mod tests {
             ranges.contains(&"100.64.0.0/16".parse().unwrap()),
             "a peer may not claim our mesh CIDR"
         );
+    }
+
+    #[test]
+    fn the_translation_is_saved_and_restored_from_the_state_directory() {
+        let dir = std::env::temp_dir().join(format!("wm-translation-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(load_translation(&dir).is_empty(), "no file: no translation");
+        let data = BTreeMap::from([
+            ("clusterName".to_owned(), "cluster-a".to_owned()),
+            ("podCIDRs".to_owned(), "10.244.0.0/16".to_owned()),
+            ("meshCIDRs".to_owned(), "100.64.0.0/16".to_owned()),
+            ("hostCIDRs".to_owned(), "10.250.0.0/16".to_owned()),
+            ("serviceCIDRs".to_owned(), "10.96.0.0/12".to_owned()),
+        ]);
+        save_translation(&dir, &data);
+        let restored = load_translation(&dir);
+        assert_eq!(restored, configmap_translation(&data).unwrap());
+        assert_eq!(
+            restored.pod_to_mesh("10.244.1.2".parse().unwrap()),
+            Some("100.64.1.2".parse().unwrap())
+        );
+        // Only what the translation is made of is kept.
+        let text = std::fs::read_to_string(dir.join(TRANSLATION_FILE)).unwrap();
+        assert!(!text.contains("cluster-a"), "{text}");
+        // A file that does not parse, or that the translation refuses, gives none.
+        for bad in [
+            &b"{not json"[..],
+            b"[]",
+            br#"{"podCIDRs":"10.244.0.0/16","meshCIDRs":"100.64.0.0/24"}"#,
+            br#"{"podCIDRs":"10.244.0.0/16","meshCIDRs":7}"#,
+        ] {
+            std::fs::write(dir.join(TRANSLATION_FILE), bad).unwrap();
+            assert!(load_translation(&dir).is_empty(), "{bad:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Two clusters with the same pod CIDR (10.244.0.0/16, a pod at 10.244.1.2 in each),
 //! linked by `meshctl join`, which gives each a mesh CIDR; the agents translate the pods'
-//! addresses statelessly at the edges (issue 14). One lab set-up for every scenario
-//! (needs root).
+//! addresses statelessly at the edges (issue 14); an agent restarted while its API server
+//! is down translates from its first packet (no packet for its mesh addresses leaves in
+//! plaintext). One lab set-up for every scenario (needs root).
 
 // The test prints what it measured (shown with --nocapture).
 #![allow(clippy::print_stdout)]
@@ -11,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use wiremesh_lab::clusters::{CONVERGE, Side, TwoClusters, wait_for};
+use wiremesh_lab::mesh::{Capture, capture_during};
 use wiremesh_lab::{
-    MIB, Pod, df_ping, output_text, ping, reachable, transfer_translated, xfer_binary,
+    MIB, Netns, Pod, df_ping, output_text, ping, reachable, transfer_translated, xfer_binary,
 };
 
 /// Payload of a DF ping that fits the tunnel (1420) but not the 1300-byte path behind
@@ -20,11 +22,15 @@ use wiremesh_lab::{
 const BETWEEN_PAYLOAD: u32 = 1322;
 /// The MTU of the route to cluster-b's pod on its node.
 const POD_ROUTE_MTU: u32 = 1300;
+/// What the marked pings carry; `ping -p` repeats it through the payload.
+const MARKER: &[u8] = b"OVERLAPPED";
+/// [`MARKER`] in hex, for `ping -p`.
+const MARKER_HEX: &str = "4f5645524c4150504544";
 
 #[test]
 fn clusters_with_the_same_pod_cidr_reach_each_other_at_their_mesh_addresses() -> Result<()> {
     let start = Instant::now();
-    let lab = TwoClusters::with_same_pod_range(1)?;
+    let mut lab = TwoClusters::with_same_pod_range(1)?;
     let (a1, b1) = (lab.a.node("a1")?, lab.b.node("b1")?);
     let pod_ip: IpAddr = "10.244.1.2".parse()?;
     ensure!(
@@ -106,7 +112,86 @@ fn clusters_with_the_same_pod_cidr_reach_each_other_at_their_mesh_addresses() ->
         "no {expected:?} for a {BETWEEN_PAYLOAD}-byte DF ping:\n{text}"
     );
     println!("DF ping over the far side's MTU:\n{text}");
+
+    // An agent restarted while its API server is down translates from its first packet:
+    // its translation is restored from the state directory with the cached peers. a1's
+    // default route leads onto the underlay, as a cloud VM's does, so a packet for a1's
+    // mesh address that reached its TUN device untranslated would leave in plaintext.
+    let underlay = lab.lab.default_underlay().clone();
+    let b1_underlay = b1.host.underlay_ip();
+    a1.host.set_default_route(b1_underlay)?;
+    lab.a.plane.pause()?;
+    let outage = restart_during_outage(&mut lab, &underlay, a_mesh, b_mesh);
+    lab.a.plane.resume()?;
+    let (capture, reached) = outage?;
+    println!(
+        "a1's agent restarted with cluster-a's API server down: 100 marked pings from b1's pod to {a_mesh}, {} frames on the underlay, plaintext seen {} times",
+        capture.frames, capture.marker_hits
+    );
+    ensure!(
+        capture.marker_hits == 0,
+        "after a restart, b1's packets for {a_mesh} crossed the underlay in plaintext {} times",
+        capture.marker_hits
+    );
+    let took = reached?;
+    println!("both pods reachable {took:?} after the restart, translated from the cache");
     println!("overlap lab test took {:?}", start.elapsed());
+    Ok(())
+}
+
+/// Restarts a1's agent (its API server is paused) and, watching `underlay`, waits until
+/// b1's pod and a1's pod reach each other at their mesh addresses, then sends 100 marked
+/// pings from b1's pod to a1's; returns the capture and how long after the start both
+/// pods were reachable (an error if they were not within 20 s or no marked ping was
+/// answered).
+fn restart_during_outage(
+    lab: &mut TwoClusters,
+    underlay: &Netns,
+    a_mesh: IpAddr,
+    b_mesh: IpAddr,
+) -> Result<(Capture, Result<Duration>)> {
+    lab.stop_agent(Side::A, "a1", "TERM")?;
+    let restarted = Instant::now();
+    lab.restart_agent(Side::A, "a1")?;
+    let lab = &*lab;
+    capture_during(underlay, MARKER, || {
+        let (a1, b1) = (lab.a.node("a1")?, lab.b.node("b1")?);
+        let reached = wait_for(Duration::from_secs(20), || {
+            marked_pings(&b1.pod, a_mesh, 1)?;
+            ping(&a1.pod, b_mesh, 1)
+        })
+        .map(|_| restarted.elapsed());
+        // Sent either way, so that a leak is counted.
+        let answered = marked_pings(&b1.pod, a_mesh, 100);
+        Ok(reached.and_then(|took| answered.map(|()| took)))
+    })
+}
+
+/// Sends `count` pings carrying [`MARKER`] from `from` to `to`, 10 ms apart; succeeds when
+/// any is answered.
+fn marked_pings(from: &Pod, to: IpAddr, count: u32) -> Result<()> {
+    let out = from.exec_timeout(
+        &[
+            "ping",
+            "-n",
+            "-q",
+            "-i",
+            "0.01",
+            "-W",
+            "1",
+            "-c",
+            &count.to_string(),
+            "-p",
+            MARKER_HEX,
+            &to.to_string(),
+        ],
+        Duration::from_secs(30),
+    )?;
+    ensure!(
+        out.status.success(),
+        "{count} marked pings to {to}:\n{}",
+        output_text(&out)
+    );
     Ok(())
 }
 
