@@ -548,22 +548,28 @@ impl TwoClusters {
     }
 
     /// As [`TwoClusters::new`] with both clusters on pod range 10.244.0.0/16 (Flannel's
-    /// default): node N of each has 10.244.N.0/24 and its pod 10.244.N.2.
+    /// default): node N of each has 10.244.N.0/24 and its pod 10.244.N.2. With `third`,
+    /// also a cluster-c on a range of its own ([`Side::pod_range`]), not linked.
     ///
     /// # Errors
     /// When any part fails to come up.
-    pub fn with_same_pod_range(nodes: usize) -> Result<Self> {
+    pub fn with_same_pod_range(nodes: usize, third: bool) -> Result<Self> {
         let options = BuildOptions {
             same_pods: true,
+            third,
             ..BuildOptions::default()
         };
         Self::build(Lab::new()?, nodes, options)
     }
 
     /// The second octet of `side`'s pod range: its own ([`Side::pod_range`]), or 244 for
-    /// both with [`TwoClusters::with_same_pod_range`].
+    /// cluster-a and cluster-b with [`TwoClusters::with_same_pod_range`].
     pub fn pod_octet(&self, side: Side) -> u8 {
-        if self.same_pods { 244 } else { side.octet() }
+        if self.same_pods && side != Side::C {
+            244
+        } else {
+            side.octet()
+        }
     }
 
     /// `side`'s whole pod range in this lab.

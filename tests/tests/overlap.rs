@@ -1,6 +1,7 @@
 //! Two clusters with the same pod CIDR (10.244.0.0/16, a pod at 10.244.1.2 in each),
 //! linked by `meshctl join`, which gives each a mesh CIDR; the agents translate the pods'
-//! addresses statelessly at the edges (issue 14); an agent restarted while its API server
+//! addresses statelessly at the edges (issue 14). A third cluster on a range of its own,
+//! linked to both, keeps its pods' addresses and reaches both at their mesh addresses; an agent restarted while its API server
 //! is down translates from its first packet (no packet for its mesh addresses leaves in
 //! plaintext). One lab set-up for every scenario (needs root).
 
@@ -30,7 +31,7 @@ const MARKER_HEX: &str = "4f5645524c4150504544";
 #[test]
 fn clusters_with_the_same_pod_cidr_reach_each_other_at_their_mesh_addresses() -> Result<()> {
     let start = Instant::now();
-    let mut lab = TwoClusters::with_same_pod_range(1)?;
+    let mut lab = TwoClusters::with_same_pod_range(1, true)?;
     let (a1, b1) = (lab.a.node("a1")?, lab.b.node("b1")?);
     let pod_ip: IpAddr = "10.244.1.2".parse()?;
     ensure!(
@@ -79,13 +80,7 @@ fn clusters_with_the_same_pod_cidr_reach_each_other_at_their_mesh_addresses() ->
     let neighbour = a1.host.add_pod("a1-q")?;
     ping(&neighbour, pod_ip, 2)?;
     let routes = a1.routes()?;
-    let b_node_mesh = match b_mesh {
-        IpAddr::V4(ip) => {
-            let [a, b, c, _] = ip.octets();
-            format!("{a}.{b}.{c}.0/24")
-        }
-        IpAddr::V6(ip) => ip.to_string(),
-    };
+    let b_node_mesh = node_range(b_mesh);
     ensure!(
         !routes.contains("10.244.") && routes.contains(&b_node_mesh),
         "a1's Wiremesh routes, wanted {b_node_mesh} and nothing of 10.244.0.0/16: {routes}"
@@ -112,6 +107,43 @@ fn clusters_with_the_same_pod_cidr_reach_each_other_at_their_mesh_addresses() ->
         "no {expected:?} for a {BETWEEN_PAYLOAD}-byte DF ping:\n{text}"
     );
     println!("DF ping over the far side's MTU:\n{text}");
+
+    // cluster-c, on 10.3.0.0/16, linked to both: nothing to translate for it, so join
+    // allocates nothing; its pod keeps its address in the mesh, and every pair works.
+    for other in [Side::A, Side::B] {
+        let out = lab.join_pair(Side::C, other)?;
+        ensure!(
+            !out.contains("translated to mesh CIDRs"),
+            "joining cluster-c and {} translated something:\n{out}",
+            other.name()
+        );
+    }
+    let c1 = lab.cluster(Side::C).node("c1")?;
+    let c_ip = IpAddr::V4(c1.pod.ip());
+    let took = wait_for(CONVERGE, || {
+        for (from, to) in [(&a1.pod, c_ip), (&b1.pod, c_ip), (&c1.pod, a_mesh)] {
+            ensure!(reachable(from, to)?, "{} -> {to}", from.name());
+        }
+        ping(&c1.pod, b_mesh, 1)
+    })?;
+    println!("cluster-c joined to both; every pair reachable after {took:?}");
+    // The receiver sees each sender as the mesh knows it: cluster-c's pod by its own
+    // address, the others by their mesh addresses.
+    udp(&a1.pod, &c1.pod, c_ip, c_ip, a_mesh)?;
+    udp(&c1.pod, &b1.pod, pod_ip, b_mesh, c_ip)?;
+    let to_c = transfer_translated(&b1.pod, &c1.pod, c_ip, c_ip, 16 * MIB)?;
+    let from_c = transfer_translated(&c1.pod, &a1.pod, pod_ip, a_mesh, 16 * MIB)?;
+    println!(
+        "cluster-c: UDP with a and b, sources as the mesh knows them; 16 MiB b -> c and c -> a intact ({:.0} and {:.0} Mbit/s)",
+        to_c.mbit_per_s(),
+        from_c.mbit_per_s()
+    );
+    let c_routes = c1.routes()?;
+    let wanted = [node_range(a_mesh), node_range(b_mesh)];
+    ensure!(
+        wanted.iter().all(|r| c_routes.contains(r.as_str())) && !c_routes.contains("10.244."),
+        "c1's Wiremesh routes, wanted {wanted:?} and nothing of 10.244.0.0/16: {c_routes}"
+    );
 
     // An agent restarted while its API server is down translates from its first packet:
     // its translation is restored from the state directory with the cached peers. a1's
@@ -193,6 +225,18 @@ fn marked_pings(from: &Pod, to: IpAddr, count: u32) -> Result<()> {
         output_text(&out)
     );
     Ok(())
+}
+
+/// The /24 of a pod's IPv4 address: its node's pod CIDR in the lab (an IPv6 address as
+/// it is).
+fn node_range(pod: IpAddr) -> String {
+    match pod {
+        IpAddr::V4(ip) => {
+            let [a, b, c, _] = ip.octets();
+            format!("{a}.{b}.{c}.0/24")
+        }
+        IpAddr::V6(ip) => ip.to_string(),
+    }
 }
 
 /// What `meshctl status --resolve` says `query` is from `side`.
