@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use wiremesh_lab::clusters::{CONVERGE, Side, TwoClusters, wait_for};
-use wiremesh_lab::mesh::{Capture, capture_during};
+use wiremesh_lab::mesh::{Capture, IFACE, capture_during};
 use wiremesh_lab::{
     MIB, Netns, Pod, df_ping, output_text, ping, reachable, transfer_translated, xfer_binary,
 };
@@ -21,6 +21,8 @@ use wiremesh_lab::{
 /// Payload of a DF ping that fits the tunnel (1420) but not the 1300-byte path behind
 /// cluster-b's node: 1322 + 28 bytes of headers.
 const BETWEEN_PAYLOAD: u32 = 1322;
+/// Payload of a DF ping of 1500 bytes, over the tunnel's MTU.
+const BIG_PAYLOAD: u32 = 1472;
 /// The MTU of the route to cluster-b's pod on its node.
 const POD_ROUTE_MTU: u32 = 1300;
 /// What the marked pings carry; `ping -p` repeats it through the payload.
@@ -107,6 +109,24 @@ fn clusters_with_the_same_pod_cidr_reach_each_other_at_their_mesh_addresses() ->
         "no {expected:?} for a {BETWEEN_PAYLOAD}-byte DF ping:\n{text}"
     );
     println!("DF ping over the far side's MTU:\n{text}");
+
+    // The agent's own answer: with a1's TUN device raised to 1500 behind the agent's back,
+    // a1 forwards a 1500-byte DF packet into the tunnel; the agent's MTU guard drops it and
+    // writes back "fragmentation needed" from the ping's destination, quoting the packet
+    // as the pod sent it (before its source was translated), so the pod's ping matches it.
+    let tunnel_mtu = a1.host.link_mtu(IFACE)?;
+    a1.host.ip(&["link", "set", IFACE, "mtu", "1500"])?;
+    let out = df_ping(&neighbour, b_mesh, BIG_PAYLOAD, 3);
+    a1.host
+        .ip(&["link", "set", IFACE, "mtu", &tunnel_mtu.to_string()])?;
+    let out = out?;
+    let text = output_text(&out);
+    let expected = format!("From {b_mesh} icmp_seq=1 Frag needed and DF set (mtu = {tunnel_mtu})");
+    ensure!(
+        !out.status.success() && text.contains(&expected),
+        "no {expected:?} from a1's agent for a 1500-byte DF ping:\n{text}"
+    );
+    println!("DF ping over the tunnel's MTU, answered by a1's agent:\n{text}");
 
     // cluster-c, on 10.3.0.0/16, linked to both: nothing to translate for it, so join
     // allocates nothing; its pod keeps its address in the mesh, and every pair works.
