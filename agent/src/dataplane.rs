@@ -35,6 +35,7 @@ use wiremesh_core::mtu::{self, MAX_ICMP_LEN, MtuVerdict};
 use wiremesh_core::offload::{
     BatchPush, Gro, GroPush, GsoBatch, MAX_IP_PACKET, Segmenter, VNET_HDR_LEN,
 };
+use wiremesh_core::translate::Translation;
 use wiremesh_core::{DatagramVerdict, Device, DropReason, Endpoint, TunVerdict};
 
 /// Room for the largest IP packet, plus boringtun's 148-byte handshake initiation that it
@@ -83,6 +84,10 @@ pub struct InterfaceSpec {
     pub safety: Arc<Safety>,
     /// Which routes the interface gets.
     pub routing: Routing,
+    /// The prefix translation the device starts with, before it handles any packet
+    /// ([`wiremesh_core::translate`]; `up --translate`, or in Kubernetes mode the one last
+    /// known, from the state directory); [`Handle::set_translation`] changes it later.
+    pub translation: Translation,
 }
 
 /// Which routes the interface gets.
@@ -120,6 +125,10 @@ pub async fn run(
     let _ = device
         .apply(&initial)
         .context("the initial configuration was refused")?;
+    if !spec.translation.is_empty() {
+        info!(pairs = ?spec.translation.pairs().collect::<Vec<_>>(), "prefix translation set");
+    }
+    device.set_translation(spec.translation.clone());
 
     let netlink = Netlink::new().await.context("opening netlink")?;
     // Before the TUN device exists: the ranges routed before a restart, a crash or a

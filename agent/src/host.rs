@@ -105,6 +105,8 @@ pub async fn run(options: HostOptions) -> Result<()> {
         .collect::<Result<Vec<_>, _>>()
         .context("the host's addresses")?;
     let spec = InterfaceSpec {
+        // Hosts do not translate: only a cluster's nodes do, for its pods.
+        translation: wiremesh_core::translate::Translation::default(),
         name: options.interface.clone(),
         mtu: options.mtu,
         addresses,
@@ -140,8 +142,6 @@ pub async fn run(options: HostOptions) -> Result<()> {
         options.metrics_addr,
         options.max_peers,
         cached,
-        // Hosts do not translate: only a cluster's nodes do, for its pods.
-        wiremesh_core::translate::Translation::default(),
         move |_| async move { (context, publisher) },
     )
     .await

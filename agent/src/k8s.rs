@@ -108,6 +108,7 @@ pub async fn run(options: KubeOptions) -> Result<()> {
         ..DeviceUpdate::default()
     };
     let spec = InterfaceSpec {
+        translation: translation.clone(),
         name: options.interface.clone(),
         mtu: options.mtu,
         addresses: options.addresses.clone(),
@@ -125,7 +126,6 @@ pub async fn run(options: KubeOptions) -> Result<()> {
         metrics_addr,
         options.max_peers,
         cached,
-        translation.clone(),
         move |handle| {
             setup(
                 client,

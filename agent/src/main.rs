@@ -50,6 +50,16 @@ enum Command {
         /// the `kube` and `host` modes do), instead of wg-quick's routes fixed at `up`.
         #[arg(long, env = "WIREMESH_ROUTE_ALLOWED_IPS")]
         route_allowed_ips: bool,
+        /// Translate this side's addresses statelessly: `POD_CIDR=MESH_CIDR` (repeatable;
+        /// ranges of the same length), for two sites whose ranges overlap. Packets into the
+        /// tunnel leave with sources in MESH_CIDR, packets for MESH_CIDR arrive mapped back.
+        #[arg(
+            long,
+            env = "WIREMESH_TRANSLATE",
+            value_delimiter = ',',
+            value_name = "POD_CIDR=MESH_CIDR"
+        )]
+        translate: Vec<String>,
     },
     /// Run as a Kubernetes node agent: publish this node's MeshNode, build a tunnel to
     /// every MeshPeer, keep forwarding when the API server is unreachable.
@@ -169,6 +179,7 @@ fn main() -> ExitCode {
                 uapi_dir,
                 metrics_addr,
                 route_allowed_ips,
+                translate,
             } => {
                 standalone::up(UpOptions {
                     config,
@@ -177,6 +188,7 @@ fn main() -> ExitCode {
                     uapi_dir,
                     metrics_addr,
                     route_allowed_ips,
+                    translate,
                 })
                 .await
             }

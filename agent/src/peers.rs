@@ -73,9 +73,9 @@ pub(crate) struct Limit {
     pub(crate) safety: Arc<Safety>,
 }
 
-/// Brings the data plane up with the `cached` peers (the last known ones) and this
-/// cluster's last known prefix `translation` (set first, so that no packet of a cached
-/// peer is handled untranslated), before anything is asked of the API server; then waits for `setup` (given the data plane's
+/// Brings the data plane up with the `cached` peers (the last known ones; the spec holds
+/// the last known prefix translation, so that no packet of theirs is handled
+/// untranslated), before anything is asked of the API server; then waits for `setup` (given the data plane's
 /// handle; it may wait for the API server) and runs the [`Context`] it gives (with its publisher, which ends when
 /// this machine leaves the mesh) until SIGINT/SIGTERM.
 ///
@@ -87,7 +87,6 @@ pub(crate) async fn run_data_plane<S, P>(
     metrics_addr: Option<SocketAddr>,
     max_peers: usize,
     cached: Option<PeerSet>,
-    translation: Translation,
     setup: impl FnOnce(Handle) -> S + Send + 'static,
 ) -> Result<()>
 where
@@ -109,12 +108,6 @@ where
         );
         tokio::spawn(async move {
             let mut applied = PeerSet::new();
-            if !translation.is_empty() {
-                info!("restoring the last known prefix translation");
-                if handle.set_translation(translation).await.is_err() {
-                    return;
-                }
-            }
             if let Some(peers) = cached {
                 info!(
                     peers = peers.len(),

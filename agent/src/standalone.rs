@@ -17,6 +17,7 @@ use wiremesh_proto::wgconf::{Endpoint, MAIN_TABLE, Table, WgConfig};
 
 use crate::dataplane::{self, InterfaceSpec, MTU_FROM_UNDERLAY, Routing};
 use crate::metrics::AgentMetrics;
+use wiremesh_core::translate::Translation;
 
 /// The MTU when it is neither configured nor found on the underlay: wg-quick's default for
 /// an underlay of 1500 bytes (1500 − 80).
@@ -41,6 +42,9 @@ pub struct UpOptions {
     /// `kube` and `host` modes do ([`Routing::AllowedIps`]), instead of the config file's
     /// routes fixed at `up` (the scale benchmark).
     pub route_allowed_ips: bool,
+    /// `POD_CIDR=MESH_CIDR` pairs: this side's addresses as the peers know them
+    /// ([`translation`]); none: no translation.
+    pub translate: Vec<String>,
 }
 
 /// Everything `up` needs, read and checked before anything is created.
@@ -94,6 +98,7 @@ pub fn plan(options: &UpOptions) -> Result<Plan> {
             routes: BTreeSet::new(),
         },
         safety: Default::default(),
+        translation: translation(&options.translate)?,
     };
     let key = match config.as_ref().and_then(|c| c.interface.private_key) {
         Some(key) => Some(key),
@@ -138,6 +143,30 @@ pub fn plan(options: &UpOptions) -> Result<Plan> {
         spec.routing = Routing::AllowedIps;
     }
     Ok(Plan { spec, update })
+}
+
+/// The prefix translation `up --translate` asks for: each `POD_CIDR=MESH_CIDR` maps this
+/// side's addresses in `POD_CIDR` (sources of packets into the tunnel, destinations of
+/// packets out of it) to the same place in `MESH_CIDR`, a range of the same length: how
+/// two sites whose ranges overlap reach each other (the Kubernetes mode's mesh CIDRs).
+///
+/// # Errors
+/// A pair that is not `CIDR=CIDR`, or a table [`Translation::new`] refuses (lengths that
+/// differ, ranges that overlap); the message names the flag and the pair.
+pub fn translation(pairs: &[String]) -> Result<Translation> {
+    let mut parsed = Vec::with_capacity(pairs.len());
+    for pair in pairs {
+        let (pod, mesh) = pair
+            .split_once('=')
+            .with_context(|| format!("--translate {pair:?}: expected POD_CIDR=MESH_CIDR"))?;
+        let cidr = |text: &str| -> Result<IpCidr> {
+            text.trim()
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--translate {pair:?}: {text:?}: {e}"))
+        };
+        parsed.push((cidr(pod)?, cidr(mesh)?));
+    }
+    Translation::new(&parsed).map_err(|e| anyhow::anyhow!("--translate: {e}"))
 }
 
 /// Brings the interface up and serves until SIGINT or SIGTERM.
@@ -245,6 +274,7 @@ mod tests {
             uapi_dir: dir.clone(),
             metrics_addr: None,
             route_allowed_ips: false,
+            translate: Vec::new(),
         })
         .unwrap();
         assert_eq!(plan.spec.name, "wm7");
@@ -264,6 +294,7 @@ mod tests {
             uapi_dir: dir.clone(),
             metrics_addr: None,
             route_allowed_ips: false,
+            translate: Vec::new(),
         })
         .unwrap();
         assert_eq!(explicit.spec.mtu, 1380);
@@ -282,6 +313,7 @@ mod tests {
             uapi_dir: dir.clone(),
             metrics_addr: None,
             route_allowed_ips: false,
+            translate: Vec::new(),
         })
         .unwrap();
         assert_eq!(
@@ -299,6 +331,7 @@ mod tests {
             uapi_dir: dir.clone(),
             metrics_addr: None,
             route_allowed_ips: true,
+            translate: Vec::new(),
         })
         .unwrap();
         assert_eq!(following.spec.routing, Routing::AllowedIps);
@@ -341,5 +374,30 @@ mod tests {
                 routes: set(&["10.9.0.0/24", "10.9.0.7/32", "10.99.0.0/24", "fd99::/64"])
             }
         );
+    }
+
+    #[test]
+    fn translate_pairs_are_checked_and_name_the_flag() {
+        let pairs = |p: &[&str]| p.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let t = translation(&pairs(&["10.1.0.0/24=100.64.1.0/24"])).unwrap();
+        assert_eq!(
+            t.pod_to_mesh("10.1.0.2".parse().unwrap()),
+            Some("100.64.1.2".parse().unwrap())
+        );
+        assert!(translation(&[]).unwrap().is_empty());
+        for (bad, said) in [
+            ("10.1.0.0/24", "POD_CIDR=MESH_CIDR"),
+            ("10.1.0.0/24=nope", "\"nope\""),
+            ("10.1.0.0/24=100.64.0.0/16", "--translate"),
+        ] {
+            let e = format!("{:#}", translation(&pairs(&[bad])).unwrap_err());
+            assert!(e.contains(said) && e.contains("--translate"), "{bad}: {e}");
+        }
+        let e = translation(&pairs(&[
+            "10.1.0.0/24=100.64.1.0/24",
+            "10.1.0.0/25=100.64.2.0/25",
+        ]))
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("--translate"), "{e:#}");
     }
 }

@@ -163,6 +163,7 @@ fn short(imp: Impl) -> String {
         Impl::WireguardGoLatest => "wg-go new",
         Impl::BoringtunCli => "boringtun",
         Impl::WiremeshBase => "wiremesh base",
+        Impl::WiremeshTranslated => "wm transl.",
     }
     .to_owned()
 }
@@ -175,6 +176,7 @@ fn color(imp: Impl) -> RGBColor {
         Impl::WireguardGoLatest => RGBColor(40, 90, 170),
         Impl::BoringtunCli => RGBColor(90, 160, 90),
         Impl::WiremeshBase => RGBColor(240, 170, 120),
+        Impl::WiremeshTranslated => RGBColor(170, 60, 20),
     }
 }
 

@@ -164,7 +164,8 @@ fn run_tests(
     sample: &mut Sample,
 ) -> Result<()> {
     let (a, b) = (&topology.a, &topology.b);
-    let (server, server_ip, client) = (&*b.pod, b.pod.ip(), &*a.pod);
+    let server_ip = crate::tunnel::mesh_ip(tunnel.imp(), b.pod.ip());
+    let (server, client) = (&*b.pod, &*a.pod);
     let pids = tunnel.pids();
 
     interrupt::check()?;

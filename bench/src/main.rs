@@ -43,7 +43,7 @@ enum Command {
             long,
             env = "BENCH_IMPLS",
             value_delimiter = ',',
-            default_value = "veth,wiremesh,wireguard-go-debian,wireguard-go-latest,boringtun-cli"
+            default_value = "veth,wiremesh,wiremesh-translated,wireguard-go-debian,wireguard-go-latest,boringtun-cli"
         )]
         impls: Vec<Impl>,
         /// Where latest.json and latest.png go.

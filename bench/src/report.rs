@@ -390,6 +390,7 @@ impl Report {
             "notes": {
                 "summary": "medians over the rounds; range holds [min, max]",
                 "ratios": "wiremesh median / other median: above 1 is better for tcp and udp, below 1 is better for rtt, cpu and memory",
+                "wiremesh-translated": "wiremesh-agent up --translate on both ends (each pod range mapped to a 100.64.N.0/24 mesh range, issue 14); wiremesh/wiremesh-translated tcp1_gbps is the cost of translation (goal: at most 1.05)",
                 "cpu_s_per_gbit": "CPU seconds (user+system, all threads) of both tunnel daemons during the 1-flow TCP test, per Gbit received; 0 for veth, which has no daemon",
                 "machine_cpu_s_per_gbit": "busy CPU seconds of the whole machine during the 1-flow TCP test per Gbit: iperf3, kernel and daemons, and anything else running",
                 "peak_rss_mib": "VmHWM of the larger of the two daemons at the end of the round; 0 for veth",

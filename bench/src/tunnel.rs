@@ -12,6 +12,7 @@
 //! sends the pod CIDR to the other host's underlay address instead.
 
 use std::fmt;
+use std::net::Ipv4Addr;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -51,13 +52,18 @@ pub enum Impl {
     /// Another build of `wiremesh-agent` (`BENCH_BASE_AGENT`), run as `wiremesh` is: a
     /// before/after comparison in one run. Not in the default round.
     WiremeshBase,
+    /// `wiremesh-agent up --translate`: each side's pod range translated statelessly to
+    /// a mesh range ([`mesh_ip`]), as for clusters that share a pod CIDR (issue 14); the
+    /// client reaches the server pod at its mesh address.
+    WiremeshTranslated,
 }
 
 impl Impl {
     /// Every path, in the order of a round.
-    pub const ALL: [Impl; 6] = [
+    pub const ALL: [Impl; 7] = [
         Impl::Veth,
         Impl::Wiremesh,
+        Impl::WiremeshTranslated,
         Impl::WireguardGoDebian,
         Impl::WireguardGoLatest,
         Impl::BoringtunCli,
@@ -73,8 +79,38 @@ impl Impl {
             Impl::WireguardGoLatest => "wireguard-go-latest",
             Impl::BoringtunCli => "boringtun-cli",
             Impl::WiremeshBase => "wiremesh-base",
+            Impl::WiremeshTranslated => "wiremesh-translated",
         }
     }
+
+    /// Whether the Wiremesh agent is the daemon (it sets its MTU and link itself).
+    fn is_wiremesh(self) -> bool {
+        matches!(
+            self,
+            Impl::Wiremesh | Impl::WiremeshBase | Impl::WiremeshTranslated
+        )
+    }
+}
+
+/// The mesh address of a bench pod address with `imp`: 10.N.0.H is 100.64.N.H when
+/// translated (each host's pod range 10.N.0.0/24 is 100.64.N.0/24 in the mesh), itself
+/// otherwise.
+pub fn mesh_ip(imp: Impl, ip: Ipv4Addr) -> Ipv4Addr {
+    let [_, n, _, h] = ip.octets();
+    if imp == Impl::WiremeshTranslated {
+        Ipv4Addr::new(100, 64, n, h)
+    } else {
+        ip
+    }
+}
+
+/// [`mesh_ip`] for a host's pod range (`10.N.0.0/24`).
+fn mesh_cidr(imp: Impl, cidr: &str) -> Result<String> {
+    let (ip, len) = cidr
+        .split_once('/')
+        .with_context(|| format!("pod range {cidr:?}"))?;
+    let ip: Ipv4Addr = ip.parse().with_context(|| format!("pod range {cidr:?}"))?;
+    Ok(format!("{}/{len}", mesh_ip(imp, ip)))
 }
 
 impl fmt::Display for Impl {
@@ -160,6 +196,11 @@ pub struct Tunnel<'t> {
 }
 
 impl Tunnel<'_> {
+    /// The data path.
+    pub fn imp(&self) -> Impl {
+        self.imp
+    }
+
     /// The tunnel daemons' PIDs (none for veth).
     pub fn pids(&self) -> Vec<u32> {
         self.procs.iter().map(Proc::pid).collect()
@@ -223,7 +264,7 @@ impl Tunnel<'_> {
 
     fn wait_reachable(&self) -> Result<()> {
         let t = self.topology;
-        let target = t.b.pod.ip().to_string();
+        let target = mesh_ip(self.imp, t.b.pod.ip()).to_string();
         let deadline = Instant::now() + REACHABLE_TIMEOUT;
         loop {
             interrupt::check()?;
@@ -268,6 +309,8 @@ fn spawn_daemon(imp: Impl, tools: &Toolbox, host: &Host) -> Result<Proc> {
     let log = host.dir().join(format!("{}.log", imp.name()));
     let log = path_str(&log).to_owned();
     let threads = std::env::var("BENCH_BORINGTUN_THREADS").unwrap_or_default();
+    let own = host.pod_cidr();
+    let translate = format!("{own}={}", mesh_cidr(Impl::WiremeshTranslated, &own)?);
     let (program, args, env): (&std::path::Path, Vec<&str>, Vec<(&str, &str)>) = match imp {
         Impl::Veth => bail!("veth has no daemon"),
         Impl::Wiremesh | Impl::WiremeshBase => (
@@ -280,6 +323,11 @@ fn spawn_daemon(imp: Impl, tools: &Toolbox, host: &Host) -> Result<Proc> {
                     .context("wiremesh-base needs BENCH_BASE_AGENT: the path of another wiremesh-agent build")?
             },
             vec!["up", "--interface", IFACE],
+            vec![("RUST_LOG", "warn")],
+        ),
+        Impl::WiremeshTranslated => (
+            tools.agent.as_path(),
+            vec!["up", "--interface", IFACE, "--translate", &translate],
             vec![("RUST_LOG", "warn")],
         ),
         Impl::WireguardGoDebian | Impl::WireguardGoLatest => (
@@ -322,12 +370,13 @@ fn spawn_daemon(imp: Impl, tools: &Toolbox, host: &Host) -> Result<Proc> {
 /// wireguard-go and boringtun daemons also MTU and link, which the Wiremesh agent sets
 /// itself.
 fn configure(imp: Impl, local: &Node, remote: &Node) -> Result<()> {
+    let remote_range = mesh_cidr(imp, &remote.host.pod_cidr())?;
     let conf = format!(
         "[Interface]\nPrivateKey = {}\nListenPort = {PORT}\n\n[Peer]\nPublicKey = {}\nEndpoint = {}\nAllowedIPs = {}\n",
         local.keys.private,
         remote.keys.public,
         remote.endpoint(),
-        remote.host.pod_cidr()
+        remote_range
     );
     let path = local
         .host
@@ -336,10 +385,10 @@ fn configure(imp: Impl, local: &Node, remote: &Node) -> Result<()> {
     std::fs::write(&path, conf).with_context(|| format!("writing {}", path.display()))?;
     local.host.wg(&["setconf", IFACE, path_str(&path)])?;
     let host = &local.host;
-    if imp != Impl::Wiremesh {
+    if !imp.is_wiremesh() {
         host.ip(&["link", "set", IFACE, "mtu", TUNNEL_MTU, "up"])?;
     }
-    host.ip(&["route", "replace", &remote.host.pod_cidr(), "dev", IFACE])?;
+    host.ip(&["route", "replace", &remote_range, "dev", IFACE])?;
     Ok(())
 }
 
