@@ -23,9 +23,7 @@ use kube::{Api, Client, Resource as _};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use wiremesh_core::translate::Translation;
-use wiremesh_proto::crd::{
-    CLUSTER_CONFIGMAP, MeshNode, MeshPeer, PeerCluster, SYSTEM_NAMESPACE, TunnelStatus,
-};
+use wiremesh_proto::crd::{CLUSTER_CONFIGMAP, MeshNode, MeshPeer, PeerCluster, SYSTEM_NAMESPACE};
 use wiremesh_proto::uapi::DeviceUpdate;
 use wiremesh_proto::{IpCidr, PublicKey};
 
@@ -45,12 +43,6 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 /// counters belong in metrics, and a status rewritten every few seconds on every node is
 /// load on the API server and on every controller that watches MeshNodes.
 const STATUS_REFRESH: Duration = Duration::from_secs(300);
-/// A tunnel whose last handshake is older than this counts as not connected: a session
-/// is rejected after 180 s (Reject-After-Time, whitepaper §6.1).
-const CONNECTED_WITHIN: Duration = Duration::from_secs(180);
-/// Most tunnels listed in the status, so the object stays far below the API server's
-/// limits (etcd's 1.5 MiB) however many peers there are.
-const MAX_STATUS_PEERS: usize = 1024;
 /// Watch events already waiting that one pass takes at most (each is only a store
 /// update; the pass after them is O(peers)): a long burst still gets a pass now and then.
 const MAX_BURST: usize = 4096;
@@ -165,13 +157,14 @@ impl Context {
                 attribution.clone(),
             ));
         }
+        let (watched, watched_rx) = watch::channel(BTreeMap::new());
+        let (published, published_rx) = watch::channel(BTreeMap::new());
         tokio::spawn(report_status(
             self.client.clone(),
             self.selection.own_name.clone(),
             handle.clone(),
-            origins.subscribe(),
+            (origins.subscribe(), watched_rx.clone(), published_rx),
         ));
-        let (watched, watched_rx) = watch::channel(BTreeMap::new());
         tokio::spawn(report_unreachable(
             self.client.clone(),
             self.selection.own_name.clone(),
@@ -181,7 +174,7 @@ impl Context {
         let peers = self.watch_peers(
             handle.clone(),
             applied,
-            (origins, attribution, watched),
+            (origins, attribution, watched, published),
             &limit,
         );
         tokio::pin!(peers);
@@ -216,10 +209,11 @@ impl Context {
         &self,
         handle: Handle,
         mut applied: PeerSet,
-        (origins, attribution, watched): (
+        (origins, attribution, watched, published): (
             watch::Sender<Origins>,
             watch::Sender<Attribution>,
-            watch::Sender<BTreeMap<PublicKey, String>>,
+            watch::Sender<Watched>,
+            watch::Sender<Published>,
         ),
         limit: &Limit,
     ) {
@@ -265,6 +259,7 @@ impl Context {
                         let before = applied.clone();
                         reconcile(&handle, &mut applied, base, &mut active, &origins, limit).await;
                         attribute(&applied, &attribution);
+                        publish_endpoints(&applied, &published);
                         if applied != before {
                             save_cache(&self.state_dir, &applied);
                         }
@@ -319,6 +314,7 @@ impl Context {
             let before = applied.clone();
             reconcile(&handle, &mut applied, desired, &mut active, &origins, limit).await;
             attribute(&applied, &attribution);
+            publish_endpoints(&applied, &published);
             if applied != before || !cached {
                 save_cache(&self.state_dir, &applied);
                 cached = true;
@@ -328,6 +324,31 @@ impl Context {
             }
         }
     }
+}
+
+/// The endpoints each applied peer publishes, by key (for [`mesh::status`]).
+type Published = BTreeMap<PublicKey, Vec<SocketAddr>>;
+/// The MeshPeers with a heartbeat that have a tunnel here, by key: `Desired::watched`.
+type Watched = BTreeMap<PublicKey, String>;
+
+/// Tells the status task what each applied peer publishes: an observation elsewhere is
+/// worth naming in the status.
+fn publish_endpoints(applied: &PeerSet, published: &watch::Sender<Published>) {
+    let now: Published = applied
+        .iter()
+        .map(|(key, p)| {
+            let mut endpoints: Vec<SocketAddr> = p.endpoint.iter().copied().collect();
+            endpoints.extend(p.endpoints.iter().filter(|e| Some(**e) != p.endpoint));
+            (*key, endpoints)
+        })
+        .collect();
+    published.send_if_modified(|p| {
+        let changed = *p != now;
+        if changed {
+            *p = now;
+        }
+        changed
+    });
 }
 
 /// Tells the route task whose each routed range is (the cluster of the peer it is routed
@@ -794,12 +815,17 @@ async fn record_transitions(
 
 /// Writes the tunnels' state into the MeshNode status when it changes (at most every
 /// [`STATUS_INTERVAL`], at least every [`STATUS_REFRESH`]), and records an Event on it
-/// when a tunnel goes up or down.
+/// when a tunnel goes up or down. The status counts the tunnels and names only the
+/// exceptions ([`mesh::status`]): its size does not grow with the number of peers.
 async fn report_status(
     client: Client,
     name: String,
     handle: Handle,
-    origins: watch::Receiver<Origins>,
+    (origins, watched, published): (
+        watch::Receiver<Origins>,
+        watch::Receiver<Watched>,
+        watch::Receiver<Published>,
+    ),
 ) {
     let api: Api<MeshNode> = Api::all(client.clone());
     let params = PatchParams::apply(MANAGER).force();
@@ -823,6 +849,7 @@ async fn report_status(
     let mut ready_since: Option<Time> = None;
     let mut last_error: Option<String> = None;
     let mut written: Option<(serde_json::Value, tokio::time::Instant)> = None;
+    let mut listed: BTreeMap<PublicKey, SocketAddr> = BTreeMap::new();
     loop {
         if let Ok(snapshot) = handle.snapshot().await {
             let now = k8s_openapi::jiff::Timestamp::now();
@@ -830,40 +857,18 @@ async fn report_status(
             let (changes, state) = mesh::tunnel_transitions(&tunnels, &snapshot.peers);
             tunnels = state;
             record_transitions(&recorder, &reference, &changes, &origins).await;
-            let connected: Vec<bool> = snapshot
-                .peers
-                .iter()
-                .take(MAX_STATUS_PEERS)
-                .map(|p| p.since_handshake.is_some_and(|d| d < CONNECTED_WITHIN))
-                .collect();
-            let peers: Vec<TunnelStatus> = snapshot
-                .peers
-                .iter()
-                .take(MAX_STATUS_PEERS)
-                .map(|p| TunnelStatus {
-                    name: origins
-                        .get(&p.public_key)
-                        .map_or_else(|| p.public_key.to_string(), |o| o.name.clone()),
-                    endpoint: p.endpoint.map(|e| e.to_string()),
-                    observed_endpoint: p.observed_endpoint.map(|e| e.to_string()),
-                    latest_handshake_time: p.since_handshake.and_then(|d| {
-                        let d = k8s_openapi::jiff::SignedDuration::try_from(d).ok()?;
-                        now.checked_sub(d).ok().map(Time)
-                    }),
-                    rx_bytes: i64::try_from(p.rx_bytes).unwrap_or(i64::MAX),
-                    tx_bytes: i64::try_from(p.tx_bytes).unwrap_or(i64::MAX),
-                    path: origins
-                        .get(&p.public_key)
-                        .map(|o| mesh::tunnel_path(&o.path))
-                        .unwrap_or_default(),
-                    via: origins.get(&p.public_key).and_then(|o| match &o.path {
-                        mesh::PeerPath::Relayed { via } => Some(via.clone()),
-                        _ => None,
-                    }),
-                })
-                .collect();
-            let via_gateway = mesh::via_gateways(&origins);
-            let key = status_key(&peers, &connected, &serde_json::json!(via_gateway));
+            let report = {
+                let (watched, published) = (watched.borrow(), published.borrow());
+                let known = mesh::status::Known {
+                    origins: &origins,
+                    watched: &watched,
+                    published: &published,
+                    listed: &listed,
+                };
+                mesh::status::report(&snapshot.peers, known, now)
+            };
+            listed.clone_from(&report.observed);
+            let key = report.key();
             let due = last_error.is_some()
                 || written
                     .as_ref()
@@ -873,6 +878,8 @@ async fn report_status(
                 continue;
             }
             let since = ready_since.get_or_insert(Time(now)).clone();
+            // `viaGateway`, which listed every peer reached through a gateway, is no
+            // longer applied: the server drops it with this manager's ownership.
             let status = serde_json::json!({
                 "apiVersion": MeshNode::api_version(&()),
                 "kind": MeshNode::kind(&()),
@@ -885,8 +892,8 @@ async fn report_status(
                         last_transition_time: since,
                         observed_generation: None,
                     }],
-                    "peers": peers,
-                    "viaGateway": via_gateway,
+                    "peers": report.peers,
+                    "tunnels": report.summary,
                     "lastUpdateTime": Time(now),
                 }
             });
@@ -996,24 +1003,6 @@ async fn report_unreachable(
             }
         }
     }
-}
-
-/// What of a status counts as a change: per tunnel its name, endpoints, path, relay and
-/// whether it is connected (not its counters or the exact handshake time), and the peers
-/// reached through gateways.
-fn status_key(
-    peers: &[TunnelStatus],
-    connected: &[bool],
-    via_gateway: &serde_json::Value,
-) -> serde_json::Value {
-    let tunnels: Vec<serde_json::Value> = peers
-        .iter()
-        .zip(connected.iter().chain(std::iter::repeat(&false)))
-        .map(|(t, up)| {
-            serde_json::json!([t.name, t.endpoint, t.observed_endpoint, t.path, t.via, up])
-        })
-        .collect();
-    serde_json::json!([tunnels, via_gateway])
 }
 
 const CACHE_FILE: &str = "peers.json";
@@ -1401,29 +1390,5 @@ mod tests {
         std::fs::write(dir.join(CACHE_FILE), b"{not json").unwrap();
         assert!(load_cache(&dir).is_none());
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn counters_and_handshake_times_are_no_status_change() {
-        let tunnel = TunnelStatus {
-            name: "cluster-b.b1".into(),
-            endpoint: Some("198.18.2.1:51820".into()),
-            ..TunnelStatus::default()
-        };
-        let via = serde_json::json!([]);
-        let key = status_key(std::slice::from_ref(&tunnel), &[true], &via);
-        let busier = TunnelStatus {
-            rx_bytes: 1 << 20,
-            tx_bytes: 7,
-            latest_handshake_time: Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)),
-            ..tunnel.clone()
-        };
-        assert_eq!(status_key(&[busier], &[true], &via), key);
-        let moved = TunnelStatus {
-            endpoint: Some("198.18.2.9:51820".into()),
-            ..tunnel.clone()
-        };
-        assert_ne!(status_key(&[moved], &[true], &via), key);
-        assert_ne!(status_key(&[tunnel], &[false], &via), key);
     }
 }

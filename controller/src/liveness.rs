@@ -28,7 +28,9 @@ use kube::{Client, Resource as _, ResourceExt as _};
 use serde_json::json;
 use tokio::sync::watch;
 use tracing::{info, warn};
-use wiremesh_proto::crd::{MAX_UNREACHABLE, MeshNode, MeshNodeKind, MeshPeer, PeerCluster};
+use wiremesh_proto::crd::{
+    MAX_STATUS_CLUSTERS, MAX_UNREACHABLE, MeshNode, MeshNodeKind, MeshPeer, PeerCluster,
+};
 use wiremesh_proto::mcs::ExportedService;
 
 /// Remote nodes as `(cluster, node)`.
@@ -45,7 +47,8 @@ const PERIOD: Duration = Duration::from_millis(250);
 /// Field manager of `PeerCluster.status.unreachableNodes` and `MeshNode.spec.heartbeat`.
 const MANAGER: &str = "wiremesh-controller-liveness";
 
-/// Most tunnels read from one MeshNode's status (the agent lists at most 1,024).
+/// Most tunnels read from one MeshNode's `status.peers` when it is an old agent's list of
+/// every tunnel (such an agent listed at most 1,024).
 const MAX_TUNNELS_READ: usize = 1024;
 
 /// What this cluster's nodes say of one remote node.
@@ -53,7 +56,9 @@ const MAX_TUNNELS_READ: usize = 1024;
 pub struct Votes {
     /// Local nodes that report it unreachable.
     pub unreachable: usize,
-    /// Local nodes with a tunnel to it (those listing it in `status.peers` or reporting it).
+    /// Local nodes with a tunnel to it: those whose `status.tunnels` counts a tunnel to a
+    /// heartbeat peer of its cluster, those reporting it, and (an agent from before
+    /// `status.tunnels`) those listing it in `status.peers`.
     pub of: usize,
 }
 
@@ -62,6 +67,16 @@ pub struct Votes {
 /// unreachable. Names that are no MeshPeer with a heartbeat are ignored, and so are the
 /// nodes in `not_ready` (their Node is not Ready: a dead machine's last report must not
 /// hold a remote node in the set, nor its last list of tunnels out of it).
+///
+/// A node's status says, per peer cluster, how many tunnels to heartbeat peers its agent
+/// watches (`status.tunnels.clusters[].heartbeat`), not which: a node watching any of a
+/// cluster's heartbeat peers counts for each of them. One that watches only some (it holds
+/// fewer peers than `--max-peers` needs, or reaches the others through a gateway, which
+/// it does not watch) can only dilute the majority: fail static, nothing withdrawn that
+/// the per-tunnel count would have kept. The status of an agent from before
+/// `status.tunnels` (a rolling update) lists every tunnel in `status.peers`: read as it
+/// was, by name. Either way one node is at most one vote per remote node, and a node
+/// that lies can add itself to the count (dilute) or vote, as before, nothing more.
 pub fn votes<'a>(
     mesh_nodes: impl IntoIterator<Item = &'a MeshNode>,
     mesh_peers: impl IntoIterator<Item = &'a MeshPeer>,
@@ -76,6 +91,10 @@ pub fn votes<'a>(
     if watched.is_empty() {
         return out;
     }
+    let clusters: BTreeSet<&str> = watched.values().map(|(c, _)| c.as_str()).collect();
+    // Per cluster, the nodes judging all of its heartbeat peers (added to each at the end,
+    // so the cost is nodes x clusters plus the reports, not nodes x heartbeat peers).
+    let mut judging: BTreeMap<&str, usize> = BTreeMap::new();
     for node in mesh_nodes {
         if node.spec.kind != MeshNodeKind::Node || not_ready.contains(&node.name_any()) {
             continue;
@@ -89,22 +108,47 @@ pub fn votes<'a>(
             .take(MAX_UNREACHABLE)
             .map(String::as_str)
             .collect();
-        let tunnels: BTreeSet<&str> = status
-            .peers
-            .iter()
-            .take(MAX_TUNNELS_READ)
-            .map(|t| t.name.as_str())
-            .chain(reported.iter().copied())
-            .collect();
-        for name in tunnels {
-            let Some(remote) = watched.get(name) else {
+        let (by_cluster, by_name): (BTreeSet<&str>, BTreeSet<&str>) = match &status.tunnels {
+            Some(summary) => (
+                summary
+                    .clusters
+                    .iter()
+                    .take(MAX_STATUS_CLUSTERS)
+                    .filter(|c| c.heartbeat > 0 && clusters.contains(c.cluster.as_str()))
+                    .map(|c| c.cluster.as_str())
+                    .collect(),
+                BTreeSet::new(),
+            ),
+            None => (
+                BTreeSet::new(),
+                status
+                    .peers
+                    .iter()
+                    .take(MAX_TUNNELS_READ)
+                    .map(|t| t.name.as_str())
+                    .filter(|name| watched.contains_key(*name))
+                    .collect(),
+            ),
+        };
+        for cluster in &by_cluster {
+            *judging.entry(cluster).or_default() += 1;
+        }
+        for name in by_name.union(&reported) {
+            let Some(remote) = watched.get(*name) else {
                 continue;
             };
             let votes = out.entry(remote.clone()).or_default();
-            votes.of += 1;
+            if !by_cluster.contains(remote.0.as_str()) {
+                votes.of += 1;
+            }
             if reported.contains(name) {
                 votes.unreachable += 1;
             }
+        }
+    }
+    for remote in watched.values() {
+        if let Some(n) = judging.get(remote.0.as_str()) {
+            out.entry(remote.clone()).or_default().of += n;
         }
     }
     out
@@ -308,7 +352,9 @@ pub(crate) async fn keep_heartbeats(
 #[cfg(test)]
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-    use wiremesh_proto::crd::{MeshNodeStatus, MeshPeerSpec, TunnelStatus};
+    use wiremesh_proto::crd::{
+        ClusterTunnels, MeshNodeStatus, MeshPeerSpec, TunnelStatus, TunnelSummary,
+    };
     use wiremesh_proto::mcs::{ExportedEndpoint, ExportedSlice, ServiceImportType};
 
     use super::*;
@@ -343,6 +389,30 @@ mod tests {
                     ..TunnelStatus::default()
                 })
                 .collect(),
+            unreachable: unreachable.iter().map(|u| (*u).to_owned()).collect(),
+            ..MeshNodeStatus::default()
+        });
+        n
+    }
+
+    /// A local node whose agent counts its tunnels (`status.tunnels`): per cluster, how many
+    /// and how many to heartbeat peers; it reports `unreachable`.
+    fn counting(name: &str, clusters: &[(&str, i32, i32)], unreachable: &[&str]) -> MeshNode {
+        let mut n = mesh_node(name, 1, None, &["10.1.1.0/24"]);
+        n.status = Some(MeshNodeStatus {
+            tunnels: Some(TunnelSummary {
+                clusters: clusters
+                    .iter()
+                    .map(|(cluster, tunnels, heartbeat)| ClusterTunnels {
+                        cluster: (*cluster).to_owned(),
+                        tunnels: *tunnels,
+                        connected: *tunnels,
+                        heartbeat: *heartbeat,
+                        ..ClusterTunnels::default()
+                    })
+                    .collect(),
+                ..TunnelSummary::default()
+            }),
             unreachable: unreachable.iter().map(|u| (*u).to_owned()).collect(),
             ..MeshNodeStatus::default()
         });
@@ -410,6 +480,97 @@ mod tests {
         );
         // No MeshPeer with a heartbeat: nothing to count.
         assert!(votes(nodes.iter(), [peer("cluster-b", "b1", false)].iter(), &none).is_empty());
+    }
+
+    #[test]
+    fn counted_tunnels_make_a_node_judge_every_heartbeat_peer_of_that_cluster() {
+        let peers = [
+            peer("cluster-b", "b1", true),
+            peer("cluster-b", "b2", true),
+            peer("cluster-b", "b3", false),
+            peer("cluster-c", "c1", true),
+        ];
+        let nodes = [
+            counting(
+                "a1",
+                &[("", 2, 0), ("cluster-b", 500, 2), ("cluster-c", 500, 1)],
+                &["cluster-b.b1"],
+            ),
+            counting("a2", &[("cluster-b", 500, 2)], &["cluster-b.b1"]),
+            // Tunnels to cluster-c but to none of its heartbeat peers: judges nothing there.
+            counting("a3", &[("cluster-b", 500, 2), ("cluster-c", 3, 0)], &[]),
+            // Only tunnels to its own cluster's gateways (behind them): judges nothing,
+            // but a report of its own counts it in (as an old agent's would).
+            counting("a4", &[("", 2, 0)], &["cluster-c.c1"]),
+            // A name it claims for a cluster no heartbeat peer belongs to: ignored.
+            counting("a5", &[("cluster-z", 9, 9)], &[]),
+        ];
+        let counted = votes(nodes.iter(), peers.iter(), &BTreeSet::new());
+        assert_eq!(
+            counted,
+            BTreeMap::from([
+                (
+                    remote("cluster-b", "b1"),
+                    Votes {
+                        unreachable: 2,
+                        of: 3
+                    }
+                ),
+                (
+                    remote("cluster-b", "b2"),
+                    Votes {
+                        unreachable: 0,
+                        of: 3
+                    }
+                ),
+                (
+                    remote("cluster-c", "c1"),
+                    Votes {
+                        unreachable: 1,
+                        of: 2
+                    }
+                ),
+            ])
+        );
+        // The decision is the one the per-tunnel lists gave: b1 in, b2 and c1 not yet.
+        let set = Aggregate::default().step(&counted, Instant::now());
+        assert_eq!(set, Unreachable::from([remote("cluster-b", "b1")]));
+    }
+
+    #[test]
+    fn old_and_new_agents_statuses_are_counted_together_during_a_rolling_update() {
+        let peers = [peer("cluster-b", "b1", true)];
+        // a1 runs the old agent (every tunnel listed, no counts); a2 and a3 the new one.
+        let nodes = [
+            reporter("a1", &["cluster-b.b1", "cluster-b.b2"], &["cluster-b.b1"]),
+            counting("a2", &[("cluster-b", 2, 1)], &["cluster-b.b1"]),
+            counting("a3", &[("cluster-b", 2, 1)], &[]),
+        ];
+        let counted = votes(nodes.iter(), peers.iter(), &BTreeSet::new());
+        assert_eq!(
+            counted[&remote("cluster-b", "b1")],
+            Votes {
+                unreachable: 2,
+                of: 3
+            }
+        );
+        // A new agent whose list names tunnels that are down is still read by its counts:
+        // no node counted twice.
+        let mut a3 = counting("a3", &[("cluster-b", 2, 1)], &["cluster-b.b1"]);
+        if let Some(status) = &mut a3.status {
+            status.peers = vec![TunnelStatus {
+                name: "cluster-b.b1".into(),
+                ..TunnelStatus::default()
+            }];
+        }
+        let counted = votes([&a3], peers.iter(), &BTreeSet::new());
+        assert_eq!(
+            counted[&remote("cluster-b", "b1")],
+            Votes {
+                unreachable: 1,
+                of: 1
+            }
+        );
     }
 
     #[test]

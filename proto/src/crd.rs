@@ -52,6 +52,18 @@ pub const PEER_CLUSTER_FINALIZER: &str = "wiremesh.io/mesh-peers";
 /// it (sorted by name) the endpoints are withdrawn only when their own cluster says so.
 pub const MAX_UNREACHABLE: usize = 256;
 
+/// Most entries in a MeshNode's `status.tunnels.clusters` and `status.tunnels.viaGateway`:
+/// Cilium ClusterMesh's limit of 255 clusters; past it (sorted by name) a cluster's tunnels
+/// are counted only in the totals.
+pub const MAX_STATUS_CLUSTERS: usize = 255;
+/// Most tunnels a MeshNode's `status.peers` lists: those not connected and those whose
+/// peer was heard from an address it does not publish (what relay planning and NAT
+/// traversal need), at most 1,024 so the object stays far below etcd's 1.5 MiB limit.
+pub const MAX_STATUS_PEERS: usize = 1024;
+/// Of [`MAX_STATUS_PEERS`], most tunnels listed only because they are not connected:
+/// bounded like `unreachable`, so a dead cluster costs a bounded write.
+pub const MAX_STATUS_DOWN: usize = MAX_UNREACHABLE;
+
 /// A WireGuard public key: 32 bytes in base64 (the last character before `=` encodes
 /// only 4 bits, hence its restricted alphabet).
 const KEY_PATTERN: &str = "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$";
@@ -86,6 +98,16 @@ pub enum MeshNodeKind {
     printcolumn(name = "Kind", type_ = "string", json_path = ".spec.kind"),
     printcolumn(name = "Endpoint", type_ = "string", json_path = ".spec.endpoints[0]"),
     printcolumn(name = "PodCIDRs", type_ = "string", json_path = ".spec.podCIDRs"),
+    printcolumn(
+        name = "Tunnels",
+        type_ = "integer",
+        json_path = ".status.tunnels.total"
+    ),
+    printcolumn(
+        name = "Connected",
+        type_ = "integer",
+        json_path = ".status.tunnels.connected"
+    ),
     printcolumn(
         name = "PublicKey",
         type_ = "string",
@@ -148,13 +170,24 @@ pub struct MeshNodeStatus {
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
-    /// One entry per tunnel, refreshed every few seconds.
+    /// The tunnels worth naming (at most [`MAX_STATUS_PEERS`], sorted by name): those
+    /// whose peer was last heard from an address it does not publish (`observedEndpoint`:
+    /// how peers behind NAT learn each other's mapped address), then those not connected
+    /// (at most [`MAX_STATUS_DOWN`]). Empty in steady state without NAT: `tunnels` counts
+    /// the rest. An agent from before `tunnels` existed listed every tunnel here.
     #[serde(default)]
+    #[schemars(length(max = 1024))]
     pub peers: Vec<TunnelStatus>,
+    /// How many tunnels there are, connected, per path and per peer cluster: a size that
+    /// does not grow with the number of peers. Absent in the status of an agent from before
+    /// it existed (which listed every tunnel in `peers` and `viaGateway`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnels: Option<TunnelSummary>,
     /// When the agent last wrote this status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_update_time: Option<Time>,
-    /// Remote peers this node reaches through a gateway, with no tunnel of their own.
+    /// Written only by agents from before `tunnels`: the remote peers reached through a
+    /// gateway, one entry each (now counted per gateway in `tunnels.viaGateway`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub via_gateway: Vec<ViaGateway>,
     /// MeshPeers with a `heartbeat` this node has a tunnel to and has not heard from
@@ -187,6 +220,110 @@ pub enum TunnelPath {
     /// To a peer not reached directly (no handshake completes): its traffic goes through
     /// the relay named in `via`, while handshakes keep being tried.
     Relayed,
+}
+
+/// An agent's tunnels counted: a size bounded by the number of peer clusters and gateways,
+/// not of peers.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TunnelSummary {
+    /// Tunnels configured.
+    #[serde(default)]
+    pub total: i32,
+    /// Of them, those with a handshake in the last 180 s (Reject-After-Time).
+    #[serde(default)]
+    pub connected: i32,
+    /// Per peer cluster the tunnels go to (an empty name for this cluster's own machines:
+    /// its gateways, relays and the nodes a gateway forwards for), sorted by cluster, at
+    /// most [`MAX_STATUS_CLUSTERS`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 255))]
+    pub clusters: Vec<ClusterTunnels>,
+    /// Per gateway (the tunnel of the failover group's active member; empty when none is
+    /// up), how many remote peers this node reaches through it with no tunnel of their
+    /// own; sorted, at most [`MAX_STATUS_CLUSTERS`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 255))]
+    pub via_gateway: Vec<GatewayPeers>,
+}
+
+/// An agent's tunnels to one peer cluster, counted.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterTunnels {
+    /// The peer cluster.
+    #[schemars(length(max = 253))]
+    pub cluster: String,
+    /// Tunnels to its nodes.
+    #[serde(default)]
+    pub tunnels: i32,
+    /// Of them, those with a handshake in the last 180 s.
+    #[serde(default)]
+    pub connected: i32,
+    /// Of them, those to a MeshPeer with a `heartbeat` that this agent watches (and would
+    /// list in `unreachable`): the controller counts this node among those that judge
+    /// that cluster's heartbeat nodes.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub heartbeat: i32,
+    /// Of them, those used directly for the peer's own pods.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub direct: i32,
+    /// Of them, those to a gateway that carries its cluster's traffic now.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub gateway: i32,
+    /// Of them, those to a gateway kept ready to take over.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub standby: i32,
+    /// Of them, on a gateway, those to nodes of its own cluster it forwards for.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub forwarding: i32,
+    /// Of them, those to relays.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub relay: i32,
+    /// Of them, those whose traffic goes through a relay for now.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub relayed: i32,
+}
+
+impl ClusterTunnels {
+    /// Counts one more tunnel on `path`.
+    pub fn count(&mut self, path: TunnelPath, connected: bool, heartbeat: bool) {
+        let add = |n: &mut i32| *n = n.saturating_add(1);
+        add(&mut self.tunnels);
+        if connected {
+            add(&mut self.connected);
+        }
+        if heartbeat {
+            add(&mut self.heartbeat);
+        }
+        add(match path {
+            TunnelPath::Direct => &mut self.direct,
+            TunnelPath::Gateway => &mut self.gateway,
+            TunnelPath::Standby => &mut self.standby,
+            TunnelPath::Forwarding => &mut self.forwarding,
+            TunnelPath::Relay => &mut self.relay,
+            TunnelPath::Relayed => &mut self.relayed,
+        });
+    }
+}
+
+/// How many remote peers an agent reaches through one gateway.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayPeers {
+    /// The tunnel (MeshPeer or MeshNode name) of the gateway; empty when its group has no
+    /// member up.
+    #[serde(default)]
+    #[schemars(length(max = 253))]
+    pub gateway: String,
+    /// Remote peers reached through it.
+    #[serde(default)]
+    pub peers: i32,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 /// A remote peer reached through a gateway.

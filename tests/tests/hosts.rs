@@ -150,7 +150,7 @@ fn hosts_outside_kubernetes_join_both_clusters_and_leave() -> Result<()> {
                 .conditions
                 .iter()
                 .any(|c| c.type_ == "Ready" && c.status == "True")
-                && status.peers.len() == 2,
+                && status.tunnels.as_ref().is_some_and(|t| t.total == 2),
             "status: {status:?}"
         );
         Ok(())

@@ -13,6 +13,7 @@ use wiremesh_proto::{IpCidr, PublicKey};
 
 pub mod liveness;
 pub(crate) mod select;
+pub mod status;
 
 /// Which remote node a peer is, for logs, status and metric labels.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

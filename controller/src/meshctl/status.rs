@@ -8,7 +8,9 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt as _;
 use kube::api::{Api, ListParams};
 use serde::Serialize;
-use wiremesh_proto::crd::{MeshNode, MeshNodeKind, PeerCluster, TunnelPath, ViaGateway};
+use wiremesh_proto::crd::{
+    ClusterTunnels, MeshNode, MeshNodeKind, PeerCluster, TunnelPath, TunnelSummary, ViaGateway,
+};
 use wiremesh_proto::mcs::{LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER, ServiceExport, ServiceImport};
 use wiremesh_proto::{IpCidr, PrefixMap, Towards};
 
@@ -161,9 +163,14 @@ pub struct NodeView {
     pub last_update_time: Option<String>,
     /// Whether it is a gateway of the cluster.
     pub gateway: bool,
-    /// Its tunnels, by peer name, as its agent reported them.
+    /// Its tunnels counted, per peer cluster and per gateway (`status.tunnels`); absent
+    /// for an agent from before it, which listed every tunnel in `tunnels`.
+    pub counts: Option<TunnelSummary>,
+    /// The tunnels its agent names, by peer name: those not connected and those heard
+    /// from an address the peer does not publish (every tunnel, for an older agent).
     pub tunnels: Vec<TunnelView>,
-    /// Remote peers it reaches through a gateway (no tunnel of their own), by name.
+    /// Remote peers it reaches through a gateway (no tunnel of their own), by name: an
+    /// older agent's list (a newer one counts them in `counts.viaGateway`).
     pub via_gateway: Vec<ViaGateway>,
 }
 
@@ -252,6 +259,7 @@ impl StatusReport {
                     endpoints: n.spec.endpoints.clone(),
                     last_update_time: status.last_update_time.as_ref().map(|t| t.0.to_string()),
                     gateway: n.spec.is_gateway(),
+                    counts: status.tunnels.clone(),
                     tunnels,
                     via_gateway: status.via_gateway.clone(),
                 }
@@ -568,7 +576,30 @@ impl StatusReport {
                 (MeshNodeKind::Host, false) => format!("{} (host, no key yet)", n.name),
             };
             let first = vec![name, n.pod_cidrs.join(",")];
-            if n.tunnels.is_empty() && n.via_gateway.is_empty() {
+            let counted = n.counts.as_ref();
+            let clusters = counted.into_iter().flat_map(|c| &c.clusters).map(|c| {
+                let cluster = if c.cluster.is_empty() {
+                    format!("{} (this cluster)", self.cluster.name)
+                } else {
+                    c.cluster.clone()
+                };
+                vec![
+                    format!("{cluster}: {}", plural(c.tunnels, "tunnel")),
+                    paths(c),
+                    "-".to_owned(),
+                    format!("{}/{} up", c.connected, c.tunnels),
+                ]
+            });
+            let gateways = counted.into_iter().flat_map(|c| &c.via_gateway).map(|g| {
+                let gateway = if g.gateway.is_empty() {
+                    "via gateway (none up)".to_owned()
+                } else {
+                    format!("via gateway {}", g.gateway)
+                };
+                vec![plural(g.peers, "peer"), gateway]
+            });
+            let counts: Vec<Vec<String>> = clusters.chain(gateways).collect();
+            if counts.is_empty() && n.tunnels.is_empty() && n.via_gateway.is_empty() {
                 rows.push([first.clone(), vec!["-".to_owned()]].concat());
             }
             let vias = n.via_gateway.iter().map(|v| {
@@ -600,7 +631,7 @@ impl StatusReport {
                     table::bytes(t.tx_bytes),
                 ]
             });
-            for (i, cells) in tunnels.chain(vias).enumerate() {
+            for (i, cells) in counts.into_iter().chain(tunnels).chain(vias).enumerate() {
                 let lead = if i == 0 {
                     first.clone()
                 } else {
@@ -624,6 +655,36 @@ impl StatusReport {
         ));
         out.push_str(&self.render_services());
         out
+    }
+}
+
+/// `3 tunnels`, `1 peer`.
+fn plural(n: i32, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+/// The paths a cluster's tunnels take, counted: `2 direct, 1 gateway (standby)`.
+fn paths(c: &ClusterTunnels) -> String {
+    let parts: Vec<String> = [
+        (c.direct, "direct"),
+        (c.gateway, "gateway (active)"),
+        (c.standby, "gateway (standby)"),
+        (c.forwarding, "forwarding"),
+        (c.relay, "relay"),
+        (c.relayed, "relayed"),
+    ]
+    .into_iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, path)| format!("{n} {path}"))
+    .collect();
+    if parts.is_empty() {
+        "-".to_owned()
+    } else {
+        parts.join(", ")
     }
 }
 
@@ -830,6 +891,83 @@ a2     10.1.2.0/24   -
         assert_eq!(json["nodes"][0]["tunnels"][1]["path"], "Standby");
         assert_eq!(json["nodes"][0]["viaGateway"][0]["gateway"], "b1");
         assert_eq!(json["nodes"][1]["tunnels"].as_array().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn counted_tunnels_are_one_row_per_cluster_and_gateway_then_the_named_ones() {
+        let info = ClusterInfo {
+            name: "cluster-a".into(),
+            pod_cidrs: vec!["10.1.0.0/16".parse().unwrap()],
+            ..ClusterInfo::default()
+        };
+        let mut a1 = node(
+            "a1",
+            "10.1.1.0/24",
+            vec![TunnelStatus {
+                name: "cluster-b.b7".into(),
+                endpoint: Some("198.18.0.7:51820".into()),
+                path: TunnelPath::Direct,
+                ..TunnelStatus::default()
+            }],
+        );
+        if let Some(status) = &mut a1.status {
+            status.tunnels = Some(TunnelSummary {
+                total: 502,
+                connected: 501,
+                clusters: vec![
+                    ClusterTunnels {
+                        cluster: String::new(),
+                        tunnels: 1,
+                        connected: 1,
+                        relay: 1,
+                        ..ClusterTunnels::default()
+                    },
+                    ClusterTunnels {
+                        cluster: "cluster-b".into(),
+                        tunnels: 501,
+                        connected: 500,
+                        direct: 499,
+                        gateway: 1,
+                        standby: 1,
+                        ..ClusterTunnels::default()
+                    },
+                ],
+                via_gateway: vec![wiremesh_proto::crd::GatewayPeers {
+                    gateway: "cluster-c.c1".into(),
+                    peers: 40,
+                }],
+            });
+        }
+        let report = StatusReport::new(&info, &[], &[a1], now());
+        let text = report.render();
+        let rows: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("NODE"))
+            .collect();
+        assert_eq!(rows.len(), 5, "{text}");
+        for (row, cells) in rows.iter().skip(1).zip([
+            &[
+                "a1",
+                "cluster-a (this cluster): 1 tunnel",
+                "1 relay",
+                "1/1 up",
+            ][..],
+            &[
+                "cluster-b: 501 tunnels",
+                "499 direct, 1 gateway (active), 1 gateway (standby)",
+                "500/501 up",
+            ],
+            &["40 peers", "via gateway cluster-c.c1"],
+            &["cluster-b.b7", "direct", "198.18.0.7:51820", "never"],
+        ]) {
+            for cell in cells {
+                assert!(row.contains(cell), "{cell:?} not in {row:?}\n{text}");
+            }
+        }
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["nodes"][0]["counts"]["clusters"][1]["direct"], 499);
+        assert_eq!(json["nodes"][0]["counts"]["viaGateway"][0]["peers"], 40);
+        assert_eq!(json["nodes"][0]["tunnels"][0]["name"], "cluster-b.b7");
     }
 
     #[test]
