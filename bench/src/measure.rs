@@ -115,7 +115,10 @@ pub fn udp(
     let receiver = {
         let (stop, received) = (Arc::clone(&stop), Arc::clone(&received));
         spawn_in_netns(server, move || {
-            let socket = UdpSocket::bind(target).with_context(|| format!("binding {target}"))?;
+            // Every address of the pod: `server_ip` may be its mesh address, which only
+            // the far side's translation knows.
+            let bind = SocketAddr::from((Ipv4Addr::UNSPECIFIED, FLOOD_PORT));
+            let socket = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
             socket.set_read_timeout(Some(Duration::from_millis(50)))?;
             let _ = ready_tx.send(());
             let deadline = Instant::now() + duration + CLIENT_SLACK;
@@ -223,7 +226,7 @@ pub fn loaded_rtt(server: &Netns, server_ip: Ipv4Addr, client: &Netns, secs: u32
     })
 }
 
-/// Runs a one-shot `iperf3 -s` on `server_ip` and `iperf3 -c ... -J extra` against it;
+/// Runs a one-shot `iperf3 -s` in `server` and `iperf3 -c server_ip ... -J extra`;
 /// returns the client's JSON report.
 fn iperf(
     server: &Netns,
@@ -233,7 +236,8 @@ fn iperf(
     extra: &[&str],
 ) -> Result<Value> {
     let ip = server_ip.to_string();
-    let listener = server.spawn(&["iperf3", "-s", "-1", "-B", &ip, "-p", IPERF_PORT])?;
+    // On every address of the server's pod: `server_ip` may be its mesh address.
+    let listener = server.spawn(&["iperf3", "-s", "-1", "-p", IPERF_PORT])?;
     let deadline = Instant::now() + LISTEN_TIMEOUT;
     loop {
         let out = server.exec(&["ss", "-Hltn", &format!("sport = :{IPERF_PORT}")])?;
