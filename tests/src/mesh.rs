@@ -438,6 +438,39 @@ pub struct Capture {
     pub marker_hits: u64,
 }
 
+/// Sends `count` pings from `from` to `to`, 10 ms apart, each carrying `marker_hex`
+/// (`ping -p`: the pattern repeats through the payload, for [`capture_during`] to look
+/// for) and each waited for at most `wait` (seconds, as `ping -W` takes them); its output,
+/// successful when any was answered.
+///
+/// # Errors
+/// When `ping` cannot be run or takes more than 30 s.
+pub fn marked_pings(
+    from: &Netns,
+    to: std::net::IpAddr,
+    count: u32,
+    marker_hex: &str,
+    wait: &str,
+) -> Result<std::process::Output> {
+    from.exec_timeout(
+        &[
+            "ping",
+            "-n",
+            "-q",
+            "-i",
+            "0.01",
+            "-W",
+            wait,
+            "-c",
+            &count.to_string(),
+            "-p",
+            marker_hex,
+            &to.to_string(),
+        ],
+        Duration::from_secs(30),
+    )
+}
+
 /// Captures every frame in namespace `ns` (an underlay) while `action` runs, looking for
 /// `marker` in the clear.
 ///

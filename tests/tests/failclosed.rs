@@ -17,7 +17,7 @@ use anyhow::{Context as _, Result, ensure};
 use kube::Api;
 use wiremesh_lab::clusters::{CONVERGE, Side, TwoClusters, wait_for};
 use wiremesh_lab::k8s;
-use wiremesh_lab::mesh::{IFACE, capture_during};
+use wiremesh_lab::mesh::{self, IFACE, capture_during};
 use wiremesh_lab::{MIB, Netns, Proc, agent_binary, ping, transfer};
 use wiremesh_proto::crd::MeshNode;
 
@@ -310,23 +310,7 @@ fn a_linked_clusters_ranges_are_closed_before_any_of_its_nodes_is_routed() -> Re
 /// Sends `count` marked pings 10 ms apart, each waited for at most 0.2 s; none need
 /// answer.
 fn marked_pings(from: &Netns, to: IpAddr, count: u32) -> Result<()> {
-    from.exec_timeout(
-        &[
-            "ping",
-            "-n",
-            "-q",
-            "-i",
-            "0.01",
-            "-W",
-            "0.2",
-            "-c",
-            &count.to_string(),
-            "-p",
-            MARKER_HEX,
-            &to.to_string(),
-        ],
-        Duration::from_secs(30),
-    )?;
+    mesh::marked_pings(from, to, count, MARKER_HEX, "0.2")?;
     Ok(())
 }
 

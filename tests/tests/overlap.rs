@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use wiremesh_lab::clusters::{CONVERGE, Side, TwoClusters, wait_for};
-use wiremesh_lab::mesh::{Capture, IFACE, capture_during};
+use wiremesh_lab::mesh::{self, Capture, IFACE, capture_during};
 use wiremesh_lab::{
     MIB, Netns, Pod, df_ping, output_text, ping, reachable, transfer_translated, xfer_binary,
 };
@@ -230,23 +230,7 @@ fn restart_during_outage(
 /// Sends `count` pings carrying [`MARKER`] from `from` to `to`, 10 ms apart; succeeds when
 /// any is answered.
 fn marked_pings(from: &Pod, to: IpAddr, count: u32) -> Result<()> {
-    let out = from.exec_timeout(
-        &[
-            "ping",
-            "-n",
-            "-q",
-            "-i",
-            "0.01",
-            "-W",
-            "1",
-            "-c",
-            &count.to_string(),
-            "-p",
-            MARKER_HEX,
-            &to.to_string(),
-        ],
-        Duration::from_secs(30),
-    )?;
+    let out = mesh::marked_pings(from, to, count, MARKER_HEX, "1")?;
     ensure!(
         out.status.success(),
         "{count} marked pings to {to}:\n{}",
