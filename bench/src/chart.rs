@@ -30,10 +30,7 @@ const PANELS: [&str; 6] = [
 /// # Errors
 /// When the font cannot be loaded or the PNG cannot be written.
 pub fn render(report: &Report, path: &Path) -> Result<()> {
-    register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
-        .map_err(|_| anyhow!("loading the embedded DejaVu Sans font"))?;
-    register_font("sans-serif", FontStyle::Bold, dejavu::sans::bold())
-        .map_err(|_| anyhow!("loading the embedded DejaVu Sans Bold font"))?;
+    register_fonts()?;
     let summaries = report.summaries();
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(draw_error)?;
@@ -63,69 +60,102 @@ fn panel(
     metric: &Metric,
     summaries: &[Summary],
 ) -> Result<()> {
-    // (path, median, min-max over the rounds)
-    type Bar = (Impl, f64, Option<(f64, f64)>);
+    // A bar per path: the median, a whisker over the rounds.
     let bars: Vec<Bar> = summaries
         .iter()
-        .map(|s| {
-            (
-                s.imp,
-                s.medians[metric.key].unwrap_or(0.0),
-                s.ranges[metric.key],
-            )
+        .map(|s| Bar {
+            label: short(s.imp),
+            color: color(s.imp),
+            value: s.medians[metric.key].unwrap_or(0.0),
+            whisker: s.ranges[metric.key],
         })
         .collect();
-    let top = bars
-        .iter()
-        .map(|(_, v, range)| range.map_or(*v, |(_, hi)| hi.max(*v)))
-        .fold(0.0_f64, f64::max);
-    let top = if top > 0.0 { top * 1.18 } else { 1.0 };
-    let n = bars.len();
     let better = if metric.higher_is_better {
         "higher is better"
     } else {
         "lower is better"
     };
+    let caption = format!("{} ({}), {better}", metric.title, metric.unit);
+    bar_panel(area, (&caption, 21), metric.unit, &bars, metric.digits)
+}
+
+/// The embedded DejaVu Sans, as `sans-serif` (no system fonts needed).
+///
+/// # Errors
+/// When a font cannot be loaded.
+pub(crate) fn register_fonts() -> Result<()> {
+    register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
+        .map_err(|_| anyhow!("loading the embedded DejaVu Sans font"))?;
+    register_font("sans-serif", FontStyle::Bold, dejavu::sans::bold())
+        .map_err(|_| anyhow!("loading the embedded DejaVu Sans Bold font"))?;
+    Ok(())
+}
+
+/// One bar of a [`bar_panel`].
+pub(crate) struct Bar {
+    /// Under the bar.
+    pub(crate) label: String,
+    pub(crate) color: RGBColor,
+    pub(crate) value: f64,
+    /// From, to.
+    pub(crate) whisker: Option<(f64, f64)>,
+}
+
+/// A panel of `bars` under `caption` (text, font size), the y axis in `unit`, each value
+/// printed above its bar with `digits` decimals.
+///
+/// # Errors
+/// When drawing fails.
+pub(crate) fn bar_panel(
+    area: &DrawingArea<BitMapBackend<'_>, Shift>,
+    caption: (&str, u32),
+    unit: &str,
+    bars: &[Bar],
+    digits: usize,
+) -> Result<()> {
+    let top = bars
+        .iter()
+        .map(|b| b.whisker.map_or(b.value, |(_, hi)| hi.max(b.value)))
+        .fold(0.0_f64, f64::max);
+    let top = if top > 0.0 { top * 1.18 } else { 1.0 };
+    let n = bars.len().max(1);
     let mut chart = ChartBuilder::on(area)
-        .caption(
-            format!("{} ({}), {better}", metric.title, metric.unit),
-            ("sans-serif", 21),
-        )
+        .caption(caption.0, ("sans-serif", caption.1))
         .margin(12)
         .x_label_area_size(34)
         .y_label_area_size(70)
-        .build_cartesian_2d((0..n.saturating_sub(1)).into_segmented(), 0.0..top)
+        .build_cartesian_2d((0..n - 1).into_segmented(), 0.0..top)
         .map_err(draw_error)?;
     chart
         .configure_mesh()
         .disable_x_mesh()
         .x_labels(n)
         .x_label_formatter(&|v| match v {
-            SegmentValue::CenterOf(i) => bars.get(*i).map_or(String::new(), |b| short(b.0)),
+            SegmentValue::CenterOf(i) => bars.get(*i).map_or(String::new(), |b| b.label.clone()),
             _ => String::new(),
         })
         .x_label_style(("sans-serif", 15))
         .light_line_style(RGBColor(238, 238, 238))
         .y_label_style(("sans-serif", 14))
-        .y_desc(metric.unit)
+        .y_desc(unit)
         .draw()
         .map_err(draw_error)?;
     chart
-        .draw_series(bars.iter().enumerate().map(|(i, (imp, value, _))| {
+        .draw_series(bars.iter().enumerate().map(|(i, b)| {
             let mut bar = Rectangle::new(
                 [
                     (SegmentValue::Exact(i), 0.0),
-                    (SegmentValue::Exact(i + 1), *value),
+                    (SegmentValue::Exact(i + 1), b.value),
                 ],
-                color(*imp).filled(),
+                b.color.filled(),
             );
             bar.set_margin(0, 0, 14, 14);
             bar
         }))
         .map_err(draw_error)?;
     chart
-        .draw_series(bars.iter().enumerate().filter_map(|(i, (_, _, range))| {
-            range.map(|(lo, hi)| {
+        .draw_series(bars.iter().enumerate().filter_map(|(i, b)| {
+            b.whisker.map(|(lo, hi)| {
                 PathElement::new(
                     vec![
                         (SegmentValue::CenterOf(i), lo),
@@ -137,10 +167,10 @@ fn panel(
         }))
         .map_err(draw_error)?;
     chart
-        .draw_series(bars.iter().enumerate().map(|(i, (_, value, range))| {
-            let label_at = range.map_or(*value, |(_, hi)| hi.max(*value));
+        .draw_series(bars.iter().enumerate().map(|(i, b)| {
+            let label_at = b.whisker.map_or(b.value, |(_, hi)| hi.max(b.value));
             Text::new(
-                format!("{value:.prec$}", prec = metric.digits),
+                format!("{:.digits$}", b.value),
                 (SegmentValue::CenterOf(i), label_at + top * 0.02),
                 ("sans-serif", 16).into_font().color(&BLACK).pos(
                     plotters::style::text_anchor::Pos::new(
@@ -180,7 +210,7 @@ fn color(imp: Impl) -> RGBColor {
     }
 }
 
-fn draw_error<E: std::error::Error + Send + Sync + 'static>(
+pub(crate) fn draw_error<E: std::error::Error + Send + Sync + 'static>(
     e: DrawingAreaErrorKind<E>,
 ) -> anyhow::Error {
     anyhow!("drawing the chart: {e}")
