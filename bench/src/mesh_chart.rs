@@ -123,3 +123,24 @@ pub fn render(report: &Value, path: &Path) -> Result<()> {
     root.present().map_err(draw_error)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_committed_mesh_report_renders_a_png_of_the_chart_size() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/results/mesh.json"))
+                .unwrap();
+        let report: Value = serde_json::from_str(&text).unwrap();
+        let path = std::env::temp_dir().join(format!("wm-mesh-chart-{}.png", std::process::id()));
+        render(&report, &path).unwrap();
+        let png = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        // The PNG signature, then the IHDR chunk's width and height.
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        let dim = |at: usize| u32::from_be_bytes([png[at], png[at + 1], png[at + 2], png[at + 3]]);
+        assert_eq!((dim(16), dim(20)), SIZE);
+    }
+}
