@@ -5,6 +5,8 @@
 #   tests/k8s/build.sh             # build (or reuse) both binaries
 #   tests/k8s/build.sh --services  # also kube-proxy and kube-controller-manager (same
 #                                  # module and version) for the lab's real Services
+#   tests/k8s/build.sh --node      # also kubelet, kube-scheduler and
+#                                  # kube-controller-manager for the lab's real node
 #   BIN="$(tests/k8s/build.sh)"    # stdout is only the binary directory
 #
 # Progress goes to stderr; the last (and only) stdout line is the directory
@@ -23,7 +25,7 @@ set -euo pipefail
 
 K8S_VERSION=v1.34.4   # k8s.io/kubernetes (staging modules: v0.34.4)
 # The commands of k8s.io/kubernetes the helper module pins (one go.sum for all).
-K8S_COMMANDS="kube-apiserver kube-controller-manager kube-proxy"
+K8S_COMMANDS="kube-apiserver kube-controller-manager kube-proxy kubelet kube-scheduler"
 ETCD_VERSION=v3.6.16  # go.etcd.io/etcd/server/v3
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -134,13 +136,54 @@ build_etcd() {
   log "etcd $ETCD_VERSION built in $(fmt_secs $((SECONDS - t0))): $bin"
 }
 
+# The pod sandbox image for the lab's kubelet: tests/k8s/pause (sleeps, reaps children,
+# exits on SIGTERM, as Kubernetes' pause.c), static, as the one layer of an OCI archive
+# that `ctr images import` loads as PAUSE_IMAGE (containerd's CRI sandbox_image).
+PAUSE_IMAGE=wiremesh.invalid/pause:3.10
+build_pause() {
+  local bin="$OUT/pause" out="$OUT/pause.tar" work d size layer config manifest
+  if [ -x "$bin" ] && [ -s "$out" ] && [ "$out" -nt "$SCRIPT_DIR/pause/main.go" ]; then
+    log "pause: up to date ($out)"
+    return
+  fi
+  go_build "$SCRIPT_DIR/pause" . "$bin" "-s -w"
+  work="$(mktemp -d)"
+  mkdir -p "$work/root" "$work/oci/blobs/sha256"
+  install -m 0755 "$bin" "$work/root/pause"
+  tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$work/root" -cf "$work/layer.tar" pause
+  blob() { d="$(sha256sum "$1" | cut -d' ' -f1)"; size="$(stat -c %s "$1")"; cp "$1" "$work/oci/blobs/sha256/$d"; }
+  blob "$work/layer.tar"; layer="$d"
+  printf '{"architecture":"amd64","os":"linux","config":{"Entrypoint":["/pause"],"User":"65535:65535"},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' "$layer" >"$work/config.json"
+  local lsize="$size"
+  blob "$work/config.json"; config="$d"
+  printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:%s","size":%s}]}' "$config" "$size" "$layer" "$lsize" >"$work/manifest.json"
+  blob "$work/manifest.json"; manifest="$d"
+  printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"io.containerd.image.name":"%s","org.opencontainers.image.ref.name":"%s"}}]}' "$manifest" "$size" "$PAUSE_IMAGE" "${PAUSE_IMAGE##*:}" >"$work/oci/index.json"
+  printf '{"imageLayoutVersion":"1.0.0"}' >"$work/oci/oci-layout"
+  tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$work/oci" -cf "$out.tmp" oci-layout index.json blobs
+  mv -f "$out.tmp" "$out"
+  rm -rf "$work"
+  log "pause image $PAUSE_IMAGE: $out"
+}
+
 T0=$SECONDS
 log "output: $OUT (go: $GO_VERSION, GOPROXY=$(go env GOPROXY))"
 build_etcd
 build_k8s kube-apiserver
-if [ "${1:-}" = --services ]; then
-  build_k8s kube-proxy
-  build_k8s kube-controller-manager
-fi
+for arg in "$@"; do
+  case "$arg" in
+    --services)
+      build_k8s kube-proxy
+      build_k8s kube-controller-manager
+      ;;
+    --node)
+      build_k8s kubelet
+      build_k8s kube-scheduler
+      build_k8s kube-controller-manager
+      build_pause
+      ;;
+    *) die "unknown argument '$arg' (--services, --node)" ;;
+  esac
+done
 log "done in $(fmt_secs $((SECONDS - T0)))"
 printf '%s\n' "$OUT"

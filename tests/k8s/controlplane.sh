@@ -35,6 +35,12 @@
 #                             network namespace has no default route; the
 #                             address is only stored in the default/kubernetes
 #                             Endpoints, no traffic is sent to it)
+#   WIREMESH_K8S_SERVICE_ACCOUNTS=1  keep the ServiceAccount admission plugin
+#                             (pods get their projected token volume, as a
+#                             kubelet needs); off by default: the lab's Pod objects
+#                             run on no kubelet and name no ServiceAccount
+#   WIREMESH_K8S_EXTRA_SANS   more subjectAltName entries for the serving
+#                             certificate, e.g. IP:198.18.250.1
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -161,7 +167,7 @@ make_pki() { # DIR NAME
     key apiserver.key
     openssl req -new -key apiserver.key -subj "/CN=kube-apiserver" -out apiserver.csr 2>/dev/null
     printf '%s\n' \
-      'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local' \
+      "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local${WIREMESH_K8S_EXTRA_SANS:+,$WIREMESH_K8S_EXTRA_SANS}" \
       'extendedKeyUsage=serverAuth' 'keyUsage=critical,digitalSignature,keyEncipherment' \
       'basicConstraints=critical,CA:FALSE' >srv.ext
     openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 365 \
@@ -288,6 +294,11 @@ start_attempt() {
     die "this network namespace has no default route, so kube-apiserver cannot pick an advertise address; set WIREMESH_K8S_ADVERTISE_ADDRESS to a non-loopback address of this namespace (it is only stored in the default/kubernetes Endpoints)"
   fi
 
+  local admission=(--disable-admission-plugins=ServiceAccount)
+  if [ "${WIREMESH_K8S_SERVICE_ACCOUNTS:-}" = 1 ]; then
+    admission=(--enable-admission-plugins=NodeRestriction)
+  fi
+
   log "starting kube-apiserver on https://$HOST:$API_PORT (authorization $AUTHZ_MODE)"
   local args=("$BIN_DIR/kube-apiserver"
     --etcd-servers="http://$HOST:$ETCD_PORT"
@@ -298,7 +309,7 @@ start_attempt() {
     --service-account-key-file="$P/sa.pub" --service-account-signing-key-file="$P/sa.key"
     --service-cluster-ip-range=10.0.0.0/24
     --authorization-mode="$AUTHZ_MODE"
-    --disable-admission-plugins=ServiceAccount
+    "${admission[@]}"
     --allow-privileged=true
     --profiling=false
     --shutdown-watch-termination-grace-period=2s

@@ -102,8 +102,17 @@ impl ControlPlane {
     /// # Errors
     /// When the script fails (with its output, which ends with the failing log's tail).
     pub fn start(name: &str) -> Result<ControlPlane> {
+        Self::start_with_env(name, &[])
+    }
+
+    /// [`ControlPlane::start`] with environment variables for `controlplane.sh` (its
+    /// `WIREMESH_K8S_*` options, e.g. the ServiceAccount admission a kubelet needs).
+    ///
+    /// # Errors
+    /// As [`ControlPlane::start`].
+    pub fn start_with_env(name: &str, env: &[(&str, &str)]) -> Result<ControlPlane> {
         let dir = unique_dir(name)?;
-        let output = run_script(&["start", name, path_str(&dir)?], START_TIMEOUT);
+        let output = run_script_env(&["start", name, path_str(&dir)?], env, START_TIMEOUT);
         let started = output.and_then(|o| {
             ensure!(
                 o.status.success(),
@@ -589,12 +598,22 @@ impl ApiProxy {
     /// # Errors
     /// When the namespace cannot be entered or the port is taken there.
     pub fn start(ns: &Netns, port: u16) -> Result<ApiProxy> {
+        Self::start_at(ns, Ipv4Addr::LOCALHOST, port)
+    }
+
+    /// As [`ApiProxy::start`], listening on `ip`:`port` inside `ns` (an address of the
+    /// namespace: pods behind it reach it too) and forwarding to 127.0.0.1:`port` here.
+    ///
+    /// # Errors
+    /// As [`ApiProxy::start`].
+    pub fn start_at(ns: &Netns, ip: Ipv4Addr, port: u16) -> Result<ApiProxy> {
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(Mutex::new(BTreeMap::new()));
         let (accepted_tx, accepted_rx) = mpsc::channel::<TcpStream>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
         let path = format!("/run/netns/{}", ns.name());
-        let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let listen = SocketAddr::from((ip, port));
+        let upstream = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
 
         let stop_flag = Arc::clone(&stop);
         let listener = thread::Builder::new()
@@ -649,7 +668,7 @@ impl ApiProxy {
             .spawn(move || {
                 let next_id = AtomicU64::new(0);
                 for inbound in accepted_rx {
-                    let Ok(outbound) = TcpStream::connect_timeout(&listen, PROXY_CONNECT_TIMEOUT)
+                    let Ok(outbound) = TcpStream::connect_timeout(&upstream, PROXY_CONNECT_TIMEOUT)
                     else {
                         // The API server is down (paused): the client sees the connection close.
                         continue;
@@ -778,8 +797,12 @@ fn script() -> PathBuf {
 }
 
 fn run_script(args: &[&str], timeout: Duration) -> Result<Output> {
+    run_script_env(args, &[], timeout)
+}
+
+fn run_script_env(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Result<Output> {
     let mut command = Command::new("bash");
-    command.arg(script()).args(args);
+    command.arg(script()).args(args).envs(env.iter().copied());
     run_with_timeout(command, timeout)
         .with_context(|| format!("controlplane.sh {}", args.join(" ")))
 }

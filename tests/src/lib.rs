@@ -7,6 +7,7 @@ pub mod deploy;
 pub mod fixtures;
 pub mod forge;
 pub mod k8s;
+pub mod kubelet;
 pub mod lab;
 pub mod mcs;
 pub mod mesh;
