@@ -111,6 +111,9 @@ pub const UNDERLAY6: &str = "fd18:9::/64";
 pub const SMALL_UNDERLAY: &str = "198.19.5.0/24";
 /// The default route of [`Stack::DualStackSmallUnderlay`]'s nodes (nothing answers there).
 const SMALL_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 19, 5, 254);
+/// The default route of [`TwoClusters::with_same_pod_range`]'s nodes on the default
+/// underlay (nothing answers there).
+const UNDERLAY_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 255, 254);
 
 /// A Kubernetes node of the lab: a host with a pod, a Node object, an agent.
 pub struct ClusterNode {
@@ -549,17 +552,19 @@ impl TwoClusters {
 
     /// As [`TwoClusters::new`] with both clusters on pod range 10.244.0.0/16 (Flannel's
     /// default): node N of each has 10.244.N.0/24 and its pod 10.244.N.2. With `third`,
-    /// also a cluster-c on a range of its own ([`Side::pod_range`]), not linked.
+    /// also a cluster-c on a range of its own ([`Side::pod_range`]), not linked. The
+    /// underlay's MTU is `underlay_mtu`; the nodes have a default route onto it (as a
+    /// cloud VM has; nothing answers there), from which a starting agent derives its MTU.
     ///
     /// # Errors
     /// When any part fails to come up.
-    pub fn with_same_pod_range(nodes: usize, third: bool) -> Result<Self> {
+    pub fn with_same_pod_range(nodes: usize, third: bool, underlay_mtu: u32) -> Result<Self> {
         let options = BuildOptions {
             same_pods: true,
             third,
             ..BuildOptions::default()
         };
-        Self::build(Lab::new()?, nodes, options)
+        Self::build(Lab::with_underlay_mtu(underlay_mtu)?, nodes, options)
     }
 
     /// The second octet of `side`'s pod range: its own ([`Side::pod_range`]), or 244 for
@@ -791,7 +796,11 @@ impl TwoClusters {
             }
             _ => {
                 let ip = Ipv4Addr::new(198, 18, side.octet(), index);
-                (self.lab.add_host(&name, ip, &pod_cidr)?, ip.into())
+                let host = self.lab.add_host(&name, ip, &pod_cidr)?;
+                if self.same_pods {
+                    host.set_default_route(UNDERLAY_GATEWAY)?;
+                }
+                (host, ip.into())
             }
         };
         let pod = host.add_pod(&format!("{name}-p"))?;

@@ -1,6 +1,6 @@
 //! Two clusters with the same pod CIDR (10.244.0.0/16, a pod at 10.244.1.2 in each),
 //! linked by `meshctl join`, which gives each a mesh CIDR; the agents translate the pods'
-//! addresses statelessly at the edges (issue 14). A third cluster on a range of its own,
+//! addresses statelessly at the edges (issue 14), over an underlay of 1280 bytes. A third cluster on a range of its own,
 //! linked to both, keeps its pods' addresses and reaches both at their mesh addresses; an agent restarted while its API server
 //! is down translates from its first packet (no packet for its mesh addresses leaves in
 //! plaintext). One lab set-up for every scenario (needs root).
@@ -18,13 +18,17 @@ use wiremesh_lab::{
     MIB, Netns, Pod, df_ping, output_text, ping, reachable, transfer_translated, xfer_binary,
 };
 
-/// Payload of a DF ping that fits the tunnel (1420) but not the 1300-byte path behind
-/// cluster-b's node: 1322 + 28 bytes of headers.
-const BETWEEN_PAYLOAD: u32 = 1322;
+/// The underlay's MTU: the IPv6 minimum, common on tunnels over tunnels and some clouds.
+const UNDERLAY_MTU: u32 = 1280;
+/// The tunnel MTU the agents derive from it: 1280 less WireGuard's 60 bytes over IPv4.
+const TUNNEL_MTU: u32 = UNDERLAY_MTU - 60;
+/// Payload of a DF ping that fits the tunnel (1220) but not the 1200-byte path behind
+/// cluster-b's node: 1182 + 28 bytes of headers.
+const BETWEEN_PAYLOAD: u32 = 1182;
 /// Payload of a DF ping of 1500 bytes, over the tunnel's MTU.
 const BIG_PAYLOAD: u32 = 1472;
 /// The MTU of the route to cluster-b's pod on its node.
-const POD_ROUTE_MTU: u32 = 1300;
+const POD_ROUTE_MTU: u32 = 1200;
 /// What the marked pings carry; `ping -p` repeats it through the payload.
 const MARKER: &[u8] = b"OVERLAPPED";
 /// [`MARKER`] in hex, for `ping -p`.
@@ -33,7 +37,7 @@ const MARKER_HEX: &str = "4f5645524c4150504544";
 #[test]
 fn clusters_with_the_same_pod_cidr_reach_each_other_at_their_mesh_addresses() -> Result<()> {
     let start = Instant::now();
-    let mut lab = TwoClusters::with_same_pod_range(1, true)?;
+    let mut lab = TwoClusters::with_same_pod_range(1, true, UNDERLAY_MTU)?;
     let (a1, b1) = (lab.a.node("a1")?, lab.b.node("b1")?);
     let pod_ip: IpAddr = "10.244.1.2".parse()?;
     ensure!(
@@ -66,7 +70,7 @@ fn clusters_with_the_same_pod_cidr_reach_each_other_at_their_mesh_addresses() ->
     let there = transfer_translated(&a1.pod, &b1.pod, pod_ip, b_mesh, 64 * MIB)?;
     let back = transfer_translated(&b1.pod, &a1.pod, pod_ip, a_mesh, 64 * MIB)?;
     println!(
-        "64 MiB each way intact: {:.0} and {:.0} Mbit/s",
+        "64 MiB each way intact over the {UNDERLAY_MTU}-byte underlay: {:.0} and {:.0} Mbit/s",
         there.mbit_per_s(),
         back.mbit_per_s()
     );
@@ -115,6 +119,10 @@ fn clusters_with_the_same_pod_cidr_reach_each_other_at_their_mesh_addresses() ->
     // writes back "fragmentation needed" from the ping's destination, quoting the packet
     // as the pod sent it (before its source was translated), so the pod's ping matches it.
     let tunnel_mtu = a1.host.link_mtu(IFACE)?;
+    ensure!(
+        tunnel_mtu == TUNNEL_MTU,
+        "a1's {IFACE} has MTU {tunnel_mtu}, wanted {TUNNEL_MTU} from the {UNDERLAY_MTU}-byte underlay"
+    );
     a1.host.ip(&["link", "set", IFACE, "mtu", "1500"])?;
     let out = df_ping(&neighbour, b_mesh, BIG_PAYLOAD, 3);
     a1.host

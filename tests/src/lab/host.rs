@@ -31,7 +31,8 @@ impl Lab {
 
     /// Adds a host: namespace `<prefix>h-<name>` with lo up and IPv4 forwarding on, a veth
     /// `ul0` into `underlay`'s bridge with `underlay_ip`, a bridge `pods0` holding the first
-    /// address of `pod_cidr` as the pods' gateway, and private directories
+    /// address of `pod_cidr` as the pods' gateway (its MAC fixed: 02:00 and that address),
+    /// and private directories
     /// `<lab dir>/<name>/run/wireguard` and `<lab dir>/<name>/state` (mode 0700).
     ///
     /// # Errors
@@ -92,7 +93,13 @@ impl Lab {
             ])
             .context("turning on IPv6 forwarding")?;
         }
-        ns.ip(&["link", "add", POD_BRIDGE, "type", "bridge"])?;
+        // A fixed MAC: a bridge without one takes its ports' lowest, so a pod added later
+        // whose veth has a lower (random) MAC would change the pods' gateway's MAC, and a
+        // pod that cached the old one would have its frames dropped as "other host" until
+        // its neighbour entry re-resolved (up to a minute).
+        let [g0, g1, g2, g3] = gateway.octets();
+        let mac = format!("02:00:{g0:02x}:{g1:02x}:{g2:02x}:{g3:02x}");
+        ns.ip(&["link", "add", POD_BRIDGE, "address", &mac, "type", "bridge"])?;
         ns.ip(&[
             "addr",
             "add",

@@ -85,6 +85,15 @@ impl Lab {
     /// # Errors
     /// When not root, a tool is missing, or any setup command fails (what was made is removed).
     pub fn new() -> Result<Lab> {
+        Self::with_underlay_mtu(DEFAULT_UNDERLAY.2)
+    }
+
+    /// As [`Lab::new`] with the default underlay's MTU `mtu` (576..=9216; 1280 is the IPv6
+    /// minimum, common on tunnels over tunnels and some clouds).
+    ///
+    /// # Errors
+    /// As [`Lab::new`].
+    pub fn with_underlay_mtu(mtu: u32) -> Result<Lab> {
         require_root()?;
         require_tools()?;
         let (prefix, dir) = unique_prefix()?;
@@ -98,7 +107,7 @@ impl Lab {
             torn_down: AtomicBool::new(false),
         });
         let teardown = Teardown(inner.clone());
-        let (name, cidr, mtu) = DEFAULT_UNDERLAY;
+        let (name, cidr, _) = DEFAULT_UNDERLAY;
         let underlay = Underlay::create(&inner, name, cidr, mtu)?;
         Ok(Lab {
             inner,
@@ -117,7 +126,8 @@ impl Lab {
         &self.inner.dir
     }
 
-    /// The underlay made by [`Lab::new`] (198.18.0.0/16, MTU 1500).
+    /// The underlay made by [`Lab::new`] (198.18.0.0/16, MTU 1500 unless
+    /// [`Lab::with_underlay_mtu`] said otherwise).
     pub fn default_underlay(&self) -> &Underlay {
         &self.underlay
     }
