@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1
 # The Wiremesh image: wiremesh-agent, wiremesh-controller and meshctl on distroless.
 #   make image                      # docker or podman; IMAGE=registry/wiremesh:tag
-# No image is built in CI here (no container runtime, no registry); the lab runs the same
-# binaries directly with the DaemonSet's and Deployment's args and env.
+# No engine runs in CI here: `make image-oci` (scripts/oci-image.sh) writes the same
+# layout as an OCI archive, which the lab's real kubelets run (tests/tests/node.rs);
+# tests/tests/image.rs checks both layouts the same way.
 
 FROM docker.io/library/rust:1.95-bookworm AS build
 WORKDIR /src

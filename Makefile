@@ -6,7 +6,7 @@ CARGO ?= cargo
 CARGO_FLAGS ?=
 export KEEP
 
-.PHONY: all build deps demo test lint unit e2e fmt clean-lab bench bench-scale bench-mesh manifests image fuzz
+.PHONY: all build deps demo test lint unit e2e fmt clean-lab bench bench-scale bench-mesh manifests image image-oci fuzz
 
 all: build
 
@@ -86,3 +86,9 @@ IMAGE ?= ghcr.io/wiremesh/wiremesh:0.1.0
 CONTAINER ?= $(shell command -v docker || command -v podman)
 image:
 	$(CONTAINER) build -t $(IMAGE) .
+
+# The same layout without a container engine or registry: an OCI archive of the release
+# binaries (scripts/oci-image.sh), for `ctr images import`; what the lab's kubelets run.
+image-oci:
+	$(CARGO) build --release --locked -p wiremesh-agent -p wiremesh-controller --bins
+	scripts/oci-image.sh $(TARGET_DIR)/release $(IMAGE) $(TARGET_DIR)/wiremesh-image.tar

@@ -203,6 +203,8 @@ impl KubeletNode {
     /// Starts containerd and a kubelet on `host` (a lab host whose `Node` object may already
     /// exist: the kubelet adopts it), registered to `plane` as `name` with the host's
     /// underlay address, after importing `images` (OCI archives; the pause image first).
+    /// Pods on it reach `plane` and every plane of `remote` (the linked clusters' API
+    /// servers, which their controllers read) at [`API_ADDRESS`] on each plane's port.
     ///
     /// # Errors
     /// When a directory, cgroup or process cannot be made, or containerd does not start.
@@ -212,6 +214,7 @@ impl KubeletNode {
         plane: &ControlPlane,
         bins: &NodeBinaries,
         images: &[&Path],
+        remote: &[&ControlPlane],
     ) -> Result<Self> {
         let name = host.name().to_owned();
         let dir = lab.dir().join(format!("kubelet-{name}"));
@@ -235,10 +238,13 @@ impl KubeletNode {
 
         // The API server, for the kubelet (127.0.0.1) and for pods (API_ADDRESS).
         host.ip(&["addr", "add", &format!("{API_ADDRESS}/32"), "dev", "lo"])?;
-        let proxies = vec![
+        let mut proxies = vec![
             ApiProxy::start(host, plane.api_port())?,
             ApiProxy::start_at(host, API_ADDRESS, plane.api_port())?,
         ];
+        for other in remote {
+            proxies.push(ApiProxy::start_at(host, API_ADDRESS, other.api_port())?);
+        }
 
         let cgroup_name = format!("{}node-{name}", lab.prefix());
         let daemons_name = format!("{cgroup_name}-daemons");

@@ -247,7 +247,23 @@ pub fn udp_ping(
 /// # Errors
 /// When connecting or writing fails, or `timeout` (for the whole run) passes first.
 pub fn send(to: SocketAddr, bytes: u64, seed: u64, timeout: Duration) -> Result<Summary> {
+    send_paced(to, bytes, seed, timeout, None)
+}
+
+/// As [`send`], at most `rate` bytes per second when given (a chunk at a time), so that one
+/// connection can span an event that takes seconds (a rolling update).
+///
+/// # Errors
+/// As [`send`].
+pub fn send_paced(
+    to: SocketAddr,
+    bytes: u64,
+    seed: u64,
+    timeout: Duration,
+    rate: Option<u64>,
+) -> Result<Summary> {
     let deadline = Instant::now() + timeout;
+    let start = Instant::now();
     let mut stream = connect(to, deadline, timeout)?;
     let mut generator = ByteStream::new(seed);
     let mut hasher = Sha256::new();
@@ -264,6 +280,12 @@ pub fn send(to: SocketAddr, bytes: u64, seed: u64, timeout: Duration) -> Result<
             .write_all(&buf[..n])
             .with_context(|| format!("writing to {to} after {} bytes", bytes - left))?;
         left -= n as u64;
+        if let Some(rate) = rate.filter(|r| *r > 0) {
+            let due = Duration::from_secs_f64((bytes - left) as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                thread::sleep(wait);
+            }
+        }
     }
     stream
         .shutdown(Shutdown::Write)

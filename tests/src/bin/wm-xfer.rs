@@ -44,6 +44,9 @@ enum Command {
         /// Seconds for the whole run.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// At most this many bytes per second (0: as fast as it goes).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
     },
     /// Echoes `count` UDP datagrams and prints the source address of each, one a line.
     UdpEcho {
@@ -120,7 +123,14 @@ fn run(cli: Cli) -> Result<()> {
             bytes,
             seed,
             timeout,
-        } => xfer::send(to, bytes, seed, Duration::from_secs(timeout))?,
+            rate,
+        } => xfer::send_paced(
+            to,
+            bytes,
+            seed,
+            Duration::from_secs(timeout),
+            Some(rate).filter(|r| *r > 0),
+        )?,
         Command::UdpEcho { .. } | Command::UdpPing { .. } => return Ok(()),
     };
     let mut stdout = std::io::stdout().lock();

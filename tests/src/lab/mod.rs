@@ -56,7 +56,7 @@ pub(crate) use self::tools::find_binary;
 pub use self::tools::{agent_binary, require_root, require_tool, require_tools, xfer_binary};
 pub use self::transfer::{
     MIB, TransferReport, df_ping, output_text, ping, reachable, transfer, transfer_between,
-    transfer_translated,
+    transfer_paced, transfer_translated,
 };
 pub use self::underlay::Underlay;
 

@@ -93,7 +93,33 @@ pub fn transfer_translated(
     to_ip: impl Into<IpAddr>,
     bytes: u64,
 ) -> Result<TransferReport> {
-    let (listen_ip, to_ip) = (listen_ip.into(), to_ip.into());
+    run_transfer(from, to, listen_ip.into(), to_ip.into(), bytes, None)
+}
+
+/// As [`transfer_between`], sending at most `rate` bytes per second: one TCP connection
+/// that lasts `bytes / rate` seconds, to span an event such as a rolling update.
+///
+/// # Errors
+/// As [`transfer_between`].
+pub fn transfer_paced(
+    from: &Netns,
+    to: &Netns,
+    to_ip: impl Into<IpAddr>,
+    bytes: u64,
+    rate: u64,
+) -> Result<TransferReport> {
+    let to_ip = to_ip.into();
+    run_transfer(from, to, to_ip, to_ip, bytes, Some(rate.max(1)))
+}
+
+fn run_transfer(
+    from: &Netns,
+    to: &Netns,
+    listen_ip: IpAddr,
+    to_ip: IpAddr,
+    bytes: u64,
+    rate: Option<u64>,
+) -> Result<TransferReport> {
     let xfer = xfer_binary()?;
     let xfer = path_str(&xfer)?;
     let n = from.lab.next_counter();
@@ -103,9 +129,12 @@ pub fn transfer_translated(
     let seed_s = seed.to_string();
     let listen = SocketAddr::new(listen_ip, port).to_string();
     let connect = SocketAddr::new(to_ip, port).to_string();
-    let timeout = TRANSFER_BASE_TIMEOUT + Duration::from_secs(bytes / TRANSFER_FLOOR_BYTES_PER_SEC);
+    let paced = rate.map_or(Duration::ZERO, |rate| Duration::from_secs(bytes / rate));
+    let timeout =
+        TRANSFER_BASE_TIMEOUT + paced + Duration::from_secs(bytes / TRANSFER_FLOOR_BYTES_PER_SEC);
     let secs = timeout.as_secs().to_string();
     let bytes_s = bytes.to_string();
+    let rate_s = rate.unwrap_or(0).to_string();
 
     let receiver = to.spawn(&[xfer, "recv", "--listen", &listen, "--timeout", &secs])?;
     let start = Instant::now();
@@ -121,6 +150,8 @@ pub fn transfer_translated(
             &seed_s,
             "--timeout",
             &secs,
+            "--rate",
+            &rate_s,
         ],
         timeout + Duration::from_secs(5),
     );
