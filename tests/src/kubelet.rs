@@ -296,6 +296,7 @@ impl KubeletNode {
                 path_str(&file)?
             ));
         }
+        let kubeconfig = node_kubeconfig(plane, &name, &dir)?;
         let d = path_str(&dir)?;
         let script = format!(
             "set -eu\n\
@@ -315,7 +316,7 @@ impl KubeletNode {
             sock = path_str(&socket)?,
             tries = CONTAINERD_START.as_millis() / 100,
             kubelet = path_str(&bins.kubelet)?,
-            kubeconfig = path_str(plane.kubeconfig())?,
+            kubeconfig = path_str(&kubeconfig)?,
             ip = host.underlay_ip(),
         );
         fs::write(dir.join("node.sh"), script)?;
@@ -434,6 +435,105 @@ impl Drop for KubeletNode {
             let _ = fs::remove_dir(&dir);
         }
     }
+}
+
+/// A kubeconfig for the kubelet of node `name`: the plane's admin kubeconfig with a client
+/// certificate of `system:node:<name>` in `system:nodes` instead, signed by the plane's CA,
+/// so that the Node authorizer and NodeRestriction admission treat it as the kubelet it is
+/// (it may read only its own pods' secrets and request only their tokens).
+fn node_kubeconfig(plane: &ControlPlane, name: &str, dir: &Path) -> Result<PathBuf> {
+    let pki = plane.dir().join("pki");
+    let (key, csr, crt, ext) = (
+        dir.join("kl/node.key"),
+        dir.join("kl/node.csr"),
+        dir.join("kl/node.crt"),
+        dir.join("kl/node.ext"),
+    );
+    fs::write(
+        &ext,
+        "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+         basicConstraints=critical,CA:FALSE\n",
+    )?;
+    let subject = format!("/O=system:nodes/CN=system:node:{name}");
+    let (ca_crt, ca_key) = (pki.join("ca.crt"), pki.join("ca.key"));
+    let steps: [Vec<&str>; 3] = [
+        vec![
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            path_str(&key)?,
+        ],
+        vec![
+            "req",
+            "-new",
+            "-key",
+            path_str(&key)?,
+            "-subj",
+            &subject,
+            "-out",
+            path_str(&csr)?,
+        ],
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            path_str(&csr)?,
+            "-CA",
+            path_str(&ca_crt)?,
+            "-CAkey",
+            path_str(&ca_key)?,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            path_str(&ext)?,
+            "-out",
+            path_str(&crt)?,
+        ],
+    ];
+    for args in steps {
+        let mut command = Command::new("openssl");
+        command.args(&args);
+        let out = run_with_timeout(command, Duration::from_secs(30))?;
+        ensure!(
+            out.status.success(),
+            "openssl {}: {}",
+            args.first().copied().unwrap_or_default(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let b64 = |path: &Path| -> Result<String> {
+        use base64::Engine as _;
+        Ok(base64::engine::general_purpose::STANDARD.encode(fs::read(path)?))
+    };
+    let admin = fs::read_to_string(plane.kubeconfig())?;
+    let mut text = String::new();
+    for line in admin.lines() {
+        let trimmed = line.trim_start();
+        let indent = &line[..line.len() - trimmed.len()];
+        if trimmed.starts_with("client-certificate-data:") {
+            text.push_str(&format!(
+                "{indent}client-certificate-data: {}\n",
+                b64(&crt)?
+            ));
+        } else if trimmed.starts_with("client-key-data:") {
+            text.push_str(&format!("{indent}client-key-data: {}\n", b64(&key)?));
+        } else {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    ensure!(
+        text.contains(&b64(&crt)?),
+        "{} holds no client-certificate-data to replace",
+        plane.kubeconfig().display()
+    );
+    let path = dir.join("kl/kubeconfig");
+    fs::write(&path, text)?;
+    Ok(path)
 }
 
 /// Every mounted cgroup hierarchy (`/sys/fs/cgroup/<controllers>` for v1, and the unified
