@@ -99,8 +99,58 @@ pub fn config(pods: &[PodTarget]) -> Result<Value> {
         labels.insert("cluster".to_owned(), pod.cluster.clone());
         groups.push(json!({ "targets": [pod.ip.to_string()], "labels": labels }));
     }
+    Ok(scrape_config(groups))
+}
+
+/// The configuration that scrapes the pods of `pods` that Kubernetes runs for real (read
+/// from the API server; [`crate::kubelet`]), each as `role: pod` service discovery would
+/// make a target of it: its IP, its own annotations and labels as
+/// `__meta_kubernetes_pod_annotation_*`/`_label_*`, its namespace, name and node. Debian's
+/// `prometheus` is built without Kubernetes service discovery (`kubernetes_sd_configs`:
+/// "field not found"), so the lab does the discovery step and Prometheus the rest (the same
+/// relabelling as [`config`]). Pods without an IP yet are left out.
+///
+/// # Errors
+/// When an annotation or label name cannot be a label name.
+pub fn observed_config(pods: &[k8s_openapi::api::core::v1::Pod], cluster: &str) -> Result<Value> {
+    let mut groups = Vec::new();
+    for pod in pods {
+        let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
+            continue;
+        };
+        let mut labels = BTreeMap::new();
+        for (map, prefix) in [
+            (
+                &pod.metadata.annotations,
+                "__meta_kubernetes_pod_annotation_",
+            ),
+            (&pod.metadata.labels, "__meta_kubernetes_pod_label_"),
+        ] {
+            for (key, value) in map.iter().flatten() {
+                labels.insert(format!("{prefix}{}", sanitise(key)), value.clone());
+            }
+        }
+        labels.insert(
+            "__meta_kubernetes_namespace".to_owned(),
+            pod.metadata.namespace.clone().unwrap_or_default(),
+        );
+        labels.insert("__meta_kubernetes_pod_name".to_owned(), pod.name_any());
+        labels.insert(
+            "__meta_kubernetes_pod_node_name".to_owned(),
+            pod.spec
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
+                .unwrap_or_default(),
+        );
+        labels.insert("cluster".to_owned(), cluster.to_owned());
+        groups.push(json!({ "targets": [ip], "labels": labels }));
+    }
+    Ok(scrape_config(groups))
+}
+
+fn scrape_config(groups: Vec<Value>) -> Value {
     let interval = format!("{}s", SCRAPE_INTERVAL.as_secs());
-    Ok(json!({
+    json!({
         "global": {
             "scrape_interval": interval,
             "scrape_timeout": interval,
@@ -109,47 +159,54 @@ pub fn config(pods: &[PodTarget]) -> Result<Value> {
         "scrape_configs": [{
             "job_name": "kubernetes-pods",
             "static_configs": groups,
-            "relabel_configs": [
-                {
-                    "source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"],
-                    "action": "keep",
-                    "regex": "true",
-                },
-                {
-                    "source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_path"],
-                    "action": "replace",
-                    "target_label": "__metrics_path__",
-                    "regex": "(.+)",
-                },
-                {
-                    "source_labels": [
-                        "__address__",
-                        "__meta_kubernetes_pod_annotation_prometheus_io_port",
-                    ],
-                    "action": "replace",
-                    "regex": "([^:]+)(?::\\d+)?;(\\d+)",
-                    "replacement": "$1:$2",
-                    "target_label": "__address__",
-                },
-                { "action": "labelmap", "regex": "__meta_kubernetes_pod_label_(.+)" },
-                {
-                    "source_labels": ["__meta_kubernetes_namespace"],
-                    "action": "replace",
-                    "target_label": "namespace",
-                },
-                {
-                    "source_labels": ["__meta_kubernetes_pod_name"],
-                    "action": "replace",
-                    "target_label": "pod",
-                },
-                {
-                    "source_labels": ["__meta_kubernetes_pod_node_name"],
-                    "action": "replace",
-                    "target_label": "node",
-                },
-            ],
+            "relabel_configs": kubernetes_pods_relabeling(),
         }],
-    }))
+    })
+}
+
+/// The `kubernetes-pods` job's rules from Prometheus's example configuration: keep what
+/// says `prometheus.io/scrape: "true"`, scrape the annotated path on the annotated port,
+/// and label each series with the pod's labels, namespace, name and node.
+fn kubernetes_pods_relabeling() -> Value {
+    json!([
+        {
+            "source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"],
+            "action": "keep",
+            "regex": "true",
+        },
+        {
+            "source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_path"],
+            "action": "replace",
+            "target_label": "__metrics_path__",
+            "regex": "(.+)",
+        },
+        {
+            "source_labels": [
+                "__address__",
+                "__meta_kubernetes_pod_annotation_prometheus_io_port",
+            ],
+            "action": "replace",
+            "regex": "([^:]+)(?::\\d+)?;(\\d+)",
+            "replacement": "$1:$2",
+            "target_label": "__address__",
+        },
+        { "action": "labelmap", "regex": "__meta_kubernetes_pod_label_(.+)" },
+        {
+            "source_labels": ["__meta_kubernetes_namespace"],
+            "action": "replace",
+            "target_label": "namespace",
+        },
+        {
+            "source_labels": ["__meta_kubernetes_pod_name"],
+            "action": "replace",
+            "target_label": "pod",
+        },
+        {
+            "source_labels": ["__meta_kubernetes_pod_node_name"],
+            "action": "replace",
+            "target_label": "node",
+        },
+    ])
 }
 
 /// A Prometheus process in a namespace; stopped when dropped.

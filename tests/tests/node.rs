@@ -10,7 +10,7 @@
 //! rolling update of cluster-a's DaemonSet (a new image tag) runs during one long transfer
 //! that must arrive intact with no plaintext on the underlay.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -26,6 +26,7 @@ use wiremesh_lab::kubelet::{
 };
 use wiremesh_lab::lab::{Host, Lab, MIB, Netns, Pod, Proc, reachable, transfer, transfer_paced};
 use wiremesh_lab::mesh::{capture_during, eventually};
+use wiremesh_lab::prometheus::{self, Prometheus};
 use wiremesh_proto::crd::MeshNode;
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/helm/wiremesh");
@@ -488,6 +489,73 @@ fn the_image_runs_under_a_real_kubelet_and_carries_pod_traffic() -> Result<()> {
         back.bytes / MIB,
         back.mbit_per_s()
     );
+
+    // Debian's Prometheus, on a1, scrapes cluster-a's pods as their own annotations say
+    // (the real Pod objects, their IPs, annotations and labels, as `role: pod` discovery
+    // gives them: Debian builds Prometheus without Kubernetes discovery): every agent and
+    // controller pod is a target and up, and the agents' series carry the peer's cluster
+    // and node. (Pods on the other node of the same cluster are reached through it, as a
+    // cluster's CNI routes them.)
+    hosts[0].ip(&[
+        "route",
+        "add",
+        "10.1.2.0/24",
+        "via",
+        &hosts[1].underlay_ip().to_string(),
+    ])?;
+    hosts[1].ip(&[
+        "route",
+        "add",
+        "10.1.1.0/24",
+        "via",
+        &hosts[0].underlay_ip().to_string(),
+    ])?;
+    let prometheus = Prometheus::start(
+        &hosts[0],
+        &lab.dir().join("prometheus"),
+        &prometheus::observed_config(&a.pods()?, a.name)?,
+    )?;
+    let pod_names: BTreeSet<String> = a
+        .pods()?
+        .iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    eventually(Duration::from_secs(60), || {
+        let targets = prometheus.targets()?;
+        let up: BTreeSet<String> = targets
+            .iter()
+            .filter(|t| t["health"] == "up")
+            .filter_map(|t| t["labels"]["pod"].as_str().map(str::to_owned))
+            .collect();
+        anyhow::ensure!(
+            up == pod_names && targets.len() == pod_names.len(),
+            "targets up {up:?} of {pod_names:?}: {targets:#?}"
+        );
+        Ok(())
+    })
+    .with_context(|| prometheus.log())?;
+    let sent = eventually(Duration::from_secs(10), || {
+        let series = prometheus.query(
+            "wiremesh_peer_transmit_bytes_total{peer_cluster=\"cluster-b\",peer_node=\"b1\"}",
+        )?;
+        let nodes: BTreeSet<&str> = series.iter().map(|s| s.label("node")).collect();
+        anyhow::ensure!(nodes == BTreeSet::from(["a1", "a2"]), "series {series:?}");
+        Ok(series)
+    })?;
+    let leader = prometheus.query("wiremesh_controller_peer_nodes{peer=\"cluster-b\"} == 1")?;
+    anyhow::ensure!(
+        !leader.is_empty(),
+        "no controller reports cluster-b's one node mirrored"
+    );
+    eprintln!(
+        "node: Prometheus scrapes the {} pods of cluster-a as their annotations say, all up; bytes sent to cluster-b/b1: {}",
+        pod_names.len(),
+        sent.iter()
+            .map(|s| format!("{}={}", s.label("node"), s.value))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    drop(prometheus);
 
     // The rolling update: a new image tag for cluster-a. The DaemonSet replaces one agent
     // at a time while one TCP connection from a1's pod to b1's pod runs at 2 MiB/s, and
