@@ -566,6 +566,9 @@ async fn follow_translation(
 
 /// The translation a cluster ConfigMap's `data` asks for: each `podCIDRs` entry with the
 /// `meshCIDRs` entry at the same place. No `meshCIDRs`: none (the pod CIDRs are unique).
+/// With `podCIDRs`, the cluster's own ranges too (pod, host and service CIDRs): packets
+/// from peers are delivered only there or passed on to another peer
+/// ([`Translation::with_own_ranges`]).
 ///
 /// # Errors
 /// A value that is not a CIDR, lists of different lengths, or a table
@@ -583,10 +586,25 @@ pub(crate) fn configmap_translation(
             .collect()
     };
     let mesh = list(MESH_CIDRS_KEY)?;
-    if mesh.is_empty() {
-        return Ok(Translation::default());
-    }
     let pods = list("podCIDRs")?;
+    let hosts = list("hostCIDRs")?;
+    let services = list("serviceCIDRs")?;
+    // Where a packet from a peer may be delivered: this cluster's own ranges (or on to
+    // another peer). Unknown pod CIDRs (an install that never named them): no such rule.
+    let own: Option<Vec<IpCidr>> = (!pods.is_empty()).then(|| {
+        pods.iter()
+            .chain(&hosts)
+            .chain(&services)
+            .copied()
+            .collect()
+    });
+    let limit = |t: Translation| match &own {
+        Some(own) => t.with_own_ranges(own.clone()),
+        None => t,
+    };
+    if mesh.is_empty() {
+        return Ok(limit(Translation::default()));
+    }
     if pods.len() != mesh.len() {
         return Err(format!(
             "{MESH_CIDRS_KEY} has {} entries, podCIDRs {}: one mesh CIDR per pod CIDR",
@@ -596,10 +614,10 @@ pub(crate) fn configmap_translation(
     }
     let pairs: Vec<(IpCidr, IpCidr)> = pods.into_iter().zip(mesh).collect();
     // The cluster's hosts reach its pods, and its pods its hosts, by pod address.
-    let mut local = list("hostCIDRs")?;
-    local.extend(list("serviceCIDRs")?);
+    let mut local = hosts;
+    local.extend(services);
     Translation::new(&pairs)
-        .map(|t| t.with_local(local))
+        .map(|t| limit(t.with_local(local)))
         .map_err(|e| format!("{MESH_CIDRS_KEY}: {e}"))
 }
 
@@ -1305,6 +1323,49 @@ mod tests {
             ranges.contains(&"100.64.0.0/16".parse().unwrap()),
             "a peer may not claim our mesh CIDR"
         );
+    }
+
+    #[test]
+    fn the_cluster_configmap_limits_delivery_to_the_clusters_own_ranges() {
+        let data = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let plain = configmap_translation(&data(&[
+            ("podCIDRs", "10.1.0.0/16,fd10:1::/48"),
+            ("hostCIDRs", "10.250.1.0/24"),
+            ("serviceCIDRs", "10.96.0.0/12"),
+        ]))
+        .unwrap();
+        assert!(plain.is_empty(), "unique pod CIDRs: nothing to translate");
+        for own in ["10.1.2.3", "fd10:1::7", "10.250.1.9", "10.96.0.10"] {
+            assert!(plain.delivers(ip(own)), "{own}");
+        }
+        for other in [
+            "169.254.169.254",
+            "198.18.1.1",
+            "8.8.8.8",
+            "10.2.0.1",
+            "fd10:2::1",
+        ] {
+            assert!(!plain.delivers(ip(other)), "{other}");
+        }
+        // Translated: the pod ranges as this cluster's pods have them; a mesh address left
+        // untranslated (a table not known yet) is no destination.
+        let translated = configmap_translation(&data(&[
+            ("podCIDRs", "10.244.0.0/16"),
+            ("meshCIDRs", "100.64.0.0/16"),
+        ]))
+        .unwrap();
+        assert!(translated.delivers(ip("10.244.1.2")));
+        assert!(!translated.delivers(ip("100.64.1.2")));
+        // No pod CIDRs named: no rule (an older install), everything as before.
+        let unknown = configmap_translation(&data(&[("serviceCIDRs", "10.96.0.0/12")])).unwrap();
+        assert!(!unknown.limits_destinations());
+        assert!(unknown.delivers(ip("169.254.169.254")));
     }
 
     #[test]

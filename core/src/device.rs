@@ -1314,7 +1314,8 @@ impl Device {
     /// Cryptokey routing on receive (whitepaper §2.2): the inner source must be one of
     /// the sending peer's allowed IPs.
     /// Then the destination is translated back from this cluster's mesh CIDR (after the
-    /// check: the source is the peer's own).
+    /// check: the source is the peer's own), and, where the cluster's own ranges are
+    /// known, must be one of them or another peer's.
     fn check_source<'o>(
         &mut self,
         id: PeerId,
@@ -1330,6 +1331,17 @@ impl Device {
         if self.allowed.lookup(src) == Some(id) || accepted() {
             if !self.translation.is_empty() && self.translation.inbound(packet).is_err() {
                 return self.drop_datagram(DropReason::Untranslatable);
+            }
+            if self.translation.limits_destinations() {
+                // To this cluster's own ranges, or on to another peer (a gateway or a
+                // relay passes it on); nothing else.
+                let allowed = destination(packet).is_some_and(|dst| {
+                    self.translation.delivers(dst)
+                        || self.allowed.lookup(dst).is_some_and(|to| to != id)
+                });
+                if !allowed {
+                    return self.drop_datagram(DropReason::BadDestination);
+                }
             }
             DatagramVerdict::Tunnel { peer: id, packet }
         } else {
@@ -1830,6 +1842,21 @@ fn sending_tunn(peer: &mut Peer) -> Option<&mut Tunn> {
 }
 
 /// Each boringtun error is one drop reason.
+/// The destination address of an IPv4 or IPv6 packet; `None` when it is too short.
+fn destination(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => {
+            let b: [u8; 4] = packet.get(16..20)?.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        Some(6) => {
+            let b: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        _ => None,
+    }
+}
+
 fn reason_for(e: &WireGuardError) -> DropReason {
     match e {
         WireGuardError::InvalidPacket
@@ -2181,6 +2208,62 @@ mod tests {
         assert!(tun.is_empty());
         assert_eq!(dropped, Some(DropReason::BadSource));
         assert_eq!(p.a.counters().drops(DropReason::BadSource), 1);
+    }
+
+    #[test]
+    fn a_peer_reaches_only_the_clusters_own_ranges_or_another_peer() {
+        let mut p = pair();
+        establish(&mut p);
+        // A also holds peer C (10.0.3.0/24), for which it may pass packets on.
+        let more = |peers| DeviceUpdate {
+            private_key: None,
+            listen_port: None,
+            fwmark: None,
+            replace_peers: false,
+            peers,
+            previous_key: None,
+        };
+        let _ =
+            p.a.apply(&more(vec![peer(
+                public(&key(3)),
+                Some("198.18.0.3:51820"),
+                &["10.0.3.0/24"],
+            )]))
+            .unwrap();
+        // B, compromised, routes anything to A.
+        let _ =
+            p.b.apply(&more(vec![peer(
+                public(&key(1)),
+                None,
+                &[
+                    "10.0.1.0/24",
+                    "10.0.3.0/24",
+                    "169.254.169.254/32",
+                    "198.18.0.0/15",
+                    "10.0.2.8/32",
+                ],
+            )]))
+            .unwrap();
+        let through = |p: &mut Pair, dst: &str| {
+            let datagram = send(&mut p.b, &ipv4("10.0.2.7", dst, b"x")).unwrap();
+            let (tun, _, dropped) = deliver(&mut p.a, B_ADDR, &datagram);
+            (tun.len(), dropped)
+        };
+        // With no own ranges (standalone, hosts), WireGuard as usual: the OS routes it.
+        assert_eq!(through(&mut p, "169.254.169.254"), (1, None));
+        p.a.set_translation(
+            Translation::default().with_own_ranges(vec!["10.0.1.0/24".parse().unwrap()]),
+        );
+        assert_eq!(through(&mut p, "10.0.1.5"), (1, None));
+        assert_eq!(through(&mut p, "10.0.3.9"), (1, None), "on to peer C");
+        for dst in ["169.254.169.254", "198.18.0.1", "10.0.2.8"] {
+            assert_eq!(
+                through(&mut p, dst),
+                (0, Some(DropReason::BadDestination)),
+                "{dst}"
+            );
+        }
+        assert_eq!(p.a.counters().drops(DropReason::BadDestination), 3);
     }
 
     #[test]

@@ -73,11 +73,15 @@ pub enum DropReason {
     /// A packet the prefix translation ([`translate`]) could not map: malformed headers,
     /// or an IPv6 address NPTv6 cannot map checksum-neutrally.
     Untranslatable,
+    /// A decrypted packet for an address that is neither in this cluster's own ranges
+    /// ([`translate::Translation::with_own_ranges`]) nor another peer's allowed IPs: a
+    /// peer using this node to reach its other networks, its metadata service or beyond.
+    BadDestination,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 18] = [
         Self::NoRoute,
         Self::NoEndpoint,
         Self::BadTunPacket,
@@ -95,6 +99,7 @@ impl DropReason {
         Self::RateLimited,
         Self::RetiredKey,
         Self::Untranslatable,
+        Self::BadDestination,
     ];
 
     /// A short snake_case name, used as metric label and in logs.
@@ -117,6 +122,7 @@ impl DropReason {
             Self::RateLimited => "rate_limited",
             Self::RetiredKey => "retired_key",
             Self::Untranslatable => "untranslatable",
+            Self::BadDestination => "bad_destination",
         }
     }
 

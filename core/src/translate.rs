@@ -48,6 +48,10 @@ pub struct Translation {
     /// Other destinations inside this cluster (its hosts' and services' ranges): packets
     /// to them keep their pod source, as packets to its pod CIDRs do.
     local: Vec<IpCidr>,
+    /// This cluster's own ranges (pod CIDRs as its pods have them, hosts, services), when
+    /// known: the only addresses a packet from a peer may be delivered to here
+    /// ([`Translation::delivers`]). `None`: no such rule (standalone and host modes).
+    own: Option<Vec<IpCidr>>,
 }
 
 /// Which way a packet goes.
@@ -134,6 +138,7 @@ impl Translation {
         Ok(Translation {
             maps,
             local: Vec::new(),
+            own: None,
         })
     }
 
@@ -146,12 +151,37 @@ impl Translation {
         self
     }
 
+    /// The table with `own`: this cluster's own ranges (its pod CIDRs as its pods have
+    /// them, its hosts' and services' ranges). A packet from a peer is then delivered only
+    /// to them, or passed on to another peer (a gateway's or relay's work): never to the
+    /// node's other networks, its link-local metadata service or the Internet, and not to a
+    /// mesh address this table does not map yet (it would leave the node in plaintext).
+    #[must_use]
+    pub fn with_own_ranges(mut self, own: Vec<IpCidr>) -> Translation {
+        self.own = Some(own);
+        self
+    }
+
+    /// Whether a packet from a peer, translated, may be delivered to `dst` here: always
+    /// when no own ranges are set, else when `dst` is in one of them.
+    pub fn delivers(&self, dst: IpAddr) -> bool {
+        self.own
+            .as_ref()
+            .is_none_or(|own| own.iter().any(|c| c.contains(dst)))
+    }
+
+    /// True when own ranges are set ([`Translation::with_own_ranges`]).
+    pub fn limits_destinations(&self) -> bool {
+        self.own.is_some()
+    }
+
     /// The table that maps the other way (mesh → pod on the way out): what undoes this
     /// one, for tests and for a peer's view of our addresses.
     pub fn inverse(&self) -> Translation {
         Translation {
             maps: self.maps.iter().map(PrefixMap::inverse).collect(),
             local: self.local.clone(),
+            own: self.own.clone(),
         }
     }
 

@@ -49,6 +49,66 @@ fn the_mesh_fails_closed_and_a_restart_loses_nothing() -> Result<()> {
     let took = wait_for(CONVERGE, || ping(&lab.a.node("a1")?.pod, b1_ip, 1))?;
     println!("a1 -> b1 reachable {took:?} after the join");
 
+    // 0. A compromised b1 (root on the node: it sets its own agent's allowed IPs and
+    // routes) sends into its tunnel to a1 a packet for a1's link-local "metadata service"
+    // (169.254.169.254, which answers on a1) from b1's pod: a1 delivers only to its
+    // cluster's own ranges, or on to another peer, so it drops them as bad_destination and
+    // nothing answers. Without that rule a1 would route them anywhere it reaches.
+    {
+        let (a1, b1) = (lab.a.node("a1")?, lab.b.node("b1")?);
+        a1.host
+            .ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"])?;
+        let a1_key = a1.wg(&["show", IFACE, "public-key"])?.trim().to_owned();
+        let allowed = b1.wg(&["show", IFACE, "allowed-ips"])?;
+        let current = allowed
+            .lines()
+            .find(|l| l.starts_with(&a1_key))
+            .and_then(|l| l.split_once('\t'))
+            .map(|(_, ips)| ips.split_whitespace().collect::<Vec<_>>().join(","))
+            .context("b1 has no allowed IPs for a1")?;
+        let widened = format!("{current},169.254.169.254/32");
+        b1.wg(&["set", IFACE, "peer", &a1_key, "allowed-ips", &widened])?;
+        b1.host
+            .ip(&["route", "replace", "169.254.169.254/32", "dev", IFACE])?;
+        let drops = || -> Result<f64> {
+            let text = mesh::http_get(&a1.host, mesh::METRICS, "/metrics")?;
+            let exposition: wiremesh_lab::metrics::Exposition = text.parse()?;
+            Ok(exposition
+                .value("wiremesh_drops_total", &[("reason", "bad_destination")])
+                .unwrap_or(0.0))
+        };
+        let before = drops()?;
+        let out = b1.pod.exec(&[
+            "ping",
+            "-n",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "169.254.169.254",
+        ])?;
+        let after = drops()?;
+        b1.host
+            .ip(&["route", "del", "169.254.169.254/32", "dev", IFACE])?;
+        b1.wg(&["set", IFACE, "peer", &a1_key, "allowed-ips", &current])?;
+        println!(
+            "compromised b1 -> a1's 169.254.169.254 through the tunnel: {}; a1 counted bad_destination {before} -> {after}",
+            if out.status.success() {
+                "ANSWERED"
+            } else {
+                "no answer"
+            }
+        );
+        ensure!(
+            !out.status.success(),
+            "a peer reached a1's link-local address through the tunnel"
+        );
+        ensure!(after >= before + 3.0, "bad_destination {before} -> {after}");
+        ping(&b1.pod, lab.a.node("a1")?.pod.ip(), 1)?;
+    }
+
     {
         let a1 = lab.a.node("a1")?;
         // a1's default route leads onto the underlay, to b1's underlay address, as a cloud
