@@ -78,17 +78,8 @@ fn the_mesh_fails_closed_and_a_restart_loses_nothing() -> Result<()> {
                 .unwrap_or(0.0))
         };
         let before = drops()?;
-        let out = b1.pod.exec(&[
-            "ping",
-            "-n",
-            "-c",
-            "3",
-            "-i",
-            "0.2",
-            "-W",
-            "1",
-            "169.254.169.254",
-        ])?;
+        let metadata: IpAddr = "169.254.169.254".parse()?;
+        let out = mesh::marked_pings(&b1.pod, metadata, 3, MARKER_HEX, "1")?;
         let after = drops()?;
         b1.host
             .ip(&["route", "del", "169.254.169.254/32", "dev", IFACE])?;
