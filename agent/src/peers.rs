@@ -511,12 +511,19 @@ pub(crate) async fn start_translation(
                 restored
             }
         },
-        // Not readable: nothing to follow either. The restored translation stays.
+        // Not readable now: the restored translation stays until the watch below sees the
+        // ConfigMap (created later, or readable once RBAC allows).
         Err(message) => {
             warn!(error = %message, "cannot read the cluster ConfigMap: no prefix translation but the last known one");
             restored
         }
     };
+    if !translation.limits_destinations() {
+        warn!(
+            configmap = CLUSTER_CONFIGMAP,
+            "no podCIDRs known: packets from peers are delivered wherever the node routes them"
+        );
+    }
     if handle.set_translation(translation.clone()).await.is_err() {
         return;
     }
@@ -566,8 +573,8 @@ async fn follow_translation(
 
 /// The translation a cluster ConfigMap's `data` asks for: each `podCIDRs` entry with the
 /// `meshCIDRs` entry at the same place. No `meshCIDRs`: none (the pod CIDRs are unique).
-/// With `podCIDRs`, the cluster's own ranges too (pod, host and service CIDRs): packets
-/// from peers are delivered only there or passed on to another peer
+/// With `podCIDRs`, the cluster's own ranges too (pod and service CIDRs): packets from
+/// peers are delivered only there or passed on to another peer
 /// ([`Translation::with_own_ranges`]).
 ///
 /// # Errors
@@ -585,26 +592,31 @@ pub(crate) fn configmap_translation(
             .map(|c| c.parse().map_err(|e| format!("{key}: {c}: {e}")))
             .collect()
     };
-    let mesh = list(MESH_CIDRS_KEY)?;
-    let pods = list("podCIDRs")?;
-    let hosts = list("hostCIDRs")?;
-    let services = list("serviceCIDRs")?;
-    // Where a packet from a peer may be delivered: this cluster's own ranges (or on to
-    // another peer). Unknown pod CIDRs (an install that never named them): no such rule.
-    let own: Option<Vec<IpCidr>> = (!pods.is_empty()).then(|| {
-        pods.iter()
-            .chain(&hosts)
-            .chain(&services)
-            .copied()
-            .collect()
-    });
+    // Where a packet from a peer may be delivered: this cluster's pod and service ranges
+    // (or on to another peer: this cluster's hosts are peers, so an address of the host
+    // range no host holds is no destination). Read leniently, as `configmap_ranges` does:
+    // a bad entry is skipped, not a reason to drop the rule. No pod CIDRs (an install that
+    // never named them): no such rule.
+    let (own_ranges, _) = configmap_ranges(&BTreeMap::from_iter(
+        ["podCIDRs", "serviceCIDRs"]
+            .into_iter()
+            .filter_map(|k| data.get(k).map(|v| (k.to_owned(), v.clone()))),
+    ));
+    let has_pods = data
+        .get("podCIDRs")
+        .is_some_and(|v| v.split(',').any(|c| c.trim().parse::<IpCidr>().is_ok()));
+    let own: Option<Vec<IpCidr>> = has_pods.then_some(own_ranges);
     let limit = |t: Translation| match &own {
         Some(own) => t.with_own_ranges(own.clone()),
         None => t,
     };
+    let mesh = list(MESH_CIDRS_KEY)?;
     if mesh.is_empty() {
         return Ok(limit(Translation::default()));
     }
+    let pods = list("podCIDRs")?;
+    let hosts = list("hostCIDRs")?;
+    let services = list("serviceCIDRs")?;
     if pods.len() != mesh.len() {
         return Err(format!(
             "{MESH_CIDRS_KEY} has {} entries, podCIDRs {}: one mesh CIDR per pod CIDR",
@@ -1341,18 +1353,29 @@ mod tests {
         ]))
         .unwrap();
         assert!(plain.is_empty(), "unique pod CIDRs: nothing to translate");
-        for own in ["10.1.2.3", "fd10:1::7", "10.250.1.9", "10.96.0.10"] {
+        for own in ["10.1.2.3", "fd10:1::7", "10.96.0.10"] {
             assert!(plain.delivers(ip(own)), "{own}");
         }
+        // The hosts' range is reached through the host peers that hold its addresses: an
+        // address of it no host holds is no destination (it would leave unencrypted).
         for other in [
             "169.254.169.254",
             "198.18.1.1",
             "8.8.8.8",
             "10.2.0.1",
             "fd10:2::1",
+            "10.250.1.9",
         ] {
             assert!(!plain.delivers(ip(other)), "{other}");
         }
+        // A value that is not a CIDR is skipped, not a reason to drop the rule.
+        let typo = configmap_translation(&data(&[
+            ("podCIDRs", "10.1.0.0/16"),
+            ("serviceCIDRs", "10.96.0.0/12,bogus"),
+        ]))
+        .unwrap();
+        assert!(typo.delivers(ip("10.96.0.10")));
+        assert!(!typo.delivers(ip("169.254.169.254")));
         // Translated: the pod ranges as this cluster's pods have them; a mesh address left
         // untranslated (a table not known yet) is no destination.
         let translated = configmap_translation(&data(&[

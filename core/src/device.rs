@@ -1841,7 +1841,6 @@ fn sending_tunn(peer: &mut Peer) -> Option<&mut Tunn> {
     peer.tunn.as_deref_mut()
 }
 
-/// Each boringtun error is one drop reason.
 /// The destination address of an IPv4 or IPv6 packet; `None` when it is too short.
 fn destination(packet: &[u8]) -> Option<IpAddr> {
     match packet.first().map(|b| b >> 4) {
@@ -1857,6 +1856,7 @@ fn destination(packet: &[u8]) -> Option<IpAddr> {
     }
 }
 
+/// Each boringtun error is one drop reason.
 fn reason_for(e: &WireGuardError) -> DropReason {
     match e {
         WireGuardError::InvalidPacket
