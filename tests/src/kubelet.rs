@@ -195,7 +195,6 @@ pub struct KubeletNode {
     /// `pids` hierarchy paths whose processes are the node's.
     tracked: Vec<PathBuf>,
     kubelet: Option<Proc>,
-    socket: PathBuf,
     _proxies: Vec<ApiProxy>,
 }
 
@@ -328,7 +327,6 @@ impl KubeletNode {
             cgroups,
             tracked,
             kubelet: None,
-            socket,
             _proxies: proxies,
         };
         node.kubelet = Some(lab.spawn_root(
@@ -352,11 +350,6 @@ impl KubeletNode {
         &self.name
     }
 
-    /// The node's kubelet (its log: [`Proc::stderr`]).
-    pub fn kubelet(&self) -> Option<&Proc> {
-        self.kubelet.as_ref()
-    }
-
     /// The last `lines` of containerd's log and the kubelet's, for a failing test.
     pub fn logs(&self, lines: usize) -> String {
         let tail = |text: &str| {
@@ -372,27 +365,6 @@ impl KubeletNode {
             self.name,
             tail(&kubelet)
         )
-    }
-
-    /// Imports an OCI archive into the node's containerd (`k8s.io` namespace).
-    ///
-    /// # Errors
-    /// When `ctr` fails.
-    pub fn import_image(&self, archive: &Path) -> Result<()> {
-        let mut command = Command::new("ctr");
-        command
-            .arg("--address")
-            .arg(&self.socket)
-            .args(["-n", "k8s.io", "images", "import"])
-            .arg(archive);
-        let out = run_with_timeout(command, Duration::from_secs(120))?;
-        ensure!(
-            out.status.success(),
-            "ctr images import {}: {}",
-            archive.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
     }
 
     /// Every PID in the node's cgroups.
