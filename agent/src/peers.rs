@@ -597,15 +597,20 @@ pub(crate) fn configmap_translation(
     // range no host holds is no destination). Read leniently, as `configmap_ranges` does:
     // a bad entry is skipped, not a reason to drop the rule. No pod CIDRs (an install that
     // never named them): no such rule.
-    let (own_ranges, _) = configmap_ranges(&BTreeMap::from_iter(
-        ["podCIDRs", "serviceCIDRs"]
+    let lenient = |key: &str| -> Vec<IpCidr> {
+        data.get(key)
+            .map_or("", String::as_str)
+            .split(',')
+            .filter_map(|c| c.trim().parse().ok())
+            .collect()
+    };
+    let own_pods = lenient("podCIDRs");
+    let own: Option<Vec<IpCidr>> = (!own_pods.is_empty()).then(|| {
+        own_pods
             .into_iter()
-            .filter_map(|k| data.get(k).map(|v| (k.to_owned(), v.clone()))),
-    ));
-    let has_pods = data
-        .get("podCIDRs")
-        .is_some_and(|v| v.split(',').any(|c| c.trim().parse::<IpCidr>().is_ok()));
-    let own: Option<Vec<IpCidr>> = has_pods.then_some(own_ranges);
+            .chain(lenient("serviceCIDRs"))
+            .collect()
+    });
     let limit = |t: Translation| match &own {
         Some(own) => t.with_own_ranges(own.clone()),
         None => t,
