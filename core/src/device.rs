@@ -16,6 +16,7 @@ use crate::Endpoint;
 use wiremesh_proto::{IpCidr, PresharedKey, PrivateKey, PublicKey};
 
 use super::allowed_ips::AllowedIps;
+use super::encap;
 use super::handshake_limiter::HandshakeLimiter;
 use super::keys;
 use super::mtu::{self, MtuGuard, MtuVerdict};
@@ -1315,7 +1316,8 @@ impl Device {
     /// the sending peer's allowed IPs.
     /// Then the destination is translated back from this cluster's mesh CIDR (after the
     /// check: the source is the peer's own), and, where the cluster's own ranges are
-    /// known, must be one of them or another peer's.
+    /// known, must be one of them or another peer's, and carry no other tunnel's packet
+    /// ([`encap`]).
     fn check_source<'o>(
         &mut self,
         id: PeerId,
@@ -1341,6 +1343,9 @@ impl Device {
                 });
                 if !allowed {
                     return self.drop_datagram(DropReason::BadDestination);
+                }
+                if encap::carries_tunnel(packet) {
+                    return self.drop_datagram(DropReason::Encapsulated);
                 }
             }
             DatagramVerdict::Tunnel { peer: id, packet }
@@ -2264,6 +2269,18 @@ mod tests {
             );
         }
         assert_eq!(p.a.counters().drops(DropReason::BadDestination), 3);
+        // To one of the cluster's own addresses, but carrying another tunnel's packet that
+        // a node running that tunnel would unwrap: IP-in-IP, or VXLAN on flannel's port.
+        let mut ipip = ipv4("10.0.2.7", "10.0.1.1", &[0x45; 20]);
+        ipip[9] = 4;
+        let mut vxlan = ipv4("10.0.2.7", "10.0.1.1", &[0; 16]);
+        vxlan[22..24].copy_from_slice(&8472u16.to_be_bytes());
+        for packet in [ipip, vxlan] {
+            let datagram = send(&mut p.b, &packet).unwrap();
+            let (tun, _, dropped) = deliver(&mut p.a, B_ADDR, &datagram);
+            assert_eq!((tun.len(), dropped), (0, Some(DropReason::Encapsulated)));
+        }
+        assert_eq!(p.a.counters().drops(DropReason::Encapsulated), 2);
     }
 
     #[test]

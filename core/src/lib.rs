@@ -14,6 +14,7 @@
 pub mod allowed_ips;
 pub mod checksum;
 mod device;
+pub mod encap;
 mod endpoint;
 pub mod handshake_limiter;
 pub mod keys;
@@ -77,11 +78,15 @@ pub enum DropReason {
     /// ([`translate::Translation::with_own_ranges`]) nor another peer's allowed IPs: a
     /// peer using this node to reach its other networks, its metadata service or beyond.
     BadDestination,
+    /// A decrypted packet that carries another tunnel's packet (IP-in-IP, GRE, VXLAN,
+    /// Geneve, ...; [`encap`]), which a node that runs such a tunnel would unwrap and route
+    /// with whatever inner addresses the peer chose. Checked where the destinations are.
+    Encapsulated,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 19] = [
         Self::NoRoute,
         Self::NoEndpoint,
         Self::BadTunPacket,
@@ -100,6 +105,7 @@ impl DropReason {
         Self::RetiredKey,
         Self::Untranslatable,
         Self::BadDestination,
+        Self::Encapsulated,
     ];
 
     /// A short snake_case name, used as metric label and in logs.
@@ -123,6 +129,7 @@ impl DropReason {
             Self::RetiredKey => "retired_key",
             Self::Untranslatable => "untranslatable",
             Self::BadDestination => "bad_destination",
+            Self::Encapsulated => "encapsulated",
         }
     }
 

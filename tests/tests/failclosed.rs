@@ -29,6 +29,8 @@ const MARKER_HEX: &str = "4641494c434c4f534544";
 /// last some 3.5 s, time to restart the agent in the middle.
 const RATE: &str = "100mbit";
 const TRANSFER: u64 = 40 * MIB;
+/// The VXLAN device of step 0b, on a1 and on b1.
+const VXLAN: &str = "wmvx0";
 
 #[test]
 fn the_mesh_fails_closed_and_a_restart_loses_nothing() -> Result<()> {
@@ -98,6 +100,108 @@ fn the_mesh_fails_closed_and_a_restart_loses_nothing() -> Result<()> {
         );
         ensure!(after >= before + 3.0, "bad_destination {before} -> {after}");
         ping(&b1.pod, lab.a.node("a1")?.pod.ip(), 1)?;
+    }
+
+    // 0b. The same b1 wraps a frame in VXLAN on flannel's port 8472, from its own pod
+    // gateway (a source it holds) to a1's (in cluster-a's pod range), as flannel's
+    // `flannel.1` would unwrap it on any address of its node: the inner packet could
+    // claim any source. a1 runs such a device; it must never see one of them
+    // (`encapsulated`), while b1's pod still reaches a1's.
+    {
+        let (a1, b1) = (lab.a.node("a1")?, lab.b.node("b1")?);
+        let (a1_gw, b1_gw) = (
+            a1.host.pod_gateway().to_string(),
+            b1.host.pod_gateway().to_string(),
+        );
+        fn vxlan(local: &str) -> [&str; 12] {
+            [
+                "link",
+                "add",
+                VXLAN,
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "dstport",
+                "8472",
+                "local",
+                local,
+                "nolearning",
+            ]
+        }
+        a1.host.ip(&vxlan(&a1_gw))?;
+        a1.host.ip(&["link", "set", VXLAN, "up"])?;
+        b1.host.ip(&vxlan(&b1_gw))?;
+        b1.host.ip(&["link", "set", VXLAN, "up"])?;
+        b1.host
+            .ip(&["addr", "add", "10.250.0.9/24", "dev", VXLAN])?;
+        b1.host.ip(&[
+            "neigh",
+            "add",
+            "10.250.0.1",
+            "lladdr",
+            "02:00:00:00:00:01",
+            "dev",
+            VXLAN,
+            "nud",
+            "permanent",
+        ])?;
+        b1.host.exec(&[
+            "bridge",
+            "fdb",
+            "append",
+            "00:00:00:00:00:00",
+            "dev",
+            VXLAN,
+            "dst",
+            &a1_gw,
+        ])?;
+        let unwrapped = || -> Result<u64> {
+            let out = a1.host.exec(&[
+                "cat",
+                &format!("/sys/class/net/{VXLAN}/statistics/rx_packets"),
+            ])?;
+            Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+        };
+        let drops = || -> Result<f64> {
+            let text = mesh::http_get(&a1.host, mesh::METRICS, "/metrics")?;
+            let exposition: wiremesh_lab::metrics::Exposition = text.parse()?;
+            Ok(exposition
+                .value("wiremesh_drops_total", &[("reason", "encapsulated")])
+                .unwrap_or(0.0))
+        };
+        let before = drops()?;
+        let a1_pod_ip: IpAddr = a1.pod.ip().into();
+        let _ = b1.host.exec_timeout(
+            &[
+                "ping",
+                "-n",
+                "-q",
+                "-c",
+                "3",
+                "-i",
+                "0.05",
+                "-W",
+                "0.3",
+                "10.250.0.1",
+            ],
+            Duration::from_secs(5),
+        )?;
+        // The agent's counters reach /metrics on its next tick.
+        let counted = wait_for(Duration::from_secs(5), || {
+            let after = drops()?;
+            ensure!(after >= before + 3.0, "encapsulated {before} -> {after}");
+            Ok(())
+        });
+        let (after, seen) = (drops()?, unwrapped()?);
+        b1.host.ip(&["link", "del", VXLAN])?;
+        a1.host.ip(&["link", "del", VXLAN])?;
+        println!(
+            "compromised b1 -> VXLAN to a1's pod gateway {a1_gw}:8472: a1 unwrapped {seen}; a1 counted encapsulated {before} -> {after}"
+        );
+        ensure!(seen == 0, "a1 unwrapped {seen} VXLAN frames from a peer");
+        counted?;
+        ping(&b1.pod, a1_pod_ip, 1)?;
     }
 
     {

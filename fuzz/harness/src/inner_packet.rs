@@ -1,7 +1,8 @@
 //! The inner packet path as the data-plane thread runs it, both ways:
 //!
 //! - receive: a payload the peer encrypted (any bytes) → `Device::handle_datagram`
-//!   (decryption, source check) → `Gro::push` → `Gro::drain` → the TUN write;
+//!   (decryption, source check, and for a cluster's agent the destination and
+//!   tunnel-in-tunnel checks) → `Gro::push` → `Gro::drain` → the TUN write;
 //! - send: a TUN read (vnet header and packet, any bytes) → `Segmenter` → `MtuGuard` for a
 //!   single packet → `Device::handle_tun_packet` → `GsoBatch` → the peer decrypts it.
 //!
@@ -15,7 +16,8 @@ use wiremesh_core::mtu::{MAX_ICMP_LEN, MtuGuard, MtuVerdict};
 use wiremesh_core::offload::{
     BatchPush, Gro, GroPush, GsoBatch, MAX_GSO_SEGMENTS, MAX_IP_PACKET, Segmenter, VNET_HDR_LEN,
 };
-use wiremesh_core::{DatagramVerdict, TunVerdict};
+use wiremesh_core::translate::Translation;
+use wiremesh_core::{DatagramVerdict, TunVerdict, encap};
 
 use crate::session::{OUT_BUF, Session, Sources};
 
@@ -31,6 +33,14 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
         Sources::Narrow
     };
     let mut session = Session::new(sources, true);
+    // A cluster's agent, which knows its own ranges, delivers no other tunnel's packet.
+    let limited: bool = u.arbitrary()?;
+    if limited {
+        let own = ["10.0.0.0/8", "fd00::/8"].map(|c| c.parse().expect("a CIDR"));
+        session
+            .device
+            .set_translation(Translation::default().with_own_ranges(own.to_vec()));
+    }
     let mut guard = MtuGuard::new(u.int_in_range(0..=70_000)?);
     let mut gro = Gro::new();
     let mut tx = GsoBatch::new(MAX_GSO_SEGMENTS);
@@ -49,6 +59,11 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                     .device
                     .handle_datagram(from.into(), &datagram, &mut out)
             {
+                assert!(
+                    !(limited && encap::carries_tunnel(packet)),
+                    "another tunnel's packet delivered: {:02x?}",
+                    packet.get(..packet.len().min(60))
+                );
                 push(&mut gro, packet);
             }
         } else {
