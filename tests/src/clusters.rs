@@ -550,6 +550,21 @@ impl TwoClusters {
         Self::build(lab, nodes, options)
     }
 
+    /// As [`TwoClusters::dual_stack`] with both clusters on the same pod ranges,
+    /// 10.244.0.0/16 and fd10:244::/48: node N of each has 10.244.N.0/24 and
+    /// fd10:244:0:N::/64, its pod 10.244.N.2 and fd10:244:0:N::2.
+    ///
+    /// # Errors
+    /// When any part fails to come up.
+    pub fn with_same_pod_range_dual_stack(nodes: usize) -> Result<Self> {
+        let options = BuildOptions {
+            same_pods: true,
+            stack: Stack::DualStack,
+            ..BuildOptions::default()
+        };
+        Self::build(Lab::new()?, nodes, options)
+    }
+
     /// As [`TwoClusters::new`] with both clusters on pod range 10.244.0.0/16 (Flannel's
     /// default): node N of each has 10.244.N.0/24 and its pod 10.244.N.2. With `third`,
     /// also a cluster-c on a range of its own ([`Side::pod_range`]), not linked. The
@@ -580,6 +595,12 @@ impl TwoClusters {
     /// `side`'s whole pod range in this lab.
     pub fn pod_range(&self, side: Side) -> String {
         format!("10.{}.0.0/16", self.pod_octet(side))
+    }
+
+    /// `side`'s whole IPv6 pod range in a dual-stack lab: fd10:S::/48, or fd10:244::/48
+    /// for cluster-a and cluster-b of [`TwoClusters::with_same_pod_range_dual_stack`].
+    pub fn pod_range6(&self, side: Side) -> String {
+        format!("fd10:{}::/48", self.pod_octet(side))
     }
 
     /// Both control planes, Wiremesh installed in each, `nodes` nodes per cluster on `lab`
@@ -641,7 +662,7 @@ impl TwoClusters {
             &[Side::A, Side::B]
         };
         for &side in sides {
-            let (range, range6) = (lab_clusters.pod_range(side), side.pod_range6());
+            let (range, range6) = (lab_clusters.pod_range(side), lab_clusters.pod_range6(side));
             let host_range = side.host_range();
             let mut args = vec![
                 "--context",
@@ -740,7 +761,7 @@ impl TwoClusters {
         let index = u8::try_from(self.cluster(side).nodes.len() + 1).context("too many nodes")?;
         let name = format!("{}{index}", &side.name()[8..]);
         let pod_cidr = format!("10.{}.{index}.0/24", self.pod_octet(side));
-        let pod_cidr6 = format!("fd10:{}:0:{index}::/64", side.octet());
+        let pod_cidr6 = format!("fd10:{}:0:{index}::/64", self.pod_octet(side));
         // This side's private underlay and NAT gateway, when it is behind NAT.
         let behind_nat = match side {
             Side::A => self

@@ -3,12 +3,13 @@
 //! addresses statelessly at the edges (issue 14), over an underlay of 1280 bytes. A third cluster on a range of its own,
 //! linked to both, keeps its pods' addresses and reaches both at their mesh addresses; an agent restarted while its API server
 //! is down translates from its first packet (no packet for its mesh addresses leaves in
-//! plaintext). One lab set-up for every scenario (needs root).
+//! plaintext). One lab set-up for those scenarios; a second, smaller one has two dual-stack
+//! clusters whose IPv6 pod CIDRs overlap too, mapped by NPTv6 (needs root).
 
 // The test prints what it measured (shown with --nocapture).
 #![allow(clippy::print_stdout)]
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
@@ -251,6 +252,68 @@ fn node_range(pod: IpAddr) -> String {
     }
 }
 
+/// Two dual-stack clusters whose IPv6 pod CIDRs overlap too (fd10:244::/48 in both, a pod
+/// at fd10:244:0:1::2 in each): join gives each an IPv6 mesh /48 beside its IPv4 one, and
+/// the agents map the prefixes checksum-neutrally (NPTv6, RFC 6296): ping, UDP and a
+/// checksummed transfer each way over IPv6, each receiver seeing the sender's mesh address.
+#[test]
+fn overlapping_ipv6_pod_cidrs_are_translated_with_nptv6() -> Result<()> {
+    let start = Instant::now();
+    let lab = TwoClusters::with_same_pod_range_dual_stack(1)?;
+    let (a1, b1) = (lab.a.node("a1")?, lab.b.node("b1")?);
+    let pod6 = a1.pod.ip6().context("a1's pod has no IPv6 address")?;
+    ensure!(
+        b1.pod.ip6() == Some(pod6),
+        "both pods should be {pod6}: b1's is {:?}",
+        b1.pod.ip6()
+    );
+    let pod6 = IpAddr::V6(pod6);
+    let out = lab.join()?;
+    ensure!(
+        out.contains("translated to mesh CIDRs"),
+        "join said:\n{out}"
+    );
+    let b_mesh = resolve(&lab, Side::A, &format!("cluster-b/{pod6}"))?;
+    let a_mesh = resolve(&lab, Side::B, &format!("cluster-a/{pod6}"))?;
+    ensure!(
+        a_mesh.is_ipv6() && b_mesh.is_ipv6() && a_mesh != b_mesh && a_mesh != pod6,
+        "mesh addresses {a_mesh} {b_mesh}"
+    );
+    ensure!(
+        sum16(a_mesh) == sum16(pod6) && sum16(b_mesh) == sum16(pod6),
+        "NPTv6 keeps the one's complement sum: {pod6} {a_mesh} {b_mesh}"
+    );
+    println!("IPv6: cluster-a's pod is {a_mesh} in the mesh, cluster-b's {b_mesh}");
+    let took = wait_for(CONVERGE, || {
+        ensure!(reachable(&a1.pod, b_mesh)?, "a1 -> {b_mesh}");
+        Ok(())
+    })?;
+    println!("reachable over IPv6 after {took:?}");
+    ping(&a1.pod, b_mesh, 2)?;
+    ping(&b1.pod, a_mesh, 2)?;
+    udp(&a1.pod, &b1.pod, pod6, b_mesh, a_mesh)?;
+    udp(&b1.pod, &a1.pod, pod6, a_mesh, b_mesh)?;
+    let there = transfer_translated(&a1.pod, &b1.pod, pod6, b_mesh, 16 * MIB)?;
+    let back = transfer_translated(&b1.pod, &a1.pod, pod6, a_mesh, 16 * MIB)?;
+    println!(
+        "16 MiB each way intact over IPv6: {:.0} and {:.0} Mbit/s; UDP sources are mesh addresses",
+        there.mbit_per_s(),
+        back.mbit_per_s()
+    );
+    println!("NPTv6 lab test took {:?}", start.elapsed());
+    Ok(())
+}
+
+/// The one's complement sum of an address's 16-bit words (what NPTv6 keeps).
+fn sum16(ip: IpAddr) -> u16 {
+    let IpAddr::V6(ip) = ip else { return 0 };
+    let mut sum: u32 = ip.segments().iter().map(|w| u32::from(*w)).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    u16::try_from(sum).unwrap_or(0)
+}
+
 /// What `meshctl status --resolve` says `query` is from `side`.
 fn resolve(lab: &TwoClusters, side: Side, query: &str) -> Result<IpAddr> {
     let out = lab.meshctl(&["--context", side.name(), "status", "--resolve", query])?;
@@ -271,7 +334,7 @@ fn resolve(lab: &TwoClusters, side: Side, query: &str) -> Result<IpAddr> {
 fn udp(from: &Pod, to: &Pod, listen: IpAddr, to_mesh: IpAddr, from_mesh: IpAddr) -> Result<()> {
     let xfer = xfer_binary()?;
     let xfer = xfer.to_str().context("wm-xfer path")?;
-    let listen = format!("{listen}:7000");
+    let listen = SocketAddr::new(listen, 7000).to_string();
     let echo = to.spawn(&[
         xfer,
         "udp-echo",
@@ -282,7 +345,7 @@ fn udp(from: &Pod, to: &Pod, listen: IpAddr, to_mesh: IpAddr, from_mesh: IpAddr)
         "--timeout",
         "20",
     ])?;
-    let target = format!("{to_mesh}:7000");
+    let target = SocketAddr::new(to_mesh, 7000).to_string();
     let sent = from.exec_timeout(
         &[
             xfer,
@@ -302,18 +365,18 @@ fn udp(from: &Pod, to: &Pod, listen: IpAddr, to_mesh: IpAddr, from_mesh: IpAddr)
         sent.status.success() && echoed.status.success(),
         "udp-ping:\n{sent_text}\nudp-echo:\n{echoed_text}"
     );
-    let sources = |text: &str| -> Vec<String> {
+    let sources = |text: &str| -> Vec<IpAddr> {
         text.lines()
-            .filter_map(|l| l.rsplit_once(':').map(|(ip, _)| ip.to_owned()))
+            .filter_map(|l| l.trim().parse::<SocketAddr>().ok().map(|a| a.ip()))
             .collect()
     };
     let (replies, seen) = (sources(&sent_text), sources(&echoed_text));
     ensure!(
-        replies.len() == 3 && replies.iter().all(|s| *s == to_mesh.to_string()),
+        replies.len() == 3 && replies.iter().all(|s| *s == to_mesh),
         "echoes came from {replies:?}, wanted {to_mesh}"
     );
     ensure!(
-        seen.len() == 3 && seen.iter().all(|s| *s == from_mesh.to_string()),
+        seen.len() == 3 && seen.iter().all(|s| *s == from_mesh),
         "the echo saw {seen:?}, wanted {from_mesh}"
     );
     Ok(())
