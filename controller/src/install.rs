@@ -13,11 +13,11 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, ResourceExt as _};
 use wiremesh_proto::IpCidr;
-use wiremesh_proto::crd::{CLUSTER_CONFIGMAP, SYSTEM_NAMESPACE};
+use wiremesh_proto::crd::{CLUSTER_CONFIGMAP, PeerCluster, SYSTEM_NAMESPACE};
 use wiremesh_proto::mcs::{CLUSTER_ID_PROPERTY, ClusterProperty, ClusterPropertySpec};
 
 use crate::mcs::crds::{self as upstream, CrdAction};
@@ -91,6 +91,30 @@ pub enum InstallError {
         existing: String,
         /// The name asked for.
         requested: String,
+    },
+    /// `--mesh-cidr` differs from the mesh CIDRs the cluster has while other clusters are
+    /// linked to it (they reach its pods at the old ones).
+    #[error(
+        "this cluster's mesh CIDRs are {existing} and linked clusters reach its pods at them; \
+         changing them to {requested} would break those links (unjoin every linked cluster first)"
+    )]
+    MeshCidrsChanged {
+        /// The mesh CIDRs in the ConfigMap.
+        existing: String,
+        /// The mesh CIDRs asked for.
+        requested: String,
+    },
+    /// The cluster has mesh CIDRs (given before, or assigned by `meshctl join`) that do not
+    /// pair with the pod CIDRs now given, and no new ones were given.
+    #[error(
+        "this cluster's mesh CIDRs {existing} do not fit the pod CIDRs given: {reason}; \
+         give --mesh-cidr for them (unjoin linked clusters first)"
+    )]
+    MeshCidrsStale {
+        /// The mesh CIDRs in the ConfigMap.
+        existing: String,
+        /// Why they do not pair, naming the CIDRs.
+        reason: String,
     },
     /// The API server refused or failed a request.
     #[error("{action}")]
@@ -247,8 +271,67 @@ pub async fn install(
     install_cluster(client, &info).await.map(drop)
 }
 
+/// What [`install_cluster`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    /// What was done with each upstream CRD.
+    pub upstream: Vec<UpstreamCrd>,
+    /// What the cluster ConfigMap now holds: `info` with the mesh CIDRs it kept
+    /// ([`mesh_cidrs_to_write`]).
+    pub info: ClusterInfo,
+}
+
+/// The mesh CIDRs an install writes: those asked for, else the ones the cluster already
+/// has (`existing`, the ConfigMap's value). `meshctl join` assigns them, and linked
+/// clusters reach this cluster's pods at them: an install run again for another reason
+/// (`--configure-dns`, an upgrade) must not drop them. Changing them is refused while
+/// the cluster is `linked`; kept ones must still pair with the pod CIDRs given. An
+/// existing value that does not parse is not kept (agents ignore it too).
+///
+/// # Errors
+/// [`InstallError::MeshCidrsChanged`], [`InstallError::MeshCidrsStale`].
+pub fn mesh_cidrs_to_write(
+    existing: Option<&String>,
+    info: &ClusterInfo,
+    linked: bool,
+) -> Result<Vec<IpCidr>, InstallError> {
+    let existing: Vec<IpCidr> = existing
+        .map(|text| {
+            text.split(',')
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(str::parse)
+                .collect::<Result<Vec<IpCidr>, _>>()
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    let list = |cidrs: &[IpCidr]| {
+        cidrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    if !info.mesh_cidrs.is_empty() {
+        if linked && !existing.is_empty() && existing != info.mesh_cidrs {
+            return Err(InstallError::MeshCidrsChanged {
+                existing: list(&existing),
+                requested: list(&info.mesh_cidrs),
+            });
+        }
+        return Ok(info.mesh_cidrs.clone());
+    }
+    check_mesh_cidrs(&info.pod_cidrs, &existing).map_err(|reason| {
+        InstallError::MeshCidrsStale {
+            existing: list(&existing),
+            reason,
+        }
+    })?;
+    Ok(existing)
+}
+
 /// [`install`] with the optional ranges of `info` too (host and service CIDRs); returns
-/// what was done with each upstream CRD.
+/// what was done with each upstream CRD and what the ConfigMap holds.
 ///
 /// # Errors
 /// As [`install`]; also a `ClusterProperty` [`CLUSTER_ID_PROPERTY`] of another value
@@ -256,7 +339,7 @@ pub async fn install(
 pub async fn install_cluster(
     client: &Client,
     info: &ClusterInfo,
-) -> Result<Vec<UpstreamCrd>, InstallError> {
+) -> Result<Installed, InstallError> {
     let cluster_name = info.name.as_str();
     check_cluster_name(cluster_name)?;
     if info.pod_cidrs.is_empty() {
@@ -272,15 +355,35 @@ pub async fn install_cluster(
             action: format!("reading ConfigMap {SYSTEM_NAMESPACE}/{CLUSTER_CONFIGMAP}"),
             source,
         })?;
-    if let Some(existing) = existing.and_then(|cm| cm.data?.remove(CLUSTER_NAME_KEY))
+    let existing_data = existing.and_then(|cm| cm.data).unwrap_or_default();
+    if let Some(existing) = existing_data.get(CLUSTER_NAME_KEY)
         && !existing.is_empty()
         && existing != cluster_name
     {
         return Err(InstallError::Renamed {
-            existing,
+            existing: existing.clone(),
             requested: cluster_name.to_owned(),
         });
     }
+
+    let linked = match Api::<PeerCluster>::all(client.clone())
+        .list(&ListParams::default().limit(1))
+        .await
+    {
+        Ok(list) => !list.items.is_empty(),
+        // No PeerCluster CRD yet: a first install.
+        Err(kube::Error::Api(status)) if status.code == 404 => false,
+        Err(source) => {
+            return Err(InstallError::Api {
+                action: "listing PeerClusters".to_owned(),
+                source,
+            });
+        }
+    };
+    let info = &ClusterInfo {
+        mesh_cidrs: mesh_cidrs_to_write(existing_data.get(MESH_CIDRS_KEY), info, linked)?,
+        ..info.clone()
+    };
 
     let properties: Api<ClusterProperty> = Api::all(client.clone());
     let property = match properties.get(CLUSTER_ID_PROPERTY).await {
@@ -381,7 +484,10 @@ pub async fn install_cluster(
                 source,
             })?;
     }
-    Ok(report)
+    Ok(Installed {
+        upstream: report,
+        info: info.clone(),
+    })
 }
 
 /// Whether the `ClusterProperty` [`CLUSTER_ID_PROPERTY`] must be created for cluster
@@ -653,6 +759,56 @@ mod tests {
         assert_eq!(
             parse_cluster_configmap(&data).unwrap().mesh_cidrs,
             c("100.64.0.0/16")
+        );
+    }
+
+    #[test]
+    fn an_install_run_again_keeps_the_mesh_cidrs_join_assigned() {
+        let c = |s: &str| -> Vec<IpCidr> { s.split(',').map(|c| c.parse().unwrap()).collect() };
+        let info = |pods: &str, mesh: &str| ClusterInfo {
+            name: "cluster-a".to_owned(),
+            pod_cidrs: c(pods),
+            mesh_cidrs: if mesh.is_empty() { Vec::new() } else { c(mesh) },
+            ..ClusterInfo::default()
+        };
+        let assigned = "100.64.0.0/16".to_owned();
+        let again = info("10.244.0.0/16", "");
+        // Run again without --mesh-cidr (to configure DNS, to upgrade): kept, linked or not.
+        for linked in [false, true] {
+            assert_eq!(
+                mesh_cidrs_to_write(Some(&assigned), &again, linked).unwrap(),
+                c("100.64.0.0/16")
+            );
+        }
+        assert_eq!(mesh_cidrs_to_write(None, &again, true).unwrap(), vec![]);
+        // The same ones given again, or others before any link: written as given.
+        let same = info("10.244.0.0/16", "100.64.0.0/16");
+        assert_eq!(
+            mesh_cidrs_to_write(Some(&assigned), &same, true).unwrap(),
+            same.mesh_cidrs
+        );
+        let other = info("10.244.0.0/16", "100.70.0.0/16");
+        assert_eq!(
+            mesh_cidrs_to_write(Some(&assigned), &other, false).unwrap(),
+            other.mesh_cidrs
+        );
+        // Others while linked: refused, naming both.
+        let err = mesh_cidrs_to_write(Some(&assigned), &other, true).unwrap_err();
+        assert!(
+            matches!(err, InstallError::MeshCidrsChanged { .. })
+                && err.to_string().contains("100.64.0.0/16")
+                && err.to_string().contains("100.70.0.0/16"),
+            "{err}"
+        );
+        // New pod CIDRs the kept ones do not fit: refused, nothing written.
+        let err =
+            mesh_cidrs_to_write(Some(&assigned), &info("10.244.0.0/17", ""), false).unwrap_err();
+        assert!(matches!(err, InstallError::MeshCidrsStale { .. }), "{err}");
+        // A value that does not parse is not kept.
+        let garbage = "not a cidr".to_owned();
+        assert_eq!(
+            mesh_cidrs_to_write(Some(&garbage), &again, true).unwrap(),
+            vec![]
         );
     }
 

@@ -597,6 +597,28 @@ impl TwoClusters {
         format!("10.{}.0.0/16", self.pod_octet(side))
     }
 
+    /// `meshctl --context SIDE install ...` as the lab installs `side`: its name, pod
+    /// CIDRs (IPv6 too in a dual-stack lab) and host CIDR. Installing again with them is
+    /// what a user re-running install does.
+    pub fn install_args(&self, side: Side) -> Vec<String> {
+        let mut args = vec![
+            "--context".to_owned(),
+            side.name().to_owned(),
+            "install".to_owned(),
+            "--cluster-name".to_owned(),
+            side.name().to_owned(),
+            "--pod-cidr".to_owned(),
+            self.pod_range(side),
+            // Bare hosts take 10.25x.N.1 (see add_bare_host); join grants the range.
+            "--host-cidr".to_owned(),
+            side.host_range(),
+        ];
+        if self.stack.dual() {
+            args.extend(["--pod-cidr".to_owned(), self.pod_range6(side)]);
+        }
+        args
+    }
+
     /// `side`'s whole IPv6 pod range in a dual-stack lab: fd10:S::/48, or fd10:244::/48
     /// for cluster-a and cluster-b of [`TwoClusters::with_same_pod_range_dual_stack`].
     pub fn pod_range6(&self, side: Side) -> String {
@@ -662,24 +684,8 @@ impl TwoClusters {
             &[Side::A, Side::B]
         };
         for &side in sides {
-            let (range, range6) = (lab_clusters.pod_range(side), lab_clusters.pod_range6(side));
-            let host_range = side.host_range();
-            let mut args = vec![
-                "--context",
-                side.name(),
-                "install",
-                "--cluster-name",
-                side.name(),
-                "--pod-cidr",
-                &range,
-                // Bare hosts take 10.25x.N.1 (see add_bare_host); join grants the range.
-                "--host-cidr",
-                &host_range,
-            ];
-            if stack.dual() {
-                args.extend(["--pod-cidr", &range6]);
-            }
-            let out = lab_clusters.meshctl(&args)?;
+            let args = lab_clusters.install_args(side);
+            let out = lab_clusters.meshctl(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
             ensure!(
                 out.status.success(),
                 "meshctl install failed:\n{}{}",
@@ -1051,6 +1057,25 @@ impl TwoClusters {
             _proxies: proxies,
         });
         Ok(())
+    }
+
+    /// What `meshctl status --resolve QUERY` says, from `side`, a remote pod's address
+    /// (`cluster-b/10.244.1.7`) is in the mesh: its mesh address when its cluster is
+    /// translated, else itself.
+    ///
+    /// # Errors
+    /// When meshctl fails or prints no address.
+    pub fn resolve_mesh(&self, side: Side, query: &str) -> Result<IpAddr> {
+        let out = self.meshctl(&["--context", side.name(), "status", "--resolve", query])?;
+        let text = crate::output_text(&out);
+        ensure!(
+            out.status.success(),
+            "meshctl status --resolve {query}:\n{text}"
+        );
+        text.split_once("→ ")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("no address in {text:?}"))
     }
 
     /// Runs `meshctl args...` with this lab's kubeconfig.

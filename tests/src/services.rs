@@ -546,19 +546,9 @@ fn stock_coredns_objects(
 /// `meshctl install --configure-dns` again (install is idempotent) with the arguments
 /// [`TwoClusters`] installed with; returns its output.
 fn configure_dns(clusters: &TwoClusters, side: Side) -> Result<String> {
-    let (range, hosts) = (side.pod_range(), side.host_range());
-    let out = clusters.meshctl(&[
-        "--context",
-        side.name(),
-        "install",
-        "--cluster-name",
-        side.name(),
-        "--pod-cidr",
-        &range,
-        "--host-cidr",
-        &hosts,
-        "--configure-dns",
-    ])?;
+    let mut args = clusters.install_args(side);
+    args.push("--configure-dns".to_owned());
+    let out = clusters.meshctl(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

@@ -1,18 +1,21 @@
 //! Multi-Cluster Services end to end (issue 13), on one three-cluster lab with real
 //! Services: kube-controller-manager, kube-proxy (nftables) and CoreDNS per cluster
 //! (`wiremesh_lab::services`), configured by `meshctl install --configure-dns`. Needs root
-//! and the binaries of `scripts/deps.sh --k8s`. Every measured time is printed.
+//! and the binaries of `scripts/deps.sh --k8s`. A second, two-cluster lab has both
+//! clusters on the same pod CIDR (issue 14): the import carries the exporter's mesh
+//! addresses. Every measured time is printed.
 
 // The test prints what it measured (shown with --nocapture).
 #![allow(clippy::print_stdout)]
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::ListParams;
 use kube::{Api, Client};
 use wiremesh_lab::clusters::{CONVERGE, Side, TwoClusters, wait_for};
 use wiremesh_lab::k8s::block_on;
@@ -112,6 +115,105 @@ fn multi_cluster_services() -> Result<()> {
     println!(
         "mcs: lab torn down in {:.1} s; whole test {:.1} s",
         stopping.elapsed().as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Issues 13 and 14 together: two clusters on the same pod CIDR (10.244.0.0/16), linked
+/// with mesh CIDRs. B exports `hello`; A's import carries B's endpoint at its mesh address
+/// (B's pod address is one of A's own), A's pod calls it by its `clusterset.local` name,
+/// and 8 MiB through the import's VIP arrive intact at B's pod.
+#[test]
+fn a_translated_clusters_export_is_imported_at_its_mesh_addresses() -> Result<()> {
+    let started = Instant::now();
+    let bins = Binaries::build()?;
+    let lab = TwoClusters::with_same_pod_range(1, false, 1500)?;
+    let out = lab.join()?;
+    ensure!(
+        out.contains("translated to mesh CIDRs"),
+        "join said:\n{out}"
+    );
+    // `meshctl install --configure-dns` runs install again, without --mesh-cidr: it keeps
+    // the mesh CIDRs join assigned (dropping them would cut both clusters off).
+    let services = [Side::A, Side::B]
+        .into_iter()
+        .map(|side| ClusterServices::start(&lab, side, &bins))
+        .collect::<Result<Vec<_>>>()?;
+    for s in &services {
+        ensure!(
+            s.install_output.contains("kept (linked clusters reach"),
+            "install did not keep the mesh CIDRs:\n{}",
+            s.install_output
+        );
+    }
+    let (client_a, client_b) = (
+        lab.cluster(Side::A).client()?,
+        lab.cluster(Side::B).client()?,
+    );
+    let hello_b = hello_pods(&lab, Side::B, &client_b, 1, "")?;
+    let (pod_b, _) = hello_b.first().context("no hello pod in B")?;
+    let mesh = lab.resolve_mesh(Side::A, &format!("cluster-b/{}", pod_b.ip()))?;
+    ensure!(
+        mesh != IpAddr::V4(pod_b.ip()),
+        "B's pod {} is not translated",
+        pod_b.ip()
+    );
+    create_hello_service(&client_b)?;
+    create_namespace(&client_a)?;
+    let exported = Instant::now();
+    mcs::export(&client_b, NAMESPACE, HELLO)?;
+    let node = lab.a.nodes.first().context("no node in A")?;
+    let imports: Api<ServiceImport> = Api::namespaced(client_a.clone(), NAMESPACE);
+    let name = format!("{HELLO}.{NAMESPACE}.svc.clusterset.local");
+    let mut vip = None;
+    wait_for(Duration::from_secs(30), || {
+        let slices = block_on(
+            Api::<EndpointSlice>::namespaced(client_a.clone(), NAMESPACE).list(
+                &ListParams::default()
+                    .labels("multicluster.kubernetes.io/source-cluster=cluster-b"),
+            ),
+        )?;
+        let addresses: Vec<String> = slices
+            .items
+            .iter()
+            .flat_map(|s| &s.endpoints)
+            .flat_map(|e| e.addresses.clone())
+            .collect();
+        ensure!(
+            addresses == [mesh.to_string()],
+            "A imports B's endpoints as {addresses:?}, not [{mesh}]"
+        );
+        let import = block_on(imports.get_opt(HELLO))?.context("no ServiceImport in A")?;
+        let ip: Ipv4Addr = import
+            .spec
+            .and_then(|s| s.ips)
+            .and_then(|ips| ips.into_iter().next())
+            .context("the import has no VIP yet")?
+            .parse()?;
+        let answer = resolve(&node.pod, &name)?;
+        ensure!(answer == Some(ip), "{name} answers {answer:?}, not {ip}");
+        vip = Some(ip);
+        Ok(())
+    })?;
+    let vip = vip.context("no VIP")?;
+    let mut answers = BTreeMap::new();
+    wait_for(Duration::from_secs(20), || {
+        answers = calls(&node.pod, vip, 20)?;
+        ensure!(
+            answers.get(pod_b.name()) == Some(&20),
+            "answers {answers:?}"
+        );
+        Ok(())
+    })?;
+    println!(
+        "overlap: A imports B's {} at {mesh}; {name} -> {vip}; 20 calls answered by B's pod {:.2} s after the export",
+        pod_b.ip(),
+        exported.elapsed().as_secs_f64()
+    );
+    let receiver = transfer_via(&node.pod, vip, XFER_PORT, &[pod_b])?;
+    println!(
+        "overlap: 8 MiB through {vip}:{XFER_PORT} to {receiver} intact; whole test {:.1} s",
         started.elapsed().as_secs_f64()
     );
     Ok(())

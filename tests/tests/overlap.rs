@@ -55,8 +55,8 @@ fn clusters_with_the_same_pod_cidr_reach_each_other_at_their_mesh_addresses() ->
         out.contains("translated to mesh CIDRs"),
         "join said:\n{out}"
     );
-    let b_mesh = resolve(&lab, Side::A, "cluster-b/10.244.1.2")?;
-    let a_mesh = resolve(&lab, Side::B, "cluster-a/10.244.1.2")?;
+    let b_mesh = lab.resolve_mesh(Side::A, "cluster-b/10.244.1.2")?;
+    let a_mesh = lab.resolve_mesh(Side::B, "cluster-a/10.244.1.2")?;
     ensure!(a_mesh != b_mesh && a_mesh != pod_ip, "{a_mesh} {b_mesh}");
     println!("cluster-a's pod is {a_mesh} in the mesh, cluster-b's {b_mesh}");
     let took = wait_for(CONVERGE, || {
@@ -273,8 +273,8 @@ fn overlapping_ipv6_pod_cidrs_are_translated_with_nptv6() -> Result<()> {
         out.contains("translated to mesh CIDRs"),
         "join said:\n{out}"
     );
-    let b_mesh = resolve(&lab, Side::A, &format!("cluster-b/{pod6}"))?;
-    let a_mesh = resolve(&lab, Side::B, &format!("cluster-a/{pod6}"))?;
+    let b_mesh = lab.resolve_mesh(Side::A, &format!("cluster-b/{pod6}"))?;
+    let a_mesh = lab.resolve_mesh(Side::B, &format!("cluster-a/{pod6}"))?;
     ensure!(
         a_mesh.is_ipv6() && b_mesh.is_ipv6() && a_mesh != b_mesh && a_mesh != pod6,
         "mesh addresses {a_mesh} {b_mesh}"
@@ -312,20 +312,6 @@ fn sum16(ip: IpAddr) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     u16::try_from(sum).unwrap_or(0)
-}
-
-/// What `meshctl status --resolve` says `query` is from `side`.
-fn resolve(lab: &TwoClusters, side: Side, query: &str) -> Result<IpAddr> {
-    let out = lab.meshctl(&["--context", side.name(), "status", "--resolve", query])?;
-    let text = output_text(&out);
-    ensure!(
-        out.status.success(),
-        "meshctl status --resolve {query}:\n{text}"
-    );
-    text.split_once("→ ")
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .with_context(|| format!("no address in {text:?}"))
 }
 
 /// Three UDP datagrams from `from` to `to` (known there as `to_mesh`, listening on

@@ -70,7 +70,7 @@ pub(crate) async fn install(
         dns_options.version.as_deref(),
     )
     .await?;
-    let upstream = install::install_cluster(&target.client, info)
+    let installed = install::install_cluster(&target.client, info)
         .await
         .with_context(|| {
             format!(
@@ -81,7 +81,9 @@ pub(crate) async fn install(
     say(format!(
         "{context}: CustomResourceDefinitions meshnodes, peerclusters, meshpeers, meshserviceexports.{GROUP} applied and Established"
     ));
-    for crd in upstream {
+    let kept = info.mesh_cidrs.is_empty() && !installed.info.mesh_cidrs.is_empty();
+    let info = &installed.info;
+    for crd in installed.upstream {
         let what = match crd.action {
             CrdAction::Create => "created".to_owned(),
             CrdAction::Upgrade { from, to } => format!("upgraded from {from} to {to}"),
@@ -105,6 +107,12 @@ pub(crate) async fn install(
         comma_list(&info.service_cidrs),
         comma_list(&info.mesh_cidrs),
     ));
+    if kept {
+        say(format!(
+            "{context}: meshCIDRs {} kept (linked clusters reach this cluster's pods at them)",
+            comma_list(&info.mesh_cidrs)
+        ));
+    }
     if let Some(objects) = objects {
         let applied = install::apply_components(&target.client, &objects)
             .await
