@@ -187,6 +187,7 @@ pub fn run(options: &Options) -> Result<(Value, String)> {
             "endpoints": "peer i's endpoint is 198.18.16.(1 + i / peers_per_address) (in RESPONDER_NET, routed to host c), port 20000 + i: the agent limits handshake work per source address, so one address for all peers would measure that limit; peers_per_address 0: all on 198.18.0.3",
             "agent_counters": "the agent's /metrics at the end of the case: drops by reason, cookie replies sent, live tunnels",
             "summary": "per peer count: medians over the runs",
+            "completed_by_second": "handshakes.completed_by_second[k]: handshakes completed by the end of second k + 1",
         },
         "baseline": baseline,
         "cases": cases,
@@ -438,9 +439,14 @@ fn handshake_all(
     let start = Instant::now();
     let mut probes = 0;
     let mut last_probe: Option<Instant> = None;
+    // Handshakes completed at the end of each second: the shape of the bring-up.
+    let mut timeline = Vec::new();
     loop {
         interrupt::check()?;
         let done = stats.confirmed.load(Ordering::Relaxed);
+        if start.elapsed() >= Duration::from_secs(timeline.len() as u64 + 1) {
+            timeline.push(done);
+        }
         if done >= n || start.elapsed() > timeout {
             break;
         }
@@ -472,6 +478,7 @@ fn handshake_all(
         "seconds": round2(seconds),
         "timed_out": completed < n,
         "agent_cpu_s": round2(usage.processes_s),
+        "completed_by_second": timeline,
     }))
 }
 
