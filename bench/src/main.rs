@@ -77,6 +77,13 @@ enum Command {
         /// First-packet measurements per case.
         #[arg(long, env = "BENCH_FIRST_PACKET_RUNS", default_value_t = 5)]
         first_packet_runs: u32,
+        /// Peers whose endpoints share one responder address (0: all on one, which
+        /// measures the agent's per-source handshake limit instead).
+        #[arg(long, env = "BENCH_PEERS_PER_ADDRESS", default_value_t = 8)]
+        peers_per_address: usize,
+        /// Times each peer count is measured; the summary holds the medians.
+        #[arg(long, env = "BENCH_SCALE_RUNS", default_value_t = 1)]
+        runs: u32,
         /// Where scale.json goes.
         #[arg(long, env = "BENCH_OUT", default_value = "bench/results")]
         out: PathBuf,
@@ -189,6 +196,8 @@ fn try_main() -> Result<()> {
             idle_secs,
             handshake_timeout,
             first_packet_runs,
+            peers_per_address,
+            runs,
             out,
         } => {
             interrupt::install()?;
@@ -197,6 +206,8 @@ fn try_main() -> Result<()> {
                 idle: Duration::from_secs(idle_secs.max(1)),
                 handshake_timeout: Duration::from_secs(handshake_timeout.max(1)),
                 first_packet_runs: first_packet_runs.max(1),
+                peers_per_address,
+                runs: runs.max(1),
             };
             let (report, table) = scale::run(&options)?;
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;

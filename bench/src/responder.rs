@@ -2,11 +2,13 @@
 //! and one boringtun `Tunn` per peer key, inside a lab namespace.
 //!
 //! An initiation is encrypted to the responder's static key, so the responder must know
-//! which of its keys a datagram is for before it can read it: each key gets its own port
-//! (`base_port + i`), and the agent under test has peer `i`'s endpoint on that port.
+//! which of its keys a datagram is for before it can read it: each key gets its own
+//! socket address, and the agent under test has peer `i`'s endpoint on it. The addresses
+//! are spread over many IPs, as real peers are: the agent limits handshake work per
+//! source address (`core/src/handshake_limiter.rs`).
 
 use std::fs::File;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -22,7 +24,9 @@ use tokio::net::UdpSocket;
 use tokio::sync::oneshot;
 
 /// WireGuard message types (whitepaper §5.4).
+const HANDSHAKE_INIT: u8 = 1;
 const HANDSHAKE_RESPONSE: u8 = 2;
+const COOKIE_REPLY: u8 = 3;
 const DATA: u8 = 4;
 
 /// Room for any datagram on a 1500-byte underlay, and for a handshake message.
@@ -31,8 +35,13 @@ const BUFFER: usize = 2048;
 /// What the responder saw.
 #[derive(Debug)]
 pub struct Stats {
+    /// Handshake initiations received.
+    pub initiations: AtomicU64,
     /// Handshake responses sent.
     pub responses: AtomicU64,
+    /// Cookie replies received: the agent was under load and asked for a cookie instead
+    /// of taking a response (whitepaper §5.3).
+    pub cookie_replies: AtomicU64,
     /// Peers whose first data message (or keepalive) arrived after a handshake: the agent
     /// completed the handshake with them.
     pub confirmed: AtomicUsize,
@@ -56,26 +65,29 @@ pub struct Responder {
 }
 
 impl Responder {
-    /// Binds one UDP socket per key on `ip:base_port + i` in network namespace `netns`
-    /// and answers handshakes from `initiator` on each, for at most `lifetime`.
+    /// Binds one UDP socket per key, key `i` on `endpoints[i]`, in network namespace
+    /// `netns` and answers handshakes from `initiator` on each, for at most `lifetime`.
     ///
     /// # Errors
-    /// When the namespace cannot be entered or a port cannot be bound.
+    /// When the counts differ, the namespace cannot be entered or an address cannot be
+    /// bound.
     pub fn start(
         netns: &str,
-        ip: Ipv4Addr,
-        base_port: u16,
+        endpoints: Vec<SocketAddr>,
         keys: Vec<StaticSecret>,
         initiator: PublicKey,
         lifetime: Duration,
     ) -> Result<Self> {
         ensure!(
-            usize::from(base_port) + keys.len() <= usize::from(u16::MAX),
-            "{} ports from {base_port} do not fit",
+            endpoints.len() == keys.len(),
+            "{} endpoints for {} keys",
+            endpoints.len(),
             keys.len()
         );
         let stats = Arc::new(Stats {
+            initiations: AtomicU64::new(0),
             responses: AtomicU64::new(0),
+            cookie_replies: AtomicU64::new(0),
             confirmed: AtomicUsize::new(0),
             per_peer: (0..keys.len()).map(|_| AtomicBool::new(false)).collect(),
         });
@@ -86,7 +98,7 @@ impl Responder {
         let thread = thread::Builder::new()
             .name("responder".into())
             .spawn(move || {
-                let sockets = match bind_all(&path, ip, base_port, keys.len()) {
+                let sockets = match bind_all(&path, &endpoints) {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -152,21 +164,16 @@ impl Drop for Responder {
     }
 }
 
-/// Enters the namespace (this thread only) and binds `count` ports.
-fn bind_all(
-    netns_path: &str,
-    ip: Ipv4Addr,
-    base_port: u16,
-    count: usize,
-) -> Result<Vec<std::net::UdpSocket>> {
+/// Enters the namespace (this thread only) and binds every endpoint.
+fn bind_all(netns_path: &str, endpoints: &[SocketAddr]) -> Result<Vec<std::net::UdpSocket>> {
     let file = File::open(netns_path).with_context(|| format!("opening {netns_path}"))?;
     setns(&file, CloneFlags::CLONE_NEWNET).with_context(|| format!("entering {netns_path}"))?;
-    raise_open_files(count as u64 + 1024)?;
-    (0..count)
-        .map(|i| {
-            let port = base_port + i as u16;
-            let socket = std::net::UdpSocket::bind((ip, port))
-                .with_context(|| format!("binding {ip}:{port}"))?;
+    raise_open_files(endpoints.len() as u64 + 1024)?;
+    endpoints
+        .iter()
+        .map(|addr| {
+            let socket =
+                std::net::UdpSocket::bind(addr).with_context(|| format!("binding {addr}"))?;
             socket.set_nonblocking(true)?;
             Ok(socket)
         })
@@ -192,6 +199,15 @@ async fn serve(socket: UdpSocket, mut tunn: Tunn, index: usize, stats: Arc<Stats
             continue;
         };
         let is_data = datagram.first() == Some(&DATA);
+        match datagram.first() {
+            Some(&HANDSHAKE_INIT) => {
+                stats.initiations.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(&COOKIE_REPLY) => {
+                stats.cookie_replies.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
         let mut first = true;
         loop {
             let result = if first {
@@ -228,9 +244,4 @@ fn confirm(stats: &Stats, index: usize) {
     {
         stats.confirmed.fetch_add(1, Ordering::Relaxed);
     }
-}
-
-/// The endpoint of peer `i` of a responder on `ip:base_port`.
-pub fn endpoint(ip: Ipv4Addr, base_port: u16, i: usize) -> SocketAddr {
-    SocketAddr::from((ip, base_port + i as u16))
 }

@@ -5,13 +5,22 @@
 //! ```text
 //!  host a 198.18.0.1: the agent under test, N peers + later host b
 //!  host b 198.18.0.2: a Wiremesh agent that already knows host a (the peer added last)
-//!  host c 198.18.0.3: the responder, UDP ports 20000 + i for peer i
+//!  host c 198.18.0.3: the responder, peer i on 198.18.16.(1 + i / 8):(20000 + i)
 //! ```
 //!
 //! "Handshakes to all": the agent's N peers have their endpoints on the responder, which
 //! answers each initiation with its own key ([`crate::responder`]). One UDP datagram to
 //! each peer's allowed IP, sent from host a into `wm0`, makes the agent initiate.
+//!
+//! Real peers answer from addresses of their own, and the agent limits handshake work per
+//! source address (20 a second once it is under load, as the kernel and wireguard-go do):
+//! from one address, 10,000 handshakes would take over eight minutes. So the responder
+//! answers from [`RESPONDER_NET`], [`Options::peers_per_address`] peers per address (host
+//! c holds the whole /20 as a local route, host a routes it via host c: one neighbour
+//! entry, not thousands). `peers_per_address` 0 puts every peer on 198.18.0.3, as the
+//! bench did before.
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -25,20 +34,28 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use rand_core::OsRng;
 use serde_json::{Value, json};
 use wiremesh_lab::lab::Host;
-use wiremesh_lab::mesh::{IFACE, Node, in_netns};
+use wiremesh_lab::mesh::{IFACE, Node, http_get, in_netns};
 use wiremesh_lab::{Lab, Netns, Proc, agent_binary};
 
 use crate::interrupt;
 use crate::netns::{join, spawn_in_netns};
 use crate::procfs::{self, CpuMeter};
 use crate::progress;
+use crate::promtext;
 use crate::report::{Machine, markdown};
-use crate::responder::{self, Responder, Stats};
+use crate::responder::{Responder, Stats};
 use crate::stats::{median, min_max};
 use crate::tools::{first_line, path_str};
 
-/// The responder's first port.
+/// The responder's first port: peer i is on port 20000 + i.
 const RESPONDER_BASE_PORT: u16 = 20_000;
+
+/// The responder's addresses on host c (inside the lab's underlay 198.18.0.0/16): the
+/// network and its prefix length.
+const RESPONDER_NET: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 18, 16, 0), 20);
+
+/// The agent's metrics, in host a's namespace.
+const METRICS_ADDR: &str = "127.0.0.1:9586";
 
 /// The peers' allowed IPs: 10.128.0.1/32, 10.128.0.2/32, ... (inside host a only).
 const PEER_NET: u32 = 0x0A80_0000;
@@ -80,6 +97,15 @@ pub struct Options {
     pub handshake_timeout: Duration,
     /// Times the first-packet measurement is repeated per case.
     pub first_packet_runs: u32,
+    /// Peers whose endpoints share one responder address; 0: all on host c's own.
+    pub peers_per_address: usize,
+    /// Times each peer count is measured (the agent restarted each time).
+    pub runs: u32,
+}
+
+/// The responder's addresses in [`RESPONDER_NET`] (its network and broadcast left out).
+fn responder_addresses() -> usize {
+    (1usize << (32 - RESPONDER_NET.1)) - 2
 }
 
 /// Runs every case; returns the JSON report and the printed table.
@@ -92,6 +118,15 @@ pub fn run(options: &Options) -> Result<(Value, String)> {
             (1..=MAX_PEERS).contains(n),
             "{n} peers: the scale benchmark takes 1 to {MAX_PEERS}"
         );
+        ensure!(
+            options.peers_per_address == 0
+                || n.div_ceil(options.peers_per_address) <= responder_addresses(),
+            "{n} peers at {} per address need more than the {} addresses of {}/{}",
+            options.peers_per_address,
+            responder_addresses(),
+            RESPONDER_NET.0,
+            RESPONDER_NET.1
+        );
     }
     let started = SystemTime::now();
     let agent = agent_binary()?;
@@ -100,6 +135,12 @@ pub fn run(options: &Options) -> Result<(Value, String)> {
     let mut b = Node::new(&lab, "b", 2)?;
     let c = lab.add_host("c", Ipv4Addr::new(198, 18, 0, 3), "10.3.0.0/24")?;
     b.start(&[a.as_peer(true)])?;
+    if options.peers_per_address > 0 {
+        let net = format!("{}/{}", RESPONDER_NET.0, RESPONDER_NET.1);
+        c.ip(&["route", "add", "local", &net, "dev", "lo"])?;
+        a.host
+            .ip(&["route", "add", &net, "via", &c.underlay_ip().to_string()])?;
+    }
     progress!(
         "lab {}: agent under test on host a, ready peer on host b, responder on host c",
         lab.prefix()
@@ -108,9 +149,12 @@ pub fn run(options: &Options) -> Result<(Value, String)> {
     let baseline = baseline_case(&a, &b, options)?;
     let mut cases = Vec::new();
     for n in &options.peers {
-        interrupt::check()?;
-        cases.push(peers_case(&a, &b, &c, *n, options)?);
+        for _ in 0..options.runs {
+            interrupt::check()?;
+            cases.push(peers_case(&a, &b, &c, *n, options)?);
+        }
     }
+    let summary = summary(&cases);
 
     let table = table(&baseline, &cases);
     let report = json!({
@@ -130,6 +174,9 @@ pub fn run(options: &Options) -> Result<(Value, String)> {
             "idle_secs": options.idle.as_secs(),
             "handshake_timeout_secs": options.handshake_timeout.as_secs(),
             "first_packet_runs": options.first_packet_runs,
+            "peers_per_address": options.peers_per_address,
+            "responder_net": format!("{}/{}", RESPONDER_NET.0, RESPONDER_NET.1),
+            "runs": options.runs,
         },
         "notes": {
             "handshakes": "each peer's endpoint is a UDP port of an in-process responder (one boringtun Tunn per peer key) in another namespace; one datagram to each peer's allowed IP makes the agent initiate; completed = peers whose first data message reached the responder after the handshake",
@@ -137,9 +184,14 @@ pub fn run(options: &Options) -> Result<(Value, String)> {
             "first_packet_ms": "from running `wg set wm0 peer <b> endpoint ... allowed-ips ...` on host a (the route to pod b added with `ip` before) until pod a gets the first UDP echo from pod b (a datagram every 2 ms): the wg command, handshake and one round trip",
             "routes_s": "none: `up --interface` and `wg setconf` add no routes (wg-quick's semantics); one route to 10.128.0.0/16 is added with `ip`",
             "rss_mib": "VmRSS after the window; peak_rss_mib is VmHWM",
+            "endpoints": "peer i's endpoint is 198.18.16.(1 + i / peers_per_address) (in RESPONDER_NET, routed to host c), port 20000 + i: the agent limits handshake work per source address, so one address for all peers would measure that limit; peers_per_address 0: all on 198.18.0.3",
+            "agent_counters": "the agent's /metrics at the end of the case: drops by reason, cookie replies sent, live tunnels",
+            "summary": "per peer count: medians over the runs",
+            "completed_by_second": "handshakes.completed_by_second[k]: handshakes completed by the end of second k + 1",
         },
         "baseline": baseline,
         "cases": cases,
+        "summary": summary,
     });
     drop(b);
     drop(lab);
@@ -172,15 +224,14 @@ fn peers_case(a: &Node, b: &Node, c: &Host, n: usize, options: &Options) -> Resu
         .enumerate()
         .map(|(i, secret)| ScalePeer {
             public: STANDARD.encode(PublicKey::from(secret).as_bytes()),
-            endpoint: responder::endpoint(c.underlay_ip(), RESPONDER_BASE_PORT, i),
+            endpoint: responder_endpoint(c.underlay_ip(), options.peers_per_address, i),
             address: peer_address(i),
         })
         .collect();
     let lifetime = options.handshake_timeout + options.idle * 4 + Duration::from_secs(600);
     let responder = Responder::start(
         Netns::name(c),
-        c.underlay_ip(),
-        RESPONDER_BASE_PORT,
+        peers.iter().map(|p| p.endpoint).collect(),
         secrets,
         a.keys.public_key(),
         lifetime,
@@ -206,6 +257,14 @@ fn peers_case(a: &Node, b: &Node, c: &Host, n: usize, options: &Options) -> Resu
     let established = idle_window(pid, options.idle)?;
     let first_packet = first_packets(a, b, options.first_packet_runs)?;
     let peak_rss_mib = procfs::peak_rss_mib(pid)?;
+    // After the memory figures: a scrape with 10,000 peers allocates.
+    let counters = agent_counters(&a.host)?;
+    let responder_stats = responder.stats();
+    let responder_json = json!({
+        "initiations_received": responder_stats.initiations.load(Ordering::Relaxed),
+        "responses_sent": responder_stats.responses.load(Ordering::Relaxed),
+        "cookie_replies_received": responder_stats.cookie_replies.load(Ordering::Relaxed),
+    });
     stop_agent(&a.host, agent)?;
     drop(responder);
     Ok(json!({
@@ -218,7 +277,67 @@ fn peers_case(a: &Node, b: &Node, c: &Host, n: usize, options: &Options) -> Resu
         "established_idle": established,
         "peak_rss_mib": round2(peak_rss_mib),
         "first_packet_ms": first_packet,
+        "agent_counters": counters,
+        "responder": responder_json,
     }))
+}
+
+/// Peer `i`'s endpoint on the responder: see the module's documentation.
+fn responder_endpoint(c: Ipv4Addr, peers_per_address: usize, i: usize) -> SocketAddr {
+    let port = RESPONDER_BASE_PORT + i as u16;
+    if peers_per_address == 0 {
+        return SocketAddr::from((c, port));
+    }
+    let ip = Ipv4Addr::from(u32::from(RESPONDER_NET.0) + 1 + (i / peers_per_address) as u32);
+    SocketAddr::from((ip, port))
+}
+
+/// The agent's drop counters by reason, cookie replies and live tunnels, from `/metrics`.
+fn agent_counters(host: &Host) -> Result<Value> {
+    let text = http_get(host, METRICS_ADDR, "/metrics")?;
+    let samples = promtext::parse(&text);
+    let drops: serde_json::Map<String, Value> =
+        promtext::sum_by(&samples, "wiremesh_drops_total", "reason")
+            .into_iter()
+            .filter(|(_, v)| *v > 0.0)
+            .map(|(reason, v)| (reason, json!(v)))
+            .collect();
+    Ok(json!({
+        "drops": drops,
+        "cookie_replies_sent": promtext::sum(&samples, "wiremesh_cookie_replies_total", |_| true),
+        "live_tunnels": promtext::sum(&samples, "wiremesh_live_tunnels", |_| true),
+    }))
+}
+
+/// Medians over the runs of each peer count.
+fn summary(cases: &[Value]) -> Value {
+    let counts: BTreeSet<u64> = cases.iter().filter_map(|c| c["peers"].as_u64()).collect();
+    let rows: Vec<Value> = counts
+        .iter()
+        .map(|n| {
+            let runs: Vec<&Value> = cases
+                .iter()
+                .filter(|c| c["peers"].as_u64() == Some(*n))
+                .collect();
+            let med = |f: &dyn Fn(&Value) -> Option<f64>| {
+                let values: Vec<f64> = runs.iter().filter_map(|c| f(c)).collect();
+                median(&values).map(round2)
+            };
+            json!({
+                "peers": n,
+                "runs": runs.len(),
+                "configured_rss_mib": med(&|c| c["configured_idle"]["rss_mib"].as_f64()),
+                "configured_cpu_pct": med(&|c| c["configured_idle"]["cpu_pct"].as_f64()),
+                "handshakes_completed": med(&|c| c["handshakes"]["completed"].as_f64()),
+                "handshakes_s": med(&|c| c["handshakes"]["seconds"].as_f64()),
+                "established_rss_mib": med(&|c| c["established_idle"]["rss_mib"].as_f64()),
+                "established_cpu_pct": med(&|c| c["established_idle"]["cpu_pct"].as_f64()),
+                "peak_rss_mib": med(&|c| c["peak_rss_mib"].as_f64()),
+                "first_packet_ms": med(&|c| c["first_packet_ms"]["median"].as_f64()),
+            })
+        })
+        .collect();
+    Value::Array(rows)
 }
 
 struct ScalePeer {
@@ -233,7 +352,10 @@ fn peer_address(i: usize) -> Ipv4Addr {
 
 fn start_agent(host: &Host) -> Result<Proc> {
     let agent = agent_binary()?;
-    let proc = host.spawn_agent(&["up", "--interface", IFACE], &[("RUST_LOG", "warn")])?;
+    let proc = host.spawn_agent(
+        &["up", "--interface", IFACE, "--metrics-addr", METRICS_ADDR],
+        &[("RUST_LOG", "warn")],
+    )?;
     let socket = host.run_dir().join(format!("{IFACE}.sock"));
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
@@ -317,9 +439,14 @@ fn handshake_all(
     let start = Instant::now();
     let mut probes = 0;
     let mut last_probe: Option<Instant> = None;
+    // Handshakes completed at the end of each second: the shape of the bring-up.
+    let mut timeline = Vec::new();
     loop {
         interrupt::check()?;
         let done = stats.confirmed.load(Ordering::Relaxed);
+        if start.elapsed() >= Duration::from_secs(timeline.len() as u64 + 1) {
+            timeline.push(done);
+        }
         if done >= n || start.elapsed() > timeout {
             break;
         }
@@ -351,6 +478,7 @@ fn handshake_all(
         "seconds": round2(seconds),
         "timed_out": completed < n,
         "agent_cpu_s": round2(usage.processes_s),
+        "completed_by_second": timeline,
     }))
 }
 
@@ -530,4 +658,22 @@ fn table(baseline: &Value, cases: &[Value]) -> String {
         "\nWiremesh agent at scale (first packet: median of runs, from `wg set` to the first echo through the tunnel)\n\n{}",
         markdown(&rows)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_share_responder_addresses_in_groups_inside_the_net() {
+        let c = Ipv4Addr::new(198, 18, 0, 3);
+        let at = |per, i| responder_endpoint(c, per, i);
+        assert_eq!(at(8, 0), "198.18.16.1:20000".parse().unwrap());
+        assert_eq!(at(8, 7), "198.18.16.1:20007".parse().unwrap());
+        assert_eq!(at(8, 8), "198.18.16.2:20008".parse().unwrap());
+        assert_eq!(at(0, 9_999), "198.18.0.3:29999".parse().unwrap());
+        // The last address of the plan is the /20's last host address.
+        let last = responder_addresses() * 8 - 1;
+        assert_eq!(at(8, last).ip(), Ipv4Addr::new(198, 18, 31, 254));
+    }
 }
