@@ -18,14 +18,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, ensure};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod as PodObject, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod as PodObject, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::clusters::{Side, TwoClusters, wait_for};
+use crate::clusters::{ClusterNode, Side, TwoClusters, wait_for};
 use crate::k8s::{ApiProxy, ControlPlane, block_on};
 use crate::lab::{Netns, Pod, Proc, run_with_timeout};
 
@@ -142,7 +142,7 @@ impl ClusterServices {
                 "--hostname-override",
                 &node.name,
                 "--cluster-cidr",
-                &side.pod_range(),
+                &clusters.pod_range(side),
                 // Conntrack sysctls are the machine's, not a namespace's: leave them.
                 "--conntrack-max-per-core",
                 "0",
@@ -306,6 +306,78 @@ fn set_pod_status(
     )
     .with_context(|| format!("setting the status of Pod {namespace}/{name}"))?;
     Ok(())
+}
+
+/// A `wm-hello` server answering with `name` on `port`, in a new pod `name` behind
+/// `node`, with a ready Pod object `namespace/name` labelled `app=APP` bound to it
+/// (namespace created if absent), as the EndpointSlice controller needs it.
+///
+/// # Errors
+/// When a part fails.
+pub fn hello_pod(
+    client: &Client,
+    node: &ClusterNode,
+    namespace: &str,
+    name: &str,
+    app: &str,
+    port: u16,
+) -> Result<(Pod, Proc)> {
+    create_namespace(client, namespace)?;
+    let hello = hello_binary()?;
+    let pod = node.host.add_pod(name)?;
+    let listen = std::net::SocketAddr::from((pod.ip(), port)).to_string();
+    let server = pod.spawn(&[
+        path_str(&hello)?,
+        "serve",
+        "--listen",
+        &listen,
+        "--name",
+        name,
+    ])?;
+    bind_pod(
+        client,
+        namespace,
+        name,
+        &[("app", app)],
+        &pod,
+        &node.name,
+        None,
+    )?;
+    Ok((pod, server))
+}
+
+/// Namespace `namespace`, created if absent.
+///
+/// # Errors
+/// When the API server refuses.
+pub fn create_namespace(client: &Client, namespace: &str) -> Result<()> {
+    apply_cluster(
+        client,
+        &object::<Namespace>(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": namespace },
+        }))?,
+    )?;
+    Ok(())
+}
+
+/// A ClusterIP Service `namespace/name` on TCP `port` (named `http`) for the pods
+/// labelled `app=NAME`.
+///
+/// # Errors
+/// When the API server refuses.
+pub fn hello_service(client: &Client, namespace: &str, name: &str, port: u16) -> Result<Service> {
+    apply(
+        client,
+        namespace,
+        &object::<Service>(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": { "name": name, "namespace": namespace },
+            "spec": {
+                "selector": { "app": name },
+                "ports": [{ "name": "http", "port": port, "protocol": "TCP", "targetPort": port }],
+            },
+        }))?,
+    )
 }
 
 /// Makes CoreDNS at [`DNS_IP`] the resolver of `pod`, searching `namespace` first.

@@ -1,20 +1,24 @@
 //! `make demo`: two Kubernetes clusters (real control planes, lab hosts as nodes) linked
 //! with `meshctl join`, a checksummed pod-to-pod transfer across them, proof on the
-//! underlay that it was encrypted, `meshctl status`, then teardown (or, with `KEEP=1`, the
-//! lab stays until Ctrl-C).
+//! underlay that it was encrypted, `meshctl status`, a Service exported from cluster-b and
+//! called by its `clusterset.local` name from a pod in cluster-a, then teardown (or, with
+//! `KEEP=1`, the lab stays until Ctrl-C).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use nix::sys::signal::{SigSet, Signal};
-use wiremesh_lab::clusters::{TwoClusters, wait_for};
+use wiremesh_lab::clusters::{Side, TwoClusters, wait_for};
 use wiremesh_lab::mesh::{IFACE, capture_during};
-use wiremesh_lab::{MIB, ping, transfer};
+use wiremesh_lab::services::{self, Binaries, ClusterServices};
+use wiremesh_lab::{MIB, output_text, ping, transfer};
 
 /// What `ping -p` repeats in each echo payload; it must never be seen on the underlay.
 const MARKER_HEX: &str = "57495245204d455348";
 const MARKER: &[u8] = b"WIRE MESH";
+/// The port of the demo's exported Service.
+const HELLO_PORT: u16 = 8080;
 
 fn main() -> ExitCode {
     // Block SIGINT/SIGTERM now so that, with KEEP=1, we can wait for them and still tear
@@ -124,6 +128,67 @@ fn run(keep: bool, signals: &SigSet) -> Result<()> {
     step("wg show wm0 on node a1 (the stock wireguard-tools, over our UAPI socket)");
     eprintln!("{}", a1.wg(&["show", IFACE])?);
 
+    step(
+        "Services: kube-controller-manager, kube-proxy and CoreDNS in each cluster; meshctl install --configure-dns",
+    );
+    let bins = Binaries::build()?;
+    let machinery = [Side::A, Side::B]
+        .into_iter()
+        .map(|side| ClusterServices::start(&lab, side, &bins))
+        .collect::<Result<Vec<_>>>()?;
+    step("cluster-b: Service demo/hello on pod b2-hello; meshctl export hello -n demo");
+    let b2 = lab.b.node("b2")?;
+    let client_b = lab.b.client()?;
+    let hello_pod = services::hello_pod(&client_b, b2, "demo", "b2-hello", "hello", HELLO_PORT)?;
+    services::hello_service(&client_b, "demo", "hello", HELLO_PORT)?;
+    let out = lab.meshctl(&["--context", "cluster-b", "export", "hello", "-n", "demo"])?;
+    ensure!(
+        out.status.success(),
+        "meshctl export: {}",
+        output_text(&out)
+    );
+    eprint!("{}", output_text(&out));
+    let exported = Instant::now();
+    // A service is imported only where its namespace exists.
+    services::create_namespace(&lab.a.client()?, "demo")?;
+    step("pod a1: hello.demo.svc.clusterset.local, by name (namespace demo exists in cluster-a)");
+    let name = "hello.demo.svc.clusterset.local";
+    let mut vip = None;
+    wait_for(Duration::from_secs(30), || {
+        let out = a1.pod.exec(&["getent", "ahostsv4", name])?;
+        vip = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .and_then(|a| a.parse::<std::net::Ipv4Addr>().ok());
+        ensure!(vip.is_some(), "{name} does not resolve yet");
+        Ok(())
+    })?;
+    let vip = vip.context("no address")?;
+    let hello = services::hello_binary()?;
+    let to = format!("{vip}:{HELLO_PORT}");
+    let mut answers = String::new();
+    wait_for(Duration::from_secs(20), || {
+        answers = a1.pod.exec_ok(&[
+            hello.to_str().context("path")?,
+            "get",
+            "--to",
+            &to,
+            "--count",
+            "3",
+            "--interval-ms",
+            "100",
+        ])?;
+        ensure!(
+            answers.lines().count() == 3 && answers.lines().all(|l| l.ends_with(" ok b2-hello")),
+            "answers: {answers}"
+        );
+        Ok(())
+    })?;
+    eprintln!(
+        "    {name} -> {vip} (the ServiceImport's VIP in cluster-a); 3 calls answered by b2-hello, {:.1} s after the export",
+        exported.elapsed().as_secs_f64()
+    );
+
     if keep {
         let pid = a1.agent.as_ref().map(|p| p.pid()).context("agent a1")?;
         step("KEEP=1: the lab stays up until Ctrl-C");
@@ -139,6 +204,8 @@ fn run(keep: bool, signals: &SigSet) -> Result<()> {
         "tearing down (demo took {:.1} s)",
         started.elapsed().as_secs_f64()
     ));
+    drop(hello_pod);
+    drop(machinery);
     drop(lab);
     eprintln!("    done: no namespace, device or process left");
     Ok(())
