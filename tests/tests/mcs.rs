@@ -3,7 +3,8 @@
 //! (`wiremesh_lab::services`), configured by `meshctl install --configure-dns`. Needs root
 //! and the binaries of `scripts/deps.sh --k8s`. A second, two-cluster lab has both
 //! clusters on the same pod CIDR (issue 14): the import carries the exporter's mesh
-//! addresses. Every measured time is printed.
+//! addresses. A third ports the Required specs of the upstream conformance suite's
+//! `service_import.go`. Every measured time is printed.
 
 // The test prints what it measured (shown with --nocapture).
 #![allow(clippy::print_stdout)]
@@ -23,7 +24,9 @@ use wiremesh_lab::services::{
     self, Binaries, ClusterServices, apply_cluster, bind_pod, cluster_ip, object,
 };
 use wiremesh_lab::{Pod, Proc, mcs, reachable};
-use wiremesh_proto::mcs::{DERIVED_SERVICE_ANNOTATION, ServiceExport, ServiceImport};
+use wiremesh_proto::mcs::{
+    DERIVED_SERVICE_ANNOTATION, ServiceExport, ServiceImport, ServiceImportType,
+};
 
 /// The service every scenario calls, on TCP 8080 named `http`.
 const NAMESPACE: &str = "demo";
@@ -1057,4 +1060,420 @@ fn transfer_via(from: &Pod, vip: Ipv4Addr, port: u16, backends: &[&Pod]) -> Resu
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// How long upstream's conformance suite waits for an import to appear, go or change.
+const CONFORMANCE_WAIT: Duration = Duration::from_secs(20);
+/// How long upstream's "ensure"/"Consistently" checks hold a state.
+const CONFORMANCE_HOLD: Duration = Duration::from_secs(5);
+
+/// The Required specs of the upstream MCS conformance suite's `service_import.go`
+/// (`sigs.k8s.io/mcs-api/conformance`, which needs kubelet, images and `exec`), ported:
+/// each named as upstream names it, with its assertions and its time bounds (20 s to
+/// converge, 5 s for a state that must hold). `clients[0]` is cluster-b, `clients[1]`
+/// cluster-a; each spec has a namespace of its own in both. No Services machinery: these
+/// specs check the API objects.
+#[test]
+fn mcs_conformance_required_service_import_specs() -> Result<()> {
+    let started = Instant::now();
+    let lab = TwoClusters::new(1)?;
+    lab.join()?;
+    let clients = [lab.b.client()?, lab.a.client()?];
+    let specs: [(&str, Spec); 11] = [
+        (
+            "A ServiceImport should only exist as long as there's at least one exporting cluster",
+            spec_exists_while_exported,
+        ),
+        (
+            "Exporting a ClusterIP service should create a ServiceImport of type ClusterSetIP in the service's namespace in each cluster. Unexporting should delete the ServiceImport",
+            spec_clusterip_import_in_each_cluster,
+        ),
+        (
+            "The SessionAffinity for a ClusterSetIP ServiceImport should match the exported service's SessionAffinity",
+            spec_session_affinity,
+        ),
+        (
+            "An IP should be allocated for a ClusterSetIP ServiceImport",
+            spec_ip_allocated,
+        ),
+        (
+            "The ports for a ClusterSetIP ServiceImport should match those of the exported service",
+            spec_ports_match,
+        ),
+        (
+            "A ClusterIP service exported on two clusters should expose the union of the constituent service ports",
+            spec_ports_union,
+        ),
+        (
+            "A ClusterIP service exported on two clusters with conflicting ports should apply the conflict resolution policy and report a Conflict condition on each ServiceExport",
+            spec_port_conflict,
+        ),
+        (
+            "Exporting a headless service should create a ServiceImport of type Headless in the service's namespace in each cluster. Unexporting should delete the ServiceImport",
+            spec_headless_import_in_each_cluster,
+        ),
+        (
+            "No clusterset IP should be allocated for a Headless ServiceImport",
+            spec_headless_no_ip,
+        ),
+        (
+            "Exporting an ExternalName service should set ServiceExport Valid condition to False",
+            spec_external_name,
+        ),
+        (
+            "A service exported on two clusters with conflicting headlessness should apply the conflict resolution policy and report a Conflict condition on the ServiceExport",
+            spec_headlessness_conflict,
+        ),
+    ];
+    let mut failed = Vec::new();
+    for (i, (name, spec)) in specs.iter().enumerate() {
+        let ns = format!("conformance-{i}");
+        let took = Instant::now();
+        let result = clients
+            .iter()
+            .try_for_each(|c| services::create_namespace(c, &ns))
+            .and_then(|()| spec(&clients, &ns));
+        match result {
+            Ok(()) => println!("PASS ({:.1} s) {name}", took.elapsed().as_secs_f64()),
+            Err(e) => {
+                println!("FAIL {name}: {e:#}");
+                failed.push(*name);
+            }
+        }
+    }
+    println!(
+        "conformance: {} of {} Required service_import specs pass ({:.1} s)",
+        specs.len() - failed.len(),
+        specs.len(),
+        started.elapsed().as_secs_f64()
+    );
+    ensure!(failed.is_empty(), "failed: {failed:#?}");
+    Ok(())
+}
+
+/// One ported spec: the two clusters' clients and its namespace.
+type Spec = fn(&[Client; 2], &str) -> Result<()>;
+
+/// Upstream's `helloService`: ClusterIP, TCP 42 named `tcp`, `sessionAffinity`
+/// `spec_extra` merged in.
+fn conformance_service(client: &Client, ns: &str, spec_extra: serde_json::Value) -> Result<()> {
+    let mut spec = serde_json::json!({
+        "selector": { "app": HELLO },
+        "ports": [{ "name": "tcp", "port": 42, "protocol": "TCP" }],
+    });
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), spec_extra.as_object()) {
+        for (k, v) in extra {
+            spec.insert(k.clone(), v.clone());
+        }
+    }
+    services::apply(
+        client,
+        ns,
+        &object::<Service>(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": { "name": HELLO, "namespace": ns },
+            "spec": spec,
+        }))?,
+    )?;
+    Ok(())
+}
+
+/// As upstream's two-cluster driver: the second export comes more than a second after
+/// the first, so that its creation timestamp (seconds) is later and the conflict
+/// resolution (oldest export wins) deterministic.
+fn older_by_a_second() {
+    std::thread::sleep(Duration::from_millis(1100));
+}
+
+fn unexport(client: &Client, ns: &str) -> Result<()> {
+    block_on(
+        Api::<ServiceExport>::namespaced(client.clone(), ns).delete(HELLO, &Default::default()),
+    )
+    .with_context(|| format!("deleting ServiceExport {ns}/{HELLO}"))?;
+    Ok(())
+}
+
+/// The import `ns/hello` once `check` passes on it, within [`CONFORMANCE_WAIT`].
+fn await_import(
+    client: &Client,
+    ns: &str,
+    check: impl Fn(&ServiceImport) -> Result<()>,
+) -> Result<ServiceImport> {
+    let api: Api<ServiceImport> = Api::namespaced(client.clone(), ns);
+    let mut found = None;
+    wait_for(CONFORMANCE_WAIT, || {
+        let import = block_on(api.get_opt(HELLO))?.context("no ServiceImport")?;
+        check(&import)?;
+        found = Some(import);
+        Ok(())
+    })?;
+    found.context("no ServiceImport")
+}
+
+fn await_no_import(client: &Client, ns: &str) -> Result<()> {
+    let api: Api<ServiceImport> = Api::namespaced(client.clone(), ns);
+    wait_for(CONFORMANCE_WAIT, || {
+        ensure!(
+            block_on(api.get_opt(HELLO))?.is_none(),
+            "the ServiceImport still exists"
+        );
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// Fails if, for [`CONFORMANCE_HOLD`], the import's presence is ever not `present` (or
+/// `check` fails on it).
+fn hold_import(
+    client: &Client,
+    ns: &str,
+    present: bool,
+    check: impl Fn(&ServiceImport) -> Result<()>,
+) -> Result<()> {
+    let api: Api<ServiceImport> = Api::namespaced(client.clone(), ns);
+    let until = Instant::now() + CONFORMANCE_HOLD;
+    while Instant::now() < until {
+        match block_on(api.get_opt(HELLO))? {
+            Some(import) if present => check(&import)?,
+            None if !present => {}
+            Some(_) => anyhow::bail!("a ServiceImport exists"),
+            None => anyhow::bail!("the ServiceImport is gone"),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Ok(())
+}
+
+fn await_condition(client: &Client, ns: &str, type_: &str, status: &str) -> Result<()> {
+    let api: Api<ServiceExport> = Api::namespaced(client.clone(), ns);
+    wait_for(CONFORMANCE_WAIT, || {
+        let export = block_on(api.get(HELLO))?;
+        let conditions = export.status.and_then(|s| s.conditions).unwrap_or_default();
+        ensure!(
+            conditions
+                .iter()
+                .any(|c| c.type_ == type_ && c.status == status),
+            "{type_} is not {status}: {conditions:?}"
+        );
+        Ok(())
+    })?;
+    Ok(())
+}
+
+fn expect_type(want: ServiceImportType) -> impl Fn(&ServiceImport) -> Result<()> {
+    move |import| {
+        let got = import.spec.as_ref().map(|s| s.type_);
+        ensure!(got == Some(want), "type {got:?}, want {want:?}");
+        Ok(())
+    }
+}
+
+fn import_ports(import: &ServiceImport) -> Vec<(Option<String>, Option<String>, i32)> {
+    let mut ports: Vec<_> = import
+        .spec
+        .iter()
+        .flat_map(|s| &s.ports)
+        .map(|p| (p.name.clone(), p.protocol.clone(), p.port))
+        .collect();
+    ports.sort();
+    ports
+}
+
+fn port(name: &str, protocol: &str, number: i32) -> (Option<String>, Option<String>, i32) {
+    (Some(name.to_owned()), Some(protocol.to_owned()), number)
+}
+
+fn spec_exists_while_exported(c: &[Client; 2], ns: &str) -> Result<()> {
+    conformance_service(&c[0], ns, serde_json::json!({}))?;
+    mcs::export(&c[0], ns, HELLO)?;
+    await_import(&c[0], ns, |_| Ok(()))?;
+    older_by_a_second();
+    conformance_service(&c[1], ns, serde_json::json!({}))?;
+    mcs::export(&c[1], ns, HELLO)?;
+    hold_import(&c[0], ns, true, |_| Ok(())).context("after exporting on the second cluster")?;
+    unexport(&c[0], ns)?;
+    hold_import(&c[0], ns, true, |_| Ok(()))
+        .context("after unexporting on the first cluster while still exported on the second")?;
+    unexport(&c[1], ns)?;
+    await_no_import(&c[0], ns).context("after unexporting on all clusters")
+}
+
+fn spec_clusterip_import_in_each_cluster(c: &[Client; 2], ns: &str) -> Result<()> {
+    conformance_service(&c[0], ns, serde_json::json!({}))?;
+    mcs::export(&c[0], ns, HELLO)?;
+    for client in c {
+        await_import(client, ns, expect_type(ServiceImportType::ClusterSetIP))?;
+    }
+    unexport(&c[0], ns)?;
+    for client in c {
+        await_no_import(client, ns)?;
+    }
+    Ok(())
+}
+
+fn spec_session_affinity(c: &[Client; 2], ns: &str) -> Result<()> {
+    conformance_service(
+        &c[0],
+        ns,
+        serde_json::json!({
+            "sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": { "clientIP": { "timeoutSeconds": 300 } },
+        }),
+    )?;
+    mcs::export(&c[0], ns, HELLO)?;
+    await_import(&c[0], ns, |import| {
+        let spec = import.spec.as_ref().context("no spec")?;
+        ensure!(
+            spec.session_affinity.as_deref() == Some("ClientIP"),
+            "sessionAffinity {:?}",
+            spec.session_affinity
+        );
+        let timeout = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|s| s.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds);
+        ensure!(
+            timeout == Some(300),
+            "sessionAffinityConfig {:?}",
+            spec.session_affinity_config
+        );
+        Ok(())
+    })?;
+    Ok(())
+}
+
+fn spec_ip_allocated(c: &[Client; 2], ns: &str) -> Result<()> {
+    conformance_service(&c[0], ns, serde_json::json!({}))?;
+    mcs::export(&c[0], ns, HELLO)?;
+    await_import(&c[0], ns, |import| {
+        let ips = import
+            .spec
+            .as_ref()
+            .and_then(|s| s.ips.clone())
+            .unwrap_or_default();
+        let first = ips.first().context("no IP")?;
+        first
+            .parse::<IpAddr>()
+            .with_context(|| format!("{first:?} is not a valid IP"))?;
+        Ok(())
+    })?;
+    Ok(())
+}
+
+fn spec_ports_match(c: &[Client; 2], ns: &str) -> Result<()> {
+    conformance_service(&c[0], ns, serde_json::json!({}))?;
+    mcs::export(&c[0], ns, HELLO)?;
+    await_import(&c[0], ns, |import| {
+        let ports = import_ports(import);
+        ensure!(ports == [port("tcp", "TCP", 42)], "ports {ports:?}");
+        Ok(())
+    })?;
+    Ok(())
+}
+
+fn spec_ports_union(c: &[Client; 2], ns: &str) -> Result<()> {
+    conformance_service(&c[0], ns, serde_json::json!({}))?;
+    mcs::export(&c[0], ns, HELLO)?;
+    await_import(&c[0], ns, |_| Ok(()))?;
+    older_by_a_second();
+    conformance_service(
+        &c[1],
+        ns,
+        serde_json::json!({ "ports": [
+            { "name": "tcp", "port": 42, "protocol": "TCP" },
+            { "name": "stcp", "port": 142, "protocol": "SCTP" },
+        ]}),
+    )?;
+    mcs::export(&c[1], ns, HELLO)?;
+    await_import(&c[0], ns, |import| {
+        let ports = import_ports(import);
+        ensure!(
+            ports == [port("stcp", "SCTP", 142), port("tcp", "TCP", 42)],
+            "ports {ports:?}"
+        );
+        Ok(())
+    })?;
+    Ok(())
+}
+
+fn spec_port_conflict(c: &[Client; 2], ns: &str) -> Result<()> {
+    conformance_service(&c[0], ns, serde_json::json!({}))?;
+    mcs::export(&c[0], ns, HELLO)?;
+    await_import(&c[0], ns, |_| Ok(()))?;
+    older_by_a_second();
+    conformance_service(
+        &c[1],
+        ns,
+        serde_json::json!({ "ports": [{ "name": "tcp", "port": 43, "protocol": "TCP" }] }),
+    )?;
+    mcs::export(&c[1], ns, HELLO)?;
+    for client in c {
+        await_condition(client, ns, "Conflict", "True")?;
+    }
+    await_import(&c[0], ns, |import| {
+        let ports = import_ports(import);
+        ensure!(
+            ports == [port("tcp", "TCP", 42)],
+            "the older port should win: {ports:?}"
+        );
+        Ok(())
+    })?;
+    Ok(())
+}
+
+fn spec_headless_import_in_each_cluster(c: &[Client; 2], ns: &str) -> Result<()> {
+    conformance_service(&c[0], ns, serde_json::json!({ "clusterIP": "None" }))?;
+    mcs::export(&c[0], ns, HELLO)?;
+    for client in c {
+        await_import(client, ns, expect_type(ServiceImportType::Headless))?;
+    }
+    unexport(&c[0], ns)?;
+    for client in c {
+        await_no_import(client, ns)?;
+    }
+    Ok(())
+}
+
+fn spec_headless_no_ip(c: &[Client; 2], ns: &str) -> Result<()> {
+    conformance_service(&c[0], ns, serde_json::json!({ "clusterIP": "None" }))?;
+    mcs::export(&c[0], ns, HELLO)?;
+    await_import(&c[0], ns, |_| Ok(()))?;
+    hold_import(&c[0], ns, true, |import| {
+        let ips = import
+            .spec
+            .as_ref()
+            .and_then(|s| s.ips.clone())
+            .unwrap_or_default();
+        ensure!(ips.is_empty(), "a headless import has IPs {ips:?}");
+        Ok(())
+    })
+}
+
+fn spec_external_name(c: &[Client; 2], ns: &str) -> Result<()> {
+    conformance_service(
+        &c[0],
+        ns,
+        serde_json::json!({ "type": "ExternalName", "externalName": "example.com", "selector": null }),
+    )?;
+    mcs::export(&c[0], ns, HELLO)?;
+    await_condition(&c[0], ns, "Valid", "False")?;
+    hold_import(&c[0], ns, false, |_| Ok(()))
+        .context("the ServiceImport should not exist for an ExternalName service")
+}
+
+fn spec_headlessness_conflict(c: &[Client; 2], ns: &str) -> Result<()> {
+    conformance_service(&c[0], ns, serde_json::json!({}))?;
+    mcs::export(&c[0], ns, HELLO)?;
+    await_import(&c[0], ns, |_| Ok(()))?;
+    older_by_a_second();
+    conformance_service(&c[1], ns, serde_json::json!({ "clusterIP": "None" }))?;
+    mcs::export(&c[1], ns, HELLO)?;
+    for client in c {
+        await_condition(client, ns, "Conflict", "True")?;
+    }
+    for client in c {
+        await_import(client, ns, expect_type(ServiceImportType::ClusterSetIP))?;
+    }
+    Ok(())
 }
