@@ -78,6 +78,7 @@ fn multi_cluster_services() -> Result<()> {
     );
 
     let hello_b = local_service(&lab, Side::B)?;
+    inaccessible_without_export(&lab)?;
     let client_c = lab.cluster(Side::C).client()?;
     let hello_c = hello_pods(&lab, Side::C, &client_c, 2, "")?;
     create_hello_service(&client_c)?;
@@ -218,6 +219,29 @@ fn a_translated_clusters_export_is_imported_at_its_mesh_addresses() -> Result<()
     println!(
         "overlap: 8 MiB through {vip}:{XFER_PORT} to {receiver} intact; whole test {:.1} s",
         started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Upstream conformance, `connectivity.go`, Required: "Connectivity to remote services
+/// with no exported service should be inaccessible": B's `hello` exists but is not
+/// exported; from a pod of every cluster, 20 lookups of its `clusterset.local` name find
+/// nothing (upstream: 20 `nc` to it, none answered by a pod).
+fn inaccessible_without_export(lab: &TwoClusters) -> Result<()> {
+    let name = format!("{HELLO}.{NAMESPACE}.svc.clusterset.local");
+    for side in [Side::A, Side::B, Side::C] {
+        let node = lab.cluster(side).nodes.first().context("no node")?;
+        for _ in 0..20 {
+            let answer = resolve(&node.pod, &name)?;
+            ensure!(
+                answer.is_none(),
+                "{}: {name} answers {answer:?} though nothing is exported",
+                side.name()
+            );
+        }
+    }
+    println!(
+        "PASS Connectivity to remote services with no exported service should be inaccessible ({name}: 20 lookups from each cluster, none answered)"
     );
     Ok(())
 }
@@ -1074,12 +1098,12 @@ const CONFORMANCE_HOLD: Duration = Duration::from_secs(5);
 /// cluster-a; each spec has a namespace of its own in both. No Services machinery: these
 /// specs check the API objects.
 #[test]
-fn mcs_conformance_required_service_import_specs() -> Result<()> {
+fn mcs_conformance_specs() -> Result<()> {
     let started = Instant::now();
     let lab = TwoClusters::new(1)?;
     lab.join()?;
     let clients = [lab.b.client()?, lab.a.client()?];
-    let specs: [(&str, Spec); 11] = [
+    let specs: [(&str, Spec); 12] = [
         (
             "A ServiceImport should only exist as long as there's at least one exporting cluster",
             spec_exists_while_exported,
@@ -1124,6 +1148,10 @@ fn mcs_conformance_required_service_import_specs() -> Result<()> {
             "A service exported on two clusters with conflicting headlessness should apply the conflict resolution policy and report a Conflict condition on the ServiceExport",
             spec_headlessness_conflict,
         ),
+        (
+            "(Optional, endpoint_slice.go) Exporting a service should create an MCS EndpointSlice in the service's namespace in each cluster with the required MCS labels. Unexporting should delete the EndpointSlice.",
+            spec_mcs_endpoint_slices,
+        ),
     ];
     let mut failed = Vec::new();
     for (i, (name, spec)) in specs.iter().enumerate() {
@@ -1142,7 +1170,7 @@ fn mcs_conformance_required_service_import_specs() -> Result<()> {
         }
     }
     println!(
-        "conformance: {} of {} Required service_import specs pass ({:.1} s)",
+        "conformance: {} of {} ported specs pass ({:.1} s)",
         specs.len() - failed.len(),
         specs.len(),
         started.elapsed().as_secs_f64()
@@ -1474,6 +1502,49 @@ fn spec_headlessness_conflict(c: &[Client; 2], ns: &str) -> Result<()> {
     }
     for client in c {
         await_import(client, ns, expect_type(ServiceImportType::ClusterSetIP))?;
+    }
+    Ok(())
+}
+
+fn spec_mcs_endpoint_slices(c: &[Client; 2], ns: &str) -> Result<()> {
+    // The exporter's own slice, as kube-controller-manager would write it for a pod of b1.
+    mcs::create_service(&c[0], ns, HELLO, 42, &[("10.2.1.50", "b1")])?;
+    mcs::export(&c[0], ns, HELLO)?;
+    let mut names = Vec::new();
+    for client in c {
+        let api: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+        let mut name = None;
+        wait_for(CONFORMANCE_WAIT, || {
+            let slices = mcs::imported_slices(&api, HELLO)?;
+            let slice = slices.first().context("no MCS EndpointSlice")?;
+            let labels = slice.metadata.labels.clone().unwrap_or_default();
+            ensure!(
+                labels
+                    .get("multicluster.kubernetes.io/service-name")
+                    .map(String::as_str)
+                    == Some(HELLO)
+                    && labels.contains_key("multicluster.kubernetes.io/source-cluster"),
+                "MCS labels missing: {labels:?}"
+            );
+            let managed_by = labels.get("endpointslice.kubernetes.io/managed-by");
+            ensure!(
+                managed_by.is_some_and(|m| m != "endpointslice-controller.k8s.io"),
+                "managed-by {managed_by:?}"
+            );
+            name = slice.metadata.name.clone();
+            Ok(())
+        })?;
+        names.push((api, name.context("a slice without a name")?));
+    }
+    unexport(&c[0], ns)?;
+    for (api, name) in &names {
+        wait_for(CONFORMANCE_WAIT, || {
+            ensure!(
+                block_on(api.get_opt(name))?.is_none(),
+                "{name} still exists"
+            );
+            Ok(())
+        })?;
     }
     Ok(())
 }
