@@ -105,8 +105,11 @@ pub async fn run(options: HostOptions) -> Result<()> {
         .collect::<Result<Vec<_>, _>>()
         .context("the host's addresses")?;
     let spec = InterfaceSpec {
-        // Hosts do not translate: only a cluster's nodes do, for its pods.
-        translation: wiremesh_core::translate::Translation::default(),
+        // Hosts do not translate: only a cluster's nodes do, for its pods. A packet from a
+        // peer is delivered only to the host's own addresses (or passed on to another
+        // peer): never to the host's other networks, its metadata service or beyond.
+        translation: wiremesh_core::translate::Translation::default()
+            .with_own_ranges(own_cidrs.clone()),
         name: options.interface.clone(),
         mtu: options.mtu,
         addresses,

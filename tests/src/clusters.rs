@@ -257,6 +257,8 @@ impl BareHost {
                 path_str(bundle)?,
                 "--state-dir",
                 path_str(&state)?,
+                "--metrics-addr",
+                crate::mesh::METRICS,
             ],
             &[],
         )?;

@@ -17,7 +17,7 @@ use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
 use wiremesh_lab::clusters::{BareHost, INTERFACE, Side, TwoClusters, wait_for};
 use wiremesh_lab::k8s::block_on;
-use wiremesh_lab::mesh::Keypair;
+use wiremesh_lab::mesh::{self, IFACE, Keypair};
 use wiremesh_lab::{MIB, Netns, reachable, transfer};
 use wiremesh_proto::crd::{HostBundle, MeshPeer};
 use wiremesh_proto::crd::{MeshNode, SYSTEM_NAMESPACE, host_account_name};
@@ -139,6 +139,74 @@ fn hosts_outside_kubernetes_join_both_clusters_and_leave() -> Result<()> {
     ] {
         let report = transfer(from, to, 8 * MIB)?;
         println!("{what}: 8 MiB intact ({:.0} Mbit/s)", report.mbit_per_s());
+    }
+
+    // A compromised b1 (root: it sets its own agent's allowed IPs and routes) sends into
+    // its tunnel to db1 pings for db1's link-local "metadata service" (169.254.169.254,
+    // which answers on db1): a host delivers only to its own addresses, so db1 drops them
+    // as bad_destination and nothing answers.
+    {
+        db.host
+            .ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"])?;
+        let db_key = db
+            .host
+            .wg(&["show", IFACE, "public-key"])?
+            .trim()
+            .to_owned();
+        let allowed = b1.wg(&["show", IFACE, "allowed-ips"])?;
+        let current = allowed
+            .lines()
+            .find(|l| l.starts_with(&db_key))
+            .and_then(|l| l.split_once('\t'))
+            .map(|(_, ips)| ips.split_whitespace().collect::<Vec<_>>().join(","))
+            .context("b1 has no allowed IPs for db1")?;
+        let widened = format!("{current},169.254.169.254/32");
+        b1.wg(&["set", IFACE, "peer", &db_key, "allowed-ips", &widened])?;
+        b1.host
+            .ip(&["route", "replace", "169.254.169.254/32", "dev", IFACE])?;
+        let drops = || -> Result<f64> {
+            let text = mesh::http_get(&db.host, mesh::METRICS, "/metrics")?;
+            let exposition: wiremesh_lab::metrics::Exposition = text.parse()?;
+            Ok(exposition
+                .value("wiremesh_drops_total", &[("reason", "bad_destination")])
+                .unwrap_or(0.0))
+        };
+        let before = drops()?;
+        let out = b1.pod.exec(&[
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "169.254.169.254",
+        ])?;
+        let counted = wait_for(Duration::from_secs(5), || {
+            let after = drops()?;
+            ensure!(after >= before + 3.0, "bad_destination {before} -> {after}");
+            Ok(())
+        });
+        b1.host
+            .ip(&["route", "del", "169.254.169.254/32", "dev", IFACE])?;
+        b1.wg(&["set", IFACE, "peer", &db_key, "allowed-ips", &current])?;
+        println!(
+            "compromised b1 -> db1's 169.254.169.254 through the tunnel: {}; db1 counted bad_destination {before} -> {}",
+            if out.status.success() {
+                "ANSWERED"
+            } else {
+                "no answer"
+            },
+            drops()?
+        );
+        ensure!(
+            !out.status.success(),
+            "a peer reached host db1's link-local address through the tunnel"
+        );
+        counted?;
+        wait_reachable(&b1.pod, db.address(), "pod b1 -> host db1")?;
     }
 
     // The host agent reports its tunnels (a1 and b1) on its MeshNode, as nodes do.
