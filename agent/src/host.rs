@@ -106,10 +106,12 @@ pub async fn run(options: HostOptions) -> Result<()> {
         .context("the host's addresses")?;
     let spec = InterfaceSpec {
         // Hosts do not translate: only a cluster's nodes do, for its pods. A packet from a
-        // peer is delivered only to the host's own addresses (or passed on to another
-        // peer): never to the host's other networks, its metadata service or beyond.
+        // peer is delivered only to the host's own addresses: never to the host's other
+        // networks, its metadata service, beyond, or on to its other peers (a host relays
+        // nothing).
         translation: wiremesh_core::translate::Translation::default()
-            .with_own_ranges(own_cidrs.clone()),
+            .with_own_ranges(own_cidrs.clone())
+            .without_passing_on(),
         name: options.interface.clone(),
         mtu: options.mtu,
         addresses,

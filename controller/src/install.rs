@@ -95,8 +95,9 @@ pub enum InstallError {
     /// `--mesh-cidr` differs from the mesh CIDRs the cluster has while other clusters are
     /// linked to it (they reach its pods at the old ones).
     #[error(
-        "this cluster's mesh CIDRs are {existing} and linked clusters reach its pods at them; \
-         changing them to {requested} would break those links (unjoin every linked cluster first)"
+        "this cluster's mesh CIDRs are {existing} (none: linked clusters reach its pods at their pod \
+         addresses) and clusters are linked to it; changing them to {requested} would break those \
+         links (unjoin every linked cluster first)"
     )]
     MeshCidrsChanged {
         /// The mesh CIDRs in the ConfigMap.
@@ -282,44 +283,76 @@ pub struct Installed {
 }
 
 /// The mesh CIDRs an install writes: those asked for, else the ones the cluster already
-/// has (`existing`, the ConfigMap's value). `meshctl join` assigns them, and linked
-/// clusters reach this cluster's pods at them: an install run again for another reason
-/// (`--configure-dns`, an upgrade) must not drop them. Changing them is refused while
-/// the cluster is `linked`; kept ones must still pair with the pod CIDRs given. An
-/// existing value that does not parse is not kept (agents ignore it too).
+/// has (`existing`: the ConfigMap's `meshCIDRs` and `podCIDRs` values). `meshctl join`
+/// assigns them, and linked clusters reach this cluster's pods at them: an install run
+/// again for another reason (`--configure-dns`, an upgrade) must not drop them. While the
+/// cluster is `linked`, its mesh CIDRs may not change (added, changed or dropped), nor may
+/// the pod CIDRs that kept ones pair with. Kept ones must still pair with the pod CIDRs
+/// given. An existing value that does not parse is refused unless replaced on a cluster
+/// that is not linked (agents keep their last good translation meanwhile).
 ///
 /// # Errors
 /// [`InstallError::MeshCidrsChanged`], [`InstallError::MeshCidrsStale`].
 pub fn mesh_cidrs_to_write(
-    existing: Option<&String>,
+    existing_mesh: Option<&String>,
+    existing_pods: Option<&String>,
     info: &ClusterInfo,
     linked: bool,
 ) -> Result<Vec<IpCidr>, InstallError> {
-    let existing: Vec<IpCidr> = existing
-        .map(|text| {
+    let parse = |text: Option<&String>| -> Result<Vec<IpCidr>, String> {
+        text.map_or(Ok(Vec::new()), |text| {
             text.split(',')
                 .map(str::trim)
                 .filter(|c| !c.is_empty())
-                .map(str::parse)
-                .collect::<Result<Vec<IpCidr>, _>>()
-                .unwrap_or_default()
+                .map(|c| c.parse().map_err(|e| format!("{c:?}: {e}")))
+                .collect()
         })
-        .unwrap_or_default();
-    let list = |cidrs: &[IpCidr]| {
-        cidrs
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
     };
-    if !info.mesh_cidrs.is_empty() {
-        if linked && !existing.is_empty() && existing != info.mesh_cidrs {
+    let list = |cidrs: &[IpCidr]| {
+        if cidrs.is_empty() {
+            "none".to_owned()
+        } else {
+            cidrs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+    };
+    let existing = match parse(existing_mesh) {
+        Ok(existing) => existing,
+        Err(_) if !linked && !info.mesh_cidrs.is_empty() => return Ok(info.mesh_cidrs.clone()),
+        Err(reason) => {
+            return Err(InstallError::MeshCidrsStale {
+                existing: existing_mesh.cloned().unwrap_or_default(),
+                reason: format!("the ConfigMap's value does not parse ({reason})"),
+            });
+        }
+    };
+    if !info.mesh_cidrs.is_empty() || !linked {
+        if linked && existing != info.mesh_cidrs {
             return Err(InstallError::MeshCidrsChanged {
                 existing: list(&existing),
                 requested: list(&info.mesh_cidrs),
             });
         }
-        return Ok(info.mesh_cidrs.clone());
+        if !info.mesh_cidrs.is_empty() {
+            return Ok(info.mesh_cidrs.clone());
+        }
+    }
+    if linked && !existing.is_empty() {
+        let pods = parse(existing_pods).unwrap_or_default();
+        if pods != info.pod_cidrs {
+            return Err(InstallError::MeshCidrsStale {
+                existing: list(&existing),
+                reason: format!(
+                    "they stand for the pod CIDRs {} and linked clusters reach those pods at them; \
+                     the pod CIDRs given are {}",
+                    list(&pods),
+                    list(&info.pod_cidrs)
+                ),
+            });
+        }
     }
     check_mesh_cidrs(&info.pod_cidrs, &existing).map_err(|reason| {
         InstallError::MeshCidrsStale {
@@ -381,7 +414,12 @@ pub async fn install_cluster(
         }
     };
     let info = &ClusterInfo {
-        mesh_cidrs: mesh_cidrs_to_write(existing_data.get(MESH_CIDRS_KEY), info, linked)?,
+        mesh_cidrs: mesh_cidrs_to_write(
+            existing_data.get(MESH_CIDRS_KEY),
+            existing_data.get(POD_CIDRS_KEY),
+            info,
+            linked,
+        )?,
         ..info.clone()
     };
 
@@ -771,44 +809,54 @@ mod tests {
             mesh_cidrs: if mesh.is_empty() { Vec::new() } else { c(mesh) },
             ..ClusterInfo::default()
         };
-        let assigned = "100.64.0.0/16".to_owned();
+        let (assigned, pods) = ("100.64.0.0/16".to_owned(), "10.244.0.0/16".to_owned());
+        let write = |mesh: Option<&String>, info: &ClusterInfo, linked: bool| {
+            mesh_cidrs_to_write(mesh, Some(&pods), info, linked)
+        };
         let again = info("10.244.0.0/16", "");
         // Run again without --mesh-cidr (to configure DNS, to upgrade): kept, linked or not.
         for linked in [false, true] {
             assert_eq!(
-                mesh_cidrs_to_write(Some(&assigned), &again, linked).unwrap(),
+                write(Some(&assigned), &again, linked).unwrap(),
                 c("100.64.0.0/16")
             );
         }
-        assert_eq!(mesh_cidrs_to_write(None, &again, true).unwrap(), vec![]);
+        assert_eq!(write(None, &again, true).unwrap(), vec![]);
         // The same ones given again, or others before any link: written as given.
         let same = info("10.244.0.0/16", "100.64.0.0/16");
         assert_eq!(
-            mesh_cidrs_to_write(Some(&assigned), &same, true).unwrap(),
+            write(Some(&assigned), &same, true).unwrap(),
             same.mesh_cidrs
         );
         let other = info("10.244.0.0/16", "100.70.0.0/16");
         assert_eq!(
-            mesh_cidrs_to_write(Some(&assigned), &other, false).unwrap(),
+            write(Some(&assigned), &other, false).unwrap(),
             other.mesh_cidrs
         );
-        // Others while linked: refused, naming both.
-        let err = mesh_cidrs_to_write(Some(&assigned), &other, true).unwrap_err();
+        assert_eq!(write(None, &other, false).unwrap(), other.mesh_cidrs);
+        // Others while linked, or some where there were none: refused, naming both.
+        let err = write(Some(&assigned), &other, true).unwrap_err();
         assert!(
             matches!(err, InstallError::MeshCidrsChanged { .. })
                 && err.to_string().contains("100.64.0.0/16")
                 && err.to_string().contains("100.70.0.0/16"),
             "{err}"
         );
-        // New pod CIDRs the kept ones do not fit: refused, nothing written.
-        let err =
-            mesh_cidrs_to_write(Some(&assigned), &info("10.244.0.0/17", ""), false).unwrap_err();
+        let err = write(None, &other, true).unwrap_err();
+        assert!(err.to_string().contains("are none"), "{err}");
+        // Kept ones that no longer fit, or whose pod CIDRs change while linked: refused.
+        let err = write(Some(&assigned), &info("10.244.0.0/17", ""), false).unwrap_err();
         assert!(matches!(err, InstallError::MeshCidrsStale { .. }), "{err}");
-        // A value that does not parse is not kept.
+        let err = write(Some(&assigned), &info("10.245.0.0/16", ""), true).unwrap_err();
+        assert!(err.to_string().contains("10.244.0.0/16"), "{err}");
+        // A value that does not parse: refused, unless replaced before any link.
         let garbage = "not a cidr".to_owned();
+        let err = write(Some(&garbage), &again, true).unwrap_err();
+        assert!(err.to_string().contains("does not parse"), "{err}");
+        assert!(write(Some(&garbage), &again, false).is_err());
         assert_eq!(
-            mesh_cidrs_to_write(Some(&garbage), &again, true).unwrap(),
-            vec![]
+            write(Some(&garbage), &other, false).unwrap(),
+            other.mesh_cidrs
         );
     }
 

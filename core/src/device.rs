@@ -1339,7 +1339,8 @@ impl Device {
                 // relay passes it on); nothing else.
                 let allowed = destination(packet).is_some_and(|dst| {
                     self.translation.delivers(dst)
-                        || self.allowed.lookup(dst).is_some_and(|to| to != id)
+                        || (self.translation.passes_on()
+                            && self.allowed.lookup(dst).is_some_and(|to| to != id))
                 });
                 if !allowed {
                     return self.drop_datagram(DropReason::BadDestination);
@@ -2281,6 +2282,19 @@ mod tests {
             assert_eq!((tun.len(), dropped), (0, Some(DropReason::Encapsulated)));
         }
         assert_eq!(p.a.counters().drops(DropReason::Encapsulated), 2);
+        // A host passes nothing on to another peer.
+        let own = vec!["10.0.1.0/24".parse().unwrap()];
+        p.a.set_translation(
+            Translation::default()
+                .with_own_ranges(own)
+                .without_passing_on(),
+        );
+        assert_eq!(through(&mut p, "10.0.1.5"), (1, None));
+        assert_eq!(
+            through(&mut p, "10.0.3.9"),
+            (0, Some(DropReason::BadDestination)),
+            "a host is no relay"
+        );
     }
 
     #[test]

@@ -14,17 +14,26 @@
 //! ([`PROTOCOLS`]), in every fragment, and the well-known UDP ports of UDP tunnels
 //! ([`UDP_PORTS`]), in an unfragmented packet or a first fragment. An IPv6 extension
 //! header chain is walked to its end; one too long to walk, or a UDP header cut short, is
-//! treated as a tunnel (the kernel would have to guess too). Foo-over-UDP and GUE use
-//! ports the administrator chooses: those are not recognised.
+//! treated as a tunnel (the kernel would have to guess too). Foo-over-UDP, GUE and
+//! tunnels moved to ports of the administrator's choosing (Calico's `vxlanPort`, Cilium's
+//! `tunnel-port`, flannel's `Port`) are not recognised.
+//!
+//! Source routes steer a packet the same way, to an address written inside it: an IPv6
+//! Routing Header with segments left (SRv6, RPL, where the node enables them) or an IPv4
+//! loose or strict source route option. Those are dropped too.
 
 /// IP protocol numbers (IANA) of tunnels: IPv4-in-IP (IPIP), IPv6-in-IP (SIT, ip6ip6),
 /// GRE (also ERSPAN, NVGRE, gretap), EtherIP, L2TPv3, MPLS-in-IP and Ethernet (SRv6).
 pub const PROTOCOLS: [u8; 7] = [4, 41, 47, 97, 115, 137, 143];
 
 /// Well-known UDP destination ports of tunnels: L2TP (1701), GRE-in-UDP (4754), VXLAN
-/// (4789), VXLAN-GPE (4790), Geneve (6081), MPLS-in-UDP (6635) and Linux's VXLAN default
-/// (8472, used by flannel and Cilium).
-pub const UDP_PORTS: [u16; 7] = [1701, 4754, 4789, 4790, 6081, 6635, 8472];
+/// (4789), VXLAN-GPE (4790), Geneve (6081), MPLS-in-UDP (6635), Weave Net's fast
+/// datapath (6784) and Linux's VXLAN default (8472, used by flannel and Cilium).
+pub const UDP_PORTS: [u16; 8] = [1701, 4754, 4789, 4790, 6081, 6635, 6784, 8472];
+
+/// IPv4 options that route a packet by addresses inside it (RFC 791): loose and strict
+/// source route.
+const SOURCE_ROUTE_OPTIONS: [u8; 2] = [0x83, 0x89];
 
 const PROTO_UDP: u8 = 17;
 /// IPv6 extension headers (RFC 8200 §4) and AH (RFC 4302), which chain like them.
@@ -37,7 +46,7 @@ const EXT_DESTINATION: u8 = 60;
 const MAX_EXTENSIONS: usize = 16;
 
 /// True when `packet` (an IPv4 or IPv6 packet, as decrypted) carries another tunnel's
-/// packet, or its headers are too short or too long to tell. Anything else, including a
+/// packet or a source route, or its headers are too short or too long to tell. Anything else, including a
 /// packet that is neither IPv4 nor IPv6, is false: other checks drop those.
 pub fn carries_tunnel(packet: &[u8]) -> bool {
     match packet.first().map(|b| b >> 4) {
@@ -82,6 +91,25 @@ fn v4(packet: &[u8]) -> Option<Payload> {
     if ihl < 20 || packet.len() < ihl {
         return None;
     }
+    // The options: a source route, or a list that does not parse, counts as a tunnel.
+    let mut at = 20;
+    while at < ihl {
+        match *packet.get(at)? {
+            0 => break,
+            1 => at += 1,
+            kind if SOURCE_ROUTE_OPTIONS.contains(&kind) => return None,
+            _ => {
+                let len = usize::from(*packet.get(at + 1)?);
+                if len < 2 {
+                    return None;
+                }
+                at += len;
+            }
+        }
+    }
+    if at > ihl {
+        return None;
+    }
     let udp_port = (offset == 0).then(|| port_at(packet, ihl));
     Some(Payload { protocol, udp_port })
 }
@@ -96,6 +124,7 @@ fn v6(packet: &[u8]) -> Option<Payload> {
     let mut first = true;
     for _ in 0..MAX_EXTENSIONS {
         match next {
+            EXT_ROUTING if *packet.get(at + 3)? != 0 => return None,
             EXT_HOP_BY_HOP | EXT_ROUTING | EXT_DESTINATION => {
                 let len = (usize::from(*packet.get(at + 1)?) + 1) * 8;
                 next = *packet.get(at)?;
@@ -187,6 +216,32 @@ mod tests {
         with_options[0] = 0x46;
         with_options.extend_from_slice(&udp(8472));
         assert!(carries_tunnel(&with_options));
+    }
+
+    #[test]
+    fn source_routes_count_as_tunnels() {
+        let options = |opts: &[u8]| {
+            let mut p = v4_packet(6, 0, &[]);
+            p[0] = 0x40 | (5 + opts.len() / 4) as u8;
+            p.extend_from_slice(opts);
+            p.extend_from_slice(&[0; 20]);
+            p
+        };
+        // Loose and strict source route; a NOP then a timestamp option does not route.
+        assert!(carries_tunnel(&options(&[0x83, 7, 4, 10, 0, 0, 1, 0])));
+        assert!(carries_tunnel(&options(&[1, 0x89, 7, 4, 10, 0, 0, 1])));
+        assert!(!carries_tunnel(&options(&[1, 0x44, 4, 5, 0, 0, 0, 0])));
+        // An option longer than the header, or of length 0.
+        assert!(carries_tunnel(&options(&[0x44, 12, 5, 0])));
+        assert!(carries_tunnel(&options(&[0x44, 0, 0, 0])));
+        // IPv6: a Routing Header with segments left steers; with none left it does not.
+        let routing = |left: u8| vec![0, 0, 4, left, 0, 0, 0, 0];
+        assert!(carries_tunnel(&v6_packet(&[(43, routing(1))], 6, &[0; 20])));
+        assert!(!carries_tunnel(&v6_packet(
+            &[(43, routing(0))],
+            6,
+            &[0; 20]
+        )));
     }
 
     #[test]

@@ -50,8 +50,11 @@ pub struct Translation {
     local: Vec<IpCidr>,
     /// This cluster's own ranges (pod CIDRs as its pods have them, hosts, services), when
     /// known: the only addresses a packet from a peer may be delivered to here
-    /// ([`Translation::delivers`]). `None`: no such rule (standalone and host modes).
+    /// ([`Translation::delivers`]). `None`: no such rule (standalone mode).
     own: Option<Vec<IpCidr>>,
+    /// Whether a packet from a peer may be passed on to another peer (a node's gateway or
+    /// relay work); a host relays nothing ([`Translation::without_passing_on`]).
+    no_pass_on: bool,
 }
 
 /// Which way a packet goes.
@@ -139,6 +142,7 @@ impl Translation {
             maps,
             local: Vec::new(),
             own: None,
+            no_pass_on: false,
         })
     }
 
@@ -162,6 +166,20 @@ impl Translation {
         self
     }
 
+    /// The table, for a machine that passes nothing from one peer on to another (a host):
+    /// with own ranges set, a packet from a peer is delivered to them only.
+    #[must_use]
+    pub fn without_passing_on(mut self) -> Translation {
+        self.no_pass_on = true;
+        self
+    }
+
+    /// Whether a packet from a peer may go on to another peer (see
+    /// [`Translation::without_passing_on`]).
+    pub fn passes_on(&self) -> bool {
+        !self.no_pass_on
+    }
+
     /// Whether a packet from a peer, translated, may be delivered to `dst` here: always
     /// when no own ranges are set, else when `dst` is in one of them.
     pub fn delivers(&self, dst: IpAddr) -> bool {
@@ -182,6 +200,7 @@ impl Translation {
             maps: self.maps.iter().map(PrefixMap::inverse).collect(),
             local: self.local.clone(),
             own: self.own.clone(),
+            no_pass_on: self.no_pass_on,
         }
     }
 
