@@ -67,6 +67,18 @@ pub struct HostOptions {
     pub max_peers: usize,
 }
 
+/// A host's delivery rule: to its own addresses `own`, and, for a relay, on to another
+/// peer.
+fn host_translation(own: &[IpCidr], relay: bool) -> wiremesh_core::translate::Translation {
+    let translation =
+        wiremesh_core::translate::Translation::default().with_own_ranges(own.to_vec());
+    if relay {
+        translation
+    } else {
+        translation.without_passing_on()
+    }
+}
+
 /// Runs the agent in host mode until SIGINT/SIGTERM.
 ///
 /// # Errors
@@ -107,11 +119,9 @@ pub async fn run(options: HostOptions) -> Result<()> {
     let spec = InterfaceSpec {
         // Hosts do not translate: only a cluster's nodes do, for its pods. A packet from a
         // peer is delivered only to the host's own addresses: never to the host's other
-        // networks, its metadata service, beyond, or on to its other peers (a host relays
-        // nothing).
-        translation: wiremesh_core::translate::Translation::default()
-            .with_own_ranges(own_cidrs.clone())
-            .without_passing_on(),
+        // networks, its metadata service or beyond; and on to another peer only by a
+        // relay (`meshctl host add --relay`, read at start).
+        translation: host_translation(&own_cidrs, node.spec.relay),
         name: options.interface.clone(),
         mtu: options.mtu,
         addresses,
@@ -349,6 +359,17 @@ mod tests {
     use super::*;
 
     const GOOD: &str = r#"{"apiServer":"https://127.0.0.1:6443","caData":"Q0E=","token":"t","clusterName":"cluster-a","hostName":"db-1"}"#;
+
+    #[test]
+    fn a_host_delivers_to_its_own_addresses_and_only_a_relay_passes_on() {
+        let own: Vec<IpCidr> = vec!["10.250.0.5/32".parse().unwrap()];
+        let host = host_translation(&own, false);
+        assert!(host.limits_destinations() && !host.passes_on());
+        assert!(host.delivers("10.250.0.5".parse().unwrap()));
+        assert!(!host.delivers("169.254.169.254".parse().unwrap()));
+        let relay = host_translation(&own, true);
+        assert!(relay.limits_destinations() && relay.passes_on());
+    }
 
     #[test]
     fn a_complete_bundle_parses() {
