@@ -370,6 +370,19 @@ pub fn in_netns<R: Send + 'static>(
     .map_err(|_| anyhow!("the thread in {} panicked", ns.name()))?
 }
 
+/// The agent's `wiremesh_drops_total{reason}` on `host` (0 when it has none yet), read
+/// from its metrics at [`METRICS`].
+///
+/// # Errors
+/// When the metrics cannot be fetched or parsed.
+pub fn drops(host: &Netns, reason: &str) -> Result<f64> {
+    let text = http_get(host, METRICS, "/metrics")?;
+    let exposition: Exposition = text.parse()?;
+    Ok(exposition
+        .value("wiremesh_drops_total", &[("reason", reason)])
+        .unwrap_or(0.0))
+}
+
 /// `GET path` from `addr` inside `ns`; returns the body of a 200 response.
 ///
 /// # Errors

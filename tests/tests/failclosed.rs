@@ -72,13 +72,7 @@ fn the_mesh_fails_closed_and_a_restart_loses_nothing() -> Result<()> {
         b1.wg(&["set", IFACE, "peer", &a1_key, "allowed-ips", &widened])?;
         b1.host
             .ip(&["route", "replace", "169.254.169.254/32", "dev", IFACE])?;
-        let drops = || -> Result<f64> {
-            let text = mesh::http_get(&a1.host, mesh::METRICS, "/metrics")?;
-            let exposition: wiremesh_lab::metrics::Exposition = text.parse()?;
-            Ok(exposition
-                .value("wiremesh_drops_total", &[("reason", "bad_destination")])
-                .unwrap_or(0.0))
-        };
+        let drops = || mesh::drops(&a1.host, "bad_destination");
         let before = drops()?;
         let metadata: IpAddr = "169.254.169.254".parse()?;
         let out = mesh::marked_pings(&b1.pod, metadata, 3, MARKER_HEX, "1")?;
@@ -163,13 +157,7 @@ fn the_mesh_fails_closed_and_a_restart_loses_nothing() -> Result<()> {
             ])?;
             Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
         };
-        let drops = || -> Result<f64> {
-            let text = mesh::http_get(&a1.host, mesh::METRICS, "/metrics")?;
-            let exposition: wiremesh_lab::metrics::Exposition = text.parse()?;
-            Ok(exposition
-                .value("wiremesh_drops_total", &[("reason", "encapsulated")])
-                .unwrap_or(0.0))
-        };
+        let drops = || mesh::drops(&a1.host, "encapsulated");
         let before = drops()?;
         let a1_pod_ip: IpAddr = a1.pod.ip().into();
         let _ = b1.host.exec_timeout(

@@ -164,13 +164,7 @@ fn hosts_outside_kubernetes_join_both_clusters_and_leave() -> Result<()> {
         b1.wg(&["set", IFACE, "peer", &db_key, "allowed-ips", &widened])?;
         b1.host
             .ip(&["route", "replace", "169.254.169.254/32", "dev", IFACE])?;
-        let drops = || -> Result<f64> {
-            let text = mesh::http_get(&db.host, mesh::METRICS, "/metrics")?;
-            let exposition: wiremesh_lab::metrics::Exposition = text.parse()?;
-            Ok(exposition
-                .value("wiremesh_drops_total", &[("reason", "bad_destination")])
-                .unwrap_or(0.0))
-        };
+        let drops = || mesh::drops(&db.host, "bad_destination");
         let before = drops()?;
         let out = b1.pod.exec(&[
             "ping",

@@ -938,13 +938,7 @@ fn unix_ms() -> u128 {
 
 /// Creates namespace `demo` (if absent).
 fn create_namespace(client: &Client) -> Result<()> {
-    apply_cluster(
-        client,
-        &object::<Namespace>(serde_json::json!({
-            "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": NAMESPACE },
-        }))?,
-    )?;
-    Ok(())
+    services::create_namespace(client, NAMESPACE)
 }
 
 /// `count` pods behind `side`'s first node running `wm-hello` (named after their pod),
